@@ -1,0 +1,18 @@
+"""numallm_kernels: quantized GGUF matmul kernels (installed from the `kernels/` folder).
+
+One self-registering unit per GGML type (see `base.KernelUnit`). The engine asks for a unit by
+`GGMLQuantizationType` and calls, for a weight matrix W of shape (N, K) stored as raw GGUF rows:
+
+    w = unit.prepare(raw)                   # raw: uint8 (N, row_bytes); may re-lay out, once, at load
+    unit.dequantize(w, out, r0, r1)         # out: float32 (r1 - r0, K)
+    unit.matvec(w, x, out, r0, r1)          # x: float32 (K,);   writes out[r0:r1], out: (N,)
+    unit.matmul(w, X, out, r0, r1)          # X: float32 (T, K); writes out[:, r0:r1], out: (T, N)
+
+Row ranges let a caller give each thread (or NUMA node) its own rows; all kernels release the GIL.
+"""
+from __future__ import annotations
+
+from .base import KernelUnit, get, register, registered_types  # noqa: F401
+from . import dense  # noqa: F401  (self-registering units)
+
+__all__ = ["KernelUnit", "get", "register", "registered_types"]

@@ -1,0 +1,4 @@
+"""numallm: NUMA-aware CPU inference for GGUF language models."""
+from __future__ import annotations
+
+__version__ = "0.1.0"

@@ -1,0 +1,3 @@
+from numallm.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,54 @@
+"""User-facing errors: one line saying what is wrong and what to do.
+
+Every error a user can cause (bad file, bad flag, not enough memory...) is raised as a
+NumallmError subclass. The CLI prints its message on one line and exits non-zero; the traceback is
+shown only when NUMALLM_DEBUG=1.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+
+class NumallmError(Exception):
+    """An error whose message is meant for the user (what, where, what to do)."""
+
+    exit_code = 1
+
+
+class GGUFError(NumallmError):
+    """The GGUF file is truncated, corrupt, hostile or uses something we do not support."""
+
+
+class UnsupportedError(NumallmError):
+    """A valid model that uses an architecture or feature numallm does not implement."""
+
+
+class ContextOverflowError(NumallmError):
+    """The prompt (plus requested tokens) does not fit in the context window."""
+
+
+class ModelNotFoundError(NumallmError):
+    """A model path or hub reference that cannot be resolved."""
+
+
+def debug_enabled() -> bool:
+    return os.environ.get("NUMALLM_DEBUG", "") not in ("", "0")
+
+
+def report(exc: BaseException, prog: str = "numallm") -> int:
+    """Print one line for `exc` (traceback only under NUMALLM_DEBUG=1); return the exit code."""
+    if debug_enabled():
+        import traceback
+
+        traceback.print_exception(exc)
+    msg = str(exc).strip().replace("\n", " ") or exc.__class__.__name__
+    if isinstance(exc, NumallmError):
+        print(f"{prog}: error: {msg}", file=sys.stderr)
+        return exc.exit_code
+    if isinstance(exc, MemoryError):
+        print(f"{prog}: error: not enough memory ({msg}); use a smaller model or context (-c)", file=sys.stderr)
+        return 1
+    print(f"{prog}: internal error: {exc.__class__.__name__}: {msg} "
+          f"(set NUMALLM_DEBUG=1 for a traceback and report it)", file=sys.stderr)
+    return 70
