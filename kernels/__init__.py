@@ -9,10 +9,17 @@ One self-registering unit per GGML type (see `base.KernelUnit`). The engine asks
     unit.matmul(w, X, out, r0, r1)          # X: float32 (T, K); writes out[:, r0:r1], out: (T, N)
 
 Row ranges let a caller give each thread (or NUMA node) its own rows; all kernels release the GIL.
+Every module in this folder is imported here, so a new unit registers itself by existing.
 """
 from __future__ import annotations
 
-from .base import KernelUnit, get, register, registered_types  # noqa: F401
-from . import dense  # noqa: F401  (self-registering units)
+import importlib
+import pkgutil
+
+from .base import KernelUnit, get, register, registered_types
+
+for _m in pkgutil.iter_modules(__path__):
+    if not _m.name.startswith("_") and _m.name != "base":
+        importlib.import_module(f"{__name__}.{_m.name}")
 
 __all__ = ["KernelUnit", "get", "register", "registered_types"]
