@@ -1,0 +1,141 @@
+"""The ops interface model files call: linear layers over quantized weights, norms, RoPE,
+attention. Model files never call kernels, threads or devices directly, so the kernels, the
+thread pools and (later) the NUMA/GPU placement can change without touching them.
+"""
+from __future__ import annotations
+
+import numpy as np
+import numallm_kernels
+
+from . import threads
+from .errors import UnsupportedError
+from .gguf_file import QTensor
+
+
+class Linear:
+    """A weight matrix W of shape (N, K) kept in its GGUF encoding; `lin(x)` = x @ W.T.
+
+    x: float32 (T, K) -> float32 (T, N). The rows of W are split over the current thread pool.
+    """
+
+    def __init__(self, qt: QTensor):
+        try:
+            self.unit = numallm_kernels.get(qt.qtype)
+        except KeyError:
+            raise UnsupportedError(
+                f"tensor {qt.name} uses quantization type {qt.qtype.name}, which numallm cannot "
+                f"compute yet; use a model quantized to one of "
+                f"{', '.join(t.name for t in numallm_kernels.registered_types())}") from None
+        if len(qt.shape) != 2:
+            raise UnsupportedError(f"tensor {qt.name} has shape {qt.shape}; a 2-D matrix was expected")
+        self.name = qt.name
+        self.qtype = qt.qtype
+        self.shape = qt.shape            # (N, K)
+        self.nbytes = qt.nbytes
+        self.w = self.unit.prepare(qt.data)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        n = self.shape[0]
+        out = np.empty((x.shape[0], n), dtype=np.float32)        # (T, N)
+        if x.shape[0] == 1:
+            xv, ov = x[0], out[0]
+            threads.current().run(lambda a, b: self.unit.matvec(self.w, xv, ov, a, b), n)
+        else:
+            threads.current().run(lambda a, b: self.unit.matmul(self.w, x, out, a, b), n)
+        return out
+
+    def rows(self, ids: np.ndarray) -> np.ndarray:
+        """Dequantized rows `ids` (an embedding lookup): float32 (len(ids), K)."""
+        out = np.empty((len(ids), self.shape[1]), dtype=np.float32)
+        for i, r in enumerate(ids):
+            self.unit.dequantize(self.w, out[i:i + 1], int(r), int(r) + 1)
+        return out
+
+
+def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    """x: (..., D) float32; normalise over the last axis, then scale by weight (D,)."""
+    ms = np.mean(np.square(x, dtype=np.float32), axis=-1, keepdims=True)
+    return x * (1.0 / np.sqrt(ms + eps)) * weight
+
+
+def silu(x: np.ndarray) -> np.ndarray:
+    return x / (1.0 + np.exp(-x))
+
+
+class Rope:
+    """Rotary position embedding over the first `dim` features of each head.
+
+    neox=False: llama.cpp's "normal" mode, rotating adjacent pairs (x[2i], x[2i+1]);
+    neox=True: rotating halves (x[i], x[i + dim/2]) as GPT-NeoX/Qwen do.
+    inv_freq[i] = base^(-2i/dim) / freq_factors[i] (Llama 3.x long-context factors), and positions
+    are multiplied by `freq_scale` (linear scaling).
+    """
+
+    def __init__(self, dim: int, base: float, neox: bool, freq_scale: float = 1.0,
+                 freq_factors: np.ndarray | None = None):
+        self.dim, self.neox, self.freq_scale = dim, neox, freq_scale
+        inv = base ** (-np.arange(0, dim, 2, dtype=np.float64) / dim)   # (dim/2,)
+        if freq_factors is not None:
+            inv = inv / freq_factors.astype(np.float64)
+        self.inv_freq = inv
+
+    def __call__(self, x: np.ndarray, pos0: int) -> np.ndarray:
+        """x: (T, H, head_dim) float32 for positions pos0..pos0+T-1; rotated in place."""
+        t = x.shape[0]
+        pos = (np.arange(pos0, pos0 + t, dtype=np.float64) * self.freq_scale)[:, None]
+        ang = pos * self.inv_freq[None, :]                                # (T, dim/2)
+        cos = np.cos(ang).astype(np.float32)[:, None, :]                  # (T, 1, dim/2)
+        sin = np.sin(ang).astype(np.float32)[:, None, :]
+        d = self.dim
+        if self.neox:
+            a, b = x[..., : d // 2].copy(), x[..., d // 2: d].copy()
+            x[..., : d // 2] = a * cos - b * sin
+            x[..., d // 2: d] = a * sin + b * cos
+        else:
+            a, b = x[..., 0:d:2].copy(), x[..., 1:d:2].copy()
+            x[..., 0:d:2] = a * cos - b * sin
+            x[..., 1:d:2] = a * sin + b * cos
+        return x
+
+
+class KVCache:
+    """Keys and values of one layer for positions 0..n_ctx-1.
+
+    k, v: float32 (n_head_kv, n_ctx, head_dim); `n` positions are filled.
+    """
+
+    def __init__(self, n_ctx: int, n_head_kv: int, head_dim: int):
+        self.k = np.zeros((n_head_kv, n_ctx, head_dim), dtype=np.float32)
+        self.v = np.zeros((n_head_kv, n_ctx, head_dim), dtype=np.float32)
+        self.n = 0
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+
+def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, cache: KVCache, pos0: int) -> np.ndarray:
+    """Causal grouped-query attention with the KV cache.
+
+    q: (T, n_head, hd), k/v: (T, n_head_kv, hd) for positions pos0..pos0+T-1 -> (T, n_head * hd).
+    """
+    t, n_head, hd = q.shape
+    n_kv = k.shape[1]
+    group = n_head // n_kv
+    end = pos0 + t
+    cache.k[:, pos0:end] = k.transpose(1, 0, 2)
+    cache.v[:, pos0:end] = v.transpose(1, 0, 2)
+    cache.n = end
+    keys, vals = cache.k[:, :end], cache.v[:, :end]                        # (n_kv, S, hd)
+    # query heads h = g*group + j share kv head g: (n_kv, group*T, hd)
+    qg = q.reshape(t, n_kv, group, hd).transpose(1, 2, 0, 3).reshape(n_kv, group * t, hd)
+    scores = np.matmul(qg, keys.transpose(0, 2, 1)) * np.float32(1.0 / np.sqrt(hd))  # (n_kv, group*T, S)
+    if t > 1:
+        qpos = np.tile(np.arange(pos0, end), group)                        # (group*T,)
+        scores[:, np.arange(end)[None, :] > qpos[:, None]] = -np.inf
+    scores -= scores.max(axis=-1, keepdims=True)
+    np.exp(scores, out=scores)
+    scores /= scores.sum(axis=-1, keepdims=True)
+    out = np.matmul(scores, vals)                                          # (n_kv, group*T, hd)
+    return out.reshape(n_kv, group, t, hd).transpose(2, 0, 1, 3).reshape(t, n_head * hd)
