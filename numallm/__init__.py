@@ -2,3 +2,7 @@
 from __future__ import annotations
 
 __version__ = "0.1.0"
+
+from .engine import LLM, GenerationChunk, GenerationResult, load  # noqa: E402
+
+__all__ = ["load", "LLM", "GenerationChunk", "GenerationResult", "__version__"]

@@ -106,17 +106,26 @@ def current() -> RowPool:
 
 
 @contextlib.contextmanager
-def use_threads(n_threads: int | None = None):
-    """Run matmuls on `n_threads` workers (default: physical cores), with BLAS and Numba capped to
-    one thread each inside, since our workers already fill the cores. Restores all on exit."""
+def activate(pool: RowPool):
+    """Make `pool` the one matmuls use, with BLAS capped to one thread per worker (our workers
+    already fill the cores). Restores the previous pool and BLAS limits on exit."""
     from threadpoolctl import threadpool_limits
 
-    n = n_threads or physical_cores()
     prev = getattr(_local, "pool", None)
-    pool = _local.pool = RowPool(n)
+    _local.pool = pool
     try:
         with threadpool_limits(limits=1):
             yield pool
     finally:
-        pool.close()
         _local.pool = prev
+
+
+@contextlib.contextmanager
+def use_threads(n_threads: int | None = None):
+    """A fresh pool of `n_threads` workers (default: physical cores), active inside the block."""
+    pool = RowPool(n_threads or physical_cores())
+    try:
+        with activate(pool):
+            yield pool
+    finally:
+        pool.close()
