@@ -12,7 +12,8 @@ import sys
 from .errors import report
 
 # verb modules, in the order `numallm --help` lists them
-COMMANDS = ["numallm.commands.generate", "numallm.commands.info", "numallm.commands.pull",
+COMMANDS = ["numallm.commands.chat", "numallm.commands.run", "numallm.commands.info",
+            "numallm.commands.pull", "numallm.commands.kernels",
             "numallm.commands.topo", "numallm.commands.bench"]
 
 

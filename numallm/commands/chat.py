@@ -1,0 +1,130 @@
+"""`numallm chat [MODEL]`: a streaming chat REPL with the model's chat template and history.
+
+Ctrl-C while an answer streams stops that answer (the session goes on); at the prompt it says how
+to quit. Ctrl-D or /bye ends the session. After each answer a line gives prompt and generation
+speeds (tokens/s), the numbers engines are compared by.
+"""
+from __future__ import annotations
+
+import signal
+import sys
+
+from .common import add_model_args, add_sampling_args, load_model, sampling_kwargs, speed_line
+
+HELP = """commands:
+  /reset          forget the conversation
+  /stats          model, context use, speeds, memory
+  /system TEXT    set the system prompt (and reset)
+  /help           this text
+  /bye            quit (or Ctrl-D)
+Ctrl-C stops the current answer."""
+
+
+def register(sub) -> None:
+    p = sub.add_parser("chat", help="chat with a model in the terminal")
+    add_model_args(p, model_optional=True)
+    add_sampling_args(p, n_predict=-1)
+    p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--chat-template", default=None, metavar="FILE",
+                   help="Jinja chat template to use instead of the model's")
+    p.set_defaults(func=run)
+
+
+class _Interrupt:
+    """SIGINT sets a flag while an answer streams, so generation stops between tokens."""
+
+    def __init__(self):
+        self.hit = False
+
+    def __enter__(self):
+        self.hit = False
+        self.prev = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def _handler(self, signum, frame):
+        self.hit = True
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGINT, self.prev)
+
+
+def run(args) -> int:
+    try:
+        import readline  # noqa: F401  (line editing and history for input())
+    except ImportError:
+        pass
+    llm = load_model(args, args.chat_template)
+    kw = sampling_kwargs(args, llm.n_ctx)
+    system = args.system
+    history: list[dict] = []
+    last = None
+    out = sys.stdout
+    tpl = "fallback (the model has none)" if llm.template.is_fallback else "the model's"
+    print(f"numallm chat: {llm.path} ({llm.args.arch}, {llm.n_ctx} ctx, {llm.pool.n_threads} threads, "
+          f"{tpl} chat template). /help for commands.", file=sys.stderr)
+    while True:
+        try:
+            line = input(">>> ")
+        except EOFError:
+            print()
+            return 0
+        except KeyboardInterrupt:
+            print("\n(use /bye or Ctrl-D to quit)")
+            continue
+        cmd = line.strip()
+        if not cmd:
+            continue
+        if cmd in ("/bye", "/exit", "/quit"):
+            return 0
+        if cmd == "/help":
+            print(HELP)
+            continue
+        if cmd == "/reset":
+            history.clear()
+            llm.reset()
+            print("(conversation reset)")
+            continue
+        if cmd.startswith("/system"):
+            system = cmd[len("/system"):].strip() or None
+            history.clear()
+            print("(system prompt set; conversation reset)")
+            continue
+        if cmd == "/stats":
+            print(stats(llm, last, history))
+            continue
+        if cmd.startswith("/"):
+            print(f"unknown command {cmd.split()[0]}; /help lists them")
+            continue
+        history.append({"role": "user", "content": line})
+        messages = ([{"role": "system", "content": system}] if system else []) + history
+        answer = []
+        with _Interrupt() as intr:
+            for chunk in llm.chat(messages, stream=True, **kw):
+                out.write(chunk.text)
+                out.flush()
+                answer.append(chunk.text)
+                last = chunk
+                if intr.hit:
+                    break
+        reason = "interrupted" if intr.hit else (last.finish_reason if last else "")
+        history.append({"role": "assistant", "content": "".join(answer)})
+        out.write("\n")
+        if last is not None:
+            note = f" ({reason})" if reason not in ("stop", None) else ""
+            print(speed_line(last.prompt_tokens, last.prompt_tps, last.generation_tokens,
+                             last.generation_tps) + note, file=sys.stderr)
+
+
+def stats(llm, last, history) -> str:
+    import psutil
+
+    rss = psutil.Process().memory_info().rss
+    lines = [f"model: {llm.path} ({llm.args.arch}, {llm.weight_bytes / 1e6:.1f} MB of weights)",
+             f"context: {len(llm.cached)}/{llm.n_ctx} tokens, {len(history)} messages",
+             f"threads: {llm.pool.n_threads}",
+             f"memory: RSS {rss / 1e6:.1f} MB"]
+    if last is not None:
+        lines.append("last answer: " + speed_line(last.prompt_tokens, last.prompt_tps,
+                                                  last.generation_tokens, last.generation_tps))
+    lines.append("PROCESSOR: 100% CPU")
+    return "\n".join(lines)

@@ -1,0 +1,55 @@
+"""Flags shared by the verbs that load a model (llama.cpp's names where users know them)."""
+from __future__ import annotations
+
+import argparse
+
+
+def add_model_args(p: argparse.ArgumentParser, model_optional: bool = False) -> None:
+    if model_optional:
+        p.add_argument("model", nargs="?", help="GGUF path or Hugging Face repo[:file] "
+                       "(default: a small pinned instruct model, pulled on first use)")
+    else:
+        p.add_argument("model", help="GGUF path or Hugging Face repo[:file]")
+    p.add_argument("-c", "--ctx-size", type=int, default=None, metavar="N",
+                   help="context size in tokens (default: the model's, at most 4096)")
+    p.add_argument("-t", "--threads", type=int, default=None, metavar="N",
+                   help="threads (default: physical cores)")
+
+
+def add_sampling_args(p: argparse.ArgumentParser, n_predict: int) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("-n", "--n-predict", type=int, default=n_predict, metavar="N",
+                   help=f"tokens to generate, -1 = until end of text or full context (default {n_predict})")
+    g.add_argument("--temp", type=float, default=0.8, help="temperature, 0 = greedy (default 0.8)")
+    g.add_argument("--top-k", type=int, default=40, help="top-k, 0 = off (default 40)")
+    g.add_argument("--top-p", type=float, default=0.95, help="top-p, 1 = off (default 0.95)")
+    g.add_argument("--min-p", type=float, default=0.05, help="min-p, 0 = off (default 0.05)")
+    g.add_argument("--repeat-penalty", type=float, default=1.0, help="repetition penalty, 1 = off")
+    g.add_argument("--repeat-last-n", type=int, default=64, help="tokens the penalty looks back")
+    g.add_argument("--seed", type=int, default=-1, help="random seed, -1 = random (default)")
+    g.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="stop when TEXT is generated (repeatable)")
+
+
+def sampling_kwargs(args: argparse.Namespace, n_ctx: int) -> dict:
+    return dict(max_tokens=args.n_predict if args.n_predict > 0 else n_ctx,
+                temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                repeat_penalty=args.repeat_penalty, repeat_last_n=args.repeat_last_n,
+                seed=None if args.seed < 0 else args.seed, stop=args.stop)
+
+
+def load_model(args: argparse.Namespace, template_file: str | None = None):
+    from ..engine import load
+    from ..hub import resolve_model
+
+    path = resolve_model(args.model)
+    template = None
+    if template_file:
+        with open(template_file, encoding="utf-8") as f:
+            template = f.read()
+    return load(path, n_ctx=args.ctx_size, n_threads=args.threads, chat_template=template)
+
+
+def speed_line(prompt_tokens: int, prompt_tps: float, gen_tokens: int, gen_tps: float) -> str:
+    return (f"prompt: {prompt_tokens} tok, {prompt_tps:.1f} tok/s | "
+            f"generation: {gen_tokens} tok, {gen_tps:.1f} tok/s")

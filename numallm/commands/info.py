@@ -1,0 +1,74 @@
+"""`numallm info MODEL`: architecture, parameters, quant types, tensors, memory for a context."""
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+from ..gguf_file import GGUFFile
+
+
+def register(sub) -> None:
+    p = sub.add_parser("info", help="describe a GGUF model: architecture, tensors, memory needed")
+    p.add_argument("model", help="GGUF path or Hugging Face repo[:file]")
+    p.add_argument("-c", "--ctx-size", type=int, default=None, metavar="N",
+                   help="context length to size the KV cache for (default: the model's, at most 4096)")
+    p.add_argument("--tensors", action="store_true", help="list every tensor (default: the first 12)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=run)
+
+
+def describe(path: str, n_ctx: int | None) -> dict:
+    from ..engine import DEFAULT_CTX
+    from ..models import get_module
+
+    f = GGUFFile(path)
+    args = get_module(f.architecture).Model.Args.from_gguf(f)
+    n_ctx = n_ctx or min(args.context_length, DEFAULT_CTX)
+    weights = sum(t.nbytes for t in f.tensors.values())
+    types: Counter = Counter()
+    for t in f.tensors.values():
+        types[t.qtype.name] += t.nbytes
+    kv = args.kv_bytes_per_token * n_ctx
+    return {
+        "path": path, "architecture": args.arch, "name": f.get("general.name", ""),
+        "parameters": int(sum(t.n_elements for t in f.tensors.values())),
+        "config": {k: v for k, v in vars(args).items()},
+        "quant_types": {k: v for k, v in types.most_common()},
+        "weights_bytes": weights, "ctx": n_ctx, "kv_cache_bytes": kv,
+        "total_bytes": weights + kv,
+        "tokenizer": f.get("tokenizer.ggml.model"), "chat_template": "tokenizer.chat_template" in f.metadata,
+        "tensors": [{"name": t.name, "type": t.qtype.name, "shape": list(t.shape), "bytes": t.nbytes}
+                    for t in f.tensors.values()],
+    }
+
+
+def _gb(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def run(args) -> int:
+    from ..hub import resolve_model
+
+    d = describe(resolve_model(args.model), args.ctx_size)
+    if args.json:
+        print(json.dumps(d))
+        return 0
+    c = d["config"]
+    print(f"{d['path']}\n  architecture  {d['architecture']}  {d['name']}")
+    print(f"  parameters    {d['parameters'] / 1e6:.2f} M")
+    print(f"  layers        {c['n_layer']}, embedding {c['n_embd']}, ffn {c['n_ff']}, heads "
+          f"{c['n_head']} (kv {c['n_head_kv']}, dim {c['head_dim']}), vocab {c['n_vocab']}")
+    print(f"  rope          base {c['rope_base']:g}, dim {c['rope_dim']}, scaling {c['rope_scaling_type']}")
+    print(f"  context       trained {c['context_length']}; sized here for {d['ctx']}")
+    print("  quant types   " + ", ".join(f"{k} {_gb(v)}" for k, v in d["quant_types"].items()))
+    print(f"  tokenizer     {d['tokenizer']}, chat template: {'yes' if d['chat_template'] else 'no'}")
+    print(f"  memory        weights {_gb(d['weights_bytes'])} + KV cache {_gb(d['kv_cache_bytes'])} "
+          f"(f32, {d['ctx']} tokens) = {_gb(d['total_bytes'])}")
+    rows = d["tensors"] if args.tensors else d["tensors"][:12]
+    w = max(len(t["name"]) for t in rows)
+    print(f"\n  {'tensor':<{w}}  {'type':<7} {'shape':<20} bytes")
+    for t in rows:
+        print(f"  {t['name']:<{w}}  {t['type']:<7} {str(tuple(t['shape'])):<20} {t['bytes']}")
+    if len(rows) < len(d["tensors"]):
+        print(f"  ... {len(d['tensors']) - len(rows)} more (--tensors lists all)")
+    return 0
