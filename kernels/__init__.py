@@ -16,10 +16,10 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from .base import KernelUnit, get, register, registered_types
+from .base import KernelUnit, describe, get, register, registered_types
 
 for _m in pkgutil.iter_modules(__path__):
     if not _m.name.startswith("_") and _m.name != "base":
         importlib.import_module(f"{__name__}.{_m.name}")
 
-__all__ = ["KernelUnit", "get", "register", "registered_types"]
+__all__ = ["KernelUnit", "describe", "get", "register", "registered_types"]

@@ -1,6 +1,8 @@
 """The kernel-unit interface and its registry (keyed by GGMLQuantizationType)."""
 from __future__ import annotations
 
+import types
+
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
@@ -16,6 +18,19 @@ class KernelUnit:
 
     qtype: GGMLQuantizationType
     variant = "generic"
+    # True for units that offer several variants and let `_calibrate` pick one by timing them
+    # (they then implement `variants()`, `run(variant, ...)`, `synthetic(n, k, rng)`).
+    calibrated = False
+    # variant -> ISA features it needs (names as llvmlite.binding.get_host_cpu_features spells them)
+    features: dict[str, tuple[str, ...]] = {}
+
+    def variants(self) -> list[str]:
+        return [self.variant]
+
+    def hot_kernels(self) -> list[tuple[object, tuple]]:
+        """(njit dispatcher, argument types) of the kernels whose machine code should be vector
+        code on this CPU (checked by tests/test_kernels_asm.py). Empty when none applies."""
+        return []
 
     @property
     def block_size(self) -> int:
@@ -60,3 +75,53 @@ def get(qtype: GGMLQuantizationType) -> KernelUnit:
 
 def registered_types() -> list[GGMLQuantizationType]:
     return sorted(_REGISTRY, key=int)
+
+
+def hot_kernels(qtype: GGMLQuantizationType) -> list[tuple[object, tuple]]:
+    """The registered unit's hot kernels: [(njit dispatcher, argument types)]."""
+    return get(qtype).hot_kernels()
+
+
+def fresh_asm(dispatcher, argtypes: tuple) -> str:
+    """Assembly of `dispatcher` compiled for `argtypes`. Numba cannot show the code of a function
+    loaded from its on-disk cache, so this compiles an uncached copy with the same options."""
+    from numba import njit
+
+    opts = {k: v for k, v in dispatcher.targetoptions.items() if k != "cache"}
+    fresh = njit(**opts)(dispatcher.py_func)
+    fresh.compile(argtypes)
+    return fresh.inspect_asm(argtypes)
+
+
+def specialize(template, name: str, **consts):
+    """An njit(nogil, cache) copy of the function `template` in which the global names `consts`
+    are compile-time constants (e.g. a per-type decoder or block size).
+
+    One template then serves several types without a branch in the inner loop. Each copy gets
+    its own `name`, which keys Numba's on-disk cache, so copies never share cache entries (a
+    closure would not be cached at all)."""
+    from numba import njit
+
+    fn = types.FunctionType(template.__code__, dict(template.__globals__, **consts), name,
+                            template.__defaults__)
+    fn.__qualname__ = name
+    return njit(nogil=True, cache=True)(fn)
+
+
+def describe(calibrate: bool = True) -> list[dict]:
+    """One dict per registered type for `numallm kernels`: type, chosen decode variant, prefill
+    variants by token count, ISA features the decode variant needs, measured decode GB/s (None
+    when not measured). With calibrate=False, uncalibrated units report without timing."""
+    rows = []
+    for qtype in registered_types():
+        unit = get(qtype)
+        row = {"type": qtype.name, "variant": unit.variant if not unit.calibrated else None,
+               "prefill": None, "features": [], "gbs": None, "source": "fixed"}
+        if unit.calibrated and (calibrate or unit._choice is not None):
+            c = unit.choice()
+            row.update(variant=c.matvec, prefill=[list(p) for p in c.prefill],
+                       gbs=c.gbs.get(c.matvec), source=c.source)
+        if row["variant"] is not None:
+            row["features"] = list(unit.features.get(row["variant"], ()))
+        rows.append(row)
+    return rows

@@ -1,0 +1,263 @@
+"""Units for the 32-element block types: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL.
+
+Block layouts are documented in `_legacy_blocks.py` beside their exact decoders.
+
+Weights stay in the raw GGUF rows (`prepare` returns a read-only view, nothing is copied): the
+AVX2 kernels read the f16 scale of each block in place with one vcvtph2ps, so a split float32
+scale array would only add memory (+22% for Q4_0) for no measured gain, and keeping the nibbles
+packed halves the bytes a decode step streams compared with an int8 re-layout.
+
+Variants (picked per type by `_calibrate`, forced with NUMALLM_KERNEL):
+  avx2-q8act  x quantized once per call to int8 blocks of 32 (one float scale each, as llama.cpp's
+              Q8_0); 32-element integer block dots with vpmaddubsw, 4 weight rows per pass so
+              four independent accumulators hide the FMA latency. Needs AVX2+FMA+F16C.
+  numba-f32   portable: one row dequantized to float32, dotted with 32 partial sums.
+  blas-tile   dequantize 256-row tiles and let numpy's BLAS multiply (best for long prefills).
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+from gguf import GGMLQuantizationType as T
+from numba import njit
+
+from . import _legacy_blocks as lb
+from . import _simd
+from ._simd import hsum, load_f16, vzero
+from .base import KernelUnit, register, specialize
+
+BLOCK = 32
+Q8ACT_FEATURES = _simd.AVX2_FEATURES
+
+
+@dataclass(frozen=True)
+class BlockFormat:
+    qtype: T
+    block_bytes: int
+    decode: object      # njit (w, o, dst, c): block at w[o:] -> dst[c:c+32]
+    dot: object         # _simd block-dot intrinsic
+    dot_offset: int     # byte of the block the intrinsic starts reading at (after d [, m])
+    has_min: bool       # Q4_1/Q5_1: value = d*q + m, m an f16 at byte 2
+
+
+@njit(nogil=True, cache=True)
+def quantize_rows(x, xq, dx, xs):
+    """x float32 (T, K) -> xq int8 (T, K), dx float32 (T, K/32) block scales, xs float32
+    (T, K/32) = dx * sum(xq) per block (for the min term of Q4_1/Q5_1).
+
+    Symmetric round-to-nearest, |xq| <= 127 (the vpsignb trick needs no -128). A block holding
+    NaN/inf gets dx = NaN, so a non-finite input shows in the output instead of vanishing."""
+    n_t, k = x.shape
+    for t in range(n_t):
+        for b in range(k // BLOCK):
+            o = b * BLOCK
+            amax = np.float32(0.0)
+            finite = True
+            for j in range(BLOCK):
+                v = abs(x[t, o + j])
+                if not np.isfinite(v):
+                    finite = False
+                elif v > amax:
+                    amax = v
+            d = amax / np.float32(127.0)
+            inv = np.float32(127.0) / amax if amax > 0 else np.float32(0.0)
+            isum = 0
+            for j in range(BLOCK):
+                q = np.int32(np.rint(x[t, o + j] * inv)) if finite else 0
+                xq[t, o + j] = np.int8(q)
+                isum += q
+            dx[t, b] = d if finite else np.float32(np.nan)
+            xs[t, b] = dx[t, b] * np.float32(isum)
+
+
+# The three kernel templates below are specialized per type by `specialize`: DECODE, DOT,
+# BLOCK_BYTES, DOT_OFFSET and HAS_MIN are compile-time constants of each copy.
+
+def _dequant_t(w, out, r0, r1):
+    # w: uint8 (N, row_bytes) raw rows; out: float32 (r1 - r0, K)
+    nb = w.shape[1] // BLOCK_BYTES  # noqa: F821 (template constant)
+    for r in range(r0, r1):
+        row = w[r]
+        dst = out[r - r0]
+        for b in range(nb):
+            DECODE(row, b * BLOCK_BYTES, dst, b * BLOCK)  # noqa: F821
+
+
+def _matmul_f32_t(w, x, out, r0, r1):
+    # x: float32 (T, K); out: float32 (T, N). A float reduction does not vectorize without
+    # fast-math, so the dot keeps 32 independent partial sums (an elementwise, vectorizable loop).
+    n_t, k = x.shape
+    nb = k // BLOCK
+    row = np.empty(k, np.float32)        # (K,) one dequantized weight row
+    acc = np.empty(BLOCK, np.float32)    # (32,) partial sums
+    for r in range(r0, r1):
+        wr = w[r]
+        for b in range(nb):
+            DECODE(wr, b * BLOCK_BYTES, row, b * BLOCK)  # noqa: F821
+        for t in range(n_t):
+            acc[:] = 0.0
+            for b in range(nb):
+                o = b * BLOCK
+                for j in range(BLOCK):
+                    acc[j] += row[o + j] * x[t, o + j]
+            s = np.float32(0.0)
+            for j in range(BLOCK):
+                s += acc[j]
+            out[t, r] = s
+
+
+def _matmul_q8act_t(w, xq, dx, xs, out, r0, r1):
+    # w: uint8 (N, row_bytes) raw rows; xq: int8 (T, K); dx, xs: float32 (T, K/32) as made by
+    # quantize_rows; out: float32 (T, N). Rows go 4 at a time (one accumulator each, independent
+    # FMA chains); the 4 rows (a few KB) stay in L1 while every token t passes over them.
+    n_t = xq.shape[0]
+    nb = dx.shape[1]
+    rb = w.shape[1]
+    wf = w.reshape(-1)
+    xf = xq.reshape(-1)
+    r = r0
+    while r < r1:
+        if r + 4 <= r1:
+            for t in range(n_t):
+                a0 = vzero()
+                a1 = vzero()
+                a2 = vzero()
+                a3 = vzero()
+                c0 = c1 = c2 = c3 = np.float32(0.0)
+                o = r * rb
+                xo = t * nb * BLOCK
+                for b in range(nb):
+                    s = dx[t, b]
+                    a0 = DOT(a0, wf, o + DOT_OFFSET, xf, xo, load_f16(wf, o) * s)  # noqa: F821
+                    a1 = DOT(a1, wf, o + rb + DOT_OFFSET, xf, xo, load_f16(wf, o + rb) * s)  # noqa: F821
+                    a2 = DOT(a2, wf, o + 2 * rb + DOT_OFFSET, xf, xo, load_f16(wf, o + 2 * rb) * s)  # noqa: F821
+                    a3 = DOT(a3, wf, o + 3 * rb + DOT_OFFSET, xf, xo, load_f16(wf, o + 3 * rb) * s)  # noqa: F821
+                    if HAS_MIN:  # noqa: F821
+                        m = xs[t, b]
+                        c0 += load_f16(wf, o + 2) * m
+                        c1 += load_f16(wf, o + rb + 2) * m
+                        c2 += load_f16(wf, o + 2 * rb + 2) * m
+                        c3 += load_f16(wf, o + 3 * rb + 2) * m
+                    o += BLOCK_BYTES  # noqa: F821
+                    xo += BLOCK
+                out[t, r] = hsum(a0) + c0
+                out[t, r + 1] = hsum(a1) + c1
+                out[t, r + 2] = hsum(a2) + c2
+                out[t, r + 3] = hsum(a3) + c3
+            r += 4
+        else:
+            for t in range(n_t):
+                a0 = vzero()
+                c0 = np.float32(0.0)
+                o = r * rb
+                xo = t * nb * BLOCK
+                for b in range(nb):
+                    a0 = DOT(a0, wf, o + DOT_OFFSET, xf, xo, load_f16(wf, o) * dx[t, b])  # noqa: F821
+                    if HAS_MIN:  # noqa: F821
+                        c0 += load_f16(wf, o + 2) * xs[t, b]
+                    o += BLOCK_BYTES  # noqa: F821
+                    xo += BLOCK
+                out[t, r] = hsum(a0) + c0
+            r += 1
+
+
+class LegacyUnit(KernelUnit):
+    """One 32-element block type; `fmt` is set by each subclass."""
+
+    fmt: BlockFormat
+    calibrated = True
+    features = {"avx2-q8act": Q8ACT_FEATURES, "numba-f32": (), "blas-tile": ()}
+
+    def __init__(self):
+        f = self.fmt
+        name = f.qtype.name.lower()
+        consts = dict(DECODE=f.decode, DOT=f.dot, BLOCK_BYTES=f.block_bytes,
+                      DOT_OFFSET=f.dot_offset, HAS_MIN=f.has_min)
+        self._dequant = specialize(_dequant_t, f"dequant_{name}", **consts)
+        self._mm_f32 = specialize(_matmul_f32_t, f"matmul_f32_{name}", **consts)
+        self._mm_q8act = specialize(_matmul_q8act_t, f"matmul_q8act_{name}", **consts)
+        self._choice = None
+        self._lock = threading.Lock()
+
+    @property
+    def variant(self) -> str:
+        return self.choice().matvec
+
+    def variants(self) -> list[str]:
+        """The variants this CPU can run, fastest-expected first."""
+        out = ["numba-f32", "blas-tile"]
+        return (["avx2-q8act"] + out) if _simd.has_avx2() else out
+
+    def choice(self):
+        if self._choice is None:
+            from . import _calibrate
+
+            with self._lock:
+                if self._choice is None:
+                    self._choice = _calibrate.choose(self)
+        return self._choice
+
+    def prepare(self, raw: np.ndarray) -> np.ndarray:
+        """raw uint8 (N, row_bytes) -> the same bytes as a read-only view (one compiled signature
+        whether the caller's array is a read-only mmap or a writable buffer)."""
+        w = raw.view()
+        w.flags.writeable = False
+        return w
+
+    def dequantize(self, w, out, r0, r1):
+        self._dequant(w, out, r0, r1)
+
+    def matvec(self, w, x, out, r0, r1):
+        self.run(self.choice().matvec, w, x.reshape(1, -1), out.reshape(1, -1), r0, r1)
+
+    def matmul(self, w, x, out, r0, r1):
+        self.run(self.choice().for_tokens(x.shape[0]), w, x, out, r0, r1)
+
+    def run(self, variant: str, w, x, out, r0, r1) -> None:
+        """out[:, r0:r1] = x @ W[r0:r1].T with a given variant; x: float32 (T, K), out (T, N)."""
+        if variant == "avx2-q8act":
+            n_t, k = x.shape
+            xq = np.empty((n_t, k), np.int8)                 # (T, K)
+            dx = np.empty((n_t, k // BLOCK), np.float32)     # (T, K/32)
+            xs = np.empty((n_t, k // BLOCK), np.float32)     # (T, K/32)
+            quantize_rows(x, xq, dx, xs)
+            self._mm_q8act(w, xq, dx, xs, out, r0, r1)
+        elif variant == "numba-f32":
+            self._mm_f32(w, x, out, r0, r1)
+        elif variant == "blas-tile":
+            KernelUnit.matmul(self, w, x, out, r0, r1)
+        else:
+            raise ValueError(f"unknown variant {variant!r} for {self.qtype.name}")
+
+    def synthetic(self, n: int, k: int, rng: np.random.Generator) -> np.ndarray:
+        """Random raw rows (N, row_bytes) with sane f16 scales, for calibration and benchmarks."""
+        nb = k // BLOCK
+        raw = rng.integers(0, 256, (n, nb, self.fmt.block_bytes), dtype=np.uint8)
+        raw[:, :, 0:2] = rng.uniform(0.001, 0.01, (n, nb, 1)).astype(np.float16).view(np.uint8)
+        if self.fmt.has_min:
+            raw[:, :, 2:4] = rng.uniform(-0.1, 0.0, (n, nb, 1)).astype(np.float16).view(np.uint8)
+        return raw.reshape(n, nb * self.fmt.block_bytes)
+
+    def hot_kernels(self) -> list:
+        """(dispatcher, argument types) of the decode kernel, for machine-code inspection."""
+        from numba import typeof
+
+        w = self.prepare(np.zeros((4, self.fmt.block_bytes), np.uint8))
+        args = (w, np.zeros((1, BLOCK), np.int8), np.zeros((1, 1), np.float32),
+                np.zeros((1, 1), np.float32), np.zeros((1, 4), np.float32), 0, 4)
+        return [(self._mm_q8act, tuple(typeof(a) for a in args))] if _simd.has_avx2() else []
+
+
+def _unit(qtype, block_bytes, decode, dot, dot_offset, has_min=False):
+    fmt = BlockFormat(qtype, block_bytes, decode, dot, dot_offset, has_min)
+    return register(type(f"{qtype.name}Unit", (LegacyUnit,), {"qtype": qtype, "fmt": fmt}))
+
+
+Q4_0 = _unit(T.Q4_0, 18, lb.decode_q4_0, _simd.dot_q4_0, 2)
+Q4_1 = _unit(T.Q4_1, 20, lb.decode_q4_1, _simd.dot_q4_1, 4, has_min=True)
+Q5_0 = _unit(T.Q5_0, 22, lb.decode_q5_0, _simd.dot_q5_0, 2)
+Q5_1 = _unit(T.Q5_1, 24, lb.decode_q5_1, _simd.dot_q5_1, 4, has_min=True)
+Q8_0 = _unit(T.Q8_0, 34, lb.decode_q8_0, _simd.dot_q8_0, 2)
+IQ4_NL = _unit(T.IQ4_NL, 18, lb.decode_iq4_nl, _simd.dot_iq4_nl, 2)
