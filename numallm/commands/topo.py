@@ -1,0 +1,103 @@
+"""`numallm topo [MODEL]`: what this machine looks like to numallm, and how a model would fit.
+
+Must stay fast (well under a second without --bench): no Numba import on this path.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+
+from ..errors import NumallmError
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "topo", help="show sockets, NUMA nodes, cores, memory, GPUs and what to run where",
+        description="Show this machine's topology (sockets, NUMA nodes, cores, SMT, memory, GPUs), "
+                    "warnings and a thread/node recommendation; with MODEL, how it would be placed "
+                    "and its decode-speed ceiling.")
+    p.add_argument("model", nargs="?", metavar="MODEL", help="a .gguf model to plan for")
+    p.add_argument("--json", action="store_true", help="print the same as JSON (schema: docs/topo.md)")
+    p.add_argument("--bench", action="store_true",
+                   help="measure read bandwidth per node and node to node (about 1-2 s)")
+    p.add_argument("--sysfs-root", metavar="DIR",
+                   help="read DIR/sys and DIR/proc instead of /sys and /proc "
+                        "(default: $NUMALLM_SYSFS_ROOT or /)")
+    p.add_argument("--topology", metavar="FILE", help="load the topology from a `topo --json` file")
+    p.add_argument("--virtual-nodes", type=int, metavar="N",
+                   help="split the allowed CPUs into N virtual nodes (whole cores) for testing")
+    p.add_argument("-c", "--context", type=int, default=4096, metavar="TOKENS",
+                   help="context length for the KV cache in the MODEL plan (default 4096)")
+    p.add_argument("--bandwidth", type=float, metavar="GBPS",
+                   help="per-node read bandwidth to assume for the MODEL plan instead of a guess")
+    p.add_argument("-v", "--verbose", action="store_true", help="list every core by L3 group")
+    p.set_defaults(func=run)
+
+
+def load(args: argparse.Namespace):
+    """The topology the flags describe (shared with other verbs that take the same flags)."""
+    from ..topology import discover, load_topology_file, sysfs_root_from_env, virtual_nodes
+
+    if args.topology and args.sysfs_root:
+        raise NumallmError("--topology and --sysfs-root both describe the machine; give one of them")
+    if args.topology:
+        topo = load_topology_file(args.topology)
+    else:
+        topo = discover(sysfs_root_from_env(args.sysfs_root))
+    if args.virtual_nodes is not None:
+        topo = virtual_nodes(topo, args.virtual_nodes)
+    return topo
+
+
+def dumps(data) -> str:
+    """JSON with 1-space indents, but lists of numbers (CPU lists) kept on one line."""
+    text = json.dumps(data, indent=1)
+    return re.sub(r"\[\s*([-\d.,\s]*?)\s*\]",
+                  lambda m: "[" + ", ".join(x.strip() for x in m.group(1).split(",") if x.strip()) + "]",
+                  text)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..topology import advise, assumed_bandwidth, model_needs, plan_memory, render, run_bench
+
+    if args.context < 1:
+        raise NumallmError(f"--context {args.context}: give a positive number of tokens")
+    if args.bandwidth is not None and args.bandwidth <= 0:
+        raise NumallmError(f"--bandwidth {args.bandwidth}: give a positive number of GB/s")
+    topo = load(args)
+    advice = advise(topo)
+    out = topo.to_dict()
+    out["findings"] = list(advice.findings)
+    out["warnings"] = list(advice.warnings)
+    out["recommendation"] = advice.recommendation()
+    lines = render.render_topology(topo, advice, args.verbose)
+
+    bench = None
+    if args.bench:
+        if topo.source != "sysfs:/":
+            raise NumallmError(f"--bench measures this machine, but the topology comes from "
+                               f"{topo.source}; drop --sysfs-root/--topology to bench")
+        bench = run_bench(topo, list(advice.nodes))
+        out["bench"] = bench.to_dict()
+        lines += [""] + render.render_bench(bench)
+
+    if args.model:
+        from ..gguf_file import GGUFFile
+
+        needs = model_needs(GGUFFile(args.model))
+        nodes = [topo.node(n) for n in advice.nodes]
+        if bench is not None:
+            bw = bench.local()
+        elif args.bandwidth is not None:
+            bw = {n.id: args.bandwidth for n in nodes}
+        else:
+            bw = {n.id: assumed_bandwidth(n) for n in nodes}
+        plans = plan_memory(needs, args.context, nodes, bw)
+        out["model"] = {"path": args.model, **needs.to_dict(), "context": args.context,
+                        "bandwidth": "measured" if bench is not None else "assumed",
+                        "placements": [p.to_dict() for p in plans]}
+        lines += [""] + render.render_plan(args.model, needs, args.context, plans, bench is not None)
+
+    print(dumps(out) if args.json else "\n".join(lines))
+    return 0
