@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numba
 import numpy as np
 from numba import njit
 
@@ -61,8 +62,9 @@ def unpack_6bit_scales(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 @njit(nogil=True, cache=True)
-def quantize_x_q8k(x, xq, xd, xs):
-    """x float32 (K,) -> xq int8 (K,), xd float32 (K/256,) scales, xs float32 (K/16,) sums of x.
+def quantize_x_q8k(x, xq, xd, xs, xb):
+    """x float32 (K,) -> xq int8 (K,), xd float32 (K/256,) scales, xs float32 (K/16,) sums of x,
+    xb int32 (K/32,) sums of xq.
 
     Symmetric round-to-nearest per 256-block: x ~= xd[b] * xq. A block holding a NaN or inf gets
     xd = NaN so the non-finite input shows in the output instead of vanishing.
@@ -96,15 +98,22 @@ def quantize_x_q8k(x, xq, xd, xs):
         for i in range(16):
             s += x[j * 16 + i]
         xs[j] = s
+    for j in range(x.shape[0] // 32):
+        t = 0
+        for i in range(32):
+            t += np.int32(xq[j * 32 + i])
+        xb[j] = t
 
 
 class KQuantUnit(KernelUnit):
     """Base of the six units. Subclasses set `qtype`, `_unpack` (numpy, at load) and, as
     staticmethods, the Numba kernels `_dequant(raw, d, dmin, sc, mn, out, r0, r1)` and
-    `_matvec(raw, d, dmin, sc, mn, xq, xd, xs, out, r0, r1)`; prefill uses the generic
+    `_matvec(raw, d, dmin, sc, mn, xq, xd, xs, xb, out, r0, r1)`; prefill uses the generic
     dequantize-tile + BLAS path of KernelUnit.matmul."""
 
     variant = "numba-q8k"
+    # True where `_matvec` is an AVX2 intrinsic kernel (checked for vector code by the asm test)
+    simd = False
 
     def _unpack(self, blocks: np.ndarray):
         """blocks uint8 (N, nb, type_size) -> (d, dmin, sc, mn) as in KQuantWeights."""
@@ -127,5 +136,20 @@ class KQuantUnit(KernelUnit):
         xq = np.empty(k, np.int8)                 # (K,)
         xd = np.empty(k // QK_K, np.float32)      # (K/256,)
         xs = np.empty(k // 16, np.float32)        # (K/16,)
-        quantize_x_q8k(x, xq, xd, xs)
-        self._matvec(w.raw, w.d, w.dmin, w.sc, w.mn, xq, xd, xs, out, r0, r1)
+        xb = np.empty(k // 32, np.int32)          # (K/32,)
+        quantize_x_q8k(x, xq, xd, xs, xb)
+        self._matvec(w.raw, w.d, w.dmin, w.sc, w.mn, xq, xd, xs, xb, out, r0, r1)
+
+    def matvec_argtypes(self) -> tuple:
+        """Numba argument types of `_matvec` as the engine calls it (raw: read-only GGUF view)."""
+        raw = np.zeros((1, self.type_size), np.uint8)
+        raw.flags.writeable = False
+        w = self.prepare(raw)
+        k = QK_K
+        args = (w.raw, w.d, w.dmin, w.sc, w.mn, np.empty(k, np.int8), np.empty(1, np.float32),
+                np.empty(k // 16, np.float32), np.empty(k // 32, np.int32),
+                np.empty(1, np.float32), 0, 1)
+        return tuple(numba.typeof(a) for a in args)
+
+    def hot_kernels(self):
+        return [(self._matvec, self.matvec_argtypes())] if self.simd else []

@@ -48,7 +48,7 @@ def _q2k_dequant(raw, d, dmin, sc, mn, out, r0, r1):
 
 
 @njit(nogil=True, cache=True)
-def _q2k_matvec(raw, d, dmin, sc, mn, xq, xd, xs, out, r0, r1):
+def _q2k_matvec(raw, d, dmin, sc, mn, xq, xd, xs, xb, out, r0, r1):
     nb = d.shape[1]
     for r in range(r0, r1):
         acc = 0.0
@@ -119,7 +119,7 @@ def _q3k_dequant(raw, d, dmin, sc, mn, out, r0, r1):
 
 
 @njit(nogil=True, cache=True)
-def _q3k_matvec(raw, d, dmin, sc, mn, xq, xd, xs, out, r0, r1):
+def _q3k_matvec(raw, d, dmin, sc, mn, xq, xd, xs, xb, out, r0, r1):
     nb = d.shape[1]
     for r in range(r0, r1):
         acc = 0.0
@@ -187,7 +187,7 @@ def _q5k_dequant(raw, d, dmin, sc, mn, out, r0, r1):
 
 
 @njit(nogil=True, cache=True)
-def _q5k_matvec(raw, d, dmin, sc, mn, xq, xd, xs, out, r0, r1):
+def _q5k_matvec(raw, d, dmin, sc, mn, xq, xd, xs, xb, out, r0, r1):
     nb = d.shape[1]
     for r in range(r0, r1):
         acc = 0.0
@@ -252,7 +252,7 @@ def _iq4xs_dequant(raw, d, dmin, sc, mn, out, r0, r1):
 
 
 @njit(nogil=True, cache=True)
-def _iq4xs_matvec(raw, d, dmin, sc, mn, xq, xd, xs, out, r0, r1):
+def _iq4xs_matvec(raw, d, dmin, sc, mn, xq, xd, xs, xb, out, r0, r1):
     nb = d.shape[1]
     for r in range(r0, r1):
         acc = 0.0

@@ -15,6 +15,7 @@ from gguf import GGMLQuantizationType as T
 from numba import njit
 
 from ._kquant_common import KQuantUnit, f16_field, unpack_6bit_scales
+from ._kquant_simd import has_avx2, q4k_isum
 from .base import register
 
 
@@ -36,14 +37,15 @@ def _q4k_dequant(raw, d, dmin, sc, mn, out, r0, r1):
 
 
 @njit(nogil=True, cache=True)
-def _q4k_matvec(raw, d, dmin, sc, mn, xq, xd, xs, out, r0, r1):
+def _q4k_matvec(raw, d, dmin, sc, mn, xq, xd, xs, xb, out, r0, r1):
+    """Plain-Numba decode: any CPU. Per block, exact integer sums of scale * (q . xq) and of
+    min * sum(xq), then one float combination (the same arithmetic as the AVX2 kernel)."""
     nb = d.shape[1]
     for r in range(r0, r1):
         acc = 0.0
         for b in range(nb):
             ob = b * 144
-            isum = 0
-            msum = 0.0
+            isum = np.int32(0)
             for p in range(4):
                 qo = ob + 16 + p * 32
                 eo = b * 256 + p * 64
@@ -53,18 +55,48 @@ def _q4k_matvec(raw, d, dmin, sc, mn, xq, xd, xs, out, r0, r1):
                     v = raw[r, qo + l]
                     s0 = np.int32(s0 + np.int32(v & 15) * np.int32(xq[eo + l]))
                     s1 = np.int32(s1 + np.int32(v >> 4) * np.int32(xq[eo + 32 + l]))
-                isum += np.int64(sc[r, b * 8 + 2 * p]) * s0 + np.int64(sc[r, b * 8 + 2 * p + 1]) * s1
-            for j in range(8):
-                msum += np.float64(mn[r, b * 8 + j]) * (xs[b * 16 + 2 * j] + xs[b * 16 + 2 * j + 1])
-            acc += np.float64(d[r, b]) * xd[b] * isum - np.float64(dmin[r, b]) * msum
+                isum = np.int32(isum + np.int32(sc[r, b * 8 + 2 * p]) * s0
+                                + np.int32(sc[r, b * 8 + 2 * p + 1]) * s1)
+            acc += _combine(d[r, b], dmin[r, b], xd[b], isum, _min_sum(mn, r, xb, b))
         out[r] = acc
+
+
+@njit(nogil=True, cache=True)
+def _q4k_matvec_avx2(raw, d, dmin, sc, mn, xq, xd, xs, xb, out, r0, r1):
+    """AVX2 decode: the super-block integer dot is one q4k_isum (vpmaddubsw/vpmaddwd)."""
+    nb = d.shape[1]
+    for r in range(r0, r1):
+        row = raw[r]
+        srow = sc[r]
+        acc = 0.0
+        for b in range(nb):
+            isum = q4k_isum(row, b * 144 + 16, xq, b * 256, srow, b * 8)
+            acc += _combine(d[r, b], dmin[r, b], xd[b], isum, _min_sum(mn, r, xb, b))
+        out[r] = acc
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _min_sum(mn, r, xb, b):
+    """sum_j m_j * sum(xq over sub-block j), exact."""
+    t = np.int32(0)
+    for j in range(8):
+        t = np.int32(t + np.int32(mn[r, b * 8 + j]) * xb[b * 8 + j])
+    return t
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _combine(d, dmin, xd, isum, msum):
+    return np.float64(xd) * (np.float64(d) * isum - np.float64(dmin) * msum)
 
 
 @register
 class Q4_K(KQuantUnit):
     qtype = T.Q4_K
     _dequant = staticmethod(_q4k_dequant)
-    _matvec = staticmethod(_q4k_matvec)
+    _matvec = staticmethod(_q4k_matvec_avx2 if has_avx2() else _q4k_matvec)
+    variant = "avx2-q8k" if has_avx2() else "numba-q8k"
+    simd = has_avx2()
+    features = {"avx2-q8k": ("avx2", "fma")}
 
     def _unpack(self, blocks):
         sc, mn = unpack_6bit_scales(blocks[:, :, 4:16])

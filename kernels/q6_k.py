@@ -15,6 +15,7 @@ from gguf import GGMLQuantizationType as T
 from numba import njit
 
 from ._kquant_common import KQuantUnit, f16_field
+from ._kquant_simd import has_avx2, q6k_isum
 from .base import register
 
 
@@ -40,13 +41,15 @@ def _q6k_dequant(raw, d, dmin, sc, mn, out, r0, r1):
 
 
 @njit(nogil=True, cache=True)
-def _q6k_matvec(raw, d, dmin, sc, mn, xq, xd, xs, out, r0, r1):
+def _q6k_matvec(raw, d, dmin, sc, mn, xq, xd, xs, xb, out, r0, r1):
+    """Plain-Numba decode: any CPU. Exact integer block sum, then one float multiply per block
+    (the same arithmetic as the AVX2 kernel)."""
     nb = d.shape[1]
     for r in range(r0, r1):
         acc = 0.0
         for b in range(nb):
             ob = b * 210
-            isum = 0
+            isum = np.int32(0)
             for h in range(2):
                 for g in range(4):
                     lo_o = ob + 64 * h + 32 * (g % 2)
@@ -61,8 +64,22 @@ def _q6k_matvec(raw, d, dmin, sc, mn, xq, xd, xs, out, r0, r1):
                             q = np.int32(((raw[r, lo_o + i] >> sl) & 15)
                                          | (((raw[r, hi_o + i] >> (2 * g)) & 3) << 4)) - 32
                             si = np.int32(si + np.int32(q) * np.int32(xq[eo + l]))
-                        isum += np.int64(sc[r, b * 16 + s]) * si
-            acc += np.float64(d[r, b]) * xd[b] * isum
+                        isum = np.int32(isum + np.int32(sc[r, b * 16 + s]) * si)
+            acc += np.float64(xd[b]) * (np.float64(d[r, b]) * isum)
+        out[r] = acc
+
+
+@njit(nogil=True, cache=True)
+def _q6k_matvec_avx2(raw, d, dmin, sc, mn, xq, xd, xs, xb, out, r0, r1):
+    """AVX2 decode: the super-block integer dot is one q6k_isum (vpmaddubsw/vpmaddwd)."""
+    nb = d.shape[1]
+    for r in range(r0, r1):
+        row = raw[r]
+        srow = sc[r]
+        acc = 0.0
+        for b in range(nb):
+            isum = q6k_isum(row, b * 210, xq, b * 256, srow, b * 16)
+            acc += np.float64(xd[b]) * (np.float64(d[r, b]) * isum)
         out[r] = acc
 
 
@@ -70,7 +87,10 @@ def _q6k_matvec(raw, d, dmin, sc, mn, xq, xd, xs, out, r0, r1):
 class Q6_K(KQuantUnit):
     qtype = T.Q6_K
     _dequant = staticmethod(_q6k_dequant)
-    _matvec = staticmethod(_q6k_matvec)
+    _matvec = staticmethod(_q6k_matvec_avx2 if has_avx2() else _q6k_matvec)
+    variant = "avx2-q8k" if has_avx2() else "numba-q8k"
+    simd = has_avx2()
+    features = {"avx2-q8k": ("avx2", "fma")}
 
     def _unpack(self, blocks):
         n, nb = blocks.shape[:2]

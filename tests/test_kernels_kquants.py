@@ -6,12 +6,16 @@ sub-block scales is a valid block, and random bytes exercise all of them.
 """
 from __future__ import annotations
 
+import importlib
 import threading
 
 import numpy as np
 import pytest
 
 import numallm_kernels as nk
+from numallm_kernels._kquant_common import quantize_x_q8k
+from numallm_kernels._kquant_simd import has_avx2
+from numallm_kernels.base import fresh_asm
 from numallm.gguf_file import GGMLQuantizationType as T
 from numallm.gguf_file import quant_sizes, reference_dequantize, reference_quantize
 
@@ -152,3 +156,37 @@ def test_matvec_special_inputs(qtype):
     x[300] = np.nan  # a non-finite input must show, not be quantized away
     unit.matvec(w, x, out, 0, n)
     assert np.all(np.isnan(out))
+
+
+SIMD_KERNELS = [("q4_k", "_q4k", T.Q4_K), ("q6_k", "_q6k", T.Q6_K)]
+
+
+@pytest.mark.skipif(not has_avx2(), reason="this CPU has no AVX2: only the plain kernels run")
+@pytest.mark.parametrize("module, prefix, qtype", SIMD_KERNELS, ids=lambda v: str(v))
+def test_avx2_matvec_bit_equal_to_plain(module, prefix, qtype):
+    # Both compute the same exact integer block sums and the same float combination.
+    mod = importlib.import_module(f"numallm_kernels.{module}")
+    n, k = 19, 1024
+    unit = nk.get(qtype)
+    w = unit.prepare(random_weights(qtype, n, k, seed=10))
+    x = np.random.default_rng(11).standard_normal(k).astype(np.float32)
+    xq, xd = np.empty(k, np.int8), np.empty(k // 256, np.float32)
+    xs, xb = np.empty(k // 16, np.float32), np.empty(k // 32, np.int32)
+    quantize_x_q8k(x, xq, xd, xs, xb)
+    outs = []
+    for name in ("_matvec", "_matvec_avx2"):
+        out = np.zeros(n, np.float32)
+        getattr(mod, prefix + name)(w.raw, w.d, w.dmin, w.sc, w.mn, xq, xd, xs, xb, out, 2, n)
+        outs.append(out)
+    np.testing.assert_array_equal(outs[0], outs[1])
+    assert np.all(outs[0][2:] != 0)
+
+
+@pytest.mark.skipif(not has_avx2(), reason="this CPU has no AVX2: only the plain kernels run")
+@pytest.mark.parametrize("qtype", [T.Q4_K, T.Q6_K], ids=lambda t: t.name)
+def test_decode_kernel_is_vector_code(qtype):
+    hot = nk.get(qtype).hot_kernels()
+    assert hot, f"{qtype.name} should use its AVX2 decode kernel on this CPU"
+    for dispatcher, argtypes in hot:
+        asm = fresh_asm(dispatcher, argtypes)
+        assert "vpmaddubsw" in asm and "ymm" in asm
