@@ -145,11 +145,13 @@ class ChatTemplate:
                     f"(line {e.lineno}); {_OVERRIDE_HINT}") from None
 
     @classmethod
-    def from_metadata(cls, meta: dict, token_text: Callable[[int], str], name: str | None = None) -> "ChatTemplate":
+    def from_metadata(cls, meta: dict, token_text: Callable[[int], str], name: str | None = None,
+                      source: str | None = None) -> "ChatTemplate":
         """The template of a GGUF model (`tokenizer.chat_template`), fallback when it has none.
 
         token_text(id) gives a token's text; used for BOS/EOS from tokenizer.ggml.bos_token_id /
-        eos_token_id ("" when the id is absent or out of range).
+        eos_token_id ("" when the id is absent or out of range). `source` (e.g. the text of
+        --chat-template FILE) replaces the model's template but keeps its BOS/EOS texts.
         """
         def special(key: str) -> str:
             tid = meta.get(key)
@@ -160,9 +162,10 @@ class ChatTemplate:
             except (IndexError, KeyError, ValueError):
                 return ""
 
-        source = meta.get("tokenizer.chat_template")
-        if not isinstance(source, str):
-            source = None
+        if source is None:
+            source = meta.get("tokenizer.chat_template")
+            if not isinstance(source, str):
+                source = None
         return cls(source, bos_token=special("tokenizer.ggml.bos_token_id"),
                    eos_token=special("tokenizer.ggml.eos_token_id"),
                    name=name or str(meta.get("general.name") or "model"))

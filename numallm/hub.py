@@ -196,7 +196,7 @@ def _choose_file(ref: HubRef, online: bool) -> str:
     return pick_gguf(ref, cached)
 
 
-def _download(ref: HubRef, filename: str, quiet: bool = False) -> str:
+def _download(ref: HubRef, filename: str) -> str:
     from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url
 
     full = HubRef(ref.repo, filename=filename)
@@ -204,8 +204,8 @@ def _download(ref: HubRef, filename: str, quiet: bool = False) -> str:
         # One HEAD without retries first: huggingface_hub retries a refused connection with backoff
         # for ~25 s, which is no use when the machine is simply offline.
         get_hf_file_metadata(hf_hub_url(ref.repo, filename), timeout=_METADATA_TIMEOUT)
-        if not quiet:
-            print(f"numallm: fetching {full} into the Hugging Face cache", file=sys.stderr)
+        if _cached_path(ref, filename) is None:
+            print(f"numallm: downloading {full} into the Hugging Face cache", file=sys.stderr)
         return hf_hub_download(ref.repo, filename)
     except MemoryError:
         raise

@@ -225,6 +225,15 @@ def test_phi3_vocab_from_metadata():
         "<|user|>\nWhere is the treasure? ¿Dónde está?<|end|>\n<|assistant|>\n")
 
 
+def test_from_metadata_override_keeps_special_tokens():
+    meta = {"tokenizer.chat_template": "{{ bos_token }}model", "tokenizer.ggml.bos_token_id": 1,
+            "tokenizer.ggml.eos_token_id": 2}
+    tmpl = ChatTemplate.from_metadata(meta, lambda i: ["<unk>", "<s>", "</s>"][i], name="--chat-template",
+                                      source="{{ bos_token }}{{ messages[0].content }}{{ eos_token }}")
+    assert tmpl.render(TURNS) == "<s>Hello there</s>"
+    assert tmpl.name == "--chat-template"
+
+
 def test_from_metadata_without_template_is_fallback():
     meta = {"tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.eos_token_id": 99, "general.name": "tiny"}
     tmpl = ChatTemplate.from_metadata(meta, lambda i: ["<unk>", "<s>", "</s>"][i])
