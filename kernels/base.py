@@ -87,7 +87,7 @@ def fresh_asm(dispatcher, argtypes: tuple) -> str:
     loaded from its on-disk cache, so this compiles an uncached copy with the same options."""
     from numba import njit
 
-    opts = {k: v for k, v in dispatcher.targetoptions.items() if k != "cache"}
+    opts = {k: v for k, v in dispatcher.targetoptions.items() if k not in ("cache", "nopython")}
     fresh = njit(**opts)(dispatcher.py_func)
     fresh.compile(argtypes)
     return fresh.inspect_asm(argtypes)

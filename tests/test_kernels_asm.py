@@ -1,0 +1,40 @@
+"""The hot decode kernels compile to vector code (ymm/zmm registers with packed operations).
+
+Speed itself is measured in benchmarks/bench_kernels.py; this only guards against a change that
+silently turns a kernel scalar (e.g. a type promotion that defeats vectorization). Units expose
+their hot kernels through `KernelUnit.hot_kernels()`; types whose unit is missing or exposes none
+are skipped, except Q4_0 and Q8_0 which must have one on an AVX2 machine.
+"""
+from __future__ import annotations
+
+import re
+
+import pytest
+
+import numallm_kernels as nk
+from numallm.gguf_file import GGMLQuantizationType as T
+from numallm_kernels import _simd
+from numallm_kernels.base import fresh_asm, hot_kernels
+
+REQUIRED = {T.Q4_0, T.Q8_0}
+# packed integer dot steps and packed float multiply-adds: the work of a vectorized block dot
+PACKED = re.compile(r"^\s*(vpmaddubsw|vpmaddwd|vpdpbusd|vpdpwssd|vfmadd\w*ps|vpmulld|vmulps)"
+                    r"\s[^\n]*%[yz]mm", re.M)
+
+
+@pytest.mark.parametrize("qt", [T.Q4_0, T.Q8_0, T.Q4_K, T.Q6_K], ids=lambda q: q.name)
+def test_hot_decode_kernel_is_vector_code(qt):
+    if not _simd.has_avx2():
+        pytest.skip("CPU lacks AVX2")
+    if qt not in nk.registered_types():
+        pytest.skip(f"no unit registered for {qt.name}")
+    kernels = hot_kernels(qt)
+    if not kernels:
+        assert qt not in REQUIRED, f"{qt.name} exposes no hot kernel"
+        pytest.skip(f"{qt.name} unit exposes no hot kernels")
+    for dispatcher, argtypes in kernels:
+        asm = fresh_asm(dispatcher, argtypes)
+        ops = PACKED.findall(asm)
+        assert len(ops) >= 4, f"{dispatcher.__name__}: only {ops} packed ops on ymm/zmm"
+        if qt in REQUIRED:  # the int8 block dot must be the vpmaddubsw/vpmaddwd pair (or VNNI)
+            assert {"vpmaddubsw", "vpmaddwd"} <= set(ops) or "vpdpbusd" in ops, sorted(set(ops))
