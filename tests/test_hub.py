@@ -67,8 +67,12 @@ class _Hub(BaseHTTPRequestHandler):
         self.log.append((self.command, self.path))
         path = self.path.split("?")[0]
         parts = path.strip("/").split("/")
+        repo = "/".join(parts[2:4] if parts[:2] == ["api", "models"] else parts[:2])
+        if repo == "gated/repo":
+            return self._send(401, b"{}", {"X-Error-Code": "GatedRepo", "X-Error-Message": "gated"})
+        if repo == "broken/repo":
+            return self._send(500, b"{}")
         if parts[:2] == ["api", "models"] and len(parts) >= 4:
-            repo = "/".join(parts[2:4])
             if repo not in FILES:
                 return self._send(404, b"{}", {"X-Error-Code": "RepoNotFound"})
             info = {"id": repo, "sha": COMMIT, "siblings": [{"rfilename": f} for f in FILES[repo]]}
@@ -226,9 +230,11 @@ def test_repo_without_file_picks_q4_k_m(hub, tmp_path):
     assert GGUFFile(proc.stdout.strip()).metadata["general.name"] == "q4ks"
 
 
-def test_ambiguous_and_missing(hub, tmp_path):
+def test_hub_errors_are_one_line(hub, tmp_path):
     server, _ = hub
     env = _env(tmp_path, _url(server))
+    _assert_one_line_error(_numallm(env, "pull", "gated/repo:m.gguf"), "gated/repo is gated", "HF_TOKEN")
+    _assert_one_line_error(_numallm(env, "pull", "broken/repo"), "the hub answered HTTP 500")
     _assert_one_line_error(_numallm(env, "pull", f"{MULTI}:Q5_0"), "no Q5_0 file", "m.Q8_0.gguf")
     _assert_one_line_error(_numallm(env, "pull", "nobody/nothing"), "no Hugging Face repo nobody/nothing")
     _assert_one_line_error(_numallm(env, "pull", f"{REPO}:other.gguf"), "has no file other.gguf")
