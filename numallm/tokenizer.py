@@ -8,8 +8,8 @@ Kinds (`tokenizer.ggml.model`):
          splitting (a Sequence of Split(Regex, "isolated") + ByteLevel without its own regex) and
          the rank-ordered merging (models.BPE, `ignore_merges` for llama3-style vocabs): it is
          fast and is what produced the reference token ids that llama.cpp itself is tested
-         against. The split regexes per `tokenizer.ggml.pre` are the models' own pre-tokenizer
-         patterns (as listed for each pre type in llama.cpp); Oniguruma runs them unchanged.
+         against. The split regexes per `tokenizer.ggml.pre` (tokenizer_tables.py) are the
+         models' own pre-tokenizer patterns; Oniguruma runs them unchanged. Decoding is ours.
   bert   WordPiece (WPM), hand-written like llama.cpp: crude NFD (first code point of each
          decomposition), lowercase, split on whitespace/punctuation/CJK, greedy longest match.
 
