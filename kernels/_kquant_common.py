@@ -64,7 +64,7 @@ def unpack_6bit_scales(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 @njit(nogil=True, cache=True)
 def quantize_x_q8k(x, xq, xd, xs, xb):
     """x float32 (K,) -> xq int8 (K,), xd float32 (K/256,) scales, xs float32 (K/16,) sums of x,
-    xb int32 (K/32,) sums of xq.
+    xb int16 (K/16,) sums of xq (|sum| <= 16 * 127).
 
     Symmetric round-to-nearest per 256-block: x ~= xd[b] * xq. A block holding a NaN or inf gets
     xd = NaN so the non-finite input shows in the output instead of vanishing.
@@ -98,10 +98,10 @@ def quantize_x_q8k(x, xq, xd, xs, xb):
         for i in range(16):
             s += x[j * 16 + i]
         xs[j] = s
-    for j in range(x.shape[0] // 32):
+    for j in range(x.shape[0] // 16):
         t = 0
-        for i in range(32):
-            t += np.int32(xq[j * 32 + i])
+        for i in range(16):
+            t += np.int32(xq[j * 16 + i])
         xb[j] = t
 
 
@@ -136,7 +136,7 @@ class KQuantUnit(KernelUnit):
         xq = np.empty(k, np.int8)                 # (K,)
         xd = np.empty(k // QK_K, np.float32)      # (K/256,)
         xs = np.empty(k // 16, np.float32)        # (K/16,)
-        xb = np.empty(k // 32, np.int32)          # (K/32,)
+        xb = np.empty(k // 16, np.int16)          # (K/16,)
         quantize_x_q8k(x, xq, xd, xs, xb)
         self._matvec(w.raw, w.d, w.dmin, w.sc, w.mn, xq, xd, xs, xb, out, r0, r1)
 
@@ -147,7 +147,7 @@ class KQuantUnit(KernelUnit):
         w = self.prepare(raw)
         k = QK_K
         args = (w.raw, w.d, w.dmin, w.sc, w.mn, np.empty(k, np.int8), np.empty(1, np.float32),
-                np.empty(k // 16, np.float32), np.empty(k // 32, np.int32),
+                np.empty(k // 16, np.float32), np.empty(k // 16, np.int16),
                 np.empty(1, np.float32), 0, 1)
         return tuple(numba.typeof(a) for a in args)
 

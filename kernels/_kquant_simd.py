@@ -7,8 +7,9 @@ kernel stays ordinary Numba and gives bit-identical results to the plain variant
 compiled where `has_avx2()` holds; the units fall back to the plain kernels elsewhere.
 
 Bounds (no int16 saturation, no int32 overflow): x codes are in [-127, 127]. Q4_K: pair sums
-<= 2*15*127, times a 6-bit scale. Q6_K: (q - 32) is formed as pmaddubsw(q, x) - pmaddubsw(32, x),
-each pair sum <= 2*63*127 + 2*32*127 = 24130 < 32767, times an int8 scale, 16 groups: < 2^31.
+<= 2*15*127, times a 6-bit scale. Q6_K: unsigned codes 0..63 go through vpmaddubsw,
+pair sums <= 2*63*127, times an int8 scale; the offset is taken off once per block as
+32 * sum_s sc_s * sum(xq_s) from the int16 per-16 sums of xq (|sum| <= 16*127).
 """
 from __future__ import annotations
 
@@ -51,21 +52,15 @@ def _splat8(v):
     return ir.Constant(_V32B, [v] * 32)
 
 
-def _scale_pair(builder, sp, off, signed):
-    """<16 x i16>: byte sp[off] in lanes 0-7, sp[off + 1] in lanes 8-15."""
-    ext = builder.sext if signed else builder.zext
-    vec = ir.Constant(_V16W, ir.Undefined)
-    for lane in range(16):
-        byte = builder.load(builder.gep(sp, [ir.Constant(_I32, off + lane // 8)]))
-        vec = builder.insert_element(vec, ext(byte, _I16), ir.Constant(_I32, lane))
-    return vec
+def _load_scales(builder, sp, n, signed):
+    """<n x i16> of the n bytes at sp, widened once per block (one load + vpmovsx/zxbw)."""
+    v = builder.load(builder.bitcast(sp, ir.VectorType(_I8, n).as_pointer()), align=1)
+    return (builder.sext if signed else builder.zext)(v, ir.VectorType(_I16, n))
 
 
-def _splat_scale(builder, sp, off):
-    """<16 x i16> of the unsigned byte sp[off] in every lane."""
-    w = builder.zext(builder.load(builder.gep(sp, [ir.Constant(_I32, off)])), _I16)
-    vec = builder.insert_element(ir.Constant(_V16W, ir.Undefined), w, ir.Constant(_I32, 0))
-    return builder.shuffle_vector(vec, vec, ir.Constant(ir.VectorType(_I32, 16), [0] * 16))
+def _pick(builder, v, lanes):
+    """<16 x i16> whose lane i is lane lanes[i] of v (a shuffle, no memory traffic)."""
+    return builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, 16), list(lanes)))
 
 
 def _hsum(builder, v):
@@ -99,6 +94,7 @@ def q4k_isum(typingctx, qs, qoff, xq, xoff, sc, soff):
         xp = _ptr(context, builder, sig.args[2], args[2], args[3])
         sp = _ptr(context, builder, sig.args[4], args[4], args[5])
         mub, mwd = _maddubs(builder), _maddwd(builder)
+        scales = _load_scales(builder, sp, 8, signed=False)
         acc = ir.Constant(_V8D, [0] * 8)
         for p in range(4):  # 32 bytes = sub-blocks 2p (low nibbles) and 2p + 1 (high nibbles)
             q = _load32(builder, qp, 32 * p)
@@ -106,27 +102,29 @@ def q4k_isum(typingctx, qs, qoff, xq, xoff, sc, soff):
             hi = builder.lshr(q, _splat8(4))
             d0 = builder.call(mub, [lo, _load32(builder, xp, 64 * p)])
             d1 = builder.call(mub, [hi, _load32(builder, xp, 64 * p + 32)])
-            acc = builder.add(acc, builder.call(mwd, [d0, _splat_scale(builder, sp, 2 * p)]))
-            acc = builder.add(acc, builder.call(mwd, [d1, _splat_scale(builder, sp, 2 * p + 1)]))
+            acc = builder.add(acc, builder.call(mwd, [d0, _pick(builder, scales, [2 * p] * 16)]))
+            acc = builder.add(acc, builder.call(mwd, [d1, _pick(builder, scales, [2 * p + 1] * 16)]))
         return _hsum(builder, acc)
 
     return sig, codegen
 
 
 @intrinsic
-def q6k_isum(typingctx, qs, qoff, xq, xoff, sc, soff):
+def q6k_isum(typingctx, qs, qoff, xq, xoff, sc, soff, xb, boff):
     """sum_s sc[soff + s] * ((q_s - 32) . xq_s) over one Q6_K super-block, s = 0..15.
 
     qs: uint8 row, qoff: byte offset of the block (ql at +0, qh at +128); xq, xoff as in q4k_isum;
-    sc: int8 scales, soff: index of the block's first.
+    sc: int8 scales, soff: index of the block's first; xb: int16 sums of xq per 16, boff: index
+    of the block's first.
     """
-    sig = types.int32(qs, qoff, xq, xoff, sc, soff)
+    sig = types.int32(qs, qoff, xq, xoff, sc, soff, xb, boff)
 
     def codegen(context, builder, sig, args):
         qp = _ptr(context, builder, sig.args[0], args[0], args[1])
         xp = _ptr(context, builder, sig.args[2], args[2], args[3])
         sp = _ptr(context, builder, sig.args[4], args[4], args[5])
         mub, mwd = _maddubs(builder), _maddwd(builder)
+        scales = _load_scales(builder, sp, 16, signed=True)
         acc = ir.Constant(_V8D, [0] * 8)
         for h in range(2):
             ql = (_load32(builder, qp, 64 * h), _load32(builder, qp, 64 * h + 32))
@@ -136,11 +134,30 @@ def q6k_isum(typingctx, qs, qoff, xq, xoff, sc, soff):
                 lo = builder.and_(lo, _splat8(15))
                 hi = builder.and_(builder.shl(builder.lshr(qh, _splat8(2 * g)), _splat8(4)),
                                   _splat8(0x30))
-                x = _load32(builder, xp, 128 * h + 32 * g)
-                dq = builder.call(mub, [builder.or_(lo, hi), x])
-                d32 = builder.call(mub, [_splat8(32), x])
-                sc = _scale_pair(builder, sp, 8 * h + 2 * g, signed=True)
-                acc = builder.add(acc, builder.call(mwd, [builder.sub(dq, d32), sc]))
-        return _hsum(builder, acc)
+                dq = builder.call(mub, [builder.or_(lo, hi), _load32(builder, xp, 128 * h + 32 * g)])
+                s0 = 8 * h + 2 * g
+                acc = builder.add(acc, builder.call(mwd, [dq, _pick(builder, scales, [s0] * 8 + [s0 + 1] * 8)]))
+        # the -32 offset of every code: subtract 32 * sum_s sc_s * sum(xq over sub-block s)
+        bp = _ptr(context, builder, sig.args[6], args[6], args[7])
+        bsums = builder.load(builder.bitcast(bp, _V16W.as_pointer()), align=1)
+        off = builder.shl(builder.call(mwd, [scales, bsums]), ir.Constant(_V8D, [5] * 8))
+        return _hsum(builder, builder.sub(acc, off))
+
+    return sig, codegen
+
+
+@intrinsic
+def q4k_msum(typingctx, mn, moff, xb, boff):
+    """sum_j mn[moff + j] * (xb[boff + 2j] + xb[boff + 2j + 1]), j = 0..7: a Q4_K block's mins
+    times the sums of xq over its 32-weight sub-blocks (xb: int16 sums of xq per 16)."""
+    sig = types.int32(mn, moff, xb, boff)
+
+    def codegen(context, builder, sig, args):
+        mins = _load_scales(builder, _ptr(context, builder, sig.args[0], args[0], args[1]), 8,
+                            signed=False)
+        bp = _ptr(context, builder, sig.args[2], args[2], args[3])
+        bsums = builder.load(builder.bitcast(bp, _V16W.as_pointer()), align=1)
+        m2 = _pick(builder, mins, [i // 2 for i in range(16)])
+        return _hsum(builder, builder.call(_maddwd(builder), [m2, bsums]))
 
     return sig, codegen

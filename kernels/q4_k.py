@@ -15,7 +15,7 @@ from gguf import GGMLQuantizationType as T
 from numba import njit
 
 from ._kquant_common import KQuantUnit, f16_field, unpack_6bit_scales
-from ._kquant_simd import has_avx2, q4k_isum
+from ._kquant_simd import has_avx2, q4k_isum, q4k_msum
 from .base import register
 
 
@@ -63,15 +63,18 @@ def _q4k_matvec(raw, d, dmin, sc, mn, xq, xd, xs, xb, out, r0, r1):
 
 @njit(nogil=True, cache=True)
 def _q4k_matvec_avx2(raw, d, dmin, sc, mn, xq, xd, xs, xb, out, r0, r1):
-    """AVX2 decode: the super-block integer dot is one q4k_isum (vpmaddubsw/vpmaddwd)."""
+    """AVX2 decode: a super-block's integer dots are one q4k_isum (vpmaddubsw/vpmaddwd) and one
+    q4k_msum; the float combination is the plain kernel's."""
     nb = d.shape[1]
     for r in range(r0, r1):
         row = raw[r]
         srow = sc[r]
+        mrow = mn[r]
         acc = 0.0
         for b in range(nb):
             isum = q4k_isum(row, b * 144 + 16, xq, b * 256, srow, b * 8)
-            acc += _combine(d[r, b], dmin[r, b], xd[b], isum, _min_sum(mn, r, xb, b))
+            msum = q4k_msum(mrow, b * 8, xb, b * 16)
+            acc += _combine(d[r, b], dmin[r, b], xd[b], isum, msum)
         out[r] = acc
 
 
@@ -80,7 +83,8 @@ def _min_sum(mn, r, xb, b):
     """sum_j m_j * sum(xq over sub-block j), exact."""
     t = np.int32(0)
     for j in range(8):
-        t = np.int32(t + np.int32(mn[r, b * 8 + j]) * xb[b * 8 + j])
+        bs = np.int32(xb[b * 16 + 2 * j]) + np.int32(xb[b * 16 + 2 * j + 1])
+        t = np.int32(t + np.int32(mn[r, b * 8 + j]) * bs)
     return t
 
 

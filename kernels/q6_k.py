@@ -78,7 +78,7 @@ def _q6k_matvec_avx2(raw, d, dmin, sc, mn, xq, xd, xs, xb, out, r0, r1):
         srow = sc[r]
         acc = 0.0
         for b in range(nb):
-            isum = q6k_isum(row, b * 210, xq, b * 256, srow, b * 16)
+            isum = q6k_isum(row, b * 210, xq, b * 256, srow, b * 16, xb, b * 16)
             acc += np.float64(xd[b]) * (np.float64(d[r, b]) * isum)
         out[r] = acc
 

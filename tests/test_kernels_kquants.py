@@ -171,7 +171,7 @@ def test_avx2_matvec_bit_equal_to_plain(module, prefix, qtype):
     w = unit.prepare(random_weights(qtype, n, k, seed=10))
     x = np.random.default_rng(11).standard_normal(k).astype(np.float32)
     xq, xd = np.empty(k, np.int8), np.empty(k // 256, np.float32)
-    xs, xb = np.empty(k // 16, np.float32), np.empty(k // 32, np.int32)
+    xs, xb = np.empty(k // 16, np.float32), np.empty(k // 16, np.int16)
     quantize_x_q8k(x, xq, xd, xs, xb)
     outs = []
     for name in ("_matvec", "_matvec_avx2"):
