@@ -31,7 +31,8 @@ def make_weights(qtype, nbytes=TARGET_BYTES, seed=0):
     rng = np.random.default_rng(seed)
     raw = rng.integers(0, 256, (n, nb, ts), dtype=np.uint8)
     for off in F16_FIELDS[qtype]:
-        raw[:, :, off:off + 2] = rng.uniform(1e-4, 1e-2, (n, nb, 1)).astype(np.float16).view(np.uint8)
+        f = rng.uniform(1e-4, 1e-2, (n, nb, 1)).astype(np.float16)
+        raw[:, :, off:off + 2] = f.view(np.uint8)
     raw = raw.reshape(n, nb * ts)
     raw.flags.writeable = False  # like a GGUF memmap view
     return raw

@@ -42,7 +42,7 @@ class KQuantWeights:
 
 
 def f16_field(blocks: np.ndarray, off: int) -> np.ndarray:
-    """blocks: uint8 (N, nb, type_size) -> float32 (N, nb) of the f16 at byte `off` of each block."""
+    """blocks: uint8 (N, nb, type_size) -> float32 (N, nb): the f16 at byte `off` of each block."""
     b = np.ascontiguousarray(blocks[:, :, off:off + 2])  # (N, nb, 2)
     return b.view(np.float16)[:, :, 0].astype(np.float32)
 
@@ -120,6 +120,7 @@ class KQuantUnit(KernelUnit):
         raise NotImplementedError
 
     def prepare(self, raw: np.ndarray) -> KQuantWeights:
+        raw = np.ascontiguousarray(raw)  # no copy for GGUF views; the AVX2 kernels need it
         n, row_bytes = raw.shape
         nb = row_bytes // self.type_size
         d, dmin, sc, mn = self._unpack(raw.reshape(n, nb, self.type_size))

@@ -19,6 +19,7 @@ import llvmlite.binding as llvm
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
+from numba.core.errors import TypingError
 from numba.extending import intrinsic
 
 _I8, _I16, _I32 = ir.IntType(8), ir.IntType(16), ir.IntType(32)
@@ -31,6 +32,13 @@ _V8D = ir.VectorType(_I32, 8)
 def has_avx2() -> bool:
     feats = llvm.get_host_cpu_features()
     return all(feats.get(f, False) for f in ("avx2", "fma"))
+
+
+def _need(name, aryty, dtype):
+    """The intrinsics read raw pointers: insist on a C-contiguous 1-D array of `dtype`."""
+    if not (isinstance(aryty, types.Array) and aryty.ndim == 1 and aryty.layout == "C"
+            and aryty.dtype == dtype):
+        raise TypingError(f"{name} must be a C-contiguous 1-D {dtype} array, got {aryty}")
 
 
 def _fn(builder, name, ret, args):
@@ -87,6 +95,7 @@ def q4k_isum(typingctx, qs, qoff, xq, xoff, sc, soff):
     qs: uint8 row, qoff: byte offset of the block's 128 quant bytes; xq: int8 codes, xoff: index
     of the block's first weight; sc: uint8 unpacked scales, soff: index of the block's first.
     """
+    _need("qs", qs, types.uint8), _need("xq", xq, types.int8), _need("sc", sc, types.uint8)
     sig = types.int32(qs, qoff, xq, xoff, sc, soff)
 
     def codegen(context, builder, sig, args):
@@ -102,8 +111,8 @@ def q4k_isum(typingctx, qs, qoff, xq, xoff, sc, soff):
             hi = builder.lshr(q, _splat8(4))
             d0 = builder.call(mub, [lo, _load32(builder, xp, 64 * p)])
             d1 = builder.call(mub, [hi, _load32(builder, xp, 64 * p + 32)])
-            acc = builder.add(acc, builder.call(mwd, [d0, _pick(builder, scales, [2 * p] * 16)]))
-            acc = builder.add(acc, builder.call(mwd, [d1, _pick(builder, scales, [2 * p + 1] * 16)]))
+            for d, j in ((d0, 2 * p), (d1, 2 * p + 1)):
+                acc = builder.add(acc, builder.call(mwd, [d, _pick(builder, scales, [j] * 16)]))
         return _hsum(builder, acc)
 
     return sig, codegen
@@ -117,6 +126,8 @@ def q6k_isum(typingctx, qs, qoff, xq, xoff, sc, soff, xb, boff):
     sc: int8 scales, soff: index of the block's first; xb: int16 sums of xq per 16, boff: index
     of the block's first.
     """
+    _need("qs", qs, types.uint8), _need("xq", xq, types.int8), _need("sc", sc, types.int8)
+    _need("xb", xb, types.int16)
     sig = types.int32(qs, qoff, xq, xoff, sc, soff, xb, boff)
 
     def codegen(context, builder, sig, args):
@@ -134,9 +145,11 @@ def q6k_isum(typingctx, qs, qoff, xq, xoff, sc, soff, xb, boff):
                 lo = builder.and_(lo, _splat8(15))
                 hi = builder.and_(builder.shl(builder.lshr(qh, _splat8(2 * g)), _splat8(4)),
                                   _splat8(0x30))
-                dq = builder.call(mub, [builder.or_(lo, hi), _load32(builder, xp, 128 * h + 32 * g)])
-                s0 = 8 * h + 2 * g
-                acc = builder.add(acc, builder.call(mwd, [dq, _pick(builder, scales, [s0] * 8 + [s0 + 1] * 8)]))
+                x = _load32(builder, xp, 128 * h + 32 * g)
+                dq = builder.call(mub, [builder.or_(lo, hi), x])
+                s0 = 8 * h + 2 * g  # first of the two 16-weight sub-blocks of this group
+                sc = _pick(builder, scales, [s0] * 8 + [s0 + 1] * 8)
+                acc = builder.add(acc, builder.call(mwd, [dq, sc]))
         # the -32 offset of every code: subtract 32 * sum_s sc_s * sum(xq over sub-block s)
         bp = _ptr(context, builder, sig.args[6], args[6], args[7])
         bsums = builder.load(builder.bitcast(bp, _V16W.as_pointer()), align=1)
@@ -150,6 +163,7 @@ def q6k_isum(typingctx, qs, qoff, xq, xoff, sc, soff, xb, boff):
 def q4k_msum(typingctx, mn, moff, xb, boff):
     """sum_j mn[moff + j] * (xb[boff + 2j] + xb[boff + 2j + 1]), j = 0..7: a Q4_K block's mins
     times the sums of xq over its 32-weight sub-blocks (xb: int16 sums of xq per 16)."""
+    _need("mn", mn, types.uint8), _need("xb", xb, types.int16)
     sig = types.int32(mn, moff, xb, boff)
 
     def codegen(context, builder, sig, args):

@@ -36,7 +36,8 @@ def _q6k_dequant(raw, d, dmin, sc, mn, out, r0, r1):
                         eo = b * 256 + 16 * s
                         for l in range(16):
                             i = 16 * k + l
-                            q = ((raw[r, lo_o + i] >> sl) & 15) | (((raw[r, hi_o + i] >> (2 * g)) & 3) << 4)
+                            q = (((raw[r, lo_o + i] >> sl) & 15)
+                                 | (((raw[r, hi_o + i] >> (2 * g)) & 3) << 4))
                             out[r - r0, eo + l] = dd * np.float32(np.int32(q) - 32)
 
 

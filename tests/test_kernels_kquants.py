@@ -36,7 +36,7 @@ MATMUL_NMSE = 1e-10
 
 
 def random_weights(qtype, n, k, seed=0):
-    """uint8 (n, row_bytes): random quants and sub-block scales, f16 super-scales in [1e-4, 1e-2]."""
+    """uint8 (n, row_bytes): random quants and sub-block scales, f16 super-scales in 1e-4..1e-2."""
     rng = np.random.default_rng(seed)
     bs, ts = quant_sizes(qtype)
     nb = k // bs
