@@ -270,6 +270,21 @@ def test_unreadable_sysfs_files_become_notes(tmp_path):
     assert len(t.nodes) == 8 and t.node(2).cpus       # the rest is still read
 
 
+def test_minimal_topology_file(tmp_path, capsys):
+    p = tmp_path / "t.json"
+    p.write_text(json.dumps({"nodes": [
+        {"id": 0, "socket": 0, "cpus": [0, 1, 2, 3], "mem_total_bytes": 8 * GIB, "mem_free_bytes": GIB // 2},
+        {"id": 1, "socket": 1, "cpus": [4, 5], "mem_total_bytes": 8 * GIB, "mem_free_bytes": 4 * GIB,
+         "distances": {"0": 20, "1": 10}}]}))
+    t = load_topology_file(str(p))
+    assert [s.nodes for s in t.sockets] == [(0,), (1,)] and t.node(1).physical_cores == 2
+    assert advise(t).recommendation()["threads_per_node"] == {"0": 4, "1": 2}
+    assert main(["topo", "--topology", str(p)]) == 0
+    out = capsys.readouterr().out
+    assert "[FROM FILE]" in out and "node 1: 2 cores" in out and "only 0.5 GiB free of 8.0 GiB" in out
+    assert "AVX2" not in out  # CPU unknown: no claim about its features
+
+
 def test_bad_topology_files_give_one_line_errors(tmp_path, capsys):
     good = topo_of("vm_1node").to_dict()
     cases = {"trunc.json": json.dumps(good)[:200], "list.json": "[1, 2]",

@@ -15,6 +15,14 @@ def gib(n: int) -> str:
     return f"{n / GIB:.1f} GiB"
 
 
+def size(n: int) -> str:
+    """Bytes in the largest binary unit that keeps the number at or above 1."""
+    for unit, scale in (("GiB", GIB), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
 @dataclass(frozen=True)
 class Advice:
     threads_per_node: tuple[tuple[int, int], ...]   # (node id, threads): one per usable core
@@ -94,7 +102,7 @@ def advise(topo: Topology) -> Advice:
         f.append("running in a virtual machine: the NUMA layout shown is the VM's, which may not match "
                  "the host's")
     feats = set(topo.cpu.features)
-    if "avx2" not in feats:
+    if "avx2" not in feats and topo.cpu.vendor != "unknown":
         w.append("the CPU reports no AVX2: numallm's kernels will run far slower than on a modern CPU")
     isa = [x for x in ("avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile") if x in feats]
     if isa:

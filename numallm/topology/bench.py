@@ -38,7 +38,7 @@ class NodeBuffer:
     """A float64 buffer whose pages lie on one node: libnuma's numa_alloc_onnode when there is
     libnuma, else first touch by a thread pinned to the node (the kernel's default policy)."""
 
-    def __init__(self, node: Node, nbytes: int, libnuma=None):
+    def __init__(self, node: Node, nbytes: int, cpus: list[int], libnuma=None):
         self.n = nbytes // 8
         self.nbytes = self.n * 8
         self._lib, self._ptr = None, None
@@ -55,7 +55,7 @@ class NodeBuffer:
                 self.array.fill(1.0)  # fault the pages in, on the node
                 self.placement = "libnuma"
                 return
-        with pinned(node.cpus):
+        with pinned(cpus):  # the node's allowed CPUs
             self.array = np.ones(self.n, dtype=np.float64)        # (n,) first touch: local pages
         self.placement = "first touch"
 
@@ -131,7 +131,7 @@ def run_bench(topo: Topology, nodes: list[int], seconds: float = 0.3) -> BenchRe
     readers = {n: _reader_cpus(nd, allowed) for n, nd in by_id.items()}
     first = nodes[0]
     for n in nodes:
-        buf = NodeBuffer(by_id[n], size, libnuma)
+        buf = NodeBuffer(by_id[n], size, readers[n], libnuma)
         placement = buf.placement
         try:
             local.append((n, read_gbps(buf.array, readers[n], seconds)))

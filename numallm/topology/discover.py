@@ -191,6 +191,7 @@ def discover(root: str = "/", use_libs: bool | None = None) -> Topology:
         cpus = node_cpus[n]
         mi = parse_meminfo(r.text(f"{NODE}/node{n}/meminfo") or "") if not no_numa else sys_mem
         total, free = mi.get("MemTotal"), mi.get("MemFree")
+        estimated = False
         if (total is None or free is None) and numa is not None:
             total, free = numa.memory.node_memory_info(n)
             r.note(f"node {n} meminfo unreadable: memory taken from libnuma")
@@ -201,6 +202,7 @@ def discover(root: str = "/", use_libs: bool | None = None) -> Topology:
                 import psutil  # last resort: whole-machine figures split evenly
                 vm = psutil.virtual_memory()
                 total, free = vm.total // len(node_ids), vm.available // len(node_ids)
+                estimated = True
                 r.note(f"node {n} memory unreadable: estimated as the machine's / {len(node_ids)}")
         dist_text = r.line(f"{NODE}/node{n}/distance", quiet=no_numa)
         if dist_text and len(dist_text.split()) == len(node_ids):
@@ -221,7 +223,8 @@ def discover(root: str = "/", use_libs: bool | None = None) -> Topology:
         nodes.append(Node(id=n, socket=socks.most_common(1)[0][0] if socks else None, cpus=cpus,
                           cores=tuple(sorted(seen.values(), key=lambda k: k.threads)),
                           l3_groups=tuple(groups), mem_total_bytes=int(total), mem_free_bytes=int(free),
-                          distances=dists, hugepages=_hugepages(r, f"{NODE}/node{n}/hugepages")))
+                          distances=dists, hugepages=_hugepages(r, f"{NODE}/node{n}/hugepages"),
+                          mem_estimated=estimated))
 
     sockets = []
     for s in sorted(set(cpu_socket.values())):

@@ -253,7 +253,11 @@ def topology_from_dict(data: Any, source: str) -> Topology:
     if len({n.id for n in nodes}) != len(nodes):
         raise ValueError("two nodes have the same id")
     sockets = []
-    for i, s in enumerate(data.get("sockets") or []):
+    raw_sockets = data.get("sockets")
+    if raw_sockets is None:  # derive them from the nodes
+        raw_sockets = [{"id": s, "nodes": [n.id for n in nodes if n.socket == s]}
+                       for s in sorted({n.socket for n in nodes if n.socket is not None})]
+    for i, s in enumerate(raw_sockets):
         if not isinstance(s, dict):
             raise ValueError(f"sockets[{i}] must be an object")
         sid = _int(s, "id", f"sockets[{i}]")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .advice import Advice, gib
+from .advice import Advice, gib, size
 from .model import Node, Topology
 from .plan import ModelNeeds, Placement
 from .sysfs import format_cpulist
@@ -122,13 +122,13 @@ def render_bench(b: "BenchResult") -> list[str]:
 def render_plan(path: str, needs: ModelNeeds, context: int, plans: tuple[Placement, ...],
                 measured: bool) -> list[str]:
     how = "measured" if measured else "assumed (run with --bench to measure)"
-    out = [f"model {path} ({needs.arch}): weights {gib(needs.weight_bytes)}, KV cache "
-           f"{_mib(needs.kv_bytes_per_1k)} per 1k tokens (float32), {context} tokens: "
-           f"{gib(needs.kv_bytes_per_token * context)}",
-           f"decode ceiling: tok/s <= bandwidth / bytes read per token ({gib(plans[0].bytes_per_token)}); "
+    out = [f"model {path} ({needs.arch}): weights {size(needs.weight_bytes)}, KV cache "
+           f"{size(needs.kv_bytes_per_1k)} per 1k tokens (float32), {context} tokens: "
+           f"{size(needs.kv_bytes_per_token * context)}",
+           f"decode ceiling: tok/s <= bandwidth / bytes read per token ({size(plans[0].bytes_per_token)}); "
            f"bandwidth {how}"]
     for p in plans:
-        mem = ", ".join(f"node {n}: {gib(b)}" for n, b in p.bytes_per_node)
+        mem = ", ".join(f"node {n}: {size(b)}" for n, b in p.bytes_per_node)
         fit = {"yes": "fits in free memory", "tight": "fits only after freeing memory",
                "no": "DOES NOT FIT"}[p.fits]
         out.append(f"  {p.strategy:<10} nodes {format_cpulist(p.nodes)}: {mem}; {fit}; "
