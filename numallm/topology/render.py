@@ -39,7 +39,8 @@ def _node_lines(n: Node, topo: Topology, verbose: bool) -> list[str]:
         sizes = {len(g) for g in n.l3_groups}
         per = f"{min(sizes)}-{max(sizes)}" if len(sizes) > 1 else str(sizes.pop())
         l3 = f" of {_mib(topo.cpu.l3_bytes)}" if topo.cpu.l3_bytes else ""
-        lines.append(f"    L3: {len(n.l3_groups)} groups{l3}, {per} CPUs each")
+        k = len(n.l3_groups)
+        lines.append(f"    L3: {k} group{'s' if k > 1 else ''}{l3}, {per} CPUs each")
     if verbose:
         by_group = {t: i for i, g in enumerate(n.l3_groups) for t in g}
         groups: dict[int, list[str]] = {}
