@@ -215,3 +215,65 @@ def load_f16(typingctx, w, off):
         return builder.fpext(h, _F32)
 
     return sig, codegen
+
+
+# --- dense half types: 8 weights per step, converted exactly to float32 ------------------------
+
+def _half8_to_f32(builder, p, bf16: bool):
+    v = _load(builder, p, ir.VectorType(_I16, 8))
+    if bf16:  # bf16 is the top half of a float32
+        v = builder.shl(builder.zext(v, _V8D), ir.Constant(_V8D, [16] * 8))
+        return builder.bitcast(v, _V8F)
+    return builder.fpext(builder.bitcast(v, ir.VectorType(ir.HalfType(), 8)), _V8F)  # vcvtph2ps
+
+
+def _dense_dot(bf16: bool):
+    def impl(typingctx, acc, w, woff, x, xoff):
+        """acc + w[8 halves at byte woff] * x[xoff:xoff+8] (one FMA)."""
+        sig = f32x8(f32x8, w, woff, x, xoff)
+
+        def codegen(context, builder, sig, args):
+            acc_v, w_v, woff_v, x_v, xoff_v = args
+            wv = _half8_to_f32(builder, _ptr(context, builder, sig.args[1], w_v, woff_v), bf16)
+            xv = _load(builder, _ptr(context, builder, sig.args[3], x_v, xoff_v), _V8F)
+            fma = _fn(builder, "llvm.fma.v8f32", _V8F, [_V8F, _V8F, _V8F])
+            return builder.call(fma, [wv, xv, acc_v])
+
+        return sig, codegen
+
+    return intrinsic(impl)
+
+
+def _dense_cvt(bf16: bool):
+    def impl(typingctx, w, woff, out, ooff):
+        """out[ooff:ooff+8] = the 8 halves at byte woff of w, as float32."""
+        sig = types.none(w, woff, out, ooff)
+
+        def codegen(context, builder, sig, args):
+            wv = _half8_to_f32(builder, _ptr(context, builder, sig.args[0], args[0], args[1]), bf16)
+            op = _ptr(context, builder, sig.args[2], args[2], args[3])
+            builder.store(wv, builder.bitcast(op, _V8F.as_pointer()), align=1)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return intrinsic(impl)
+
+
+dot_f16x8 = _dense_dot(False)
+dot_bf16x8 = _dense_dot(True)
+cvt_f16x8 = _dense_cvt(False)
+cvt_bf16x8 = _dense_cvt(True)
+
+
+@intrinsic
+def load_bf16(typingctx, w, off):
+    """The bfloat16 at byte offset `off` of a uint8 array, as float32 (exact, any CPU)."""
+    sig = types.float32(w, off)
+
+    def codegen(context, builder, sig, args):
+        p = builder.bitcast(_ptr(context, builder, sig.args[0], args[0], args[1]), _I16.as_pointer())
+        v = builder.shl(builder.zext(builder.load(p, align=1), _I32), ir.Constant(_I32, 16))
+        return builder.bitcast(v, _F32)
+
+    return sig, codegen

@@ -1,6 +1,7 @@
 """The kernel-unit interface and its registry (keyed by GGMLQuantizationType)."""
 from __future__ import annotations
 
+import threading
 import types
 
 import numpy as np
@@ -60,6 +61,45 @@ class KernelUnit:
             t = tile[: b - a]
             self.dequantize(w, t, a, b)
             out[:, a:b] = x @ t.T
+
+
+
+class CalibratedUnit(KernelUnit):
+    """A unit with several variants; `_calibrate` picks one per CPU (or NUMALLM_KERNEL forces it).
+    Subclasses implement `variants()`, `run(variant, w, x, out, r0, r1)` (x: float32 (T, K),
+    out: (T, N)) and `synthetic(n, k, rng)` (raw rows for timing)."""
+
+    calibrated = True
+
+    def __init__(self):
+        self._choice = None
+        self._lock = threading.Lock()
+
+    @property
+    def variant(self) -> str:
+        return self.choice().matvec
+
+    def choice(self):
+        """The `_calibrate.Choice` for this unit, made on first use (thread-safe)."""
+        if self._choice is None:
+            from . import _calibrate
+
+            with self._lock:
+                if self._choice is None:
+                    self._choice = _calibrate.choose(self)
+        return self._choice
+
+    def run(self, variant: str, w, x, out, r0, r1) -> None:
+        raise NotImplementedError
+
+    def synthetic(self, n: int, k: int, rng: np.random.Generator) -> np.ndarray:
+        raise NotImplementedError
+
+    def matvec(self, w, x, out, r0, r1):
+        self.run(self.choice().matvec, w, x.reshape(1, -1), out.reshape(1, -1), r0, r1)
+
+    def matmul(self, w, x, out, r0, r1):
+        self.run(self.choice().for_tokens(x.shape[0]), w, x, out, r0, r1)
 
 
 def register(cls: type[KernelUnit]) -> type[KernelUnit]:

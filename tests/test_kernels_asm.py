@@ -22,7 +22,7 @@ PACKED = re.compile(r"^\s*(vpmaddubsw|vpmaddwd|vpdpbusd|vpdpwssd|vfmadd\w*ps|vpm
                     r"\s[^\n]*%[yz]mm", re.M)
 
 
-@pytest.mark.parametrize("qt", [T.Q4_0, T.Q8_0, T.Q4_K, T.Q6_K], ids=lambda q: q.name)
+@pytest.mark.parametrize("qt", [T.Q4_0, T.Q8_0, T.F16, T.Q4_K, T.Q6_K], ids=lambda q: q.name)
 def test_hot_decode_kernel_is_vector_code(qt):
     if not _simd.has_avx2():
         pytest.skip("CPU lacks AVX2")
