@@ -73,11 +73,9 @@ class LLM:
         self.model = get_module(self.file.architecture).Model(self.file)
         self.args = self.model.args
         self.tokenizer = Tokenizer.from_metadata(self.file.metadata)
-        if chat_template is not None:
-            self.template = ChatTemplate(chat_template, name="--chat-template")
-        else:
-            self.template = ChatTemplate.from_metadata(
-                self.file.metadata, lambda i: self.tokenizer.token_to_piece(i).decode("utf-8", "replace"))
+        self.template = ChatTemplate.from_metadata(
+            self.file.metadata, lambda i: self.tokenizer.token_to_piece(i).decode("utf-8", "replace"),
+            name=None if chat_template is None else "--chat-template", source=chat_template)
         self.n_ctx = int(n_ctx or min(self.args.context_length, DEFAULT_CTX))
         if self.n_ctx <= 0:
             raise NumallmError(f"context size {self.n_ctx} must be positive (-c N)")

@@ -123,7 +123,7 @@ CASES = {
                        ["blk.0.ffn_up.weight is missing"]),
     "wrong_shape": (lambda p: tiny_llama(p, ne_override=[4, 4]), ["blk.0.attn_q.weight", "shape"]),
     "not_gguf": (lambda p: p.write_bytes(b"PK\x03\x04" + b"\0" * 100) and str(p), ["not a GGUF file"]),
-    "missing_file": (lambda p: str(p) + ".nope", ["no such file"]),
+    "missing_file": (lambda p: str(p) + ".nope", ["no such model file"]),
 }
 
 

@@ -27,6 +27,8 @@ def register(sub) -> None:
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--chat-template", default=None, metavar="FILE",
                    help="Jinja chat template to use instead of the model's")
+    p.add_argument("--verbose-prompt", action="store_true",
+                   help="print each rendered prompt (chat template applied) before the answer")
     p.set_defaults(func=run)
 
 
@@ -96,8 +98,18 @@ def run(args) -> int:
             print(f"unknown command {cmd.split()[0]}; /help lists them")
             continue
         history.append({"role": "user", "content": line})
-        messages = ([{"role": "system", "content": system}] if system else []) + history
+        sys_msg = [{"role": "system", "content": system}] if system else []
+        dropped = fit_history(llm, sys_msg, history, room=min(kw["max_tokens"], llm.n_ctx // 4))
+        if dropped:
+            print(f"(context full: dropped the {dropped} oldest messages)", file=sys.stderr)
+        if not history:
+            print(f"numallm: error: the message does not fit in the {llm.n_ctx}-token context; "
+                  f"shorten it or restart with a larger -c", file=sys.stderr)
+            continue
+        messages = sys_msg + history
         answer = []
+        if args.verbose_prompt:
+            print(llm.template.render(messages, add_generation_prompt=True), file=sys.stderr)
         with _Interrupt() as intr:
             for chunk in llm.chat(messages, stream=True, **kw):
                 out.write(chunk.text)
@@ -113,6 +125,17 @@ def run(args) -> int:
             note = f" ({reason})" if reason not in ("stop", None) else ""
             print(speed_line(last.prompt_tokens, last.prompt_tps, last.generation_tokens,
                              last.generation_tps) + note, file=sys.stderr)
+
+
+def fit_history(llm, sys_msg: list[dict], history: list[dict], room: int) -> int:
+    """Drop the oldest turns until the prompt leaves `room` tokens for the answer (the whole
+    history when even the last message does not fit). Returns how many messages were dropped."""
+    dropped = 0
+    while history and len(llm.chat_tokens(sys_msg + history)) + room > llm.n_ctx:
+        n = 2 if len(history) > 2 else len(history)
+        del history[:n]
+        dropped += n
+    return dropped
 
 
 def stats(llm, last, history) -> str:

@@ -1,0 +1,88 @@
+"""`python -m numallm chat` on stories260K driven through a pseudo-terminal, as a user would."""
+from __future__ import annotations
+
+import os
+import pty
+import re
+import select
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+STORIES = Path(__file__).resolve().parents[1].parent / "shared" / "models" / "stories260K.gguf"
+pytestmark = pytest.mark.skipif(not STORIES.exists(), reason="../shared/models/stories260K.gguf absent")
+TEMPLATE = "{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}{% if add_generation_prompt %}[assistant]{% endif %}"
+
+
+class Term:
+    def __init__(self, argv, env):
+        self.pid, self.fd = pty.fork()
+        if self.pid == 0:
+            os.execvpe(argv[0], argv, env)
+        self.buf = ""
+
+    def expect(self, pattern, timeout=120.0):
+        end = time.time() + timeout
+        while not re.search(pattern, self.buf):
+            left = end - time.time()
+            if left <= 0:
+                raise AssertionError(f"timed out waiting for {pattern!r}; screen:\n{self.buf[-2000:]}")
+            r, _, _ = select.select([self.fd], [], [], left)
+            if r:
+                try:
+                    data = os.read(self.fd, 4096)
+                except OSError:
+                    data = b""
+                if not data:
+                    raise AssertionError(f"process ended waiting for {pattern!r}:\n{self.buf[-2000:]}")
+                self.buf += data.decode("utf-8", "replace")
+        m = re.search(pattern, self.buf)
+        out, self.buf = self.buf[:m.end()], self.buf[m.end():]
+        return out
+
+    def send(self, text):
+        os.write(self.fd, text.encode())
+
+    def wait(self, timeout=30):
+        end = time.time() + timeout
+        while time.time() < end:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                return os.waitstatus_to_exitcode(status)
+            time.sleep(0.05)
+        os.kill(self.pid, signal.SIGKILL)
+        raise AssertionError("chat did not exit")
+
+
+def test_chat_session(tmp_path):
+    tpl = tmp_path / "t.jinja"
+    tpl.write_text(TEMPLATE)
+    env = dict(os.environ, TERM="dumb")
+    t = Term([sys.executable, "-m", "numallm", "chat", str(STORIES), "--temp", "0", "-c", "2048", "-n", "1000",
+              "--chat-template", str(tpl), "--verbose-prompt"], env)
+    t.expect(r">>> ")
+    t.send("Once upon a time\r")
+    shown = t.expect(r"tok/s.*\n")
+    assert "[user] Once upon a time" in shown and "[assistant]" in shown   # template applied
+    assert re.search(r"prompt: \d+ tok, [\d.]+ tok/s \| generation: \d+ tok, [\d.]+ tok/s", shown)
+    t.expect(r">>> ")
+
+    # a long answer, stopped by Ctrl-C: the session survives
+    t.send("Tell me a long story about a dog\r")
+    t.expect(r"\[assistant\]")
+    time.sleep(0.3)
+    t.send("\x03")
+    shown = t.expect(r"tok/s.*\n")
+    assert "interrupted" in shown
+    t.expect(r">>> ")
+    t.send("/stats\r")
+    shown = t.expect(r"PROCESSOR.*\n")
+    assert "context:" in shown and "4 messages" in shown
+    t.expect(r">>> ")
+    t.send("\x03")                       # Ctrl-C at the prompt only explains how to quit
+    t.expect(r"/bye")
+    t.send("/bye\r")
+    assert t.wait() == 0
