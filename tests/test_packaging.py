@@ -39,3 +39,6 @@ def test_wheel_install_contains_kernels(tmp_path):
     assert target in numallm_file.parents and target in kernels_file.parents
     assert (target / "numallm_kernels" / "base.py").is_file()
     assert not (target / "kernels").exists()  # never the bare name a PyPI package owns
+    # every source package made it into the wheel (a package missing from setup.cfg would not)
+    for init in (ROOT / "numallm").rglob("__init__.py"):
+        assert (target / init.relative_to(ROOT)).is_file(), f"{init.parent.name} missing from the wheel"
