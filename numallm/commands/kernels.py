@@ -1,0 +1,30 @@
+"""`numallm kernels`: per GGML type, the kernel variant chosen on this machine and why."""
+from __future__ import annotations
+
+import json
+
+
+def register(sub) -> None:
+    p = sub.add_parser("kernels", help="list the matmul kernel chosen per quant type, its ISA needs and GB/s")
+    p.add_argument("--no-calibrate", action="store_true",
+                   help="do not time uncalibrated types now (show only cached choices)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import numallm_kernels
+    from numallm_kernels import _calibrate
+
+    rows = numallm_kernels.describe(calibrate=not args.no_calibrate)
+    if args.json:
+        print(json.dumps({"cpu": _calibrate.cpu_key(), "kernels": rows}))
+        return 0
+    print(f"cpu: {_calibrate.cpu_key()}  (force a variant with NUMALLM_KERNEL=type:variant)")
+    print(f"{'type':<8} {'decode variant':<18} {'GB/s':>6}  {'source':<10} {'needs':<22} prefill")
+    for r in rows:
+        gbs = f"{r['gbs']:.1f}" if r["gbs"] else "-"
+        pre = ", ".join(f"T>={t}: {v}" for t, v in r["prefill"]) if r["prefill"] else "-"
+        print(f"{r['type']:<8} {r['variant'] or '(not measured)':<18} {gbs:>6}  {r['source']:<10} "
+              f"{','.join(r['features']) or '-':<22} {pre}")
+    return 0
