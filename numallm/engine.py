@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
 import numpy as np
+import psutil
 
 from . import threads
 from .errors import ContextOverflowError, NumallmError
@@ -79,8 +80,13 @@ class LLM:
         self.n_ctx = int(n_ctx or min(self.args.context_length, DEFAULT_CTX))
         if self.n_ctx <= 0:
             raise NumallmError(f"context size {self.n_ctx} must be positive (-c N)")
-        self.pool = threads.RowPool(n_threads or threads.physical_cores())
+        need = self.args.kv_bytes_per_token * self.n_ctx
+        avail = psutil.virtual_memory().available
+        if need > avail:
+            raise NumallmError(f"the KV cache for {self.n_ctx} tokens needs {need / 2**30:.1f} GiB but only "
+                               f"{avail / 2**30:.1f} GiB of memory is available; lower the context size (-c)")
         self.cache = self.model.new_cache(self.n_ctx)
+        self.pool = threads.RowPool(n_threads or threads.physical_cores())
         self.cached: list[int] = []  # tokens whose K/V are in self.cache
 
     # -- tokens ----------------------------------------------------------------------------------

@@ -156,3 +156,8 @@ def test_context_overflow(tmp_path):
 def test_unknown_flag_is_argparse_error(tmp_path):
     r = cli("run", "--no-such-flag")
     assert r.returncode == 2 and "Traceback" not in r.stderr
+
+
+def test_context_larger_than_memory(tmp_path):
+    r = cli("run", tiny_llama(tmp_path / "m.gguf"), "a", "-c", str(1 << 36), "-n", "1")
+    assert_one_line(r, "KV cache", "lower the context size")
