@@ -19,7 +19,10 @@ quantized here, every 2-D weight (token_embd and output included) to the one typ
 cannot quantize K-quants, so Q2_K..Q6_K (every weight one type, llama.cpp's "pure" mode) and the
 mixed recipes (Q4_K_M, Q4_K_S, Q5_K_M, Q3_K_M, ...) go through llama.cpp's quantizer
 (`llama_cpp.llama_model_quantize`, from llama-cpp-python) applied to an F32 file written here;
-that runs in a subprocess so a ggml abort cannot take the caller down.
+that runs in a subprocess so a ggml abort cannot take the caller down. As in real files,
+llama.cpp falls back per tensor where a width is not a multiple of 256 (qwen2.5-0.5b's 896:
+Q5_0 instead of Q4_K). Speed (2 busy cores): tinyllama-1.1b Q4_0 25 s, llama3-1b Q8_0 29 s,
+qwen2.5-0.5b Q4_0 12 s, tinyllama-1.1b Q4_K_M 94 s (F32 intermediate + llama.cpp quantize).
 
 RoPE layout: HF llama checkpoints rotate half-split pairs (i, i + d/2); llama.cpp's converter
 permutes the rows of attn_q/attn_k so GGUF llama files use llama.cpp's "normal" rope on adjacent
@@ -29,6 +32,7 @@ random weights no permutation is needed: whatever is written is, by definition, 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -94,7 +98,7 @@ _FILE_TYPE = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q
               "BF16": 32}
 # llama.cpp ftypes (llama.h); single-type K-quants use the *_S ftype in "pure" mode
 _LLAMA_PURE = {"Q2_K": 10, "Q3_K": 11, "Q4_K": 14, "Q5_K": 16, "Q6_K": 18}
-_LLAMA_MIXED = {"Q2_K_M": 10, "Q3_K_S": 11, "Q3_K_M": 12, "Q3_K_L": 13, "Q4_K_S": 14,
+_LLAMA_MIXED = {"Q3_K_S": 11, "Q3_K_M": 12, "Q3_K_L": 13, "Q4_K_S": 14,
                 "Q4_K_M": 15, "Q5_K_S": 16, "Q5_K_M": 17}
 QTYPES = tuple(_GGUF_PY) + tuple(_LLAMA_PURE) + tuple(_LLAMA_MIXED)
 
@@ -427,10 +431,6 @@ def _llama_quantize(src: Path, dst: Path, ftype: int, pure: bool) -> None:
                         "1" if pure else "0"], capture_output=True, text=True)
     if r.returncode != 0:
         tail = (r.stderr or r.stdout).strip().splitlines()[-3:]
-        if "No module named 'llama_cpp'" in (r.stderr or ""):
-            raise UnsupportedError("K-quant synthetic models need llama-cpp-python's quantizer; "
-                                   "install it (pip install llama-cpp-python) or use "
-                                   "F16/Q8_0/Q4_0")
         raise RuntimeError(f"llama.cpp quantize to ftype {ftype} failed (rc {r.returncode}): "
                            + " | ".join(tail))
 
@@ -462,6 +462,10 @@ def write_model(path: str | os.PathLike, arch: str = "llama", qtype: str = "Q4_0
         return path
     if qtype not in _LLAMA_PURE and qtype not in _LLAMA_MIXED:
         raise UnsupportedError(f"synthetic qtype {qtype!r} is not supported; use one of {QTYPES}")
+    if importlib.util.find_spec("llama_cpp") is None:  # an optional dependency: say how to get it
+        raise UnsupportedError(f"synthetic {qtype} models need llama.cpp's quantizer; install "
+                               f"llama-cpp-python (pip install llama-cpp-python) or use "
+                               f"F16/Q8_0/Q4_0")
     src = path.with_name(path.name + ".f32.tmp")
     try:
         _write(src, wtype=QT.F32, file_type=0, **kw)

@@ -168,6 +168,13 @@ def test_bad_arguments(synth_dir):
         synth.write_model(synth_dir / "x.gguf", shape="gpt5")
 
 
+def test_kquant_without_llamacpp_is_a_clear_error(synth_dir, monkeypatch):
+    monkeypatch.setattr(synth.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(UnsupportedError, match="llama-cpp-python"):
+        synth.write_model(synth_dir / "k.gguf", qtype="Q4_K")
+    assert not list(synth_dir.glob("k.gguf*"))  # no F32 intermediate left behind
+
+
 def test_cache_reuses_files(synth_dir):
     a = synth.cached_model(synth_dir, qtype="Q4_0", seed=11)
     mtime = a.stat().st_mtime_ns
