@@ -1,0 +1,371 @@
+"""Throughput measurement behind `numallm bench` (llama-bench style), importable.
+
+Tests, per thread count:
+    ppN  prefill of N random tokens into a fresh context, in forwards of PREFILL_CHUNK tokens;
+    tgN  decode of N tokens one forward at a time, after an untimed TG_PROMPT-token prompt.
+Each test runs `reps` times; tokens/s is the mean over repetitions of N / seconds, with the
+sample standard deviation. GB/s counts the weight bytes one forward streams (every matrix once)
+times forwards per second, and % bw sets that against the machine's read bandwidth, measured
+here with the same number of threads (numpy sums over a buffer far larger than L3).
+
+The pure arithmetic (mean_sd, gbps, summarize, ratios, format_table, to_json_rows) is separate
+from the runners (NumallmRunner, LlamaCppRunner) and the driver (run_benchmark) so that it can
+be tested without timing anything.
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+
+from .errors import NumallmError
+
+TG_PROMPT = 8           # tokens prefilled (untimed) before a tg test, like a short prompt
+WARMUP_TOKENS = 8       # tokens of the untimed warm-up prefill (Numba compile, page cache)
+BW_BYTES = 1 << 30      # read-bandwidth buffer: much larger than any L3
+BW_REPEATS = 3          # bandwidth passes; the best one is kept (others are noise on a busy box)
+NUMALLM, LLAMA_CPP = "numallm", "llama.cpp"
+
+# llama.cpp's general.file_type values (llama.h, enum llama_ftype) for the model label
+_FTYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1",
+           10: "Q2_K", 11: "Q3_K_S", 12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M",
+           16: "Q5_K_S", 17: "Q5_K_M", 18: "Q6_K", 25: "IQ4_NL", 30: "IQ4_XS", 32: "BF16"}
+
+
+# -- pure arithmetic ---------------------------------------------------------------------------
+
+def mean_sd(xs: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (n - 1); sd is 0 for a single value."""
+    if not xs:
+        raise ValueError("mean_sd of no values")
+    m = math.fsum(xs) / len(xs)
+    if len(xs) == 1:
+        return m, 0.0
+    return m, math.sqrt(math.fsum((x - m) ** 2 for x in xs) / (len(xs) - 1))
+
+
+def gbps(weight_bytes: int, passes_per_s: float) -> float:
+    """GB/s (1e9 bytes) of weights read when every forward pass streams `weight_bytes`."""
+    return weight_bytes * passes_per_s / 1e9
+
+
+@dataclass(frozen=True)
+class BenchRow:
+    """One test at one thread count for one engine."""
+
+    engine: str            # "numallm" | "llama.cpp"
+    test: str              # "pp512", "tg128"
+    threads: int
+    n_tokens: int
+    n_passes: int          # forward passes per repetition
+    samples: tuple[float, ...]  # tokens/s of each repetition
+    tokens_per_s: float    # mean of samples
+    stddev: float
+    gbps: float            # weight GB/s at the mean rate
+    bw_fraction: float     # gbps / the machine's read GB/s at this thread count (nan: unknown)
+
+
+def summarize(engine: str, test: str, threads: int, n_tokens: int, n_passes: int,
+              seconds: Sequence[float], weight_bytes: int, machine_gbps: float) -> BenchRow:
+    """A BenchRow from the wall times of each repetition of a test of n_tokens / n_passes."""
+    samples = tuple(n_tokens / s for s in seconds)
+    ts, sd = mean_sd(samples)
+    rate = gbps(weight_bytes, ts * n_passes / n_tokens)
+    frac = rate / machine_gbps if machine_gbps > 0 else math.nan
+    return BenchRow(engine, test, threads, n_tokens, n_passes, samples, ts, sd, rate, frac)
+
+
+def ratios(rows: Sequence[BenchRow]) -> dict[tuple[str, int], float]:
+    """numallm / llama.cpp tokens/s for each (test, threads) both engines ran."""
+    by = {(r.engine, r.test, r.threads): r.tokens_per_s for r in rows}
+    return {(t, n): by[(NUMALLM, t, n)] / by[(LLAMA_CPP, t, n)]
+            for (e, t, n) in by if e == NUMALLM and (LLAMA_CPP, t, n) in by
+            and by[(LLAMA_CPP, t, n)] > 0}
+
+
+def human_bytes(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.2f} MiB"
+
+
+def human_params(n: int) -> str:
+    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.2f} M"
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    label: str          # e.g. "llama Q4_0"
+    weight_bytes: int   # bytes of every weight matrix (what one forward streams)
+    params: int         # elements of every tensor
+
+
+def format_table(model: ModelInfo, rows: Sequence[BenchRow]) -> str:
+    """The markdown table; engine and ratio columns appear only when llama.cpp rows are present."""
+    compare = any(r.engine == LLAMA_CPP for r in rows)
+    ratio = ratios(rows)
+    head = ["model", "size", "params"] + (["engine"] if compare else []) + \
+        ["threads", "test", "t/s", "GB/s", "% bw"] + (["ratio"] if compare else [])
+    body = []
+    for r in rows:
+        cells = [model.label, human_bytes(model.weight_bytes), human_params(model.params)]
+        cells += [r.engine] if compare else []
+        bw = "?" if math.isnan(r.bw_fraction) else f"{100 * r.bw_fraction:.1f}"
+        cells += [str(r.threads), r.test, f"{r.tokens_per_s:.2f} ± {r.stddev:.2f}",
+                  f"{r.gbps:.2f}", bw]
+        if compare:
+            q = ratio.get((r.test, r.threads)) if r.engine == NUMALLM else None
+            cells.append("" if q is None else f"{q:.2f}")
+        body.append(cells)
+    widths = [max(len(c) for c in col) for col in zip(head, *body)]
+    right = {"size", "params", "threads", "test", "t/s", "GB/s", "% bw", "ratio"}
+
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(c.rjust(w) if h in right else c.ljust(w)
+                                 for c, w, h in zip(cells, widths, head)) + " |"
+
+    rule = "| " + " | ".join(("-" * (w - 1) + ":") if h in right else "-" * w
+                             for w, h in zip(widths, head)) + " |"
+    return "\n".join([line(head), rule] + [line(c) for c in body])
+
+
+def to_json_rows(model: ModelInfo, rows: Sequence[BenchRow],
+                 machine_gbps: dict[int, float]) -> list[dict]:
+    """JSON-ready dicts, one per row (bw_fraction None when the bandwidth is unknown)."""
+    ratio = ratios(rows)
+    out = []
+    for r in rows:
+        out.append({
+            "model": model.label, "size_bytes": model.weight_bytes, "params": model.params,
+            "engine": r.engine, "test": r.test, "threads": r.threads, "n_tokens": r.n_tokens,
+            "n_passes": r.n_passes, "samples": list(r.samples), "tokens_per_s": r.tokens_per_s,
+            "stddev": r.stddev, "gbps": r.gbps,
+            "bw_fraction": None if math.isnan(r.bw_fraction) else r.bw_fraction,
+            "machine_gbps": machine_gbps.get(r.threads),
+            "ratio_vs_llama_cpp": ratio.get((r.test, r.threads)) if r.engine == NUMALLM else None,
+        })
+    return out
+
+
+def parse_threads(spec: str) -> list[int]:
+    """"1,2,4" -> [1, 2, 4]; a one-line error for anything else."""
+    try:
+        out = [int(p) for p in spec.split(",")]
+    except ValueError:
+        out = []
+    if not out or any(t < 1 for t in out):
+        raise NumallmError(f"bad thread list -t {spec!r}; give positive counts like -t 1,2,4")
+    return list(dict.fromkeys(out))
+
+
+def model_label(arch: str, file_type: int | None, qtypes: Counter) -> str:
+    """"llama Q4_K_M": the architecture and llama.cpp's ftype name, else the dominant weight type."""
+    name = _FTYPES.get(file_type) if file_type is not None else None
+    if name is None:
+        name = qtypes.most_common(1)[0][0] if qtypes else "?"
+    return f"{arch} {name}"
+
+
+# -- machine read bandwidth ----------------------------------------------------------------------
+
+def read_bandwidth(n_threads: int, buf: np.ndarray, repeats: int = BW_REPEATS) -> float:
+    """Best GB/s of summing `buf` (1-D, contiguous) split into n_threads parts, one Python
+    thread each (numpy's reductions release the GIL, so the parts run in parallel)."""
+    parts = np.array_split(buf, n_threads)
+    best = 0.0
+    with ThreadPoolExecutor(n_threads) as ex:
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            list(ex.map(np.sum, parts))
+            best = max(best, buf.nbytes / (time.perf_counter() - t0) / 1e9)
+    return best
+
+
+def bandwidth_buffer(nbytes: int = BW_BYTES) -> np.ndarray:
+    # int64: numpy's integer sum streams ~10% faster than its pairwise float sum, so one
+    # thread is less compute-bound and the figure is closer to what the memory can give
+    buf = np.empty(nbytes // 8, dtype=np.int64)   # (nbytes/8,)
+    buf.fill(1)   # touch every page, so the timing sees RAM and not page faults
+    return buf
+
+
+# -- runners ---------------------------------------------------------------------------------------
+
+class NumallmRunner:
+    """Times the raw forward of a loaded numallm LLM on its own RowPool of n_threads workers."""
+
+    engine = NUMALLM
+
+    def __init__(self, llm, n_threads: int):
+        from . import threads
+
+        self.llm = llm
+        self.pool = threads.RowPool(n_threads)
+        self._activate = threads.activate
+
+    def _forward(self, tokens: np.ndarray, pos0: int) -> int:
+        from .engine import PREFILL_CHUNK
+
+        passes = 0
+        for a in range(0, len(tokens), PREFILL_CHUNK):
+            self.llm.model(tokens[a:a + PREFILL_CHUNK], self.llm.cache, pos0 + a, last_only=True)
+            passes += 1
+        return passes
+
+    def prefill(self, tokens: np.ndarray) -> tuple[float, int]:
+        """Seconds and forward passes to prefill `tokens` from position 0 (a fresh context)."""
+        with self._activate(self.pool):
+            t0 = time.perf_counter()
+            passes = self._forward(tokens, 0)
+            return time.perf_counter() - t0, passes
+
+    def decode(self, prompt: np.ndarray, tokens: np.ndarray) -> float:
+        """Seconds to decode `tokens` one at a time after an untimed prefill of `prompt`."""
+        with self._activate(self.pool):
+            self._forward(prompt, 0)
+            t0 = time.perf_counter()
+            for i in range(len(tokens)):
+                self.llm.model(tokens[i:i + 1], self.llm.cache, len(prompt) + i, last_only=True)
+            return time.perf_counter() - t0
+
+    def close(self) -> None:
+        self.pool.close()
+
+
+class LlamaCppRunner:
+    """The same tests through llama-cpp-python's Llama.eval on the same file."""
+
+    engine = LLAMA_CPP
+    N_BATCH = 512
+
+    def __init__(self, path: str, n_threads: int, n_ctx: int):
+        import llama_cpp
+
+        try:
+            self.llm = llama_cpp.Llama(path, n_ctx=n_ctx, n_threads=n_threads,
+                                       n_threads_batch=n_threads, n_batch=self.N_BATCH,
+                                       verbose=False)
+        except (ValueError, RuntimeError) as e:
+            raise NumallmError(f"llama.cpp cannot load {path} ({e}); run without --vs-llama-cpp") from e
+
+    def prefill(self, tokens: np.ndarray) -> tuple[float, int]:
+        self.llm.reset()   # n_tokens = 0: eval drops the KV cells from there on
+        # llama_decode on the CPU backend returns when the graph is computed: no sync needed
+        t0 = time.perf_counter()
+        self.llm.eval(tokens.tolist())
+        return time.perf_counter() - t0, -(-len(tokens) // self.N_BATCH)
+
+    def decode(self, prompt: np.ndarray, tokens: np.ndarray) -> float:
+        self.llm.reset()
+        self.llm.eval(prompt.tolist())
+        ids = tokens.tolist()
+        t0 = time.perf_counter()
+        for t in ids:
+            self.llm.eval([t])
+        return time.perf_counter() - t0
+
+    def close(self) -> None:
+        self.llm.close()
+
+
+# -- driver ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class BenchPlan:
+    n_prompt: int          # pp test size (0: no pp test)
+    n_gen: int             # tg test size (0: no tg test)
+    threads: tuple[int, ...]
+    reps: int
+    seed: int = 0
+
+    @property
+    def n_ctx(self) -> int:
+        return max(self.n_prompt, TG_PROMPT + self.n_gen, WARMUP_TOKENS + 1)
+
+
+def plan_tokens(plan: BenchPlan, n_vocab: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Random ids below n_vocab (fixed seed), the same for every engine:
+    pp (n_prompt,), tg prompt (TG_PROMPT,), tg tokens (n_gen,), all int64."""
+    rng = np.random.default_rng(plan.seed)
+    return (rng.integers(0, n_vocab, plan.n_prompt, dtype=np.int64),
+            rng.integers(0, n_vocab, TG_PROMPT, dtype=np.int64),
+            rng.integers(0, n_vocab, plan.n_gen, dtype=np.int64))
+
+
+def run_tests(runner, plan: BenchPlan, n_threads: int, n_vocab: int, weight_bytes: int,
+              machine_gbps: float, log: Callable[[str], None]) -> list[BenchRow]:
+    """Warm up `runner`, then time pp and tg `plan.reps` times each."""
+    pp, prompt, gen = plan_tokens(plan, n_vocab)
+    runner.decode(prompt[:WARMUP_TOKENS], gen[:2])   # untimed: compile, page cache, pool start
+    rows = []
+    if plan.n_prompt:
+        runs = [runner.prefill(pp) for _ in range(plan.reps)]
+        rows.append(summarize(runner.engine, f"pp{plan.n_prompt}", n_threads, plan.n_prompt,
+                              runs[0][1], [s for s, _ in runs], weight_bytes, machine_gbps))
+    if plan.n_gen:
+        secs = [runner.decode(prompt, gen) for _ in range(plan.reps)]
+        rows.append(summarize(runner.engine, f"tg{plan.n_gen}", n_threads, plan.n_gen,
+                              plan.n_gen, secs, weight_bytes, machine_gbps))
+    for r in rows:
+        log(f"{r.engine} threads={r.threads} {r.test}: {r.tokens_per_s:.2f} ± {r.stddev:.2f} t/s")
+    return rows
+
+
+@dataclass(frozen=True)
+class BenchReport:
+    model: ModelInfo
+    rows: tuple[BenchRow, ...]
+    machine_gbps: dict[int, float]   # threads -> read GB/s
+
+
+def run_benchmark(path: str, plan: BenchPlan, vs_llama_cpp: bool = False,
+                  bw_bytes: int = BW_BYTES, log: Callable[[str], None] = lambda s: None
+                  ) -> BenchReport:
+    """Measure the machine's read bandwidth, then numallm (and llama.cpp) on the GGUF at `path`."""
+    from .engine import load
+
+    if vs_llama_cpp:
+        try:
+            import llama_cpp  # noqa: F401 - checked before the long numallm part
+        except ImportError:
+            raise NumallmError("--vs-llama-cpp needs llama-cpp-python, which is not importable "
+                               "here; pip install llama-cpp-python, or drop the flag") from None
+    buf = bandwidth_buffer(bw_bytes)
+    machine = {t: read_bandwidth(t, buf) for t in plan.threads}
+    del buf
+    for t, g in machine.items():
+        log(f"read bandwidth, {t} thread{'s' if t > 1 else ''}: {g:.2f} GB/s")
+
+    llm = load(path, n_ctx=plan.n_ctx, n_threads=1)
+    try:
+        f = llm.file
+        qtypes: Counter = Counter()
+        for m in llm.model.linears():
+            qtypes[m.qtype.name] += m.nbytes
+        info = ModelInfo(model_label(f.architecture, f.get("general.file_type"), qtypes),
+                         llm.weight_bytes, int(sum(t.n_elements for t in f.tensors.values())))
+        n_vocab = llm.args.n_vocab
+        rows: list[BenchRow] = []
+        for t in plan.threads:
+            runner = NumallmRunner(llm, t)
+            try:
+                rows += run_tests(runner, plan, t, n_vocab, info.weight_bytes, machine[t], log)
+            finally:
+                runner.close()
+    finally:
+        llm.close()
+        del llm   # free numallm's prepared weights before llama.cpp maps the file
+    if vs_llama_cpp:
+        for t in plan.threads:
+            runner = LlamaCppRunner(path, t, plan.n_ctx)
+            try:
+                rows += run_tests(runner, plan, t, n_vocab, info.weight_bytes, machine[t], log)
+            finally:
+                runner.close()
+    # each numallm row next to its llama.cpp row: thread count, then test, then engine
+    order = {NUMALLM: 0, LLAMA_CPP: 1}
+    rows.sort(key=lambda r: (r.threads, r.test.startswith("tg"), order[r.engine]))
+    return BenchReport(info, tuple(rows), machine)

@@ -1,0 +1,64 @@
+"""`numallm bench MODEL`: prefill / decode tokens per second, llama-bench style.
+
+    numallm bench model.gguf -p 512 -n 128 -t 1,2 -r 3 [--json] [--vs-llama-cpp]
+
+The measuring lives in numallm.bench; this module parses flags and prints.
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+from ..errors import NumallmError
+
+
+def register(sub) -> None:
+    p = sub.add_parser("bench", help="measure prefill and decode speed (llama-bench style)",
+                       description="Prefill (ppN) and decode (tgN) tokens/s with random tokens, "
+                       "per thread count, with weight GB/s and the share of this machine's "
+                       "measured read bandwidth.")
+    p.add_argument("model", help="GGUF path or Hugging Face repo[:file]")
+    p.add_argument("-p", "--n-prompt", type=int, default=512, metavar="N",
+                   help="prefill test size in tokens, 0 = skip (default 512)")
+    p.add_argument("-n", "--n-gen", type=int, default=128, metavar="N",
+                   help="decode test size in tokens, 0 = skip (default 128)")
+    p.add_argument("-t", "--threads", default=None, metavar="N[,N...]",
+                   help="thread counts to test, comma separated (default: physical cores)")
+    p.add_argument("-r", "--repetitions", type=int, default=5, metavar="N",
+                   help="repetitions of each test (default 5)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random token ids (default 0)")
+    p.add_argument("--bw-mib", type=int, default=1024, metavar="MIB",
+                   help="buffer for the read-bandwidth measurement (default 1024; keep it far "
+                   "above the L3 size)")
+    p.add_argument("--json", action="store_true", help="print a JSON list of results")
+    p.add_argument("--vs-llama-cpp", action="store_true",
+                   help="also run llama.cpp (llama-cpp-python) on the same file and threads, "
+                   "with a numallm / llama.cpp ratio column")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from .. import bench
+    from ..hub import resolve_model
+    from ..threads import physical_cores
+
+    if args.n_prompt < 0 or args.n_gen < 0 or args.n_prompt + args.n_gen == 0:
+        raise NumallmError(f"nothing to measure with -p {args.n_prompt} -n {args.n_gen}; "
+                           f"give a positive prefill (-p) or decode (-n) size")
+    if args.repetitions < 1:
+        raise NumallmError(f"-r {args.repetitions}: give at least 1 repetition")
+    if args.bw_mib < 1:
+        raise NumallmError(f"--bw-mib {args.bw_mib}: give a buffer size of at least 1 MiB")
+    threads = bench.parse_threads(args.threads) if args.threads else [physical_cores()]
+    plan = bench.BenchPlan(args.n_prompt, args.n_gen, tuple(threads), args.repetitions, args.seed)
+    path = resolve_model(args.model)
+    report = bench.run_benchmark(path, plan, vs_llama_cpp=args.vs_llama_cpp,
+                                 bw_bytes=args.bw_mib << 20,
+                                 log=lambda s: print(f"numallm bench: {s}", file=sys.stderr,
+                                                     flush=True))
+    if args.json:
+        print(json.dumps(bench.to_json_rows(report.model, report.rows, report.machine_gbps),
+                         indent=1))
+    else:
+        print(bench.format_table(report.model, report.rows))
+    return 0

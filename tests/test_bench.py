@@ -1,0 +1,226 @@
+"""numallm bench: the arithmetic (pure functions), the driver with a fake runner, and the CLI
+end to end on a tiny synthetic model. No speed is asserted: the machine is shared."""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from numallm import bench, synth
+from numallm.bench import LLAMA_CPP, NUMALLM, BenchPlan, BenchRow, ModelInfo
+from numallm.cli import main
+from numallm.errors import NumallmError
+
+
+def row(engine=NUMALLM, test="tg128", threads=1, ts=10.0, sd=0.5, gbps=1.0, frac=0.5):
+    return BenchRow(engine, test, threads, 128, 128, (ts,), ts, sd, gbps, frac)
+
+
+# -- arithmetic ----------------------------------------------------------------------------------
+
+def test_mean_sd_is_the_sample_standard_deviation():
+    xs = np.random.default_rng(3).uniform(1, 100, 7).tolist()
+    m, sd = bench.mean_sd(xs)
+    assert m == pytest.approx(np.mean(xs))
+    assert sd == pytest.approx(np.std(xs, ddof=1))
+    assert bench.mean_sd([2, 4, 4, 4, 5, 5, 7, 9]) == pytest.approx((5.0, math.sqrt(32 / 7)))
+    assert bench.mean_sd([3.5]) == (3.5, 0.0)
+    with pytest.raises(ValueError):
+        bench.mean_sd([])
+
+
+def test_summarize_decode_counts_one_pass_per_token():
+    r = bench.summarize(NUMALLM, "tg4", 2, 4, 4, [0.5, 1.0], weight_bytes=3 * 10**9,
+                        machine_gbps=36.0)
+    assert r.samples == (8.0, 4.0)
+    assert (r.tokens_per_s, r.stddev) == pytest.approx((6.0, math.sqrt(8)))
+    assert r.gbps == pytest.approx(18.0)          # 3 GB per token, 6 tokens/s
+    assert r.bw_fraction == pytest.approx(0.5)
+    assert (r.engine, r.test, r.threads) == (NUMALLM, "tg4", 2)
+
+
+def test_summarize_prefill_counts_forward_passes_not_tokens():
+    one = bench.summarize(NUMALLM, "pp512", 1, 512, 1, [2.0], 10**9, 10.0)
+    assert one.tokens_per_s == 256.0
+    assert one.gbps == pytest.approx(0.5)         # one pass every 2 s
+    two = bench.summarize(NUMALLM, "pp1024", 1, 1024, 2, [2.0], 10**9, 10.0)
+    assert two.gbps == pytest.approx(1.0)         # two passes in 2 s
+    assert math.isnan(bench.summarize(NUMALLM, "pp8", 1, 8, 1, [1.0], 10**9, 0.0).bw_fraction)
+
+
+def test_gbps():
+    assert bench.gbps(618_725_376, 6.0) == pytest.approx(3.712352256)
+
+
+def test_ratios_pair_engines_by_test_and_threads():
+    rows = [row(NUMALLM, "tg8", 1, ts=5.0), row(LLAMA_CPP, "tg8", 1, ts=20.0),
+            row(NUMALLM, "tg8", 2, ts=9.0), row(NUMALLM, "pp8", 1, ts=30.0),
+            row(LLAMA_CPP, "pp8", 1, ts=60.0)]
+    assert bench.ratios(rows) == {("tg8", 1): 0.25, ("pp8", 1): 0.5}
+    assert bench.ratios(rows[:1]) == {}
+
+
+def _cells(table: str) -> list[list[str]]:
+    return [[c.strip() for c in line.strip("|").split("|")] for line in table.splitlines()]
+
+
+def test_format_table_numallm_only():
+    info = ModelInfo("llama Q4_0", 3 * 2**29, 1_100_048_384)
+    lines = _cells(bench.format_table(info, [row(ts=49.123, sd=0.8, gbps=30.41, frac=0.4567)]))
+    assert lines[0] == ["model", "size", "params", "threads", "test", "t/s", "GB/s", "% bw"]
+    assert set(lines[1][0]) == {"-"} and lines[1][3].endswith(":")   # numbers right-aligned
+    assert lines[2] == ["llama Q4_0", "1.50 GiB", "1.10 B", "1", "tg128", "49.12 ± 0.80",
+                        "30.41", "45.7"]
+    widths = {len(line) for line in bench.format_table(info, [row(), row(ts=1234.5)]).splitlines()}
+    assert len(widths) == 1                        # columns line up
+
+
+def test_format_table_with_llama_cpp_adds_engine_and_ratio():
+    info = ModelInfo("llama Q8_0", 5 * 2**20, 9_000_000)
+    rows = [row(NUMALLM, ts=12.0), row(LLAMA_CPP, ts=48.0, frac=math.nan)]
+    lines = _cells(bench.format_table(info, rows))
+    assert lines[0][3] == "engine" and lines[0][-1] == "ratio"
+    assert lines[2][:4] == ["llama Q8_0", "5.00 MiB", "9.00 M", "numallm"]
+    assert lines[2][-1] == "0.25"
+    assert lines[3][3] == "llama.cpp" and lines[3][-1] == "" and lines[3][-2] == "?"
+
+
+def test_json_rows():
+    info = ModelInfo("llama Q4_0", 1000, 10)
+    rows = [row(NUMALLM, ts=12.0, frac=math.nan), row(LLAMA_CPP, ts=48.0)]
+    out = json.loads(json.dumps(bench.to_json_rows(info, rows, {1: 20.0})))
+    assert [o["engine"] for o in out] == [NUMALLM, LLAMA_CPP]
+    assert out[0]["bw_fraction"] is None and out[1]["bw_fraction"] == 0.5
+    assert out[0]["ratio_vs_llama_cpp"] == 0.25 and out[1]["ratio_vs_llama_cpp"] is None
+    assert out[0]["machine_gbps"] == 20.0 and out[0]["samples"] == [12.0]
+
+
+def test_parse_threads():
+    assert bench.parse_threads("1,2,4") == [1, 2, 4]
+    assert bench.parse_threads("2,1,2") == [2, 1]
+    for bad in ("", "0", "1,-2", "a", "1,,2"):
+        with pytest.raises(NumallmError, match="thread list"):
+            bench.parse_threads(bad)
+
+
+def test_model_label():
+    assert bench.model_label("llama", 15, Counter({"Q4_K": 5, "Q6_K": 1})) == "llama Q4_K_M"
+    assert bench.model_label("qwen2", None, Counter({"Q4_K": 5, "Q6_K": 9})) == "qwen2 Q6_K"
+    assert bench.model_label("llama", 999, Counter({"Q8_0": 1})) == "llama Q8_0"
+
+
+def test_read_bandwidth_is_positive_and_buffer_is_touched():
+    buf = bench.bandwidth_buffer(8 << 20)
+    assert buf.nbytes == 8 << 20 and int(buf.sum()) == buf.size
+    for t in (1, 2, 3):
+        g = bench.read_bandwidth(t, buf, repeats=1)
+        assert 0 < g < math.inf
+
+
+def test_plan_tokens_are_seeded_and_below_vocab():
+    plan = BenchPlan(64, 16, (1,), 1, seed=5)
+    pp, prompt, gen = bench.plan_tokens(plan, 100)
+    assert (pp.shape, prompt.shape, gen.shape) == ((64,), (bench.TG_PROMPT,), (16,))
+    assert pp.dtype == np.int64 and max(pp.max(), prompt.max(), gen.max()) < 100
+    assert all(np.array_equal(a, b) for a, b in zip(bench.plan_tokens(plan, 100), (pp, prompt, gen)))
+    other = bench.plan_tokens(BenchPlan(64, 16, (1,), 1, seed=6), 100)[0]
+    assert not np.array_equal(other, pp)
+    assert plan.n_ctx == 64 and BenchPlan(8, 100, (1,), 1).n_ctx == bench.TG_PROMPT + 100
+
+
+class FakeRunner:
+    """Records calls; each prefill takes 2 s in 1 pass, each decode 4 s."""
+
+    engine = LLAMA_CPP
+
+    def __init__(self):
+        self.calls = []
+
+    def prefill(self, tokens):
+        self.calls.append(("prefill", len(tokens)))
+        return 2.0, 1
+
+    def decode(self, prompt, tokens):
+        self.calls.append(("decode", len(prompt), len(tokens)))
+        return 4.0
+
+
+def test_run_tests_warms_up_then_repeats_each_test():
+    runner, log = FakeRunner(), []
+    rows = bench.run_tests(runner, BenchPlan(32, 8, (2,), 3), 2, 1000, 10**9, 4.0, log.append)
+    assert runner.calls == [("decode", bench.WARMUP_TOKENS, 2)] + [("prefill", 32)] * 3 + \
+        [("decode", bench.TG_PROMPT, 8)] * 3
+    pp, tg = rows
+    assert (pp.test, pp.engine, pp.threads, pp.tokens_per_s, pp.stddev) == ("pp32", LLAMA_CPP, 2, 16.0, 0.0)
+    assert pp.gbps == pytest.approx(0.5) and tg.gbps == pytest.approx(2.0)   # 1 pass/2 s; 2 tok/s
+    assert tg.test == "tg8" and tg.bw_fraction == pytest.approx(0.5) and len(log) == 2
+    assert [r.test for r in bench.run_tests(FakeRunner(), BenchPlan(0, 8, (1,), 1), 1, 10, 1,
+                                            1.0, log.append)] == ["tg8"]
+
+
+# -- CLI end to end ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> str:
+    return str(synth.cached_model(tmp_path_factory.mktemp("bench"), qtype="Q4_0", shape="tiny"))
+
+
+def _bench_json(capsys, argv: list[str]) -> list[dict]:
+    assert main(["bench", *argv, "--json", "--bw-mib", "16"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_cli_json(tiny_model, capsys):
+    out = _bench_json(capsys, [tiny_model, "-p", "16", "-n", "4", "-r", "1", "-t", "1"])
+    assert [(o["engine"], o["test"], o["threads"]) for o in out] == \
+        [(NUMALLM, "pp16", 1), (NUMALLM, "tg4", 1)]
+    for o in out:
+        assert o["tokens_per_s"] > 0 and o["stddev"] == 0.0 and o["model"] == "llama Q4_0"
+        assert o["gbps"] == pytest.approx(o["size_bytes"] * o["tokens_per_s"] * o["n_passes"]
+                                          / o["n_tokens"] / 1e9)
+        assert o["bw_fraction"] == pytest.approx(o["gbps"] / o["machine_gbps"])
+    assert out[0]["n_passes"] == 1 and out[1]["n_passes"] == 4
+
+
+def test_cli_vs_llama_cpp(tiny_model, capsys):
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+    out = _bench_json(capsys, [tiny_model, "-p", "16", "-n", "4", "-r", "1", "-t", "1",
+                               "--vs-llama-cpp"])
+    by = {(o["engine"], o["test"]): o for o in out}
+    assert sorted(by) == sorted((e, t) for e in (NUMALLM, LLAMA_CPP) for t in ("pp16", "tg4"))
+    for t in ("pp16", "tg4"):
+        assert by[(LLAMA_CPP, t)]["tokens_per_s"] > 0
+        assert by[(NUMALLM, t)]["ratio_vs_llama_cpp"] == pytest.approx(
+            by[(NUMALLM, t)]["tokens_per_s"] / by[(LLAMA_CPP, t)]["tokens_per_s"])
+
+
+def test_cli_table_with_repetitions(tiny_model, capsys):
+    assert main(["bench", tiny_model, "-p", "8", "-n", "0", "-r", "2", "-t", "2",
+                 "--bw-mib", "16"]) == 0
+    lines = _cells(capsys.readouterr().out.strip())
+    assert len(lines) == 3 and lines[0][0] == "model"
+    assert lines[2][3:5] == ["2", "pp8"] and " ± " in lines[2][5]
+
+
+@pytest.mark.parametrize("argv, msg", [
+    (["-t", "0"], "thread list"),
+    (["-p", "0", "-n", "0"], "nothing to measure"),
+    (["-r", "0"], "repetition"),
+])
+def test_cli_bad_flags_are_one_line_errors(tiny_model, capsys, argv, msg):
+    assert main(["bench", tiny_model, *argv]) == 1
+    err = capsys.readouterr().err.strip()
+    assert msg in err and len(err.splitlines()) == 1
+
+
+def test_cli_missing_model_and_missing_llama_cpp(tmp_path, tiny_model, capsys, monkeypatch):
+    assert main(["bench", str(tmp_path / "nope.gguf")]) == 1
+    assert "no such model file" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)   # import llama_cpp now fails
+    assert main(["bench", tiny_model, "-p", "8", "-n", "0", "-r", "1", "--vs-llama-cpp"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "llama-cpp-python" in err and len(err.splitlines()) == 1
