@@ -1,0 +1,180 @@
+"""Node-local memory: numpy buffers allocated on a chosen NUMA node, and where their pages are.
+
+    buf = to_node(array, node)          # a copy whose pages live on `node` (libnuma)
+    where(buf)                          # {node: pages}, read back from the kernel with move_pages
+
+Allocation goes through libnuma's `numa_alloc_onnode` (an mmap bound with MPOL_BIND), so the
+pages land on the node whichever CPU first touches them: no reliance on first touch or on the
+page-cache state. Verification calls `move_pages` with no target nodes, which only reports each
+page's node. Without libnuma both degrade: buffers come from numpy (placed by first touch) and
+`where` returns None; `status()` says which case holds.
+"""
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import NumallmError
+
+PAGE = mmap.PAGESIZE
+# move_pages status of a page that is not yet faulted in (-ENOENT): counted apart from nodes.
+NOT_PRESENT = -2
+# pages asked about per move_pages call: bounds the two index arrays to a few MB
+_CHUNK = 1 << 18
+
+
+@dataclass(frozen=True)
+class MemStatus:
+    """available: libnuma can allocate on nodes and report pages; nodes: the memory nodes the
+    kernel has; note: why placement is a no-op when it is not available."""
+
+    available: bool
+    nodes: tuple[int, ...]
+    note: str
+
+
+class _Lib:
+    """The libnuma calls numallm needs, typed once. py-libnuma wraps neither allocation nor
+    move_pages, so we open the same library through our own handle (its argtypes stay untouched)."""
+
+    def __init__(self):
+        import numa  # py-libnuma; raises OSError/AttributeError when libnuma.so is missing
+
+        lib = ctypes.CDLL(numa.LIBNUMA._name, use_errno=True)
+        if lib.numa_available() < 0:
+            raise OSError("libnuma reports NUMA unavailable (kernel without NUMA)")
+        lib.numa_alloc_onnode.restype = ctypes.c_void_p
+        lib.numa_alloc_onnode.argtypes = [ctypes.c_size_t, ctypes.c_int]
+        lib.numa_free.restype = None
+        lib.numa_free.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        lib.move_pages.restype = ctypes.c_long
+        lib.move_pages.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p, ctypes.c_void_p,
+                                   ctypes.c_void_p, ctypes.c_int]
+        lib.numa_max_node.restype = ctypes.c_int
+        self.lib = lib
+
+
+_state: tuple[_Lib | None, MemStatus] | None = None
+
+
+def _memory_nodes() -> tuple[int, ...]:
+    """Nodes with memory, from sysfs (libnuma's own view; a node without memory cannot hold pages)."""
+    base = "/sys/devices/system/node"
+    try:
+        with open(f"{base}/has_memory" if os.path.exists(f"{base}/has_memory") else f"{base}/online") as f:
+            text = f.read().strip()
+    except OSError:
+        return (0,)
+    out: list[int] = []
+    for part in filter(None, text.split(",")):
+        a, _, b = part.partition("-")
+        out.extend(range(int(a), int(b or a) + 1))
+    return tuple(out)
+
+
+def _load() -> tuple[_Lib | None, MemStatus]:
+    global _state
+    if _state is None:
+        nodes = _memory_nodes()
+        try:
+            lib = _Lib()
+            _state = (lib, MemStatus(True, nodes, "libnuma: node-local allocation, pages verified"))
+        except Exception as e:  # noqa: BLE001 - ImportError, OSError, AttributeError without the .so
+            _state = (None, MemStatus(False, nodes, f"libnuma not available ({type(e).__name__}: {e}); "
+                                                    f"memory is placed by first touch and not verified"))
+    return _state
+
+
+def status() -> MemStatus:
+    return _load()[1]
+
+
+class _NodeBlock:
+    """Owns one numa_alloc_onnode block; numpy arrays made from it keep it alive (as their base)
+    and it is freed when the last one goes."""
+
+    def __init__(self, lib: _Lib, nbytes: int, node: int):
+        self._lib, self.nbytes, self.node = lib, nbytes, node
+        ptr = lib.lib.numa_alloc_onnode(max(nbytes, 1), node)
+        if not ptr:
+            raise MemoryError(f"numa_alloc_onnode could not allocate {nbytes} bytes on node {node}")
+        self.ptr = ptr
+        self.__array_interface__ = {"data": (ptr, False), "shape": (nbytes,), "typestr": "|u1",
+                                    "version": 3}
+
+    def __del__(self):
+        self._lib.lib.numa_free(self.ptr, max(self.nbytes, 1))
+
+
+def empty_on_node(shape: tuple[int, ...], dtype, node: int) -> np.ndarray:
+    """An uninitialised C-contiguous array whose pages are bound to memory node `node`.
+
+    Without libnuma: a plain numpy array (first touch decides; `status().note` says so)."""
+    lib, st = _load()
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if lib is None:
+        return np.empty(shape, dtype)
+    if node not in st.nodes:
+        # libnuma would print "mbind: Invalid argument" and hand back unbound memory
+        raise NumallmError(f"memory node {node} does not exist here (nodes with memory: "
+                           f"{','.join(map(str, st.nodes))}); choose nodes from `numallm topo`")
+    raw = np.asarray(_NodeBlock(lib, nbytes, node))                      # (nbytes,) uint8
+    return raw.view(dtype).reshape(shape) if nbytes else np.empty(shape, dtype)
+
+
+def to_node(a: np.ndarray, node: int) -> np.ndarray:
+    """A C-contiguous copy of `a` on memory node `node`, read-only like the GGUF mapping it
+    usually comes from (kernels compile one signature for read-only weights)."""
+    out = empty_on_node(a.shape, a.dtype, node)
+    np.copyto(out, a)
+    out.flags.writeable = False
+    return out
+
+
+def _span(a: np.ndarray) -> tuple[int, int]:
+    """First byte address and byte length of a C-contiguous array's data."""
+    if not a.flags.c_contiguous:
+        raise ValueError("where() needs a C-contiguous array")
+    return a.__array_interface__["data"][0], a.nbytes
+
+
+def where(a: np.ndarray) -> dict[int, int] | None:
+    """Pages of `a` per memory node, as the kernel reports them now: {node: pages}.
+
+    Pages not faulted in yet count under NOT_PRESENT (-2); other negative keys are errnos. None
+    when libnuma is not available. Nothing moves: move_pages gets no target nodes."""
+    lib, _ = _load()
+    if lib is None:
+        return None
+    addr, nbytes = _span(a)
+    if nbytes == 0:
+        return {}
+    first = addr - addr % PAGE
+    pages = np.arange(first, addr + nbytes, PAGE, dtype=np.uint64)       # (n_pages,) addresses
+    status_ = np.empty(min(len(pages), _CHUNK), dtype=np.int32)         # (chunk,) node or -errno
+    counts: dict[int, int] = {}
+    for s in range(0, len(pages), _CHUNK):
+        chunk = pages[s:s + _CHUNK]
+        st = status_[:len(chunk)]
+        rc = lib.lib.move_pages(0, len(chunk), chunk.ctypes.data, None, st.ctypes.data, 0)
+        if rc < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"move_pages failed: {os.strerror(err)}")
+        vals, cnt = np.unique(st, return_counts=True)
+        for v, c in zip(vals.tolist(), cnt.tolist()):
+            counts[v] = counts.get(v, 0) + c
+    return counts
+
+
+def local_share(a: np.ndarray, node: int) -> float | None:
+    """Fraction of `a`'s pages on `node` (0..1); None without libnuma."""
+    counts = where(a)
+    if counts is None:
+        return None
+    total = sum(counts.values())
+    return counts.get(node, 0) / total if total else 1.0

@@ -1,0 +1,69 @@
+"""Node-local allocation and page verification on this machine's real node(s)."""
+import gc
+
+import numpy as np
+import pytest
+
+from numallm import numa_mem
+from numallm.errors import NumallmError
+
+needs_libnuma = pytest.mark.skipif(not numa_mem.status().available, reason=numa_mem.status().note)
+
+
+@needs_libnuma
+@pytest.mark.parametrize("node", numa_mem.status().nodes)
+def test_copy_lands_on_node_and_is_verified(node):
+    src = np.arange(3 * numa_mem.PAGE + 123, dtype=np.uint8).reshape(-1, 1)  # spans 4+ pages
+    buf = numa_mem.to_node(src, node)
+    assert np.array_equal(buf, src) and buf.dtype == src.dtype and buf.shape == src.shape
+    assert not buf.flags.writeable and buf.flags.c_contiguous
+    counts = numa_mem.where(buf)
+    assert counts == {node: 4}
+    assert numa_mem.local_share(buf, node) == 1.0
+
+
+@needs_libnuma
+def test_untouched_pages_are_reported_absent_not_local():
+    node = numa_mem.status().nodes[0]
+    buf = numa_mem.empty_on_node((8 * numa_mem.PAGE,), np.uint8, node)   # never touched
+    counts = numa_mem.where(buf)
+    assert counts.get(numa_mem.NOT_PRESENT, 0) == 8 and counts.get(node, 0) == 0
+    buf[: numa_mem.PAGE] = 1                                              # fault one page in
+    assert numa_mem.where(buf) == {node: 1, numa_mem.NOT_PRESENT: 7}
+    assert numa_mem.local_share(buf, node) == pytest.approx(1 / 8)
+
+
+@needs_libnuma
+def test_ordinary_numpy_memory_is_reported_too():
+    a = np.ones(4 * numa_mem.PAGE, np.uint8)
+    counts = numa_mem.where(a)
+    assert sum(counts.values()) in (4, 5)            # 4 or 5 pages depending on alignment
+    assert set(counts) <= set(numa_mem.status().nodes)
+
+
+@needs_libnuma
+def test_views_keep_the_block_alive():
+    node = numa_mem.status().nodes[0]
+    v = numa_mem.to_node(np.full((64, 100), 7, np.float32), node)[10:20]
+    gc.collect()
+    assert float(v.sum()) == 7 * 10 * 100
+
+
+@needs_libnuma
+def test_missing_node_is_a_user_error():
+    bad = max(numa_mem.status().nodes) + 1
+    with pytest.raises(NumallmError, match=f"memory node {bad} does not exist"):
+        numa_mem.empty_on_node((10,), np.uint8, bad)
+
+
+def test_without_libnuma_degrades_with_a_note(monkeypatch):
+    def missing():
+        raise OSError("libnuma.so.1: cannot open shared object file")
+
+    monkeypatch.setattr(numa_mem, "_state", None)
+    monkeypatch.setattr(numa_mem, "_Lib", missing)
+    st = numa_mem.status()
+    assert not st.available and "OSError" in st.note and "first touch" in st.note
+    a = numa_mem.to_node(np.arange(10, dtype=np.int32), 0)
+    assert a.tolist() == list(range(10))
+    assert numa_mem.where(a) is None and numa_mem.local_share(a, 0) is None
