@@ -29,7 +29,7 @@ def test_editable_install_maps_kernels_folder(tmp_path):
 @pytest.mark.slow
 def test_wheel_install_contains_kernels(tmp_path):
     wheel_dir, target = tmp_path / "wheel", tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q",
                     "-w", str(wheel_dir), str(ROOT)], check=True, timeout=300, capture_output=True)
     wheel = next(wheel_dir.glob("numallm-*.whl"))
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target),
