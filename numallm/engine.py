@@ -65,8 +65,10 @@ class GenerationResult:
 
 class LLM:
     def __init__(self, path: str, n_ctx: int | None = None, n_threads: int | None = None,
-                 chat_template: str | None = None):
+                 chat_template: str | None = None, numa: str = "off", virtual_nodes: int | None = None,
+                 nodes: list[int] | None = None, threads_per_node: int | None = None):
         from .chat_template import ChatTemplate
+        from .placement import apply as place
         from .tokenizer import Tokenizer
 
         self.path = str(path)
@@ -86,7 +88,14 @@ class LLM:
             raise NumallmError(f"the KV cache for {self.n_ctx} tokens needs {need / 2**30:.1f} GiB but only "
                                f"{avail / 2**30:.1f} GiB of memory is available; lower the context size (-c)")
         self.cache = self.model.new_cache(self.n_ctx)
-        self.pool = threads.RowPool(n_threads or threads.physical_cores())
+        topo = None
+        if numa != "off":
+            from .topology import discover
+            from .topology import virtual_nodes as carve
+
+            topo = discover() if not virtual_nodes else carve(discover(), virtual_nodes)
+        self.placement = place(self.model, topo, numa, nodes, threads_per_node, n_threads)
+        self.pool = self.placement.pool
         self.cached: list[int] = []  # tokens whose K/V are in self.cache
 
     # -- tokens ----------------------------------------------------------------------------------
@@ -220,5 +229,7 @@ class LLM:
 
 
 def load(path: str, **options) -> LLM:
-    """Load a GGUF model. options: n_ctx, n_threads, chat_template (a Jinja source override)."""
+    """Load a GGUF model. options: n_ctx, n_threads, chat_template (a Jinja source override),
+    numa ("off", "shard", "isolate"), virtual_nodes (carve this machine into N nodes), nodes,
+    threads_per_node; see numallm.placement."""
     return LLM(path, **options)

@@ -127,12 +127,12 @@ def empty_on_node(shape: tuple[int, ...], dtype, node: int) -> np.ndarray:
     return raw.view(dtype).reshape(shape) if nbytes else np.empty(shape, dtype)
 
 
-def to_node(a: np.ndarray, node: int) -> np.ndarray:
-    """A C-contiguous copy of `a` on memory node `node`, read-only like the GGUF mapping it
-    usually comes from (kernels compile one signature for read-only weights)."""
+def to_node(a: np.ndarray, node: int, readonly: bool = True) -> np.ndarray:
+    """A C-contiguous copy of `a` on memory node `node`; read-only by default, like the GGUF
+    mapping weights come from (kernels compile one signature per array writability)."""
     out = empty_on_node(a.shape, a.dtype, node)
     np.copyto(out, a)
-    out.flags.writeable = False
+    out.flags.writeable = not readonly
     return out
 
 

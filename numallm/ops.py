@@ -32,6 +32,7 @@ class Linear:
         self.qtype = qt.qtype
         self.shape = qt.shape            # (N, K)
         self.nbytes = qt.nbytes
+        self.raw = qt.data               # (N, row_bytes) uint8 GGUF view: placement slices it
         self.w = self.unit.prepare(qt.data)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from typing import Callable
+from typing import Callable, Sequence
 
 import psutil
 
@@ -30,13 +30,17 @@ class RowPool:
     """Persistent workers that run `fn(r0, r1)` over disjoint row ranges of one operation.
 
     Workers wait on a condition; the caller thread takes the first range itself, so a 1-thread
-    pool has no overhead at all.
+    pool has no overhead at all. `cpus[i]`, when given, is the CPU set thread i runs on: workers
+    pin themselves at start, and `activate` pins the caller (thread 0) for the duration.
     """
 
-    def __init__(self, n_threads: int):
+    def __init__(self, n_threads: int, cpus: Sequence[Sequence[int]] | None = None):
         self.n_threads = max(1, int(n_threads))
+        if cpus is not None and len(cpus) != self.n_threads:
+            raise ValueError(f"{len(cpus)} CPU sets for {self.n_threads} threads")
+        self.cpus = None if cpus is None else tuple(tuple(c) for c in cpus)
         self._cv = threading.Condition()
-        self._job: tuple[Callable[[int, int], None], list[tuple[int, int]]] | None = None
+        self._job: list[Callable[[], None]] = []
         self._gen = 0
         self._pending = 0
         self._errors: list[BaseException] = []
@@ -47,7 +51,14 @@ class RowPool:
         for t in self._workers:
             t.start()
 
+    @property
+    def native_ids(self) -> list[int]:
+        """Kernel thread ids of the workers 1.. (for reading /proc/self/task/<id>)."""
+        return [t.native_id for t in self._workers]
+
     def _loop(self, index: int) -> None:
+        if self.cpus is not None:
+            os.sched_setaffinity(0, self.cpus[index])   # 0: this thread only
         seen = 0
         while True:
             with self._cv:
@@ -56,10 +67,10 @@ class RowPool:
                 if self._closed:
                     return
                 seen = self._gen
-                fn, ranges = self._job
-            if index < len(ranges):
+                job = self._job
+            if index < len(job):
                 try:
-                    fn(*ranges[index])
+                    job[index]()
                 except BaseException as e:  # noqa: BLE001 - handed to the caller
                     self._errors.append(e)
             with self._cv:
@@ -74,14 +85,22 @@ class RowPool:
             fn(0, n_rows)
             return
         step = -(-n_rows // k)
-        ranges = [(a, min(a + step, n_rows)) for a in range(0, n_rows, step)]
+        self.run_each([lambda a=a: fn(a, min(a + step, n_rows)) for a in range(0, n_rows, step)])
+
+    def run_each(self, calls: Sequence[Callable[[], None]]) -> None:
+        """Thread i runs calls[i] (the caller runs calls[0]); returns when all are done."""
+        if len(calls) > self.n_threads:
+            raise ValueError(f"{len(calls)} calls for {self.n_threads} threads")
+        if len(calls) == 1:
+            calls[0]()
+            return
         with self._cv:
-            self._job = (fn, ranges)
+            self._job = list(calls)
             self._pending = len(self._workers)
             self._errors.clear()
             self._gen += 1
             self._cv.notify_all()
-        fn(*ranges[0])
+        calls[0]()
         with self._cv:
             while self._pending:
                 self._cv.wait()
@@ -112,12 +131,17 @@ def activate(pool: RowPool):
     from threadpoolctl import threadpool_limits
 
     prev = getattr(_local, "pool", None)
+    prev_cpus = os.sched_getaffinity(0) if pool.cpus is not None else None
     _local.pool = pool
     try:
+        if pool.cpus is not None:
+            os.sched_setaffinity(0, pool.cpus[0])        # the caller is thread 0 of the pool
         with threadpool_limits(limits=1):
             yield pool
     finally:
         _local.pool = prev
+        if prev_cpus is not None:
+            os.sched_setaffinity(0, prev_cpus)
 
 
 @contextlib.contextmanager
