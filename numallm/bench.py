@@ -15,6 +15,7 @@ be tested without timing anything.
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -195,16 +196,24 @@ def bandwidth_buffer(nbytes: int = BW_BYTES) -> np.ndarray:
 # -- runners ---------------------------------------------------------------------------------------
 
 class NumallmRunner:
-    """Times the raw forward of a loaded numallm LLM on its own RowPool of n_threads workers."""
+    """Times numallm's raw forward: the model loaded with n_threads, run on its own pool
+    (`llm.pool`, which the placement built) as the engine runs it."""
 
     engine = NUMALLM
 
-    def __init__(self, llm, n_threads: int):
-        from . import threads
+    def __init__(self, path: str, n_threads: int, n_ctx: int, **load_options):
+        from .engine import load
 
-        self.llm = llm
-        self.pool = threads.RowPool(n_threads)
-        self._activate = threads.activate
+        self.llm = load(path, n_ctx=n_ctx, n_threads=n_threads, **load_options)
+
+    def info(self) -> tuple[ModelInfo, int]:
+        """What the table says about the model, and its vocab size."""
+        f, qtypes = self.llm.file, Counter()
+        for m in self.llm.model.linears():
+            qtypes[m.qtype.name] += m.nbytes
+        label = model_label(f.architecture, f.get("general.file_type"), qtypes)
+        params = int(sum(t.n_elements for t in f.tensors.values()))
+        return ModelInfo(label, self.llm.weight_bytes, params), self.llm.args.n_vocab
 
     def _forward(self, tokens: np.ndarray, pos0: int) -> int:
         from .engine import PREFILL_CHUNK
@@ -217,14 +226,18 @@ class NumallmRunner:
 
     def prefill(self, tokens: np.ndarray) -> tuple[float, int]:
         """Seconds and forward passes to prefill `tokens` from position 0 (a fresh context)."""
-        with self._activate(self.pool):
+        from .threads import activate
+
+        with activate(self.llm.pool):
             t0 = time.perf_counter()
             passes = self._forward(tokens, 0)
             return time.perf_counter() - t0, passes
 
     def decode(self, prompt: np.ndarray, tokens: np.ndarray) -> float:
         """Seconds to decode `tokens` one at a time after an untimed prefill of `prompt`."""
-        with self._activate(self.pool):
+        from .threads import activate
+
+        with activate(self.llm.pool):
             self._forward(prompt, 0)
             t0 = time.perf_counter()
             for i in range(len(tokens)):
@@ -232,7 +245,7 @@ class NumallmRunner:
             return time.perf_counter() - t0
 
     def close(self) -> None:
-        self.pool.close()
+        self.llm.close()
 
 
 class LlamaCppRunner:
@@ -295,20 +308,25 @@ def plan_tokens(plan: BenchPlan, n_vocab: int) -> tuple[np.ndarray, np.ndarray, 
             rng.integers(0, n_vocab, plan.n_gen, dtype=np.int64))
 
 
-def run_tests(runner, plan: BenchPlan, n_threads: int, n_vocab: int, weight_bytes: int,
-              machine_gbps: float, log: Callable[[str], None]) -> list[BenchRow]:
-    """Warm up `runner`, then time pp and tg `plan.reps` times each."""
+def run_tests(runners: Sequence, plan: BenchPlan, n_threads: int, n_vocab: int,
+              weight_bytes: int, machine_gbps: float, log: Callable[[str], None]
+              ) -> list[BenchRow]:
+    """Warm up each runner, then time pp and tg `plan.reps` times each. The engines take turns
+    repetition by repetition, so a load change on a shared machine hits both alike."""
     pp, prompt, gen = plan_tokens(plan, n_vocab)
-    runner.decode(prompt[:WARMUP_TOKENS], gen[:2])   # untimed: compile, page cache, pool start
+    for r in runners:
+        r.decode(prompt[:WARMUP_TOKENS], gen[:2])   # untimed: compile, page cache, pool start
     rows = []
     if plan.n_prompt:
-        runs = [runner.prefill(pp) for _ in range(plan.reps)]
-        rows.append(summarize(runner.engine, f"pp{plan.n_prompt}", n_threads, plan.n_prompt,
-                              runs[0][1], [s for s, _ in runs], weight_bytes, machine_gbps))
+        runs = [[r.prefill(pp) for r in runners] for _ in range(plan.reps)]   # (reps, engines)
+        rows += [summarize(r.engine, f"pp{plan.n_prompt}", n_threads, plan.n_prompt,
+                           runs[0][i][1], [rep[i][0] for rep in runs], weight_bytes, machine_gbps)
+                 for i, r in enumerate(runners)]
     if plan.n_gen:
-        secs = [runner.decode(prompt, gen) for _ in range(plan.reps)]
-        rows.append(summarize(runner.engine, f"tg{plan.n_gen}", n_threads, plan.n_gen,
-                              plan.n_gen, secs, weight_bytes, machine_gbps))
+        secs = [[r.decode(prompt, gen) for r in runners] for _ in range(plan.reps)]
+        rows += [summarize(r.engine, f"tg{plan.n_gen}", n_threads, plan.n_gen, plan.n_gen,
+                           [rep[i] for rep in secs], weight_bytes, machine_gbps)
+                 for i, r in enumerate(runners)]
     for r in rows:
         log(f"{r.engine} threads={r.threads} {r.test}: {r.tokens_per_s:.2f} ± {r.stddev:.2f} t/s")
     return rows
@@ -322,50 +340,35 @@ class BenchReport:
 
 
 def run_benchmark(path: str, plan: BenchPlan, vs_llama_cpp: bool = False,
-                  bw_bytes: int = BW_BYTES, log: Callable[[str], None] = lambda s: None
-                  ) -> BenchReport:
-    """Measure the machine's read bandwidth, then numallm (and llama.cpp) on the GGUF at `path`."""
-    from .engine import load
-
+                  bw_bytes: int = BW_BYTES, log: Callable[[str], None] = lambda s: None,
+                  **load_options) -> BenchReport:
+    """Measure the machine's read bandwidth, then numallm (and llama.cpp) on the GGUF at `path`.
+    load_options go to numallm.load for each thread count (placement flags)."""
     if vs_llama_cpp:
         try:
             import llama_cpp  # noqa: F401 - checked before the long numallm part
         except ImportError:
             raise NumallmError("--vs-llama-cpp needs llama-cpp-python, which is not importable "
                                "here; pip install llama-cpp-python, or drop the flag") from None
+    load_avg = os.getloadavg()[0]
     buf = bandwidth_buffer(bw_bytes)
     machine = {t: read_bandwidth(t, buf) for t in plan.threads}
     del buf
     for t, g in machine.items():
         log(f"read bandwidth, {t} thread{'s' if t > 1 else ''}: {g:.2f} GB/s")
-
-    llm = load(path, n_ctx=plan.n_ctx, n_threads=1)
-    try:
-        f = llm.file
-        qtypes: Counter = Counter()
-        for m in llm.model.linears():
-            qtypes[m.qtype.name] += m.nbytes
-        info = ModelInfo(model_label(f.architecture, f.get("general.file_type"), qtypes),
-                         llm.weight_bytes, int(sum(t.n_elements for t in f.tensors.values())))
-        n_vocab = llm.args.n_vocab
-        rows: list[BenchRow] = []
-        for t in plan.threads:
-            runner = NumallmRunner(llm, t)
-            try:
-                rows += run_tests(runner, plan, t, n_vocab, info.weight_bytes, machine[t], log)
-            finally:
-                runner.close()
-    finally:
-        llm.close()
-        del llm   # free numallm's prepared weights before llama.cpp maps the file
-    if vs_llama_cpp:
-        for t in plan.threads:
-            runner = LlamaCppRunner(path, t, plan.n_ctx)
-            try:
-                rows += run_tests(runner, plan, t, n_vocab, info.weight_bytes, machine[t], log)
-            finally:
-                runner.close()
-    # each numallm row next to its llama.cpp row: thread count, then test, then engine
-    order = {NUMALLM: 0, LLAMA_CPP: 1}
-    rows.sort(key=lambda r: (r.threads, r.test.startswith("tg"), order[r.engine]))
+    rows: list[BenchRow] = []
+    for t in plan.threads:
+        # numallm's weights are views of the file's mmap (placement may copy them), and
+        # llama.cpp maps the same file: both engines share the page cache
+        runners = [NumallmRunner(path, t, plan.n_ctx, **load_options)]
+        try:
+            if vs_llama_cpp:
+                runners.append(LlamaCppRunner(path, t, plan.n_ctx))
+            info, n_vocab = runners[0].info()
+            rows += run_tests(runners, plan, t, n_vocab, info.weight_bytes, machine[t], log)
+        finally:
+            for r in runners:
+                r.close()
+    log(f"load average (1 min) before: {load_avg:.2f}, after: {os.getloadavg()[0]:.2f} "
+        f"on {os.cpu_count()} CPUs (other work skews the figures)")
     return BenchReport(info, tuple(rows), machine)

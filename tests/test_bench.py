@@ -133,33 +133,43 @@ def test_plan_tokens_are_seeded_and_below_vocab():
 
 
 class FakeRunner:
-    """Records calls; each prefill takes 2 s in 1 pass, each decode 4 s."""
+    """Records calls in a shared log; each prefill takes `pp_s` s in 1 pass, each decode 4 s."""
 
-    engine = LLAMA_CPP
-
-    def __init__(self):
-        self.calls = []
+    def __init__(self, engine, calls, pp_s=2.0):
+        self.engine, self.calls, self.pp_s = engine, calls, pp_s
 
     def prefill(self, tokens):
-        self.calls.append(("prefill", len(tokens)))
-        return 2.0, 1
+        self.calls.append((self.engine, "prefill", len(tokens)))
+        return self.pp_s, 1
 
     def decode(self, prompt, tokens):
-        self.calls.append(("decode", len(prompt), len(tokens)))
+        self.calls.append((self.engine, "decode", len(prompt), len(tokens)))
         return 4.0
 
 
 def test_run_tests_warms_up_then_repeats_each_test():
-    runner, log = FakeRunner(), []
-    rows = bench.run_tests(runner, BenchPlan(32, 8, (2,), 3), 2, 1000, 10**9, 4.0, log.append)
-    assert runner.calls == [("decode", bench.WARMUP_TOKENS, 2)] + [("prefill", 32)] * 3 + \
-        [("decode", bench.TG_PROMPT, 8)] * 3
+    calls, log = [], []
+    rows = bench.run_tests([FakeRunner(NUMALLM, calls)], BenchPlan(32, 8, (2,), 3), 2, 1000,
+                           10**9, 4.0, log.append)
+    assert calls == [(NUMALLM, "decode", bench.WARMUP_TOKENS, 2)] + \
+        [(NUMALLM, "prefill", 32)] * 3 + [(NUMALLM, "decode", bench.TG_PROMPT, 8)] * 3
     pp, tg = rows
-    assert (pp.test, pp.engine, pp.threads, pp.tokens_per_s, pp.stddev) == ("pp32", LLAMA_CPP, 2, 16.0, 0.0)
+    assert (pp.test, pp.engine, pp.threads, pp.tokens_per_s, pp.stddev) == ("pp32", NUMALLM, 2, 16.0, 0.0)
     assert pp.gbps == pytest.approx(0.5) and tg.gbps == pytest.approx(2.0)   # 1 pass/2 s; 2 tok/s
     assert tg.test == "tg8" and tg.bw_fraction == pytest.approx(0.5) and len(log) == 2
-    assert [r.test for r in bench.run_tests(FakeRunner(), BenchPlan(0, 8, (1,), 1), 1, 10, 1,
-                                            1.0, log.append)] == ["tg8"]
+    only_tg = bench.run_tests([FakeRunner(NUMALLM, [])], BenchPlan(0, 8, (1,), 1), 1, 10, 1, 1.0,
+                              log.append)
+    assert [r.test for r in only_tg] == ["tg8"]
+
+
+def test_run_tests_interleaves_engines_repetition_by_repetition():
+    calls = []
+    runners = [FakeRunner(NUMALLM, calls, pp_s=2.0), FakeRunner(LLAMA_CPP, calls, pp_s=1.0)]
+    rows = bench.run_tests(runners, BenchPlan(16, 0, (1,), 2), 1, 100, 10**9, 1.0, lambda s: None)
+    assert [c[:2] for c in calls] == [(NUMALLM, "decode"), (LLAMA_CPP, "decode")] + \
+        [(NUMALLM, "prefill"), (LLAMA_CPP, "prefill")] * 2
+    assert [(r.engine, r.tokens_per_s) for r in rows] == [(NUMALLM, 8.0), (LLAMA_CPP, 16.0)]
+    assert bench.ratios(rows) == {("pp16", 1): 0.5}
 
 
 # -- CLI end to end ------------------------------------------------------------------------------
