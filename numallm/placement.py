@@ -220,9 +220,11 @@ class Placement:
             mine = [r for r in rep if r.node == g.node]
             nbytes = sum(r.nbytes for r in mine)
             where = f"memory node {g.mem_node}" if g.mem_node is not None else "memory not placed"
-            locs = [r.local for r in mine if r.local is not None]
-            share = (f"{100 * sum(r.local * r.nbytes for r in mine if r.local is not None) / max(nbytes, 1):.1f}% "
-                     f"local pages" if locs else "pages not verified")
+            checked = [r for r in mine if r.local is not None]
+            locs = [r.local for r in checked]
+            local_bytes = sum(r.local * r.nbytes for r in checked)
+            share = (f"{100 * local_bytes / max(sum(r.nbytes for r in checked), 1):.1f}% local pages"
+                     if checked else "pages not verified")
             worst = min(locs, default=1.0)
             warn = f" WARNING: a slice has only {100 * worst:.1f}% local pages" if worst < 0.999 else ""
             lines.append(f"  node {g.node}: {g.n_threads} threads on CPUs "

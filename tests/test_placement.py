@@ -1,8 +1,13 @@
 """NUMA placement over virtual nodes: same results as --numa off, threads stay on their node,
 every slice's pages on its memory node."""
 import ctypes
+import json
 import os
+import re
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -159,3 +164,39 @@ def test_bad_strategy_and_node_are_one_line_errors(synth_dir):
         numallm.load(path, n_ctx=16, numa="spread")
     with pytest.raises(NumallmError, match=r"--nodes 0,7: node\(s\) 7 have no CPUs"):
         numallm.load(path, n_ctx=16, numa="shard", nodes=[0, 7])
+
+
+STORIES = Path(__file__).resolve().parents[1].parent / "shared" / "models" / "stories260K.gguf"
+needs_stories = pytest.mark.skipif(not STORIES.exists(), reason=f"{STORIES} absent")
+
+
+def cli(*argv, stdin=None):
+    r = subprocess.run([sys.executable, "-m", "numallm", *argv], input=stdin, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    return r
+
+
+@two_cores
+@needs_stories
+def test_cli_run_shard_matches_off_on_stories():
+    args = ["run", str(STORIES), "Once upon a time", "-n", "24", "--temp", "0", "--json"]
+    off = json.loads(cli(*args).stdout)
+    shard = json.loads(cli(*args, "--numa", "shard", "--virtual-nodes", "2").stdout)
+    assert shard["tokens"] == off["tokens"] and "Lily" in shard["text"]
+
+
+@two_cores
+@needs_stories
+def test_chat_stats_shows_per_node_placement():
+    r = cli("chat", str(STORIES), "--numa", "shard", "--virtual-nodes", "2", "--temp", "0", "-n", "5",
+            stdin="Hi\n/stats\n/bye\n")
+    assert "numa: shard over 2 virtual node(s)" in r.stdout
+    for node in (0, 1):
+        assert re.search(rf"node {node}: 1 threads on CPUs \d+, \d+ slices, [\d.]+ MiB", r.stdout)
+
+
+def test_bad_node_list_flag_is_a_usage_error():
+    r = subprocess.run([sys.executable, "-m", "numallm", "run", "m.gguf", "x", "--nodes", "a,b"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "not a comma-separated list of node numbers" in r.stderr

@@ -150,4 +150,5 @@ def stats(llm, last, history) -> str:
         lines.append("last answer: " + speed_line(last.prompt_tokens, last.prompt_tps,
                                                   last.generation_tokens, last.generation_tps))
     lines.append("PROCESSOR: 100% CPU")
+    lines.append(llm.placement.summary())
     return "\n".join(lines)

@@ -14,6 +14,23 @@ def add_model_args(p: argparse.ArgumentParser, model_optional: bool = False) -> 
                    help="context size in tokens (default: the model's, at most 4096)")
     p.add_argument("-t", "--threads", type=int, default=None, metavar="N",
                    help="threads (default: physical cores)")
+    g = p.add_argument_group("NUMA placement (numallm.placement)")
+    g.add_argument("--numa", choices=("off", "shard", "isolate"), default="off",
+                   help="shard: split every matrix over the nodes, each slice in its node's memory; "
+                        "isolate: one node; off: no placement (default off)")
+    g.add_argument("--nodes", type=_node_list, default=None, metavar="0,1",
+                   help="nodes to use with --numa (default: all with CPUs)")
+    g.add_argument("--threads-per-node", type=int, default=None, metavar="N",
+                   help="worker threads per node (default: its physical cores)")
+    g.add_argument("--virtual-nodes", type=int, default=None, metavar="N",
+                   help="carve this machine's cores into N virtual nodes (testing on one node)")
+
+
+def _node_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of node numbers") from None
 
 
 def add_sampling_args(p: argparse.ArgumentParser, n_predict: int) -> None:
@@ -47,7 +64,9 @@ def load_model(args: argparse.Namespace, template_file: str | None = None):
     if template_file:
         with open(template_file, encoding="utf-8") as f:
             template = f.read()
-    return load(path, n_ctx=args.ctx_size, n_threads=args.threads, chat_template=template)
+    return load(path, n_ctx=args.ctx_size, n_threads=args.threads, chat_template=template,
+                numa=args.numa, virtual_nodes=args.virtual_nodes, nodes=args.nodes,
+                threads_per_node=args.threads_per_node)
 
 
 def speed_line(prompt_tokens: int, prompt_tps: float, gen_tokens: int, gen_tps: float) -> str:
