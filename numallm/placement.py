@@ -139,6 +139,7 @@ def _localize(unit, raw: np.ndarray, node: int | None):
         local = np.ascontiguousarray(raw)
         return unit.prepare(local), [local]
     local = numa_mem.to_node(raw, node)
+    numa_mem.release_file_pages(raw)
     w = unit.prepare(local)
     if not dataclasses.is_dataclass(w):
         return w, [local]

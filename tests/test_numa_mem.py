@@ -67,3 +67,21 @@ def test_without_libnuma_degrades_with_a_note(monkeypatch):
     a = numa_mem.to_node(np.arange(10, dtype=np.int32), 0)
     assert a.tolist() == list(range(10))
     assert numa_mem.where(a) is None and numa_mem.local_share(a, 0) is None
+
+
+def test_release_file_pages_drops_rss_and_keeps_data(tmp_path):
+    import psutil
+
+    f = tmp_path / "w.bin"
+    f.write_bytes(np.arange(16 << 20, dtype=np.uint8).tobytes())          # 16 MiB
+    m = np.memmap(f, dtype=np.uint8, mode="r").reshape(1024, -1)         # (rows, row_bytes)
+    proc = psutil.Process()
+    before = proc.memory_info().rss
+    total = int(m.sum(dtype=np.uint64))                                   # faults every page in
+    touched = proc.memory_info().rss
+    assert touched - before > 12 << 20
+    assert numa_mem.release_file_pages(m[:512]) == 8 << 20
+    assert touched - proc.memory_info().rss > 6 << 20
+    assert int(m.sum(dtype=np.uint64)) == total                           # re-read from the file
+    anon = np.ones(1 << 20, np.uint8)
+    assert numa_mem.release_file_pages(anon) == 0 and anon.all()          # not a file: untouched
