@@ -29,7 +29,7 @@ from .errors import NumallmError
 TG_PROMPT = 8           # tokens prefilled (untimed) before a tg test, like a short prompt
 WARMUP_TOKENS = 8       # tokens of the untimed warm-up prefill (Numba compile, page cache)
 BW_BYTES = 1 << 30      # read-bandwidth buffer: much larger than any L3
-BW_REPEATS = 3          # bandwidth passes; the best one is kept (others are noise on a busy box)
+BW_REPEATS = 8          # bandwidth passes (~50 ms each); the best is kept, the rest is noise
 NUMALLM, LLAMA_CPP = "numallm", "llama.cpp"
 
 # llama.cpp's general.file_type values (llama.h, enum llama_ftype) for the model label
