@@ -97,6 +97,7 @@ class LLM:
         self.placement = place(self.model, topo, numa, nodes, threads_per_node, n_threads)
         self.pool = self.placement.pool
         self.cached: list[int] = []  # tokens whose K/V are in self.cache
+        self.n_prefilled = 0          # prompt tokens the last prefill computed (not reused)
 
     # -- tokens ----------------------------------------------------------------------------------
     def tokenize(self, text: str, add_special: bool = True, parse_special: bool = False) -> list[int]:
@@ -124,6 +125,7 @@ class LLM:
             keep += 1
         if all_logits:
             keep = 0
+        self.n_prefilled = len(tokens) - keep  # what this call computed (the rest came from the cache)
         out = []
         for a in range(keep, len(tokens), PREFILL_CHUNK):
             chunk = np.asarray(tokens[a:a + PREFILL_CHUNK], dtype=np.int64)
@@ -163,7 +165,7 @@ class LLM:
             logits = self._prefill(tokens)
             t1 = time.perf_counter()
             n_prompt = len(tokens)
-            prompt_tps = n_prompt / max(t1 - t0, 1e-9)
+            prompt_tps = self.n_prefilled / max(t1 - t0, 1e-9)  # speed of the tokens computed
             history, pending, n_gen = list(tokens), "", 0
             while True:
                 tok = sampler(logits, history)
@@ -191,7 +193,7 @@ class LLM:
                 if finish is not None:
                     return
                 logits = self.model(np.asarray([tok]), self.cache, len(history) - 1)[-1]
-                self.cached = list(history)
+                self.cached.append(tok)        # == history: the prefix is already there
 
     def generate(self, prompt: str | Sequence[int], max_tokens: int = 256, **kw) -> GenerationResult:
         """Like `stream`, collected into one result."""

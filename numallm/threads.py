@@ -1,10 +1,10 @@
 """The one place numallm owns threads.
 
 Matmuls split their output rows over a pool of worker threads; each worker calls a `nogil` Numba
-kernel on its own rows, so the GIL is not a bottleneck. The pool in use is a context variable set
-by `use_threads(n)` (or later by the NUMA placement, with one pool per node); model code never
-sees it. Numba's own threading and BLAS threads are capped inside the same context manager so
-nothing oversubscribes the cores, and everything is restored on exit (threadpoolctl style).
+kernel on its own rows, so the GIL is not a bottleneck. The pool in use is a thread-local set by
+`activate(pool)` (the engine owns one pool; NUMA placement builds it with workers pinned per node);
+model code never sees it. BLAS threads are capped inside the same context manager so nothing
+oversubscribes the cores, and everything is restored on exit (threadpoolctl style).
 """
 from __future__ import annotations
 
@@ -117,7 +117,7 @@ _local = threading.local()
 
 
 def current() -> RowPool:
-    """The pool matmuls use now (a 1-thread pool outside any `use_threads`)."""
+    """The pool matmuls use now (a 1-thread pool outside any `activate`)."""
     pool = getattr(_local, "pool", None)
     if pool is None:
         pool = _local.pool = RowPool(1)
@@ -143,13 +143,3 @@ def activate(pool: RowPool):
         if prev_cpus is not None:
             os.sched_setaffinity(0, prev_cpus)
 
-
-@contextlib.contextmanager
-def use_threads(n_threads: int | None = None):
-    """A fresh pool of `n_threads` workers (default: physical cores), active inside the block."""
-    pool = RowPool(n_threads or physical_cores())
-    try:
-        with activate(pool):
-            yield pool
-    finally:
-        pool.close()
