@@ -1,0 +1,16 @@
+"""GPU offload: inventory (what GPUs there are), plan (which layers go where, and the bytes).
+
+    from numallm.gpu import OffloadRequest, discover_gpus, make_plan
+
+The inventory and the planner are pure Python (no GPU library); executing offloaded layers lives
+in numallm.gpu.offload and needs the `gpu` extra (pip install 'numallm[gpu]'). See docs/gpu.md.
+"""
+from __future__ import annotations
+
+from .inventory import MIN_COMPUTE_CAPABILITY, GpuDevice, GpuError, discover_gpus, parse_size
+from .plan import (GPU_TYPES, DeviceUse, LayerPlan, OffloadPlan, OffloadRequest, device_buffer_bytes,
+                   device_buffers, layer_kv_bytes, make_plan)
+
+__all__ = ["MIN_COMPUTE_CAPABILITY", "GpuDevice", "GpuError", "discover_gpus", "parse_size",
+           "GPU_TYPES", "DeviceUse", "LayerPlan", "OffloadPlan", "OffloadRequest",
+           "device_buffer_bytes", "device_buffers", "layer_kv_bytes", "make_plan"]
