@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def add_model_args(p: argparse.ArgumentParser, model_optional: bool = False) -> None:
@@ -24,6 +25,68 @@ def add_model_args(p: argparse.ArgumentParser, model_optional: bool = False) -> 
                    help="worker threads per node (default: its physical cores)")
     g.add_argument("--virtual-nodes", type=int, default=None, metavar="N",
                    help="carve this machine's cores into N virtual nodes (testing on one node)")
+    add_gpu_args(p)
+
+
+def add_gpu_args(p: argparse.ArgumentParser) -> None:
+    """Offload flags (llama.cpp's names where users know them); see docs/gpu.md."""
+    g = p.add_argument_group("GPU offload (numallm.gpu, docs/gpu.md; default: CPU only)")
+    g.add_argument("-ngl", "--gpu-layers", "--n-gpu-layers", dest="gpu_layers", type=_gpu_layers,
+                   default=None, metavar="N|auto|all",
+                   help="blocks to run on GPUs: N (the last N), auto (as many as fit), all (every "
+                        "block and the output head)")
+    g.add_argument("--offload", action="append", default=[], metavar="REGEX",
+                   help=r"offload the blocks whose tensor names match REGEX, e.g. 'blk\.(2[0-9])\.' "
+                        "(repeatable; whole blocks move; 'output' names the output head)")
+    g.add_argument("--gpus", type=_index_list, default=None, metavar="0,2",
+                   help="use only these GPUs (numbers as `numallm topo` / nvidia-smi show them)")
+    g.add_argument("--exclude-gpus", type=_index_list, default=[], metavar="1",
+                   help="never use these GPUs")
+    g.add_argument("--gpu-reserve", default="512MiB", metavar="SIZE",
+                   help="memory left free on each GPU, e.g. 2GiB (default 512MiB: the CUDA context "
+                        "and other processes)")
+    g.add_argument("--gpu-min-cc", type=_cc, default=None, metavar="X.Y",
+                   help="oldest compute capability to use (default 6.1)")
+    g.add_argument("--gpu-kv-type", choices=("f16", "f32"), default="f16",
+                   help="KV cache element type on GPUs (default f16; the CPU keeps float32)")
+
+
+def _gpu_layers(text: str) -> int | str:
+    t = text.strip().lower()
+    if t in ("auto", "all"):
+        return t
+    if t.isdigit():
+        return int(t)
+    raise argparse.ArgumentTypeError(f"{text!r}: give a number of layers, auto or all")
+
+
+def _index_list(text: str) -> list[int]:
+    try:
+        out = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        out = []
+    if not out or any(i < 0 for i in out):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of GPU numbers (0,2)")
+    return out
+
+
+def _cc(text: str) -> tuple[int, int]:
+    major, dot, minor = text.strip().partition(".")
+    if not (major.isdigit() and (minor.isdigit() or not dot)):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a compute capability like 6.1 or 8.6")
+    return int(major), int(minor or 0)
+
+
+def offload_request(args: argparse.Namespace):
+    """The OffloadRequest the GPU flags describe (bad values raise one-line GpuErrors)."""
+    from ..gpu import MIN_COMPUTE_CAPABILITY, OffloadRequest, parse_size
+
+    return OffloadRequest(gpu_layers=args.gpu_layers, offload=tuple(args.offload),
+                          gpus=None if args.gpus is None else tuple(args.gpus),
+                          exclude_gpus=tuple(args.exclude_gpus),
+                          reserve_bytes=parse_size(args.gpu_reserve, "--gpu-reserve"),
+                          min_compute_capability=args.gpu_min_cc or MIN_COMPUTE_CAPABILITY,
+                          kv_dtype=args.gpu_kv_type)
 
 
 def _node_list(text: str) -> list[int]:
@@ -59,14 +122,24 @@ def load_model(args: argparse.Namespace, template_file: str | None = None):
     from ..engine import load
     from ..hub import resolve_model
 
+    request = offload_request(args)   # bad GPU flags fail before anything is loaded
     path = resolve_model(args.model)
     template = None
     if template_file:
         with open(template_file, encoding="utf-8") as f:
             template = f.read()
+    gpu = {}
+    if request.wants_gpu:
+        from ..gpu import discover_gpus
+
+        devices, why = discover_gpus()
+        if devices:  # the engine plans and applies the offload (numallm.gpu.plan_for_machine)
+            gpu = {"offload": request}
+        else:
+            print(f"numallm: no GPU ({why}): running every layer on the CPU", file=sys.stderr)
     return load(path, n_ctx=args.ctx_size, n_threads=args.threads, chat_template=template,
                 numa=args.numa, virtual_nodes=args.virtual_nodes, nodes=args.nodes,
-                threads_per_node=args.threads_per_node)
+                threads_per_node=args.threads_per_node, **gpu)
 
 
 def speed_line(prompt_tokens: int, prompt_tps: float, gen_tokens: int, gen_tps: float) -> str:

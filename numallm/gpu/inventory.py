@@ -19,8 +19,6 @@ import re
 from dataclasses import dataclass, fields, replace
 
 from ..errors import NumallmError
-from ..topology.gpu import _numa_node, _sysfs_bus_id, sysfs_gpus
-from ..topology.sysfs import Reader
 
 FAKE_ENV = "NUMALLM_FAKE_GPUS"
 
@@ -190,21 +188,25 @@ def load_fake(path: str) -> list[GpuDevice]:
     return sorted(out, key=lambda g: g.index)
 
 
-def nvml_devices(r: Reader) -> tuple[list[GpuDevice], str | None]:
-    """NVIDIA GPUs through NVML: (devices, None), or ([], why not) in one line. One GPU NVML cannot
-    describe is left out and named in the reason when it was the only one."""
+def nvml_devices(r) -> tuple[list[GpuDevice], str | None]:
+    """NVIDIA GPUs through NVML: (devices, None), or ([], why not) in one line. A GPU NVML cannot
+    describe is left out with a note on `r` (a topology.sysfs.Reader; one bad GPU must not hide the
+    others)."""
+    # imported here: numallm.topology imports this module (for MIN_COMPUTE_CAPABILITY)
+    from ..topology.gpu import _numa_node, _sysfs_bus_id
+
     try:
         import pynvml
     except ImportError:
-        return [], "nvidia-ml-py is not installed (pip install 'numallm[gpu]')"
+        return [], "NVML not installed (pip install nvidia-ml-py, or 'numallm[gpu]')"
     try:
         pynvml.nvmlInit()
     except Exception as e:  # noqa: BLE001 - NVMLError subclasses, or a missing libnvidia-ml.so
         text = str(e) or type(e).__name__
         if "LibraryNotFound" in type(e).__name__ or "not found" in text.lower():
             return [], f"no NVIDIA driver (libnvidia-ml not found: {text})"
-        return [], f"NVML cannot start ({text}); is the NVIDIA driver loaded?"
-    out, failures = [], []
+        return [], f"NVML present but unusable ({text}); is the NVIDIA driver loaded?"
+    out, failed = [], []
     try:
         for i in range(pynvml.nvmlDeviceGetCount()):
             try:
@@ -214,8 +216,9 @@ def nvml_devices(r: Reader) -> tuple[list[GpuDevice], str | None]:
                 major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(h)
                 mem = pynvml.nvmlDeviceGetMemoryInfo(h)
                 bus = _sysfs_bus_id(pynvml.nvmlDeviceGetPciInfo(h).busId)
-            except Exception as e:  # noqa: BLE001 - one bad GPU must not hide the others
-                failures.append(f"GPU {i}: {e}")
+            except Exception as e:  # noqa: BLE001
+                failed.append(f"GPU {i}: {e}")
+                r.note(f"NVML could not describe GPU {i} ({e}); left out")
                 continue
             listed = listed_bandwidth(name)
             out.append(GpuDevice(i, name, (int(major), int(minor)), int(mem.total), int(mem.free),
@@ -228,7 +231,7 @@ def nvml_devices(r: Reader) -> tuple[list[GpuDevice], str | None]:
         except Exception:  # noqa: BLE001 - shutting down is best effort
             pass
     if not out:
-        return [], ("NVML could not describe any GPU (" + "; ".join(failures) + ")" if failures
+        return [], (f"NVML could not describe any GPU ({'; '.join(failed)})" if failed
                     else "NVML reports no GPUs")
     return out, None
 
@@ -260,6 +263,9 @@ def discover_gpus(root: str = "/") -> tuple[list[GpuDevice], str | None]:
     if fake:
         devices = load_fake(fake)
         return (devices, None) if devices else ([], f"{FAKE_ENV}={fake} lists no GPUs")
+    from ..topology.gpu import sysfs_gpus
+    from ..topology.sysfs import Reader
+
     r = Reader(root)
     has_nvidia = (any(g.name.startswith("NVIDIA") for g in sysfs_gpus(r))
                   or r.text("proc/driver/nvidia/version", quiet=True) is not None)

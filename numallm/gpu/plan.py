@@ -434,10 +434,14 @@ def make_plan(gguf, n_ctx: int, request: OffloadRequest, devices: list[GpuDevice
         want_head = False
 
     fills, placed, head_placed, misses = {}, [], False, []
+    if not request.wants_gpu:
+        notes.append("no layers asked for on GPUs: everything runs on the CPU (--gpu-layers N|auto|all "
+                     "or --offload REGEX)")
     if queue or want_head:
-        if not order:
-            notes.append(no_gpu or ("no GPU is usable under the policy (see skipped): every layer "
-                                    "runs on the CPU" if devices else "no GPU: every layer runs on the CPU"))
+        if devices and not order:
+            notes.append("no GPU is usable under the policy (see skipped): every layer runs on the CPU")
+        elif not devices and not no_gpu:
+            notes.append("the GPU inventory is empty: every layer runs on the CPU")
         else:
             fills, placed, head_placed, misses = _assign(queue, head if want_head else None, order, args,
                                                          n_ctx, n_batch, kv_gpu, request.reserve_bytes)
@@ -461,9 +465,11 @@ def make_plan(gguf, n_ctx: int, request: OffloadRequest, devices: list[GpuDevice
                      f"under the reserve; the rest run on the CPU")
     elif g == "auto" and placed:
         notes.append(f"auto: all {len(placed)} layers fit on the GPUs")
+    used = ",".join(str(d) for d in fills)
     for d in order:
         if d.index not in fills and placed and not any(i == d.index for i, _ in skipped):
-            notes.append(f"GPU {d.index} ({d.name}) is not needed: the layers fit on faster GPUs")
+            notes.append(f"GPU {d.index} ({d.name}) is not needed: the layers fit on GPU {used}, "
+                         f"which come first (fastest first, then by number)")
 
     layers = [LayerPlan(u.index, where.get(u.index), u.tensors, u.weight_bytes,
                         kv_gpu if u.index in where else kv_cpu) for u in blocks]
@@ -481,7 +487,7 @@ def make_plan(gguf, n_ctx: int, request: OffloadRequest, devices: list[GpuDevice
     host = host_weights + host_kv
     return OffloadPlan(layers, output, devs, host, host_per_node(host, topo, numa, nodes), skipped,
                        notes, n_ctx, n_batch, request, str(getattr(gguf, "path", "")), host_weights,
-                       host_kv, no_gpu if not devices else None)
+                       host_kv, (no_gpu or "the GPU inventory is empty") if not devices else None)
 
 
 def host_per_node(host: int, topo, numa: str = "off", nodes: list[int] | None = None) -> dict[int, int]:
@@ -505,3 +511,30 @@ def host_per_node(host: int, topo, numa: str = "off", nodes: list[int] | None = 
         left -= out[n.id]
     out[cpu_nodes[-1].id] = left
     return out
+
+
+def plan_for_machine(gguf, n_ctx: int, request: OffloadRequest, n_batch: int = DEFAULT_N_BATCH, *,
+                     numa: str = "off", nodes: list[int] | None = None,
+                     virtual_nodes: int | None = None) -> OffloadPlan:
+    """make_plan over this machine: its GPUs (discover_gpus, or NUMALLM_FAKE_GPUS), its topology
+    for the host's bytes per node, and the CPU bandwidth a GPU must beat (assumed from the cores,
+    as `numallm topo` assumes it). `numallm plan` and the loader both call this, so the plan a user
+    reads is the plan that is loaded."""
+    from ..topology import TopologyError, assumed_bandwidth, discover
+    from ..topology import virtual_nodes as carve
+    from .inventory import discover_gpus
+
+    devices, why = discover_gpus()
+    try:
+        topo = discover()
+        topo = carve(topo, virtual_nodes) if virtual_nodes else topo
+    except TopologyError:
+        topo = None                 # the host part is then reported unplaced (node -1)
+    host_bw = None
+    if topo is not None:
+        used = [n for n in topo.cpu_nodes if nodes is None or n.id in nodes]
+        used = used[:1] if numa == "isolate" else used
+        if used:
+            host_bw = (sum(assumed_bandwidth(n) for n in used), "assumed from its cores")
+    return make_plan(gguf, n_ctx, request, devices, topo, n_batch, numa=numa, nodes=nodes,
+                     host_bandwidth=host_bw, no_gpu=why)

@@ -3,12 +3,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..gpu.inventory import MIN_COMPUTE_CAPABILITY as MIN_GPU_CC  # the offload planner's default
 from .model import Topology
 from .sysfs import format_cpulist
 
 GIB = 1 << 30
 LOW_FREE_FRACTION = 0.10   # below this share of a node's memory free, loading will spill
-MIN_GPU_CC = (7, 0)        # Volta: older GPUs lack tensor cores and are leaving CUDA toolkits
 
 
 def gib(n: int) -> str:
@@ -148,5 +148,6 @@ def advise(topo: Topology) -> Advice:
             major, _, minor = g.compute_capability.partition(".")
             if major.isdigit() and (int(major), int(minor or 0)) < MIN_GPU_CC:
                 w.append(f"GPU {g.index} ({g.name}) has compute capability {g.compute_capability}, "
-                         f"older than {MIN_GPU_CC[0]}.{MIN_GPU_CC[1]}: too old for numallm's GPU path")
+                         f"older than {MIN_GPU_CC[0]}.{MIN_GPU_CC[1]}: too old for numallm's GPU kernels, "
+                         f"so offload skips it (--gpu-min-cc overrides)")
     return Advice(tuple(sorted(threads.items())), tuple(sorted(threads)), tuple(f), tuple(w))

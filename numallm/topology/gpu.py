@@ -5,6 +5,8 @@ failure - not installed, no driver, one broken device - becomes a note, never an
 """
 from __future__ import annotations
 
+import os
+
 from .model import Gpu
 from .sysfs import Reader
 
@@ -40,48 +42,29 @@ def sysfs_gpus(r: Reader) -> list[Gpu]:
     return gpus
 
 
+def _from_device(d) -> Gpu:
+    """numallm.gpu.inventory.GpuDevice -> Gpu."""
+    return Gpu(index=d.index, name=d.name, pci_bus_id=d.pci_bus_id or "", numa_node=d.numa_node,
+               compute_capability=d.cc, mem_total_bytes=d.mem_total, mem_free_bytes=d.mem_free,
+               source=d.source, bandwidth_gbps=d.bandwidth_gbps)
+
+
 def nvml_gpus(r: Reader) -> list[Gpu] | None:
-    """NVIDIA GPUs through NVML, or None (with a note) when NVML cannot be used."""
-    try:
-        import pynvml
-    except ImportError:
-        r.note("NVML not installed (pip install nvidia-ml-py): GPUs are listed from sysfs, "
-               "without compute capability or memory")
+    """NVIDIA GPUs through NVML (numallm.gpu.inventory reads it), or None with a note."""
+    from ..gpu.inventory import nvml_devices  # imported here: that module imports this one
+
+    devices, why = nvml_devices(r)
+    if why:
+        r.note(f"{why}: GPUs are listed from sysfs, without compute capability or memory")
         return None
-    try:
-        pynvml.nvmlInit()
-    except Exception as e:  # noqa: BLE001 - NVMLError subclasses, or a missing libnvidia-ml.so
-        r.note(f"NVML present but unusable ({e}); GPUs are listed from sysfs")
-        return None
-    gpus = []
-    try:
-        count = pynvml.nvmlDeviceGetCount()
-        for i in range(count):
-            try:
-                h = pynvml.nvmlDeviceGetHandleByIndex(i)
-                name = pynvml.nvmlDeviceGetName(h)
-                name = name.decode() if isinstance(name, bytes) else str(name)
-                major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(h)
-                mem = pynvml.nvmlDeviceGetMemoryInfo(h)
-                bus_id = _sysfs_bus_id(pynvml.nvmlDeviceGetPciInfo(h).busId)
-            except Exception as e:  # noqa: BLE001 - one bad GPU must not hide the others
-                r.note(f"NVML could not describe GPU {i} ({e}); left out")
-                continue
-            gpus.append(Gpu(index=i, name=name, pci_bus_id=bus_id, numa_node=_numa_node(r, bus_id),
-                            compute_capability=f"{major}.{minor}", mem_total_bytes=int(mem.total),
-                            mem_free_bytes=int(mem.free), source="nvml"))
-    except Exception as e:  # noqa: BLE001
-        r.note(f"NVML failed while listing GPUs ({e}); GPUs are listed from sysfs")
-        return None
-    finally:
-        try:
-            pynvml.nvmlShutdown()
-        except Exception:  # noqa: BLE001 - shutting down is best effort
-            pass
-    return gpus
+    return [_from_device(d) for d in devices]
 
 
 def discover_gpus(r: Reader, live: bool) -> list[Gpu]:
+    if live and os.environ.get("NUMALLM_FAKE_GPUS"):  # an inventory given as data (docs/gpu.md)
+        from ..gpu.inventory import FAKE_ENV, load_fake
+
+        return [_from_device(d) for d in load_fake(os.environ[FAKE_ENV])]
     from_sysfs = sysfs_gpus(r)
     if not live:
         return from_sysfs

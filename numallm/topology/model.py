@@ -139,13 +139,14 @@ class Gpu:
     compute_capability: str | None = None # "9.0"; None without NVML
     mem_total_bytes: int | None = None
     mem_free_bytes: int | None = None
-    source: str = "sysfs"                 # nvml or sysfs
+    source: str = "sysfs"                 # nvml, sysfs, or fake (NUMALLM_FAKE_GPUS)
+    bandwidth_gbps: float | None = None   # memory bandwidth listed for its name (or given)
 
     def to_dict(self) -> dict:
         return {"index": self.index, "name": self.name, "pci_bus_id": self.pci_bus_id,
                 "numa_node": self.numa_node, "compute_capability": self.compute_capability,
                 "mem_total_bytes": self.mem_total_bytes, "mem_free_bytes": self.mem_free_bytes,
-                "source": self.source}
+                "source": self.source, "bandwidth_gbps": self.bandwidth_gbps}
 
 
 @dataclass(frozen=True)
@@ -242,6 +243,14 @@ def _node(d: dict, i: int) -> Node:
     )
 
 
+def _gbps(v: Any, what: str) -> float | None:
+    if v is None:
+        return None
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0:
+        raise ValueError(f"{what}.bandwidth_gbps must be a positive number or null")
+    return float(v)
+
+
 def topology_from_dict(data: Any, source: str) -> Topology:
     """Rebuild a Topology from its JSON form; raises ValueError naming the bad field."""
     if not isinstance(data, dict):
@@ -280,7 +289,8 @@ def topology_from_dict(data: Any, source: str) -> Topology:
                         compute_capability=g.get("compute_capability"),
                         mem_total_bytes=_int(g, "mem_total_bytes", f"gpus[{i}]", optional=True),
                         mem_free_bytes=_int(g, "mem_free_bytes", f"gpus[{i}]", optional=True),
-                        source=str(g.get("source", "json"))))
+                        source=str(g.get("source", "json")),
+                        bandwidth_gbps=_gbps(g.get("bandwidth_gbps"), f"gpus[{i}]")))
     quota = proc.get("cpu_quota")
     if quota is not None and not isinstance(quota, (int, float)):
         raise ValueError("process.cpu_quota must be a number or null")

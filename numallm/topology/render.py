@@ -83,8 +83,12 @@ def render_topology(topo: Topology, advice: Advice, verbose: bool = False) -> li
         mem = (f", {gib(g.mem_total_bytes)} ({gib(g.mem_free_bytes or 0)} free)"
                if g.mem_total_bytes else "")
         cc = f", compute {g.compute_capability}" if g.compute_capability else ""
+        bw = f", {g.bandwidth_gbps:.0f} GB/s" if g.bandwidth_gbps else ""
         node = f"node {g.numa_node}" if g.numa_node is not None else "node unknown"
-        out.append(f"GPU {g.index}: {g.name}{cc}{mem}, PCIe {g.pci_bus_id} on {node} ({g.source})")
+        bus = f"PCIe {g.pci_bus_id} on {node}" if g.pci_bus_id else f"PCIe on {node}"
+        out.append(f"GPU {g.index}: {g.name}{cc}{mem}{bw}, {bus} ({g.source})")
+    if not topo.gpus:
+        out.append("GPUs: none on the PCI bus (GPU offload off: every layer runs on the CPU)")
     p = topo.process
     quota = f", CPU quota {p.cpu_quota:g}" if p.cpu_quota is not None else ""
     out.append(f"process: may use CPUs {format_cpulist(p.allowed_cpus)} ({len(p.allowed_cpus)}), "

@@ -1,0 +1,89 @@
+"""`numallm plan MODEL`: where each layer would run (CPU or which GPU) and the bytes every device and
+host node would hold, before anything is loaded. The loader uses the same plan (numallm.gpu)."""
+from __future__ import annotations
+
+import argparse
+import json
+
+from ..errors import NumallmError
+from .common import add_model_args, offload_request
+
+
+def register(sub) -> None:
+    p = sub.add_parser("plan", help="show which layers would run on which GPU, and the memory each needs",
+                       description="Plan GPU offload for MODEL without loading it: each layer's device, "
+                                   "bytes per GPU (weights, KV cache, buffers), host memory per NUMA "
+                                   "node and the predicted CPU/GPU split (docs/gpu.md). With no GPU it "
+                                   "prints the all-CPU plan and why.")
+    add_model_args(p)
+    p.add_argument("--ctx", dest="ctx_size", type=int, help=argparse.SUPPRESS)  # alias of -c
+    p.add_argument("--json", action="store_true", help="print the plan as JSON (schema: docs/gpu.md)")
+    p.set_defaults(func=run)
+
+
+def _size(n: int) -> str:
+    return f"{n / (1 << 30):.2f} GiB" if n >= 1 << 30 else f"{n / (1 << 20):.1f} MiB"
+
+
+def _ranges(idx: list[int]) -> str:
+    """[0, 1, 2, 5] -> 'blk.0-2, blk.5'."""
+    out, i = [], 0
+    while i < len(idx):
+        j = i
+        while j + 1 < len(idx) and idx[j + 1] == idx[j] + 1:
+            j += 1
+        out.append(f"blk.{idx[i]}" + (f"-{idx[j]}" if j > i else ""))
+        i = j + 1
+    return ", ".join(out)
+
+
+def render(plan, arch: str) -> list[str]:
+    n_layer = len(plan.layers)
+    req = plan.request
+    out = [f"plan for {plan.model} ({arch}, {n_layer} blocks), context {plan.n_ctx} tokens, "
+           f"KV cache {req.kv_dtype} on GPUs / f32 on the CPU"]
+    if plan.no_gpu:
+        out.append(f"no GPU: {plan.no_gpu}")
+    for i, d in plan.devices.items():
+        g = d.device
+        bw = f"{g.bandwidth_gbps:.0f} GB/s {g.bandwidth_source}" if g.bandwidth_gbps else "bandwidth unknown"
+        node = f"node {g.numa_node}" if g.numa_node is not None else "node unknown"
+        blocks = [x for x in d.layers if x < n_layer]
+        what = _ranges(blocks) + (" + output" if n_layer in d.layers else "")
+        out.append(f"GPU {i} {g.name} (cc {g.cc}, {bw}, PCIe on {node}): {what}")
+        out.append(f"    weights {_size(d.weights)} + KV {_size(d.kv)} + buffers {_size(d.buffers)} = "
+                   f"{_size(d.total)} of {_size(d.usable)} usable ({_size(g.mem_free)} free - "
+                   f"{_size(d.reserve)} reserve)")
+    for i, why in plan.skipped:
+        out.append(f"GPU {i} not used: {why}")
+    cpu = [u.index for u in plan.layers if u.device is None]
+    what = (_ranges(cpu) + ", " if cpu else "") + "token_embd" + (
+        ", output" if plan.output.device is None else "")
+    per = ", ".join(f"node {n}: {_size(b)}" if n >= 0 else f"not placed on a node (--numa off): {_size(b)}"
+                    for n, b in sorted(plan.host_bytes_per_node.items()))
+    out.append(f"CPU: {what}")
+    out.append(f"    weights {_size(plan.host_weights)} + KV {_size(plan.host_kv)} = "
+               f"{_size(plan.host_bytes)}; {per}")
+    out.append(f"predicted split: {plan.processor()} (weights + KV cache; GPU buffers not counted)")
+    out += [f"note: {n}" for n in plan.notes]
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..engine import DEFAULT_CTX
+    from ..gguf_file import GGUFFile
+    from ..gpu.plan import model_args, plan_for_machine
+    from ..hub import resolve_model
+
+    request = offload_request(args)
+    if args.ctx_size is not None and args.ctx_size < 1:
+        raise NumallmError(f"-c {args.ctx_size}: give a positive number of tokens")
+    f = GGUFFile(resolve_model(args.model, download=False))
+    n_ctx = args.ctx_size or min(model_args(f).context_length, DEFAULT_CTX)
+    plan = plan_for_machine(f, n_ctx, request, numa=args.numa, nodes=args.nodes,
+                            virtual_nodes=args.virtual_nodes)
+    if args.json:
+        print(json.dumps(plan.to_json(), indent=1))
+    else:
+        print("\n".join(render(plan, f.architecture)))
+    return 0
