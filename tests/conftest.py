@@ -6,6 +6,11 @@ from pathlib import Path
 
 import pytest
 
+# GPU kernels run in Numba's CUDA simulator unless the environment says otherwise (CI has no GPU;
+# on a GPU machine, NUMBA_ENABLE_CUDASIM=0 runs them on the device). Set before anything imports
+# numba, which reads it once.
+os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
+
 # Test data lives beside the checkout (../shared/models), never inside it.
 SHARED_MODELS = Path(__file__).resolve().parents[1].parent / "shared" / "models"
 
