@@ -1,29 +1,123 @@
-"""The offload planner on inventories given as data: decisions and byte counts.
+"""The offload planner on GPU inventories given as data: its decisions and its byte counts.
 
-Byte counts are recomputed here from the GGUF tensor shapes (GGML block sizes) and the KV formula
-written out, never by calling the planner's own helpers.
+Byte counts are recomputed here, independently of numallm.gpu.plan: tensor bytes from the GGUF
+shapes and GGML block sizes, the KV cache and buffer sizes from their formulas written out.
+
+Real-size models (a 12B-like shape, 40 blocks) are "shape-only" GGUFs: a valid header whose tensor
+data is a hole in a sparse file (a 7 GB file using a few KB of disk). The planner reads only tensor
+sizes, so these give real byte counts without writing weights; the tiny synthetic model with real
+weights covers the path a loader takes.
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+import gguf
 import numpy as np
 import pytest
 from gguf import GGML_QUANT_SIZES
+from gguf import GGMLQuantizationType as QT
 
+from numallm.cli import main
 from numallm.gguf_file import GGUFFile
 from numallm.gpu import GpuDevice, GpuError, OffloadRequest, make_plan
 from numallm.synth import cached_model
+from numallm.topology import discover
 
 MIB, GIB = 1 << 20, 1 << 30
+FIXTURES = Path(__file__).parent / "fixtures" / "topo"
+# the 12B-like shape (Mistral-Nemo): head_dim 128 with 32 heads != hidden 5120 / 32
+NEMO = dict(n_layer=40, hidden=5120, n_head=32, n_kv=8, head_dim=128, n_ff=14336, vocab=131072)
 
 
-def stored_bytes(t) -> int:
+# -- independent arithmetic ------------------------------------------------------------------------
+
+def stored(t) -> int:
     block, size = GGML_QUANT_SIZES[t.qtype]
     return int(np.prod(t.shape)) // block * size
 
 
-def gpu(index, name, cc, total_gib, free_gib=None, gbps=None, node=0) -> GpuDevice:
-    free = total_gib if free_gib is None else free_gib
-    return GpuDevice(index, name, cc, int(total_gib * GIB), int(free * GIB), gbps, node, None)
+def block_bytes(f: GGUFFile, i: int) -> int:
+    return sum(stored(t) for n, t in f.tensors.items() if n.startswith(f"blk.{i}."))
+
+
+def head_bytes(f: GGUFFile) -> int:
+    out = f.tensors.get("output.weight") or f.tensors["token_embd.weight"]
+    return stored(out) + stored(f.tensors["output_norm.weight"])
+
+
+def kv(n_ctx: int, elem: int, s=NEMO) -> int:
+    return 2 * n_ctx * s["n_kv"] * s["head_dim"] * elem          # K and V of one block
+
+
+def buffers(n_ctx: int, output: bool = False, n_batch: int = 512, s=NEMO) -> int:
+    t = min(n_batch, n_ctx)
+    q, k = s["n_head"] * s["head_dim"], s["n_kv"] * s["head_dim"]
+    floats = (2 * t * s["hidden"] + 2 * t * q + 2 * t * k + s["n_head"] * t * n_ctx
+              + 2 * t * s["n_ff"] + s["head_dim"] // 2 + (t * s["vocab"] if output else 0))
+    return 4 * floats
+
+
+# -- models and inventories ----------------------------------------------------------------------
+
+def write_shape_only(path, wtype=QT.Q4_K, output=QT.Q6_K, tied=False, overrides=None, s=NEMO):
+    """A llama GGUF of shape `s` whose tensor data is a sparse hole (see the module docstring)."""
+    overrides = overrides or {}
+    q, k = s["n_head"] * s["head_dim"], s["n_kv"] * s["head_dim"]
+    h, ff = s["hidden"], s["n_ff"]
+    specs = [("token_embd.weight", (s["vocab"], h), wtype)]
+    for i in range(s["n_layer"]):
+        p = f"blk.{i}."
+        specs += [(p + "attn_norm.weight", (h,), QT.F32), (p + "attn_q.weight", (q, h), wtype),
+                  (p + "attn_k.weight", (k, h), wtype), (p + "attn_v.weight", (k, h), wtype),
+                  (p + "attn_output.weight", (h, q), wtype), (p + "ffn_norm.weight", (h,), QT.F32),
+                  (p + "ffn_gate.weight", (ff, h), wtype), (p + "ffn_up.weight", (ff, h), wtype),
+                  (p + "ffn_down.weight", (h, ff), wtype)]
+    specs.append(("output_norm.weight", (h,), QT.F32))
+    if not tied:
+        specs.append(("output.weight", (s["vocab"], h), output))
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_context_length(131072)
+    w.add_embedding_length(h)
+    w.add_block_count(s["n_layer"])
+    w.add_feed_forward_length(ff)
+    w.add_head_count(s["n_head"])
+    w.add_head_count_kv(s["n_kv"])
+    w.add_key_length(s["head_dim"])
+    w.add_value_length(s["head_dim"])
+    w.add_rope_dimension_count(s["head_dim"])
+    w.add_layer_norm_rms_eps(1e-5)
+    data = 0
+    for name, shape, t in specs:
+        t = overrides.get(name, t)
+        block, size = GGML_QUANT_SIZES[t]
+        nbytes = int(np.prod(shape)) // block * size
+        w.add_tensor_info(name, shape, np.dtype(np.float32), nbytes, raw_dtype=t)
+        data += -(-nbytes // 32) * 32
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    fout = w.fout[0]
+    fout.flush()
+    end = fout.tell()
+    fout.close()
+    with open(path, "r+b") as fh:
+        fh.truncate(-(-end // 32) * 32 + data)
+    return GGUFFile(path)
+
+
+@pytest.fixture(scope="module")
+def nemo(tmp_path_factory):
+    """Uniform Q4_K blocks (every block the same size), Q6_K output."""
+    return write_shape_only(tmp_path_factory.mktemp("shape") / "nemo-q4k.gguf")
+
+
+@pytest.fixture(scope="module")
+def nemo_mixed(tmp_path_factory):
+    """Q4_K_M-like: attn_v and ffn_down Q6_K in every 4th block, so blocks differ in size."""
+    over = {f"blk.{i}.{n}.weight": QT.Q6_K for i in range(0, 40, 4) for n in ("attn_v", "ffn_down")}
+    return write_shape_only(tmp_path_factory.mktemp("shape") / "nemo-mixed.gguf", overrides=over)
 
 
 @pytest.fixture(scope="module")
@@ -31,29 +125,282 @@ def tiny(synth_dir):
     return GGUFFile(cached_model(synth_dir, arch="llama", qtype="Q4_0", shape="tiny"))
 
 
+def gpu(index, name, cc, total_gib, free_gib=None, gbps=None, node=None) -> GpuDevice:
+    free = total_gib if free_gib is None else free_gib
+    return GpuDevice(index, name, cc, int(total_gib * GIB), int(free * GIB), gbps, node, None)
+
+
+M10_AND_3060S = [gpu(0, "Tesla M10", (5, 0), 8, 7.9, 83),
+                 *(gpu(i, "NVIDIA GeForce RTX 3060", (8, 6), 12, 11.6, 360) for i in (1, 2, 3))]
+
+
+def check_device_bytes(plan, f: GGUFFile, n_ctx: int, elem: int = 2, reserve: int = 512 * MIB):
+    """Every GPU's weights, KV and buffers equal the independent sums, and fit its free memory."""
+    n_layer = len(plan.layers)
+    for i, d in plan.devices.items():
+        blocks = [x for x in d.layers if x < n_layer]
+        has_head = n_layer in d.layers
+        assert d.weights == sum(block_bytes(f, b) for b in blocks) + (head_bytes(f) if has_head else 0)
+        assert d.kv == len(blocks) * kv(n_ctx, elem)
+        assert d.buffers == buffers(n_ctx, output=has_head)
+        assert d.total == d.weights + d.kv + d.buffers <= d.device.mem_free - reserve
+        assert [u.index for u in plan.layers if u.device == i] == blocks
+
+
+# -- decisions -------------------------------------------------------------------------------------
+
 def test_cpu_only_by_default_and_n_layers_from_the_end(tiny):
     devs = [gpu(0, "NVIDIA GeForce RTX 3060", (8, 6), 12)]
     p = make_plan(tiny, 256, OffloadRequest(), devs)
     assert all(u.device is None for u in p.layers) and p.devices == {} and p.processor() == "100% CPU"
     p = make_plan(tiny, 256, OffloadRequest(gpu_layers=2), devs)
     assert [u.device for u in p.layers] == [None, None, 0, 0] and p.output.device is None
-    blk = [sum(stored_bytes(t) for n, t in tiny.tensors.items() if n.startswith(f"blk.{i}."))
-           for i in range(4)]
-    kv_f16 = 2 * 256 * 2 * 64 * 2            # K and V, n_ctx, n_head_kv, head_dim, f16
+    tiny_shape = dict(n_kv=2, head_dim=64)
     d = p.devices[0]
-    assert d.weights == blk[2] + blk[3] and d.kv == 2 * kv_f16 and d.layers == (2, 3)
-    all_w = sum(stored_bytes(t) for t in tiny.tensors.values())
-    assert p.host_weights == all_w - d.weights
-    assert p.host_kv == 2 * (2 * 256 * 2 * 64 * 4)   # the CPU blocks keep float32 K/V
+    assert d.weights == block_bytes(tiny, 2) + block_bytes(tiny, 3) and d.layers == (2, 3)
+    assert d.kv == 2 * kv(256, 2, tiny_shape)
+    all_weights = sum(stored(t) for t in tiny.tensors.values())
+    assert p.host_weights == all_weights - d.weights             # nothing counted twice or lost
+    assert p.host_kv == 2 * kv(256, 4, tiny_shape)                # CPU blocks keep float32 K/V
+    assert p.gpu_share() == pytest.approx((d.weights + d.kv) / (d.weights + d.kv + p.host_bytes))
 
 
-def test_old_card_is_skipped_with_the_reason(tiny):
-    devs = [gpu(0, "Tesla M10", (5, 0), 8), gpu(1, "NVIDIA GeForce RTX 3060", (8, 6), 12)]
-    p = make_plan(tiny, 256, OffloadRequest(gpu_layers="all"), devs)
-    assert [u.device for u in p.layers] == [1] * 4 and p.output.device == 1
-    assert p.skipped[0][0] == 0 and "compute capability 5.0 < 6.1" in p.skipped[0][1]
+def test_m10_beside_three_3060s_is_skipped_and_the_3060s_fill_in_order(nemo_mixed):
+    n_ctx = 65536            # long enough that one 3060 cannot hold all 40 blocks
+    p = make_plan(nemo_mixed, n_ctx, OffloadRequest(gpu_layers="auto"), M10_AND_3060S)
+    assert p.skipped == [(0, "compute capability 5.0 < 6.1: too old for numallm's GPU kernels "
+                             "(--gpu-min-cc 5.0 to try it anyway)")]
+    assert sorted(p.devices) == [1, 2, 3] and all(u.device is not None for u in p.layers)
+    check_device_bytes(p, nemo_mixed, n_ctx)
+    # contiguous runs from the end: GPU 1 holds the last blocks, GPU 3 the first
+    assert p.devices[1].layers[-1] == 40 and max(p.devices[3].layers) < min(p.devices[2].layers)
+    # fastest first, filled before moving on: the next block would not have fitted on GPU 1 or 2
+    for i in (1, 2):
+        d = p.devices[i]
+        nxt = min(x for x in d.layers) - 1
+        assert d.total + block_bytes(nemo_mixed, nxt) + kv(n_ctx, 2) > d.usable
 
 
-def test_unknown_gpu_index_is_one_line(tiny):
-    with pytest.raises(GpuError, match=r"--gpus 4: no GPU 4 here \(GPUs: 0;"):
-        make_plan(tiny, 256, OffloadRequest(gpu_layers=1, gpus=(4,)), [gpu(0, "x", (8, 6), 8)])
+def test_an_allowed_old_card_is_used_last_because_it_is_slowest(nemo):
+    # 3060s busy with other work (6 GiB free each): allowed by --gpu-min-cc, the M10 takes the rest
+    devs = [M10_AND_3060S[0], *(gpu(i, "NVIDIA GeForce RTX 3060", (8, 6), 12, 6, 360) for i in (1, 2, 3))]
+    n_ctx, w = 32768, block_bytes(nemo, 0)
+    p = make_plan(nemo, n_ctx, OffloadRequest(gpu_layers="all", min_compute_capability=(5, 0)), devs)
+    per_3060 = (6 * GIB - 512 * MIB - buffers(n_ctx)) // (w + kv(n_ctx, 2))
+    assert per_3060 == 12 and p.skipped == []
+    # the head went first onto GPU 1 (its room is the head and logits), then 3060s, M10 last
+    assert p.devices[1].layers == (*range(31, 40), 40)
+    assert p.devices[2].layers == tuple(range(19, 31)) and p.devices[3].layers == tuple(range(7, 19))
+    assert p.devices[0].layers == tuple(range(0, 7))
+    check_device_bytes(p, nemo, n_ctx)
+
+
+def test_one_old_card_means_cpu_only_with_the_reason(nemo):
+    old = [gpu(0, "NVIDIA GeForce GTX 980", (5, 2), 4, 3.8)]
+    p = make_plan(nemo, 4096, OffloadRequest(gpu_layers="auto"), old)
+    assert p.devices == {} and p.processor() == "100% CPU"
+    assert "compute capability 5.2 < 6.1" in p.skipped[0][1]
+    assert any("no GPU is usable under the policy" in n for n in p.notes)
+    p = make_plan(nemo, 4096, OffloadRequest(gpu_layers="auto", min_compute_capability=(5, 2)), old)
+    assert p.devices[0].layers and p.skipped == []
+
+
+def test_unequal_memory_fastest_first_not_fill_all(nemo):
+    devs = [gpu(0, "Tesla T4", (7, 5), 16, 15.5, 320), gpu(1, "NVIDIA GeForce RTX 4090", (8, 9), 24, 23.5, 1008),
+            gpu(2, "NVIDIA GeForce RTX 3060", (8, 6), 12, 11.5, 360)]
+    p = make_plan(nemo, 4096, OffloadRequest(gpu_layers=10), devs)
+    assert list(p.devices) == [1] and p.devices[1].layers == tuple(range(30, 40))
+    assert any("GPU 0 (Tesla T4) is not needed" in n for n in p.notes)
+    check_device_bytes(p, nemo, 4096)
+    # a context that needs all three: the order is 4090, then 3060 (360 GB/s), then T4 (320)
+    n_ctx, w = 131072, block_bytes(nemo, 0)
+    p = make_plan(nemo, n_ctx, OffloadRequest(gpu_layers="all"), devs)
+    fit = {d.index: (d.mem_free - 512 * MIB - buffers(n_ctx)) // (w + kv(n_ctx, 2)) for d in devs}
+    assert fit == {0: 10, 1: 23, 2: 4}
+    assert p.devices[1].layers == tuple(range(17, 40)) and p.devices[2].layers == tuple(range(13, 17))
+    assert p.devices[0].layers == tuple(range(3, 13)) and p.output.device is None
+    assert any("40 layers asked for: 37 of 40 layers fit" in n for n in p.notes)
+    check_device_bytes(p, nemo, n_ctx)
+
+
+def test_four_8gb_cards_long_context_kv_and_buffers_per_device(nemo):
+    devs = [gpu(i, "NVIDIA GeForce RTX 3070", (8, 6), 8, 7.8) for i in range(4)]
+    w, usable = block_bytes(nemo, 0), int(7.8 * GIB) - 512 * MIB
+    # short context: the whole model and the output head fit
+    p = make_plan(nemo, 4096, OffloadRequest(gpu_layers="auto"), devs)
+    assert all(u.device is not None for u in p.layers) and p.output.device is not None
+    check_device_bytes(p, nemo, 4096)
+    # long context: each device holds its own KV and its own buffers, so fewer blocks fit
+    n_ctx = 65536
+    per_device = (usable - buffers(n_ctx)) // (w + kv(n_ctx, 2))
+    p = make_plan(nemo, n_ctx, OffloadRequest(gpu_layers="auto"), devs)
+    assert per_device == 8 and [len(d.layers) for d in p.devices.values()] == [per_device] * 4
+    assert [u.device for u in p.layers] == [None] * 8 + [3] * 8 + [2] * 8 + [1] * 8 + [0] * 8
+    assert p.output.device is None and any("output head stays on the CPU" in n for n in p.notes)
+    assert any("auto: 32 of 40 layers fit" in n for n in p.notes)
+    check_device_bytes(p, nemo, n_ctx)
+    assert p.host_kv == 8 * kv(n_ctx, 4)
+    # the KV cache in float32 on the GPUs halves what fits next to it
+    p32 = make_plan(nemo, n_ctx, OffloadRequest(gpu_layers="auto", kv_dtype="f32"), devs)
+    per32 = (usable - buffers(n_ctx)) // (w + kv(n_ctx, 4))
+    assert [len(d.layers) for d in p32.devices.values()] == [per32] * 4 and per32 < per_device
+    check_device_bytes(p32, nemo, n_ctx, elem=4)
+
+
+def test_reserve_is_respected(nemo):
+    devs = [gpu(i, "NVIDIA GeForce RTX 3070", (8, 6), 8, 7.8) for i in range(2)]
+    n_ctx, w = 32768, block_bytes(nemo, 0)
+    for reserve in (512 * MIB, 2 * GIB, 5 * GIB):
+        p = make_plan(nemo, n_ctx, OffloadRequest(gpu_layers="auto", reserve_bytes=reserve), devs)
+        want = (int(7.8 * GIB) - reserve - buffers(n_ctx)) // (w + kv(n_ctx, 2))
+        assert [len(d.layers) for d in p.devices.values()] == [want, want]
+        check_device_bytes(p, nemo, n_ctx, reserve=reserve)
+    p = make_plan(nemo, n_ctx, OffloadRequest(gpu_layers="auto", reserve_bytes=8 * GIB), devs)
+    assert p.devices == {} and all("not more than the 8.00 GiB reserve" in why for _, why in p.skipped)
+    # a reserve that leaves room for buffers but no block: said per device
+    p = make_plan(nemo, n_ctx, OffloadRequest(gpu_layers="auto", reserve_bytes=int(5.5 * GIB)), devs)
+    assert p.devices == {} and all("not even one layer fits" in why for _, why in p.skipped)
+
+
+def test_gpus_and_exclude_gpus(nemo):
+    devs = [gpu(i, "NVIDIA GeForce RTX 3060", (8, 6), 12, 11.5, 360) for i in range(4)]
+    p = make_plan(nemo, 4096, OffloadRequest(gpu_layers=4, gpus=(2, 3)), devs)
+    assert list(p.devices) == [2] and dict(p.skipped) == {0: "not in --gpus 2,3", 1: "not in --gpus 2,3"}
+    p = make_plan(nemo, 4096, OffloadRequest(gpu_layers=4, exclude_gpus=(0,)), devs)
+    assert list(p.devices) == [1] and p.skipped == [(0, "excluded by --exclude-gpus")]
+    with pytest.raises(GpuError, match=r"--exclude-gpus 9: no GPU 9 here \(GPUs: 0,1,2,3;"):
+        make_plan(nemo, 4096, OffloadRequest(gpu_layers=4, exclude_gpus=(9,)), devs)
+
+
+def test_a_gpu_slower_than_the_cpu_is_skipped_unless_named(nemo):
+    devs = [gpu(0, "NVIDIA GeForce RTX 3060", (8, 6), 12, 11.5, 360),
+            gpu(1, "NVIDIA GeForce RTX 4090", (8, 9), 24, 23.5, 1008)]
+    p = make_plan(nemo, 98304, OffloadRequest(gpu_layers="all"), devs, host_bandwidth=(400.0, "measured"))
+    assert list(p.devices) == [1]
+    assert "360 GB/s is below the CPU's 400 GB/s (measured)" in dict(p.skipped)[0]
+    p = make_plan(nemo, 98304, OffloadRequest(gpu_layers="all", gpus=(0, 1)), devs,
+                  host_bandwidth=(400.0, "measured"))
+    assert sorted(p.devices) == [0, 1] and p.skipped == []
+
+
+def test_offload_patterns_round_to_whole_blocks(nemo):
+    devs = [gpu(0, "NVIDIA GeForce RTX 4090", (8, 9), 24, 23.5, 1008)]
+    p = make_plan(nemo, 4096, OffloadRequest(offload=(r"blk\.(2[0-9])\..*",)), devs)
+    assert [u.index for u in p.layers if u.device == 0] == list(range(20, 30)) and p.output.device is None
+    check_device_bytes(p, nemo, 4096)
+    p = make_plan(nemo, 4096, OffloadRequest(offload=(r"blk\.3[0-9]\.ffn_", r"^output")), devs)
+    assert [u.index for u in p.layers if u.device == 0] == list(range(30, 40)) and p.output.device == 0
+    assert any("matched only some tensors of 10 block(s)" in n and "whole blocks" in n for n in p.notes)
+    check_device_bytes(p, nemo, 4096)
+    p = make_plan(nemo, 4096, OffloadRequest(offload=("token_embd", "nothing_like_this")), devs)
+    assert p.devices == {} and any("token_embd stays on the CPU" in n for n in p.notes)
+    with pytest.raises(GpuError, match="not a regular expression"):
+        OffloadRequest(offload=("blk.(",))
+    with pytest.raises(GpuError, match="give one of them"):
+        OffloadRequest(gpu_layers=3, offload=("blk",))
+
+
+def test_unsupported_tensor_type_keeps_its_block_on_the_cpu(tmp_path):
+    f = write_shape_only(tmp_path / "iq.gguf", overrides={"blk.39.ffn_down.weight": QT.IQ4_XS})
+    devs = [gpu(0, "NVIDIA GeForce RTX 4090", (8, 9), 24, 23.5, 1008)]
+    p = make_plan(f, 4096, OffloadRequest(gpu_layers=2), devs)
+    assert [u.index for u in p.layers if u.device == 0] == [37, 38] and p.layers[39].device is None
+    assert any("1 block(s) stay on the CPU: they hold IQ4_XS tensors" in n for n in p.notes)
+
+
+def test_tied_output_head_copies_token_embd_to_the_gpu(tmp_path):
+    f = write_shape_only(tmp_path / "tied.gguf", tied=True)
+    devs = [gpu(0, "NVIDIA H200", (9, 0), 141, 139, 4800)]
+    p = make_plan(f, 8192, OffloadRequest(gpu_layers="all"), devs)
+    emb = stored(f.tensors["token_embd.weight"])
+    assert p.output.device == 0 and "token_embd.weight" in p.output.tensors
+    assert p.host_weights == emb                    # the lookup copy stays on the host as well
+    check_device_bytes(p, f, 8192)
+
+
+def test_no_gpu_gives_the_cpu_plan_and_the_reason(nemo):
+    p = make_plan(nemo, 4096, OffloadRequest(gpu_layers="auto"), [], no_gpu="no NVIDIA GPU on the PCI bus")
+    assert p.devices == {} and p.no_gpu == "no NVIDIA GPU on the PCI bus" and p.processor() == "100% CPU"
+    assert p.host_weights == sum(stored(t) for t in nemo.tensors.values())
+
+
+def test_host_bytes_per_node_follow_the_numa_strategy(nemo):
+    topo = discover(str(FIXTURES / "epyc9554_nps4"), use_libs=False)
+    cores = {n.id: n.physical_cores for n in topo.cpu_nodes}
+    req = OffloadRequest(gpu_layers=10)
+    devs = [gpu(0, "NVIDIA H100 PCIe", (9, 0), 80, 79, 2000)]
+    p = make_plan(nemo, 4096, req, devs, topo, numa="shard")
+    per = p.host_bytes_per_node
+    assert sum(per.values()) == p.host_bytes and set(per) == set(cores)
+    for n, b in per.items():   # in proportion to cores, to the byte up to rounding
+        assert abs(b - p.host_bytes * cores[n] / sum(cores.values())) <= len(cores)
+    assert make_plan(nemo, 4096, req, devs, topo, numa="isolate", nodes=[2]).host_bytes_per_node == {2: p.host_bytes}
+    assert make_plan(nemo, 4096, req, devs, topo, numa="off").host_bytes_per_node == {-1: p.host_bytes}
+
+
+def test_plan_json_is_complete_and_serialisable(nemo):
+    p = make_plan(nemo, 65536, OffloadRequest(gpu_layers="auto"), M10_AND_3060S)
+    j = json.loads(json.dumps(p.to_json()))
+    assert j["schema"] == "numallm.gpuplan/1" and j["n_ctx"] == 65536
+    assert [d["index"] for d in j["devices"]] == [1, 2, 3]
+    d = j["devices"][0]
+    assert d["total"] == d["weights"] + d["kv"] + d["buffers"] and d["usable"] == d["mem_free"] - d["reserve"]
+    assert len(j["layers"]) == 40 and j["output"]["name"] == "output"
+    assert j["skipped"][0]["index"] == 0 and j["request"]["gpu_layers"] == "auto"
+    assert j["host"]["total"] == j["host"]["weights"] + j["host"]["kv"]
+    assert j["processor"] == p.processor() and 0 < j["gpu_share"] <= 1
+
+
+def test_request_validation_is_one_line():
+    for bad in (-1, "most", True):
+        with pytest.raises(GpuError, match="--gpu-layers"):
+            OffloadRequest(gpu_layers=bad)
+    with pytest.raises(GpuError, match="GPU KV type 'q8'"):
+        OffloadRequest(kv_dtype="q8")
+
+
+# -- the command line ------------------------------------------------------------------------------
+
+def fake_inventory(tmp_path, monkeypatch, gpus: list[dict]):
+    inv = tmp_path / "gpus.json"
+    inv.write_text(json.dumps(gpus))
+    monkeypatch.setenv("NUMALLM_FAKE_GPUS", str(inv))
+
+
+def test_plan_command_text_and_json(nemo, tmp_path, monkeypatch, capsys):
+    fake_inventory(tmp_path, monkeypatch, [
+        {"name": "Tesla M10", "compute_capability": "5.0", "mem_total": "8GiB"},
+        *({"name": "NVIDIA GeForce RTX 3060", "compute_capability": "8.6", "mem_total": "12GiB",
+           "mem_free": "11.6GiB"} for _ in range(3))])
+    assert main(["plan", nemo.path, "--ctx", "65536", "-ngl", "auto", "--gpu-reserve", "1GiB"]) == 0
+    out = capsys.readouterr().out
+    assert "GPU 0 not used: compute capability 5.0 < 6.1" in out
+    assert "GPU 1 NVIDIA GeForce RTX 3060 (cc 8.6, 360 GB/s listed" in out and "1.00 GiB reserve" in out
+    assert "predicted split:" in out
+    assert main(["plan", nemo.path, "-c", "65536", "-ngl", "auto", "--gpu-reserve", "1GiB", "--json"]) == 0
+    j = json.loads(capsys.readouterr().out)
+    assert j["request"]["reserve_bytes"] == GIB and [d["index"] for d in j["devices"]] == [1, 2, 3]
+
+
+def test_plan_and_run_without_gpu_say_why_in_one_line(tiny, tmp_path, monkeypatch, capsys):
+    fake_inventory(tmp_path, monkeypatch, [])
+    assert main(["plan", tiny.path, "-ngl", "all"]) == 0
+    out = capsys.readouterr().out
+    assert "no GPU: NUMALLM_FAKE_GPUS=" in out and "CPU: blk.0-3, token_embd, output" in out
+    assert main(["run", tiny.path, "hello", "-n", "2", "--temp", "0", "-ngl", "auto"]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("numallm: no GPU (") and "running every layer on the CPU" in err[0]
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--gpus", "7", "-ngl", "1"], "--gpus 7: no GPU 7 here"),
+    (["--gpu-reserve", "lots", "-ngl", "1"], "--gpu-reserve 'lots' is not a size"),
+    (["-ngl", "3", "--offload", "blk"], "give one of them"),
+    (["--offload", "blk.("], "is not a regular expression"),
+])
+def test_bad_gpu_flags_give_one_line(tiny, tmp_path, monkeypatch, capsys, flags, needle):
+    fake_inventory(tmp_path, monkeypatch, [{"name": "NVIDIA L4", "compute_capability": "8.9",
+                                            "mem_total": "24GiB"}])
+    assert main(["plan", tiny.path, *flags]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("numallm: error:") and needle in err[0]
