@@ -170,7 +170,7 @@ def test_topo_lists_gpus_with_bandwidth_or_says_why_none(tmp_path, monkeypatch, 
     assert main(["topo"]) == 0
     out = capsys.readouterr().out
     assert "GPU 1: NVIDIA GeForce RTX 3060, compute 8.6, 12.0 GiB (11.0 GiB free), 360 GB/s, PCIe on node 0 (fake)" in out
-    assert "GPU 0 (Tesla M10) has compute capability 5.0, older than 6.1" in out
+    assert "GPU 0 (Tesla M10) has compute capability 5.0, older than 6.0" in out
     assert main(["topo", "--json"]) == 0
     gpus = json.loads(capsys.readouterr().out)["gpus"]
     assert [(g["name"], g["bandwidth_gbps"], g["source"]) for g in gpus] == [

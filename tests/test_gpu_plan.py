@@ -43,8 +43,8 @@ def block_bytes(f: GGUFFile, i: int) -> int:
 
 
 def head_bytes(f: GGUFFile) -> int:
-    out = f.tensors.get("output.weight") or f.tensors["token_embd.weight"]
-    return stored(out) + stored(f.tensors["output_norm.weight"])
+    """The output head on a GPU is its matrix (output_norm stays a host vector)."""
+    return stored(f.tensors.get("output.weight") or f.tensors["token_embd.weight"])
 
 
 def kv(n_ctx: int, elem: int, s=NEMO) -> int:
@@ -52,11 +52,12 @@ def kv(n_ctx: int, elem: int, s=NEMO) -> int:
 
 
 def buffers(n_ctx: int, output: bool = False, n_batch: int = 512, s=NEMO) -> int:
+    """x, h (T, hidden); q, attn (T, q_dim); k, v (T, kv_dim); gate, up (T, n_ff) float32, RoPE
+    frequencies float64; logits (T, vocab) with the head. No score matrix: attention streams."""
     t = min(n_batch, n_ctx)
     q, k = s["n_head"] * s["head_dim"], s["n_kv"] * s["head_dim"]
-    floats = (2 * t * s["hidden"] + 2 * t * q + 2 * t * k + s["n_head"] * t * n_ctx
-              + 2 * t * s["n_ff"] + s["head_dim"] // 2 + (t * s["vocab"] if output else 0))
-    return 4 * floats
+    floats = 2 * t * s["hidden"] + 2 * t * q + 2 * t * k + 2 * t * s["n_ff"]
+    return 4 * floats + 8 * (s["head_dim"] // 2) + (4 * t * s["vocab"] if output else 0)
 
 
 # -- models and inventories ----------------------------------------------------------------------
@@ -166,32 +167,35 @@ def test_cpu_only_by_default_and_n_layers_from_the_end(tiny):
 
 
 def test_m10_beside_three_3060s_is_skipped_and_the_3060s_fill_in_order(nemo_mixed):
-    n_ctx = 65536            # long enough that one 3060 cannot hold all 40 blocks
+    n_ctx = 131072           # long enough that one 3060 cannot hold all 40 blocks
     p = make_plan(nemo_mixed, n_ctx, OffloadRequest(gpu_layers="auto"), M10_AND_3060S)
-    assert p.skipped == [(0, "compute capability 5.0 < 6.1: too old for numallm's GPU kernels "
+    assert p.skipped == [(0, "compute capability 5.0 < 6.0, the minimum for numallm's GPU path "
                              "(--gpu-min-cc 5.0 to try it anyway)")]
     assert sorted(p.devices) == [1, 2, 3] and all(u.device is not None for u in p.layers)
     check_device_bytes(p, nemo_mixed, n_ctx)
-    # contiguous runs from the end: GPU 1 holds the last blocks, GPU 3 the first
-    assert p.devices[1].layers[-1] == 40 and max(p.devices[3].layers) < min(p.devices[2].layers)
+    # contiguous runs from the end: GPU 1 holds the head and the last blocks, GPU 3 the first
+    assert p.output.device == 1 and p.devices[1].layers[-1] == 40
+    assert max(p.devices[3].layers) < min(p.devices[2].layers) < min(p.devices[1].layers)
     # fastest first, filled before moving on: the next block would not have fitted on GPU 1 or 2
     for i in (1, 2):
         d = p.devices[i]
-        nxt = min(x for x in d.layers) - 1
+        nxt = min(d.layers) - 1
         assert d.total + block_bytes(nemo_mixed, nxt) + kv(n_ctx, 2) > d.usable
 
 
 def test_an_allowed_old_card_is_used_last_because_it_is_slowest(nemo):
     # 3060s busy with other work (6 GiB free each): allowed by --gpu-min-cc, the M10 takes the rest
     devs = [M10_AND_3060S[0], *(gpu(i, "NVIDIA GeForce RTX 3060", (8, 6), 12, 6, 360) for i in (1, 2, 3))]
-    n_ctx, w = 32768, block_bytes(nemo, 0)
+    n_ctx, w = 65536, block_bytes(nemo, 0)
     p = make_plan(nemo, n_ctx, OffloadRequest(gpu_layers="all", min_compute_capability=(5, 0)), devs)
     per_3060 = (6 * GIB - 512 * MIB - buffers(n_ctx)) // (w + kv(n_ctx, 2))
-    assert per_3060 == 12 and p.skipped == []
-    # the head went first onto GPU 1 (its room is the head and logits), then 3060s, M10 last
-    assert p.devices[1].layers == (*range(31, 40), 40)
-    assert p.devices[2].layers == tuple(range(19, 31)) and p.devices[3].layers == tuple(range(7, 19))
-    assert p.devices[0].layers == tuple(range(0, 7))
+    assert per_3060 == 13 and p.skipped == [] and p.output.device == 1
+    # the head went first onto GPU 1, then blocks from the end: GPU 1, 2, 3 (3060s), the M10 last
+    first2, first3 = 40 - len(p.devices[1].layers) + 1 - per_3060, None
+    assert p.devices[2].layers == tuple(range(first2, first2 + per_3060))
+    first3 = first2 - per_3060
+    assert p.devices[3].layers == tuple(range(first3, first2))
+    assert p.devices[0].layers == tuple(range(0, first3)) and first3 > 0
     check_device_bytes(p, nemo, n_ctx)
 
 
@@ -199,7 +203,7 @@ def test_one_old_card_means_cpu_only_with_the_reason(nemo):
     old = [gpu(0, "NVIDIA GeForce GTX 980", (5, 2), 4, 3.8)]
     p = make_plan(nemo, 4096, OffloadRequest(gpu_layers="auto"), old)
     assert p.devices == {} and p.processor() == "100% CPU"
-    assert "compute capability 5.2 < 6.1" in p.skipped[0][1]
+    assert "compute capability 5.2 < 6.0" in p.skipped[0][1]
     assert any("no GPU is usable under the policy" in n for n in p.notes)
     p = make_plan(nemo, 4096, OffloadRequest(gpu_layers="auto", min_compute_capability=(5, 2)), old)
     assert p.devices[0].layers and p.skipped == []
@@ -212,54 +216,60 @@ def test_unequal_memory_fastest_first_not_fill_all(nemo):
     assert list(p.devices) == [1] and p.devices[1].layers == tuple(range(30, 40))
     assert any("GPU 0 (Tesla T4) is not needed" in n for n in p.notes)
     check_device_bytes(p, nemo, 4096)
-    # a context that needs all three: the order is 4090, then 3060 (360 GB/s), then T4 (320)
-    n_ctx, w = 131072, block_bytes(nemo, 0)
+    # a context long enough to need all three: 4090 first, then the 3060 (360 GB/s), the T4 last
+    n_ctx, w = 262144, block_bytes(nemo, 0)
     p = make_plan(nemo, n_ctx, OffloadRequest(gpu_layers="all"), devs)
-    fit = {d.index: (d.mem_free - 512 * MIB - buffers(n_ctx)) // (w + kv(n_ctx, 2)) for d in devs}
-    assert fit == {0: 10, 1: 23, 2: 4}
-    assert p.devices[1].layers == tuple(range(17, 40)) and p.devices[2].layers == tuple(range(13, 17))
-    assert p.devices[0].layers == tuple(range(3, 13)) and p.output.device is None
-    assert any("40 layers asked for: 37 of 40 layers fit" in n for n in p.notes)
+    per_3060 = (int(11.5 * GIB) - 512 * MIB - buffers(n_ctx)) // (w + kv(n_ctx, 2))
+    assert per_3060 == 9 and len(p.devices[2].layers) == per_3060
+    assert min(p.devices[1].layers) > max(p.devices[2].layers) > max(p.devices[0].layers)
+    assert all(u.device is not None for u in p.layers) and p.output.device == 1
     check_device_bytes(p, nemo, n_ctx)
 
 
-def test_four_8gb_cards_long_context_kv_and_buffers_per_device(nemo):
+def test_four_8gb_cards_long_context_kv_per_device(nemo):
     devs = [gpu(i, "NVIDIA GeForce RTX 3070", (8, 6), 8, 7.8) for i in range(4)]
     w, usable = block_bytes(nemo, 0), int(7.8 * GIB) - 512 * MIB
-    # short context: the whole model and the output head fit
+
+    def fit(n_ctx, elem=2):
+        return (usable - buffers(n_ctx)) // (w + kv(n_ctx, elem))
+
+    # 4k: the whole model and the head fit on one card; the others are not needed
     p = make_plan(nemo, 4096, OffloadRequest(gpu_layers="auto"), devs)
-    assert all(u.device is not None for u in p.layers) and p.output.device is not None
+    assert list(p.devices) == [0] and p.output.device == 0 and all(u.device == 0 for u in p.layers)
     check_device_bytes(p, nemo, 4096)
-    # long context: each device holds its own KV and its own buffers, so fewer blocks fit
-    n_ctx = 65536
-    per_device = (usable - buffers(n_ctx)) // (w + kv(n_ctx, 2))
+    # each device holds the KV cache of its own blocks: longer contexts spread over more cards
+    p = make_plan(nemo, 32768, OffloadRequest(gpu_layers="auto"), devs)
+    assert list(p.devices) == [0, 1] and len(p.devices[1].layers) == 40 - (len(p.devices[0].layers) - 1)
+    check_device_bytes(p, nemo, 32768)
+    n_ctx = 131072
     p = make_plan(nemo, n_ctx, OffloadRequest(gpu_layers="auto"), devs)
-    assert per_device == 8 and [len(d.layers) for d in p.devices.values()] == [per_device] * 4
-    assert [u.device for u in p.layers] == [None] * 8 + [3] * 8 + [2] * 8 + [1] * 8 + [0] * 8
-    assert p.output.device is None and any("output head stays on the CPU" in n for n in p.notes)
-    assert any("auto: 32 of 40 layers fit" in n for n in p.notes)
+    assert fit(n_ctx) == 11 and [len(p.devices[i].layers) for i in (1, 2)] == [11, 11]
+    assert all(u.device is not None for u in p.layers)
     check_device_bytes(p, nemo, n_ctx)
-    assert p.host_kv == 8 * kv(n_ctx, 4)
-    # the KV cache in float32 on the GPUs halves what fits next to it
-    p32 = make_plan(nemo, n_ctx, OffloadRequest(gpu_layers="auto", kv_dtype="f32"), devs)
-    per32 = (usable - buffers(n_ctx)) // (w + kv(n_ctx, 4))
-    assert [len(d.layers) for d in p32.devices.values()] == [per32] * 4 and per32 < per_device
-    check_device_bytes(p32, nemo, n_ctx, elem=4)
+    # float32 K/V on the GPUs: 6 blocks per card, 24 of 40; the head and 16 blocks stay on the CPU
+    p = make_plan(nemo, n_ctx, OffloadRequest(gpu_layers="auto", kv_dtype="f32"), devs)
+    assert fit(n_ctx, 4) == 6 and [len(d.layers) for d in p.devices.values()] == [6] * 4
+    assert [u.device for u in p.layers] == [None] * 16 + [3] * 6 + [2] * 6 + [1] * 6 + [0] * 6
+    assert p.output.device is None and any("output head stays on the CPU" in n for n in p.notes)
+    assert any("auto: 24 of 40 layers fit" in n for n in p.notes)
+    check_device_bytes(p, nemo, n_ctx, elem=4)
+    assert p.host_kv == 16 * kv(n_ctx, 4)
 
 
 def test_reserve_is_respected(nemo):
     devs = [gpu(i, "NVIDIA GeForce RTX 3070", (8, 6), 8, 7.8) for i in range(2)]
-    n_ctx, w = 32768, block_bytes(nemo, 0)
-    for reserve in (512 * MIB, 2 * GIB, 5 * GIB):
+    n_ctx, w = 131072, block_bytes(nemo, 0)
+    for reserve, want in ((512 * MIB, 11), (2 * GIB, 8), (5 * GIB, 4)):
         p = make_plan(nemo, n_ctx, OffloadRequest(gpu_layers="auto", reserve_bytes=reserve), devs)
-        want = (int(7.8 * GIB) - reserve - buffers(n_ctx)) // (w + kv(n_ctx, 2))
+        assert (int(7.8 * GIB) - reserve - buffers(n_ctx)) // (w + kv(n_ctx, 2)) == want
         assert [len(d.layers) for d in p.devices.values()] == [want, want]
         check_device_bytes(p, nemo, n_ctx, reserve=reserve)
     p = make_plan(nemo, n_ctx, OffloadRequest(gpu_layers="auto", reserve_bytes=8 * GIB), devs)
     assert p.devices == {} and all("not more than the 8.00 GiB reserve" in why for _, why in p.skipped)
-    # a reserve that leaves room for buffers but no block: said per device
-    p = make_plan(nemo, n_ctx, OffloadRequest(gpu_layers="auto", reserve_bytes=int(5.5 * GIB)), devs)
-    assert p.devices == {} and all("not even one layer fits" in why for _, why in p.skipped)
+    # room left after the reserve, but less than one block with its KV and the buffers: said per device
+    p = make_plan(nemo, n_ctx, OffloadRequest(gpu_layers="auto", reserve_bytes=int(7.3 * GIB)), devs)
+    assert p.devices == {} and len(p.skipped) == 2
+    assert all("not even one layer fits" in why for _, why in p.skipped)
 
 
 def test_gpus_and_exclude_gpus(nemo):
@@ -275,10 +285,10 @@ def test_gpus_and_exclude_gpus(nemo):
 def test_a_gpu_slower_than_the_cpu_is_skipped_unless_named(nemo):
     devs = [gpu(0, "NVIDIA GeForce RTX 3060", (8, 6), 12, 11.5, 360),
             gpu(1, "NVIDIA GeForce RTX 4090", (8, 9), 24, 23.5, 1008)]
-    p = make_plan(nemo, 98304, OffloadRequest(gpu_layers="all"), devs, host_bandwidth=(400.0, "measured"))
+    p = make_plan(nemo, 262144, OffloadRequest(gpu_layers="all"), devs, host_bandwidth=(400.0, "measured"))
     assert list(p.devices) == [1]
     assert "360 GB/s is below the CPU's 400 GB/s (measured)" in dict(p.skipped)[0]
-    p = make_plan(nemo, 98304, OffloadRequest(gpu_layers="all", gpus=(0, 1)), devs,
+    p = make_plan(nemo, 262144, OffloadRequest(gpu_layers="all", gpus=(0, 1)), devs,
                   host_bandwidth=(400.0, "measured"))
     assert sorted(p.devices) == [0, 1] and p.skipped == []
 
@@ -314,7 +324,8 @@ def test_tied_output_head_copies_token_embd_to_the_gpu(tmp_path):
     p = make_plan(f, 8192, OffloadRequest(gpu_layers="all"), devs)
     emb = stored(f.tensors["token_embd.weight"])
     assert p.output.device == 0 and "token_embd.weight" in p.output.tensors
-    assert p.host_weights == emb                    # the lookup copy stays on the host as well
+    # the lookup copy of token_embd stays on the host as well, with the output norm vector
+    assert p.host_weights == emb + stored(f.tensors["output_norm.weight"])
     check_device_bytes(p, f, 8192)
 
 
@@ -339,9 +350,9 @@ def test_host_bytes_per_node_follow_the_numa_strategy(nemo):
 
 
 def test_plan_json_is_complete_and_serialisable(nemo):
-    p = make_plan(nemo, 65536, OffloadRequest(gpu_layers="auto"), M10_AND_3060S)
+    p = make_plan(nemo, 131072, OffloadRequest(gpu_layers="auto"), M10_AND_3060S)
     j = json.loads(json.dumps(p.to_json()))
-    assert j["schema"] == "numallm.gpuplan/1" and j["n_ctx"] == 65536
+    assert j["schema"] == "numallm.gpuplan/1" and j["n_ctx"] == 131072
     assert [d["index"] for d in j["devices"]] == [1, 2, 3]
     d = j["devices"][0]
     assert d["total"] == d["weights"] + d["kv"] + d["buffers"] and d["usable"] == d["mem_free"] - d["reserve"]
@@ -372,12 +383,12 @@ def test_plan_command_text_and_json(nemo, tmp_path, monkeypatch, capsys):
         {"name": "Tesla M10", "compute_capability": "5.0", "mem_total": "8GiB"},
         *({"name": "NVIDIA GeForce RTX 3060", "compute_capability": "8.6", "mem_total": "12GiB",
            "mem_free": "11.6GiB"} for _ in range(3))])
-    assert main(["plan", nemo.path, "--ctx", "65536", "-ngl", "auto", "--gpu-reserve", "1GiB"]) == 0
+    assert main(["plan", nemo.path, "--ctx", "131072", "-ngl", "auto", "--gpu-reserve", "1GiB"]) == 0
     out = capsys.readouterr().out
-    assert "GPU 0 not used: compute capability 5.0 < 6.1" in out
+    assert "GPU 0 not used: compute capability 5.0 < 6.0" in out
     assert "GPU 1 NVIDIA GeForce RTX 3060 (cc 8.6, 360 GB/s listed" in out and "1.00 GiB reserve" in out
     assert "predicted split:" in out
-    assert main(["plan", nemo.path, "-c", "65536", "-ngl", "auto", "--gpu-reserve", "1GiB", "--json"]) == 0
+    assert main(["plan", nemo.path, "-c", "131072", "-ngl", "auto", "--gpu-reserve", "1GiB", "--json"]) == 0
     j = json.loads(capsys.readouterr().out)
     assert j["request"]["reserve_bytes"] == GIB and [d["index"] for d in j["devices"]] == [1, 2, 3]
 

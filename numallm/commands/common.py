@@ -46,7 +46,7 @@ def add_gpu_args(p: argparse.ArgumentParser) -> None:
                    help="memory left free on each GPU, e.g. 2GiB (default 512MiB: the CUDA context "
                         "and other processes)")
     g.add_argument("--gpu-min-cc", type=_cc, default=None, metavar="X.Y",
-                   help="oldest compute capability to use (default 6.1)")
+                   help="oldest compute capability to use (default 6.0, Pascal)")
     g.add_argument("--gpu-kv-type", choices=("f16", "f32"), default="f16",
                    help="KV cache element type on GPUs (default f16; the CPU keeps float32)")
 

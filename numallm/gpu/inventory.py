@@ -22,11 +22,13 @@ from ..errors import NumallmError
 
 FAKE_ENV = "NUMALLM_FAKE_GPUS"
 
-# The oldest GPUs the kernels are meant for: Pascal consumer/Tesla P4/P40 (6.1) and newer. 6.1 brings
-# dp4a (4-way int8 dot products, the fast path for quantized dot products) and full-rate fp16
-# loads; Maxwell cards (Tesla M10/M40, 5.x) lack it, have little bandwidth, and CUDA 12 deprecates
-# them. Override per run with --gpu-min-cc.
-MIN_COMPUTE_CAPABILITY = (6, 1)
+# The oldest GPUs offload uses by default: Pascal (6.0) and newer. The kernels themselves
+# (numallm.gpu.cuda_kernels/cuda_ops: byte-level decoding, float32 math, float16 only as stored
+# KV/F16 weights) compile for every target of the CUDA 12 toolkit that numba-cuda[cu12] brings,
+# i.e. 5.0 and up; but CUDA 12 deprecates Maxwell (5.x: Tesla M10/M40/M60, GTX 9xx), nothing here
+# is tested on it, and those cards stream 80-340 GB/s, so a default run leaves them out and says
+# so. --gpu-min-cc 5.0 lets them in.
+MIN_COMPUTE_CAPABILITY = (6, 0)
 
 
 class GpuError(NumallmError):

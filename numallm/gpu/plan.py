@@ -7,7 +7,7 @@ node then holds. Pure arithmetic over a GGUF's tensor sizes and a GPU inventory 
     plan.devices[g].total        # weights + KV + buffers on GPU g (bytes)
 
 Offload unit: one whole block (blk.N.*: its attention with its KV cache, and its FFN). The output
-head (output_norm + output, or token_embd when the embeddings are tied) is one more unit, offloaded
+head (output.weight, or token_embd when the embeddings are tied) is one more unit, offloaded
 only with "all", -ngl > n_layer, or an --offload pattern naming it; token_embd (a row lookup per
 token) always stays on the host.
 
@@ -95,7 +95,7 @@ class LayerPlan:
 
     @property
     def name(self) -> str:
-        return "output" if self.tensors and not self.tensors[0].startswith("blk.") else f"blk.{self.index}"
+        return "output" if not self.tensors[0].startswith("blk.") else f"blk.{self.index}"
 
 
 @dataclass(frozen=True)
@@ -195,33 +195,37 @@ def layer_kv_bytes(args, n_ctx: int, kv_dtype: str) -> int:
 
 def device_buffers(args, n_ctx: int, n_batch: int = DEFAULT_N_BATCH,
                    output: bool = False) -> dict[str, tuple[tuple[int, ...], str]]:
-    """The scratch arrays a device allocates once, sized for a pass of T = min(n_batch, n_ctx)
-    tokens over up to n_ctx positions: name -> (shape, dtype). The executor allocates exactly these,
-    so the plan's buffer bytes are the loader's. output: the device also runs the output head."""
+    """The scratch arrays a device allocates once, shared by its blocks, sized for a pass of
+    T = min(n_batch, n_ctx) tokens: name -> (shape, dtype). The executor (numallm.gpu.offload)
+    allocates exactly these, so the plan's buffer bytes are the loader's. Attention keeps no score
+    matrix (online softmax over the cache, numallm.gpu.cuda_ops), so no buffer grows with the
+    context; the KV cache does, per block. output: the device also runs the output head."""
     t = min(n_batch, n_ctx)
     q_dim, kv_dim = args.n_head * args.head_dim, args.n_head_kv * args.head_dim
     bufs = {
-        "x": ((t, args.n_embd), "f32"),                 # residual stream in/out
-        "h": ((t, args.n_embd), "f32"),                 # normed input of attention / FFN
+        "x": ((t, args.n_embd), "f32"),                 # residual stream, kept on the device
+        "h": ((t, args.n_embd), "f32"),                 # normed input; projection outputs
         "q": ((t, q_dim), "f32"),
         "k": ((t, kv_dim), "f32"),
         "v": ((t, kv_dim), "f32"),
         "attn": ((t, q_dim), "f32"),                    # attention output, before attn_output
-        "scores": ((args.n_head, t, n_ctx), "f32"),     # softmax(q k^T) for every head
         "gate": ((t, args.n_ff), "f32"),
         "up": ((t, args.n_ff), "f32"),
-        "rope_inv_freq": ((args.rope_dim // 2,), "f32"),
+        "rope_inv_freq": ((args.rope_dim // 2,), "f64"),  # RoPE angles in float64, as ops.Rope
     }
     if output:
         bufs["logits"] = ((t, args.n_vocab), "f32")
     return bufs
 
 
+DTYPE_BYTES = {"f16": 2, "f32": 4, "f64": 8}
+
+
 def device_buffer_bytes(args, n_ctx: int, n_batch: int = DEFAULT_N_BATCH, output: bool = False) -> int:
     """Bytes of device_buffers: the activations and scratch each device holds."""
     total = 0
     for shape, dtype in device_buffers(args, n_ctx, n_batch, output).values():
-        n = KV_ELEM_BYTES[dtype]
+        n = DTYPE_BYTES[dtype]
         for d in shape:
             n *= d
         total += n
@@ -251,8 +255,8 @@ def _units(gguf, n_layer: int) -> tuple[list[_Unit], _Unit]:
         m = _BLOCK.match(name)
         if m and int(m.group(1)) < n_layer:
             per_block[int(m.group(1))].append(name)
-    head = ["output_norm.weight", "output.weight" if "output.weight" in gguf.tensors else "token_embd.weight"]
-    head = [n for n in head if n in gguf.tensors]
+    # output_norm stays a host vector: the model applies it before calling the head
+    head = ["output.weight" if "output.weight" in gguf.tensors else "token_embd.weight"]
 
     def unit(i: int, names: list[str]) -> _Unit:
         ts = [gguf.tensors[n] for n in names]
@@ -285,7 +289,7 @@ def _select(devices: list[GpuDevice], req: OffloadRequest,
         elif d.index in req.exclude_gpus:
             why = "excluded by --exclude-gpus"
         elif d.compute_capability < mcc:
-            why = (f"compute capability {d.cc} < {mcc[0]}.{mcc[1]}: too old for numallm's GPU kernels "
+            why = (f"compute capability {d.cc} < {mcc[0]}.{mcc[1]}, the minimum for numallm's GPU path "
                    f"(--gpu-min-cc {d.cc} to try it anyway)")
         elif d.mem_free - req.reserve_bytes <= 0:
             why = f"{_size(d.mem_free)} free, not more than the {_size(req.reserve_bytes)} reserve"

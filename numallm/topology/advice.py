@@ -148,6 +148,6 @@ def advise(topo: Topology) -> Advice:
             major, _, minor = g.compute_capability.partition(".")
             if major.isdigit() and (int(major), int(minor or 0)) < MIN_GPU_CC:
                 w.append(f"GPU {g.index} ({g.name}) has compute capability {g.compute_capability}, "
-                         f"older than {MIN_GPU_CC[0]}.{MIN_GPU_CC[1]}: too old for numallm's GPU kernels, "
-                         f"so offload skips it (--gpu-min-cc overrides)")
+                         f"older than {MIN_GPU_CC[0]}.{MIN_GPU_CC[1]}: GPU offload skips it by default "
+                         f"(--gpu-min-cc overrides)")
     return Advice(tuple(sorted(threads.items())), tuple(sorted(threads)), tuple(f), tuple(w))
