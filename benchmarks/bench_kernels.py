@@ -1,55 +1,124 @@
-"""Decode (matvec) bandwidth of the 32-element block kernels on weights >= 256 MB.
+"""Decode (matvec) bandwidth of the hot kernels on weights >= 256 MB, against the machine's.
 
-Run:  .venv/bin/pytest benchmarks/bench_kernels.py --benchmark-enable -s
-Each case prints the weight bytes streamed per second (GB/s); decode is memory-bound, so compare
-with the machine's read bandwidth. Threads are a ThreadPoolExecutor over row halves, as the
-engine splits rows. Not asserted: timings on a shared machine are noisy.
+    .venv/bin/pytest benchmarks/bench_kernels.py --benchmark-enable -s   # pytest-benchmark
+    .venv/bin/python benchmarks/bench_kernels.py [Q4_0,Q8_0,...] [1,2]    # quick table
+
+Decode is memory-bound: each case reports the weight bytes streamed per second (GB/s) and that as
+a share of the read bandwidth measured here with the same number of threads (numallm.bench's
+numpy-sum figure). Rows are split over a numallm RowPool exactly as the engine splits them (the
+unit's row_multiple respected), x is encoded once per call (prepare_x) as the engine does.
+Not asserted: timings on a shared machine are noisy; the table keeps the best of several passes.
 """
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
+import sys
+import time
 
 import numpy as np
 import pytest
 
 import numallm_kernels as nk
+from numallm import threads
+from numallm.bench import bandwidth_buffer, read_bandwidth
 from numallm.gguf_file import GGMLQuantizationType as T
+from numallm.gguf_file import quant_sizes
+from numallm_kernels.base import Activations
 
 K = 4096
 TARGET_BYTES = 256 << 20
+TYPES = [T.Q4_0, T.Q8_0, T.Q4_K, T.Q6_K]
+# byte offsets of the f16 scales inside one block (kept sane; every other bit pattern is valid)
+F16_FIELDS = {T.Q4_0: (0,), T.Q8_0: (0,), T.Q4_K: (0, 2), T.Q6_K: (208,)}
 
 
-@pytest.fixture(scope="module", params=[T.Q4_0, T.Q8_0], ids=lambda q: q.name)
-def weight(request):
-    unit = nk.get(request.param)
-    n = -(-TARGET_BYTES // (K // 32 * unit.type_size))
-    n = (n + 7) // 8 * 8
-    w = unit.prepare(unit.synthetic(n, K, np.random.default_rng(0)))
-    return unit, w
+def make_weights(qtype, nbytes=TARGET_BYTES, seed=0):
+    """Random valid blocks, (N, row_bytes) with N * row_bytes >= nbytes, N a multiple of 8."""
+    bs, ts = quant_sizes(qtype)
+    nb = K // bs
+    n = -(-nbytes // (nb * ts))
+    n = -(-n // 8) * 8
+    rng = np.random.default_rng(seed)
+    raw = rng.integers(0, 256, (n, nb, ts), dtype=np.uint8)
+    for off in F16_FIELDS[qtype]:
+        f = rng.uniform(1e-4, 1e-2, (n, nb, 1)).astype(np.float16)
+        raw[:, :, off:off + 2] = f.view(np.uint8)
+    raw = raw.reshape(n, nb * ts)
+    raw.flags.writeable = False  # like a GGUF memmap view
+    return raw
 
 
-@pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("variant", ["avx2-q8act", "numba-f32", "blas-tile"])
-def test_matvec_bandwidth(benchmark, weight, variant, threads):
-    unit, w = weight
-    if variant not in unit.variants():
-        pytest.skip(f"{variant} cannot run on this CPU")
-    n = w.shape[0]
-    x = np.random.default_rng(1).standard_normal((1, K)).astype(np.float32)
-    out = np.empty((1, n), np.float32)
-    pool = ThreadPoolExecutor(threads)
-    cuts = [n * i // threads for i in range(threads + 1)]
+class Decode:
+    """One matvec over all rows of a >= 256 MB matrix on a `threads`-thread RowPool."""
 
-    def step():
-        futures = [pool.submit(unit.run, variant, w, x, out, a, b) for a, b in zip(cuts, cuts[1:])]
-        for f in futures:
-            f.result()
+    def __init__(self, qtype, n_threads):
+        self.unit = nk.get(qtype)
+        raw = make_weights(qtype)
+        self.nbytes, self.n = raw.nbytes, raw.shape[0]
+        self.w = self.unit.prepare(raw)
+        del raw
+        self.x = np.random.default_rng(1).standard_normal((1, K)).astype(np.float32)
+        self.out = np.zeros((1, self.n), np.float32)  # (1, N)
+        self.pool = threads.RowPool(n_threads)
 
-    step()  # compile / load from cache outside the timing
-    benchmark.pedantic(step, rounds=7, iterations=1)
-    pool.shutdown()
-    if benchmark.stats is not None:
-        gbs = w.nbytes / benchmark.stats.stats.min / 1e9
-        benchmark.extra_info["GB/s"] = round(gbs, 2)
-        print(f"\n{unit.qtype.name} {variant} threads={threads}: {gbs:.1f} GB/s "
-              f"({w.nbytes / 2**20:.0f} MiB)")
+    def __call__(self):
+        acts = Activations(self.x)
+        self.unit.prepare_x(acts)
+        self.pool.run(lambda a, b: self.unit.matmul_x(self.w, acts, self.out, a, b), self.n,
+                      self.unit.row_multiple)
+
+    def best_seconds(self, passes: int = 10) -> float:
+        self()  # compile / warm up outside the timing
+        best = float("inf")
+        for _ in range(passes):
+            t0 = time.perf_counter()
+            self()
+            best = min(best, time.perf_counter() - t0)
+        return best
+
+    def close(self):
+        self.pool.close()
+
+
+@pytest.fixture(scope="module")
+def machine_gbs():
+    buf = bandwidth_buffer()
+    return {t: read_bandwidth(t, buf) for t in (1, 2)}
+
+
+@pytest.mark.parametrize("n_threads", [1, 2])
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_decode_gbs(benchmark, machine_gbs, qtype, n_threads):
+    run = Decode(qtype, n_threads)
+    try:
+        with threads.activate(run.pool):
+            run()
+            benchmark.pedantic(run, rounds=7, iterations=1)
+        if benchmark.stats is not None:  # None under --benchmark-disable
+            gbs = run.nbytes / benchmark.stats.stats.min / 1e9
+            benchmark.extra_info.update({"GB/s": round(gbs, 2),
+                                         "share_of_read_bw": round(gbs / machine_gbs[n_threads], 3)})
+            print(f"\n{qtype.name} {run.unit.variant} threads={n_threads}: {gbs:.1f} GB/s, "
+                  f"{100 * gbs / machine_gbs[n_threads]:.0f}% of {machine_gbs[n_threads]:.1f} GB/s")
+        benchmark.extra_info["weight_bytes"] = run.nbytes
+        benchmark.extra_info["variant"] = run.unit.variant
+    finally:
+        run.close()
+
+
+if __name__ == "__main__":
+    types = [T[n] for n in sys.argv[1].split(",")] if len(sys.argv) > 1 else TYPES
+    counts = [int(t) for t in sys.argv[2].split(",")] if len(sys.argv) > 2 else [1, 2]
+    buf = bandwidth_buffer()
+    bw = {t: read_bandwidth(t, buf) for t in counts}
+    del buf
+    print("| type | variant | threads | MiB | GB/s | read GB/s | share |")
+    print("|---|---|--:|--:|--:|--:|--:|")
+    for qt in types:
+        for th in counts:
+            r = Decode(qt, th)
+            with threads.activate(r.pool):
+                s = r.best_seconds()
+            r.close()
+            g = r.nbytes / s / 1e9
+            print(f"| {qt.name} | {r.unit.variant} | {th} | {r.nbytes / 2**20:.0f} | {g:.1f} | "
+                  f"{bw[th]:.1f} | {100 * g / bw[th]:.0f}% |", flush=True)

@@ -114,7 +114,8 @@ def _time(fn, min_reps: int = 3, budget_s: float = 0.05) -> float:
 
 def measure(unit) -> Choice:
     rng = np.random.default_rng(0)
-    w = unit.prepare(unit.synthetic(CAL_ROWS, CAL_COLS, rng))
+    raw = unit.synthetic(CAL_ROWS, CAL_COLS, rng)
+    w = unit.prepare(raw)
     x = rng.standard_normal((max(PREFILL_TOKENS), CAL_COLS)).astype(np.float32)
     out = np.empty((max(PREFILL_TOKENS), CAL_ROWS), np.float32)
     variants = unit.variants()
@@ -128,7 +129,7 @@ def measure(unit) -> Choice:
     for n_t in PREFILL_TOKENS:
         times = {v: timer(v, n_t) for v in variants}
         prefill.append((n_t, min(times, key=times.get)))
-    gbs = {v: round(w.nbytes / t / 1e9, 2) for v, t in dec.items()}
+    gbs = {v: round(raw.nbytes / t / 1e9, 2) for v, t in dec.items()}
     return Choice(matvec, tuple(prefill), gbs, "measured")
 
 

@@ -13,12 +13,40 @@ _REGISTRY: dict[GGMLQuantizationType, "KernelUnit"] = {}
 TILE_ROWS = 256
 
 
+class Activations:
+    """The input of one product, x float32 (T, K), with the encodings kernels derive from it
+    (e.g. int8 blocks with their scales). A caller makes one per input and hands it to every
+    matrix that reads that input (q, k and v; gate and up), so x is encoded once per input, not
+    once per matrix and row range. Forms are made on the caller's thread by `prepare_x`, before
+    the row ranges run: the workers only read them."""
+
+    def __init__(self, x: np.ndarray):
+        self.x = x            # float32 (T, K), C-contiguous
+        self._forms: dict = {}
+
+    def form(self, key: str, make):
+        """The encoding called `key`, made by make(x) on first request."""
+        f = self._forms.get(key)
+        if f is None:
+            f = self._forms[key] = make(self.x)
+        return f
+
+
 class KernelUnit:
     """Kernels for one GGML type. Subclasses set `qtype` and implement `dequantize`; the generic
-    `matvec`/`matmul` below dequantize a tile of rows and use BLAS, and fast units override them."""
+    `matvec`/`matmul` below dequantize a tile of rows and use BLAS, and fast units override them.
+
+    The engine's path is `prepare_x(acts)` once per input on the caller's thread, then
+    `matmul_x(w, acts, out, r0, r1)` per row range (possibly concurrently); the defaults fall back
+    to matvec/matmul, so a unit that encodes nothing needs neither."""
 
     qtype: GGMLQuantizationType
     variant = "generic"
+    # prepare() copies the rows into a new layout and keeps no reference to `raw`: the caller may
+    # drop raw's file pages once prepared (the weights then occupy memory once, not twice)
+    repacks = False
+    # row ranges starting at multiples of this are computed without redoing a shared row group
+    row_multiple = 1
     # True for units that offer several variants and let `_calibrate` pick one by timing them
     # (they then implement `variants()`, `run(variant, ...)`, `synthetic(n, k, rng)`).
     calibrated = False
@@ -62,12 +90,23 @@ class KernelUnit:
             self.dequantize(w, t, a, b)
             out[:, a:b] = x @ t.T
 
+    def prepare_x(self, acts: Activations) -> None:
+        """Make (in `acts`) the encodings of x that matmul_x will read; default: none."""
+
+    def matmul_x(self, w, acts: Activations, out: np.ndarray, r0: int, r1: int) -> None:
+        """out[:, r0:r1] = acts.x @ W[r0:r1].T; out: float32 (T, N). Reads only what prepare_x
+        made, so row ranges may run concurrently."""
+        if acts.x.shape[0] == 1:
+            self.matvec(w, acts.x[0], out[0], r0, r1)
+        else:
+            self.matmul(w, acts.x, out, r0, r1)
 
 
 class CalibratedUnit(KernelUnit):
     """A unit with several variants; `_calibrate` picks one per CPU (or NUMALLM_KERNEL forces it).
-    Subclasses implement `variants()`, `run(variant, w, x, out, r0, r1)` (x: float32 (T, K),
-    out: (T, N)) and `synthetic(n, k, rng)` (raw rows for timing)."""
+    Subclasses implement `variants()`, `prepare_variant_x(variant, acts)`,
+    `run_x(variant, w, acts, out, r0, r1)` (out: (T, N)) and `synthetic(n, k, rng)` (raw rows
+    for timing)."""
 
     calibrated = True
 
@@ -89,8 +128,17 @@ class CalibratedUnit(KernelUnit):
                     self._choice = _calibrate.choose(self)
         return self._choice
 
-    def run(self, variant: str, w, x, out, r0, r1) -> None:
+    def prepare_variant_x(self, variant: str, acts: Activations) -> None:
+        """Make the encodings of acts.x that `variant` reads; default: none."""
+
+    def run_x(self, variant: str, w, acts: Activations, out, r0, r1) -> None:
         raise NotImplementedError
+
+    def run(self, variant: str, w, x, out, r0, r1) -> None:
+        """out[:, r0:r1] = x @ W[r0:r1].T with a given variant; x: float32 (T, K), out (T, N)."""
+        acts = Activations(np.ascontiguousarray(x, dtype=np.float32))
+        self.prepare_variant_x(variant, acts)
+        self.run_x(variant, w, acts, out, r0, r1)
 
     def synthetic(self, n: int, k: int, rng: np.random.Generator) -> np.ndarray:
         raise NotImplementedError
@@ -100,6 +148,12 @@ class CalibratedUnit(KernelUnit):
 
     def matmul(self, w, x, out, r0, r1):
         self.run(self.choice().for_tokens(x.shape[0]), w, x, out, r0, r1)
+
+    def prepare_x(self, acts: Activations) -> None:
+        self.prepare_variant_x(self.choice().for_tokens(acts.x.shape[0]), acts)
+
+    def matmul_x(self, w, acts: Activations, out, r0, r1) -> None:
+        self.run_x(self.choice().for_tokens(acts.x.shape[0]), w, acts, out, r0, r1)
 
 
 def register(cls: type[KernelUnit]) -> type[KernelUnit]:

@@ -139,11 +139,11 @@ class _HalfUnit(CalibratedUnit):
         else:
             out[...] = w[r0:r1].view(np.float16)
 
-    def run(self, variant, w, x, out, r0, r1):
+    def run_x(self, variant, w, acts, out, r0, r1):
         if variant == "avx2-f32acc":
-            self._matmul(w, np.ascontiguousarray(x, dtype=np.float32), out, r0, r1)
+            self._matmul(w, acts.x, out, r0, r1)
         elif variant == "blas-tile":
-            KernelUnit.matmul(self, w, x, out, r0, r1)
+            KernelUnit.matmul(self, w, acts.x, out, r0, r1)
         else:
             raise ValueError(f"unknown variant {variant!r} for {self.qtype.name}")
 

@@ -1,4 +1,5 @@
-"""Units for the 32-element block types: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL.
+"""Units for the 32-element block types Q4_1, Q5_0, Q5_1, IQ4_NL, and the activation encoding
+("q8_0" form) they share with Q4_0/Q8_0 (which re-lay their rows out: see interleaved.py).
 
 Block layouts are documented in `_legacy_blocks.py` beside their exact decoders.
 
@@ -8,7 +9,7 @@ scale array would only add memory (+22% for Q4_0) for no measured gain, and keep
 packed halves the bytes a decode step streams compared with an int8 re-layout.
 
 Variants (picked per type by `_calibrate`, forced with NUMALLM_KERNEL):
-  avx2-q8act  x quantized once per call to int8 blocks of 32 (one float scale each, as llama.cpp's
+  avx2-q8act  x quantized once per input to int8 blocks of 32 (one float scale each, as llama.cpp's
               Q8_0); 32-element integer block dots with vpmaddubsw, 4 weight rows per pass so
               four independent accumulators hide the FMA latency. Needs AVX2+FMA+F16C.
   numba-f32   portable: one row dequantized to float32, dotted with 32 partial sums.
@@ -53,9 +54,9 @@ def _no_min(w, o, d):  # never called: HAS_MIN is False for these types
 
 
 @njit(nogil=True, cache=True)
-def quantize_rows(x, xq, dx, xs):
-    """x float32 (T, K) -> xq int8 (T, K), dx float32 (T, K/32) block scales, xs float32
-    (T, K/32) = dx * sum(xq) per block (for the min term of Q4_1/Q5_1).
+def quantize_rows(x, xq, dx, xsum):
+    """x float32 (T, K) -> xq int8 (T, K), dx float32 (T, K/32) block scales, xsum int32
+    (T, K/32) sums of each block's codes (for the min / offset terms).
 
     Symmetric round-to-nearest, |xq| <= 127 (the vpsignb trick needs no -128). A block holding
     NaN/inf gets dx = NaN, so a non-finite input shows in the output instead of vanishing."""
@@ -79,7 +80,17 @@ def quantize_rows(x, xq, dx, xs):
                 xq[t, o + j] = np.int8(q)
                 isum += q
             dx[t, b] = d if finite else np.float32(np.nan)
-            xs[t, b] = dx[t, b] * np.float32(isum)
+            xsum[t, b] = isum
+
+
+def q8_0_form(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The "q8_0" encoding of x float32 (T, K) (see quantize_rows): (xq, dx, xsum)."""
+    n_t, k = x.shape
+    xq = np.empty((n_t, k), np.int8)                 # (T, K)
+    dx = np.empty((n_t, k // BLOCK), np.float32)     # (T, K/32)
+    xsum = np.empty((n_t, k // BLOCK), np.int32)     # (T, K/32)
+    quantize_rows(x, xq, dx, xsum)
+    return xq, dx, xsum
 
 
 # The three kernel templates below are specialized per type by `specialize`: DECODE, DOT,
@@ -118,8 +129,8 @@ def _matmul_f32_t(w, x, out, r0, r1):
             out[t, r] = s
 
 
-def _matmul_q8act_t(w, xq, dx, xs, out, r0, r1):
-    # w: uint8 (N, row_bytes) raw rows; xq: int8 (T, K); dx, xs: float32 (T, K/32) as made by
+def _matmul_q8act_t(w, xq, dx, xsum, out, r0, r1):
+    # w: uint8 (N, row_bytes) raw rows; xq: int8 (T, K); dx float32, xsum int32 (T, K/32) from
     # quantize_rows; out: float32 (T, N). Rows go 4 at a time (one accumulator each, independent
     # FMA chains); the 4 rows (a few KB) stay in L1 while every token t passes over them.
     n_t = xq.shape[0]
@@ -149,7 +160,7 @@ def _matmul_q8act_t(w, xq, dx, xs, out, r0, r1):
                     a2 = DOT(a2, wf, o + 2 * rb + DOT_OFFSET, xf, xo, d2 * s)  # noqa: F821
                     a3 = DOT(a3, wf, o + 3 * rb + DOT_OFFSET, xf, xo, d3 * s)  # noqa: F821
                     if HAS_MIN:  # noqa: F821
-                        m = xs[t, b]
+                        m = s * np.float32(xsum[t, b])
                         c0 += MIN_OF(wf, o, d0) * m  # noqa: F821
                         c1 += MIN_OF(wf, o + rb, d1) * m  # noqa: F821
                         c2 += MIN_OF(wf, o + 2 * rb, d2) * m  # noqa: F821
@@ -171,7 +182,7 @@ def _matmul_q8act_t(w, xq, dx, xs, out, r0, r1):
                     d0 = load_f16(wf, o)
                     a0 = DOT(a0, wf, o + DOT_OFFSET, xf, xo, d0 * dx[t, b])  # noqa: F821
                     if HAS_MIN:  # noqa: F821
-                        c0 += MIN_OF(wf, o, d0) * xs[t, b]  # noqa: F821
+                        c0 += MIN_OF(wf, o, d0) * (dx[t, b] * np.float32(xsum[t, b]))  # noqa: F821
                     o += BLOCK_BYTES  # noqa: F821
                     xo += BLOCK
                 out[t, r] = hsum(a0) + c0
@@ -210,19 +221,18 @@ class LegacyUnit(CalibratedUnit):
     def dequantize(self, w, out, r0, r1):
         self._dequant(w, out, r0, r1)
 
-    def run(self, variant: str, w, x, out, r0, r1) -> None:
-        """out[:, r0:r1] = x @ W[r0:r1].T with a given variant; x: float32 (T, K), out (T, N)."""
+    def prepare_variant_x(self, variant: str, acts) -> None:
         if variant == "avx2-q8act":
-            n_t, k = x.shape
-            xq = np.empty((n_t, k), np.int8)                 # (T, K)
-            dx = np.empty((n_t, k // BLOCK), np.float32)     # (T, K/32)
-            xs = np.empty((n_t, k // BLOCK), np.float32)     # (T, K/32)
-            quantize_rows(x, xq, dx, xs)
-            self._mm_q8act(w, xq, dx, xs, out, r0, r1)
+            acts.form("q8_0", q8_0_form)
+
+    def run_x(self, variant: str, w, acts, out, r0, r1) -> None:
+        if variant == "avx2-q8act":
+            xq, dx, xsum = acts.form("q8_0", q8_0_form)
+            self._mm_q8act(w, xq, dx, xsum, out, r0, r1)
         elif variant == "numba-f32":
-            self._mm_f32(w, x, out, r0, r1)
+            self._mm_f32(w, acts.x, out, r0, r1)
         elif variant == "blas-tile":
-            KernelUnit.matmul(self, w, x, out, r0, r1)
+            KernelUnit.matmul(self, w, acts.x, out, r0, r1)
         else:
             raise ValueError(f"unknown variant {variant!r} for {self.qtype.name}")
 
@@ -241,7 +251,7 @@ class LegacyUnit(CalibratedUnit):
 
         w = self.prepare(np.zeros((4, self.fmt.block_bytes), np.uint8))
         args = (w, np.zeros((1, BLOCK), np.int8), np.zeros((1, 1), np.float32),
-                np.zeros((1, 1), np.float32), np.zeros((1, 4), np.float32), 0, 4)
+                np.zeros((1, 1), np.int32), np.zeros((1, 4), np.float32), 0, 4)
         return [(self._mm_q8act, tuple(typeof(a) for a in args))] if _simd.has_avx2() else []
 
 
@@ -250,13 +260,11 @@ def _unit(qtype, block_bytes, decode, dot, dot_offset, min_of=None):
     return register(type(f"{qtype.name}Unit", (LegacyUnit,), {"qtype": qtype, "fmt": fmt}))
 
 
-# Q4_0/Q5_0 dot signed q - 8 / q - 16 (vpsignb trick). Treating them as Q4_1/Q5_1 with an
-# implied min m = -8d (unsigned q, a scalar min term per block) measured 14% slower (A/B in one
-# process: 15.9 vs 18.5 Gweights/s in cache, Zen 3): the scalar term costs more than the two
-# vector ops it saves.
-Q4_0 = _unit(T.Q4_0, 18, lb.decode_q4_0, _simd.dot_q4_0, 2)
+# Q5_0 dots signed q - 16 (vpsignb trick). Treating it as Q5_1 with an implied min m = -16d
+# (unsigned q, a scalar min term per block) measured slower for Q4_0 in this one-row-at-a-time
+# kernel (A/B in one process: 15.9 vs 18.5 Gweights/s in cache, Zen 3): the scalar term costs
+# more than the two vector ops it saves. (The 8-row Q4_0 kernel shares that term over 8 rows.)
 Q4_1 = _unit(T.Q4_1, 20, lb.decode_q4_1, _simd.dot_q4_1, 4, _stored_min)
 Q5_0 = _unit(T.Q5_0, 22, lb.decode_q5_0, _simd.dot_q5_0, 2)
 Q5_1 = _unit(T.Q5_1, 24, lb.decode_q5_1, _simd.dot_q5_1, 4, _stored_min)
-Q8_0 = _unit(T.Q8_0, 34, lb.decode_q8_0, _simd.dot_q8_0, 2)
 IQ4_NL = _unit(T.IQ4_NL, 18, lb.decode_iq4_nl, _simd.dot_iq4_nl, 2)

@@ -4,10 +4,13 @@ thread pools and (later) the NUMA/GPU placement can change without touching them
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 import numallm_kernels
+from numallm_kernels.base import Activations
 
-from . import threads
+from . import numa_mem, threads
 from .errors import UnsupportedError
 from .gguf_file import QTensor
 
@@ -16,6 +19,8 @@ class Linear:
     """A weight matrix W of shape (N, K) kept in its GGUF encoding; `lin(x)` = x @ W.T.
 
     x: float32 (T, K) -> float32 (T, N). The rows of W are split over the current thread pool.
+    Several matrices that read the same input go through `matmuls` together: one encoding of x
+    and one dispatch to the pool for all of them.
     """
 
     def __init__(self, qt: QTensor):
@@ -34,17 +39,26 @@ class Linear:
         self.nbytes = qt.nbytes
         self.raw = qt.data               # (N, row_bytes) uint8 GGUF view: placement slices it
         self.w = self.unit.prepare(qt.data)
+        if self.unit.repacks:
+            # the prepared copy holds the weights now: drop the file pages read while copying,
+            # or they would stay in our RSS next to it (placement re-reads them if it needs to)
+            numa_mem.release_file_pages(qt.data)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        n = self.shape[0]
-        out = np.empty((x.shape[0], n), dtype=np.float32)        # (T, N)
-        if x.shape[0] == 1:
-            xv, ov = x[0], out[0]
-            threads.current().run(lambda a, b: self.unit.matvec(self.w, xv, ov, a, b), n)
-        else:
-            threads.current().run(lambda a, b: self.unit.matmul(self.w, x, out, a, b), n)
-        return out
+        return matmuls(x, self)[0]
+
+    def pool(self) -> threads.RowPool:
+        """The pool this matrix's rows run on."""
+        return threads.current()
+
+    def add_jobs(self, acts: Activations, out: np.ndarray,
+                 jobs: list[list[Callable[[], None]]]) -> Callable[[], None] | None:
+        """Append to jobs[i] what thread i of `pool()` computes of out = acts.x @ W.T, out float32
+        (T, N). Returns a step to run once every thread is done, or None."""
+        unit, w = self.unit, self.w
+        for i, (a, b) in enumerate(threads.split_rows(self.shape[0], len(jobs), unit.row_multiple)):
+            jobs[i].append(lambda a=a, b=b: unit.matmul_x(w, acts, out, a, b))
+        return None
 
     def rows(self, ids: np.ndarray) -> np.ndarray:
         """Dequantized rows `ids` (an embedding lookup): float32 (len(ids), K)."""
@@ -52,6 +66,35 @@ class Linear:
         for i, r in enumerate(ids):
             self.unit.dequantize(self.w, out[i:i + 1], int(r), int(r) + 1)
         return out
+
+
+def _run_all(calls: list[Callable[[], None]]) -> None:
+    for c in calls:
+        c()
+
+
+def matmuls(x: np.ndarray, *lins: Linear) -> list[np.ndarray]:
+    """[x @ W.T for each W in lins], x: float32 (T, K). x is encoded once per kernel form and all
+    matrices go to the pool in one dispatch (each thread takes its rows of every matrix)."""
+    acts = Activations(np.ascontiguousarray(x, dtype=np.float32))
+    pool = lins[0].pool()
+    if any(lin.pool() is not pool for lin in lins[1:]):
+        return [matmuls(x, lin)[0] for lin in lins]
+    jobs: list[list[Callable[[], None]]] = [[] for _ in range(pool.n_threads)]
+    outs, after = [], []
+    for lin in lins:
+        lin.unit.prepare_x(acts)
+        out = np.empty((acts.x.shape[0], lin.shape[0]), dtype=np.float32)   # (T, N)
+        step = lin.add_jobs(acts, out, jobs)
+        outs.append(out)
+        if step is not None:
+            after.append(step)
+    while len(jobs) > 1 and not jobs[-1]:
+        jobs.pop()
+    pool.run_each([lambda j=j: _run_all(j) for j in jobs])
+    for step in after:
+        step()
+    return outs
 
 
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:

@@ -77,20 +77,15 @@ class Exchange:
             out[:, r0:r1] = p
 
 
-def _noop() -> None:
-    pass
-
-
 class _Part:
     """One node's rows [r0, r1) of a matrix: prepared weights in node memory, its thread indices."""
 
-    def __init__(self, group: int, r0: int, r1: int, w, arrays: list[np.ndarray], tids: list[int]):
+    def __init__(self, group: int, r0: int, r1: int, w, arrays: list[np.ndarray], tids: list[int],
+                 multiple: int = 1):
         self.group, self.r0, self.r1, self.w, self.arrays = group, r0, r1, w, arrays
-        n = r1 - r0
-        k = max(1, min(len(tids), n // threads.MIN_ROWS_PER_THREAD))
-        step = -(-n // k) if n else 0
         # (thread index, local row range) for each share of this slice
-        self.shares = [(tids[j], j * step, min((j + 1) * step, n)) for j in range(k) if j * step < n]
+        self.shares = [(tids[j], a, b) for j, (a, b) in
+                       enumerate(threads.split_rows(r1 - r0, len(tids), multiple))]
 
 
 class ShardedLinear(ops.Linear):
@@ -100,29 +95,28 @@ class ShardedLinear(ops.Linear):
         # not Linear.__init__: the full matrix is not kept, only the node-local parts
         self.unit, self.name, self.qtype, self.shape = lin.unit, lin.name, lin.qtype, lin.shape
         self.nbytes, self.raw = lin.nbytes, None
-        self.parts, self.pool, self.exchange = parts, pool, exchange
+        self.parts, self._pool, self.exchange = parts, pool, exchange
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        t = x.shape[0]
-        out = np.empty((t, self.shape[0]), dtype=np.float32)            # (T, N)
-        calls: list[Callable[[], None]] = [_noop] * self.pool.n_threads
-        unit = self.unit
+    def pool(self) -> threads.RowPool:
+        return self._pool
+
+    def add_jobs(self, acts, out, jobs):
+        """Each part's shares go to the threads of its node. A decode step writes each part's
+        rows straight into `out` (one row of T = 1 is contiguous); batched outputs are computed
+        per part and gathered by the exchange once all threads are done."""
+        unit, t = self.unit, acts.x.shape[0]
         if t == 1:
-            xv = x[0]
             for p in self.parts:
-                ov = out[0, p.r0:p.r1]                                    # contiguous: no gather
+                ov = out[:, p.r0:p.r1]                                    # (1, rows_i)
                 for tid, a, b in p.shares:
-                    calls[tid] = lambda w=p.w, ov=ov, a=a, b=b: unit.matvec(w, xv, ov, a, b)
-            self.pool.run_each(calls)
-            return out
+                    jobs[tid].append(lambda w=p.w, ov=ov, a=a, b=b: unit.matmul_x(w, acts, ov, a, b))
+            return None
         outs = [np.empty((t, p.r1 - p.r0), dtype=np.float32) for p in self.parts]  # (T, rows_i)
         for p, o in zip(self.parts, outs):
             for tid, a, b in p.shares:
-                calls[tid] = lambda w=p.w, o=o, a=a, b=b: unit.matmul(w, x, o, a, b)
-        self.pool.run_each(calls)
-        self.exchange.gather_cols(outs, out, [(p.r0, p.r1) for p in self.parts])
-        return out
+                jobs[tid].append(lambda w=p.w, o=o, a=a, b=b: unit.matmul_x(w, acts, o, a, b))
+        bounds = [(p.r0, p.r1) for p in self.parts]
+        return lambda: self.exchange.gather_cols(outs, out, bounds)
 
     def rows(self, ids: np.ndarray) -> np.ndarray:
         out = np.empty((len(ids), self.shape[1]), dtype=np.float32)     # (len(ids), K)
@@ -143,11 +137,13 @@ def _localize(unit, raw: np.ndarray, node: int | None):
     w = unit.prepare(local)
     if not dataclasses.is_dataclass(w):
         return w, [local]
-    # K-quant units unpack scales into fresh numpy arrays: move those to the node as well
+    # K-quant units unpack scales into fresh numpy arrays, repacking units copy everything:
+    # move those to the node as well (a repacked copy no longer needs `local`)
     moved = {f.name: numa_mem.to_node(v, node, readonly=not v.flags.writeable)
              for f in dataclasses.fields(w) if isinstance(v := getattr(w, f.name), np.ndarray)
              and not np.shares_memory(v, local)}
-    return dataclasses.replace(w, **moved), [local, *moved.values()]
+    kept = [] if unit.repacks else [local]
+    return dataclasses.replace(w, **moved), [*kept, *moved.values()]
 
 
 def _groups(topo: Topology, strategy: str, nodes: list[int] | None,
@@ -278,7 +274,7 @@ def apply(model, topo: Topology | None, strategy: str = "shard", nodes: list[int
                 r0, r1 = a * unit_rows, b * unit_rows
                 if r1 > r0:
                     w, arrays = _localize(lin.unit, lin.raw[r0:r1], groups[gi].mem_node)
-                    parts.append(_Part(gi, r0, r1, w, arrays, tids[gi]))
+                    parts.append(_Part(gi, r0, r1, w, arrays, tids[gi], lin.unit.row_multiple))
             done[id(lin)] = ShardedLinear(lin, parts, pool, exchange)
             placement.linears.append(done[id(lin)])
         return done[id(lin)]

@@ -19,6 +19,16 @@ import psutil
 MIN_ROWS_PER_THREAD = 64
 
 
+def split_rows(n_rows: int, n_threads: int, multiple: int = 1) -> list[tuple[int, int]]:
+    """Contiguous [a, b) ranges covering n_rows, one per thread that gets work: at least
+    MIN_ROWS_PER_THREAD rows each, and cut at multiples of `multiple` (a kernel's row group), so
+    no group is computed twice."""
+    k = min(n_threads, max(1, n_rows // MIN_ROWS_PER_THREAD))
+    step = -(-n_rows // k)
+    step = -(-step // multiple) * multiple
+    return [(a, min(a + step, n_rows)) for a in range(0, n_rows, step)]
+
+
 def physical_cores() -> int:
     """Physical cores this process may run on (hyperthreads do not add decode bandwidth)."""
     allowed = len(os.sched_getaffinity(0))
@@ -78,14 +88,13 @@ class RowPool:
                 if self._pending == 0:
                     self._cv.notify_all()
 
-    def run(self, fn: Callable[[int, int], None], n_rows: int) -> None:
-        """Call fn over [0, n_rows) split into one contiguous range per thread."""
-        k = min(self.n_threads, max(1, n_rows // MIN_ROWS_PER_THREAD))
-        if k == 1:
+    def run(self, fn: Callable[[int, int], None], n_rows: int, multiple: int = 1) -> None:
+        """Call fn over [0, n_rows) split into one contiguous range per thread (see split_rows)."""
+        ranges = split_rows(n_rows, self.n_threads, multiple)
+        if len(ranges) == 1:
             fn(0, n_rows)
             return
-        step = -(-n_rows // k)
-        self.run_each([lambda a=a: fn(a, min(a + step, n_rows)) for a in range(0, n_rows, step)])
+        self.run_each([lambda a=a, b=b: fn(a, b) for a, b in ranges])
 
     def run_each(self, calls: Sequence[Callable[[], None]]) -> None:
         """Thread i runs calls[i] (the caller runs calls[0]); returns when all are done."""

@@ -7,6 +7,7 @@ NMSE = sum((y - ref)^2) / sum(ref^2), bounded per variant (test-backend-ops styl
 | variant     | bound | why                                                             |
 |-------------|-------|-----------------------------------------------------------------|
 | avx2-q8act  | 5e-4  | x is rounded to int8 per 32-block (~1e-5 seen on Gaussian data) |
+| avx2-x8     | 5e-4  | same activation rounding (Q4_0/Q8_0 in 8-row interleaved layout)  |
 | numba-f32   | 1e-9  | float32 products and sums of exactly dequantized weights        |
 | blas-tile   | 1e-9  | same, summed by BLAS                                            |
 | blas / f16  | 1e-9  | dense types                                                     |
@@ -27,7 +28,7 @@ from numallm_kernels import _calibrate
 
 MODELS = Path(__file__).resolve().parents[1].parent / "shared" / "models"
 
-NMSE_BOUND = {"avx2-q8act": 5e-4, "numba-f32": 1e-9, "blas-tile": 1e-9}
+NMSE_BOUND = {"avx2-q8act": 5e-4, "avx2-x8": 5e-4, "numba-f32": 1e-9, "blas-tile": 1e-9}
 BLOCK_TYPES = [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.IQ4_NL]
 QUANTIZABLE = {T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0}  # gguf-py has no IQ4_NL quantizer
 N, K, R0, R1 = 37, 320, 5, 34   # odd row count, range starting mid-matrix, K = 10 blocks
@@ -147,17 +148,38 @@ def test_two_threads_match_one_call(qt):
                 np.testing.assert_array_equal(one.view(np.uint32), two.view(np.uint32))
 
 
-def test_q8act_nonfinite_and_zero_inputs():
-    unit = nk.get(T.Q4_0)
-    if "avx2-q8act" not in unit.variants():
+@pytest.mark.parametrize("qt,variant", [(T.Q4_0, "avx2-x8"), (T.Q8_0, "avx2-x8"),
+                                        (T.Q4_1, "avx2-q8act")], ids=lambda v: str(getattr(v, "name", v)))
+def test_int8_activations_nonfinite_and_zero_inputs(qt, variant):
+    unit = nk.get(qt)
+    if variant not in unit.variants():
         pytest.skip("CPU lacks AVX2")
-    w = unit.prepare(weights(T.Q4_0, np.random.default_rng(6)))
+    w = unit.prepare(weights(qt, np.random.default_rng(6)))
     x = np.zeros((2, K), np.float32)
     x[1, 40] = np.inf
     out = np.full((2, N), 3.0, np.float32)
-    unit.run("avx2-q8act", w, x, out, 0, N)
+    unit.run(variant, w, x, out, 0, N)
     assert np.all(out[0] == 0.0)
     assert np.all(np.isnan(out[1]))  # the block scale is NaN, so even zero weights give NaN
+
+
+@pytest.mark.parametrize("qt", [T.Q4_0, T.Q8_0], ids=lambda q: q.name)
+def test_interleaved_layout_size_and_strided_output(qt):
+    """The 8-row records hold the GGUF bytes once (plus < 8 padding rows); an output that is a
+    column slice of a wider array (not contiguous) gets the same values as a contiguous one."""
+    unit = nk.get(qt)
+    rng = np.random.default_rng(8)
+    raw = weights(qt, rng)
+    w = unit.prepare(raw)
+    assert unit.repacks and w.q.nbytes == -(-N // 8) * 8 * raw.shape[1]
+    x = rng.standard_normal((3, K)).astype(np.float32)
+    for variant in unit.variants():
+        flat = np.zeros((3, N), np.float32)
+        unit.run(variant, w, x, flat, 0, N)
+        wide = np.zeros((3, N + 9), np.float32)
+        unit.run(variant, w, x, wide[:, 4:4 + N], 0, N)
+        np.testing.assert_array_equal(wide[:, 4:4 + N], flat)
+        assert np.all(wide[:, :4] == 0) and np.all(wide[:, 4 + N:] == 0)
 
 
 def test_bad_forced_variant_is_a_user_error(monkeypatch):

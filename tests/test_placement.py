@@ -120,14 +120,14 @@ def test_no_thread_runs_outside_its_node_during_a_forward(synth_dir, monkeypatch
         unit = llm.model.blk[0].attn_q.unit
         owner = {id(p.w): set(pl.groups[p.group].cpus) for m in pl.linears for p in m.parts}
         seen = []
-        real_matvec, real_matmul = unit.matvec, unit.matmul
+        real_matmul_x = unit.matmul_x
 
         def record(w):
             seen.append((id(w), libc.sched_getcpu(), os.sched_getaffinity(0)))
 
-        monkeypatch.setattr(unit, "matvec", lambda w, *a: (record(w), real_matvec(w, *a))[1])
-        monkeypatch.setattr(unit, "matmul", lambda w, *a: (record(w), real_matmul(w, *a))[1])
-        llm.generate(TOKENS, 4, temperature=0)          # prefill (matmul) and decode (matvec)
+        # every row range of every product goes through matmul_x (prefill and decode)
+        monkeypatch.setattr(unit, "matmul_x", lambda w, *a: (record(w), real_matmul_x(w, *a))[1])
+        llm.generate(TOKENS, 4, temperature=0)
     # every matrix slice but the embedding (read by row lookup, not matvec) was computed
     embd = {id(p.w) for p in llm.model.token_embd.parts}
     assert len(seen) > 100 and {w for w, _, _ in seen} == set(owner) - embd

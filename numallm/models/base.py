@@ -133,9 +133,9 @@ class Block:
     def qkv(self, h: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """h: (T, n_embd) -> q (T, n_head, hd), k and v (T, n_head_kv, hd), before RoPE."""
         a, t = self.a, h.shape[0]
-        return (self.attn_q(h).reshape(t, a.n_head, a.head_dim),
-                self.attn_k(h).reshape(t, a.n_head_kv, a.head_dim),
-                self.attn_v(h).reshape(t, a.n_head_kv, a.head_dim))
+        q, k, v = ops.matmuls(h, self.attn_q, self.attn_k, self.attn_v)
+        return (q.reshape(t, a.n_head, a.head_dim), k.reshape(t, a.n_head_kv, a.head_dim),
+                v.reshape(t, a.n_head_kv, a.head_dim))
 
     def __call__(self, x: np.ndarray, cache: ops.KVCache, pos0: int) -> np.ndarray:
         """x: (T, n_embd) residual stream -> (T, n_embd)."""
@@ -144,7 +144,8 @@ class Block:
         self.rope(k, pos0)
         x = x + self.attn_output(ops.attention(q, k, v, cache, pos0))
         h = ops.rms_norm(x, self.ffn_norm, self.a.norm_eps)
-        return x + self.ffn_down(ops.silu(self.ffn_gate(h)) * self.ffn_up(h))
+        gate, up = ops.matmuls(h, self.ffn_gate, self.ffn_up)
+        return x + self.ffn_down(ops.silu(gate) * up)
 
 
 class Transformer:

@@ -23,10 +23,11 @@ class QwenBlock(Block):
         self.attn_v_bias = w.vector(p + "attn_v.bias", a.n_head_kv * a.head_dim)
 
     def qkv(self, h: np.ndarray):
-        a, t = self.a, h.shape[0]
-        return ((self.attn_q(h) + self.attn_q_bias).reshape(t, a.n_head, a.head_dim),
-                (self.attn_k(h) + self.attn_k_bias).reshape(t, a.n_head_kv, a.head_dim),
-                (self.attn_v(h) + self.attn_v_bias).reshape(t, a.n_head_kv, a.head_dim))
+        q, k, v = super().qkv(h)
+        a = self.a
+        return (q + self.attn_q_bias.reshape(a.n_head, a.head_dim),
+                k + self.attn_k_bias.reshape(a.n_head_kv, a.head_dim),
+                v + self.attn_v_bias.reshape(a.n_head_kv, a.head_dim))
 
 
 class Model(Transformer):
