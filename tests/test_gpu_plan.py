@@ -415,3 +415,13 @@ def test_bad_gpu_flags_give_one_line(tiny, tmp_path, monkeypatch, capsys, flags,
     assert main(["plan", tiny.path, *flags]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("numallm: error:") and needle in err[0]
+
+
+def test_a_host_part_larger_than_free_memory_is_said(nemo):
+    topo = discover(str(FIXTURES / "vm_1node"), use_libs=False)        # one node, 27 GiB free
+    devs = [gpu(0, "NVIDIA GeForce RTX 4090", (8, 9), 24, 23.5, 1008)]
+    p = make_plan(nemo, 131072, OffloadRequest(), devs, topo)
+    assert p.host_bytes_per_node == {0: p.host_bytes} and p.host_bytes > 27 * GIB
+    assert any(n.startswith("the host part needs") for n in p.notes)
+    p = make_plan(nemo, 131072, OffloadRequest(gpu_layers="auto"), devs, topo)
+    assert not any(n.startswith("the host part needs") for n in p.notes)

@@ -3,10 +3,10 @@ host node would hold, before anything is loaded. The loader uses the same plan (
 from __future__ import annotations
 
 import argparse
-import json
 
 from ..errors import NumallmError
 from .common import add_model_args, offload_request
+from .topo import dumps
 
 
 def register(sub) -> None:
@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     plan = plan_for_machine(f, n_ctx, request, numa=args.numa, nodes=args.nodes,
                             virtual_nodes=args.virtual_nodes)
     if args.json:
-        print(json.dumps(plan.to_json(), indent=1))
+        print(dumps(plan.to_json()))
     else:
         print("\n".join(render(plan, f.architecture)))
     return 0

@@ -489,6 +489,11 @@ def make_plan(gguf, n_ctx: int, request: OffloadRequest, devices: list[GpuDevice
         host_weights += gguf.tensors["token_embd.weight"].nbytes   # tied: lookup copy stays too
     host_kv = sum(u.kv_bytes for u in layers if u.device is None)
     host = host_weights + host_kv
+    if topo is not None:
+        free = sum(n.mem_free_bytes for n in topo.nodes if nodes is None or n.id in nodes)
+        if host > free:
+            notes.append(f"the host part needs {_size(host)} but {_size(free)} is free: offload more "
+                         f"layers, lower the context (-c) or free memory")
     return OffloadPlan(layers, output, devs, host, host_per_node(host, topo, numa, nodes), skipped,
                        notes, n_ctx, n_batch, request, str(getattr(gguf, "path", "")), host_weights,
                        host_kv, (no_gpu or "the GPU inventory is empty") if not devices else None)
