@@ -66,7 +66,8 @@ class GenerationResult:
 class LLM:
     def __init__(self, path: str, n_ctx: int | None = None, n_threads: int | None = None,
                  chat_template: str | None = None, numa: str = "off", virtual_nodes: int | None = None,
-                 nodes: list[int] | None = None, threads_per_node: int | None = None):
+                 nodes: list[int] | None = None, threads_per_node: int | None = None,
+                 offload=None):
         from .chat_template import ChatTemplate
         from .placement import apply as place
         from .tokenizer import Tokenizer
@@ -82,12 +83,26 @@ class LLM:
         self.n_ctx = int(n_ctx or min(self.args.context_length, DEFAULT_CTX))
         if self.n_ctx <= 0:
             raise NumallmError(f"context size {self.n_ctx} must be positive (-c N)")
+        # GPU offload first (numallm.gpu.offload): it moves whole blocks, NUMA placement then
+        # places what stays on the host
+        self.offload = None
+        if offload is not None and offload.wants_gpu:
+            from .gpu import offload as gpu_offload
+
+            self.offload = gpu_offload.setup(self.model, self.file, self.n_ctx, offload, PREFILL_CHUNK,
+                                             numa=numa, nodes=nodes, virtual_nodes=virtual_nodes)
+            if self.offload.reason:
+                gpu_offload.notice(self.offload.reason)
         need = self.args.kv_bytes_per_token * self.n_ctx
+        if self.offload is not None and self.offload.applied:
+            need = self.offload.plan.host_kv
         avail = psutil.virtual_memory().available
         if need > avail:
             raise NumallmError(f"the KV cache for {self.n_ctx} tokens needs {need / 2**30:.1f} GiB but only "
                                f"{avail / 2**30:.1f} GiB of memory is available; lower the context size (-c)")
         self.cache = self.model.new_cache(self.n_ctx)
+        if self.offload is not None:
+            self.cache = self.offload.adopt_cache(self.cache)
         topo = None
         if numa != "off":
             from .topology import discover
@@ -233,5 +248,8 @@ class LLM:
 def load(path: str, **options) -> LLM:
     """Load a GGUF model. options: n_ctx, n_threads, chat_template (a Jinja source override),
     numa ("off", "shard", "isolate"), virtual_nodes (carve this machine into N nodes), nodes,
-    threads_per_node; see numallm.placement."""
+    threads_per_node (see numallm.placement); offload: a numallm.gpu.OffloadRequest (blocks to run
+    on GPUs; see numallm.gpu.offload). Without a usable GPU, one line on stderr says why and
+    every layer runs on the CPU; `llm.offload` holds the plan, the actual device bytes and where
+    each layer ran."""
     return LLM(path, **options)

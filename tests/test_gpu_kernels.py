@@ -29,6 +29,8 @@ cuda = pytest.importorskip("numba.cuda")
 from numallm.gpu import cuda_kernels as ck  # noqa: E402
 from numallm.gpu import cuda_ops as co  # noqa: E402
 
+# several lanes and blocks, so the tree reductions and grid-stride loops all run
+LAUNCH = ck.Launch.coverage()
 TYPES = [T.F32, T.F16, T.Q4_0, T.Q8_0, T.Q4_K, T.Q6_K]
 KQ_F16 = {T.Q4_K: (0, 2), T.Q6_K: (208,)}   # byte offsets of the f16 super-scales
 
@@ -66,7 +68,7 @@ def gpu_matmul(qtype, raw, x) -> np.ndarray:
     n, k = raw.shape[0], x.shape[1]
     m = ck.GpuMatrix(qtype, (n, k), cuda.to_device(ck.device_layout(qtype, raw)))
     out = cuda.device_array((x.shape[0], n), np.float32)
-    m.matmul(cuda.to_device(x), out, x.shape[0], ck.launch_config())
+    m.matmul(cuda.to_device(x), out, x.shape[0], LAUNCH)
     return out.copy_to_host()
 
 
@@ -138,9 +140,9 @@ def test_rms_norm_matches_ops_in_place_too():
     want = ops.rms_norm(x, w, 1e-5)
     dx, dw = cuda.to_device(x), cuda.to_device(w)
     out = cuda.device_array_like(x)
-    co.rms_norm(dx, dw, out, 3, 1e-5, ck.launch_config())
+    co.rms_norm(dx, dw, out, 3, 1e-5, LAUNCH)
     assert nmse(out.copy_to_host(), want) < 1e-13
-    co.rms_norm(dx, dw, dx, 3, 1e-5, ck.launch_config())           # qwen3's q/k norm: in place
+    co.rms_norm(dx, dw, dx, 3, 1e-5, LAUNCH)           # qwen3's q/k norm: in place
     assert nmse(dx.copy_to_host(), want) < 1e-13
 
 
@@ -152,7 +154,7 @@ def test_rope_matches_ops(neox):
     x = rng.standard_normal((3, 2, 10)).astype(np.float32)          # rope_dim 8 < head_dim 10
     want = rope(x.copy(), 7)
     dx = cuda.to_device(x)
-    co.rope(dx, 7, 3, cuda.to_device(rope.inv_freq), rope.freq_scale, 8, neox, ck.launch_config())
+    co.rope(dx, 7, 3, cuda.to_device(rope.inv_freq), rope.freq_scale, 8, neox, LAUNCH)
     got = dx.copy_to_host()
     assert nmse(got, want) < 1e-13 and np.array_equal(got[..., 8:], x[..., 8:])
 
@@ -173,9 +175,9 @@ def test_attention_prefill_then_decode_matches_ops(kv_dtype):
         k = rng.standard_normal((n_tok, n_kv, hd)).astype(np.float32)
         v = rng.standard_normal((n_tok, n_kv, hd)).astype(np.float32)
         want = ops.attention(q, k, v, cache, pos)
-        co.kv_store(cuda.to_device(k), cuda.to_device(v), kc, vc, pos, n_tok, ck.launch_config())
+        co.kv_store(cuda.to_device(k), cuda.to_device(v), kc, vc, pos, n_tok, LAUNCH)
         out = cuda.device_array((n_tok, n_head * hd), np.float32)
-        co.attention(cuda.to_device(q), kc, vc, out, pos, n_tok, ck.launch_config())
+        co.attention(cuda.to_device(q), kc, vc, out, pos, n_tok, LAUNCH)
         assert nmse(out.copy_to_host(), want) < bound, (n_tok, pos)
         pos += n_tok
     assert kc.copy_to_host().dtype == kv_dtype
@@ -192,7 +194,7 @@ def test_attention_spans_several_chunks():
     want = ops.attention(q, k[18:], v[18:], cache, 18)
     kc, vc = cuda.to_device(cache.k), cuda.to_device(cache.v)
     out = cuda.device_array((1, 16), np.float32)
-    co.attention(cuda.to_device(q), kc, vc, out, 18, 1, ck.launch_config())
+    co.attention(cuda.to_device(q), kc, vc, out, 18, 1, LAUNCH)
     assert nmse(out.copy_to_host(), want) < 1e-12
 
 
@@ -200,7 +202,7 @@ def test_elementwise_ops_match_numpy():
     rng = np.random.default_rng(5)
     g, u = (rng.standard_normal((3, 12)).astype(np.float32) for _ in range(2))
     b = rng.standard_normal(12).astype(np.float32)
-    launch = ck.launch_config()
+    launch = LAUNCH
     d = cuda.to_device(g)
     co.silu_mul(d, cuda.to_device(u), 2, launch)                    # only the first 2 rows
     got = d.copy_to_host()
@@ -263,3 +265,9 @@ def test_kernels_compile_for_a_real_gpu():
         pytest.skip(r.stdout.strip()[5:300])
     assert r.stdout.startswith("OK"), r.stdout
     print(r.stdout.strip())
+
+
+def test_planner_offloads_exactly_the_types_the_kernels_compute():
+    from numallm.gpu.plan import GPU_TYPES
+
+    assert GPU_TYPES == ck.SUPPORTED

@@ -149,6 +149,7 @@ def stats(llm, last, history) -> str:
     if last is not None:
         lines.append("last answer: " + speed_line(last.prompt_tokens, last.prompt_tps,
                                                   last.generation_tokens, last.generation_tps))
-    lines.append("PROCESSOR: 100% CPU")
+    # where the bytes are and where each layer ran, as observed (numallm.gpu.offload)
+    lines.append("PROCESSOR  100% CPU" if llm.offload is None else llm.offload.summary(llm.model))
     lines.append(llm.placement.summary())
     return "\n".join(lines)

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import math
 
-from numba import cuda, float32, float64
+import numpy as np
+from numba import cuda
 
 from .cuda_kernels import MAX_THREADS, Launch
 
@@ -26,11 +27,11 @@ DIMS_PER_THREAD = 8     # output dims one attention thread accumulates: threads 
 @cuda.jit
 def _rms_norm(x, w, out, n_rows, dim, eps):
     # x, out: float32 (R, D) (out may be x); w: float32 (D,). One block per row (grid-stride).
-    red = cuda.shared.array(MAX_THREADS, float32)
+    red = cuda.shared.array(MAX_THREADS, np.float32)
     tx = cuda.threadIdx.x
     nt = cuda.blockDim.x
     for r in range(cuda.blockIdx.x, n_rows, cuda.gridDim.x):
-        s = float32(0.0)
+        s = np.float32(0.0)
         for c in range(tx, dim, nt):
             v = x[r, c]
             s += v * v
@@ -42,7 +43,7 @@ def _rms_norm(x, w, out, n_rows, dim, eps):
                 red[tx] += red[tx + half]
             cuda.syncthreads()
             half //= 2
-        inv = float32(1.0) / math.sqrt(red[0] / float32(dim) + float32(eps))
+        inv = np.float32(1.0) / math.sqrt(red[0] / np.float32(dim) + np.float32(eps))
         cuda.syncthreads()          # everyone has read red[0] before the next row rewrites it
         for c in range(tx, dim, nt):
             out[r, c] = x[r, c] * inv * w[c]
@@ -57,9 +58,9 @@ def _rope(x, pos0, n_tok, n_head, inv_freq, freq_scale, dim, neox):
         p = i % half
         h = (i // half) % n_head
         t = i // (half * n_head)
-        ang = float64(pos0 + t) * freq_scale * inv_freq[p]
-        c = float32(math.cos(ang))
-        s = float32(math.sin(ang))
+        ang = np.float64(pos0 + t) * freq_scale * inv_freq[p]
+        c = np.float32(math.cos(ang))
+        s = np.float32(math.sin(ang))
         if neox:
             ia = p
             ib = p + half
@@ -94,10 +95,10 @@ def _attention(q, kc, vc, out, pos0, n_tok, group, scale):
     hd = q.shape[2]
     tx = cuda.threadIdx.x
     nt = cuda.blockDim.x
-    sq = cuda.shared.array(MAX_HEAD_DIM, float32)    # this head's query
-    sw = cuda.shared.array(MAX_THREADS, float32)     # a chunk's scores, then weights
-    red = cuda.shared.array(MAX_THREADS, float32)
-    acc = cuda.local.array(DIMS_PER_THREAD, float32)  # output dims tx, tx + nt, ...
+    sq = cuda.shared.array(MAX_HEAD_DIM, np.float32)    # this head's query
+    sw = cuda.shared.array(MAX_THREADS, np.float32)     # a chunk's scores, then weights
+    red = cuda.shared.array(MAX_THREADS, np.float32)
+    acc = cuda.local.array(DIMS_PER_THREAD, np.float32)  # output dims tx, tx + nt, ...
     for item in range(cuda.blockIdx.x, n_head * n_tok, cuda.gridDim.x):
         h = item % n_head
         t = item // n_head
@@ -106,17 +107,17 @@ def _attention(q, kc, vc, out, pos0, n_tok, group, scale):
         for d in range(tx, hd, nt):
             sq[d] = q[t, h, d]
         for i in range(DIMS_PER_THREAD):
-            acc[i] = float32(0.0)
-        m = float32(-math.inf)
-        l = float32(0.0)
+            acc[i] = np.float32(0.0)
+        m = np.float32(-math.inf)
+        l = np.float32(0.0)
         cuda.syncthreads()
         for c0 in range(0, end, nt):
             p = c0 + tx
-            s = float32(-math.inf)
+            s = np.float32(-math.inf)
             if p < end:
-                dot = float32(0.0)
+                dot = np.float32(0.0)
                 for d in range(hd):
-                    dot += sq[d] * float32(kc[g, p, d])
+                    dot += sq[d] * np.float32(kc[g, p, d])
                 s = dot * scale
             sw[tx] = s
             red[tx] = s
@@ -129,7 +130,7 @@ def _attention(q, kc, vc, out, pos0, n_tok, group, scale):
                 half //= 2
             m_new = max(m, red[0])
             cuda.syncthreads()
-            e = float32(math.exp(s - m_new)) if p < end else float32(0.0)
+            e = np.float32(math.exp(s - m_new)) if p < end else np.float32(0.0)
             sw[tx] = e
             red[tx] = e
             cuda.syncthreads()
@@ -139,15 +140,15 @@ def _attention(q, kc, vc, out, pos0, n_tok, group, scale):
                     red[tx] += red[tx + half]
                 cuda.syncthreads()
                 half //= 2
-            corr = float32(math.exp(m - m_new))
+            corr = np.float32(math.exp(m - m_new))
             l = l * corr + red[0]
             n_pos = min(nt, end - c0)
             for i in range(DIMS_PER_THREAD):
                 d = tx + i * nt
                 if d < hd:
-                    a = float32(0.0)
+                    a = np.float32(0.0)
                     for j in range(n_pos):
-                        a += sw[j] * float32(vc[g, c0 + j, d])
+                        a += sw[j] * np.float32(vc[g, c0 + j, d])
                     acc[i] = acc[i] * corr + a
             m = m_new
             cuda.syncthreads()      # sw/red are rewritten by the next chunk
@@ -166,7 +167,7 @@ def _silu_mul(g, u, n_tok):
         t = i // cols
         c = i % cols
         a = g[t, c]
-        g[t, c] = a / (float32(1.0) + float32(math.exp(-a))) * u[t, c]
+        g[t, c] = a / (np.float32(1.0) + np.float32(math.exp(-a))) * u[t, c]
 
 
 @cuda.jit
@@ -220,7 +221,7 @@ def attention(q, kc, vc, out, pos0: int, n_tok: int, launch: Launch) -> None:
         raise ValueError(f"head size {hd} > {MAX_HEAD_DIM}")
     threads = min(MAX_THREADS, max(launch.attn_threads, _pow2_at_least(-(-hd // DIMS_PER_THREAD))))
     group = n_head // kc.shape[0]
-    scale = float32(1.0 / math.sqrt(hd))
+    scale = np.float32(1.0 / math.sqrt(hd))
     _attention[min(n_head * n_tok, launch.max_blocks), threads](q, kc, vc, out, pos0, n_tok, group, scale)
 
 

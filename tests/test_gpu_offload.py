@@ -1,0 +1,255 @@
+"""GPU offload end to end in Numba's CUDA simulator (tests/conftest.py turns it on), with GPU
+inventories given as data (NUMALLM_FAKE_GPUS): offloaded generation against CPU generation, the
+plan's bytes against what the executor allocated, where each layer ran, and the CPU fallback.
+
+Reference: the CPU engine with its float kernels (NUMALLM_KERNEL=blas-tile: exact dequantization,
+float32 BLAS). The default CPU kernels quantize activations to int8 for Q4_0/Q8_0, which moves
+these random-weight models' logits by up to ~0.3, as much as the gap between their top two
+logits, so greedy tokens could differ for a reason that has nothing to do with the GPU path.
+Against the float kernels, what remains is the f16 KV cache and summation order: max |logit
+difference| < LOGIT_TOL (measured: 0.002-0.005 with an f16 cache), while the smallest top-2
+margin of these fixtures is ~0.07, so equal greedy tokens are a real check.
+
+The simulator runs every CUDA thread as a Python thread (~10 us per weight per token): models
+here are 64 wide, and all but one case are marked slow.
+"""
+from __future__ import annotations
+
+import json
+import re
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import numallm
+import numallm_kernels as nk
+from numallm.gpu import OffloadRequest, make_plan
+from numallm.gguf_file import GGUFFile
+from numallm.synth import cached_model
+
+cuda = pytest.importorskip("numba.cuda")
+from numallm.gpu import offload as gpu_offload  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not cuda.is_available(), reason="no CUDA device and the simulator is off")
+
+STORIES = Path(__file__).resolve().parents[1].parent / "shared" / "models" / "stories260K.gguf"
+SHAPE = dict(vocab=320, hidden=64, n_layers=2, n_heads=4, n_kv_heads=2, n_ff=128, ctx=256)
+RTX3060 = {"name": "NVIDIA GeForce RTX 3060", "compute_capability": "8.6", "mem_total": "12GiB"}
+LOGIT_TOL = {"f16": 0.02, "f32": 1e-3}
+PROMPT = "hello world"
+
+
+@pytest.fixture
+def gpus(tmp_path, monkeypatch):
+    """gpus(list of inventory dicts): point NUMALLM_FAKE_GPUS at them."""
+
+    def make(devices):
+        path = tmp_path / "gpus.json"
+        path.write_text(json.dumps(devices))
+        monkeypatch.setenv("NUMALLM_FAKE_GPUS", str(path))
+        return path
+
+    return make
+
+
+@pytest.fixture
+def float_cpu(monkeypatch):
+    """The CPU reference on its float kernels (see the module docstring)."""
+    monkeypatch.setenv("NUMALLM_KERNEL", "blas-tile")
+    for t in nk.registered_types():
+        unit = nk.get(t)
+        if unit.calibrated:
+            monkeypatch.setattr(unit, "_choice", None)   # choose again under the forced variant
+
+
+def synth(synth_dir, arch, qtype, **shape):
+    s = dict(SHAPE, **shape)
+    if arch == "qwen3":
+        s.setdefault("head_dim", 32)         # qwen3's free head size (4 x 32 != 64)
+    return cached_model(synth_dir, arch=arch, qtype=qtype, shape=s)
+
+
+def cpu_run(path, n_tok=4):
+    """CPU greedy tokens and the logits at every position of prompt + generated tokens."""
+    with numallm.load(path, n_ctx=32, n_threads=1) as ref:
+        r = ref.generate(PROMPT, max_tokens=n_tok, temperature=0)
+        seq = ref.tokenize(PROMPT) + r.tokens[:-1]
+        return r.tokens, seq, ref.logits(seq)
+
+
+def check_offload(path, request, n_tok=4):
+    """Generate on the CPU and offloaded; compare tokens, logits, bytes and where layers ran.
+    Returns the offloaded LLM."""
+    want, seq, logits = cpu_run(path, n_tok)
+    llm = numallm.load(path, n_ctx=32, n_threads=1, offload=request)
+    off = llm.offload
+    assert off.applied, off.reason
+    got = llm.generate(PROMPT, max_tokens=n_tok, temperature=0).tokens
+    assert got == want
+    diff = float(np.max(np.abs(llm.logits(seq) - logits)))
+    assert diff < LOGIT_TOL[request.kv_dtype], diff
+    # predicted (the plan `numallm plan` prints) against the bytes the executor allocated: the
+    # issue asks for 5%; the byte formulas are shared, so they agree to the byte
+    for row in off.compare():
+        assert abs(row["diff"]) < 0.05, row
+        assert row["actual"] == row["predicted"], row
+    # where each block ran, observed: the plan's device, called for every forward pass (generate:
+    # prefill + n_tok - 1 decode steps; logits: one more pass)
+    plan = off.plan
+    expect = [(f"blk.{u.index}", "CPU" if u.device is None else f"GPU {u.device}", n_tok + 1)
+              for u in plan.layers]
+    if plan.output.device is not None:
+        expect.append(("output", f"GPU {plan.output.device}", n_tok + 1))
+    assert off.where() == expect
+    # the PROCESSOR split from actual allocations (device and host), against the plan's
+    assert off.gpu_share(llm.model) == pytest.approx(plan.gpu_share(), abs=1e-12)
+    assert off.processor(llm.model) == plan.processor()
+    return llm
+
+
+def test_half_the_blocks_on_a_gpu_llama_q4_0(synth_dir, gpus, float_cpu):
+    gpus([RTX3060])
+    llm = check_offload(synth(synth_dir, "llama", "Q4_0"), OffloadRequest(gpu_layers=1))
+    assert [type(b).__name__ for b in llm.model.blk] == ["HostBlock", "DeviceBlock"]
+    s = llm.offload.summary(llm.model)
+    assert s.startswith("PROCESSOR  ") and "% CPU/GPU" in s and "blk.0 CPU (5 calls), blk.1 GPU 0 (5 calls)" in s
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch,qtype,layers,kv", [
+    ("llama", "Q4_0", "all", "f32"),     # blocks and the output head, exact KV
+    ("qwen2", "Q8_0", "all", "f16"),     # q/k/v biases
+    ("qwen3", "F16", 1, "f16"),          # per-head q/k RMS norms, head_dim != n_embd / n_head
+], ids=lambda v: str(v))
+def test_offloaded_generation_equals_cpu(synth_dir, gpus, float_cpu, arch, qtype, layers, kv):
+    gpus([RTX3060])
+    llm = check_offload(synth(synth_dir, arch, qtype), OffloadRequest(gpu_layers=layers, kv_dtype=kv),
+                        n_tok=3)
+    if layers == "all":
+        assert llm.offload.head is not None and llm.offload.processor(llm.model).endswith("CPU/GPU")
+
+
+def test_no_layers_asked_leaves_the_cpu_engine(synth_dir, gpus):
+    gpus([RTX3060])
+    path = synth(synth_dir, "llama", "Q4_0")
+    with numallm.load(path, n_ctx=32, n_threads=1, offload=OffloadRequest(gpu_layers=0)) as llm:
+        assert llm.offload is None
+        assert [type(b).__name__ for b in llm.model.blk] == ["Block", "Block"]
+
+
+@pytest.mark.slow
+def test_runs_across_two_gpus_and_back_to_the_cpu(synth_dir, gpus, float_cpu):
+    """3 blocks; GPU 0 has room for two, GPU 1 for one: blk.0 on GPU 1, blk.1-2 on GPU 0 (x
+    stays on GPU 0 between them, crosses GPU 1 -> host -> GPU 0 before). Then an --offload
+    pattern for the middle block alone: CPU -> GPU -> CPU."""
+    path = synth(synth_dir, "llama", "Q8_0", n_layers=3)
+    big = make_plan(GGUFFile(path), 32, OffloadRequest(gpu_layers=3, reserve_bytes=0),
+                    [gpu_offload_device(0)])
+    one = big.layers[0].weight_bytes + big.layers[0].kv_bytes
+    room = big.devices[0].buffers + 2 * one + one // 2
+    gpus([dict(RTX3060, mem_free=room, mem_total="12GiB"), dict(RTX3060, mem_free=room)])
+    llm = check_offload(path, OffloadRequest(gpu_layers=3, reserve_bytes=0), n_tok=3)
+    assert [u.device for u in llm.offload.plan.layers] == [1, 0, 0]
+    assert [b.keep for b in llm.model.blk] == [False, True, False]
+    llm = check_offload(path, OffloadRequest(offload=(r"blk\.1\.",), reserve_bytes=0), n_tok=3)
+    assert [u.device for u in llm.offload.plan.layers] == [None, 0, None]
+
+
+def gpu_offload_device(index):
+    from numallm.gpu import GpuDevice
+
+    return GpuDevice(index, "NVIDIA GeForce RTX 3060", (8, 6), 12 << 30, 12 << 30, 360.0, None, None)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not STORIES.exists(), reason="../shared/models/stories260K.gguf absent")
+@pytest.mark.parametrize("layers", [2, "all"])
+def test_stories260k_offloaded_equals_cpu(gpus, layers):
+    """A trained model (F32: the CPU computes it with BLAS, no activation quantization)."""
+    gpus([RTX3060])
+    check_offload(STORIES, OffloadRequest(gpu_layers=layers), n_tok=2)
+
+
+def test_gpu_library_failure_runs_on_the_cpu_with_one_line(synth_dir, gpus, capsys, monkeypatch):
+    gpus([RTX3060])
+    path = synth(synth_dir, "llama", "Q4_0")
+    want, _, _ = cpu_run(path, 3)
+
+    def no_cuda():
+        raise gpu_offload.OffloadFailed("CUDA is not usable (no CUDA driver)")
+
+    monkeypatch.setattr(gpu_offload, "_cuda", no_cuda)
+    capsys.readouterr()
+    llm = numallm.load(path, n_ctx=32, n_threads=1, offload=OffloadRequest(gpu_layers="all"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["numallm: GPU offload off (CUDA is not usable (no CUDA driver)): running every "
+                   "layer on the CPU"]
+    assert not llm.offload.applied and [type(b).__name__ for b in llm.model.blk] == ["Block", "Block"]
+    assert llm.generate(PROMPT, max_tokens=3, temperature=0).tokens == want
+    assert llm.offload.summary(llm.model).startswith("PROCESSOR  100% CPU (CUDA is not usable")
+
+
+def test_out_of_memory_while_copying_leaves_the_model_on_the_cpu(synth_dir, gpus, capsys, monkeypatch):
+    gpus([RTX3060])
+    path = synth(synth_dir, "llama", "Q4_0")
+    put = gpu_offload._Gpu.put
+    calls = []
+
+    def failing_put(self, host, kind):
+        calls.append(kind)
+        if len(calls) == 3:
+            raise RuntimeError("[2] Call to cuMemAlloc results in CUDA_ERROR_OUT_OF_MEMORY")
+        return put(self, host, kind)
+
+    monkeypatch.setattr(gpu_offload._Gpu, "put", failing_put)
+    llm = numallm.load(path, n_ctx=32, n_threads=1, offload=OffloadRequest(gpu_layers="all"))
+    assert "the GPU copy failed (RuntimeError: [2] Call to cuMemAlloc results in " \
+           "CUDA_ERROR_OUT_OF_MEMORY)" in capsys.readouterr().err
+    assert [type(b).__name__ for b in llm.model.blk] == ["Block", "Block"]
+    assert type(llm.model.output).__name__ == "Linear"
+    llm.generate(PROMPT, max_tokens=2, temperature=0)
+
+
+def _cli(args, env):
+    return subprocess.run([sys.executable, "-m", "numallm", *args], capture_output=True, text=True,
+                          env=env, timeout=300)
+
+
+@pytest.mark.skipif(not STORIES.exists(), reason="../shared/models/stories260K.gguf absent")
+@pytest.mark.skipif(Path("/proc/driver/nvidia/version").exists(), reason="this machine has an NVIDIA driver")
+@pytest.mark.parametrize("inventory", ["none", "fake"])
+def test_cli_without_a_usable_gpu_says_why_in_one_line_and_answers(tmp_path, inventory):
+    """No GPU at all (no NVML, no inventory), or an inventory whose GPUs CUDA cannot reach (the
+    simulator off and no driver): one line on stderr, the answer on stdout, exit 0."""
+    env = {k: v for k, v in os.environ.items() if k != "NUMALLM_FAKE_GPUS"}
+    env["NUMBA_ENABLE_CUDASIM"] = "0"
+    if inventory == "fake":
+        path = tmp_path / "gpus.json"
+        path.write_text(json.dumps([RTX3060]))
+        env["NUMALLM_FAKE_GPUS"] = str(path)
+    r = _cli(["run", str(STORIES), "Once upon a time", "-n", "4", "--temp", "0", "-ngl", "2"], env)
+    assert r.returncode == 0, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "running every layer on the CPU" in lines[0], r.stderr
+    assert ("no GPU" if inventory == "none" else "GPU offload off (CUDA is not usable") in lines[0]
+    assert r.stdout.strip()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not STORIES.exists(), reason="../shared/models/stories260K.gguf absent")
+def test_chat_stats_shows_the_processor_split_and_where_layers_ran(tmp_path):
+    path = tmp_path / "gpus.json"
+    path.write_text(json.dumps([RTX3060]))
+    env = dict(os.environ, NUMALLM_FAKE_GPUS=str(path), NUMBA_ENABLE_CUDASIM="1")
+    r = subprocess.run([sys.executable, "-m", "numallm", "chat", str(STORIES), "-ngl", "2", "-n", "3",
+                        "--temp", "0", "-c", "64"], input="Hi\n/stats\n/bye\n", capture_output=True,
+                       text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    assert "PROCESSOR  " in out and "% CPU/GPU" in out, out
+    assert re.search(r"layers: blk.0-2 CPU \((\d+) calls\), blk.3-4 GPU 0 \(\1 calls\)", out), out
+    assert "MiB planned (+0.0%)" in out, out
