@@ -1,11 +1,12 @@
-"""Shared pieces of the K-quant units (Q2_K..Q6_K, IQ4_XS): prepared-weight record, unit base
-class and the once-per-call quantization of the activation vector.
+"""Shared pieces of the K-quant units: the Q8_K-style activation encoding ("q8_k" form, also
+read by the Q4_K/Q6_K record kernels of kquant_x8.py), and the prepared-weight record and base
+class of the raw-layout units (Q2_K, Q3_K, Q5_K, IQ4_XS).
 
-All six types group 256 weights into a super-block with one or two f16 super-scales and 8 or 16
-small integer sub-block scales. `prepare` keeps the raw GGUF rows (the quant bits are read in
-place, nothing is copied) and unpacks, once at load, the f16 super-scales into float32 arrays and
-the bit-packed sub-block scales into one byte each, so the hot loops never decode f16 or 6-bit
-fields.
+All K-quant types group 256 weights into a super-block with one or two f16 super-scales and 8 or
+16 small integer sub-block scales. The raw-layout units' `prepare` keeps the GGUF rows (the quant
+bits are read in place, nothing is copied) and unpacks, once at load, the f16 super-scales into
+float32 arrays and the bit-packed sub-block scales into one byte each, so the hot loops never
+decode f16 or 6-bit fields.
 
 Decode (matvec) follows llama.cpp's K-quant dot products: x is quantized per 256-block to int8
 ("Q8_K": one float32 scale per block), every sub-block dot product is then an exact integer sum
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numba
 import numpy as np
 from numba import njit
 
@@ -105,15 +105,31 @@ def quantize_x_q8k(x, xq, xd, xs, xb):
         xb[j] = t
 
 
+@njit(nogil=True, cache=True)
+def _quantize_rows_q8k(x, xq, xd, xs, xb):
+    for t in range(x.shape[0]):
+        quantize_x_q8k(x[t], xq[t], xd[t], xs[t], xb[t])
+
+
+def q8_k_form(x: np.ndarray):
+    """The "q8_k" encoding of x float32 (T, K) (see quantize_x_q8k, row by row):
+    (xq int8 (T, K), xd float32 (T, K/256), xs float32 (T, K/16), xb int16 (T, K/16))."""
+    n_t, k = x.shape
+    xq = np.empty((n_t, k), np.int8)
+    xd = np.empty((n_t, k // QK_K), np.float32)
+    xs = np.empty((n_t, k // 16), np.float32)
+    xb = np.empty((n_t, k // 16), np.int16)
+    _quantize_rows_q8k(x, xq, xd, xs, xb)
+    return xq, xd, xs, xb
+
+
 class KQuantUnit(KernelUnit):
-    """Base of the six units. Subclasses set `qtype`, `_unpack` (numpy, at load) and, as
+    """Base of Q2_K, Q3_K, Q5_K and IQ4_XS (raw GGUF rows). Subclasses set `qtype`, `_unpack` (numpy, at load) and, as
     staticmethods, the Numba kernels `_dequant(raw, d, dmin, sc, mn, out, r0, r1)` and
     `_matvec(raw, d, dmin, sc, mn, xq, xd, xs, xb, out, r0, r1)`; prefill uses the generic
     dequantize-tile + BLAS path of KernelUnit.matmul."""
 
     variant = "numba-q8k"
-    # True where `_matvec` is an AVX2 intrinsic kernel (checked for vector code by the asm test)
-    simd = False
 
     def _unpack(self, blocks: np.ndarray):
         """blocks uint8 (N, nb, type_size) -> (d, dmin, sc, mn) as in KQuantWeights."""
@@ -133,24 +149,16 @@ class KQuantUnit(KernelUnit):
         self._dequant(w.raw, w.d, w.dmin, w.sc, w.mn, out, r0, r1)
 
     def matvec(self, w: KQuantWeights, x, out, r0, r1):
-        k = w.shape[1]
-        xq = np.empty(k, np.int8)                 # (K,)
-        xd = np.empty(k // QK_K, np.float32)      # (K/256,)
-        xs = np.empty(k // 16, np.float32)        # (K/16,)
-        xb = np.empty(k // 16, np.int16)          # (K/16,)
-        quantize_x_q8k(x, xq, xd, xs, xb)
-        self._matvec(w.raw, w.d, w.dmin, w.sc, w.mn, xq, xd, xs, xb, out, r0, r1)
+        xq, xd, xs, xb = q8_k_form(x.reshape(1, -1))
+        self._matvec(w.raw, w.d, w.dmin, w.sc, w.mn, xq[0], xd[0], xs[0], xb[0], out, r0, r1)
 
-    def matvec_argtypes(self) -> tuple:
-        """Numba argument types of `_matvec` as the engine calls it (raw: read-only GGUF view)."""
-        raw = np.zeros((1, self.type_size), np.uint8)
-        raw.flags.writeable = False
-        w = self.prepare(raw)
-        k = QK_K
-        args = (w.raw, w.d, w.dmin, w.sc, w.mn, np.empty(k, np.int8), np.empty(1, np.float32),
-                np.empty(k // 16, np.float32), np.empty(k // 16, np.int16),
-                np.empty(1, np.float32), 0, 1)
-        return tuple(numba.typeof(a) for a in args)
+    def prepare_x(self, acts) -> None:
+        if acts.x.shape[0] == 1:
+            acts.form("q8_k", q8_k_form)
 
-    def hot_kernels(self):
-        return [(self._matvec, self.matvec_argtypes())] if self.simd else []
+    def matmul_x(self, w: KQuantWeights, acts, out, r0, r1) -> None:
+        if acts.x.shape[0] != 1:
+            self.matmul(w, acts.x, out, r0, r1)
+            return
+        xq, xd, xs, xb = acts.form("q8_k", q8_k_form)
+        self._matvec(w.raw, w.d, w.dmin, w.sc, w.mn, xq[0], xd[0], xs[0], xb[0], out[0], r0, r1)

@@ -1,8 +1,8 @@
 """Q2_K, Q3_K, Q5_K and IQ4_XS: exact Numba dequantize and fused int8-dot matvec.
 
-Q4_K and Q6_K, the types of common Q4_K_M models, live in q4_k.py / q6_k.py with tuned decode
-kernels. Conventions shared by all six (prepared weights, x quantized per 256-block) are in
-_kquant_common.py. In the layouts below, offsets are bytes within one super-block of 256 weights;
+Q4_K and Q6_K, the types of common Q4_K_M models, live in kquant_x8.py (8-row interleaved
+records, AVX2 kernels). Conventions shared by these four (prepared weights, x quantized per
+256-block) are in _kquant_common.py. In the layouts below, offsets are bytes within one super-block of 256 weights;
 "e" is a weight's index inside the super-block and f16 values are little-endian.
 
 Dequantize reproduces gguf-py's float32 rounding order exactly: the sub-block scale D = d * sc is

@@ -25,6 +25,7 @@ from numallm.errors import NumallmError
 from numallm.gguf_file import GGMLQuantizationType as T
 from numallm.gguf_file import GGUFFile, reference_dequantize, reference_quantize
 from numallm_kernels import _calibrate
+from numallm_kernels.legacy import q8_0_form
 
 MODELS = Path(__file__).resolve().parents[1].parent / "shared" / "models"
 
@@ -161,6 +162,25 @@ def test_int8_activations_nonfinite_and_zero_inputs(qt, variant):
     unit.run(variant, w, x, out, 0, N)
     assert np.all(out[0] == 0.0)
     assert np.all(np.isnan(out[1]))  # the block scale is NaN, so even zero weights give NaN
+
+
+@pytest.mark.parametrize("qt", [T.Q4_0, T.Q8_0], ids=lambda q: q.name)
+def test_avx2_x8_is_exact_on_the_quantized_activations(qt):
+    """The 8-row kernel's only approximation is x's int8 encoding: against the float64 product
+    of the exact weights with the *decoded* codes it agrees to float32 rounding."""
+    unit = nk.get(qt)
+    if "avx2-x8" not in unit.variants():
+        pytest.skip("CPU lacks AVX2")
+    rng = np.random.default_rng(9)
+    raw = weights(qt, rng)
+    w = unit.prepare(raw)
+    x = rng.standard_normal((3, K)).astype(np.float32)
+    xq, dx, _ = q8_0_form(x)
+    xdec = (xq.reshape(3, -1, 32).astype(np.float64) * dx[:, :, None]).reshape(3, K)
+    want = xdec @ reference_dequantize(raw, qt).reshape(N, K).astype(np.float64).T
+    out = np.zeros((3, N), np.float32)
+    unit.run("avx2-x8", w, x, out, R0, R1)
+    assert nmse(out[:, R0:R1], want[:, R0:R1]) < 1e-10
 
 
 @pytest.mark.parametrize("qt", [T.Q4_0, T.Q8_0], ids=lambda q: q.name)

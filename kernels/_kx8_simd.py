@@ -1,0 +1,169 @@
+"""AVX2 steps of the 8-row interleaved Q4_K / Q6_K kernels (record layouts in `kquant_x8.py`).
+
+As in `_x8_simd` (Q4_0/Q8_0), one call handles one super-block column (256 weights) of a group of
+8 rows, with the quants interleaved 4 bytes per row per 32-byte chunk, so vpmaddubsw against the
+4 matching activation bytes broadcast to all lanes (vpbroadcastd) leaves row i's partial sums in
+lanes 2i, 2i + 1 and chunks add up vertically. The sub-block scale is applied by vpmaddwd with
+the scale repeated in both int16 halves of lane i; the activations are Q8_K-style (one float
+scale per 256, `xb` = int16 sums of the codes per 16), so the whole super-block stays an exact
+int32 sum per row until one float multiply-add with d * dx.
+
+Bounds (x codes |x| <= 127):
+  Q4_K: one vpmaddubsw lane <= 2*15*127 = 3810; 8 chunks of one 32-weight sub-block add in int16
+        to <= 30480 < 32767. Times a 6-bit scale in vpmaddwd: |lane| <= 2*30480*63; 8 sub-blocks
+        sum to < 2^25. Mins: sum_j m_j * (xb[2j] + xb[2j+1]) <= 8*63*2*2032.
+  Q6_K: codes u = q + 32 in 0..63 go through vpmaddubsw: lane <= 2*63*127 = 16002, so only two
+        chunks add in int16 (<= 32004) before vpmaddwd with the int8 scale; the -32 offset is
+        taken off once per block as 32 * sum_s sc_s * xb_s.
+
+Numba caches compiled kernels by the source file of the kernel (kquant_x8.py), not of these
+steps: after editing this file, touch kquant_x8.py (or clear __pycache__).
+"""
+from __future__ import annotations
+
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic
+
+from ._simd import _I32, _V8D, _V8F, _V16W, _V32B, _fn, _ptr, _splat8, f32x8
+from ._x8_simd import _at, _bcast32, _need, _splat_f
+
+_I8 = ir.IntType(8)
+
+
+def _maddubs(builder, u, s):
+    return builder.call(_fn(builder, "llvm.x86.avx2.pmadd.ub.sw", _V16W, [_V32B, _V32B]), [u, s])
+
+
+def _maddwd(builder, a, b):
+    return builder.call(_fn(builder, "llvm.x86.avx2.pmadd.wd", _V8D, [_V16W, _V16W]), [a, b])
+
+
+def _dup_u8(builder, p, off):
+    """8 unsigned bytes at p + off -> <16 x i16> with byte i in lanes 2i and 2i + 1."""
+    v = builder.zext(_at(builder, p, off, ir.VectorType(_I8, 8)), _V8D)   # vpmovzxbd
+    v = builder.or_(v, builder.shl(v, ir.Constant(_V8D, [16] * 8)))
+    return builder.bitcast(v, _V16W)
+
+
+def _pair16(builder, bp, k):
+    """int16 xb[2k], xb[2k + 1] (bytes 4k.. of bp) in every int32 lane (one vpbroadcastd)."""
+    return builder.bitcast(_bcast32(builder, bp, 4 * k), _V16W)
+
+
+def _f16x8(builder, p, off):
+    return builder.fpext(_at(builder, p, off, ir.VectorType(ir.HalfType(), 8)), _V8F)
+
+
+def _fma(builder, a, b, c):
+    return builder.call(_fn(builder, "llvm.fma.v8f32", _V8F, [_V8F, _V8F, _V8F]), [a, b, c])
+
+
+def _q4_k(builder, acc, wp, xp, bp, dx):
+    """Record: d[8] f16 | dmin[8] f16 | sc[8 sub][8 rows] u8 | mn[8 sub][8 rows] u8 | 32 chunks.
+    Chunk c holds quant bytes 4c..4c+3 of each row: bytes 32p..32p+31 of a row are sub-blocks
+    2p (low nibbles) and 2p + 1 (high nibbles), so chunks 8p..8p+7 make sub-blocks 2p, 2p + 1."""
+    low = _splat8(builder, 0x0F, 32)
+    isum = None
+    for p in range(4):
+        lo16 = hi16 = None
+        for k in range(8):
+            q = _at(builder, wp, 160 + 32 * (8 * p + k), _V32B)
+            lo = _maddubs(builder, builder.and_(q, low), _bcast32(builder, xp, 64 * p + 4 * k))
+            hi = _maddubs(builder, builder.and_(builder.lshr(q, _splat8(builder, 4, 32)), low),
+                          _bcast32(builder, xp, 64 * p + 32 + 4 * k))
+            lo16 = lo if lo16 is None else builder.add(lo16, lo)
+            hi16 = hi if hi16 is None else builder.add(hi16, hi)
+        s = builder.add(_maddwd(builder, lo16, _dup_u8(builder, wp, 32 + 8 * (2 * p))),
+                        _maddwd(builder, hi16, _dup_u8(builder, wp, 32 + 8 * (2 * p + 1))))
+        isum = s if isum is None else builder.add(isum, s)
+    msum = None
+    for j in range(8):  # m_j * (xb[2j] + xb[2j + 1]): the two int16 sums of sub-block j
+        xbj = _pair16(builder, bp, j)
+        m = _maddwd(builder, _dup_u8(builder, wp, 96 + 8 * j), xbj)
+        msum = m if msum is None else builder.add(msum, m)
+    vdx = _splat_f(builder, dx)
+    acc = _fma(builder, builder.sitofp(isum, _V8F), builder.fmul(_f16x8(builder, wp, 0), vdx), acc)
+    neg = builder.fneg(builder.fmul(_f16x8(builder, wp, 16), vdx))
+    return _fma(builder, builder.sitofp(msum, _V8F), neg, acc)
+
+
+def _q6_k(builder, acc, wp, xp, bp, dx):
+    """Record: d[8] f16 | scale pairs: for k = 0..7, 8 rows x (sc_2k, sc_2k+1) int8 | 16 steps of
+    3 chunks in the order the loop reads them (chunk = bytes 4c..4c+3 of each row's ql or qh):
+    step 8h + lc = qh chunk 8h + lc, ql chunks 16h + lc and 16h + 8 + lc. Weight 128h + 32g + l:
+    low 4 bits in nibble g // 2 of ql byte 64h + 32(g % 2) + l, high 2 bits at bit 2g of qh byte
+    32h + l; sub-block s = e // 16 = 8h + 2g + l // 16."""
+    low = _splat8(builder, 0x0F, 32)
+    top = _splat8(builder, 0x30, 32)
+    pairs = []  # (sc_{i,2k}, sc_{i,2k+1}) as int16 in lane i, and each scale repeated
+    for k in range(8):
+        v = builder.sext(_at(builder, wp, 16 + 16 * k, ir.VectorType(_I8, 16)), _V16W)
+        lo = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, 16),
+                                                      [i - i % 2 for i in range(16)]))
+        hi = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, 16),
+                                                      [i - i % 2 + 1 for i in range(16)]))
+        pairs.append((v, lo, hi))
+    isum = None
+    for h in range(2):
+        for half in range(2):            # l in 0..15 (sub-blocks 8h + 2g) or 16..31 (8h + 2g + 1)
+            acc16 = [None] * 4           # per g: two chunks at a time in int16
+            for lc in range(4 * half, 4 * half + 4):
+                step = 144 + 96 * (8 * h + lc)
+                qh = _at(builder, wp, step, _V32B)
+                ql0 = _at(builder, wp, step + 32, _V32B)
+                ql1 = _at(builder, wp, step + 64, _V32B)
+                four = _splat8(builder, 4, 32)
+                two = _splat8(builder, 2, 32)
+                u = [builder.or_(builder.and_(ql0, low), builder.and_(builder.shl(qh, four), top)),
+                     builder.or_(builder.and_(ql1, low), builder.and_(builder.shl(qh, two), top)),
+                     builder.or_(builder.lshr(ql0, four), builder.and_(qh, top)),
+                     builder.or_(builder.lshr(ql1, four), builder.and_(builder.lshr(qh, two), top))]
+                for g in range(4):
+                    d = _maddubs(builder, u[g], _bcast32(builder, xp, 128 * h + 32 * g + 4 * lc))
+                    if acc16[g] is None:
+                        acc16[g] = d
+                        continue
+                    s = 8 * h + 2 * g + half
+                    _, sc_lo, sc_hi = pairs[s // 2]
+                    part = _maddwd(builder, builder.add(acc16[g], d), sc_hi if s % 2 else sc_lo)
+                    isum = part if isum is None else builder.add(isum, part)
+                    acc16[g] = None
+    off = None  # 32 * sum_s sc_s * xb_s
+    for k in range(8):
+        xbk = _pair16(builder, bp, k)
+        o = _maddwd(builder, pairs[k][0], xbk)
+        off = o if off is None else builder.add(off, o)
+    isum = builder.sub(isum, builder.shl(off, ir.Constant(_V8D, [5] * 8)))
+    scale = builder.fmul(_f16x8(builder, wp, 0), _splat_f(builder, dx))
+    return _fma(builder, builder.sitofp(isum, _V8F), scale, acc)
+
+
+def _step(body):
+    """Make `f(acc, w, woff, xq, xoff, xd, xb, b)`: acc + the 8 rows' dots with super-block b.
+
+    w: uint8 group records, woff: byte offset of one record; xq: int8 codes, xoff: index of the
+    block's first; xd float32: block scales (read at b); xb int16: code sums per 16 (read from
+    16b)."""
+
+    def impl(typingctx, acc, w, woff, xq, xoff, xd, xb, b):
+        _need("w", w, types.uint8), _need("xq", xq, types.int8)
+        _need("xd", xd, types.float32), _need("xb", xb, types.int16)
+        sig = f32x8(f32x8, w, woff, xq, xoff, xd, xb, b)
+
+        def codegen(context, builder, sig, args):
+            acc_v, w_v, woff_v, xq_v, xoff_v, xd_v, xb_v, b_v = args
+            wp = _ptr(context, builder, sig.args[1], w_v, woff_v)
+            xp = _ptr(context, builder, sig.args[3], xq_v, xoff_v)
+            dx = builder.load(_ptr(context, builder, sig.args[5], xd_v, b_v))
+            b16 = builder.mul(b_v, ir.Constant(b_v.type, 16))
+            bp = builder.bitcast(_ptr(context, builder, sig.args[6], xb_v, b16), _I8.as_pointer())
+            return body(builder, acc_v, wp, xp, bp, dx)
+
+        return sig, codegen
+
+    return intrinsic(impl)
+
+
+kx8_q4_k = _step(_q4_k)
+kx8_q6_k = _step(_q6_k)

@@ -1,0 +1,150 @@
+"""Q4_K and Q6_K (the types of Q4_K_M models) in 8-row interleaved records, like Q4_0/Q8_0 in
+interleaved.py: one record per super-block column of 8 rows, so a decode step is one sequential
+stream and the activations, the scale conversions and the row sums are shared by 8 rows (the
+SIMD steps and their integer bounds are in `_kx8_simd`). Activations are Q8_K-style: int8 codes
+with one float scale per 256 ("q8_k" form, shared with the other K-quant units).
+
+GGUF blocks (256 weights; offsets in bytes):
+  Q4_K (144): 0 d f16 | 2 dmin f16 | 4 scales[12]: 6-bit scale and min of each 32-weight
+        sub-block j (see unpack_6bit_scales) | 16 qs[128]: weight 64p + 32t + l is nibble t
+        (0 = low) of byte 32p + l.    w = d * sc[j] * q - dmin * m[j], j = e // 32, q in 0..15
+  Q6_K (210): 0 ql[128]: low 4 bits of weight 128h + 32g + l in nibble g // 2 of byte
+        64h + 32(g % 2) + l | 128 qh[64]: its high 2 bits at bits 2g, 2g + 1 of byte 32h + l |
+        192 scales[16] int8, one per 16 weights | 208 d f16.    w = d * sc[e // 16] * (q - 32)
+
+Records (group of rows 8g..8g+7, one super-block; "chunk" = 4 consecutive bytes of each of the
+8 rows, 32 bytes):
+  Q4_K (1184 = 8 x 148): d[8] f16 | dmin[8] f16 | sc[j][row] u8 (64) | m[j][row] u8 (64) |
+        32 chunks of qs. The 6-bit fields are unpacked to a byte each (+4 bytes per row and block,
+        +2.8%), so the kernel never decodes them.
+  Q6_K (1680 = 8 x 210): d[8] f16 | for k = 0..7: (sc[2k], sc[2k + 1]) of each row (16 bytes) |
+        16 steps of 96 bytes: qh chunk 8h + lc, ql chunks 16h + lc and 16h + 8 + lc (step
+        8h + lc). Exactly the GGUF bytes, reordered so the kernel reads the record front to back:
+        reading ql and qh as two separate streams measured 9 GB/s instead of 16 on a 256 MB
+        matrix (one thread, same code otherwise).
+Dequantization follows gguf-py's float32 rounding order: D = d * sc rounded first, then D * q
+(minus M = dmin * m), bit for bit.
+"""
+from __future__ import annotations
+
+import numpy as np
+from gguf import GGMLQuantizationType as T
+from numba import njit
+
+from ._kquant_common import q8_k_form
+from ._kx8_simd import kx8_q4_k, kx8_q6_k
+from ._legacy_blocks import f16_at
+from .base import register
+from .interleaved import GROUP, RecordUnit
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _pack_q4_k(src, s, dst, d, i):
+    dst[d + 2 * i] = src[s]                 # d
+    dst[d + 2 * i + 1] = src[s + 1]
+    dst[d + 16 + 2 * i] = src[s + 2]        # dmin
+    dst[d + 16 + 2 * i + 1] = src[s + 3]
+    for j in range(4):
+        a = src[s + 4 + j]
+        b = src[s + 8 + j]
+        c = src[s + 12 + j]
+        dst[d + 32 + 8 * j + i] = a & 63                              # scale j
+        dst[d + 32 + 8 * (j + 4) + i] = (c & 15) | ((a >> 6) << 4)    # scale j + 4
+        dst[d + 96 + 8 * j + i] = b & 63                              # min j
+        dst[d + 96 + 8 * (j + 4) + i] = (c >> 4) | ((b >> 6) << 4)    # min j + 4
+    for m in range(128):
+        dst[d + 160 + 32 * (m // 4) + 4 * i + m % 4] = src[s + 16 + m]
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _unpack_q4_k(q, o, i, dst, c):
+    d = f16_at(q, o + 2 * i)
+    dmin = f16_at(q, o + 16 + 2 * i)
+    for j in range(8):
+        dd = d * np.float32(q[o + 32 + 8 * j + i])
+        mm = dmin * np.float32(q[o + 96 + 8 * j + i])
+        sh = 4 * (j % 2)
+        for l in range(32):
+            m = 32 * (j // 2) + l                     # quant byte of the row
+            v = (q[o + 160 + 32 * (m // 4) + 4 * i + m % 4] >> sh) & 15
+            dst[c + 32 * j + l] = dd * np.float32(v) - mm
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _q6_step(h, lc):
+    """Offset in a Q6_K record of step 8h + lc: its qh chunk, then its two ql chunks."""
+    return 144 + 96 * (8 * h + lc)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _pack_q6_k(src, s, dst, d, i):
+    dst[d + 2 * i] = src[s + 208]
+    dst[d + 2 * i + 1] = src[s + 209]
+    for k in range(8):
+        dst[d + 16 + 16 * k + 2 * i] = src[s + 192 + 2 * k]
+        dst[d + 16 + 16 * k + 2 * i + 1] = src[s + 192 + 2 * k + 1]
+    for m in range(128):   # ql chunk c = 16h + 8w + lc -> step 8h + lc, slot 1 + w
+        c = m // 4
+        dst[d + _q6_step(c // 16, c % 8) + 32 * (1 + c % 16 // 8) + 4 * i + m % 4] = src[s + m]
+    for m in range(64):    # qh chunk c = 8h + lc -> step c, slot 0
+        c = m // 4
+        dst[d + _q6_step(c // 8, c % 8) + 4 * i + m % 4] = src[s + 128 + m]
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _unpack_q6_k(q, o, i, dst, c):
+    d = f16_at(q, o + 2 * i)
+    for h in range(2):
+        for g in range(4):
+            for l in range(32):
+                e = 128 * h + 32 * g + l
+                s = e // 16
+                sc = np.int32(q[o + 16 + 16 * (s // 2) + 2 * i + s % 2])
+                sc = sc - 256 if sc > 127 else sc
+                ml = 64 * h + 32 * (g % 2) + l
+                mh = 32 * h + l
+                cl = ml // 4
+                lo_at = _q6_step(cl // 16, cl % 8) + 32 * (1 + cl % 16 // 8) + 4 * i + ml % 4
+                hi_at = _q6_step(mh // 32, mh // 4 % 8) + 4 * i + mh % 4
+                lo = (q[o + lo_at] >> (4 * (g // 2))) & 15
+                hi = (q[o + hi_at] >> (2 * g)) & 3
+                dd = d * np.float32(sc)
+                dst[c + e] = dd * np.float32(np.int32(lo | (hi << 4)) - 32)
+
+
+class _KRecordUnit(RecordUnit):
+    x_form = ("q8_k", q8_k_form)
+
+    def kernel_x(self, form):
+        xq, xd, xs, xb = form
+        return xq, xd, xb
+
+    def synthetic(self, n: int, k: int, rng: np.random.Generator) -> np.ndarray:
+        """Random raw rows (N, row_bytes) with sane f16 super-scales (every other bit pattern is
+        a valid block), for calibration and benchmarks."""
+        nb = k // 256
+        raw = rng.integers(0, 256, (n, nb, self.type_size), dtype=np.uint8)
+        for off in self.f16_fields:
+            raw[:, :, off:off + 2] = rng.uniform(1e-4, 1e-2, (n, nb, 1)).astype(
+                np.float16).view(np.uint8)
+        return raw.reshape(n, nb * self.type_size)
+
+
+@register
+class Q4_K(_KRecordUnit):
+    qtype = T.Q4_K
+    record_bytes = GROUP * 148
+    f16_fields = (0, 2)
+    pack = _pack_q4_k
+    unpack = _unpack_q4_k
+    step = kx8_q4_k
+
+
+@register
+class Q6_K(_KRecordUnit):
+    qtype = T.Q6_K
+    record_bytes = GROUP * 210
+    f16_fields = (208,)
+    pack = _pack_q6_k
+    unpack = _unpack_q6_k
+    step = kx8_q6_k
