@@ -91,8 +91,7 @@ class LLM:
 
             self.offload = gpu_offload.setup(self.model, self.file, self.n_ctx, offload, PREFILL_CHUNK,
                                              numa=numa, nodes=nodes, virtual_nodes=virtual_nodes)
-            if self.offload.reason:
-                gpu_offload.notice(self.offload.reason)
+            gpu_offload.announce(self.offload)
         need = self.args.kv_bytes_per_token * self.n_ctx
         if self.offload is not None and self.offload.applied:
             need = self.offload.plan.host_kv

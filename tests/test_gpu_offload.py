@@ -111,10 +111,13 @@ def check_offload(path, request, n_tok=4):
     return llm
 
 
-def test_half_the_blocks_on_a_gpu_llama_q4_0(synth_dir, gpus, float_cpu):
+def test_half_the_blocks_on_a_gpu_llama_q4_0(synth_dir, gpus, float_cpu, capsys):
     gpus([RTX3060])
     llm = check_offload(synth(synth_dir, "llama", "Q4_0"), OffloadRequest(gpu_layers=1))
-    assert [type(b).__name__ for b in llm.model.blk] == ["HostBlock", "DeviceBlock"]
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.fullmatch(
+        r"numallm: GPU offload: blk\.1 on GPU 0 \(([\d.]+) MiB allocated, \1 MiB planned\)", err[0]), err
+    assert [type(b).__name__ for b in llm.model.blk] == ["CountedBlock", "DeviceBlock"]
     s = llm.offload.summary(llm.model)
     assert s.startswith("PROCESSOR  ") and "% CPU/GPU" in s and "blk.0 CPU (5 calls), blk.1 GPU 0 (5 calls)" in s
 
@@ -253,3 +256,19 @@ def test_chat_stats_shows_the_processor_split_and_where_layers_ran(tmp_path):
     assert "PROCESSOR  " in out and "% CPU/GPU" in out, out
     assert re.search(r"layers: blk.0-2 CPU \((\d+) calls\), blk.3-4 GPU 0 \(\1 calls\)", out), out
     assert "MiB planned (+0.0%)" in out, out
+    assert re.search(r"numallm: GPU offload: blk\.3-4 on GPU 0 \(([\d.]+) MiB allocated, \1 MiB planned\)",
+                     r.stderr), r.stderr
+
+
+@pytest.mark.slow
+def test_offload_then_numa_shard_places_the_cpu_blocks(synth_dir, gpus, float_cpu):
+    """GPU offload comes first and NUMA placement then shards what stayed on the host."""
+    gpus([RTX3060])
+    path = synth(synth_dir, "llama", "Q8_0")
+    want, _, _ = cpu_run(path, 3)
+    with numallm.load(path, n_ctx=32, numa="shard", virtual_nodes=2,
+                      offload=OffloadRequest(gpu_layers=1)) as llm:
+        assert type(llm.model.blk[0].attn_q).__name__ == "ShardedLinear"
+        assert type(llm.model.blk[1]).__name__ == "DeviceBlock"
+        assert llm.generate(PROMPT, max_tokens=3, temperature=0).tokens == want
+        assert [w[1:] for w in llm.offload.where()] == [("CPU", 3), ("GPU 0", 3)]

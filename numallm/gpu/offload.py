@@ -15,8 +15,8 @@ output head (plan.output) becomes a DeviceLinear on its GPU; output_norm stays a
 (model code applies it before calling the head), as the plan counts it.
 
 Every device allocation goes through _Gpu.put/empty, which counts bytes by kind (weights, kv,
-buffers): that is the "actual" the report compares with the plan. Blocks left on the CPU are
-wrapped in HostBlock, which only counts its calls, so "where each layer ran" is observed (calls
+buffers): that is the "actual" the report compares with the plan. Blocks left on the CPU stay
+as built and only count their calls (count_calls), so "where each layer ran" is observed (calls
 and kernel launches per block), not read back from the plan. Model files are untouched.
 
 Any failure of the GPU library (no driver, the simulator off and no device, out of memory while
@@ -226,19 +226,29 @@ class DeviceBlock:
             return s["x"][:n].copy_to_host()
 
 
-class HostBlock:
-    """A block the plan leaves on the CPU, unchanged; counts its calls so the report observes
-    where each layer ran."""
-
-    def __init__(self, index: int, block):
-        self.index, self.block = index, block
-        self.calls = 0
-        self.tokens = 0
+class _Counted:
+    """Mixin for a block the plan leaves on the CPU: counts its calls, so the report observes
+    where each layer ran. Mixed into the block's own class (count_calls) rather than wrapped, so
+    the block stays the object NUMA placement and Transformer.linears() walk."""
 
     def __call__(self, x, cache, pos0: int):
         self.calls += 1
         self.tokens += x.shape[0]
-        return self.block(x, cache, pos0)
+        return super().__call__(x, cache, pos0)
+
+
+_COUNTED: dict[type, type] = {}
+
+
+def count_calls(block):
+    """Make `block` (a models.base.Block) count its calls; returns it."""
+    cls = type(block)
+    if cls not in _COUNTED:
+        _COUNTED[cls] = type(f"Counted{cls.__name__}", (_Counted, cls), {})
+    block.__class__ = _COUNTED[cls]
+    block.calls = 0
+    block.tokens = 0
+    return block
 
 
 class DeviceLinear:
@@ -273,7 +283,8 @@ class Offload:
     def __init__(self, plan: OffloadPlan | None, reason: str | None = None):
         self.plan, self.reason = plan, reason
         self.gpus: dict[int, _Gpu] = {}
-        self.blocks: list = []             # DeviceBlock or HostBlock per layer (empty: not applied)
+        self.blocks: list = []             # per layer: a DeviceBlock, or the CPU block counting its
+                                           # calls (empty: not applied)
         self.head: DeviceLinear | None = None
         self.host_cache: list = []
 
@@ -319,8 +330,8 @@ class Offload:
             total += int(obj.nbytes)
 
         for b in self.blocks:
-            if isinstance(b, HostBlock):
-                for v in vars(b.block).values():
+            if not isinstance(b, DeviceBlock):
+                for v in vars(b).values():
                     if isinstance(v, (ops.Linear, np.ndarray)):
                         count(v)
         count(model.token_embd)
@@ -351,8 +362,8 @@ class Offload:
 
     def where(self) -> list[tuple[str, str, int]]:
         """(unit, executor, calls) per layer and the head, as observed while running."""
-        out = [(f"blk.{b.index}", f"GPU {b.gpu.index}" if isinstance(b, DeviceBlock) else "CPU", b.calls)
-               for b in self.blocks]
+        out = [(f"blk.{i}", f"GPU {b.gpu.index}" if isinstance(b, DeviceBlock) else "CPU", b.calls)
+               for i, b in enumerate(self.blocks)]
         if self.head is not None:
             out.append(("output", f"GPU {self.head.gpu.index}", self.head.calls))
         return out
@@ -413,7 +424,7 @@ def apply(model, plan: OffloadPlan, n_ctx: int, launch=None) -> Offload:
         blocks: list = []
         for lp, blk in zip(plan.layers, model.blk):
             if lp.device is None:
-                blocks.append(HostBlock(lp.index, blk))
+                blocks.append(blk)
                 continue
             bad = unsupported_parts(blk) + [f"{m} ({vars(blk)[m].qtype.name})" for m in MATRICES
                                            if vars(blk)[m].qtype not in SUPPORTED]
@@ -440,10 +451,10 @@ def apply(model, plan: OffloadPlan, n_ctx: int, launch=None) -> Offload:
     for b, nxt in zip(blocks, blocks[1:] + [None]):
         if isinstance(b, DeviceBlock):
             b.keep = isinstance(nxt, DeviceBlock) and nxt.gpu is b.gpu
-    model.blk[:] = blocks
+    model.blk[:] = [b if isinstance(b, DeviceBlock) else count_calls(b) for b in blocks]
     if head is not None:
         model.output = head
-    off.blocks, off.head = blocks, head
+    off.blocks, off.head = list(model.blk), head
     return off
 
 
@@ -469,6 +480,36 @@ def setup(model, gguf, n_ctx: int, request: OffloadRequest, n_batch: int, *, num
         return Offload(plan, str(e))
 
 
-def notice(reason: str) -> None:
-    """The one line a run without the GPU it asked for prints (stderr, as the CLI's warnings)."""
-    print(f"numallm: GPU offload off ({reason}): running every layer on the CPU", file=sys.stderr)
+def _ranges(ids: list[int]) -> str:
+    """[0, 1, 2, 5] -> "0-2,5"."""
+    out, start = [], None
+    for i, n in enumerate(ids):
+        if start is None:
+            start = n
+        if i + 1 == len(ids) or ids[i + 1] != n + 1:
+            out.append(str(start) if start == n else f"{start}-{n}")
+            start = None
+    return ",".join(out)
+
+
+def announce(off: Offload) -> None:
+    """The one line (stderr, as the CLI's other notices) a load that asked for GPUs prints: why
+    everything runs on the CPU, or where the layers went and the bytes planned vs allocated."""
+    if not off.applied:
+        print(f"numallm: GPU offload off ({off.reason}): running every layer on the CPU", file=sys.stderr)
+        return
+    runs = {}
+    for b in off.blocks:
+        if isinstance(b, DeviceBlock):
+            runs.setdefault(b.gpu.index, []).append(b.index)
+    if off.head is not None:
+        runs.setdefault(off.head.gpu.index, []).append("output")
+    parts = []
+    for row in off.compare():
+        units = runs.get(row["gpu"], [])
+        blks = [u for u in units if u != "output"]
+        what = " + ".join(x for x in (f"blk.{_ranges(blks)}" if blks else "",
+                                      "output" if "output" in units else "") if x)
+        parts.append(f"{what} on GPU {row['gpu']} ({row['actual']['total'] / 2**20:.1f} MiB allocated, "
+                     f"{row['predicted']['total'] / 2**20:.1f} MiB planned)")
+    print(f"numallm: GPU offload: {'; '.join(parts)}", file=sys.stderr)
