@@ -122,7 +122,9 @@ class LLM:
 
     @property
     def weight_bytes(self) -> int:
-        return sum(m.nbytes for m in self.model.linears())
+        """Bytes of every weight matrix as stored, on the host or on a GPU."""
+        gpu = self.offload.block_matrix_bytes() if self.offload is not None else 0
+        return sum(m.nbytes for m in self.model.linears()) + gpu
 
     # -- forward ---------------------------------------------------------------------------------
     def _check_fits(self, n: int) -> None:

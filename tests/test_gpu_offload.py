@@ -74,20 +74,22 @@ def synth(synth_dir, arch, qtype, **shape):
 
 
 def cpu_run(path, n_tok=4):
-    """CPU greedy tokens and the logits at every position of prompt + generated tokens."""
+    """CPU greedy tokens, the logits at every position of prompt + generated tokens, and the
+    model's weight-matrix bytes."""
     with numallm.load(path, n_ctx=32, n_threads=1) as ref:
         r = ref.generate(PROMPT, max_tokens=n_tok, temperature=0)
         seq = ref.tokenize(PROMPT) + r.tokens[:-1]
-        return r.tokens, seq, ref.logits(seq)
+        return r.tokens, seq, ref.logits(seq), ref.weight_bytes
 
 
 def check_offload(path, request, n_tok=4):
     """Generate on the CPU and offloaded; compare tokens, logits, bytes and where layers ran.
     Returns the offloaded LLM."""
-    want, seq, logits = cpu_run(path, n_tok)
+    want, seq, logits, weight_bytes = cpu_run(path, n_tok)
     llm = numallm.load(path, n_ctx=32, n_threads=1, offload=request)
     off = llm.offload
     assert off.applied, off.reason
+    assert llm.weight_bytes == weight_bytes       # the same matrices, wherever they now are
     got = llm.generate(PROMPT, max_tokens=n_tok, temperature=0).tokens
     assert got == want
     diff = float(np.max(np.abs(llm.logits(seq) - logits)))
@@ -180,7 +182,7 @@ def test_stories260k_offloaded_equals_cpu(gpus, layers):
 def test_gpu_library_failure_runs_on_the_cpu_with_one_line(synth_dir, gpus, capsys, monkeypatch):
     gpus([RTX3060])
     path = synth(synth_dir, "llama", "Q4_0")
-    want, _, _ = cpu_run(path, 3)
+    want = cpu_run(path, 3)[0]
 
     def no_cuda():
         raise gpu_offload.OffloadFailed("CUDA is not usable (no CUDA driver)")
@@ -265,7 +267,7 @@ def test_offload_then_numa_shard_places_the_cpu_blocks(synth_dir, gpus, float_cp
     """GPU offload comes first and NUMA placement then shards what stayed on the host."""
     gpus([RTX3060])
     path = synth(synth_dir, "llama", "Q8_0")
-    want, _, _ = cpu_run(path, 3)
+    want = cpu_run(path, 3)[0]
     with numallm.load(path, n_ctx=32, numa="shard", virtual_nodes=2,
                       offload=OffloadRequest(gpu_layers=1)) as llm:
         assert type(llm.model.blk[0].attn_q).__name__ == "ShardedLinear"

@@ -35,7 +35,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 from numba import cuda
 
-UNIT = 32            # values per decode unit: a Q4_0/Q8_0 block, a K-quant sub-block pair
+UNIT = 32            # values per decode unit: a Q4_0/Q8_0 block, a Q4_K sub-block, 2 Q6_K ones
 TILE = 8             # tokens per matmul tile (accumulators per thread)
 MAX_THREADS = 256    # threads per block any launch here may use (sizes the shared arrays)
 RED_SIZE = MAX_THREADS * TILE   # shared partial sums (a literal for the compiler)
@@ -50,7 +50,8 @@ class Launch:
     lanes: int = 32
     rows: int = 4
     max_blocks: int = 65535
-    attn_threads: int = 128   # threads per (head, token) in attention; power of two
+    attn_threads: int = 128   # threads per (head, token) in attention, per row in RMS norm;
+                              # a power of two
     ew_threads: int = 256     # threads per block of elementwise kernels
 
     @staticmethod

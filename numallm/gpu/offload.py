@@ -343,6 +343,11 @@ class Offload:
                 count(c)
         return total
 
+    def block_matrix_bytes(self) -> int:
+        """Bytes of the weight matrices of the blocks on GPUs (Transformer.linears() no longer
+        sees them)."""
+        return sum(m.nbytes for b in self.blocks if isinstance(b, DeviceBlock) for m in b.mats.values())
+
     def gpu_model_bytes(self) -> int:
         """Weights and KV cache allocated on the GPUs (scratch buffers are not model bytes)."""
         return sum(g.bytes["weights"] + g.bytes["kv"] for g in self.gpus.values())
