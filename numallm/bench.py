@@ -8,6 +8,13 @@ sample standard deviation. GB/s counts the weight bytes one forward streams (eve
 times forwards per second, and % bw sets that against the machine's read bandwidth, measured
 here with the same number of threads (numpy sums over a buffer far larger than L3).
 
+NUMA: each --numa strategy is loaded as its own runner and they take turns like engines; per
+row, `sync ms/t` is the time per token the cross-node joins cost beyond the slowest node's work
+(placement.SyncStats: dispatch, wake-ups, joins, reduces), and `other ms/t` (tg only) the time
+per token during which no thread runs a matrix kernel (KernelClock): Python, numpy norms, RoPE
+and attention, dispatch and joins. sync comes from the timed repetitions; other from one extra
+decode with the clock on (its wrappers cost well under a microsecond per kernel call).
+
 The pure arithmetic (mean_sd, gbps, summarize, ratios, format_table, to_json_rows) is separate
 from the runners (NumallmRunner, LlamaCppRunner) and the driver (run_benchmark) so that it can
 be tested without timing anything.
@@ -69,24 +76,31 @@ class BenchRow:
     stddev: float
     gbps: float            # weight GB/s at the mean rate
     bw_fraction: float     # gbps / the machine's read GB/s at this thread count (nan: unknown)
+    numa: str = ""         # numallm's placement ("off", "shard", "auto:off"...); "" for llama.cpp
+    sync_ms: float | None = None     # cross-node sync per token (mean over repetitions)
+    other_ms: float | None = None    # per token with no matrix kernel running (tg, one pass)
 
 
 def summarize(engine: str, test: str, threads: int, n_tokens: int, n_passes: int,
-              seconds: Sequence[float], weight_bytes: int, machine_gbps: float) -> BenchRow:
-    """A BenchRow from the wall times of each repetition of a test of n_tokens / n_passes."""
+              seconds: Sequence[float], weight_bytes: int, machine_gbps: float, numa: str = "",
+              sync_s: Sequence[float] | None = None, other_s: float | None = None) -> BenchRow:
+    """A BenchRow from the wall times of each repetition of a test of n_tokens / n_passes;
+    sync_s: the sync seconds of each repetition, other_s: non-kernel seconds of one pass."""
     samples = tuple(n_tokens / s for s in seconds)
     ts, sd = mean_sd(samples)
     rate = gbps(weight_bytes, ts * n_passes / n_tokens)
     frac = rate / machine_gbps if machine_gbps > 0 else math.nan
-    return BenchRow(engine, test, threads, n_tokens, n_passes, samples, ts, sd, rate, frac)
+    sync = 1e3 * mean_sd(sync_s)[0] / n_tokens if sync_s else None
+    other = 1e3 * other_s / n_tokens if other_s is not None else None
+    return BenchRow(engine, test, threads, n_tokens, n_passes, samples, ts, sd, rate, frac, numa,
+                    sync, other)
 
 
-def ratios(rows: Sequence[BenchRow]) -> dict[tuple[str, int], float]:
-    """numallm / llama.cpp tokens/s for each (test, threads) both engines ran."""
-    by = {(r.engine, r.test, r.threads): r.tokens_per_s for r in rows}
-    return {(t, n): by[(NUMALLM, t, n)] / by[(LLAMA_CPP, t, n)]
-            for (e, t, n) in by if e == NUMALLM and (LLAMA_CPP, t, n) in by
-            and by[(LLAMA_CPP, t, n)] > 0}
+def ratios(rows: Sequence[BenchRow]) -> dict[tuple[str, int, str], float]:
+    """numallm / llama.cpp tokens/s for each (test, threads, numallm's numa) both engines ran."""
+    ref = {(r.test, r.threads): r.tokens_per_s for r in rows if r.engine == LLAMA_CPP}
+    return {(r.test, r.threads, r.numa): r.tokens_per_s / ref[(r.test, r.threads)]
+            for r in rows if r.engine == NUMALLM and ref.get((r.test, r.threads), 0) > 0}
 
 
 def human_bytes(n: int) -> str:
@@ -107,22 +121,31 @@ class ModelInfo:
 def format_table(model: ModelInfo, rows: Sequence[BenchRow]) -> str:
     """The markdown table; engine and ratio columns appear only when llama.cpp rows are present."""
     compare = any(r.engine == LLAMA_CPP for r in rows)
+    sync = any(r.sync_ms is not None for r in rows)
+    other = any(r.other_ms is not None for r in rows)
     ratio = ratios(rows)
     head = ["model", "size", "params"] + (["engine"] if compare else []) + \
-        ["threads", "test", "t/s", "GB/s", "% bw"] + (["ratio"] if compare else [])
+        ["numa", "threads", "test", "t/s", "GB/s", "% bw"] + (["sync ms/t"] if sync else []) + \
+        (["other ms/t"] if other else []) + (["ratio"] if compare else [])
     body = []
+
+    def ms(v: float | None) -> str:
+        return "" if v is None else f"{v:.2f}"
     for r in rows:
         cells = [model.label, human_bytes(model.weight_bytes), human_params(model.params)]
         cells += [r.engine] if compare else []
         bw = "?" if math.isnan(r.bw_fraction) else f"{100 * r.bw_fraction:.1f}"
-        cells += [str(r.threads), r.test, f"{r.tokens_per_s:.2f} ± {r.stddev:.2f}",
+        cells += [r.numa or "-", str(r.threads), r.test, f"{r.tokens_per_s:.2f} ± {r.stddev:.2f}",
                   f"{r.gbps:.2f}", bw]
+        cells += [ms(r.sync_ms)] if sync else []
+        cells += [ms(r.other_ms)] if other else []
         if compare:
-            q = ratio.get((r.test, r.threads)) if r.engine == NUMALLM else None
+            q = ratio.get((r.test, r.threads, r.numa)) if r.engine == NUMALLM else None
             cells.append("" if q is None else f"{q:.2f}")
         body.append(cells)
     widths = [max(len(c) for c in col) for col in zip(head, *body)]
-    right = {"size", "params", "threads", "test", "t/s", "GB/s", "% bw", "ratio"}
+    right = {"size", "params", "threads", "test", "t/s", "GB/s", "% bw", "sync ms/t", "other ms/t",
+             "ratio"}
 
     def line(cells: list[str]) -> str:
         return "| " + " | ".join(c.rjust(w) if h in right else c.ljust(w)
@@ -146,7 +169,9 @@ def to_json_rows(model: ModelInfo, rows: Sequence[BenchRow],
             "stddev": r.stddev, "gbps": r.gbps,
             "bw_fraction": None if math.isnan(r.bw_fraction) else r.bw_fraction,
             "machine_gbps": machine_gbps.get(r.threads),
-            "ratio_vs_llama_cpp": ratio.get((r.test, r.threads)) if r.engine == NUMALLM else None,
+            "ratio_vs_llama_cpp": ratio.get((r.test, r.threads, r.numa)) if r.engine == NUMALLM else None,
+            "numa": r.numa or None, "sync_ms_per_token": r.sync_ms,
+            "non_kernel_ms_per_token": r.other_ms,
         })
     return out
 
@@ -195,16 +220,66 @@ def bandwidth_buffer(nbytes: int = BW_BYTES) -> np.ndarray:
 
 # -- runners ---------------------------------------------------------------------------------------
 
+class KernelClock:
+    """While on, records the wall-clock span of every kernel call of the given kernel units
+    (products and the encoding of their input), from any thread; `busy_s()` is the length of
+    their union: the time during which at least one thread ran a kernel. The units' methods are
+    wrapped by instance attributes and restored on exit (the units are process-wide singletons)."""
+
+    METHODS = ("prepare_x", "matmul_x", "matvec", "matmul")
+
+    def __init__(self, units):
+        self.units = list({id(u): u for u in units}.values())
+        self.spans: list[tuple[float, float]] = []
+        self._saved: list[tuple[object, str, object]] = []
+
+    def __enter__(self) -> "KernelClock":
+        spans = self.spans
+        for u in self.units:
+            for name in self.METHODS:
+                self._saved.append((u, name, vars(u).get(name)))
+                inner = getattr(u, name)
+
+                def timed(*args, inner=inner):
+                    t0 = time.perf_counter()
+                    try:
+                        return inner(*args)
+                    finally:
+                        spans.append((t0, time.perf_counter()))   # list.append is atomic
+                setattr(u, name, timed)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for u, name, prev in reversed(self._saved):
+            if prev is None:
+                delattr(u, name)
+            else:
+                setattr(u, name, prev)
+        self._saved.clear()
+
+    def busy_s(self) -> float:
+        total, end = 0.0, -math.inf
+        for a, b in sorted(self.spans):
+            if b > end:
+                total += b - max(a, end)
+                end = b
+        return total
+
+
 class NumallmRunner:
     """Times numallm's raw forward: the model loaded with n_threads, run on its own pool
-    (`llm.pool`, which the placement built) as the engine runs it."""
+    (`llm.pool`, which the placement built) as the engine runs it. `numa` labels the placement
+    (the strategy `auto` chose, after it); `last_sync_s` is the sync time of the last call."""
 
     engine = NUMALLM
 
-    def __init__(self, path: str, n_threads: int, n_ctx: int, **load_options):
+    def __init__(self, path: str, n_threads: int, n_ctx: int, numa: str = "off", **load_options):
         from .engine import load
 
-        self.llm = load(path, n_ctx=n_ctx, n_threads=n_threads, **load_options)
+        self.llm = load(path, n_ctx=n_ctx, n_threads=n_threads, numa=numa, **load_options)
+        got = self.llm.placement.strategy
+        self.numa = got if got == numa else f"{numa}:{got}"
+        self.last_sync_s: float | None = None
 
     def info(self) -> tuple[ModelInfo, int]:
         """What the table says about the model, and its vocab size."""
@@ -224,14 +299,21 @@ class NumallmRunner:
             passes += 1
         return passes
 
+    def _sync_s(self) -> float | None:
+        st = self.llm.placement.sync_stats()
+        return None if st is None else st.sync_s
+
     def prefill(self, tokens: np.ndarray) -> tuple[float, int]:
         """Seconds and forward passes to prefill `tokens` from position 0 (a fresh context)."""
         from .threads import activate
 
         with activate(self.llm.pool):
+            s0 = self._sync_s()
             t0 = time.perf_counter()
             passes = self._forward(tokens, 0)
-            return time.perf_counter() - t0, passes
+            dt = time.perf_counter() - t0
+        self.last_sync_s = None if s0 is None else self._sync_s() - s0
+        return dt, passes
 
     def decode(self, prompt: np.ndarray, tokens: np.ndarray) -> float:
         """Seconds to decode `tokens` one at a time after an untimed prefill of `prompt`."""
@@ -239,10 +321,26 @@ class NumallmRunner:
 
         with activate(self.llm.pool):
             self._forward(prompt, 0)
-            t0 = time.perf_counter()
-            for i in range(len(tokens)):
-                self.llm.model(tokens[i:i + 1], self.llm.cache, len(prompt) + i, last_only=True)
-            return time.perf_counter() - t0
+            s0 = self._sync_s()
+            dt = self._decode(len(prompt), tokens)
+        self.last_sync_s = None if s0 is None else self._sync_s() - s0
+        return dt
+
+    def _decode(self, pos0: int, tokens: np.ndarray) -> float:
+        t0 = time.perf_counter()
+        for i in range(len(tokens)):
+            self.llm.model(tokens[i:i + 1], self.llm.cache, pos0 + i, last_only=True)
+        return time.perf_counter() - t0
+
+    def non_kernel_s(self, prompt: np.ndarray, tokens: np.ndarray) -> float:
+        """Seconds of one more decode (as `decode`) during which no thread ran a matrix kernel."""
+        from .threads import activate
+
+        with activate(self.llm.pool):
+            self._forward(prompt, 0)
+            with KernelClock(m.unit for m in self.llm.model.linears()) as clock:
+                wall = self._decode(len(prompt), tokens)
+        return wall - clock.busy_s()
 
     def close(self) -> None:
         self.llm.close()
@@ -253,6 +351,8 @@ class LlamaCppRunner:
 
     engine = LLAMA_CPP
     N_BATCH = 512
+    numa = ""                # llama.cpp's own NUMA handling is not driven from here
+    last_sync_s = None
 
     def __init__(self, path: str, n_threads: int, n_ctx: int):
         import llama_cpp
@@ -279,6 +379,9 @@ class LlamaCppRunner:
         for t in ids:
             self.llm.eval([t])
         return time.perf_counter() - t0
+
+    def non_kernel_s(self, prompt: np.ndarray, tokens: np.ndarray) -> None:
+        return None       # not measurable from outside llama.cpp
 
     def close(self) -> None:
         self.llm.close()
@@ -317,18 +420,33 @@ def run_tests(runners: Sequence, plan: BenchPlan, n_threads: int, n_vocab: int,
     for r in runners:
         r.decode(prompt[:WARMUP_TOKENS], gen[:2])   # untimed: compile, page cache, pool start
     rows = []
+
+    def timed(call, r):
+        """(result of call(r), r's sync seconds in it) for one runner and repetition."""
+        out = call(r)
+        return out, r.last_sync_s
+
+    def syncs(runs, i):
+        got = [rep[i][1] for rep in runs]
+        return None if None in got else got
     if plan.n_prompt:
-        runs = [[r.prefill(pp) for r in runners] for _ in range(plan.reps)]   # (reps, engines)
+        runs = [[timed(lambda r: r.prefill(pp), r) for r in runners] for _ in range(plan.reps)]
         rows += [summarize(r.engine, f"pp{plan.n_prompt}", n_threads, plan.n_prompt,
-                           runs[0][i][1], [rep[i][0] for rep in runs], weight_bytes, machine_gbps)
+                           runs[0][i][0][1], [rep[i][0][0] for rep in runs], weight_bytes,
+                           machine_gbps, r.numa, syncs(runs, i))
                  for i, r in enumerate(runners)]
     if plan.n_gen:
-        secs = [[r.decode(prompt, gen) for r in runners] for _ in range(plan.reps)]
+        runs = [[timed(lambda r: r.decode(prompt, gen), r) for r in runners] for _ in range(plan.reps)]
+        other = [r.non_kernel_s(prompt, gen) for r in runners]
         rows += [summarize(r.engine, f"tg{plan.n_gen}", n_threads, plan.n_gen, plan.n_gen,
-                           [rep[i] for rep in secs], weight_bytes, machine_gbps)
+                           [rep[i][0] for rep in runs], weight_bytes, machine_gbps, r.numa,
+                           syncs(runs, i), other[i])
                  for i, r in enumerate(runners)]
     for r in rows:
-        log(f"{r.engine} threads={r.threads} {r.test}: {r.tokens_per_s:.2f} ± {r.stddev:.2f} t/s")
+        extra = "".join(f", {k} {v:.2f} ms/token" for k, v in
+                        (("sync", r.sync_ms), ("non-kernel", r.other_ms)) if v is not None)
+        log(f"{r.engine}{f' numa={r.numa}' if r.numa else ''} threads={r.threads} {r.test}: "
+            f"{r.tokens_per_s:.2f} ± {r.stddev:.2f} t/s{extra}")
     return rows
 
 
@@ -341,9 +459,10 @@ class BenchReport:
 
 def run_benchmark(path: str, plan: BenchPlan, vs_llama_cpp: bool = False,
                   bw_bytes: int = BW_BYTES, log: Callable[[str], None] = lambda s: None,
-                  **load_options) -> BenchReport:
+                  numa: Sequence[str] = ("off",), **load_options) -> BenchReport:
     """Measure the machine's read bandwidth, then numallm (and llama.cpp) on the GGUF at `path`.
-    load_options go to numallm.load for each thread count (placement flags)."""
+    numa: one numallm runner per placement strategy; load_options go to numallm.load for each
+    (nodes, threads_per_node, virtual_nodes)."""
     if vs_llama_cpp:
         try:
             import llama_cpp  # noqa: F401 - checked before the long numallm part
@@ -360,8 +479,10 @@ def run_benchmark(path: str, plan: BenchPlan, vs_llama_cpp: bool = False,
     for t in plan.threads:
         # numallm's weights are views of the file's mmap (placement may copy them), and
         # llama.cpp maps the same file: both engines share the page cache
-        runners = [NumallmRunner(path, t, plan.n_ctx, **load_options)]
+        runners = []
         try:
+            for strategy in numa:
+                runners.append(NumallmRunner(path, t, plan.n_ctx, strategy, **load_options))
             if vs_llama_cpp:
                 runners.append(LlamaCppRunner(path, t, plan.n_ctx))
             info, n_vocab = runners[0].info()

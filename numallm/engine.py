@@ -108,8 +108,9 @@ class LLM:
             from .topology import virtual_nodes as carve
 
             topo = discover() if not virtual_nodes else carve(discover(), virtual_nodes)
-        self.placement = place(self.model, topo, numa, nodes, threads_per_node, n_threads)
+        self.placement = place(self.model, topo, numa, nodes, threads_per_node, n_threads, self.n_ctx)
         self.pool = self.placement.pool
+        self.cache = self.placement.adopt_cache(self.cache)   # sharded layers: KV on their nodes
         self.cached: list[int] = []  # tokens whose K/V are in self.cache
         self.n_prefilled = 0          # prompt tokens the last prefill computed (not reused)
 
@@ -248,9 +249,9 @@ class LLM:
 
 def load(path: str, **options) -> LLM:
     """Load a GGUF model. options: n_ctx, n_threads, chat_template (a Jinja source override),
-    numa ("off", "shard", "isolate"), virtual_nodes (carve this machine into N nodes), nodes,
-    threads_per_node (see numallm.placement); offload: a numallm.gpu.OffloadRequest (blocks to run
-    on GPUs; see numallm.gpu.offload). Without a usable GPU, one line on stderr says why and
-    every layer runs on the CPU; `llm.offload` holds the plan, the actual device bytes and where
-    each layer ran."""
+    numa ("off" by default, "auto", "shard", "replicate", "isolate"), virtual_nodes (carve this
+    machine into N nodes), nodes, threads_per_node (see numallm.placement); offload: a
+    numallm.gpu.OffloadRequest (blocks to run on GPUs; see numallm.gpu.offload). Without a usable
+    GPU, one line on stderr says why and every layer runs on the CPU; `llm.offload` holds the
+    plan, the actual device bytes and where each layer ran."""
     return LLM(path, **options)

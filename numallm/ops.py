@@ -146,12 +146,13 @@ class Rope:
 class KVCache:
     """Keys and values of one layer for positions 0..n_ctx-1.
 
-    k, v: float32 (n_head_kv, n_ctx, head_dim); `n` positions are filled.
+    k, v: float32 (n_head_kv, n_ctx, head_dim); `n` positions are filled. `zeros(shape, dtype)`
+    allocates them (placement passes one that puts the pages on a chosen node).
     """
 
-    def __init__(self, n_ctx: int, n_head_kv: int, head_dim: int):
-        self.k = np.zeros((n_head_kv, n_ctx, head_dim), dtype=np.float32)
-        self.v = np.zeros((n_head_kv, n_ctx, head_dim), dtype=np.float32)
+    def __init__(self, n_ctx: int, n_head_kv: int, head_dim: int, zeros=np.zeros):
+        self.k = zeros((n_head_kv, n_ctx, head_dim), np.float32)
+        self.v = zeros((n_head_kv, n_ctx, head_dim), np.float32)
         self.n = 0
 
     @property

@@ -1,32 +1,74 @@
 """NUMA placement of a built model: the one module that knows about nodes.
 
-    placement = apply(model, topo, strategy="shard")   # model's Linears now sharded per node
+    placement = apply(model, topo, strategy="shard")   # the model's layers now run per node
     with threads.activate(placement.pool): model(...)
     placement.report()                                 # per slice: node, bytes, share of local pages
 
-shard:   every weight matrix is split along its output rows (whole rows, so quant blocks are never
-         cut) in proportion to each node's cores; attention projections are split at KV-head
-         boundaries with each query head on its KV head's node (GQA). Each slice is copied into
-         its node's memory and computed by that node's threads.
-isolate: one node holds every matrix and runs every thread.
-off:     nothing moves; an unpinned pool over the allowed cores.
+Strategies
+  shard:     one copy of the weights split over the nodes in proportion to their threads; each node
+             computes its slices with its own pinned threads from its own memory, and keeps the
+             KV cache of its attention heads.
+  replicate: a full copy of every matrix in every node's memory; each matrix product's rows are
+             split over the nodes and each node's threads read their rows from their own copy;
+             attention runs on node 0. N x the weight memory, but the split ignores head
+             boundaries: for models whose few KV heads cannot be spread over the nodes.
+  isolate:   everything on one node (its memory, its threads).
+  off:       nothing moves; an unpinned pool over the allowed cores.
+  auto:      `decide` picks one of these and says why in one line.
 
-Virtual nodes (carved from one real node) allocate on the real node they came from; the report
-says so. Model files are untouched: ShardedLinear replaces ops.Linear in place.
+Sharded layer flow (tensor parallelism as Megatron-LM splits a layer). Node i holds KV heads H_i,
+each query head with its KV head, and feed-forward rows F_i:
+
+    norm(x) -> q, k, v rows of H_i -> RoPE -> K, V into node i's cache -> attention of H_i
+        -> attn_output[:, columns of H_i] @ it = node i's partial (T, n_embd)     on node i
+    x += sum of the partials                                      cross-node sync 1 (allreduce)
+    norm(x) -> gate, up rows F_i -> silu(gate) * up -> ffn_down[:, F_i] @ it = a partial
+    x += sum of the partials                                      cross-node sync 2 (allreduce)
+
+so 2 cross-node syncs per layer, plus 1 per forward for the output matrix (split by rows,
+gathered); the embedding lookup reads one row wherever it lives. Inside a node each matrix
+product joins that node's threads only. Column slices fall on quant-block boundaries (32 values
+for legacy types, 256 for K-quants): KV heads are grouped so a node's attn_output columns are
+whole blocks. Partial sums change the order of float additions, so logits differ from `off` at
+float32 rounding. Replicate runs the block's own code with every product's rows split over the
+nodes: 4 cross-node syncs per layer (q/k/v together, attn_output, gate/up together, down).
+
+All cross-node data movement goes through `Exchange`; `Placement.sync_stats()` gives the joins and
+the time they cost. Virtual nodes (carved from one real node) allocate on the real node they came
+from; the report says so. Model files are untouched: each block is replaced by a ShardedBlock that
+runs the block's own `attn` / `ffn` code on per-node views of it, and `adopt_cache` swaps the
+engine's cache of each sharded layer for per-node caches (layers the GPU offload moved are left
+alone).
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
+import time
+import weakref
 from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
+from numallm_kernels.base import Activations
 
 from . import numa_mem, ops, threads
-from .errors import NumallmError
+from .errors import NumallmError, UnsupportedError
+from .models.base import Block
 from .topology import Topology
+from .topology.plan import assumed_bandwidth
 
-STRATEGIES = ("off", "shard", "isolate")
+STRATEGIES = ("auto", "off", "shard", "replicate", "isolate")
+# One cross-node join (NodePools.run_nodes: condition-variable wake-up and join of the node
+# leaders) measured at 20-40 us on a 2-core VM (benchmarks/bench_numa.py); auto counts it
+# to tell when a model is too small to gain from more nodes.
+JOIN_COST_S = 40e-6
+# auto picks replicate over shard when shard would give a node at least this multiple of its
+# thread share of the attention (its KV heads), and a full copy takes at most REPLICA_FREE_SHARE
+# of every node's free memory.
+ATTN_IMBALANCE = 1.5
+REPLICA_FREE_SHARE = 0.5
+GiB = 2 ** 30
 
 
 @dataclass(frozen=True)
@@ -47,8 +89,40 @@ class SliceReport:
     node: int                 # topology node (virtual or real)
     mem_node: int | None      # real memory node the slice was allocated on
     rows: tuple[int, int]     # output rows [r0, r1) of the full matrix
-    nbytes: int
+    nbytes: int               # bytes held on the node (replicate: the node's whole copy)
     local: float | None       # share of the slice's pages on mem_node; None: not verifiable
+    cols: tuple[int, int] | None = None   # input columns [c0, c1) of a column slice
+
+
+@dataclass(frozen=True)
+class KVReport:
+    layer: int
+    node: int
+    mem_node: int | None
+    heads: tuple[int, int]    # KV heads [h0, h1) of the layer
+    nbytes: int
+    local: float | None       # share of the touched pages on mem_node; None: none touched / not verifiable
+
+
+@dataclass(frozen=True)
+class SyncStats:
+    """Cross-node synchronisation so far: `joins` node joins (NodePools.run_nodes), `wall_s` the
+    caller's time in them, `slowest_s` the slowest node's own work in them, `exchange_s` time in
+    Exchange reduces and gathers. sync_s = wall - slowest + exchange is what synchronising cost
+    on top of the work; subtract two snapshots for an interval."""
+
+    joins: int = 0
+    wall_s: float = 0.0
+    slowest_s: float = 0.0
+    exchange_s: float = 0.0
+
+    @property
+    def sync_s(self) -> float:
+        return self.wall_s - self.slowest_s + self.exchange_s
+
+    def __sub__(self, o: "SyncStats") -> "SyncStats":
+        return SyncStats(self.joins - o.joins, self.wall_s - o.wall_s, self.slowest_s - o.slowest_s,
+                         self.exchange_s - o.exchange_s)
 
 
 def split_units(n_units: int, weights: list[float]) -> list[tuple[int, int]]:
@@ -67,78 +141,53 @@ def split_units(n_units: int, weights: list[float]) -> list[tuple[int, int]]:
 
 
 class Exchange:
-    """Cross-node data movement of one op. On one host the nodes share an address space, so a
-    matvec writes its slice straight into the shared output and only batched outputs, computed
-    per slice, are copied into place. A multi-host backend (MPI) implements the same method."""
+    """Cross-node data movement: the one seam a multi-host backend replaces.
+
+    In one process the nodes share an address space, so each node's part is an array any thread
+    can read, and these are plain sums and copies (timed in `seconds`). An MPI backend runs one
+    rank per node, each holding only its own part, and implements
+      allreduce   as MPI_Allreduce(part, MPI_SUM) followed by base + sum on every rank (every
+                  rank holds the same residual stream, so nothing needs a broadcast after it);
+      gather_cols as MPI_Allgatherv of the (T, rows_i) parts, placed by the same bounds.
+    Parts are added in node order, so every rank gets the same bits.
+    """
+
+    def __init__(self):
+        self.seconds = 0.0
+
+    def allreduce(self, parts: list[np.ndarray | None], base: np.ndarray) -> np.ndarray:
+        """base + the sum of the nodes' (T, D) parts (None: the node had nothing to add)."""
+        t0 = time.perf_counter()
+        out = None
+        for p in parts:
+            if p is not None:
+                out = base + p if out is None else np.add(out, p, out=out)
+        out = base.copy() if out is None else out
+        self.seconds += time.perf_counter() - t0
+        return out
 
     def gather_cols(self, parts: list[np.ndarray], out: np.ndarray, bounds: list[tuple[int, int]]) -> None:
         """out[:, r0:r1] = part for each (T, r1 - r0) part."""
+        t0 = time.perf_counter()
         for p, (r0, r1) in zip(parts, bounds):
             out[:, r0:r1] = p
+        self.seconds += time.perf_counter() - t0
 
 
-class _Part:
-    """One node's rows [r0, r1) of a matrix: prepared weights in node memory, its thread indices."""
-
-    def __init__(self, group: int, r0: int, r1: int, w, arrays: list[np.ndarray], tids: list[int],
-                 multiple: int = 1):
-        self.group, self.r0, self.r1, self.w, self.arrays = group, r0, r1, w, arrays
-        # (thread index, local row range) for each share of this slice
-        self.shares = [(tids[j], a, b) for j, (a, b) in
-                       enumerate(threads.split_rows(r1 - r0, len(tids), multiple))]
-
-
-class ShardedLinear(ops.Linear):
-    """An ops.Linear whose output rows are split into per-node parts; same call as Linear."""
-
-    def __init__(self, lin: ops.Linear, parts: list[_Part], pool: threads.RowPool, exchange: Exchange):
-        # not Linear.__init__: the full matrix is not kept, only the node-local parts
-        self.unit, self.name, self.qtype, self.shape = lin.unit, lin.name, lin.qtype, lin.shape
-        self.nbytes, self.raw = lin.nbytes, None
-        self.parts, self._pool, self.exchange = parts, pool, exchange
-
-    def pool(self) -> threads.RowPool:
-        return self._pool
-
-    def add_jobs(self, acts, out, jobs):
-        """Each part's shares go to the threads of its node. A decode step writes each part's
-        rows straight into `out` (one row of T = 1 is contiguous); batched outputs are computed
-        per part and gathered by the exchange once all threads are done."""
-        unit, t = self.unit, acts.x.shape[0]
-        if t == 1:
-            for p in self.parts:
-                ov = out[:, p.r0:p.r1]                                    # (1, rows_i)
-                for tid, a, b in p.shares:
-                    jobs[tid].append(lambda w=p.w, ov=ov, a=a, b=b: unit.matmul_x(w, acts, ov, a, b))
-            return None
-        outs = [np.empty((t, p.r1 - p.r0), dtype=np.float32) for p in self.parts]  # (T, rows_i)
-        for p, o in zip(self.parts, outs):
-            for tid, a, b in p.shares:
-                jobs[tid].append(lambda w=p.w, o=o, a=a, b=b: unit.matmul_x(w, acts, o, a, b))
-        bounds = [(p.r0, p.r1) for p in self.parts]
-        return lambda: self.exchange.gather_cols(outs, out, bounds)
-
-    def rows(self, ids: np.ndarray) -> np.ndarray:
-        out = np.empty((len(ids), self.shape[1]), dtype=np.float32)     # (len(ids), K)
-        for i, r in enumerate(ids):
-            r = int(r)
-            p = next(p for p in self.parts if p.r0 <= r < p.r1)
-            self.unit.dequantize(p.w, out[i:i + 1], r - p.r0, r - p.r0 + 1)
-        return out
-
+# -- node-local matrices ---------------------------------------------------------------------------
 
 def _localize(unit, raw: np.ndarray, node: int | None):
-    """Prepared weights for `raw` rows with every array in node memory: (w, [arrays])."""
+    """Prepared weights for raw GGUF rows with every array in node memory: (w, [arrays held])."""
     if node is None:
-        local = np.ascontiguousarray(raw)
-        return unit.prepare(local), [local]
-    local = numa_mem.to_node(raw, node)
-    numa_mem.release_file_pages(raw)
+        local = np.ascontiguousarray(raw)            # a view when raw is already contiguous
+        return unit.prepare(local), [] if unit.repacks else [local]
+    # a repacking unit copies everything: prepare from the file, then move the new layout; the
+    # others keep (views of) their input, so that goes to the node first
+    local = np.ascontiguousarray(raw) if unit.repacks else numa_mem.to_node(raw, node)
     w = unit.prepare(local)
     if not dataclasses.is_dataclass(w):
         return w, [local]
-    # K-quant units unpack scales into fresh numpy arrays, repacking units copy everything:
-    # move those to the node as well (a repacked copy no longer needs `local`)
+    # K-quant units unpack scales into fresh numpy arrays: move those to the node as well
     moved = {f.name: numa_mem.to_node(v, node, readonly=not v.flags.writeable)
              for f in dataclasses.fields(w) if isinstance(v := getattr(w, f.name), np.ndarray)
              and not np.shares_memory(v, local)}
@@ -146,50 +195,336 @@ def _localize(unit, raw: np.ndarray, node: int | None):
     return dataclasses.replace(w, **moved), [*kept, *moved.values()]
 
 
-def _groups(topo: Topology, strategy: str, nodes: list[int] | None,
-            threads_per_node: int | None) -> list[NodeGroup]:
+class LocalLinear(ops.Linear):
+    """One node's part of a matrix, in that node's memory. axis 0: output rows [a, b), with `w`
+    holding only those rows (shard) or the whole matrix (replicate, `full`); axis 1: input
+    columns [a, b), whole quant blocks (its product is a partial sum). Called like ops.Linear,
+    on the current pool: its node's, inside NodePools.run_nodes."""
+
+    def __init__(self, lin: ops.Linear, group: int, axis: int, a: int, b: int, w,
+                 arrays: list[np.ndarray], full: bool = False):
+        # not Linear.__init__: the weights come prepared from node memory
+        self.unit, self.name, self.qtype = lin.unit, lin.name, lin.qtype
+        n, k = lin.shape
+        self.shape = lin.shape if full else (b - a, k) if axis == 0 else (n, b - a)
+        row_bytes = lin.raw.shape[1]
+        self.nbytes = (n if full else b - a) * row_bytes if axis == 0 else n * (b - a) * row_bytes // k
+        self.raw, self.w, self.arrays, self.full = None, w, arrays, full
+        self.group, self.axis, self.a, self.b = group, axis, a, b
+
+
+def _slice(lin: ops.Linear, group: int, axis: int, a: int, b: int, node: int | None) -> LocalLinear:
+    """Rows (axis 0) or whole-block columns (axis 1) [a, b) of `lin`, prepared in node memory."""
+    if axis == 0:
+        raw = lin.raw[a:b]
+    else:
+        bs, ts = lin.unit.block_size, lin.unit.type_size
+        if a % bs or b % bs:
+            raise ValueError(f"{lin.name}: columns [{a}, {b}) cut {bs}-value quant blocks")
+        raw = lin.raw[:, a // bs * ts: b // bs * ts]                       # (N, bytes of the blocks)
+    w, arrays = _localize(lin.unit, raw, node)
+    return LocalLinear(lin, group, axis, a, b, w, arrays)
+
+
+class ShardedLinear(ops.Linear):
+    """A matrix split over nodes into LocalLinear parts, computed as one product: each part's
+    rows go to its node's threads (ops.matmuls dispatches every matrix of an input at once) and
+    the Exchange gathers row parts of a batch or sums column parts. A decode step (T = 1) writes
+    row parts straight into the output, and replicated parts (whole matrices) always do."""
+
+    def __init__(self, lin: ops.Linear, parts: list[LocalLinear], nodes: threads.NodePools,
+                 exchange: Exchange, axis: int = 0):
+        self.unit, self.name, self.qtype, self.shape = lin.unit, lin.name, lin.qtype, lin.shape
+        self.nbytes, self.raw, self.w = lin.nbytes, None, None
+        self.parts, self.nodes, self.exchange, self.axis = parts, nodes, exchange, axis
+
+    def pool(self) -> threads.NodePools:
+        return self.nodes
+
+    def add_jobs(self, acts, out, jobs):
+        unit, t = self.unit, acts.x.shape[0]
+
+        def share(p: LocalLinear, n_rows: int, run) -> None:
+            tids = self.nodes.tids(p.group)
+            for j, (a, b) in enumerate(threads.split_rows(n_rows, len(tids), unit.row_multiple)):
+                jobs[tids[j]].append(lambda a=a, b=b: run(a, b))
+
+        if self.axis == 1:          # partial sums over column blocks: each part reads its x columns
+            outs = []
+            for p in self.parts:
+                xp = Activations(np.ascontiguousarray(acts.x[:, p.a:p.b]))   # (T, cols_i)
+                unit.prepare_x(xp)
+                o = np.empty((t, self.shape[0]), dtype=np.float32)          # (T, N) partial
+                share(p, self.shape[0], lambda a, b, w=p.w, xp=xp, o=o: unit.matmul_x(w, xp, o, a, b))
+                outs.append(o)
+
+            def reduce():
+                out[:] = self.exchange.allreduce(outs, np.zeros_like(out))
+            return reduce
+        gathered, outs = [], []
+        for p in self.parts:
+            if p.full:              # the node's own copy of every row: global rows, shared output
+                share(p, p.b - p.a, lambda a, b, w=p.w, r=p.a: unit.matmul_x(w, acts, out, r + a, r + b))
+                continue
+            o = out[:, p.a:p.b] if t == 1 else np.empty((t, p.b - p.a), dtype=np.float32)
+            share(p, p.b - p.a, lambda a, b, w=p.w, o=o: unit.matmul_x(w, acts, o, a, b))
+            if t > 1:
+                gathered.append(p)
+                outs.append(o)
+        if not gathered:
+            return None
+        return lambda: self.exchange.gather_cols(outs, out, [(p.a, p.b) for p in gathered])
+
+    def rows(self, ids: np.ndarray) -> np.ndarray:
+        if self.axis != 0:
+            raise ValueError(f"{self.name}: row lookup in a matrix split by columns")
+        out = np.empty((len(ids), self.shape[1]), dtype=np.float32)     # (len(ids), K)
+        for i, r in enumerate(ids):
+            r = int(r)
+            p = next(p for p in self.parts if p.a <= r < p.b)
+            local = r if p.full else r - p.a
+            self.unit.dequantize(p.w, out[i:i + 1], local, local + 1)
+        return out
+
+
+# -- sharded blocks ----------------------------------------------------------------------------------
+
+# How each matrix of a block is split: (axis, what its units are). "heads": whole KV heads with
+# their query heads; "ff": feed-forward rows (ffn_down's columns).
+_BLOCK_SPLIT = {"attn_q.weight": (0, "heads"), "attn_k.weight": (0, "heads"), "attn_v.weight": (0, "heads"),
+                "attn_output.weight": (1, "heads"), "ffn_gate.weight": (0, "ff"),
+                "ffn_up.weight": (0, "ff"), "ffn_down.weight": (1, "ff")}
+
+
+def heads_per_unit(n_head: int, n_head_kv: int, head_dim: int, block_size: int) -> int:
+    """KV heads a node must take together so its attn_output columns are whole quant blocks
+    (all of them when no smaller group works)."""
+    group = n_head // n_head_kv
+    return next((g for g in range(1, n_head_kv + 1)
+                 if n_head_kv % g == 0 and g * group * head_dim % block_size == 0), n_head_kv)
+
+
+class NodeCaches:
+    """The KV cache of one sharded layer: parts[i] holds node i's KV heads (None: it has none)."""
+
+    def __init__(self, parts: list[ops.KVCache | None]):
+        self.parts = parts
+
+    @property
+    def nbytes(self) -> int:
+        return sum(c.nbytes for c in self.parts if c is not None)
+
+
+class ShardedBlock:
+    """A decoder block run as per-node views of itself (the module docstring's layer flow).
+
+    views[i] is a shallow copy of the block whose matrices are node i's slices, whose row-split
+    biases are sliced alike, and whose args count node i's heads and ff rows, so the block's own
+    `attn` / `ffn` code computes node i's partial. Attributes named like the block's matrices are
+    the ShardedLinear records of the slices (what Transformer.linears and the report walk)."""
+
+    def __init__(self, block, heads: list[tuple[int, int]], ff: list[tuple[int, int]],
+                 groups: list[NodeGroup], nodes: threads.NodePools, exchange: Exchange, layer: int):
+        a = block.a
+        group, hd = a.n_head // a.n_head_kv, a.head_dim
+        self.layer, self.heads, self.ff = layer, heads, ff
+        self.head_dim, self.nodes, self.exchange = hd, nodes, exchange
+        self.mem_nodes = [g.mem_node for g in groups]
+        views = [copy.copy(block) for _ in groups]
+        for i, v in enumerate(views):
+            (h0, h1), (f0, f1) = heads[i], ff[i]
+            v.a = dataclasses.replace(a, n_head=(h1 - h0) * group, n_head_kv=h1 - h0, n_ff=f1 - f0)
+        spans = {}    # attribute -> (axis, [(a, b) per node])
+        for name, lin in list(vars(block).items()):
+            if not isinstance(lin, ops.Linear):
+                continue
+            key = lin.name.split(".", 2)[-1]
+            if key not in _BLOCK_SPLIT:
+                raise UnsupportedError(f"{lin.name}: --numa shard does not know how to split this "
+                                       f"matrix; use --numa replicate or off")
+            axis, kind = _BLOCK_SPLIT[key]
+            if kind == "ff":
+                per = ff
+            else:
+                rows = hd * (group if key in ("attn_q.weight", "attn_output.weight") else 1)
+                per = [(h0 * rows, h1 * rows) for h0, h1 in heads]
+            spans[name] = (axis, per)
+            parts = [_slice(lin, i, axis, s, e, g.mem_node) for i, (g, (s, e)) in enumerate(zip(groups, per))
+                     if e > s]
+            numa_mem.release_file_pages(lin.raw)      # copied to the nodes: drop the file's pages
+            for i, v in enumerate(views):
+                setattr(v, name, None)                 # a node without a slice never calls it
+            for p in parts:
+                setattr(views[p.group], name, p)
+            setattr(self, name, ShardedLinear(lin, parts, nodes, exchange, axis))
+        for name, vec in vars(block).items():
+            # a bias follows its matrix's rows; after a column split only one node may add it
+            if isinstance(vec, np.ndarray) and name.endswith("_bias") and name[:-5] in spans:
+                axis, per = spans[name[:-5]]
+                for i, v in enumerate(views):
+                    s, e = per[i]
+                    setattr(v, name, vec[s:e] if axis == 0 else vec if i == 0 else np.zeros_like(vec))
+        self.views = views
+        self._last_cache: Callable[[], NodeCaches | None] = lambda: None
+
+    def __call__(self, x: np.ndarray, cache: NodeCaches, pos0: int) -> np.ndarray:
+        """x: (T, n_embd) -> (T, n_embd) with 2 cross-node joins."""
+        views, kv, n = self.views, cache.parts, len(self.views)
+        parts: list[np.ndarray | None] = [None] * n
+
+        def attn(i: int) -> None:
+            parts[i] = views[i].attn(x, kv[i], pos0)
+
+        self.nodes.run_nodes([(lambda i=i: attn(i)) if h1 > h0 else None
+                              for i, (h0, h1) in enumerate(self.heads)])
+        x = self.exchange.allreduce(parts, x)
+        parts = [None] * n
+
+        def ffn(i: int) -> None:
+            parts[i] = views[i].ffn(x)
+
+        self.nodes.run_nodes([(lambda i=i: ffn(i)) if f1 > f0 else None
+                              for i, (f0, f1) in enumerate(self.ff)])
+        return self.exchange.allreduce(parts, x)
+
+    def make_cache(self, n_ctx: int) -> NodeCaches:
+        """Each node's KV heads in that node's memory. Fresh anonymous pages read as zeros and
+        take memory only when first written, as with np.zeros, so nothing is filled here."""
+        parts = []
+        for (h0, h1), node in zip(self.heads, self.mem_nodes):
+            zeros = np.zeros if node is None else (lambda s, d, node=node: numa_mem.empty_on_node(s, d, node))
+            parts.append(ops.KVCache(n_ctx, h1 - h0, self.head_dim, zeros) if h1 > h0 else None)
+        cache = NodeCaches(parts)
+        self._last_cache = weakref.ref(cache)
+        return cache
+
+
+# -- choosing nodes and a strategy ---------------------------------------------------------------
+
+def _node_threads(topo: Topology, nodes: list[int] | None, threads_per_node: int | None,
+                  n_threads: int | None) -> list[tuple[int, tuple[int, ...], int]]:
+    """(node, CPUs, threads) for each node to use: one CPU per physical core the process may use
+    (hyperthreads add no decode bandwidth). -t N without --threads-per-node spreads N threads over
+    the nodes in proportion to their cores (a node that gets none is left out)."""
     cpu_nodes = {n.id: n for n in topo.cpu_nodes}
-    chosen = nodes if nodes is not None else sorted(cpu_nodes)
-    bad = [n for n in chosen if n not in cpu_nodes]
+    allowed = set(topo.process.allowed_cpus)
+    cores = {nid: tuple(sorted(next(t for t in c.threads if t in allowed) for c in nd.cores
+                               if any(t in allowed for t in c.threads)))
+             for nid, nd in cpu_nodes.items()}
+    chosen = nodes if nodes is not None else [n for n in sorted(cores) if cores[n]]
+    bad = [n for n in chosen if not cores.get(n)]
     if bad or not chosen:
         raise NumallmError(f"--nodes {','.join(map(str, chosen))}: node(s) {','.join(map(str, bad))} "
-                           f"have no CPUs here (CPU nodes: {','.join(map(str, sorted(cpu_nodes)))}); "
-                           f"see `numallm topo`")
-    if strategy == "isolate":
-        chosen = chosen[:1]
+                           f"have no CPUs this process may use (CPU nodes: "
+                           f"{','.join(str(n) for n in sorted(cores) if cores[n])}); see `numallm topo`")
+    if threads_per_node:
+        return [(n, cores[n], threads_per_node) for n in chosen]
+    if n_threads:
+        split = split_units(n_threads, [len(cores[n]) for n in chosen])
+        return [(n, cores[n], b - a) for n, (a, b) in zip(chosen, split) if b > a]
+    return [(n, cores[n], len(cores[n])) for n in chosen]
+
+
+@dataclass(frozen=True)
+class Needs:
+    """What `decide` weighs about a model."""
+
+    weight_bytes: int
+    kv_bytes_per_token: int
+    n_layer: int
+    n_head_kv: int
+    heads_per_unit: int       # KV heads a shard must keep together (heads_per_unit())
+
+    @classmethod
+    def of(cls, model) -> "Needs":
+        a = model.args
+        blk = next((b for _, b, _ in _host_blocks(model)), None)
+        per = 1 if blk is None else heads_per_unit(a.n_head, a.n_head_kv, a.head_dim,
+                                                   blk.attn_output.unit.block_size)
+        return cls(sum(m.nbytes for m in model.linears()), a.kv_bytes_per_token, a.n_layer,
+                   a.n_head_kv, per)
+
+
+def decide(needs: Needs, topo: Topology, n_ctx: int, nodes: list[int] | None = None,
+           threads_per_node: int | None = None, n_threads: int | None = None) -> tuple[str, str]:
+    """`--numa auto`: (strategy, the one-line reason). Pure: reads only `topo` and `needs`.
+
+    one CPU node -> off (one chosen node of several -> isolate); a model so small that one node
+    reads it faster than N nodes synchronise (2 joins per layer) -> isolate; KV heads that cannot
+    be spread in proportion to the nodes' threads -> replicate when a full copy takes at most half
+    of every node's free memory; otherwise shard."""
+    use = _node_threads(topo, nodes, threads_per_node, n_threads)
+    n = len(use)
+    gib = needs.weight_bytes / GiB
+    if n == 1:
+        if len(topo.cpu_nodes) == 1:
+            return "off", "numa auto: off (one NUMA node)"
+        return "isolate", f"numa auto: isolate (node {use[0][0]} only)"
+    by_id = {nd.id: nd for nd in topo.nodes}
+    one_node_s = needs.weight_bytes / (assumed_bandwidth(by_id[use[0][0]]) * 1e9)
+    join_s = (2 * needs.n_layer + 1) * JOIN_COST_S
+    if one_node_s * (1 - 1 / n) < join_s:
+        return "isolate", (f"numa auto: isolate (a {gib:.2g} GiB model: one node reads it in "
+                           f"~{1e3 * one_node_s:.2f} ms per token, {n} nodes would save less than the "
+                           f"~{1e3 * join_s:.2f} ms per token their {2 * needs.n_layer + 1} joins cost)")
+    weights = [t for _, _, t in use]
+    units = needs.n_head_kv // needs.heads_per_unit
+    split = split_units(units, weights)
+    over = [((b - a) / units) / (w / sum(weights)) for (a, b), w in zip(split, weights)]
+    worst = max(range(n), key=lambda i: over[i])
+    if over[worst] >= ATTN_IMBALANCE:
+        kv = needs.kv_bytes_per_token * n_ctx
+        need = [needs.weight_bytes + (kv if i == 0 else 0) for i in range(n)]
+        free = [by_id[nid].mem_free_bytes for nid, _, _ in use]
+        uneven = (f"{needs.n_head_kv} KV heads in groups of {needs.heads_per_unit} cannot be spread "
+                  f"evenly: node {use[worst][0]} would do "
+                  f"{100 * (split[worst][1] - split[worst][0]) / units:.0f}% "
+                  f"of the attention with {100 * weights[worst] / sum(weights):.0f}% of the threads")
+        if all(x <= REPLICA_FREE_SHARE * f for x, f in zip(need, free)):
+            return "replicate", (f"numa auto: replicate ({n} nodes; {uneven}; a {gib:.2g} GiB copy "
+                                 f"per node fits in half of each node's free memory)")
+        return "shard", (f"numa auto: shard ({n} nodes; {uneven}, but a {gib:.2g} GiB copy per node "
+                         f"does not fit in half of every node's free memory)")
+    return "shard", (f"numa auto: shard ({n} nodes, a {gib:.2g} GiB model: ~{gib / n:.2g} GiB and "
+                     f"its heads' KV cache per node)")
+
+
+def _groups(use: list[tuple[int, tuple[int, ...], int]], topo: Topology) -> list[NodeGroup]:
     mem = numa_mem.status()
-    allowed = set(topo.process.allowed_cpus)
+    by_id = {nd.id: nd for nd in topo.nodes}
     out = []
-    for nid in chosen:
-        nd = cpu_nodes[nid]
-        # one CPU per physical core: hyperthreads add no decode bandwidth
-        cpus = tuple(sorted(next(t for t in c.threads if t in allowed) for c in nd.cores
-                            if any(t in allowed for t in c.threads)))
-        real = nd.real_node if topo.virtual else nd.id
-        mem_node = real if mem.available and real in mem.nodes else None
-        out.append(NodeGroup(nid, cpus, threads_per_node or len(cpus), mem_node))
+    for nid, cpus, n in use:
+        real = by_id[nid].real_node if topo.virtual else nid
+        out.append(NodeGroup(nid, cpus, n, real if mem.available and real in mem.nodes else None))
     return out
 
 
-def _units(name: str, n_rows: int, args) -> tuple[int, int]:
-    """(units, rows per unit) a matrix splits in: KV heads for attention projections (a query
-    head goes with its KV head), single rows otherwise."""
-    group = args.n_head // args.n_head_kv
-    if name.endswith("attn_q.weight"):
-        return args.n_head_kv, group * args.head_dim
-    if name.endswith(("attn_k.weight", "attn_v.weight")):
-        return args.n_head_kv, args.head_dim
-    return n_rows, 1
-
+# -- the placement -------------------------------------------------------------------------------
 
 class Placement:
     """The result of `apply`: the pool to activate, per-slice records, and what was degraded."""
 
-    def __init__(self, strategy: str, groups: list[NodeGroup], pool: threads.RowPool,
-                 virtual: bool, notes: list[str]):
+    def __init__(self, strategy: str, groups: list[NodeGroup], pool, virtual: bool,
+                 notes: list[str], reason: str | None = None):
         self.strategy, self.groups, self.pool, self.virtual = strategy, groups, pool, virtual
-        self.notes = notes
+        self.notes, self.reason = notes, reason
         self.linears: list[ShardedLinear] = []
+        self.blocks: list[ShardedBlock] = []
+        self.exchange = Exchange()
+
+    def adopt_cache(self, cache: list) -> list:
+        """The engine's per-layer cache list with each sharded layer's entry replaced by its
+        per-node caches (NodeCaches; the host arrays it replaces were never touched)."""
+        by_layer = {b.layer: b for b in self.blocks}
+        return [by_layer[i].make_cache(c.k.shape[1]) if i in by_layer and isinstance(c, ops.KVCache)
+                else c for i, c in enumerate(cache)]
+
+    def sync_stats(self) -> SyncStats | None:
+        """Joins and their cost so far (None for off: no node joins)."""
+        if not isinstance(self.pool, threads.NodePools):
+            return None
+        p = self.pool
+        return SyncStats(p.joins, p.wall_s, p.slowest_s, self.exchange.seconds)
 
     def report(self) -> list[SliceReport]:
         """Per slice: where it should be and the share of its pages the kernel reports there."""
@@ -202,17 +537,39 @@ class Placement:
                 if all(c is not None for c in counts):
                     total = sum(sum(c.values()) for c in counts)
                     local = sum(c.get(g.mem_node, 0) for c in counts) / total if total else 1.0
-                out.append(SliceReport(lin.name, g.node, g.mem_node, (p.r0, p.r1),
-                                       sum(a.nbytes for a in p.arrays), local))
+                rows, cols = ((p.a, p.b), None) if p.axis == 0 else ((0, lin.shape[0]), (p.a, p.b))
+                out.append(SliceReport(lin.name, g.node, g.mem_node, rows,
+                                       sum(a.nbytes for a in p.arrays), local, cols))
+        return out
+
+    def kv_report(self) -> list[KVReport]:
+        """Per layer and node: the KV cache the last new_cache made, and the share of its pages
+        that were written so far (untouched pages have no node yet) on the intended node."""
+        out = []
+        for b in self.blocks:
+            cache = b._last_cache()
+            if cache is None:
+                continue
+            for i, c in enumerate(cache.parts):
+                if c is None:
+                    continue
+                node = self.groups[i].mem_node
+                local = None
+                if node is not None:
+                    counts = [numa_mem.where(c.k), numa_mem.where(c.v)]
+                    present = sum(v for cn in counts for k, v in cn.items() if k >= 0)
+                    local = sum(cn.get(node, 0) for cn in counts) / present if present else None
+                out.append(KVReport(b.layer, self.groups[i].node, node, b.heads[i], c.nbytes, local))
         return out
 
     def summary(self) -> str:
         """A few lines for /stats and `topo --verify`: bytes and local pages per node."""
+        head = [self.reason] if self.reason else []
         if self.strategy == "off":
-            return "numa: off (one unpinned pool; memory where the GGUF mapping puts it)"
-        rep = self.report()
-        lines = [f"numa: {self.strategy} over {len(self.groups)} "
-                 f"{'virtual ' if self.virtual else ''}node(s)"]
+            return "\n".join(head + ["numa: off (one unpinned pool; memory where the GGUF mapping puts it)"])
+        rep, kv = self.report(), self.kv_report()
+        lines = head + [f"numa: {self.strategy} over {len(self.groups)} "
+                        f"{'virtual ' if self.virtual else ''}node(s)"]
         for g in self.groups:
             mine = [r for r in rep if r.node == g.node]
             nbytes = sum(r.nbytes for r in mine)
@@ -227,57 +584,137 @@ class Placement:
             lines.append(f"  node {g.node}: {g.n_threads} threads on CPUs "
                          f"{','.join(map(str, g.cpus))}, {len(mine)} slices, {nbytes / 2**20:.1f} MiB "
                          f"on {where}, {share}{warn}")
+            kmine = [k for k in kv if k.node == g.node]
+            if kmine:
+                seen = [k.local for k in kmine if k.local is not None]
+                kshare = (f"{100 * min(seen):.1f}% of written pages local (worst layer)" if seen
+                          else "no pages written yet" if g.mem_node is not None else "pages not verified")
+                warn = " WARNING: KV pages off their node" if seen and min(seen) < 0.999 else ""
+                lines.append(f"    KV cache of its heads: {sum(k.nbytes for k in kmine) / 2**20:.1f} MiB, "
+                             f"{kshare}{warn}")
+        st = self.sync_stats()
+        if st and st.joins:
+            lines.append(f"  cross-node joins: {st.joins} so far ({self._joins_per_layer()}), "
+                         f"{1e3 * st.sync_s:.1f} ms spent synchronising")
         return "\n".join(lines + [f"  note: {n}" for n in self.notes])
+
+    def _joins_per_layer(self) -> str:
+        return ("4 per layer + 1 per forward" if self.strategy == "replicate"
+                else "2 per layer + 1 per forward")
 
     def close(self) -> None:
         self.pool.close()
 
 
-def _replace_linears(model, mapping: Callable[[ops.Linear], ops.Linear]) -> None:
-    """Swap every ops.Linear attribute of the model and of its blocks (lists of objects)."""
-    for obj in [model] + [b for v in vars(model).values() if isinstance(v, list) for b in v]:
-        for k, v in list(vars(obj).items()):
-            if isinstance(v, ops.Linear):
-                setattr(obj, k, mapping(v))
+def _host_blocks(model):
+    """(layer, Block, put) for each layer that runs on the host: model.blk[i] itself, or the
+    Block a wrapper holds (the GPU offload wraps the layers it leaves on the CPU); put(new)
+    replaces it where it was. Layers moved to a GPU are skipped."""
+    for i, b in enumerate(model.blk):
+        if isinstance(b, Block):
+            yield i, b, lambda new, i=i: model.blk.__setitem__(i, new)
+            continue
+        for k, v in vars(b).items():
+            if isinstance(v, Block):
+                yield i, v, lambda new, b=b, k=k: setattr(b, k, new)
+                break
+
+
+def _replace_linears(obj, mapping: Callable[[ops.Linear], ops.Linear]) -> None:
+    for k, v in list(vars(obj).items()):
+        if isinstance(v, ops.Linear):
+            setattr(obj, k, mapping(v))
+
+
+def _row_split(lin: ops.Linear, groups: list[NodeGroup], nodes, exchange, weights,
+               replicate: bool) -> ShardedLinear:
+    """`lin` split by output rows in proportion to weights; replicate: every node holds the whole
+    matrix and computes its rows from its copy (cut at the kernel's row groups)."""
+    parts = []
+    step = lin.unit.row_multiple if replicate else 1
+    n_units = -(-lin.shape[0] // step)
+    for i, (a, b) in enumerate(split_units(n_units, weights)):
+        a, b = a * step, min(b * step, lin.shape[0])
+        if b <= a:
+            continue
+        node = groups[i].mem_node
+        if replicate:
+            w, arrays = _localize(lin.unit, lin.raw, node)
+            parts.append(LocalLinear(lin, i, 0, a, b, w, arrays, full=True))
+        else:
+            parts.append(_slice(lin, i, 0, a, b, node))
+    numa_mem.release_file_pages(lin.raw)
+    return ShardedLinear(lin, parts, nodes, exchange, 0)
+
+
+def _check_copies_fit(model, topo: Topology, groups: list[NodeGroup], n_ctx: int) -> None:
+    need = sum(m.nbytes for m in model.linears())
+    kv = model.args.kv_bytes_per_token * n_ctx
+    by_id = {nd.id: nd for nd in topo.nodes}
+    for i, g in enumerate(groups):
+        free = by_id[g.node].mem_free_bytes
+        mine = need + (kv if i == 0 else 0)
+        if mine > free:
+            raise NumallmError(f"--numa replicate: node {g.node} needs {mine / GiB:.1f} GiB for its copy "
+                               f"of the weights{' and the KV cache' if i == 0 else ''} but has "
+                               f"{free / GiB:.1f} GiB free; use --numa shard (one copy split over "
+                               f"the nodes)")
 
 
 def apply(model, topo: Topology | None, strategy: str = "shard", nodes: list[int] | None = None,
-          threads_per_node: int | None = None, n_threads: int | None = None) -> Placement:
+          threads_per_node: int | None = None, n_threads: int | None = None,
+          n_ctx: int = 0) -> Placement:
     """Place `model`'s weight matrices on `topo`'s nodes and return the pool to run it with.
-    strategy "off" needs no topology and leaves the model as built (n_threads: its pool size)."""
+    strategy "off" needs no topology and leaves the model as built (n_threads: its pool size);
+    "auto" decides with `decide` (n_ctx: the KV cache it must leave room for)."""
     if strategy not in STRATEGIES:
         raise NumallmError(f"--numa {strategy}: unknown strategy; use one of {', '.join(STRATEGIES)}")
+    reason = None
+    if strategy == "auto":
+        if topo is None:
+            strategy, reason = "off", "numa auto: off (no topology)"
+        else:
+            strategy, reason = decide(Needs.of(model), topo, n_ctx, nodes, threads_per_node, n_threads)
     if strategy == "off":
-        return Placement("off", [], threads.RowPool(n_threads or threads.physical_cores()), False, [])
-    groups = _groups(topo, strategy, nodes, threads_per_node)
-    cpus = [g.cpus for g in groups for _ in range(g.n_threads)]
-    tids, t = [], 0
-    for g in groups:
-        tids.append(list(range(t, t + g.n_threads)))
-        t += g.n_threads
-    pool = threads.RowPool(len(cpus), cpus)
+        return Placement("off", [], threads.RowPool(n_threads or threads.physical_cores()), False, [],
+                         reason)
+    use = _node_threads(topo, nodes, threads_per_node, n_threads if strategy != "isolate" else None)
+    if strategy == "isolate":
+        nid, cpus, n = use[0]
+        use = [(nid, cpus, threads_per_node or n_threads or len(cpus))]
+    groups = _groups(use, topo)
+    if strategy == "replicate":
+        _check_copies_fit(model, topo, groups, n_ctx)
+    pool = threads.NodePools([g.cpus for g in groups], [g.n_threads for g in groups])
     notes = []
     if topo.virtual:
         notes.append("virtual nodes: slices are allocated on the real node each was carved from")
     if any(g.mem_node is None for g in groups):
         notes.append(numa_mem.status().note)
-    placement = Placement(strategy, groups, pool, topo.virtual, notes)
-    exchange = Exchange()
-    weights = [len(g.cpus) for g in groups]
+    placement = Placement(strategy, groups, pool, topo.virtual, notes, reason)
+    exchange = placement.exchange
+    weights = [g.n_threads for g in groups]
     done: dict[int, ShardedLinear] = {}
 
-    def shard(lin: ops.Linear) -> ops.Linear:
+    def rows(lin: ops.Linear) -> ops.Linear:
         if id(lin) not in done:                  # a tied output matrix is placed once
-            n_units, unit_rows = _units(lin.name, lin.shape[0], model.args)
-            parts = []
-            for gi, (a, b) in enumerate(split_units(n_units, weights)):
-                r0, r1 = a * unit_rows, b * unit_rows
-                if r1 > r0:
-                    w, arrays = _localize(lin.unit, lin.raw[r0:r1], groups[gi].mem_node)
-                    parts.append(_Part(gi, r0, r1, w, arrays, tids[gi], lin.unit.row_multiple))
-            done[id(lin)] = ShardedLinear(lin, parts, pool, exchange)
+            done[id(lin)] = _row_split(lin, groups, pool, exchange, weights, strategy == "replicate")
             placement.linears.append(done[id(lin)])
         return done[id(lin)]
 
-    _replace_linears(model, shard)
+    _replace_linears(model, rows)                # token_embd, output
+    if strategy == "replicate":
+        for _, blk, _ in _host_blocks(model):
+            _replace_linears(blk, rows)
+        return placement
+    a = model.args
+    for i, blk, put in _host_blocks(model):
+        per = heads_per_unit(a.n_head, a.n_head_kv, a.head_dim, blk.attn_output.unit.block_size)
+        heads = [(s * per, e * per) for s, e in split_units(a.n_head_kv // per, weights)]
+        bs = blk.ffn_down.unit.block_size
+        ff = [(s * bs, e * bs) for s, e in split_units(a.n_ff // bs, weights)]
+        sb = ShardedBlock(blk, heads, ff, groups, pool, exchange, i)
+        put(sb)
+        placement.blocks.append(sb)
+        placement.linears.extend(v for v in vars(sb).values() if isinstance(v, ShardedLinear))
     return placement

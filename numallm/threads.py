@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import time
 from typing import Callable, Sequence
 
 import psutil
@@ -120,6 +121,76 @@ class RowPool:
         with self._cv:
             self._closed = True
             self._cv.notify_all()
+
+
+class NodePools:
+    """A pool per NUMA node (its threads pinned to the node's CPUs) and one leader per node.
+
+    `run_nodes(fns)` runs fns[i] on node i's leader with node i's pool current, so every op inside
+    splits its rows over that node's threads only; it returns when all nodes are done: one
+    cross-node synchronisation. Leader 0 is the caller (pinned by `activate`), leader i > 0 is a
+    worker of `leaders` and thread 0 of `pools[i]`, so the pools add no threads: n_threads counts
+    them all. To `activate` and to ops this is a pool like RowPool: `cpus[i]` is thread i's CPU
+    set (node by node) and `run_each` gives each thread its call, node by node.
+
+    Each `run_nodes` adds to `stats`: the joins, the caller's wall time and the slowest node's
+    working time, so the cost of synchronising is wall - slowest (see placement.SyncStats).
+    """
+
+    def __init__(self, node_cpus: Sequence[Sequence[int]], n_threads: Sequence[int]):
+        self.pools = [RowPool(n, [tuple(c)] * n) for c, n in zip(node_cpus, n_threads)]
+        self.leaders = RowPool(len(self.pools), [tuple(c) for c in node_cpus])
+        self.n_threads = sum(p.n_threads for p in self.pools)
+        self.cpus = tuple(c for p in self.pools for c in p.cpus)
+        self.joins = 0
+        self.wall_s = 0.0      # caller: dispatch to join, summed over joins
+        self.slowest_s = 0.0   # the slowest node's own time per join, summed
+        self._busy = [0.0] * len(self.pools)   # (nodes,) seconds of the current join
+
+    def native_ids(self, node: int) -> list[int]:
+        """Kernel thread ids of node `node`'s threads other than the caller (for /proc checks)."""
+        lead = [self.leaders._workers[node - 1].native_id] if node else []
+        return lead + self.pools[node].native_ids
+
+    def run_nodes(self, fns: Sequence[Callable[[], None] | None]) -> None:
+        """Node i runs fns[i] (None: nothing to do) on its own threads; returns when all are done."""
+        pools, busy = self.pools, self._busy
+
+        def lead(i: int) -> None:
+            fn = fns[i]
+            if fn is None:
+                busy[i] = 0.0
+                return
+            t0 = time.perf_counter()
+            prev = getattr(_local, "pool", None)
+            _local.pool = pools[i]        # ops inside split over this node's threads
+            try:
+                fn()
+            finally:
+                _local.pool = prev
+                busy[i] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        self.leaders.run_each([lambda i=i: lead(i) for i in range(len(pools))])
+        self.wall_s += time.perf_counter() - t0
+        self.slowest_s += max(busy)
+        self.joins += 1
+
+    def tids(self, node: int) -> range:
+        """The thread indices of node `node` (as `run_each` numbers them: node by node)."""
+        first = sum(p.n_threads for p in self.pools[:node])
+        return range(first, first + self.pools[node].n_threads)
+
+    def run_each(self, calls: Sequence[Callable[[], None]]) -> None:
+        """Thread i runs calls[i] (missing ones: nothing), each node on its own pool; returns when
+        all are done (one cross-node join)."""
+        per = [[calls[t] for t in self.tids(i) if t < len(calls)] for i in range(len(self.pools))]
+        self.run_nodes([(lambda p=p, c=c: p.run_each(c)) if c else None
+                        for p, c in zip(self.pools, per)])
+
+    def close(self) -> None:
+        for p in [self.leaders, *self.pools]:
+            p.close()
 
 
 _local = threading.local()

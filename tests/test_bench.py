@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 from collections import Counter
 
 import numpy as np
@@ -16,8 +19,10 @@ from numallm.cli import main
 from numallm.errors import NumallmError
 
 
-def row(engine=NUMALLM, test="tg128", threads=1, ts=10.0, sd=0.5, gbps=1.0, frac=0.5):
-    return BenchRow(engine, test, threads, 128, 128, (ts,), ts, sd, gbps, frac)
+def row(engine=NUMALLM, test="tg128", threads=1, ts=10.0, sd=0.5, gbps=1.0, frac=0.5, numa=None,
+        sync=None, other=None):
+    numa = ("off" if engine == NUMALLM else "") if numa is None else numa
+    return BenchRow(engine, test, threads, 128, 128, (ts,), ts, sd, gbps, frac, numa, sync, other)
 
 
 # -- arithmetic ----------------------------------------------------------------------------------
@@ -60,8 +65,10 @@ def test_ratios_pair_engines_by_test_and_threads():
     rows = [row(NUMALLM, "tg8", 1, ts=5.0), row(LLAMA_CPP, "tg8", 1, ts=20.0),
             row(NUMALLM, "tg8", 2, ts=9.0), row(NUMALLM, "pp8", 1, ts=30.0),
             row(LLAMA_CPP, "pp8", 1, ts=60.0)]
-    assert bench.ratios(rows) == {("tg8", 1): 0.25, ("pp8", 1): 0.5}
+    assert bench.ratios(rows) == {("tg8", 1, "off"): 0.25, ("pp8", 1, "off"): 0.5}
     assert bench.ratios(rows[:1]) == {}
+    shard = row(NUMALLM, "tg8", 1, ts=10.0, numa="shard")
+    assert bench.ratios(rows + [shard])[("tg8", 1, "shard")] == 0.5
 
 
 def _cells(table: str) -> list[list[str]]:
@@ -71,9 +78,9 @@ def _cells(table: str) -> list[list[str]]:
 def test_format_table_numallm_only():
     info = ModelInfo("llama Q4_0", 3 * 2**29, 1_100_048_384)
     lines = _cells(bench.format_table(info, [row(ts=49.123, sd=0.8, gbps=30.41, frac=0.4567)]))
-    assert lines[0] == ["model", "size", "params", "threads", "test", "t/s", "GB/s", "% bw"]
-    assert set(lines[1][0]) == {"-"} and lines[1][3].endswith(":")   # numbers right-aligned
-    assert lines[2] == ["llama Q4_0", "1.50 GiB", "1.10 B", "1", "tg128", "49.12 ± 0.80",
+    assert lines[0] == ["model", "size", "params", "numa", "threads", "test", "t/s", "GB/s", "% bw"]
+    assert set(lines[1][0]) == {"-"} and lines[1][4].endswith(":")   # numbers right-aligned
+    assert lines[2] == ["llama Q4_0", "1.50 GiB", "1.10 B", "off", "1", "tg128", "49.12 ± 0.80",
                         "30.41", "45.7"]
     widths = {len(line) for line in bench.format_table(info, [row(), row(ts=1234.5)]).splitlines()}
     assert len(widths) == 1                        # columns line up
@@ -87,6 +94,51 @@ def test_format_table_with_llama_cpp_adds_engine_and_ratio():
     assert lines[2][:4] == ["llama Q8_0", "5.00 MiB", "9.00 M", "numallm"]
     assert lines[2][-1] == "0.25"
     assert lines[3][3] == "llama.cpp" and lines[3][-1] == "" and lines[3][-2] == "?"
+    assert lines[3][4] == "-"                                        # no numallm placement
+
+
+def test_format_table_numa_rows_add_sync_and_non_kernel_columns():
+    info = ModelInfo("llama Q4_0", 2**30, 10**9)
+    rows = [row(numa="off", other=3.25), row(numa="shard", sync=1.5, other=4.0),
+            row(test="pp512", numa="shard", sync=0.125)]
+    lines = _cells(bench.format_table(info, rows))
+    assert lines[0][-3:] == ["% bw", "sync ms/t", "other ms/t"]
+    assert [ln[3] for ln in lines[2:]] == ["off", "shard", "shard"]
+    assert [ln[-2:] for ln in lines[2:]] == [["", "3.25"], ["1.50", "4.00"], ["0.12", ""]]
+
+
+def test_summarize_numa_sync_and_non_kernel_per_token():
+    r = bench.summarize(NUMALLM, "tg8", 2, 8, 8, [1.0, 1.0], 10**9, 10.0, "shard", [0.004, 0.012], 0.016)
+    assert r.numa == "shard" and r.sync_ms == pytest.approx(1.0) and r.other_ms == pytest.approx(2.0)
+    off = bench.summarize(NUMALLM, "tg8", 2, 8, 8, [1.0], 10**9, 10.0, "off", None, None)
+    assert off.sync_ms is None and off.other_ms is None
+
+
+class _Unit:
+    def prepare_x(self, acts):
+        pass
+
+    def matmul_x(self, w, acts, out, r0, r1):
+        pass
+
+    def matvec(self, w, x, out, r0, r1):
+        time.sleep(0.01)
+
+    def matmul(self, w, x, out, r0, r1):
+        time.sleep(0.02)
+
+
+def test_kernel_clock_unions_spans_and_restores_the_units():
+    u = _Unit()
+    with bench.KernelClock([u, u]) as clock:
+        u.matvec(None, None, None, 0, 1)
+        with ThreadPoolExecutor(2) as ex:                          # overlapping spans count once
+            list(ex.map(lambda f: f(None, None, None, 0, 1), [u.matmul, u.matmul]))
+    assert not {"prepare_x", "matmul_x", "matvec", "matmul"} & set(vars(u))
+    assert len(clock.spans) == 3
+    assert 0.03 <= clock.busy_s() <= sum(b - a for a, b in clock.spans)
+    clock.spans[:] = [(0.0, 1.0), (0.5, 2.0), (3.0, 4.0), (3.5, 3.6)]
+    assert clock.busy_s() == 3.0
 
 
 def test_json_rows():
@@ -97,6 +149,8 @@ def test_json_rows():
     assert out[0]["bw_fraction"] is None and out[1]["bw_fraction"] == 0.5
     assert out[0]["ratio_vs_llama_cpp"] == 0.25 and out[1]["ratio_vs_llama_cpp"] is None
     assert out[0]["machine_gbps"] == 20.0 and out[0]["samples"] == [12.0]
+    assert out[0]["numa"] == "off" and out[1]["numa"] is None
+    assert out[0]["sync_ms_per_token"] is None and out[0]["non_kernel_ms_per_token"] is None
 
 
 def test_parse_threads():
@@ -135,8 +189,15 @@ def test_plan_tokens_are_seeded_and_below_vocab():
 class FakeRunner:
     """Records calls in a shared log; each prefill takes `pp_s` s in 1 pass, each decode 4 s."""
 
+    numa = "off"
+    last_sync_s = None
+
     def __init__(self, engine, calls, pp_s=2.0):
         self.engine, self.calls, self.pp_s = engine, calls, pp_s
+
+    def non_kernel_s(self, prompt, tokens):
+        self.calls.append((self.engine, "non_kernel", len(prompt), len(tokens)))
+        return None
 
     def prefill(self, tokens):
         self.calls.append((self.engine, "prefill", len(tokens)))
@@ -152,7 +213,8 @@ def test_run_tests_warms_up_then_repeats_each_test():
     rows = bench.run_tests([FakeRunner(NUMALLM, calls)], BenchPlan(32, 8, (2,), 3), 2, 1000,
                            10**9, 4.0, log.append)
     assert calls == [(NUMALLM, "decode", bench.WARMUP_TOKENS, 2)] + \
-        [(NUMALLM, "prefill", 32)] * 3 + [(NUMALLM, "decode", bench.TG_PROMPT, 8)] * 3
+        [(NUMALLM, "prefill", 32)] * 3 + [(NUMALLM, "decode", bench.TG_PROMPT, 8)] * 3 + \
+        [(NUMALLM, "non_kernel", bench.TG_PROMPT, 8)]
     pp, tg = rows
     assert (pp.test, pp.engine, pp.threads, pp.tokens_per_s, pp.stddev) == ("pp32", NUMALLM, 2, 16.0, 0.0)
     assert pp.gbps == pytest.approx(0.5) and tg.gbps == pytest.approx(2.0)   # 1 pass/2 s; 2 tok/s
@@ -169,7 +231,7 @@ def test_run_tests_interleaves_engines_repetition_by_repetition():
     assert [c[:2] for c in calls] == [(NUMALLM, "decode"), (LLAMA_CPP, "decode")] + \
         [(NUMALLM, "prefill"), (LLAMA_CPP, "prefill")] * 2
     assert [(r.engine, r.tokens_per_s) for r in rows] == [(NUMALLM, 8.0), (LLAMA_CPP, 16.0)]
-    assert bench.ratios(rows) == {("pp16", 1): 0.5}
+    assert bench.ratios(rows) == {("pp16", 1, "off"): 0.5}
 
 
 # -- CLI end to end ------------------------------------------------------------------------------
@@ -213,7 +275,26 @@ def test_cli_table_with_repetitions(tiny_model, capsys):
                  "--bw-mib", "16"]) == 0
     lines = _cells(capsys.readouterr().out.strip())
     assert len(lines) == 3 and lines[0][0] == "model"
-    assert lines[2][3:5] == ["2", "pp8"] and " ± " in lines[2][5]
+    assert lines[2][3:6] == ["auto:off", "2", "pp8"] and " ± " in lines[2][6]
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 allowed CPUs")
+def test_cli_numa_placements_side_by_side(tiny_model, capsys):
+    out = _bench_json(capsys, [tiny_model, "-p", "8", "-n", "4", "-r", "2", "-t", "2",
+                               "--numa", "off,shard", "--virtual-nodes", "2"])
+    by = {(o["numa"], o["test"]): o for o in out}
+    assert sorted(by) == [("off", "pp8"), ("off", "tg4"), ("shard", "pp8"), ("shard", "tg4")]
+    assert by[("off", "tg4")]["sync_ms_per_token"] is None
+    assert by[("shard", "tg4")]["sync_ms_per_token"] > 0 and by[("shard", "pp8")]["sync_ms_per_token"] > 0
+    for numa in ("off", "shard"):
+        o = by[(numa, "tg4")]
+        assert 0 < o["non_kernel_ms_per_token"] < 1e3 / o["tokens_per_s"] * 2
+
+
+def test_cli_bad_numa_list_is_a_usage_error(tiny_model, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["bench", tiny_model, "--numa", "off,spread"])
+    assert e.value.code == 2 and "give strategies from auto, off" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv, msg", [

@@ -1,15 +1,27 @@
 """`numallm bench MODEL`: prefill / decode tokens per second, llama-bench style.
 
     numallm bench model.gguf -p 512 -n 128 -t 1,2 -r 3 [--json] [--vs-llama-cpp]
+    numallm bench model.gguf --numa off,shard --virtual-nodes 2     # placements side by side
 
 The measuring lives in numallm.bench; this module parses flags and prints.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 
 from ..errors import NumallmError
+from .common import STRATEGIES, add_numa_args
+
+
+def _strategies(text: str) -> list[str]:
+    out = [s.strip() for s in text.split(",") if s.strip()]
+    bad = [s for s in out if s not in STRATEGIES]
+    if bad or not out:
+        raise argparse.ArgumentTypeError(f"{text!r}: give strategies from {', '.join(STRATEGIES)}, "
+                                         f"comma separated")
+    return list(dict.fromkeys(out))
 
 
 def register(sub) -> None:
@@ -34,6 +46,9 @@ def register(sub) -> None:
     p.add_argument("--vs-llama-cpp", action="store_true",
                    help="also run llama.cpp (llama-cpp-python) on the same file and threads, "
                    "with a numallm / llama.cpp ratio column")
+    add_numa_args(p, "placement(s) to measure, comma separated (e.g. off,shard), taking turns "
+                  "repetition by repetition; adds sync and non-kernel ms per token (default auto)",
+                  numa_type=_strategies)
     p.set_defaults(func=run)
 
 
@@ -55,7 +70,10 @@ def run(args) -> int:
     report = bench.run_benchmark(path, plan, vs_llama_cpp=args.vs_llama_cpp,
                                  bw_bytes=args.bw_mib << 20,
                                  log=lambda s: print(f"numallm bench: {s}", file=sys.stderr,
-                                                     flush=True))
+                                                     flush=True),
+                                 numa=args.numa or ["auto"], nodes=args.nodes,
+                                 threads_per_node=args.threads_per_node,
+                                 virtual_nodes=args.virtual_nodes)
     if args.json:
         print(json.dumps(bench.to_json_rows(report.model, report.rows, report.machine_gbps),
                          indent=1))

@@ -15,10 +15,25 @@ def add_model_args(p: argparse.ArgumentParser, model_optional: bool = False) -> 
                    help="context size in tokens (default: the model's, at most 4096)")
     p.add_argument("-t", "--threads", type=int, default=None, metavar="N",
                    help="threads (default: physical cores)")
+    add_numa_args(p)
+
+
+NUMA_HELP = ("auto: pick from the nodes, the model and free memory, and say why (default; off "
+             "on one node, shard on several); shard: one copy of the weights split over the nodes, "
+             "each node computing its heads and rows from its own memory; replicate: a full copy "
+             "per node, rows split over them; isolate: one node; off: no placement")
+
+
+# placement.STRATEGIES, spelled out: importing placement would load Numba for every command
+STRATEGIES = ("auto", "off", "shard", "replicate", "isolate")
+
+
+def add_numa_args(p: argparse.ArgumentParser, numa_help: str = NUMA_HELP, numa_type=None) -> None:
     g = p.add_argument_group("NUMA placement (numallm.placement)")
-    g.add_argument("--numa", choices=("off", "shard", "isolate"), default="off",
-                   help="shard: split every matrix over the nodes, each slice in its node's memory; "
-                        "isolate: one node; off: no placement (default off)")
+    if numa_type is None:
+        g.add_argument("--numa", choices=STRATEGIES, default=None, help=numa_help)
+    else:
+        g.add_argument("--numa", type=numa_type, default=None, help=numa_help)
     g.add_argument("--nodes", type=_node_list, default=None, metavar="0,1",
                    help="nodes to use with --numa (default: all with CPUs)")
     g.add_argument("--threads-per-node", type=int, default=None, metavar="N",
@@ -137,9 +152,14 @@ def load_model(args: argparse.Namespace, template_file: str | None = None):
             gpu = {"offload": request}
         else:
             print(f"numallm: no GPU ({why}): running every layer on the CPU", file=sys.stderr)
-    return load(path, n_ctx=args.ctx_size, n_threads=args.threads, chat_template=template,
-                numa=args.numa, virtual_nodes=args.virtual_nodes, nodes=args.nodes,
-                threads_per_node=args.threads_per_node, **gpu)
+    llm = load(path, n_ctx=args.ctx_size, n_threads=args.threads, chat_template=template,
+               numa=args.numa or "auto", virtual_nodes=args.virtual_nodes, nodes=args.nodes,
+               threads_per_node=args.threads_per_node, **gpu)
+    reason = llm.placement.reason
+    # the default stays quiet where it changes nothing (off on one node); asked for, it explains
+    if reason and (args.numa == "auto" or llm.placement.strategy != "off"):
+        print(f"numallm: {reason}", file=sys.stderr)
+    return llm
 
 
 def speed_line(prompt_tokens: int, prompt_tps: float, gen_tokens: int, gen_tps: float) -> str:

@@ -137,15 +137,26 @@ class Block:
         return (q.reshape(t, a.n_head, a.head_dim), k.reshape(t, a.n_head_kv, a.head_dim),
                 v.reshape(t, a.n_head_kv, a.head_dim))
 
-    def __call__(self, x: np.ndarray, cache: ops.KVCache, pos0: int) -> np.ndarray:
-        """x: (T, n_embd) residual stream -> (T, n_embd)."""
+    # A layer is x + attn(x), then + ffn(x). Each half ends in a matrix product, so it is also
+    # the sum of the same half computed over disjoint heads (ff rows) with the matching columns
+    # of attn_output (ffn_down): placement runs these halves on slices of the block.
+    def attn(self, x: np.ndarray, cache: ops.KVCache, pos0: int) -> np.ndarray:
+        """x: (T, n_embd) residual stream -> the attention update (T, n_embd)."""
         q, k, v = self.qkv(ops.rms_norm(x, self.attn_norm, self.a.norm_eps))
         self.rope(q, pos0)
         self.rope(k, pos0)
-        x = x + self.attn_output(ops.attention(q, k, v, cache, pos0))
+        return self.attn_output(ops.attention(q, k, v, cache, pos0))
+
+    def ffn(self, x: np.ndarray) -> np.ndarray:
+        """x: (T, n_embd) residual stream -> the feed-forward update (T, n_embd)."""
         h = ops.rms_norm(x, self.ffn_norm, self.a.norm_eps)
         gate, up = ops.matmuls(h, self.ffn_gate, self.ffn_up)
-        return x + self.ffn_down(ops.silu(gate) * up)
+        return self.ffn_down(ops.silu(gate) * up)
+
+    def __call__(self, x: np.ndarray, cache: ops.KVCache, pos0: int) -> np.ndarray:
+        """x: (T, n_embd) residual stream -> (T, n_embd)."""
+        x = x + self.attn(x, cache, pos0)
+        return x + self.ffn(x)
 
 
 class Transformer:
