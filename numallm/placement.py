@@ -35,8 +35,9 @@ nodes: 4 cross-node syncs per layer (q/k/v together, attn_output, gate/up togeth
 
 All cross-node data movement goes through `Exchange`; `Placement.sync_stats()` gives the joins and
 the time they cost. Virtual nodes (carved from one real node) allocate on the real node they came
-from; the report says so. Model files are untouched: each block is replaced by a ShardedBlock that
-runs the block's own `attn` / `ffn` code on per-node views of it, and `adopt_cache` swaps the
+from; the report says so. Model files are untouched: a ShardedBlock runs the block's own
+`attn` / `ffn` code on per-node views of it and is swapped in as the block's attn / ffn (the
+block's __call__ adds them to the residual stream as always), and `adopt_cache` swaps the
 engine's cache of each sharded layer for per-node caches (layers the GPU offload moved are left
 alone).
 """
@@ -146,8 +147,8 @@ class Exchange:
     In one process the nodes share an address space, so each node's part is an array any thread
     can read, and these are plain sums and copies (timed in `seconds`). An MPI backend runs one
     rank per node, each holding only its own part, and implements
-      allreduce   as MPI_Allreduce(part, MPI_SUM) followed by base + sum on every rank (every
-                  rank holds the same residual stream, so nothing needs a broadcast after it);
+      allreduce   as MPI_Allreduce(part, MPI_SUM): every rank gets the sum and adds it to its
+                  copy of the residual stream, so nothing needs a broadcast after it;
       gather_cols as MPI_Allgatherv of the (T, rows_i) parts, placed by the same bounds.
     Parts are added in node order, so every rank gets the same bits.
     """
@@ -155,14 +156,13 @@ class Exchange:
     def __init__(self):
         self.seconds = 0.0
 
-    def allreduce(self, parts: list[np.ndarray | None], base: np.ndarray) -> np.ndarray:
-        """base + the sum of the nodes' (T, D) parts (None: the node had nothing to add)."""
+    def allreduce(self, parts: list[np.ndarray | None]) -> np.ndarray:
+        """The sum of the nodes' (T, D) parts (None: the node had nothing to add; one has)."""
         t0 = time.perf_counter()
         out = None
         for p in parts:
             if p is not None:
-                out = base + p if out is None else np.add(out, p, out=out)
-        out = base.copy() if out is None else out
+                out = p.copy() if out is None else np.add(out, p, out=out)
         self.seconds += time.perf_counter() - t0
         return out
 
@@ -259,7 +259,7 @@ class ShardedLinear(ops.Linear):
                 outs.append(o)
 
             def reduce():
-                out[:] = self.exchange.allreduce(outs, np.zeros_like(out))
+                out[:] = self.exchange.allreduce(outs)
             return reduce
         gathered, outs = [], []
         for p in self.parts:
@@ -316,12 +316,15 @@ class NodeCaches:
 
 
 class ShardedBlock:
-    """A decoder block run as per-node views of itself (the module docstring's layer flow).
+    """The per-node execution of one decoder block (the module docstring's layer flow).
 
     views[i] is a shallow copy of the block whose matrices are node i's slices, whose row-split
     biases are sliced alike, and whose args count node i's heads and ff rows, so the block's own
-    `attn` / `ffn` code computes node i's partial. Attributes named like the block's matrices are
-    the ShardedLinear records of the slices (what Transformer.linears and the report walk)."""
+    `attn` / `ffn` code computes node i's partial. `attach` makes the block use this object's
+    `attn` / `ffn` (the sums of the partials) in place of its own, and puts ShardedLinear records
+    of the slices where its matrices were (what Transformer.linears and the report walk): the
+    block stays the object the model (and the GPU offload's bookkeeping) holds, and its own
+    __call__ still adds the two halves to the residual stream."""
 
     def __init__(self, block, heads: list[tuple[int, int]], ff: list[tuple[int, int]],
                  groups: list[NodeGroup], nodes: threads.NodePools, exchange: Exchange, layer: int):
@@ -335,6 +338,7 @@ class ShardedBlock:
             (h0, h1), (f0, f1) = heads[i], ff[i]
             v.a = dataclasses.replace(a, n_head=(h1 - h0) * group, n_head_kv=h1 - h0, n_ff=f1 - f0)
         spans = {}    # attribute -> (axis, [(a, b) per node])
+        self.records: dict[str, ShardedLinear] = {}
         for name, lin in list(vars(block).items()):
             if not isinstance(lin, ops.Linear):
                 continue
@@ -356,7 +360,7 @@ class ShardedBlock:
                 setattr(v, name, None)                 # a node without a slice never calls it
             for p in parts:
                 setattr(views[p.group], name, p)
-            setattr(self, name, ShardedLinear(lin, parts, nodes, exchange, axis))
+            self.records[name] = ShardedLinear(lin, parts, nodes, exchange, axis)
         for name, vec in vars(block).items():
             # a bias follows its matrix's rows; after a column split only one node may add it
             if isinstance(vec, np.ndarray) and name.endswith("_bias") and name[:-5] in spans:
@@ -367,25 +371,37 @@ class ShardedBlock:
         self.views = views
         self._last_cache: Callable[[], NodeCaches | None] = lambda: None
 
-    def __call__(self, x: np.ndarray, cache: NodeCaches, pos0: int) -> np.ndarray:
-        """x: (T, n_embd) -> (T, n_embd) with 2 cross-node joins."""
-        views, kv, n = self.views, cache.parts, len(self.views)
-        parts: list[np.ndarray | None] = [None] * n
+    def attach(self, block) -> None:
+        """Make `block` run through this object (see the class docstring)."""
+        for name, rec in self.records.items():
+            setattr(block, name, rec)
+        # instance attributes shadow the class's methods: Block.__call__ now calls these
+        block.attn, block.ffn = self.attn, self.ffn
 
-        def attn(i: int) -> None:
+    def attn(self, x: np.ndarray, cache: NodeCaches, pos0: int) -> np.ndarray:
+        """The attention update (T, n_embd): each node's heads with its own KV cache, summed
+        (one cross-node join)."""
+        views, kv = self.views, cache.parts
+        parts: list[np.ndarray | None] = [None] * len(views)
+
+        def run(i: int) -> None:
             parts[i] = views[i].attn(x, kv[i], pos0)
 
-        self.nodes.run_nodes([(lambda i=i: attn(i)) if h1 > h0 else None
+        self.nodes.run_nodes([(lambda i=i: run(i)) if h1 > h0 else None
                               for i, (h0, h1) in enumerate(self.heads)])
-        x = self.exchange.allreduce(parts, x)
-        parts = [None] * n
+        return self.exchange.allreduce(parts)
 
-        def ffn(i: int) -> None:
+    def ffn(self, x: np.ndarray) -> np.ndarray:
+        """The feed-forward update (T, n_embd): each node's ff rows, summed (one join)."""
+        views = self.views
+        parts: list[np.ndarray | None] = [None] * len(views)
+
+        def run(i: int) -> None:
             parts[i] = views[i].ffn(x)
 
-        self.nodes.run_nodes([(lambda i=i: ffn(i)) if f1 > f0 else None
+        self.nodes.run_nodes([(lambda i=i: run(i)) if f1 > f0 else None
                               for i, (f0, f1) in enumerate(self.ff)])
-        return self.exchange.allreduce(parts, x)
+        return self.exchange.allreduce(parts)
 
     def make_cache(self, n_ctx: int) -> NodeCaches:
         """Each node's KV heads in that node's memory. Fresh anonymous pages read as zeros and
@@ -438,7 +454,7 @@ class Needs:
     @classmethod
     def of(cls, model) -> "Needs":
         a = model.args
-        blk = next((b for _, b, _ in _host_blocks(model)), None)
+        blk = next((b for _, b in _host_blocks(model)), None)
         per = 1 if blk is None else heads_per_unit(a.n_head, a.n_head_kv, a.head_dim,
                                                    blk.attn_output.unit.block_size)
         return cls(sum(m.nbytes for m in model.linears()), a.kv_bytes_per_token, a.n_layer,
@@ -607,17 +623,9 @@ class Placement:
 
 
 def _host_blocks(model):
-    """(layer, Block, put) for each layer that runs on the host: model.blk[i] itself, or the
-    Block a wrapper holds (the GPU offload wraps the layers it leaves on the CPU); put(new)
-    replaces it where it was. Layers moved to a GPU are skipped."""
-    for i, b in enumerate(model.blk):
-        if isinstance(b, Block):
-            yield i, b, lambda new, i=i: model.blk.__setitem__(i, new)
-            continue
-        for k, v in vars(b).items():
-            if isinstance(v, Block):
-                yield i, v, lambda new, b=b, k=k: setattr(b, k, new)
-                break
+    """(layer, block) for each layer that runs on the host (layers the GPU offload moved are
+    other objects, and stay as they are)."""
+    return [(i, b) for i, b in enumerate(model.blk) if isinstance(b, Block)]
 
 
 def _replace_linears(obj, mapping: Callable[[ops.Linear], ops.Linear]) -> None:
@@ -704,17 +712,17 @@ def apply(model, topo: Topology | None, strategy: str = "shard", nodes: list[int
 
     _replace_linears(model, rows)                # token_embd, output
     if strategy == "replicate":
-        for _, blk, _ in _host_blocks(model):
+        for _, blk in _host_blocks(model):
             _replace_linears(blk, rows)
         return placement
     a = model.args
-    for i, blk, put in _host_blocks(model):
+    for i, blk in _host_blocks(model):
         per = heads_per_unit(a.n_head, a.n_head_kv, a.head_dim, blk.attn_output.unit.block_size)
         heads = [(s * per, e * per) for s, e in split_units(a.n_head_kv // per, weights)]
         bs = blk.ffn_down.unit.block_size
         ff = [(s * bs, e * bs) for s, e in split_units(a.n_ff // bs, weights)]
         sb = ShardedBlock(blk, heads, ff, groups, pool, exchange, i)
-        put(sb)
+        sb.attach(blk)
         placement.blocks.append(sb)
-        placement.linears.extend(v for v in vars(sb).values() if isinstance(v, ShardedLinear))
+        placement.linears.extend(sb.records.values())
     return placement

@@ -125,7 +125,7 @@ def test_node_partials_add_up_to_the_layer(synth_dir, arch, qtype, shape, n_node
     pl = placement.apply(model, nodes_topology(n_nodes), "shard")
     try:
         x = np.random.default_rng(1).standard_normal((6, off.args.n_embd)).astype(np.float32)
-        for blk, sb in zip(off.blk, model.blk):
+        for blk, sb in zip(off.blk, pl.blocks):
             ref = ops.KVCache(16, off.args.n_head_kv, off.args.head_dim)
             cache = sb.make_cache(16)
             for pos0, xs in ((0, x[:5]), (5, x[5:])):
@@ -148,6 +148,9 @@ def test_shard_matches_off(synth_dir, arch, qtype):
     with numallm.load(path, n_ctx=64) as off, \
             numallm.load(path, n_ctx=64, numa="shard", virtual_nodes=2) as shard:
         assert all(isinstance(m, placement.ShardedLinear) for m in shard.model.linears())
+        # the blocks stay the model's (and the offload's) objects, running their halves per node
+        blk, sb = shard.model.blk[1], shard.placement.blocks[1]
+        assert type(blk) is type(off.model.blk[1]) and blk.attn == sb.attn and blk.ffn == sb.ffn
         assert shard.weight_bytes == off.weight_bytes
         assert_same_up_to_rounding(off, shard, off.logits(TOKENS), shard.logits(TOKENS))
         if qtype == "F16":     # no activation quantization: rounding only
@@ -162,7 +165,7 @@ def test_three_nodes_with_uneven_kv_heads_match_off(synth_dir, arch, qtype):
     off_pool = threads.RowPool(1)
     pl = placement.apply(model, nodes_topology(3), "shard")
     try:
-        assert [sb.heads for sb in model.blk][0] == [(0, 1), (1, 2), (2, 3)]
+        assert pl.blocks[0].heads == [(0, 1), (1, 2), (2, 3)]
         want, got = all_logits(off, off_pool, TOKENS), all_logits(model, pl.pool, TOKENS, pl)
         np.testing.assert_allclose(got, want, rtol=0, atol=LOGIT_RTOL * np.abs(want).max())
         assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.8
@@ -177,7 +180,7 @@ def test_heads_stay_whole_and_every_row_and_column_is_covered(synth_dir):
                       virtual_nodes=2) as llm:
         a = llm.args
         group, hd = a.n_head // a.n_head_kv, a.head_dim
-        for sb in llm.model.blk:
+        for sb in llm.placement.blocks:
             assert sb.heads == [(0, 2), (2, 3)]                     # 3 KV heads over 2 nodes
             for v, (h0, h1), (f0, f1), c in zip(sb.views, sb.heads, sb.ff, llm.cache[sb.layer].parts):
                 assert (v.attn_k.a, v.attn_k.b) == (h0 * hd, h1 * hd) == (v.attn_v.a, v.attn_v.b)
@@ -202,7 +205,7 @@ def test_qwen2_biases_follow_their_heads(synth_dir):
     with numallm.load(model_path(synth_dir, "qwen2", "Q4_0", GQA3), n_ctx=16, numa="shard",
                       virtual_nodes=2) as llm, \
             numallm.load(model_path(synth_dir, "qwen2", "Q4_0", GQA3), n_ctx=16) as off:
-        blk, sb = off.model.blk[0], llm.model.blk[0]
+        blk, sb = off.model.blk[0], llm.placement.blocks[0]
         for v in sb.views:
             np.testing.assert_array_equal(v.attn_q_bias, blk.attn_q_bias[v.attn_q.a:v.attn_q.b])
             np.testing.assert_array_equal(v.attn_k_bias, blk.attn_k_bias[v.attn_k.a:v.attn_k.b])
