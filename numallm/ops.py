@@ -10,7 +10,7 @@ import numpy as np
 import numallm_kernels
 from numallm_kernels.base import Activations
 
-from . import numa_mem, threads
+from . import fused, numa_mem, threads
 from .errors import UnsupportedError
 from .gguf_file import QTensor
 
@@ -99,12 +99,22 @@ def matmuls(x: np.ndarray, *lins: Linear) -> list[np.ndarray]:
 
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     """x: (..., D) float32; normalise over the last axis, then scale by weight (D,)."""
-    ms = np.mean(np.square(x, dtype=np.float32), axis=-1, keepdims=True)
-    return x * (1.0 / np.sqrt(ms + eps)) * weight
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    out = np.empty_like(x)
+    d = x.shape[-1]
+    fused.rms_norm(x.reshape(-1, d), weight, float(eps), out.reshape(-1, d))
+    return out
 
 
 def silu(x: np.ndarray) -> np.ndarray:
     return x / (1.0 + np.exp(-x))
+
+
+def swiglu(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+    """silu(gate) * up, one pass; gate, up float32 (T, F)."""
+    out = np.empty_like(gate)
+    fused.swiglu(gate, up, out)
+    return out
 
 
 class Rope:
@@ -123,23 +133,22 @@ class Rope:
         if freq_factors is not None:
             inv = inv / freq_factors.astype(np.float64)
         self.inv_freq = inv
+        self._cos = self._sin = np.empty((0, dim // 2), np.float32)   # (positions, dim/2)
+
+    def tables(self, end: int) -> tuple[np.ndarray, np.ndarray]:
+        """cos and sin float32 (>= end, dim/2) of positions 0.. (angles in float64), grown by
+        doubling so a decode step only slices them."""
+        if end > self._cos.shape[0]:
+            n = max(end, 2 * self._cos.shape[0], 256)
+            ang = (np.arange(n, dtype=np.float64) * self.freq_scale)[:, None] * self.inv_freq[None, :]
+            self._cos, self._sin = np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+        return self._cos, self._sin
 
     def __call__(self, x: np.ndarray, pos0: int) -> np.ndarray:
         """x: (T, H, head_dim) float32 for positions pos0..pos0+T-1; rotated in place."""
         t = x.shape[0]
-        pos = (np.arange(pos0, pos0 + t, dtype=np.float64) * self.freq_scale)[:, None]
-        ang = pos * self.inv_freq[None, :]                                # (T, dim/2)
-        cos = np.cos(ang).astype(np.float32)[:, None, :]                  # (T, 1, dim/2)
-        sin = np.sin(ang).astype(np.float32)[:, None, :]
-        d = self.dim
-        if self.neox:
-            a, b = x[..., : d // 2].copy(), x[..., d // 2: d].copy()
-            x[..., : d // 2] = a * cos - b * sin
-            x[..., d // 2: d] = a * sin + b * cos
-        else:
-            a, b = x[..., 0:d:2].copy(), x[..., 1:d:2].copy()
-            x[..., 0:d:2] = a * cos - b * sin
-            x[..., 1:d:2] = a * sin + b * cos
+        cos, sin = self.tables(pos0 + t)
+        fused.rope(x, cos[pos0:pos0 + t], sin[pos0:pos0 + t], self.dim, self.neox)
         return x
 
 
@@ -160,6 +169,11 @@ class KVCache:
         return self.k.nbytes + self.v.nbytes
 
 
+# Up to this many query positions attention runs as one Numba pass per head (decode, short
+# chunks); longer prefills batch each KV head's queries into BLAS matmuls.
+FUSED_ATTENTION_MAX_T = 8
+
+
 def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, cache: KVCache, pos0: int) -> np.ndarray:
     """Causal grouped-query attention with the KV cache.
 
@@ -172,6 +186,11 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, cache: KVCache, pos0:
     cache.k[:, pos0:end] = k.transpose(1, 0, 2)
     cache.v[:, pos0:end] = v.transpose(1, 0, 2)
     cache.n = end
+    if t <= FUSED_ATTENTION_MAX_T:
+        out = np.empty((t, n_head * hd), dtype=np.float32)
+        fused.attend(np.ascontiguousarray(q, dtype=np.float32), cache.k, cache.v, pos0,
+                     np.float32(1.0 / np.sqrt(hd)), out, np.empty((n_head, end), dtype=np.float32))
+        return out
     keys, vals = cache.k[:, :end], cache.v[:, :end]                        # (n_kv, S, hd)
     # query heads h = g*group + j share kv head g: (n_kv, group*T, hd)
     qg = q.reshape(t, n_kv, group, hd).transpose(1, 2, 0, 3).reshape(n_kv, group * t, hd)

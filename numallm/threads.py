@@ -9,6 +9,7 @@ oversubscribes the cores, and everything is restored on exit (threadpoolctl styl
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import threading
 import time
@@ -20,14 +21,15 @@ import psutil
 MIN_ROWS_PER_THREAD = 64
 
 
-def split_rows(n_rows: int, n_threads: int, multiple: int = 1) -> list[tuple[int, int]]:
+@functools.lru_cache(maxsize=4096)
+def split_rows(n_rows: int, n_threads: int, multiple: int = 1) -> tuple[tuple[int, int], ...]:
     """Contiguous [a, b) ranges covering n_rows, one per thread that gets work: at least
     MIN_ROWS_PER_THREAD rows each, and cut at multiples of `multiple` (a kernel's row group), so
     no group is computed twice."""
     k = min(n_threads, max(1, n_rows // MIN_ROWS_PER_THREAD))
     step = -(-n_rows // k)
     step = -(-step // multiple) * multiple
-    return [(a, min(a + step, n_rows)) for a in range(0, n_rows, step)]
+    return tuple((a, min(a + step, n_rows)) for a in range(0, n_rows, step))
 
 
 def physical_cores() -> int:
@@ -40,9 +42,12 @@ def physical_cores() -> int:
 class RowPool:
     """Persistent workers that run `fn(r0, r1)` over disjoint row ranges of one operation.
 
-    Workers wait on a condition; the caller thread takes the first range itself, so a 1-thread
-    pool has no overhead at all. `cpus[i]`, when given, is the CPU set thread i runs on: workers
-    pin themselves at start, and `activate` pins the caller (thread 0) for the duration.
+    The caller thread takes the first range itself, so a 1-thread pool has no overhead at all.
+    Each worker blocks on its own lock and is handed work by releasing it, and hands it back
+    through a second lock: plain C-level locks, because a decode step dispatches ~90 times per
+    token and threading.Condition (Python code, a fresh lock per wait) cost several times more
+    per round trip. `cpus[i]`, when given, is the CPU set thread i runs on: workers pin
+    themselves at start, and `activate` pins the caller (thread 0) for the duration.
     """
 
     def __init__(self, n_threads: int, cpus: Sequence[Sequence[int]] | None = None):
@@ -50,12 +55,15 @@ class RowPool:
         if cpus is not None and len(cpus) != self.n_threads:
             raise ValueError(f"{len(cpus)} CPU sets for {self.n_threads} threads")
         self.cpus = None if cpus is None else tuple(tuple(c) for c in cpus)
-        self._cv = threading.Condition()
-        self._job: list[Callable[[], None]] = []
-        self._gen = 0
-        self._pending = 0
+        self._job: Sequence[Callable[[], None]] = ()
         self._errors: list[BaseException] = []
         self._closed = False
+        # worker i (1..) waits on _go[i - 1] (held while idle) and releases _done[i - 1] when
+        # its call returns (held while busy)
+        self._go = [threading.Lock() for _ in range(1, self.n_threads)]
+        self._done = [threading.Lock() for _ in range(1, self.n_threads)]
+        for lock in self._go + self._done:
+            lock.acquire()
         self._workers = [threading.Thread(target=self._loop, args=(i,), daemon=True,
                                           name=f"numallm-worker-{i}")
                          for i in range(1, self.n_threads)]
@@ -70,24 +78,16 @@ class RowPool:
     def _loop(self, index: int) -> None:
         if self.cpus is not None:
             os.sched_setaffinity(0, self.cpus[index])   # 0: this thread only
-        seen = 0
+        go, done = self._go[index - 1], self._done[index - 1]
         while True:
-            with self._cv:
-                while self._gen == seen and not self._closed:
-                    self._cv.wait()
-                if self._closed:
-                    return
-                seen = self._gen
-                job = self._job
-            if index < len(job):
-                try:
-                    job[index]()
-                except BaseException as e:  # noqa: BLE001 - handed to the caller
-                    self._errors.append(e)
-            with self._cv:
-                self._pending -= 1
-                if self._pending == 0:
-                    self._cv.notify_all()
+            go.acquire()
+            if self._closed:
+                return
+            try:
+                self._job[index]()
+            except BaseException as e:  # noqa: BLE001 - handed to the caller
+                self._errors.append(e)
+            done.release()
 
     def run(self, fn: Callable[[int, int], None], n_rows: int, multiple: int = 1) -> None:
         """Call fn over [0, n_rows) split into one contiguous range per thread (see split_rows)."""
@@ -104,23 +104,27 @@ class RowPool:
         if len(calls) == 1:
             calls[0]()
             return
-        with self._cv:
-            self._job = list(calls)
-            self._pending = len(self._workers)
-            self._errors.clear()
-            self._gen += 1
-            self._cv.notify_all()
-        calls[0]()
-        with self._cv:
-            while self._pending:
-                self._cv.wait()
+        if self._closed:
+            raise RuntimeError("this RowPool is closed")
+        self._job = calls
+        self._errors.clear()
+        for i in range(1, len(calls)):
+            self._go[i - 1].release()
+        try:
+            calls[0]()
+        finally:   # even if the caller's share failed: the workers still read self._job
+            for i in range(1, len(calls)):
+                self._done[i - 1].acquire()
         if self._errors:
             raise self._errors[0]
 
     def close(self) -> None:
-        with self._cv:
-            self._closed = True
-            self._cv.notify_all()
+        """Stop the workers (idle ones exit at once). Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        for lock in self._go:
+            lock.release()
 
 
 class NodePools:

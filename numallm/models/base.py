@@ -151,7 +151,7 @@ class Block:
         """x: (T, n_embd) residual stream -> the feed-forward update (T, n_embd)."""
         h = ops.rms_norm(x, self.ffn_norm, self.a.norm_eps)
         gate, up = ops.matmuls(h, self.ffn_gate, self.ffn_up)
-        return self.ffn_down(ops.silu(gate) * up)
+        return self.ffn_down(ops.swiglu(gate, up))
 
     def __call__(self, x: np.ndarray, cache: ops.KVCache, pos0: int) -> np.ndarray:
         """x: (T, n_embd) residual stream -> (T, n_embd)."""

@@ -1,0 +1,89 @@
+"""The Numba per-token ops (numallm.fused, used by ops.py) against plain numpy / float64 formulas."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from numba import njit
+
+from numallm import fused, ops
+
+
+def nmse(got, want):
+    want = np.asarray(want, np.float64)
+    return float(np.sum((got.astype(np.float64) - want) ** 2) / np.sum(want ** 2))
+
+
+@njit(cache=False)
+def _exp_all(x, out):
+    for i in range(x.shape[0]):
+        out[i] = fused.exp(x[i])
+
+
+def test_exp_accuracy_and_special_values():
+    x = np.linspace(-87.0, 88.5, 400001).astype(np.float32)
+    got = np.empty_like(x)
+    _exp_all(x, got)
+    want = np.exp(x.astype(np.float64))
+    assert np.max(np.abs(got - want) / want) < 3e-7
+    special = np.array([np.nan, np.inf, -np.inf, -200.0, 200.0, 0.0], np.float32)
+    got = np.empty_like(special)
+    _exp_all(special, got)
+    assert np.isnan(got[0]) and got[1] == np.inf and got[2] == 0.0 and got[3] == 0.0
+    assert got[4] == np.inf and got[5] == 1.0
+
+
+def test_rms_norm_matches_float64():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3, 5, 96)).astype(np.float32) * 3
+    w = rng.standard_normal(96).astype(np.float32)
+    x64 = x.astype(np.float64)
+    want = x64 / np.sqrt(np.mean(x64 ** 2, axis=-1, keepdims=True) + 1e-5) * w
+    got = ops.rms_norm(x, w, 1e-5)
+    assert got.shape == x.shape and nmse(got, want) < 1e-13
+    assert np.isnan(ops.rms_norm(np.full((1, 96), np.nan, np.float32), w, 1e-5)).all()
+
+
+@pytest.mark.parametrize("neox", [False, True])
+def test_rope_is_bit_equal_to_the_numpy_formula(neox):
+    rng = np.random.default_rng(1)
+    rope = ops.Rope(48, 10000.0, neox, freq_scale=0.5,
+                    freq_factors=rng.uniform(1, 4, 24).astype(np.float32))
+    x = rng.standard_normal((5, 3, 64)).astype(np.float32)
+    pos0, d = 300, 48       # positions past the first table size: the tables grow
+    ang = (np.arange(pos0, pos0 + 5, dtype=np.float64) * 0.5)[:, None] * rope.inv_freq[None, :]
+    cos = np.cos(ang).astype(np.float32)[:, None, :]
+    sin = np.sin(ang).astype(np.float32)[:, None, :]
+    want = x.copy()
+    ia, ib = (slice(0, d // 2), slice(d // 2, d)) if neox else (slice(0, d, 2), slice(1, d, 2))
+    a, b = x[..., ia], x[..., ib]
+    want[..., ia], want[..., ib] = a * cos - b * sin, a * sin + b * cos
+    got = x.copy()
+    rope(got, pos0)
+    np.testing.assert_array_equal(got, want)   # also: features past `dim` untouched
+
+
+@pytest.mark.parametrize("t", [1, 3])
+def test_fused_attention_matches_the_batched_numpy_path(t, monkeypatch):
+    rng = np.random.default_rng(2)
+    n_head, n_kv, hd, pos0 = 8, 2, 16, 37
+    prefix_k = rng.standard_normal((pos0, n_kv, hd)).astype(np.float32)
+    prefix_v = rng.standard_normal((pos0, n_kv, hd)).astype(np.float32)
+    q = rng.standard_normal((t, n_head, hd)).astype(np.float32) * 2
+    k = rng.standard_normal((t, n_kv, hd)).astype(np.float32)
+    v = rng.standard_normal((t, n_kv, hd)).astype(np.float32)
+    outs = []
+    for max_t in (ops.FUSED_ATTENTION_MAX_T, 0):     # fused, then numpy/BLAS
+        monkeypatch.setattr(ops, "FUSED_ATTENTION_MAX_T", max_t)
+        cache = ops.KVCache(64, n_kv, hd)
+        cache.k[:, :pos0], cache.v[:, :pos0] = prefix_k.transpose(1, 0, 2), prefix_v.transpose(1, 0, 2)
+        outs.append(ops.attention(q, k, v, cache, pos0))
+    assert outs[0].shape == (t, n_head * hd)
+    assert nmse(outs[0], outs[1]) < 1e-12
+
+
+def test_swiglu():
+    rng = np.random.default_rng(3)
+    g = rng.standard_normal((2, 300)).astype(np.float32) * 6
+    u = rng.standard_normal((2, 300)).astype(np.float32)
+    g64 = g.astype(np.float64)
+    assert nmse(ops.swiglu(g, u), g64 / (1 + np.exp(-g64)) * u) < 1e-13
