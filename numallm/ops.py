@@ -172,6 +172,8 @@ class KVCache:
 # Up to this many query positions attention runs as one Numba pass per head (decode, short
 # chunks); longer prefills batch each KV head's queries into BLAS matmuls.
 FUSED_ATTENTION_MAX_T = 8
+# query positions per block of the batched path
+ATTENTION_BLOCK = 64
 
 
 def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, cache: KVCache, pos0: int) -> np.ndarray:
@@ -191,15 +193,22 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, cache: KVCache, pos0:
         fused.attend(np.ascontiguousarray(q, dtype=np.float32), cache.k, cache.v, pos0,
                      np.float32(1.0 / np.sqrt(hd)), out, np.empty((n_head, end), dtype=np.float32))
         return out
-    keys, vals = cache.k[:, :end], cache.v[:, :end]                        # (n_kv, S, hd)
-    # query heads h = g*group + j share kv head g: (n_kv, group*T, hd)
-    qg = q.reshape(t, n_kv, group, hd).transpose(1, 2, 0, 3).reshape(n_kv, group * t, hd)
-    scores = np.matmul(qg, keys.transpose(0, 2, 1)) * np.float32(1.0 / np.sqrt(hd))  # (n_kv, group*T, S)
-    if t > 1:
-        qpos = np.tile(np.arange(pos0, end), group)                        # (group*T,)
-        scores[:, np.arange(end)[None, :] > qpos[:, None]] = -np.inf
-    scores -= scores.max(axis=-1, keepdims=True)
-    np.exp(scores, out=scores)
-    scores /= scores.sum(axis=-1, keepdims=True)
-    out = np.matmul(scores, vals)                                          # (n_kv, group*T, hd)
-    return out.reshape(n_kv, group, t, hd).transpose(2, 0, 1, 3).reshape(t, n_head * hd)
+    # query heads h = g*group + j share kv head g; blocks of queries see only the keys up to
+    # their last position (half the work of scoring every query against every key, causally)
+    qg = q.reshape(t, n_kv, group, hd).transpose(1, 0, 2, 3)                 # (n_kv, T, group, hd)
+    scale = np.float32(1.0 / np.sqrt(hd))
+    out = np.empty((n_kv, t, group, hd), dtype=np.float32)
+    for a in range(0, t, ATTENTION_BLOCK):
+        b = min(a + ATTENTION_BLOCK, t)
+        n_s = pos0 + b
+        qb = qg[:, a:b].reshape(n_kv, (b - a) * group, hd)                   # rows (i, j)
+        sc = np.matmul(qb, cache.k[:, :n_s].transpose(0, 2, 1))              # (n_kv, rows, S)
+        sc *= scale
+        # query pos0 + i (i in a..b) must not see keys past itself: the last b - a columns
+        tri = np.triu(np.full((b - a, b - a), -np.inf, np.float32), 1)       # (B, B)
+        sc.reshape(n_kv, b - a, group, n_s)[..., pos0 + a:] += tri[None, :, None, :]
+        sc -= sc.max(axis=-1, keepdims=True)
+        np.exp(sc, out=sc)
+        sc /= sc.sum(axis=-1, keepdims=True)
+        out[:, a:b] = np.matmul(sc, cache.v[:, :n_s]).reshape(n_kv, b - a, group, hd)
+    return out.transpose(1, 0, 2, 3).reshape(t, n_head * hd)
