@@ -401,6 +401,10 @@ def test_plan_and_run_without_gpu_say_why_in_one_line(tiny, tmp_path, monkeypatc
     assert main(["run", tiny.path, "hello", "-n", "2", "--temp", "0", "-ngl", "auto"]) == 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("numallm: no GPU (") and "running every layer on the CPU" in err[0]
+    # device policy alone (no layers asked for) is not silently ignored either
+    assert main(["run", tiny.path, "hello", "-n", "2", "--temp", "0", "--gpus", "0"]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "GPU options given but no layers asked for" in err[0]
 
 
 @pytest.mark.parametrize("flags, needle", [

@@ -152,6 +152,10 @@ def load_model(args: argparse.Namespace, template_file: str | None = None):
             gpu = {"offload": request}
         else:
             print(f"numallm: no GPU ({why}): running every layer on the CPU", file=sys.stderr)
+    elif args.gpus is not None or args.exclude_gpus or args.gpu_min_cc is not None:
+        # device policy without a layer request changes nothing: say so rather than stay silent
+        print("numallm: GPU options given but no layers asked for (-ngl N|auto|all or --offload "
+              "REGEX): running every layer on the CPU", file=sys.stderr)
     llm = load(path, n_ctx=args.ctx_size, n_threads=args.threads, chat_template=template,
                numa=args.numa or "auto", virtual_nodes=args.virtual_nodes, nodes=args.nodes,
                threads_per_node=args.threads_per_node, **gpu)
