@@ -1,0 +1,173 @@
+"""What the NUMA system test observes inside the VM, written as JSON for test_numa_vm.py to judge.
+
+    python tests/system/vm_payload.py OUT.json MODEL [MODEL ...] [--tokens N]
+
+One Python process does everything (under QEMU's emulated CPU each start-up costs tens of
+seconds), and it judges nothing: it records facts. Per model: greedy tokens with --numa off and
+--numa shard over the machine's real nodes; the placement's per-slice page report; which thread
+computed which node's slices and on which CPU (sched_getcpu at each kernel call); and, sampled
+from /proc/self/task while the sharded model generates, every thread's Cpus_allowed_list and the
+CPU it last ran on (stat field 39). Also `numallm topo --json` and `numallm topo MODEL --verify`,
+run through the CLI's own entry point.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import io
+import json
+import os
+import sys
+import threading
+import time
+
+PROMPT = [1, 5, 9, 33, 70, 200, 7]      # token ids valid in every test vocabulary (>= 512)
+
+
+def cpulist(text: str) -> list[int]:
+    out: list[int] = []
+    for part in filter(None, text.strip().split(",")):
+        a, _, b = part.partition("-")
+        out.extend(range(int(a), int(b or a) + 1))
+    return out
+
+
+def task_state(tid: int) -> tuple[int, list[int]] | None:
+    """(CPU the thread last ran on, its allowed CPUs), read from /proc; None if it has exited."""
+    try:
+        with open(f"/proc/self/task/{tid}/stat") as f:
+            stat = f.read()
+        with open(f"/proc/self/task/{tid}/status") as f:
+            allowed = next(x for x in f if x.startswith("Cpus_allowed_list:")).split(":", 1)[1]
+    except (OSError, StopIteration):
+        return None
+    # fields after the ")" closing the command name start at field 3 (state): field 39 is [36]
+    return int(stat.rsplit(")", 1)[1].split()[36]), cpulist(allowed)
+
+
+class Sampler:
+    """Samples every thread of this process from /proc until stopped: {tid: [(cpu, allowed)]}."""
+
+    def __init__(self, period_s: float = 0.001):
+        self.period_s, self.samples = period_s, {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        me = threading.get_native_id()
+        while not self._stop.is_set():
+            for name in os.listdir("/proc/self/task"):
+                tid = int(name)
+                if tid != me and (s := task_state(tid)) is not None:
+                    self.samples.setdefault(tid, []).append(s)
+            time.sleep(self.period_s)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+@contextlib.contextmanager
+def record_kernel_calls(units, calls: list):
+    """Wrap each unit's matvec/matmul to append (thread id, id(weights), CPU now) per call."""
+    libc = ctypes.CDLL(None)
+
+    def wrap(fn):
+        def call(w, *a):
+            calls.append((threading.get_native_id(), id(w), libc.sched_getcpu()))
+            return fn(w, *a)
+        return call
+
+    for u in units:
+        u.matvec, u.matmul = wrap(u.matvec), wrap(u.matmul)
+    try:
+        yield calls
+    finally:
+        for u in units:                      # back to the class's methods
+            del u.matvec, u.matmul
+
+
+def run_cli(argv: list[str]) -> tuple[int, str]:
+    from numallm import cli
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        try:
+            rc = cli.main(argv)
+        except SystemExit as e:
+            rc = e.code if isinstance(e.code, int) else 1
+    return rc or 0, buf.getvalue()
+
+
+def check_model(path: str, n_tokens: int) -> dict:
+    import numallm
+    from numallm import threads
+
+    t0 = time.perf_counter()
+    with numallm.load(path, n_ctx=64) as off:
+        off_tokens = off.generate(PROMPT, n_tokens, temperature=0).tokens
+    t1 = time.perf_counter()
+    shard = numallm.load(path, n_ctx=64, numa="shard")
+    pl = shard.placement
+    groups = [{"node": g.node, "cpus": list(g.cpus), "mem_node": g.mem_node, "n_threads": g.n_threads}
+              for g in pl.groups]
+    node_of = {id(p.w): pl.groups[p.group].node for m in pl.linears for p in m.parts}
+    calls: list = []
+    # the outer activate pins this thread (node 0's leader) for the whole sampled window
+    with threads.activate(shard.pool), record_kernel_calls({m.unit for m in pl.linears}, calls), \
+            Sampler() as sampler:
+        shard_tokens = shard.generate(PROMPT, n_tokens, temperature=0).tokens
+    t2 = time.perf_counter()
+    report = [{"tensor": r.tensor, "node": r.node, "mem_node": r.mem_node, "rows": list(r.rows),
+               "nbytes": r.nbytes, "local": r.local} for r in pl.report()]
+    summary = pl.summary()
+    shard.close()
+    workers: dict[int, dict] = {}
+    for tid, wid, cpu in calls:
+        w = workers.setdefault(tid, {"nodes": set(), "cpus_at_calls": set(), "calls": 0})
+        w["nodes"].add(node_of.get(wid, -1))           # -1: weights no slice owns (a bug)
+        w["cpus_at_calls"].add(cpu)
+        w["calls"] += 1
+    return {
+        "path": path, "off_tokens": off_tokens, "shard_tokens": shard_tokens, "groups": groups,
+        "report": report, "summary": summary,
+        "workers": {str(t): {"nodes": sorted(w["nodes"]), "cpus_at_calls": sorted(w["cpus_at_calls"]),
+                             "calls": w["calls"],
+                             "samples": sorted({(c, tuple(a)) for c, a in sampler.samples.get(t, [])})}
+                    for t, w in workers.items()},
+        "n_samples": sum(len(v) for v in sampler.samples.values()),
+        "seconds": {"off": round(t1 - t0, 1), "shard": round(t2 - t1, 1)},
+    }
+
+
+def main(argv: list[str]) -> int:
+    out_path, models, n_tokens = argv[0], [], 8
+    it = iter(argv[1:])
+    for a in it:
+        if a == "--tokens":
+            n_tokens = int(next(it))
+        else:
+            models.append(a)
+    t0 = time.perf_counter()
+    result: dict = {"allowed_cpus": sorted(os.sched_getaffinity(0)), "models": []}
+    from numallm import numa_mem
+
+    st = numa_mem.status()
+    result["numa_mem"] = {"available": st.available, "nodes": list(st.nodes), "note": st.note}
+    result["import_s"] = round(time.perf_counter() - t0, 1)
+    rc, text = run_cli(["topo", "--json"])
+    result["topo"] = {"rc": rc, "json": json.loads(text) if rc == 0 else None, "text": text}
+    for m in models:
+        result["models"].append(check_model(m, n_tokens))
+    result["total_s"] = round(time.perf_counter() - t0, 1)
+    with open(out_path, "w") as f:
+        json.dump(result, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
