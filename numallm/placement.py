@@ -185,6 +185,7 @@ def _localize(unit, raw: np.ndarray, node: int | None):
     # others keep (views of) their input, so that goes to the node first
     local = np.ascontiguousarray(raw) if unit.repacks else numa_mem.to_node(raw, node)
     w = unit.prepare(local)
+    numa_mem.release_file_pages(raw)     # read: drop now, not after the whole matrix (peak RSS)
     if not dataclasses.is_dataclass(w):
         return w, [local]
     # K-quant units unpack scales into fresh numpy arrays: move those to the node as well
@@ -353,6 +354,7 @@ class ShardedBlock:
                 rows = hd * (group if key in ("attn_q.weight", "attn_output.weight") else 1)
                 per = [(h0 * rows, h1 * rows) for h0, h1 in heads]
             spans[name] = (axis, per)
+            lin.w = None                  # the build's prepared copy: the node slices replace it
             parts = [_slice(lin, i, axis, s, e, g.mem_node) for i, (g, (s, e)) in enumerate(zip(groups, per))
                      if e > s]
             numa_mem.release_file_pages(lin.raw)      # copied to the nodes: drop the file's pages
@@ -638,6 +640,7 @@ def _row_split(lin: ops.Linear, groups: list[NodeGroup], nodes, exchange, weight
                replicate: bool) -> ShardedLinear:
     """`lin` split by output rows in proportion to weights; replicate: every node holds the whole
     matrix and computes its rows from its copy (cut at the kernel's row groups)."""
+    lin.w = None      # the build's prepared copy (a repacked one is the matrix's size): parts replace it
     parts = []
     step = lin.unit.row_multiple if replicate else 1
     n_units = -(-lin.shape[0] // step)

@@ -3,6 +3,7 @@ the file size (no float32 copy of the model)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -44,3 +45,57 @@ def test_rss_near_file_size(tmp_path, qtype):
           f"(at load {(m['loaded'] - m['base']) / 1e6:.1f} MB)")
     # float32 weights would be 3.8x (Q8_0) to 7x (Q4_K) the file; allow 15% + 24 MB of scratch
     assert grown < 1.15 * size + 24e6
+
+
+SHARD_PROBE = r"""
+import gc, json, sys
+import numallm
+
+def status():
+    with open("/proc/self/status") as f:
+        kv = dict(line.split(":", 1) for line in f)
+    return {k: int(kv[k].split()[0]) * 1024 for k in ("VmRSS", "VmHWM")}
+
+big, small = sys.argv[1], sys.argv[2]
+kw = dict(n_ctx=int(sys.argv[3]), numa="shard", virtual_nodes=2)
+with numallm.load(small, **kw) as warm:                      # Numba code, calibration, BLAS, threads
+    warm.generate([1, 2, 3], 2, temperature=0)
+del warm
+gc.collect()
+with open("/proc/self/clear_refs", "w") as f:                # 5: reset VmHWM to the current RSS
+    f.write("5")
+base = status()
+llm = numallm.load(big, **kw)
+loaded = status()
+llm.generate([1, 2, 3], 4, temperature=0)                    # touches every weight, writes some KV
+after = status()
+print(json.dumps({"base": base, "loaded": loaded, "after": after, "weights": llm.weight_bytes,
+                  "kv": sum(c.nbytes for c in llm.cache), "summary": llm.placement.summary()}))
+"""
+
+
+@pytest.mark.slow
+def test_rss_of_a_sharded_1b_model_stays_near_weights_plus_kv(synth_dir):
+    """--numa shard copies every slice into node memory, unmapping the GGUF pages it read and
+    dropping the build's copy of each matrix as it goes: resident memory after load, after a
+    forward, and at its peak (VmHWM) stays within 1.1x the weights plus the KV cache. llama3-1b:
+    its 128k-row embedding and output are the largest single matrices a 1B model has."""
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs 2 allowed CPUs")
+    big = synth.cached_model(synth_dir, "llama", "Q4_0", "llama3-1b")
+    small = synth.cached_model(synth_dir, "llama", "Q4_0", "tiny")
+    r = subprocess.run([sys.executable, "-c", SHARD_PROBE, str(big), str(small), "2048"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    m = json.loads(r.stdout)
+    base, budget = m["base"]["VmRSS"], 1.1 * (m["weights"] + m["kv"])
+    grown = {"load": m["loaded"]["VmRSS"] - base, "forward": m["after"]["VmRSS"] - base,
+             "peak": m["after"]["VmHWM"] - base}
+    mib = 2 ** 20
+    print(f"\nllama3-1b Q4_0, shard over 2 virtual nodes: weights {m['weights'] / mib:.0f} MiB, "
+          f"KV {m['kv'] / mib:.0f} MiB (2048 tokens); RSS growth at load {grown['load'] / mib:.0f} MiB, "
+          f"after a forward {grown['forward'] / mib:.0f} MiB, peak {grown['peak'] / mib:.0f} MiB "
+          f"(process RSS {m['after']['VmRSS'] / mib:.0f} MiB, peak {m['after']['VmHWM'] / mib:.0f} MiB)")
+    for what, n in grown.items():
+        assert n <= budget, f"RSS grew {n / mib:.0f} MiB ({what}), over 1.1x weights + KV ({budget / mib:.0f} MiB)"
+    assert grown["load"] >= 0.9 * m["weights"]     # the slices really are resident copies
