@@ -32,8 +32,9 @@ def cpulist(text: str) -> list[int]:
     return out
 
 
-def task_state(tid: int) -> tuple[int, list[int]] | None:
-    """(CPU the thread last ran on, its allowed CPUs), read from /proc; None if it has exited."""
+def task_state(tid: int) -> tuple[int, list[int], int] | None:
+    """(CPU the thread last ran on, its allowed CPUs, its CPU time in clock ticks), read from
+    /proc; None if it has exited."""
     try:
         with open(f"/proc/self/task/{tid}/stat") as f:
             stat = f.read()
@@ -41,15 +42,18 @@ def task_state(tid: int) -> tuple[int, list[int]] | None:
             allowed = next(x for x in f if x.startswith("Cpus_allowed_list:")).split(":", 1)[1]
     except (OSError, StopIteration):
         return None
-    # fields after the ")" closing the command name start at field 3 (state): field 39 is [36]
-    return int(stat.rsplit(")", 1)[1].split()[36]), cpulist(allowed)
+    # fields after the ")" closing the command name start at field 3 (state): field 39
+    # (processor) is [36], 14 and 15 (utime, stime) are [11] and [12]
+    f = stat.rsplit(")", 1)[1].split()
+    return int(f[36]), cpulist(allowed), int(f[11]) + int(f[12])
 
 
 class Sampler:
-    """Samples every thread of this process from /proc until stopped: {tid: [(cpu, allowed)]}."""
+    """Samples every thread of this process from /proc until stopped: `samples` {tid: [(cpu,
+    allowed)]}, `ticks` {tid: CPU ticks used between its first and last sample}."""
 
     def __init__(self, period_s: float = 0.001):
-        self.period_s, self.samples = period_s, {}
+        self.period_s, self.samples, self._ticks = period_s, {}, {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
@@ -59,7 +63,8 @@ class Sampler:
             for name in os.listdir("/proc/self/task"):
                 tid = int(name)
                 if tid != me and (s := task_state(tid)) is not None:
-                    self.samples.setdefault(tid, []).append(s)
+                    self.samples.setdefault(tid, []).append(s[:2])
+                    self._ticks.setdefault(tid, [s[2], s[2]])[1] = s[2]
             time.sleep(self.period_s)
 
     def __enter__(self):
@@ -70,10 +75,15 @@ class Sampler:
         self._stop.set()
         self._thread.join()
 
+    @property
+    def ticks(self) -> dict[int, int]:
+        return {t: b - a for t, (a, b) in self._ticks.items()}
+
 
 @contextlib.contextmanager
 def record_kernel_calls(units, calls: list):
-    """Wrap each unit's matvec/matmul to append (thread id, id(weights), CPU now) per call."""
+    """Wrap each unit's matmul_x (every row range of every product goes through it) to append
+    (thread id, id(weights), CPU now) per call."""
     libc = ctypes.CDLL(None)
 
     def wrap(fn):
@@ -83,12 +93,12 @@ def record_kernel_calls(units, calls: list):
         return call
 
     for u in units:
-        u.matvec, u.matmul = wrap(u.matvec), wrap(u.matmul)
+        u.matmul_x = wrap(u.matmul_x)
     try:
         yield calls
     finally:
-        for u in units:                      # back to the class's methods
-            del u.matvec, u.matmul
+        for u in units:                      # back to the class's method
+            del u.matmul_x
 
 
 def run_cli(argv: list[str]) -> tuple[int, str]:
@@ -103,7 +113,8 @@ def run_cli(argv: list[str]) -> tuple[int, str]:
     return rc or 0, buf.getvalue()
 
 
-def check_model(path: str, n_tokens: int) -> dict:
+def check_model(path: str, n_tokens: int, virtual_nodes: int | None = None) -> dict:
+    """Greedy tokens off vs shard, the shard placement's reports, and what its threads did."""
     import numallm
     from numallm import threads
 
@@ -111,7 +122,7 @@ def check_model(path: str, n_tokens: int) -> dict:
     with numallm.load(path, n_ctx=64) as off:
         off_tokens = off.generate(PROMPT, n_tokens, temperature=0).tokens
     t1 = time.perf_counter()
-    shard = numallm.load(path, n_ctx=64, numa="shard")
+    shard = numallm.load(path, n_ctx=64, numa="shard", virtual_nodes=virtual_nodes)
     pl = shard.placement
     groups = [{"node": g.node, "cpus": list(g.cpus), "mem_node": g.mem_node, "n_threads": g.n_threads}
               for g in pl.groups]
@@ -124,6 +135,8 @@ def check_model(path: str, n_tokens: int) -> dict:
     t2 = time.perf_counter()
     report = [{"tensor": r.tensor, "node": r.node, "mem_node": r.mem_node, "rows": list(r.rows),
                "nbytes": r.nbytes, "local": r.local} for r in pl.report()]
+    kv = [{"layer": k.layer, "node": k.node, "mem_node": k.mem_node, "heads": list(k.heads),
+           "nbytes": k.nbytes, "local": k.local} for k in pl.kv_report()]
     summary = pl.summary()
     shard.close()
     workers: dict[int, dict] = {}
@@ -134,11 +147,14 @@ def check_model(path: str, n_tokens: int) -> dict:
         w["calls"] += 1
     return {
         "path": path, "off_tokens": off_tokens, "shard_tokens": shard_tokens, "groups": groups,
-        "report": report, "summary": summary,
+        "report": report, "kv_report": kv, "summary": summary,
         "workers": {str(t): {"nodes": sorted(w["nodes"]), "cpus_at_calls": sorted(w["cpus_at_calls"]),
                              "calls": w["calls"],
                              "samples": sorted({(c, tuple(a)) for c, a in sampler.samples.get(t, [])})}
                     for t, w in workers.items()},
+        # every thread that used CPU time while the model generated: where it may and did run
+        "busy": {str(t): sorted({(c, tuple(a)) for c, a in sampler.samples[t]})
+                 for t, n in sampler.ticks.items() if n > 0},
         "n_samples": sum(len(v) for v in sampler.samples.values()),
         "seconds": {"off": round(t1 - t0, 1), "shard": round(t2 - t1, 1)},
     }
