@@ -26,9 +26,9 @@ from numallm_kernels.base import Activations
 
 K = 4096
 TARGET_BYTES = 256 << 20
-TYPES = [T.Q4_0, T.Q8_0, T.Q4_K, T.Q6_K]
+TYPES = [T.Q4_0, T.Q8_0, T.Q4_K, T.Q5_K, T.Q6_K]
 # byte offsets of the f16 scales inside one block (kept sane; every other bit pattern is valid)
-F16_FIELDS = {T.Q4_0: (0,), T.Q8_0: (0,), T.Q4_K: (0, 2), T.Q6_K: (208,)}
+F16_FIELDS = {T.Q4_0: (0,), T.Q8_0: (0,), T.Q4_K: (0, 2), T.Q5_K: (0, 2), T.Q6_K: (208,)}
 
 
 def make_weights(qtype, nbytes=TARGET_BYTES, seed=0):

@@ -1,4 +1,5 @@
-"""AVX2 steps of the 8-row interleaved Q4_K / Q6_K kernels (record layouts in `kquant_x8.py`).
+"""AVX2 steps of the 8-row interleaved Q4_K / Q5_K / Q6_K kernels (record layouts in
+`kquant_x8.py`).
 
 As in `_x8_simd` (Q4_0/Q8_0), one call handles one super-block column (256 weights) of a group of
 8 rows, with the quants interleaved 4 bytes per row per 32-byte chunk, so vpmaddubsw against the
@@ -12,6 +13,7 @@ Bounds (x codes |x| <= 127):
   Q4_K: one vpmaddubsw lane <= 2*15*127 = 3810; 8 chunks of one 32-weight sub-block add in int16
         to <= 30480 < 32767. Times a 6-bit scale in vpmaddwd: |lane| <= 2*30480*63; 8 sub-blocks
         sum to < 2^25. Mins: sum_j m_j * (xb[2j] + xb[2j+1]) <= 8*63*2*2032.
+  Q5_K: codes <= 31, lane <= 7874, so 4 chunks at a time in int16 (<= 31496); the rest as Q4_K.
   Q6_K: codes u = q + 32 in 0..63 go through vpmaddubsw: lane <= 2*63*127 = 16002, so only two
         chunks add in int16 (<= 32004) before vpmaddwd with the int8 scale; the -32 offset is
         taken off once per block as 32 * sum_s sc_s * xb_s.
@@ -59,24 +61,36 @@ def _fma(builder, a, b, c):
     return builder.call(_fn(builder, "llvm.fma.v8f32", _V8F, [_V8F, _V8F, _V8F]), [a, b, c])
 
 
-def _q4_k(builder, acc, wp, xp, bp, dx):
-    """Record: d[8] f16 | dmin[8] f16 | sc[8 sub][8 rows] u8 | mn[8 sub][8 rows] u8 | 32 chunks.
-    Chunk c holds quant bytes 4c..4c+3 of each row: bytes 32p..32p+31 of a row are sub-blocks
-    2p (low nibbles) and 2p + 1 (high nibbles), so chunks 8p..8p+7 make sub-blocks 2p, 2p + 1."""
+def _q45_k(builder, acc, wp, xp, bp, dx, qs_at, qh_at):
+    """Q4_K / Q5_K record: d[8] f16 | dmin[8] f16 | sc[8 sub][8 rows] u8 | mn[8 sub][8 rows] u8 |
+    (Q5_K: 8 chunks of qh at qh_at) | 32 chunks of qs at qs_at. Chunk c holds quant bytes
+    4c..4c+3 of each row: bytes 32p..32p+31 of a row are sub-blocks 2p (low nibbles) and 2p + 1
+    (high nibbles), so chunks 8p..8p+7 make sub-blocks 2p, 2p + 1; Q5_K's fifth bit of weight
+    32j + l is bit j of qh byte l (qh chunk l // 4). Q4_K codes (<= 15) add 8 chunks in int16,
+    Q5_K codes (<= 31) only 4 (4 * 2*31*127 = 31496 < 32767)."""
     low = _splat8(builder, 0x0F, 32)
+    bit4 = _splat8(builder, 0x10, 32)
+    per16 = 8 if qh_at is None else 4
     isum = None
     for p in range(4):
-        lo16 = hi16 = None
-        for k in range(8):
-            q = _at(builder, wp, 160 + 32 * (8 * p + k), _V32B)
-            lo = _maddubs(builder, builder.and_(q, low), _bcast32(builder, xp, 64 * p + 4 * k))
-            hi = _maddubs(builder, builder.and_(builder.lshr(q, _splat8(builder, 4, 32)), low),
-                          _bcast32(builder, xp, 64 * p + 32 + 4 * k))
-            lo16 = lo if lo16 is None else builder.add(lo16, lo)
-            hi16 = hi if hi16 is None else builder.add(hi16, hi)
-        s = builder.add(_maddwd(builder, lo16, _dup_u8(builder, wp, 32 + 8 * (2 * p))),
-                        _maddwd(builder, hi16, _dup_u8(builder, wp, 32 + 8 * (2 * p + 1))))
-        isum = s if isum is None else builder.add(isum, s)
+        for t in range(2):                    # sub-block j = 2p + t
+            j = 2 * p + t
+            sc = _dup_u8(builder, wp, 32 + 8 * j)
+            acc16 = None
+            for k in range(8):
+                q = _at(builder, wp, qs_at + 32 * (8 * p + k), _V32B)
+                v = builder.and_(q if t == 0 else builder.lshr(q, _splat8(builder, 4, 32)), low)
+                if qh_at is not None:         # bit j of the qh byte -> bit 4
+                    h = _at(builder, wp, qh_at + 32 * k, _V32B)
+                    h = builder.shl(h, _splat8(builder, 4 - j, 32)) if j <= 4 else \
+                        builder.lshr(h, _splat8(builder, j - 4, 32))
+                    v = builder.or_(v, builder.and_(h, bit4))
+                d = _maddubs(builder, v, _bcast32(builder, xp, 32 * j + 4 * k))
+                acc16 = d if acc16 is None else builder.add(acc16, d)
+                if (k + 1) % per16 == 0:
+                    part = _maddwd(builder, acc16, sc)
+                    isum = part if isum is None else builder.add(isum, part)
+                    acc16 = None
     msum = None
     for j in range(8):  # m_j * (xb[2j] + xb[2j + 1]): the two int16 sums of sub-block j
         xbj = _pair16(builder, bp, j)
@@ -86,6 +100,14 @@ def _q4_k(builder, acc, wp, xp, bp, dx):
     acc = _fma(builder, builder.sitofp(isum, _V8F), builder.fmul(_f16x8(builder, wp, 0), vdx), acc)
     neg = builder.fneg(builder.fmul(_f16x8(builder, wp, 16), vdx))
     return _fma(builder, builder.sitofp(msum, _V8F), neg, acc)
+
+
+def _q4_k(builder, acc, wp, xp, bp, dx):
+    return _q45_k(builder, acc, wp, xp, bp, dx, 160, None)
+
+
+def _q5_k(builder, acc, wp, xp, bp, dx):
+    return _q45_k(builder, acc, wp, xp, bp, dx, 416, 160)
 
 
 def _q6_k(builder, acc, wp, xp, bp, dx):
@@ -166,4 +188,5 @@ def _step(body):
 
 
 kx8_q4_k = _step(_q4_k)
+kx8_q5_k = _step(_q5_k)
 kx8_q6_k = _step(_q6_k)

@@ -1,5 +1,5 @@
-"""Q4_K and Q6_K (the types of Q4_K_M models) in 8-row interleaved records, like Q4_0/Q8_0 in
-interleaved.py: one record per super-block column of 8 rows, so a decode step is one sequential
+"""Q4_K, Q5_K and Q6_K (the types of Q4_K_M / Q5_K_M models) in 8-row interleaved records, like
+Q4_0/Q8_0 in interleaved.py: one record per super-block column of 8 rows, so a decode step is one sequential
 stream and the activations, the scale conversions and the row sums are shared by 8 rows (the
 SIMD steps and their integer bounds are in `_kx8_simd`). Activations are Q8_K-style: int8 codes
 with one float scale per 256 ("q8_k" form, shared with the other K-quant units).
@@ -8,6 +8,8 @@ GGUF blocks (256 weights; offsets in bytes):
   Q4_K (144): 0 d f16 | 2 dmin f16 | 4 scales[12]: 6-bit scale and min of each 32-weight
         sub-block j (see unpack_6bit_scales) | 16 qs[128]: weight 64p + 32t + l is nibble t
         (0 = low) of byte 32p + l.    w = d * sc[j] * q - dmin * m[j], j = e // 32, q in 0..15
+  Q5_K (176): as Q4_K up to byte 16, then 16 qh[32]: the fifth bit of weight 32j + l is bit j of
+        byte l | 48 qs[128] as Q4_K's.    q in 0..31
   Q6_K (210): 0 ql[128]: low 4 bits of weight 128h + 32g + l in nibble g // 2 of byte
         64h + 32(g % 2) + l | 128 qh[64]: its high 2 bits at bits 2g, 2g + 1 of byte 32h + l |
         192 scales[16] int8, one per 16 weights | 208 d f16.    w = d * sc[e // 16] * (q - 32)
@@ -17,6 +19,7 @@ Records (group of rows 8g..8g+7, one super-block; "chunk" = 4 consecutive bytes 
   Q4_K (1184 = 8 x 148): d[8] f16 | dmin[8] f16 | sc[j][row] u8 (64) | m[j][row] u8 (64) |
         32 chunks of qs. The 6-bit fields are unpacked to a byte each (+4 bytes per row and block,
         +2.8%), so the kernel never decodes them.
+  Q5_K (1440 = 8 x 180): Q4_K's first 160 bytes | 8 chunks of qh | 32 chunks of qs.
   Q6_K (1680 = 8 x 210): d[8] f16 | for k = 0..7: (sc[2k], sc[2k + 1]) of each row (16 bytes) |
         16 steps of 96 bytes: qh chunk 8h + lc, ql chunks 16h + lc and 16h + 8 + lc (step
         8h + lc). Exactly the GGUF bytes, reordered so the kernel reads the record front to back:
@@ -32,7 +35,7 @@ from gguf import GGMLQuantizationType as T
 from numba import njit
 
 from ._kquant_common import q8_k_form
-from ._kx8_simd import kx8_q4_k, kx8_q6_k
+from ._kx8_simd import kx8_q4_k, kx8_q5_k, kx8_q6_k
 from ._legacy_blocks import f16_at
 from .base import register
 from .interleaved import GROUP, RecordUnit
@@ -67,6 +70,42 @@ def _unpack_q4_k(q, o, i, dst, c):
         for l in range(32):
             m = 32 * (j // 2) + l                     # quant byte of the row
             v = (q[o + 160 + 32 * (m // 4) + 4 * i + m % 4] >> sh) & 15
+            dst[c + 32 * j + l] = dd * np.float32(v) - mm
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _pack_q5_k(src, s, dst, d, i):
+    # the Q4_K header fields (the same 16 bytes at the same offsets), then qh and qs chunks
+    dst[d + 2 * i] = src[s]
+    dst[d + 2 * i + 1] = src[s + 1]
+    dst[d + 16 + 2 * i] = src[s + 2]
+    dst[d + 16 + 2 * i + 1] = src[s + 3]
+    for j in range(4):
+        a = src[s + 4 + j]
+        b = src[s + 8 + j]
+        c = src[s + 12 + j]
+        dst[d + 32 + 8 * j + i] = a & 63
+        dst[d + 32 + 8 * (j + 4) + i] = (c & 15) | ((a >> 6) << 4)
+        dst[d + 96 + 8 * j + i] = b & 63
+        dst[d + 96 + 8 * (j + 4) + i] = (c >> 4) | ((b >> 6) << 4)
+    for m in range(32):
+        dst[d + 160 + 32 * (m // 4) + 4 * i + m % 4] = src[s + 16 + m]
+    for m in range(128):
+        dst[d + 416 + 32 * (m // 4) + 4 * i + m % 4] = src[s + 48 + m]
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _unpack_q5_k(q, o, i, dst, c):
+    d = f16_at(q, o + 2 * i)
+    dmin = f16_at(q, o + 16 + 2 * i)
+    for j in range(8):
+        dd = d * np.float32(q[o + 32 + 8 * j + i])
+        mm = dmin * np.float32(q[o + 96 + 8 * j + i])
+        sh = 4 * (j % 2)
+        for l in range(32):
+            m = 32 * (j // 2) + l
+            v = (q[o + 416 + 32 * (m // 4) + 4 * i + m % 4] >> sh) & 15
+            v |= ((q[o + 160 + 32 * (l // 4) + 4 * i + l % 4] >> j) & 1) << 4
             dst[c + 32 * j + l] = dd * np.float32(v) - mm
 
 
@@ -138,6 +177,16 @@ class Q4_K(_KRecordUnit):
     pack = _pack_q4_k
     unpack = _unpack_q4_k
     step = kx8_q4_k
+
+
+@register
+class Q5_K(_KRecordUnit):
+    qtype = T.Q5_K
+    record_bytes = GROUP * 180
+    f16_fields = (0, 2)
+    pack = _pack_q5_k
+    unpack = _unpack_q5_k
+    step = kx8_q5_k
 
 
 @register

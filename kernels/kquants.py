@@ -1,7 +1,7 @@
-"""Q2_K, Q3_K, Q5_K and IQ4_XS: exact Numba dequantize and fused int8-dot matvec.
+"""Q2_K, Q3_K and IQ4_XS: exact Numba dequantize and fused int8-dot matvec.
 
-Q4_K and Q6_K, the types of common Q4_K_M models, live in kquant_x8.py (8-row interleaved
-records, AVX2 kernels). Conventions shared by these four (prepared weights, x quantized per
+Q4_K, Q5_K and Q6_K, the types of common Q4_K_M / Q5_K_M models, live in kquant_x8.py (8-row
+interleaved records, AVX2 kernels). Conventions shared by these four (prepared weights, x quantized per
 256-block) are in _kquant_common.py. In the layouts below, offsets are bytes within one super-block of 256 weights;
 "e" is a weight's index inside the super-block and f16 values are little-endian.
 
@@ -14,7 +14,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 from numba import njit
 
-from ._kquant_common import KQuantUnit, f16_field, unpack_6bit_scales
+from ._kquant_common import KQuantUnit, f16_field
 from .base import register
 
 # ---------------------------------------------------------------------------------------------
@@ -157,68 +157,6 @@ class Q3_K(KQuantUnit):
         sc = ((lo | (hi << 4)) - 32).astype(np.int8)
         return (f16_field(blocks, 108), np.zeros((n, 0), np.float32),
                 np.ascontiguousarray(sc.reshape(n, nb * 16)), np.zeros((n, 0), np.uint8))
-
-
-# ---------------------------------------------------------------------------------------------
-# Q5_K: 176 bytes, 5.5 bits/weight. Eight sub-blocks of 32 weights.
-#   0  d (f16), 2 dmin (f16)
-#   4  scales[12]  six-bit scale and min per sub-block, packed as in Q4_K (unpack_6bit_scales)
-#   16 qh[32]      5th bit: weight 32j + l has it at bit j of byte l
-#   48 qs[128]     low 4 bits: weight 64p + 32t + l in nibble t (0 low, 1 high) of byte 32p + l
-#   w = d*sc[j] * q - dmin*m[j],  j = e // 32, q in 0..31
-# ---------------------------------------------------------------------------------------------
-
-
-@njit(nogil=True, cache=True)
-def _q5k_dequant(raw, d, dmin, sc, mn, out, r0, r1):
-    nb = d.shape[1]
-    for r in range(r0, r1):
-        for b in range(nb):
-            ob = b * 176
-            for j in range(8):
-                dd = d[r, b] * np.float32(sc[r, b * 8 + j])
-                mm = dmin[r, b] * np.float32(mn[r, b * 8 + j])
-                qo = ob + 48 + (j // 2) * 32
-                sh = 4 * (j % 2)
-                eo = b * 256 + j * 32
-                for l in range(32):
-                    q = ((raw[r, qo + l] >> sh) & 15) | (((raw[r, ob + 16 + l] >> j) & 1) << 4)
-                    out[r - r0, eo + l] = dd * np.float32(q) - mm
-
-
-@njit(nogil=True, cache=True)
-def _q5k_matvec(raw, d, dmin, sc, mn, xq, xd, xs, xb, out, r0, r1):
-    nb = d.shape[1]
-    for r in range(r0, r1):
-        acc = 0.0
-        for b in range(nb):
-            ob = b * 176
-            isum = 0
-            msum = 0.0
-            for j in range(8):
-                qo = ob + 48 + (j // 2) * 32
-                sh = 4 * (j % 2)
-                eo = b * 256 + j * 32
-                si = np.int32(0)
-                for l in range(32):
-                    q = np.int32(((raw[r, qo + l] >> sh) & 15)
-                                 | (((raw[r, ob + 16 + l] >> j) & 1) << 4))
-                    si = np.int32(si + q * np.int32(xq[eo + l]))
-                isum += np.int64(sc[r, b * 8 + j]) * si
-                msum += np.float64(mn[r, b * 8 + j]) * (xs[b * 16 + 2 * j] + xs[b * 16 + 2 * j + 1])
-            acc += np.float64(d[r, b]) * xd[b] * isum - np.float64(dmin[r, b]) * msum
-        out[r] = acc
-
-
-@register
-class Q5_K(KQuantUnit):
-    qtype = T.Q5_K
-    _dequant = staticmethod(_q5k_dequant)
-    _matvec = staticmethod(_q5k_matvec)
-
-    def _unpack(self, blocks):
-        sc, mn = unpack_6bit_scales(blocks[:, :, 4:16])
-        return f16_field(blocks, 0), f16_field(blocks, 2), sc, mn
 
 
 # ---------------------------------------------------------------------------------------------
