@@ -14,6 +14,8 @@ Bounds (x codes |x| <= 127):
         to <= 30480 < 32767. Times a 6-bit scale in vpmaddwd: |lane| <= 2*30480*63; 8 sub-blocks
         sum to < 2^25. Mins: sum_j m_j * (xb[2j] + xb[2j+1]) <= 8*63*2*2032.
   Q5_K: codes <= 31, lane <= 7874, so 4 chunks at a time in int16 (<= 31496); the rest as Q4_K.
+  IQ4_XS: table values |w| <= 127, lane <= 2*127*127 = 32258: each half-chunk goes to int32 by
+        vpmaddwd with the scale (|sc| <= 32): |isum| <= 64 * 2*32258*32 < 2^28.
   Q6_K: codes u = q + 32 in 0..63 go through vpmaddubsw: lane <= 2*63*127 = 16002, so only two
         chunks add in int16 (<= 32004) before vpmaddwd with the int8 scale; the -32 offset is
         taken off once per block as 32 * sum_s sc_s * xb_s.
@@ -46,6 +48,13 @@ def _dup_u8(builder, p, off):
     v = builder.zext(_at(builder, p, off, ir.VectorType(_I8, 8)), _V8D)   # vpmovzxbd
     v = builder.or_(v, builder.shl(v, ir.Constant(_V8D, [16] * 8)))
     return builder.bitcast(v, _V16W)
+
+
+def _dup_s8(builder, p, off):
+    """8 signed bytes at p + off -> <16 x i16> with byte i in lanes 2i and 2i + 1."""
+    v = builder.sext(_at(builder, p, off, ir.VectorType(_I8, 8)), _V8D)   # vpmovsxbd
+    low16 = builder.and_(v, ir.Constant(_V8D, [0xFFFF] * 8))
+    return builder.bitcast(builder.or_(low16, builder.shl(v, ir.Constant(_V8D, [16] * 8))), _V16W)
 
 
 def _pair16(builder, bp, k):
@@ -161,6 +170,36 @@ def _q6_k(builder, acc, wp, xp, bp, dx):
     return _fma(builder, builder.sitofp(isum, _V8F), scale, acc)
 
 
+_IQ4NL = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
+
+
+def _iq4_xs(builder, acc, wp, xp, bp, dx):
+    """Record: d[8] f16 | sc[8 sub][8 rows] int8 (scale - 32) | 32 chunks of qs. Sub-block j is
+    chunks 4j..4j+3; byte 16j + l holds weight 32j + l (low nibble) and 32j + 16 + l (high),
+    codes index the fixed non-linear table (vpshufb). Signed weights go through |w|, sign(w)*x:
+    a lane is <= 2*127*127, so each half-chunk is widened (vpmaddwd with the scale) at once."""
+    low = _splat8(builder, 0x0F, 32)
+    table = ir.Constant(_V32B, [v & 0xFF for v in _IQ4NL * 2])
+    shuf = _fn(builder, "llvm.x86.avx2.pshuf.b", _V32B, [_V32B, _V32B])
+    absf = _fn(builder, "llvm.abs.v32i8", _V32B, [_V32B, ir.IntType(1)])
+    sign = _fn(builder, "llvm.x86.avx2.psign.b", _V32B, [_V32B, _V32B])
+    isum = None
+    for j in range(8):
+        sc = _dup_s8(builder, wp, 16 + 8 * j)
+        for k in range(4):
+            q = _at(builder, wp, 80 + 32 * (4 * j + k), _V32B)
+            for half, nib in ((0, builder.and_(q, low)),
+                              (16, builder.and_(builder.lshr(q, _splat8(builder, 4, 32)), low))):
+                w = builder.call(shuf, [table, nib])
+                x = _bcast32(builder, xp, 32 * j + half + 4 * k)
+                d = _maddubs(builder, builder.call(absf, [w, ir.Constant(ir.IntType(1), 0)]),
+                             builder.call(sign, [x, w]))
+                part = _maddwd(builder, d, sc)
+                isum = part if isum is None else builder.add(isum, part)
+    scale = builder.fmul(_f16x8(builder, wp, 0), _splat_f(builder, dx))
+    return _fma(builder, builder.sitofp(isum, _V8F), scale, acc)
+
+
 def _step(body):
     """Make `f(acc, w, woff, xq, xoff, xd, xb, b)`: acc + the 8 rows' dots with super-block b.
 
@@ -190,3 +229,4 @@ def _step(body):
 kx8_q4_k = _step(_q4_k)
 kx8_q5_k = _step(_q5_k)
 kx8_q6_k = _step(_q6_k)
+kx8_iq4_xs = _step(_iq4_xs)

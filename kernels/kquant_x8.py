@@ -1,5 +1,5 @@
-"""Q4_K, Q5_K and Q6_K (the types of Q4_K_M / Q5_K_M models) in 8-row interleaved records, like
-Q4_0/Q8_0 in interleaved.py: one record per super-block column of 8 rows, so a decode step is one sequential
+"""Q4_K, Q5_K, Q6_K (the types of Q4_K_M / Q5_K_M models) and IQ4_XS in 8-row interleaved records,
+like Q4_0/Q8_0 in interleaved.py: one record per super-block column of 8 rows, so a decode step is one sequential
 stream and the activations, the scale conversions and the row sums are shared by 8 rows (the
 SIMD steps and their integer bounds are in `_kx8_simd`). Activations are Q8_K-style: int8 codes
 with one float scale per 256 ("q8_k" form, shared with the other K-quant units).
@@ -10,6 +10,10 @@ GGUF blocks (256 weights; offsets in bytes):
         (0 = low) of byte 32p + l.    w = d * sc[j] * q - dmin * m[j], j = e // 32, q in 0..15
   Q5_K (176): as Q4_K up to byte 16, then 16 qh[32]: the fifth bit of weight 32j + l is bit j of
         byte l | 48 qs[128] as Q4_K's.    q in 0..31
+  IQ4_XS (136): 0 d f16 | 2 scales_h u16: top 2 bits of sub-block j's 6-bit scale at bits 2j |
+        4 scales_l[4]: low 4 bits in nibble j % 2 of byte j // 2 | 8 qs[128]: sub-block j is
+        bytes 16j..16j+15, weight l < 16 in the low nibble of byte 16j + l, l >= 16 in the high
+        nibble of byte 16j + l - 16.    w = d * (scale - 32) * IQ4_VALUES[code]
   Q6_K (210): 0 ql[128]: low 4 bits of weight 128h + 32g + l in nibble g // 2 of byte
         64h + 32(g % 2) + l | 128 qh[64]: its high 2 bits at bits 2g, 2g + 1 of byte 32h + l |
         192 scales[16] int8, one per 16 weights | 208 d f16.    w = d * sc[e // 16] * (q - 32)
@@ -20,6 +24,7 @@ Records (group of rows 8g..8g+7, one super-block; "chunk" = 4 consecutive bytes 
         32 chunks of qs. The 6-bit fields are unpacked to a byte each (+4 bytes per row and block,
         +2.8%), so the kernel never decodes them.
   Q5_K (1440 = 8 x 180): Q4_K's first 160 bytes | 8 chunks of qh | 32 chunks of qs.
+  IQ4_XS (1104 = 8 x 138): d[8] f16 | (scale - 32)[8 sub][8 rows] int8 | 32 chunks of qs.
   Q6_K (1680 = 8 x 210): d[8] f16 | for k = 0..7: (sc[2k], sc[2k + 1]) of each row (16 bytes) |
         16 steps of 96 bytes: qh chunk 8h + lc, ql chunks 16h + lc and 16h + 8 + lc (step
         8h + lc). Exactly the GGUF bytes, reordered so the kernel reads the record front to back:
@@ -35,10 +40,13 @@ from gguf import GGMLQuantizationType as T
 from numba import njit
 
 from ._kquant_common import q8_k_form
-from ._kx8_simd import kx8_q4_k, kx8_q5_k, kx8_q6_k
+from ._kx8_simd import kx8_iq4_xs, kx8_q4_k, kx8_q5_k, kx8_q6_k
 from ._legacy_blocks import f16_at
 from .base import register
 from .interleaved import GROUP, RecordUnit
+
+IQ4_VALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113],
+                      dtype=np.int8)   # IQ4_XS / IQ4_NL code -> value
 
 
 @njit(nogil=True, cache=True, inline="always")
@@ -151,6 +159,32 @@ def _unpack_q6_k(q, o, i, dst, c):
                 dst[c + e] = dd * np.float32(np.int32(lo | (hi << 4)) - 32)
 
 
+@njit(nogil=True, cache=True, inline="always")
+def _pack_iq4_xs(src, s, dst, d, i):
+    dst[d + 2 * i] = src[s]
+    dst[d + 2 * i + 1] = src[s + 1]
+    sh = np.int32(src[s + 2]) | (np.int32(src[s + 3]) << 8)
+    for j in range(8):
+        lo = (np.int32(src[s + 4 + j // 2]) >> (4 * (j % 2))) & 15
+        hi = (sh >> (2 * j)) & 3
+        dst[d + 16 + 8 * j + i] = np.uint8(((lo | (hi << 4)) - 32) & 255)
+    for m in range(128):
+        dst[d + 80 + 32 * (m // 4) + 4 * i + m % 4] = src[s + 8 + m]
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _unpack_iq4_xs(q, o, i, dst, c):
+    d = f16_at(q, o + 2 * i)
+    for j in range(8):
+        sc = np.int32(q[o + 16 + 8 * j + i])
+        dd = d * np.float32(sc - 256 if sc > 127 else sc)
+        for l in range(16):
+            m = 16 * j + l
+            v = q[o + 80 + 32 * (m // 4) + 4 * i + m % 4]
+            dst[c + 32 * j + l] = dd * np.float32(IQ4_VALUES[v & 15])
+            dst[c + 32 * j + 16 + l] = dd * np.float32(IQ4_VALUES[v >> 4])
+
+
 class _KRecordUnit(RecordUnit):
     x_form = ("q8_k", q8_k_form)
 
@@ -197,3 +231,13 @@ class Q6_K(_KRecordUnit):
     pack = _pack_q6_k
     unpack = _unpack_q6_k
     step = kx8_q6_k
+
+
+@register
+class IQ4_XS(_KRecordUnit):
+    qtype = T.IQ4_XS
+    record_bytes = GROUP * 138
+    f16_fields = (0,)
+    pack = _pack_iq4_xs
+    unpack = _unpack_iq4_xs
+    step = kx8_iq4_xs

@@ -1,7 +1,7 @@
-"""Q2_K, Q3_K and IQ4_XS: exact Numba dequantize and fused int8-dot matvec.
+"""Q2_K and Q3_K: exact Numba dequantize and fused int8-dot matvec.
 
-Q4_K, Q5_K and Q6_K, the types of common Q4_K_M / Q5_K_M models, live in kquant_x8.py (8-row
-interleaved records, AVX2 kernels). Conventions shared by these four (prepared weights, x quantized per
+Q4_K, Q5_K, Q6_K (the types of common Q4_K_M / Q5_K_M models) and IQ4_XS live in kquant_x8.py
+(8-row interleaved records, AVX2 kernels). Conventions shared by these four (prepared weights, x quantized per
 256-block) are in _kquant_common.py. In the layouts below, offsets are bytes within one super-block of 256 weights;
 "e" is a weight's index inside the super-block and f16 values are little-endian.
 
@@ -157,71 +157,3 @@ class Q3_K(KQuantUnit):
         sc = ((lo | (hi << 4)) - 32).astype(np.int8)
         return (f16_field(blocks, 108), np.zeros((n, 0), np.float32),
                 np.ascontiguousarray(sc.reshape(n, nb * 16)), np.zeros((n, 0), np.uint8))
-
-
-# ---------------------------------------------------------------------------------------------
-# IQ4_XS: 136 bytes, 4.25 bits/weight. Non-linear 4-bit codes, eight sub-blocks of 32.
-#   0  d (f16)
-#   2  scales_h (u16)  top 2 bits of sub-block j's 6-bit scale at bits 2j..2j+1
-#   4  scales_l[4]     low 4 bits of sub-block j's scale: nibble j % 2 of byte j // 2
-#   8  qs[128]         sub-block j uses bytes 16j..16j+15: weight l < 16 in the low nibble of
-#                      byte 16j + l, weight l >= 16 in the high nibble of byte 16j + l - 16
-#   w = d*(scale - 32) * KVALUES[code]
-# ---------------------------------------------------------------------------------------------
-
-KVALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113],
-                   dtype=np.int8)
-
-
-@njit(nogil=True, cache=True)
-def _iq4xs_dequant(raw, d, dmin, sc, mn, out, r0, r1):
-    nb = d.shape[1]
-    for r in range(r0, r1):
-        for b in range(nb):
-            ob = b * 136
-            for j in range(8):
-                dd = d[r, b] * np.float32(sc[r, b * 8 + j])
-                qo = ob + 8 + j * 16
-                eo = b * 256 + j * 32
-                for l in range(16):
-                    v = raw[r, qo + l]
-                    out[r - r0, eo + l] = dd * np.float32(KVALUES[v & 15])
-                    out[r - r0, eo + 16 + l] = dd * np.float32(KVALUES[v >> 4])
-
-
-@njit(nogil=True, cache=True)
-def _iq4xs_matvec(raw, d, dmin, sc, mn, xq, xd, xs, xb, out, r0, r1):
-    nb = d.shape[1]
-    for r in range(r0, r1):
-        acc = 0.0
-        for b in range(nb):
-            ob = b * 136
-            isum = 0
-            for j in range(8):
-                qo = ob + 8 + j * 16
-                eo = b * 256 + j * 32
-                si = np.int32(0)
-                for l in range(16):
-                    v = raw[r, qo + l]
-                    si = np.int32(si + np.int32(KVALUES[v & 15]) * np.int32(xq[eo + l])
-                                  + np.int32(KVALUES[v >> 4]) * np.int32(xq[eo + 16 + l]))
-                isum += np.int64(sc[r, b * 8 + j]) * si
-            acc += np.float64(d[r, b]) * xd[b] * isum
-        out[r] = acc
-
-
-@register
-class IQ4_XS(KQuantUnit):
-    qtype = T.IQ4_XS
-    _dequant = staticmethod(_iq4xs_dequant)
-    _matvec = staticmethod(_iq4xs_matvec)
-
-    def _unpack(self, blocks):
-        n, nb = blocks.shape[:2]
-        sh = blocks[:, :, 2].astype(np.int32) | (blocks[:, :, 3].astype(np.int32) << 8)
-        j = np.arange(8)
-        lo = (blocks[:, :, 4 + j // 2].astype(np.int32) >> (4 * (j % 2))) & 15   # (N, nb, 8)
-        hi = (sh[:, :, None] >> (2 * j)) & 3
-        sc = ((lo | (hi << 4)) - 32).astype(np.int8)
-        return (f16_field(blocks, 0), np.zeros((n, 0), np.float32),
-                np.ascontiguousarray(sc.reshape(n, nb * 8)), np.zeros((n, 0), np.uint8))
