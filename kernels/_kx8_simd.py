@@ -1,4 +1,4 @@
-"""AVX2 steps of the 8-row interleaved Q4_K / Q5_K / Q6_K kernels (record layouts in
+"""AVX2 steps of the 8-row interleaved K-quant kernels (Q2_K..Q6_K, IQ4_XS; record layouts in
 `kquant_x8.py`).
 
 As in `_x8_simd` (Q4_0/Q8_0), one call handles one super-block column (256 weights) of a group of
@@ -14,6 +14,9 @@ Bounds (x codes |x| <= 127):
         to <= 30480 < 32767. Times a 6-bit scale in vpmaddwd: |lane| <= 2*30480*63; 8 sub-blocks
         sum to < 2^25. Mins: sum_j m_j * (xb[2j] + xb[2j+1]) <= 8*63*2*2032.
   Q5_K: codes <= 31, lane <= 7874, so 4 chunks at a time in int16 (<= 31496); the rest as Q4_K.
+  Q3_K: codes q + 4 <= 7 (lane <= 1778), 4 chunks per 16-weight sub-block in int16, int8
+        scales (|sc| <= 32); the -4 offset as 4 * sum_s sc_s * xb_s.
+  Q2_K: codes <= 3 (lane <= 762), 4-bit scales and mins.
   IQ4_XS: table values |w| <= 127, lane <= 2*127*127 = 32258: each half-chunk goes to int32 by
         vpmaddwd with the scale (|sc| <= 32): |isum| <= 64 * 2*32258*32 < 2^28.
   Q6_K: codes u = q + 32 in 0..63 go through vpmaddubsw: lane <= 2*63*127 = 16002, so only two
@@ -170,6 +173,92 @@ def _q6_k(builder, acc, wp, xp, bp, dx):
     return _fma(builder, builder.sitofp(isum, _V8F), scale, acc)
 
 
+def _scale_pairs(builder, wp, off, k, signed):
+    """Sub-blocks 2k, 2k + 1 of the 16 per block: their 8 rows' scales (bytes at off + 8s) as
+    int16 pairs (sc_2k, sc_2k+1) in each lane, and each scale repeated in both halves."""
+    a, b = (_dup_s8 if signed else _dup_u8)(builder, wp, off + 16 * k), \
+        (_dup_s8 if signed else _dup_u8)(builder, wp, off + 16 * k + 8)
+    a32, b32 = builder.bitcast(a, _V8D), builder.bitcast(b, _V8D)
+    mask = ir.Constant(_V8D, [0xFFFF] * 8)
+    pair = builder.or_(builder.and_(a32, mask), builder.shl(b32, ir.Constant(_V8D, [16] * 8)))
+    return builder.bitcast(pair, _V16W), a, b
+
+
+def _q3_k(builder, acc, wp, xp, bp, dx):
+    """Record: d[8] f16 | (scale - 32)[16 sub][8 rows] int8 | 8 hmask chunks | 16 qs chunks.
+    Weight 128h + 32j + l: low 2 bits at bit 2j of qs byte 32h + l (qs chunk 8h + l // 4), high
+    bit at bit 4h + j of hmask byte l (hmask chunk l // 4); q = low + 4 * high - 4, sub-block
+    s = 8h + 2j + l // 16. The codes go in as q + 4 (0..7, lane <= 1778: 4 chunks add in int16);
+    the -4 comes off once per block as 4 * sum_s sc_s * xb_s."""
+    three = _splat8(builder, 3, 32)
+    one = _splat8(builder, 1, 32)
+    pairs = [_scale_pairs(builder, wp, 16, k, True) for k in range(8)]
+    isum = None
+    for h in range(2):
+        for j in range(4):
+            for half in range(2):
+                acc16 = None
+                for lc in range(4 * half, 4 * half + 4):
+                    q = _at(builder, wp, 400 + 32 * (8 * h + lc), _V32B)
+                    hm = _at(builder, wp, 144 + 32 * lc, _V32B)
+                    lo = builder.and_(builder.lshr(q, _splat8(builder, 2 * j, 32)), three)
+                    hb = builder.and_(builder.lshr(hm, _splat8(builder, 4 * h + j, 32)), one)
+                    u = builder.or_(lo, builder.shl(hb, _splat8(builder, 2, 32)))
+                    d = _maddubs(builder, u, _bcast32(builder, xp, 128 * h + 32 * j + 4 * lc))
+                    acc16 = d if acc16 is None else builder.add(acc16, d)
+                s = 8 * h + 2 * j + half
+                _, sc_a, sc_b = pairs[s // 2]
+                part = _maddwd(builder, acc16, sc_b if s % 2 else sc_a)
+                isum = part if isum is None else builder.add(isum, part)
+    off = None  # 4 * sum_s sc_s * xb_s
+    for k in range(8):
+        o = _maddwd(builder, pairs[k][0], _pair16(builder, bp, k))
+        off = o if off is None else builder.add(off, o)
+    isum = builder.sub(isum, builder.shl(off, ir.Constant(_V8D, [2] * 8)))
+    scale = builder.fmul(_f16x8(builder, wp, 0), _splat_f(builder, dx))
+    return _fma(builder, builder.sitofp(isum, _V8F), scale, acc)
+
+
+def _nibble_dup(builder, wp, off, high):
+    """8 bytes at wp + off, their low (or high) nibbles as int16 repeated in both halves."""
+    v = builder.zext(_at(builder, wp, off, ir.VectorType(_I8, 8)), _V8D)
+    v = builder.lshr(v, ir.Constant(_V8D, [4] * 8)) if high else \
+        builder.and_(v, ir.Constant(_V8D, [15] * 8))
+    return builder.bitcast(builder.or_(v, builder.shl(v, ir.Constant(_V8D, [16] * 8))), _V16W), v
+
+
+def _q2_k(builder, acc, wp, xp, bp, dx):
+    """Record: d[8] f16 | dmin[8] f16 | scales[16 sub][8 rows] (low nibble scale, high nibble min,
+    the GGUF bytes) | 16 qs chunks. Weight 128h + 32j + l: bits 2j..2j+1 of qs byte 32h + l (chunk
+    8h + l // 4), sub-block s = 8h + 2j + l // 16. Codes 0..3 (lane <= 762): 4 chunks in int16."""
+    three = _splat8(builder, 3, 32)
+    isum = None
+    for h in range(2):
+        for j in range(4):
+            for half in range(2):
+                acc16 = None
+                for lc in range(4 * half, 4 * half + 4):
+                    q = _at(builder, wp, 160 + 32 * (8 * h + lc), _V32B)
+                    u = builder.and_(builder.lshr(q, _splat8(builder, 2 * j, 32)), three)
+                    d = _maddubs(builder, u, _bcast32(builder, xp, 128 * h + 32 * j + 4 * lc))
+                    acc16 = d if acc16 is None else builder.add(acc16, d)
+                s = 8 * h + 2 * j + half
+                sc, _ = _nibble_dup(builder, wp, 32 + 8 * s, False)
+                part = _maddwd(builder, acc16, sc)
+                isum = part if isum is None else builder.add(isum, part)
+    msum = None  # sum_s m_s * xb_s, two sub-blocks per vpmaddwd
+    for k in range(8):
+        _, ma = _nibble_dup(builder, wp, 32 + 16 * k, True)
+        _, mb = _nibble_dup(builder, wp, 32 + 16 * k + 8, True)
+        pair = builder.bitcast(builder.or_(ma, builder.shl(mb, ir.Constant(_V8D, [16] * 8))), _V16W)
+        m = _maddwd(builder, pair, _pair16(builder, bp, k))
+        msum = m if msum is None else builder.add(msum, m)
+    vdx = _splat_f(builder, dx)
+    acc = _fma(builder, builder.sitofp(isum, _V8F), builder.fmul(_f16x8(builder, wp, 0), vdx), acc)
+    neg = builder.fneg(builder.fmul(_f16x8(builder, wp, 16), vdx))
+    return _fma(builder, builder.sitofp(msum, _V8F), neg, acc)
+
+
 _IQ4NL = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
 
 
@@ -230,3 +319,5 @@ kx8_q4_k = _step(_q4_k)
 kx8_q5_k = _step(_q5_k)
 kx8_q6_k = _step(_q6_k)
 kx8_iq4_xs = _step(_iq4_xs)
+kx8_q3_k = _step(_q3_k)
+kx8_q2_k = _step(_q2_k)

@@ -6,8 +6,10 @@ with one float scale per 256 ("q8_k" form, shared with the other K-quant units).
 
 GGUF blocks (256 weights; offsets in bytes):
   Q4_K (144): 0 d f16 | 2 dmin f16 | 4 scales[12]: 6-bit scale and min of each 32-weight
-        sub-block j (see unpack_6bit_scales) | 16 qs[128]: weight 64p + 32t + l is nibble t
-        (0 = low) of byte 32p + l.    w = d * sc[j] * q - dmin * m[j], j = e // 32, q in 0..15
+        sub-block j: for j < 4 the low 6 bits of bytes j (scale) and 4 + j (min); for j >= 4
+        the nibbles of byte 8 + j - 4 (scale low, min high) with the top 2 bits of bytes j - 4
+        and j as bits 4-5 | 16 qs[128]: weight 64p + 32t + l is nibble t (0 = low) of byte
+        32p + l.    w = d * sc[j] * q - dmin * m[j], j = e // 32, q in 0..15
   Q5_K (176): as Q4_K up to byte 16, then 16 qh[32]: the fifth bit of weight 32j + l is bit j of
         byte l | 48 qs[128] as Q4_K's.    q in 0..31
   IQ4_XS (136): 0 d f16 | 2 scales_h u16: top 2 bits of sub-block j's 6-bit scale at bits 2j |
@@ -40,7 +42,7 @@ from gguf import GGMLQuantizationType as T
 from numba import njit
 
 from ._kquant_common import q8_k_form
-from ._kx8_simd import kx8_iq4_xs, kx8_q4_k, kx8_q5_k, kx8_q6_k
+from ._kx8_simd import kx8_iq4_xs, kx8_q2_k, kx8_q3_k, kx8_q4_k, kx8_q5_k, kx8_q6_k
 from ._legacy_blocks import f16_at
 from .base import register
 from .interleaved import GROUP, RecordUnit
@@ -185,6 +187,66 @@ def _unpack_iq4_xs(q, o, i, dst, c):
             dst[c + 32 * j + 16 + l] = dd * np.float32(IQ4_VALUES[v >> 4])
 
 
+@njit(nogil=True, cache=True, inline="always")
+def _pack_q3_k(src, s, dst, d, i):
+    dst[d + 2 * i] = src[s + 108]
+    dst[d + 2 * i + 1] = src[s + 109]
+    for t in range(16):
+        lo = (np.int32(src[s + 96 + t % 8]) >> (4 * (t // 8))) & 15
+        hi = (np.int32(src[s + 104 + t % 4]) >> (2 * (t // 4))) & 3
+        dst[d + 16 + 8 * t + i] = np.uint8(((lo | (hi << 4)) - 32) & 255)
+    for m in range(32):
+        dst[d + 144 + 32 * (m // 4) + 4 * i + m % 4] = src[s + m]
+    for m in range(64):
+        dst[d + 400 + 32 * (m // 4) + 4 * i + m % 4] = src[s + 32 + m]
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _unpack_q3_k(q, o, i, dst, c):
+    d = f16_at(q, o + 2 * i)
+    for h in range(2):
+        for j in range(4):
+            for k in range(2):
+                t = 8 * h + 2 * j + k
+                sc = np.int32(q[o + 16 + 8 * t + i])
+                dd = d * np.float32(sc - 256 if sc > 127 else sc)
+                for l in range(16):
+                    mq = 32 * h + 16 * k + l
+                    mh = 16 * k + l
+                    lo = (np.int32(q[o + 400 + 32 * (mq // 4) + 4 * i + mq % 4]) >> (2 * j)) & 3
+                    hb = (np.int32(q[o + 144 + 32 * (mh // 4) + 4 * i + mh % 4]) >> (4 * h + j)) & 1
+                    dst[c + 16 * t + l] = dd * np.float32(lo + 4 * hb - 4)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _pack_q2_k(src, s, dst, d, i):
+    dst[d + 2 * i] = src[s + 80]
+    dst[d + 2 * i + 1] = src[s + 81]
+    dst[d + 16 + 2 * i] = src[s + 82]
+    dst[d + 16 + 2 * i + 1] = src[s + 83]
+    for t in range(16):
+        dst[d + 32 + 8 * t + i] = src[s + t]
+    for m in range(64):
+        dst[d + 160 + 32 * (m // 4) + 4 * i + m % 4] = src[s + 16 + m]
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _unpack_q2_k(q, o, i, dst, c):
+    d = f16_at(q, o + 2 * i)
+    dmin = f16_at(q, o + 16 + 2 * i)
+    for h in range(2):
+        for j in range(4):
+            for k in range(2):
+                t = 8 * h + 2 * j + k
+                sm = np.int32(q[o + 32 + 8 * t + i])
+                dd = d * np.float32(sm & 15)
+                mm = dmin * np.float32(sm >> 4)
+                for l in range(16):
+                    mq = 32 * h + 16 * k + l
+                    v = (np.int32(q[o + 160 + 32 * (mq // 4) + 4 * i + mq % 4]) >> (2 * j)) & 3
+                    dst[c + 16 * t + l] = dd * np.float32(v) - mm
+
+
 class _KRecordUnit(RecordUnit):
     x_form = ("q8_k", q8_k_form)
 
@@ -241,3 +303,23 @@ class IQ4_XS(_KRecordUnit):
     pack = _pack_iq4_xs
     unpack = _unpack_iq4_xs
     step = kx8_iq4_xs
+
+
+@register
+class Q2_K(_KRecordUnit):
+    qtype = T.Q2_K
+    record_bytes = GROUP * 84
+    f16_fields = (80, 82)
+    pack = _pack_q2_k
+    unpack = _unpack_q2_k
+    step = kx8_q2_k
+
+
+@register
+class Q3_K(_KRecordUnit):
+    qtype = T.Q3_K
+    record_bytes = GROUP * 114
+    f16_fields = (108,)
+    pack = _pack_q3_k
+    unpack = _unpack_q3_k
+    step = kx8_q3_k

@@ -166,7 +166,7 @@ def test_matvec_special_inputs(qtype):
 
 
 @pytest.mark.skipif(not has_avx2(), reason="this CPU has no AVX2: only the plain kernels run")
-@pytest.mark.parametrize("qtype", [T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_XS], ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
 def test_avx2_kernel_is_exact_on_the_quantized_activations(qtype):
     """The record kernel's only approximation is x's int8 encoding: against the float64 product
     of the exactly dequantized weights with the *decoded* codes it agrees to float32 rounding
@@ -186,16 +186,17 @@ def test_avx2_kernel_is_exact_on_the_quantized_activations(qtype):
 
 
 def test_record_layout_size():
-    """Q6_K records hold exactly the GGUF bytes; unpacked scales add 4 bytes per block to Q4_K/Q5_K
-    and 2 to IQ4_XS."""
-    for qtype, per_block in ((T.Q6_K, 210), (T.Q4_K, 148), (T.Q5_K, 180), (T.IQ4_XS, 138)):
+    """Q6_K and Q2_K records hold exactly the GGUF bytes; unpacked scales add 4 bytes per block to
+    Q3_K, Q4_K and Q5_K and 2 to IQ4_XS."""
+    for qtype, per_block in ((T.Q6_K, 210), (T.Q2_K, 84), (T.Q4_K, 148), (T.Q5_K, 180),
+                             (T.IQ4_XS, 138), (T.Q3_K, 114)):
         raw = random_weights(qtype, 13, 512, seed=12)
         w = nk.get(qtype).prepare(raw)
         assert w.q.nbytes == 16 * 2 * per_block      # 2 groups of 8 rows (3 padding), 2 blocks
 
 
 @pytest.mark.skipif(not has_avx2(), reason="this CPU has no AVX2: only the plain kernels run")
-@pytest.mark.parametrize("qtype", [T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_XS], ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
 def test_decode_kernel_is_vector_code(qtype):
     hot = nk.get(qtype).hot_kernels()
     assert hot, f"{qtype.name} should use its AVX2 decode kernel on this CPU"
