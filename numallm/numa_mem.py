@@ -171,6 +171,32 @@ def where(a: np.ndarray) -> dict[int, int] | None:
     return counts
 
 
+_MPOL_MF_MOVE = 2     # move_pages flag: move pages only this process maps
+
+
+def move(a: np.ndarray, node: int) -> int:
+    """Migrate the pages of `a` to memory node `node` (move_pages with targets); returns how many
+    ended there. For tests and repairs: it undoes a placement, which `where` then shows. Needs
+    libnuma (NumallmError without it)."""
+    lib, st = _load()
+    if lib is None:
+        raise NumallmError(f"cannot move pages: {st.note}")
+    if node not in st.nodes:
+        raise NumallmError(f"memory node {node} does not exist here (nodes with memory: "
+                           f"{','.join(map(str, st.nodes))})")
+    addr, nbytes = _span(a)
+    first = addr - addr % PAGE
+    pages = np.arange(first, addr + nbytes, PAGE, dtype=np.uint64)       # (n_pages,) addresses
+    targets = np.full(len(pages), node, dtype=np.int32)                 # (n_pages,)
+    st_ = np.empty(len(pages), dtype=np.int32)                          # (n_pages,) node or -errno
+    rc = lib.lib.move_pages(0, len(pages), pages.ctypes.data, targets.ctypes.data, st_.ctypes.data,
+                            _MPOL_MF_MOVE)
+    if rc < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"move_pages failed: {os.strerror(err)}")
+    return int(np.count_nonzero(st_ == node))
+
+
 def local_share(a: np.ndarray, node: int) -> float | None:
     """Fraction of `a`'s pages on `node` (0..1); None without libnuma."""
     counts = where(a)

@@ -141,6 +141,8 @@ def fit_history(llm, sys_msg: list[dict], history: list[dict], room: int) -> int
 def stats(llm, last, history) -> str:
     import psutil
 
+    from ..placement_check import check
+
     rss = psutil.Process().memory_info().rss
     lines = [f"model: {llm.path} ({llm.args.arch}, {llm.weight_bytes / 1e6:.1f} MB of weights)",
              f"context: {len(llm.cached)}/{llm.n_ctx} tokens, {len(history)} messages",
@@ -152,4 +154,6 @@ def stats(llm, last, history) -> str:
     # where the bytes are and where each layer ran, as observed (numallm.gpu.offload)
     lines.append("PROCESSOR  100% CPU" if llm.offload is None else llm.offload.summary(llm.model))
     lines.append(llm.placement.summary())
+    # the same page check as `numallm topo MODEL --verify`, WARNING lines included
+    lines += check(llm.placement).lines()
     return "\n".join(lines)

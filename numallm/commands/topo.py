@@ -1,6 +1,8 @@
 """`numallm topo [MODEL]`: what this machine looks like to numallm, and how a model would fit.
 
-Must stay fast (well under a second without --bench): no Numba import on this path.
+Must stay fast (well under a second without --bench or --verify): no Numba import on this path.
+--verify loads MODEL with the placement flags of run/chat and reads back where its pages are
+(numallm.placement_check).
 """
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import json
 import re
 
 from ..errors import NumallmError
+from .common import STRATEGIES, _node_list
 
 
 def register(subparsers) -> None:
@@ -31,7 +34,21 @@ def register(subparsers) -> None:
                    help="context length for the KV cache in the MODEL plan (default 4096)")
     p.add_argument("--bandwidth", type=float, metavar="GBPS",
                    help="per-node read bandwidth to assume for the MODEL plan instead of a guess")
-    p.add_argument("-v", "--verbose", action="store_true", help="list every core by L3 group")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="list every core by L3 group (with --verify: every slice)")
+    g = p.add_argument_group("--verify: load MODEL as run/chat would and check where its pages are")
+    g.add_argument("--verify", action="store_true",
+                   help="load MODEL with --numa, run one token, and report per node and slice the "
+                        "share of pages on the intended node (move_pages); exit status 1 when a "
+                        "slice is below --min-local")
+    g.add_argument("--numa", choices=STRATEGIES, default=None,
+                   help="placement to verify, as for run/chat (default auto)")
+    g.add_argument("--nodes", type=_node_list, default=None, metavar="0,1",
+                   help="nodes to use with --numa (default: all with CPUs)")
+    g.add_argument("--threads-per-node", type=int, default=None, metavar="N",
+                   help="worker threads per node (default: its physical cores)")
+    g.add_argument("--min-local", type=float, default=100.0, metavar="PCT",
+                   help="warn about any slice with less than PCT%% of its pages local (default 100)")
     p.set_defaults(func=run)
 
 
@@ -65,6 +82,10 @@ def run(args: argparse.Namespace) -> int:
         raise NumallmError(f"--context {args.context}: give a positive number of tokens")
     if args.bandwidth is not None and args.bandwidth <= 0:
         raise NumallmError(f"--bandwidth {args.bandwidth}: give a positive number of GB/s")
+    if args.verify:
+        _check_verify_args(args)
+    elif args.numa or args.nodes is not None or args.threads_per_node is not None:
+        raise NumallmError("--numa/--nodes/--threads-per-node choose what --verify loads; add --verify")
     topo = load(args)
     advice = advise(topo)
     out = topo.to_dict()
@@ -99,5 +120,34 @@ def run(args: argparse.Namespace) -> int:
                         "placements": [p.to_dict() for p in plans]}
         lines += [""] + render.render_plan(args.model, needs, args.context, plans, bench is not None)
 
+    status = 0
+    if args.verify:
+        summary, c = verify(args)
+        out["verify"] = {"model": args.model, "summary": summary, **c.to_dict()}
+        lines += ["", f"placement of {args.model}:", summary, *c.lines(args.verbose)]
+        status = 0 if c.ok or c.strategy == "off" else 1
     print(dumps(out) if args.json else "\n".join(lines))
-    return 0
+    return status
+
+
+def _check_verify_args(args: argparse.Namespace) -> None:
+    if not args.model:
+        raise NumallmError("--verify needs a MODEL to load: numallm topo MODEL --verify")
+    if args.topology or args.sysfs_root:
+        raise NumallmError("--verify loads the model on this machine; drop --topology/--sysfs-root")
+    if not 0 <= args.min_local <= 100:
+        raise NumallmError(f"--min-local {args.min_local}: give a percentage from 0 to 100")
+
+
+def verify(args: argparse.Namespace):
+    """Load the model as run/chat would with these flags, run one token (so the KV cache has
+    pages), and check where every page is: (Placement.summary(), placement_check.Check)."""
+    from ..engine import load as load_model
+    from ..placement_check import check
+
+    with load_model(args.model, n_ctx=args.context, numa=args.numa or "auto",
+                    virtual_nodes=args.virtual_nodes, nodes=args.nodes,
+                    threads_per_node=args.threads_per_node) as llm:
+        bos = llm.tokenizer.bos_id
+        llm.logits([0 if bos is None else bos])
+        return llm.placement.summary(), check(llm.placement, args.min_local / 100)

@@ -103,3 +103,22 @@ def test_every_slice_and_kv_page_is_on_its_own_node(vm, name):
 @pytest.mark.parametrize("name", MODELS)
 def test_workers_run_only_on_their_nodes_cpus(vm, name):
     check_workers(model(vm, name))
+
+
+def test_topo_verify_reports_every_slice_local_on_both_nodes(vm):
+    v = vm["topo_verify"]
+    assert v["rc"] == 0 and v["json"] is not None, v["text"][-2000:]
+    check = v["json"]["verify"]
+    assert check["strategy"] == "shard" and check["ok"] and not check["warnings"]
+    assert [(n["node"], n["mem_node"], n["local"]) for n in check["nodes"]] == [(0, 0, 100.0), (1, 1, 100.0)]
+    assert {s["node"] for s in check["slices"]} == {0, 1}
+    assert all(s["local"] == 100.0 and s["mem_node"] == s["node"] for s in check["slices"])
+    assert check["kv"] and all(k["local"] == 100.0 for k in check["kv"])
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_page_check_notices_a_slice_moved_to_the_wrong_node(vm, name):
+    mis = model(vm, name)["misplaced"]
+    assert mis["moved_pages"] > 0 and not mis["ok"]
+    assert mis["below"] == [mis["tensor"]]
+    assert any(line.startswith("WARNING: 1 of ") and mis["tensor"] in line for line in mis["lines"]), mis["lines"]

@@ -7,8 +7,9 @@ seconds), and it judges nothing: it records facts. Per model: greedy tokens with
 --numa shard over the machine's real nodes; the placement's per-slice page report; which thread
 computed which node's slices and on which CPU (sched_getcpu at each kernel call); and, sampled
 from /proc/self/task while the sharded model generates, every thread's Cpus_allowed_list and the
-CPU it last ran on (stat field 39). Also `numallm topo --json` and `numallm topo MODEL --verify`,
-run through the CLI's own entry point.
+CPU it last ran on (stat field 39); and whether the page check notices a slice moved to the
+wrong node. Also `numallm topo --json` and `numallm topo MODEL --verify --json`, run through the
+CLI's own entry point.
 """
 from __future__ import annotations
 
@@ -113,6 +114,22 @@ def run_cli(argv: list[str]) -> tuple[int, str]:
     return rc or 0, buf.getvalue()
 
 
+def misplace_and_check(pl) -> dict | None:
+    """Move one node-1 slice's pages to node 0's memory and run the page check: it must notice.
+    None where the nodes share one memory node (virtual nodes: nothing can be misplaced)."""
+    from numallm import numa_mem
+    from numallm.placement_check import check
+
+    mem = [g.mem_node for g in pl.groups]
+    if None in mem or len(set(mem)) < 2:
+        return None
+    lin, part = next((m, p) for m in pl.linears for p in m.parts if p.group == 1)
+    moved = sum(numa_mem.move(a, mem[0]) for a in part.arrays)
+    c = check(pl)
+    return {"tensor": lin.name, "moved_pages": moved, "ok": c.ok, "lines": c.lines(),
+            "below": [s.tensor for s in c.below]}
+
+
 def check_model(path: str, n_tokens: int, virtual_nodes: int | None = None) -> dict:
     """Greedy tokens off vs shard, the shard placement's reports, and what its threads did."""
     import numallm
@@ -138,6 +155,7 @@ def check_model(path: str, n_tokens: int, virtual_nodes: int | None = None) -> d
     kv = [{"layer": k.layer, "node": k.node, "mem_node": k.mem_node, "heads": list(k.heads),
            "nbytes": k.nbytes, "local": k.local} for k in pl.kv_report()]
     summary = pl.summary()
+    misplaced = misplace_and_check(pl)
     shard.close()
     workers: dict[int, dict] = {}
     for tid, wid, cpu in calls:
@@ -147,7 +165,7 @@ def check_model(path: str, n_tokens: int, virtual_nodes: int | None = None) -> d
         w["calls"] += 1
     return {
         "path": path, "off_tokens": off_tokens, "shard_tokens": shard_tokens, "groups": groups,
-        "report": report, "kv_report": kv, "summary": summary,
+        "report": report, "kv_report": kv, "summary": summary, "misplaced": misplaced,
         "workers": {str(t): {"nodes": sorted(w["nodes"]), "cpus_at_calls": sorted(w["cpus_at_calls"]),
                              "calls": w["calls"],
                              "samples": sorted({(c, tuple(a)) for c, a in sampler.samples.get(t, [])})}
@@ -179,6 +197,9 @@ def main(argv: list[str]) -> int:
     result["topo"] = {"rc": rc, "json": json.loads(text) if rc == 0 else None, "text": text}
     for m in models:
         result["models"].append(check_model(m, n_tokens))
+    rc, text = run_cli(["topo", models[0], "--verify", "--numa", "shard", "-c", "64", "--json"])
+    result["topo_verify"] = {"rc": rc, "json": json.loads(text) if text.startswith("{") else None,
+                             "text": text}
     result["total_s"] = round(time.perf_counter() - t0, 1)
     with open(out_path, "w") as f:
         json.dump(result, f, indent=1)
