@@ -116,10 +116,12 @@ def unavailable_reason(install: bool = False) -> str | None:
                 return f"`{' '.join(cmd)}` failed: {(r.stderr or r.stdout).strip().splitlines()[-1:]}"
         need = missing_tools()
     if need:
-        how = ("run the tests as root on Debian/Ubuntu to let them install it, or "
-               if shutil.which("apt-get") else "")
-        return (f"the NUMA VM needs {', '.join(need)} (apt package names); {how}"
-                f"install them: apt-get install {' '.join(need)}")
+        cmd = f"apt-get install {' '.join(need)}"
+        if os.geteuid() == 0 and shutil.which("apt-get"):
+            how = f"`{cmd}`, or let the tests install them (unset NUMALLM_VM_INSTALL=0)"
+        else:
+            how = f"as root: `{cmd}` (the tests install them themselves when run as root)"
+        return f"the NUMA VM needs {', '.join(need)} (Debian/Ubuntu packages); install them {how}"
     return None
 
 
