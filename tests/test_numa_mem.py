@@ -85,3 +85,14 @@ def test_release_file_pages_drops_rss_and_keeps_data(tmp_path):
     assert int(m.sum(dtype=np.uint64)) == total                           # re-read from the file
     anon = np.ones(1 << 20, np.uint8)
     assert numa_mem.release_file_pages(anon) == 0 and anon.all()          # not a file: untouched
+
+
+@needs_libnuma
+def test_move_reports_pages_moved_and_refuses_a_missing_node():
+    node = numa_mem.status().nodes[0]
+    a = numa_mem.to_node(np.ones(300_000, np.float32), node)       # 1.2 MB: ~293 pages
+    pages = sum(numa_mem.where(a).values())
+    assert numa_mem.move(a, node) == pages and numa_mem.where(a) == {node: pages}
+    with pytest.raises(NumallmError, match="memory node 77 does not exist here"):
+        numa_mem.move(a, 77)
+    # moving pages to another node for real: tests/system/test_numa_vm.py (2-node VM)

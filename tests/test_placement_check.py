@@ -63,6 +63,16 @@ def test_topo_verify_json_every_slice_local_on_virtual_nodes(tiny):
     assert "100.0% local pages" in v["summary"]
 
 
+@needs_libnuma
+def test_topo_verify_on_the_real_nodes_here_is_all_local(tiny):
+    r = cli("topo", tiny, "--verify", "--numa", "shard", "-c", "64", "--json")
+    assert r.returncode == 0, r.stderr
+    v = json.loads(r.stdout)["verify"]
+    real = sorted({n["id"] for n in json.loads(r.stdout)["nodes"] if n["cpus"]})
+    assert [n["mem_node"] for n in v["nodes"]] == real and v["ok"]
+    assert all(s["local"] == 100.0 for s in v["slices"]) and all(k["local"] == 100.0 for k in v["kv"])
+
+
 @needs_two
 @needs_libnuma
 def test_topo_verify_text_says_ok_and_lists_every_slice_with_v(tiny):
