@@ -24,6 +24,7 @@ import os
 import platform
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -182,23 +183,25 @@ def _boot(command, nodes, cpus_per_node, mem_per_node, rwdirs, env, cwd, timeout
     if accel == "tcg":
         argv.insert(1, "--disable-kvm")
     t0 = time.perf_counter()
+    # vng runs virtme-run through a shell, which execs QEMU: a grandchild. Its own session lets a
+    # timeout kill the whole group (killing vng alone would leave QEMU running).
+    path = os.path.dirname(argv[0]) + os.pathsep + os.environ.get("PATH", "")   # virtme-run is beside vng
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                            text=True, env=dict(os.environ, PATH=path), start_new_session=True)
     try:
-        # vng runs virtme-run, installed beside it
-        path = os.path.dirname(argv[0]) + os.pathsep + os.environ.get("PATH", "")
-        r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
-                           stdin=subprocess.DEVNULL, env=dict(os.environ, PATH=path))
-        rc, out, err = r.returncode, r.stdout, r.stderr
-    except subprocess.TimeoutExpired as e:
+        out, err = proc.communicate(timeout=timeout)
+        rc = proc.returncode
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
         rc = 124
-        out = _text(e.stdout)
-        err = _text(e.stderr) + f"\nnuma_vm: the VM did not finish within {timeout:.0f} s"
+        err += f"\nnuma_vm: the VM did not finish within {timeout:.0f} s"
+    finally:
+        if proc.poll() is None:          # interrupted (Ctrl-C): take QEMU down too
+            os.killpg(proc.pid, signal.SIGKILL)
     # the guest kernel's console lines and QEMU's TCG feature warnings are noise here
     err = "\n".join(x for x in err.splitlines() if not x.startswith("[") and "warning: TCG" not in x)
     return VMResult(rc, out, err, time.perf_counter() - t0, accel)
-
-
-def _text(b) -> str:
-    return b.decode("utf-8", "replace") if isinstance(b, bytes) else (b or "")
 
 
 def main(argv: list[str] | None = None) -> int:
