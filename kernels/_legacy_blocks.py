@@ -3,7 +3,8 @@
 Every block covers 32 consecutive weights of a row. Multi-byte fields are little-endian; `d` and
 `m` are IEEE half floats. "lo/hi nibble of qs[j]" means qs[j] & 15 / qs[j] >> 4. A decoder writes
 the block's 32 float32 values to dst[c:c+32] with the same float32 operations, in the same order,
-as gguf-py's reference dequantizer, so the results match it bit for bit.
+as gguf-py's reference dequantizer, so the results match it bit for bit. (Q4_0 and Q8_0 are
+stored re-laid out in 8-row records; their decoders are in interleaved.py.)
 
 Q4_0  (18 bytes) | d:f16 | qs:16 bytes |
       v[j] = d * (lo(qs[j]) - 8),  v[j+16] = d * (hi(qs[j]) - 8),  j < 16
@@ -51,15 +52,6 @@ def _u32_at(w, o):
 
 
 @njit(nogil=True, cache=True, inline="always")
-def decode_q4_0(w, o, dst, c):
-    d = f16_at(w, o)
-    for j in range(16):
-        q = np.int32(w[o + 2 + j])
-        dst[c + j] = d * np.float32((q & 15) - 8)
-        dst[c + j + 16] = d * np.float32((q >> 4) - 8)
-
-
-@njit(nogil=True, cache=True, inline="always")
 def decode_q4_1(w, o, dst, c):
     d = f16_at(w, o)
     m = f16_at(w, o + 2)
@@ -92,14 +84,6 @@ def decode_q5_1(w, o, dst, c):
         hi = (q >> 4) | np.int32(((qh >> (j + 16)) & 1) << 4)
         dst[c + j] = d * np.float32(lo) + m
         dst[c + j + 16] = d * np.float32(hi) + m
-
-
-@njit(nogil=True, cache=True, inline="always")
-def decode_q8_0(w, o, dst, c):
-    d = f16_at(w, o)
-    for j in range(32):
-        q = np.int32(w[o + 2 + j])
-        dst[c + j] = d * np.float32(q - 256 if q > 127 else q)
 
 
 @njit(nogil=True, cache=True, inline="always")

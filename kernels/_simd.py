@@ -138,15 +138,6 @@ def _block_intrinsic(weights_to_dot):
     return intrinsic(impl)
 
 
-def _q8_0(builder, wp, x):  # 32 signed bytes
-    return _dot_ss(builder, _load(builder, wp, _V32B), x)
-
-
-def _q4_0(builder, wp, x):  # 16 bytes of nibbles, value = nibble - 8
-    w = builder.sub(_nibbles(builder, _load(builder, wp, _V16B)), _splat8(builder, 8, 32))
-    return _dot_ss(builder, w, x)
-
-
 def _q4_1(builder, wp, x):  # nibbles as unsigned 0..15 (the min is added by the caller)
     return _dot_us(builder, _nibbles(builder, _load(builder, wp, _V16B)), x)
 
@@ -173,8 +164,6 @@ def _q5_1(builder, wp, x):  # as Q5_0 but unsigned 0..31 (the min is added by th
     return _dot_us(builder, q, x)
 
 
-dot_q8_0 = _block_intrinsic(_q8_0)
-dot_q4_0 = _block_intrinsic(_q4_0)
 dot_q4_1 = _block_intrinsic(_q4_1)
 dot_iq4_nl = _block_intrinsic(_iq4_nl)
 dot_q5_0 = _block_intrinsic(_q5_0)
