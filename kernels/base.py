@@ -1,8 +1,11 @@
 """The kernel-unit interface and its registry (keyed by GGMLQuantizationType)."""
 from __future__ import annotations
 
+import functools
+import hashlib
 import threading
 import types
+from pathlib import Path
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
@@ -193,13 +196,27 @@ def specialize(template, name: str, **consts):
 
     One template then serves several types without a branch in the inner loop. Each copy gets
     its own `name`, which keys Numba's on-disk cache, so copies never share cache entries (a
-    closure would not be cached at all)."""
+    closure would not be cached at all). Numba checks a cached copy only against the template's
+    own source file, not against the intrinsics and decoders it inlines from other files, so the
+    name also carries a digest of this package's sources: editing any kernel file recompiles
+    every copy instead of loading stale machine code."""
     from numba import njit
 
+    name = f"{name}_{_sources_digest()}"
     fn = types.FunctionType(template.__code__, dict(template.__globals__, **consts), name,
                             template.__defaults__)
     fn.__qualname__ = name
     return njit(nogil=True, cache=True)(fn)
+
+
+@functools.lru_cache(maxsize=None)
+def _sources_digest() -> str:
+    """A short hash of every .py file of this package (their bytes)."""
+    h = hashlib.sha1()
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        h.update(path.name.encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()[:10]
 
 
 def describe(calibrate: bool = True) -> list[dict]:
