@@ -6,7 +6,7 @@ PREFILL_TOKENS); the fastest wins in each case. The result is cached per CPU mod
 $NUMALLM_CACHE_DIR/kernels.json (default ~/.cache/numallm/), so later processes skip the timing.
 
 NUMALLM_KERNEL forces a choice: `NUMALLM_KERNEL=blas-tile` (every type that offers it) or
-`NUMALLM_KERNEL=q4_0:numba-f32,q8_0:avx2-q8act`. A forced variant the unit lacks, or this CPU
+`NUMALLM_KERNEL=q4_0:numba-f32,q8_0:avx2-x8`. A forced variant the unit lacks, or this CPU
 cannot run, is an error (never a silent fallback).
 """
 from __future__ import annotations

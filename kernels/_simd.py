@@ -1,18 +1,20 @@
-"""AVX2 building blocks for the 32-element block kernels, as Numba intrinsics.
+"""AVX2 building blocks shared by the kernels, as Numba intrinsics: the <8 x float> register
+type, LLVM helpers, and the half-float (F16/BF16) steps of the dense units.
 
 Plain Numba loops over int8 data do not vectorize well (LLVM widens the lanes to int64), so the
-hot decode/prefill loops use these instead: each intrinsic emits a few lines of LLVM vector IR
-around x86 intrinsics (vpmaddubsw, vpmaddwd, vpsignb, vpshufb). They are only ever compiled on a
-CPU whose features include `AVX2_FEATURES` (the units check `has_avx2()` before choosing them);
-elsewhere the plain-Numba variants run.
+hot decode/prefill loops use intrinsics instead: each emits a few lines of LLVM vector IR around
+x86 intrinsics (vpmaddubsw, vpmaddwd, vpsignb, vpshufb, vcvtph2ps). They are only ever compiled
+on a CPU whose features include `AVX2_FEATURES` (the units check `has_avx2()` before choosing
+them); elsewhere the plain-Numba variants run. The quantized record steps built from these are in
+_x8_simd.py (32-element blocks) and _kx8_simd.py (K-quants).
 
 The accumulator type `f32x8` is a Numba type backed by an LLVM <8 x float>, so a kernel can carry
 it through its loops in a register (phi nodes) instead of through memory.
 
-Activation trick (as in llama.cpp): x is quantized once per call to int8 blocks of 32 with one
-float scale each (|q| <= 127), so a block dot is 32 int8*int8 products summed exactly in int32,
-then scaled by d_w * d_x. vpmaddubsw needs one unsigned operand: for signed weights w we feed
-|w| and sign(w)*x (vpsignb), which keeps every pair sum below 2*128*127 < 32767 (no saturation).
+Activation trick (as in llama.cpp): x is quantized once per input to int8 blocks with one float
+scale each (|q| <= 127), so a block dot is int8*int8 products summed exactly in int32, then
+scaled by d_w * d_x. vpmaddubsw needs one unsigned operand: for signed weights w we feed |w| and
+sign(w)*x (vpsignb), which keeps every pair sum below 2*128*127 < 32767 (no saturation).
 """
 from __future__ import annotations
 
@@ -49,7 +51,6 @@ _V8F = ir.VectorType(_F32, 8)
 _I8 = ir.IntType(8)
 _I16 = ir.IntType(16)
 _I32 = ir.IntType(32)
-_V16B = ir.VectorType(_I8, 16)
 _V32B = ir.VectorType(_I8, 32)
 _V16W = ir.VectorType(_I16, 16)
 _V8D = ir.VectorType(_I32, 8)
@@ -79,95 +80,12 @@ def _splat8(builder, value: int, n: int):
     return ir.Constant(ir.VectorType(_I8, n), [value] * n)
 
 
-def _nibbles(builder, qs16):
-    """<16 x i8> packed nibbles -> <32 x i8>: low nibbles are elements 0..15, high ones 16..31."""
-    lo = builder.and_(qs16, _splat8(builder, 0x0F, 16))
-    hi = builder.and_(builder.lshr(qs16, _splat8(builder, 4, 16)), _splat8(builder, 0x0F, 16))
-    return builder.shuffle_vector(lo, hi, ir.Constant(ir.VectorType(_I32, 32), list(range(32))))
-
-
-def _bits32(builder, qh_ptr):
-    """4 bytes holding one bit per element -> <32 x i8> of 0x10 where the bit is set."""
-    bits = builder.bitcast(builder.load(builder.bitcast(qh_ptr, _I32.as_pointer()), align=1),
-                           ir.VectorType(ir.IntType(1), 32))
-    return builder.and_(builder.sext(bits, _V32B), _splat8(builder, 0x10, 32))
-
-
 def _dot_us(builder, u, s):
     """sum over pairs of u8*s8 -> <8 x i32> (each lane sums 4 products)."""
     pm = _fn(builder, "llvm.x86.avx2.pmadd.ub.sw", _V16W, [_V32B, _V32B])
     wd = _fn(builder, "llvm.x86.avx2.pmadd.wd", _V8D, [_V16W, _V16W])
     p16 = builder.call(pm, [u, s])
     return builder.call(wd, [p16, ir.Constant(_V16W, [1] * 16)])
-
-
-def _dot_ss(builder, w, x):
-    """Signed int8 w times signed int8 x (|x| <= 127) -> <8 x i32>, via |w| and sign(w)*x."""
-    absf = _fn(builder, "llvm.abs.v32i8", _V32B, [_V32B, ir.IntType(1)])
-    sign = _fn(builder, "llvm.x86.avx2.psign.b", _V32B, [_V32B, _V32B])
-    aw = builder.call(absf, [w, ir.Constant(ir.IntType(1), 0)])
-    return _dot_us(builder, aw, builder.call(sign, [x, w]))
-
-
-def _fma_acc(builder, acc, dot, scale):
-    fma = _fn(builder, "llvm.fma.v8f32", _V8F, [_V8F, _V8F, _V8F])
-    vs = builder.insert_element(ir.Constant(_V8F, ir.Undefined), scale, ir.Constant(_I32, 0))
-    vs = builder.shuffle_vector(vs, vs, ir.Constant(ir.VectorType(_I32, 8), [0] * 8))
-    return builder.call(fma, [builder.sitofp(dot, _V8F), vs, acc])
-
-
-def _block_intrinsic(weights_to_dot):
-    """Make `f(acc, w, woff, xq, xoff, scale) -> acc + scale * dot(block at w[woff:], xq[xoff:])`.
-
-    w: uint8 array (any layout of bytes), woff: byte offset of the block's quants; xq: int8 array
-    of quantized activations, xoff: index of the block's first element. `weights_to_dot` builds
-    the <8 x i32> partial dot from (builder, w pointer, <32 x i8> x).
-    """
-
-    def impl(typingctx, acc, w, woff, xq, xoff, scale):
-        sig = f32x8(f32x8, w, woff, xq, xoff, types.float32)
-
-        def codegen(context, builder, sig, args):
-            acc_v, w_v, woff_v, xq_v, xoff_v, scale_v = args
-            wp = _ptr(context, builder, sig.args[1], w_v, woff_v)
-            xv = _load(builder, _ptr(context, builder, sig.args[3], xq_v, xoff_v), _V32B)
-            return _fma_acc(builder, acc_v, weights_to_dot(builder, wp, xv), scale_v)
-
-        return sig, codegen
-
-    return intrinsic(impl)
-
-
-def _q4_1(builder, wp, x):  # nibbles as unsigned 0..15 (the min is added by the caller)
-    return _dot_us(builder, _nibbles(builder, _load(builder, wp, _V16B)), x)
-
-
-_IQ4NL = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
-
-
-def _iq4_nl(builder, wp, x):  # nibbles index a fixed non-linear table (vpshufb lookup)
-    shuf = _fn(builder, "llvm.x86.avx2.pshuf.b", _V32B, [_V32B, _V32B])
-    table = ir.Constant(_V32B, [v & 0xFF for v in _IQ4NL * 2])
-    w = builder.call(shuf, [table, _nibbles(builder, _load(builder, wp, _V16B))])
-    return _dot_ss(builder, w, x)
-
-
-def _q5_0(builder, wp, x):  # wp -> 4 bytes qh then 16 bytes qs; value = (nib | bit<<4) - 16
-    q = builder.or_(_nibbles(builder, _load(builder, builder.gep(wp, [ir.Constant(_I32, 4)]), _V16B)),
-                    _bits32(builder, wp))
-    return _dot_ss(builder, builder.sub(q, _splat8(builder, 16, 32)), x)
-
-
-def _q5_1(builder, wp, x):  # as Q5_0 but unsigned 0..31 (the min is added by the caller)
-    q = builder.or_(_nibbles(builder, _load(builder, builder.gep(wp, [ir.Constant(_I32, 4)]), _V16B)),
-                    _bits32(builder, wp))
-    return _dot_us(builder, q, x)
-
-
-dot_q4_1 = _block_intrinsic(_q4_1)
-dot_iq4_nl = _block_intrinsic(_iq4_nl)
-dot_q5_0 = _block_intrinsic(_q5_0)
-dot_q5_1 = _block_intrinsic(_q5_1)
 
 
 @intrinsic

@@ -1,23 +1,20 @@
-"""AVX2 steps of the 8-row interleaved Q4_0 / Q8_0 kernels (layout in `interleaved.py`).
+"""AVX2 steps of the 8-row interleaved 32-block kernels (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL;
+record layouts in `interleaved.py`).
 
 One call handles one block column (32 weights) of a group of 8 rows: it reads the group's record
-(8 f16 scales, then the 8 rows' quants interleaved 4 bytes at a time) and the token's 32 int8
-activations once, and adds the 8 row results to an <8 x float> accumulator whose lane i is row i
-of the group. Compared with one row at a time (the `avx2-q8act` kernel of the other 32-block
-types) the activations and the scale conversion are shared by 8 rows, and no horizontal sum is
-needed: with 4 bytes of each row per 32-byte chunk and the matching 4 activation bytes broadcast
-to all lanes (vpbroadcastd), vpmaddubsw + vpmaddwd leave row i's partial sums in lane i, so the
-chunks simply add up vertically.
+(8 f16 scales, [8 f16 mins], [8 x 32-bit high bits], then the 8 rows' quants interleaved 4 bytes
+at a time) and the token's 32 int8 activations once, and adds the 8 row results to an
+<8 x float> accumulator whose lane i is row i of the group. No horizontal sum is needed: with 4
+bytes of each row per 32-byte chunk and the matching 4 activation bytes broadcast to all lanes
+(vpbroadcastd), vpmaddubsw + vpmaddwd leave row i's partial sums in lane i, so chunks simply add
+up vertically.
 
-Q4_0 multiplies the unsigned nibble q (0..15) and takes the -8 offset off afterwards, once per
-block for all 8 rows: sum (q - 8) x = sum q x - 8 sum x, with sum(x) precomputed per block.
-Bounds: each vpmaddubsw lane is <= 2*15*127 = 3810 and a lane adds 8 of them (4 chunks, low and
-high nibbles) in int16: <= 30480 < 32767, so one vpmaddwd per block suffices.
-Q8_0 weights are signed: |w| and sign(w)*x (vpsignb) keep every pair sum <= 2*128*127 < 32767;
-each chunk is widened to int32 (vpmaddwd) before the chunks add up.
-
-Numba caches the compiled kernels by the source file of the kernel (interleaved.py), not of
-these steps: after editing this file, touch interleaved.py (or clear __pycache__).
+Unsigned codes go straight into vpmaddubsw; an offset (Q4_0: -8, Q5_0: -16) comes off once per
+block for all 8 rows (sum (q - o) x = sum q x - o sum x, with sum(x) precomputed per block), a
+min (Q4_1, Q5_1) is added as m * dx * sum(x). Bounds: a vpmaddubsw lane is <= 2*15*127 = 3810
+for 4-bit codes (8 add in int16: <= 30480) and <= 2*31*127 = 7874 for 5-bit ones (4 add in
+int16). Signed weights (Q8_0, IQ4_NL's table values) go through |w| and sign(w)*x (vpsignb):
+every pair sum <= 2*128*127 < 32767, widened to int32 per chunk.
 """
 from __future__ import annotations
 
@@ -26,7 +23,7 @@ from numba import types
 from numba.core.errors import TypingError
 from numba.extending import intrinsic
 
-from ._simd import _I32, _V8D, _V8F, _V16W, _V32B, _dot_us, _fn, _ptr, _splat8, f32x8
+from ._simd import _F32, _I32, _V8D, _V8F, _V16W, _V32B, _dot_us, _fn, _ptr, _splat8, f32x8
 
 
 def _need(name, aryty, dtype):
@@ -73,19 +70,41 @@ def _bcast32(builder, p, off):
     return builder.bitcast(_splat_i(builder, v), _V32B)
 
 
-def _rows_q4_0(builder, wp, xp):
-    """int32 <8 x i32>: lane i = sum of q * x over row i's 32 unsigned nibbles (chunk layout)."""
+def _nibble_rows(builder, wp, base, xp, fifth):
+    """int32 <8 x i32>: lane i = sum of u * x over row i's 32 unsigned codes, u = the nibbles of
+    4 chunks at wp + base (low: elements 4c.., high: 16 + 4c..), with bit 4 from the 32-bit qh of
+    each row in `fifth` (<8 x i32>, lane i = row i's qh) when given. 4-bit codes add all 8
+    vpmaddubsw results in int16 (<= 8 * 3810); 5-bit codes (lane <= 7874) two chunks at a time."""
+    low = _splat8(builder, 0x0F, 32)
     pm = _fn(builder, "llvm.x86.avx2.pmadd.ub.sw", _V16W, [_V32B, _V32B])
     wd = _fn(builder, "llvm.x86.avx2.pmadd.wd", _V8D, [_V16W, _V16W])
-    acc = None
+    ones = ir.Constant(_V16W, [1] * 16)
+    acc16 = acc32 = None
     for c in range(4):
-        q = _at(builder, wp, 16 + 32 * c, _V32B)
-        lo = builder.and_(q, _splat8(builder, 0x0F, 32))
-        hi = builder.and_(builder.lshr(q, _splat8(builder, 4, 32)), _splat8(builder, 0x0F, 32))
+        q = _at(builder, wp, base + 32 * c, _V32B)
+        lo = builder.and_(q, low)
+        hi = builder.and_(builder.lshr(q, _splat8(builder, 4, 32)), low)
+        if fifth is not None:
+            lo = builder.or_(lo, _bits_to_bytes(builder, fifth, 4 * c))
+            hi = builder.or_(hi, _bits_to_bytes(builder, fifth, 16 + 4 * c))
         s = builder.add(builder.call(pm, [lo, _bcast32(builder, xp, 4 * c)]),
                         builder.call(pm, [hi, _bcast32(builder, xp, 16 + 4 * c)]))
-        acc = s if acc is None else builder.add(acc, s)
-    return builder.call(wd, [acc, ir.Constant(_V16W, [1] * 16)])
+        acc16 = s if acc16 is None else builder.add(acc16, s)
+        if fifth is not None and c % 2 == 1:
+            part = builder.call(wd, [acc16, ones])
+            acc32 = part if acc32 is None else builder.add(acc32, part)
+            acc16 = None
+    return acc32 if fifth is not None else builder.call(wd, [acc16, ones])
+
+
+def _bits_to_bytes(builder, qh, first):
+    """<32 x i8>: byte m of lane i = 0x10 if bit first + m of qh[i] is set (m = 0..3). The four
+    bits go to bytes 0..3 by one multiply: bit m times 2^(7m) lands at 8m, no other copy lands on
+    a multiple of 8 and no two copies overlap, so no carries."""
+    t = builder.and_(builder.lshr(qh, ir.Constant(_V8D, [first] * 8)), ir.Constant(_V8D, [15] * 8))
+    t = builder.and_(builder.mul(t, ir.Constant(_V8D, [0x204081] * 8)),
+                     ir.Constant(_V8D, [0x01010101] * 8))
+    return builder.bitcast(builder.shl(t, ir.Constant(_V8D, [4] * 8)), _V32B)
 
 
 def _rows_q8_0(builder, wp, xp):
@@ -97,12 +116,33 @@ def _rows_q8_0(builder, wp, xp):
     return acc
 
 
-def _step(rows):
+_IQ4NL = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
+
+
+def _rows_iq4_nl(builder, wp, xp):
+    """Nibbles index the fixed non-linear table (vpshufb); signed values, so |w| and sign(w)*x,
+    each half-chunk widened to int32 at once (a lane is <= 2*127*127)."""
+    low = _splat8(builder, 0x0F, 32)
+    table = ir.Constant(_V32B, [v & 0xFF for v in _IQ4NL * 2])
+    shuf = _fn(builder, "llvm.x86.avx2.pshuf.b", _V32B, [_V32B, _V32B])
+    acc = None
+    for c in range(4):
+        q = _at(builder, wp, 16 + 32 * c, _V32B)
+        for half, nib in ((0, builder.and_(q, low)),
+                          (16, builder.and_(builder.lshr(q, _splat8(builder, 4, 32)), low))):
+            s = _signed_dot(builder, builder.call(shuf, [table, nib]),
+                            _bcast32(builder, xp, half + 4 * c))
+            acc = s if acc is None else builder.add(acc, s)
+    return acc
+
+
+def _step(body):
     """Make `f(acc, w, woff, xq, xoff, dx, xsum, b)`: acc + the 8 rows' dots with block b.
 
     w: uint8 group records, woff: byte offset of one record; xq: int8 activations, xoff: index of
     the block's first; dx float32 / xsum int32: the activation blocks' scales and code sums (1-D,
-    read at index b, here rather than in the caller so no index checks land in the hot loop)."""
+    read at index b, here rather than in the caller so no index checks land in the hot loop).
+    body(builder, acc, wp, xp, dx, xs) emits the record's arithmetic."""
 
     def impl(typingctx, acc, w, woff, xq, xoff, dx, xsum, b):
         _need("w", w, types.uint8), _need("xq", xq, types.int8)
@@ -115,25 +155,59 @@ def _step(rows):
             xp = _ptr(context, builder, sig.args[3], xq_v, xoff_v)
             d = builder.load(_ptr(context, builder, sig.args[5], dx_v, b_v))
             xs = builder.load(_ptr(context, builder, sig.args[6], xs_v, b_v))
-            return _scaled(builder, acc_v, rows(builder, wp, xp, xs), wp, d)
+            return body(builder, acc_v, wp, xp, d, xs)
 
         return sig, codegen
 
     return intrinsic(impl)
 
 
-def _q4_0(builder, wp, xp, xs):
+def _with_min(builder, acc, wp, dx, xs):
+    """acc + m * dx * sum(x codes): the min term of Q4_1/Q5_1 (m: the 8 f16 at wp + 16)."""
+    m = builder.fpext(_at(builder, wp, 16, ir.VectorType(ir.HalfType(), 8)), _V8F)
+    fma = _fn(builder, "llvm.fma.v8f32", _V8F, [_V8F, _V8F, _V8F])
+    return builder.call(fma, [m, _splat_f(builder, builder.fmul(dx, builder.sitofp(xs, _F32))), acc])
+
+
+def _q4_0(builder, acc, wp, xp, dx, xs):
     # sum (q - 8) x = sum q x - 8 sum x
-    eight_xs = builder.shl(xs, ir.Constant(_I32, 3))
-    return builder.sub(_rows_q4_0(builder, wp, xp), _splat_i(builder, eight_xs))
+    sums = builder.sub(_nibble_rows(builder, wp, 16, xp, None),
+                       _splat_i(builder, builder.shl(xs, ir.Constant(_I32, 3))))
+    return _scaled(builder, acc, sums, wp, dx)
 
 
-def _q8_0(builder, wp, xp, xs):
-    return _rows_q8_0(builder, wp, xp)
+def _q4_1(builder, acc, wp, xp, dx, xs):
+    acc = _scaled(builder, acc, _nibble_rows(builder, wp, 32, xp, None), wp, dx)
+    return _with_min(builder, acc, wp, dx, xs)
+
+
+def _q5_0(builder, acc, wp, xp, dx, xs):
+    qh = _at(builder, wp, 16, _V8D)
+    sums = builder.sub(_nibble_rows(builder, wp, 48, xp, qh),
+                       _splat_i(builder, builder.shl(xs, ir.Constant(_I32, 4))))
+    return _scaled(builder, acc, sums, wp, dx)
+
+
+def _q5_1(builder, acc, wp, xp, dx, xs):
+    qh = _at(builder, wp, 32, _V8D)
+    acc = _scaled(builder, acc, _nibble_rows(builder, wp, 64, xp, qh), wp, dx)
+    return _with_min(builder, acc, wp, dx, xs)
+
+
+def _q8_0(builder, acc, wp, xp, dx, xs):
+    return _scaled(builder, acc, _rows_q8_0(builder, wp, xp), wp, dx)
+
+
+def _iq4_nl(builder, acc, wp, xp, dx, xs):
+    return _scaled(builder, acc, _rows_iq4_nl(builder, wp, xp), wp, dx)
 
 
 x8_q4_0 = _step(_q4_0)
+x8_q4_1 = _step(_q4_1)
+x8_q5_0 = _step(_q5_0)
+x8_q5_1 = _step(_q5_1)
 x8_q8_0 = _step(_q8_0)
+x8_iq4_nl = _step(_iq4_nl)
 
 
 @intrinsic

@@ -1,22 +1,30 @@
-"""Q4_0 and Q8_0 with the weights re-laid out at load into groups of 8 interleaved rows.
+"""The 32-element block types (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL) with the weights re-laid out
+at load into groups of 8 interleaved rows, and the base class of every such "record" unit.
 
 Decode streams every weight byte once per token, so it runs at memory speed only if the inner
-loop does little per byte. Reading GGUF rows one at a time (the `avx2-q8act` kernel of the other
-32-block types) costs a scalar f16 conversion and a horizontal sum per row and block; here 8 rows
-share those, the activation load and the offset correction (see `_x8_simd`), and the whole group
-is one sequential stream for the prefetcher.
+loop does little per byte. Reading GGUF rows one at a time costs a scalar f16 conversion and a
+horizontal sum per row and block (the one-row kernel this replaced ran Q4_0 at ~7 GB/s); here 8
+rows share those, the activation load and the offset correction (see `_x8_simd`), and the whole
+group is one sequential stream for the prefetcher.
+
+GGUF blocks (32 weights; d, m: f16; element j of the block):
+  Q4_0 (18): d | qs[16]: byte j holds elements j (low nibble) and j + 16 (high).  w = d (q - 8)
+  Q4_1 (20): d | m | qs[16] as Q4_0.                                             w = d q + m
+  Q5_0 (22): d | qh u32: bit j is bit 4 of element j | qs[16] as Q4_0.          w = d (q - 16)
+  Q5_1 (24): d | m | qh | qs[16].                                                w = d q + m
+  Q8_0 (34): d | qs[32] int8.                                                    w = d q
+  IQ4_NL (18): as Q4_0, the nibble indexes a fixed table.                        w = d T[q]
 
 Layout: rows 8g..8g+7 form group g (the last group is padded with zero rows); block column b of
 the group is one record of 8 * type_size bytes, the same bytes as the 8 GGUF blocks, reordered:
 
-    record = | d of rows 0..7 (8 x f16) | chunk 0 | chunk 1 | ... |   (4 chunks Q4_0, 8 Q8_0)
+    record = | d of rows 0..7 (8 x f16) | [m, 8 x f16] | [qh, 8 x 4 bytes] | chunk 0 | chunk 1 |..
     chunk c = 4 quant bytes 4c..4c+3 of row 0, then of row 1, ..., row 7 (32 bytes)
 
-so quant byte j of row i sits at 16 + 32 * (j // 4) + 4 * i + j % 4. The bytes themselves are
-the GGUF ones (Q4_0 byte j holds elements j and j + 16 in its low and high nibble; Q8_0 byte j is
-element j), so dequantization is exact. The copy is the size of the GGUF tensor (plus < 8 padding
-rows) and the unit sets `repacks`, so the engine drops the file pages after preparing: memory
-stays ~1x the weights.
+so quant byte j of row i sits at base + 32 * (j // 4) + 4 * i + j % 4 (4 chunks, Q8_0 8). The
+bytes themselves are the GGUF ones, so dequantization is exact. The copy is the size of the GGUF
+tensor (plus < 8 padding rows) and the unit sets `repacks`, so the engine drops the file pages
+after preparing: memory stays ~1x the weights.
 
 Variants (picked by `_calibrate`, forced with NUMALLM_KERNEL):
   avx2-x8     x quantized once per input to int8 blocks of 32 (shared "q8_0" form); one record
@@ -27,6 +35,7 @@ Variants (picked by `_calibrate`, forced with NUMALLM_KERNEL):
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,14 +43,71 @@ from gguf import GGMLQuantizationType as T
 from numba import njit
 
 from . import _simd
-from ._legacy_blocks import f16_at
 from ._simd import vzero
-from ._x8_simd import store8, x8_q4_0, x8_q8_0
+from ._x8_simd import (store8, x8_iq4_nl, x8_q4_0, x8_q4_1, x8_q5_0, x8_q5_1,
+                       x8_q8_0)
 from .base import CalibratedUnit, KernelUnit, register, specialize
-from .legacy import q8_0_form
 
 BLOCK = 32
 GROUP = 8
+# IQ4_NL / IQ4_XS code -> value
+IQ4NL_VALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113],
+                        dtype=np.float32)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def f16_at(w, o):
+    """The half float at bytes w[o], w[o+1], widened exactly (portable: no F16C needed)."""
+    h = np.int32(w[o]) | (np.int32(w[o + 1]) << 8)
+    e = (h >> 10) & 0x1F
+    m = h & 0x3FF
+    if e == 0:
+        v = math.ldexp(float(m), -24)
+    elif e == 31:
+        v = math.inf if m == 0 else math.nan
+    else:
+        v = math.ldexp(float(m | 0x400), e - 25)
+    return np.float32(-v if h & 0x8000 else v)
+
+
+@njit(nogil=True, cache=True)
+def quantize_rows(x, xq, dx, xsum):
+    """x float32 (T, K) -> xq int8 (T, K), dx float32 (T, K/32) block scales, xsum int32
+    (T, K/32) sums of each block's codes (for the min / offset terms).
+
+    Symmetric round-to-nearest, |xq| <= 127 (the vpsignb trick needs no -128). A block holding
+    NaN/inf gets dx = NaN, so a non-finite input shows in the output instead of vanishing."""
+    n_t, k = x.shape
+    for t in range(n_t):
+        for b in range(k // BLOCK):
+            o = b * BLOCK
+            amax = np.float32(0.0)
+            finite = True
+            for j in range(BLOCK):
+                v = abs(x[t, o + j])
+                if not np.isfinite(v):
+                    finite = False
+                elif v > amax:
+                    amax = v
+            d = amax / np.float32(127.0)
+            inv = np.float32(127.0) / amax if amax > 0 else np.float32(0.0)
+            isum = 0
+            for j in range(BLOCK):
+                q = np.int32(np.rint(x[t, o + j] * inv)) if finite else 0
+                xq[t, o + j] = np.int8(q)
+                isum += q
+            dx[t, b] = d if finite else np.float32(np.nan)
+            xsum[t, b] = isum
+
+
+def q8_0_form(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The "q8_0" encoding of x float32 (T, K) (see quantize_rows): (xq, dx, xsum)."""
+    n_t, k = x.shape
+    xq = np.empty((n_t, k), np.int8)                 # (T, K)
+    dx = np.empty((n_t, k // BLOCK), np.float32)     # (T, K/32)
+    xsum = np.empty((n_t, k // BLOCK), np.int32)     # (T, K/32)
+    quantize_rows(x, xq, dx, xsum)
+    return xq, dx, xsum
 
 
 @dataclass(frozen=True)
@@ -82,40 +148,122 @@ def _dequant_t(q, out, r0, r1):
 
 
 @njit(nogil=True, cache=True, inline="always")
-def _pack_32(src, s, dst, d, i, qbytes):
-    # f16 scale -> bytes 2i, 2i + 1; quant byte j -> 16 + 32 * (j // 4) + 4i + j % 4
-    dst[d + 2 * i] = src[s]
-    dst[d + 2 * i + 1] = src[s + 1]
+def _pack_32(src, s, dst, d, i, n_f16, has_qh, qbytes):
+    # GGUF block at src[s:] (n_f16 halves, [4 bytes qh], qbytes quants) -> row i of the record at
+    # dst[d:]: half f at 16f + 2i, qh at 16 * n_f16 + 4i, quant byte j in chunk j // 4 at 4i
+    for f in range(n_f16):
+        dst[d + 16 * f + 2 * i] = src[s + 2 * f]
+        dst[d + 16 * f + 2 * i + 1] = src[s + 2 * f + 1]
+    o = s + 2 * n_f16
+    base = 16 * n_f16
+    if has_qh:
+        for j in range(4):
+            dst[d + base + 4 * i + j] = src[o + j]
+        o += 4
+        base += 32
     for j in range(qbytes):
-        dst[d + 16 + 32 * (j // 4) + 4 * i + j % 4] = src[s + 2 + j]
+        dst[d + base + 32 * (j // 4) + 4 * i + j % 4] = src[o + j]
 
 
 @njit(nogil=True, cache=True, inline="always")
 def _pack_q4_0(src, s, dst, d, i):
-    _pack_32(src, s, dst, d, i, 16)
+    _pack_32(src, s, dst, d, i, 1, False, 16)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _pack_q4_1(src, s, dst, d, i):
+    _pack_32(src, s, dst, d, i, 2, False, 16)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _pack_q5_0(src, s, dst, d, i):
+    _pack_32(src, s, dst, d, i, 1, True, 16)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _pack_q5_1(src, s, dst, d, i):
+    _pack_32(src, s, dst, d, i, 2, True, 16)
 
 
 @njit(nogil=True, cache=True, inline="always")
 def _pack_q8_0(src, s, dst, d, i):
-    _pack_32(src, s, dst, d, i, 32)
+    _pack_32(src, s, dst, d, i, 1, False, 32)
 
 
 @njit(nogil=True, cache=True, inline="always")
+def _nibbles(q, at, i, j):
+    """Row i's quant byte j (its elements j and j + 16) of the chunks starting at q[at:]."""
+    return np.int32(q[at + 32 * (j // 4) + 4 * i + j % 4])
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _qh(q, at, i):
+    """Row i's 32-bit high-bit word (bit e is bit 4 of element e) at q[at + 4i:]."""
+    return (np.int64(q[at + 4 * i]) | (np.int64(q[at + 4 * i + 1]) << 8)
+            | (np.int64(q[at + 4 * i + 2]) << 16) | (np.int64(q[at + 4 * i + 3]) << 24))
+
+
+# Decoders: the float32 operations of gguf-py's reference, in its order (bit-exact).
+
+@njit(nogil=True, cache=True, inline="always")
 def _unpack_q4_0(q, o, i, dst, c):
-    # row i's quant byte j of the record at q[o:] -> elements j, j + 16
     d = f16_at(q, o + 2 * i)
     for j in range(16):
-        v = np.int32(q[o + 16 + 32 * (j // 4) + 4 * i + j % 4])
+        v = _nibbles(q, o + 16, i, j)
         dst[c + j] = d * np.float32((v & 15) - 8)
         dst[c + j + 16] = d * np.float32((v >> 4) - 8)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _unpack_q4_1(q, o, i, dst, c):
+    d = f16_at(q, o + 2 * i)
+    m = f16_at(q, o + 16 + 2 * i)
+    for j in range(16):
+        v = _nibbles(q, o + 32, i, j)
+        dst[c + j] = d * np.float32(v & 15) + m
+        dst[c + j + 16] = d * np.float32(v >> 4) + m
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _unpack_q5_0(q, o, i, dst, c):
+    d = f16_at(q, o + 2 * i)
+    qh = _qh(q, o + 16, i)
+    for j in range(16):
+        v = _nibbles(q, o + 48, i, j)
+        lo = (v & 15) | np.int32(((qh >> j) & 1) << 4)
+        hi = (v >> 4) | np.int32(((qh >> (j + 16)) & 1) << 4)
+        dst[c + j] = d * np.float32(lo - 16)
+        dst[c + j + 16] = d * np.float32(hi - 16)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _unpack_q5_1(q, o, i, dst, c):
+    d = f16_at(q, o + 2 * i)
+    m = f16_at(q, o + 16 + 2 * i)
+    qh = _qh(q, o + 32, i)
+    for j in range(16):
+        v = _nibbles(q, o + 64, i, j)
+        lo = (v & 15) | np.int32(((qh >> j) & 1) << 4)
+        hi = (v >> 4) | np.int32(((qh >> (j + 16)) & 1) << 4)
+        dst[c + j] = d * np.float32(lo) + m
+        dst[c + j + 16] = d * np.float32(hi) + m
 
 
 @njit(nogil=True, cache=True, inline="always")
 def _unpack_q8_0(q, o, i, dst, c):
     d = f16_at(q, o + 2 * i)
     for j in range(32):
-        v = np.int32(q[o + 16 + 32 * (j // 4) + 4 * i + j % 4])
+        v = _nibbles(q, o + 16, i, j)
         dst[c + j] = d * np.float32(v - 256 if v > 127 else v)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _unpack_iq4_nl(q, o, i, dst, c):
+    d = f16_at(q, o + 2 * i)
+    for j in range(16):
+        v = _nibbles(q, o + 16, i, j)
+        dst[c + j] = d * IQ4NL_VALUES[v & 15]
+        dst[c + j + 16] = d * IQ4NL_VALUES[v >> 4]
 
 
 def _matmul_x8_t(q, xq, dx, xaux, out, r0, r1):
@@ -249,7 +397,7 @@ class RecordUnit(CalibratedUnit):
 
 
 class _Block32Unit(RecordUnit):
-    """Q4_0 / Q8_0: records of 8 blocks of 32, activations in the "q8_0" form."""
+    """The 32-element block types: records of 8 blocks, activations in the "q8_0" form."""
 
     x_form = ("q8_0", q8_0_form)
 
@@ -265,20 +413,19 @@ class _Block32Unit(RecordUnit):
         nb = k // BLOCK
         raw = rng.integers(0, 256, (n, nb, self.type_size), dtype=np.uint8)
         raw[:, :, 0:2] = rng.uniform(0.001, 0.01, (n, nb, 1)).astype(np.float16).view(np.uint8)
+        if self.qtype in (T.Q4_1, T.Q5_1):   # the min
+            raw[:, :, 2:4] = rng.uniform(-0.1, 0.0, (n, nb, 1)).astype(np.float16).view(np.uint8)
         return raw.reshape(n, nb * self.type_size)
 
 
-@register
-class Q4_0(_Block32Unit):
-    qtype = T.Q4_0
-    pack = _pack_q4_0
-    unpack = _unpack_q4_0
-    step = x8_q4_0
+def _unit(qtype, pack, unpack, step):
+    return register(type(qtype.name, (_Block32Unit,),
+                         {"qtype": qtype, "pack": pack, "unpack": unpack, "step": step}))
 
 
-@register
-class Q8_0(_Block32Unit):
-    qtype = T.Q8_0
-    pack = _pack_q8_0
-    unpack = _unpack_q8_0
-    step = x8_q8_0
+Q4_0 = _unit(T.Q4_0, _pack_q4_0, _unpack_q4_0, x8_q4_0)
+Q4_1 = _unit(T.Q4_1, _pack_q4_1, _unpack_q4_1, x8_q4_1)
+Q5_0 = _unit(T.Q5_0, _pack_q5_0, _unpack_q5_0, x8_q5_0)
+Q5_1 = _unit(T.Q5_1, _pack_q5_1, _unpack_q5_1, x8_q5_1)
+Q8_0 = _unit(T.Q8_0, _pack_q8_0, _unpack_q8_0, x8_q8_0)
+IQ4_NL = _unit(T.IQ4_NL, _pack_q4_0, _unpack_iq4_nl, x8_iq4_nl)   # Q4_0's layout, a table

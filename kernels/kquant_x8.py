@@ -15,7 +15,7 @@ GGUF blocks (256 weights; offsets in bytes):
   IQ4_XS (136): 0 d f16 | 2 scales_h u16: top 2 bits of sub-block j's 6-bit scale at bits 2j |
         4 scales_l[4]: low 4 bits in nibble j % 2 of byte j // 2 | 8 qs[128]: sub-block j is
         bytes 16j..16j+15, weight l < 16 in the low nibble of byte 16j + l, l >= 16 in the high
-        nibble of byte 16j + l - 16.    w = d * (scale - 32) * IQ4_VALUES[code]
+        nibble of byte 16j + l - 16.    w = d * (scale - 32) * IQ4NL_VALUES[code]
   Q6_K (210): 0 ql[128]: low 4 bits of weight 128h + 32g + l in nibble g // 2 of byte
         64h + 32(g % 2) + l | 128 qh[64]: its high 2 bits at bits 2g, 2g + 1 of byte 32h + l |
         192 scales[16] int8, one per 16 weights | 208 d f16.    w = d * sc[e // 16] * (q - 32)
@@ -43,12 +43,8 @@ from numba import njit
 
 from ._kquant_common import q8_k_form
 from ._kx8_simd import kx8_iq4_xs, kx8_q2_k, kx8_q3_k, kx8_q4_k, kx8_q5_k, kx8_q6_k
-from ._legacy_blocks import f16_at
 from .base import register
-from .interleaved import GROUP, RecordUnit
-
-IQ4_VALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113],
-                      dtype=np.int8)   # IQ4_XS / IQ4_NL code -> value
+from .interleaved import GROUP, IQ4NL_VALUES, RecordUnit, f16_at
 
 
 @njit(nogil=True, cache=True, inline="always")
@@ -183,8 +179,8 @@ def _unpack_iq4_xs(q, o, i, dst, c):
         for l in range(16):
             m = 16 * j + l
             v = q[o + 80 + 32 * (m // 4) + 4 * i + m % 4]
-            dst[c + 32 * j + l] = dd * np.float32(IQ4_VALUES[v & 15])
-            dst[c + 32 * j + 16 + l] = dd * np.float32(IQ4_VALUES[v >> 4])
+            dst[c + 32 * j + l] = dd * IQ4NL_VALUES[v & 15]
+            dst[c + 32 * j + 16 + l] = dd * IQ4NL_VALUES[v >> 4]
 
 
 @njit(nogil=True, cache=True, inline="always")

@@ -6,8 +6,7 @@ NMSE = sum((y - ref)^2) / sum(ref^2), bounded per variant (test-backend-ops styl
 
 | variant     | bound | why                                                             |
 |-------------|-------|-----------------------------------------------------------------|
-| avx2-q8act  | 5e-4  | x is rounded to int8 per 32-block (~1e-5 seen on Gaussian data) |
-| avx2-x8     | 5e-4  | same activation rounding (Q4_0/Q8_0 in 8-row interleaved layout)  |
+| avx2-x8     | 5e-4  | x is rounded to int8 per 32-block (~1e-5 seen on Gaussian data) |
 | numba-f32   | 1e-9  | float32 products and sums of exactly dequantized weights        |
 | blas-tile   | 1e-9  | same, summed by BLAS                                            |
 | blas / f16  | 1e-9  | dense types                                                     |
@@ -25,11 +24,11 @@ from numallm.errors import NumallmError
 from numallm.gguf_file import GGMLQuantizationType as T
 from numallm.gguf_file import GGUFFile, reference_dequantize, reference_quantize
 from numallm_kernels import _calibrate
-from numallm_kernels.legacy import q8_0_form
+from numallm_kernels.interleaved import q8_0_form
 
 MODELS = Path(__file__).resolve().parents[1].parent / "shared" / "models"
 
-NMSE_BOUND = {"avx2-q8act": 5e-4, "avx2-x8": 5e-4, "numba-f32": 1e-9, "blas-tile": 1e-9}
+NMSE_BOUND = {"avx2-x8": 5e-4, "numba-f32": 1e-9, "blas-tile": 1e-9}
 BLOCK_TYPES = [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.IQ4_NL]
 QUANTIZABLE = {T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0}  # gguf-py has no IQ4_NL quantizer
 N, K, R0, R1 = 37, 320, 5, 34   # odd row count, range starting mid-matrix, K = 10 blocks
@@ -149,10 +148,9 @@ def test_two_threads_match_one_call(qt):
                 np.testing.assert_array_equal(one.view(np.uint32), two.view(np.uint32))
 
 
-@pytest.mark.parametrize("qt,variant", [(T.Q4_0, "avx2-x8"), (T.Q8_0, "avx2-x8"),
-                                        (T.Q4_1, "avx2-q8act")], ids=lambda v: str(getattr(v, "name", v)))
-def test_int8_activations_nonfinite_and_zero_inputs(qt, variant):
-    unit = nk.get(qt)
+@pytest.mark.parametrize("qt", BLOCK_TYPES, ids=lambda q: q.name)
+def test_int8_activations_nonfinite_and_zero_inputs(qt):
+    unit, variant = nk.get(qt), "avx2-x8"
     if variant not in unit.variants():
         pytest.skip("CPU lacks AVX2")
     w = unit.prepare(weights(qt, np.random.default_rng(6)))
@@ -164,7 +162,7 @@ def test_int8_activations_nonfinite_and_zero_inputs(qt, variant):
     assert np.all(np.isnan(out[1]))  # the block scale is NaN, so even zero weights give NaN
 
 
-@pytest.mark.parametrize("qt", [T.Q4_0, T.Q8_0], ids=lambda q: q.name)
+@pytest.mark.parametrize("qt", BLOCK_TYPES, ids=lambda q: q.name)
 def test_avx2_x8_is_exact_on_the_quantized_activations(qt):
     """The 8-row kernel's only approximation is x's int8 encoding: against the float64 product
     of the exact weights with the *decoded* codes it agrees to float32 rounding."""
@@ -183,7 +181,7 @@ def test_avx2_x8_is_exact_on_the_quantized_activations(qt):
     assert nmse(out[:, R0:R1], want[:, R0:R1]) < 1e-10
 
 
-@pytest.mark.parametrize("qt", [T.Q4_0, T.Q8_0], ids=lambda q: q.name)
+@pytest.mark.parametrize("qt", BLOCK_TYPES, ids=lambda q: q.name)
 def test_interleaved_layout_size_and_strided_output(qt):
     """The 8-row records hold the GGUF bytes once (plus < 8 padding rows); an output that is a
     column slice of a wider array (not contiguous) gets the same values as a contiguous one."""
@@ -228,9 +226,9 @@ def test_calibration_measures_once_then_uses_the_cache(tmp_path):
 
 
 def test_choice_by_token_count():
-    c = _calibrate.Choice("avx2-q8act", ((8, "avx2-q8act"), (32, "blas-tile")))
+    c = _calibrate.Choice("avx2-x8", ((8, "avx2-x8"), (32, "blas-tile")))
     assert [c.for_tokens(t) for t in (1, 2, 8, 31, 32, 500)] == [
-        "avx2-q8act", "avx2-q8act", "avx2-q8act", "avx2-q8act", "blas-tile", "blas-tile"]
+        "avx2-x8", "avx2-x8", "avx2-x8", "avx2-x8", "blas-tile", "blas-tile"]
 
 
 # --- dense types --------------------------------------------------------------------------------

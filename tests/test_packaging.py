@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -28,9 +29,13 @@ def test_editable_install_maps_kernels_folder(tmp_path):
 
 @pytest.mark.slow
 def test_wheel_install_contains_kernels(tmp_path):
-    wheel_dir, target = tmp_path / "wheel", tmp_path / "site"
+    wheel_dir, target, src = tmp_path / "wheel", tmp_path / "site", tmp_path / "src"
+    # build from a copy without build outputs, as from a clean clone: setuptools reuses an existing
+    # build/lib, where a module deleted from the sources would linger and ship in the wheel
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(
+        "build", "dist", ".venv", "*.egg-info", "__pycache__", ".git", ".pytest_cache", ".benchmarks"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q",
-                    "-w", str(wheel_dir), str(ROOT)], check=True, timeout=300, capture_output=True)
+                    "-w", str(wheel_dir), str(src)], check=True, timeout=300, capture_output=True)
     wheel = next(wheel_dir.glob("numallm-*.whl"))
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target),
                     str(wheel)], check=True, timeout=300, capture_output=True)
@@ -38,6 +43,8 @@ def test_wheel_install_contains_kernels(tmp_path):
     numallm_file, kernels_file = _probe(tmp_path, env)
     assert target in numallm_file.parents and target in kernels_file.parents
     assert (target / "numallm_kernels" / "base.py").is_file()
+    shipped = {p.name for p in (target / "numallm_kernels").glob("*.py")}
+    assert shipped == {p.name for p in (ROOT / "kernels").glob("*.py")}
     assert not (target / "kernels").exists()  # never the bare name a PyPI package owns
     # every source package made it into the wheel (a package missing from setup.cfg would not)
     for init in (ROOT / "numallm").rglob("__init__.py"):

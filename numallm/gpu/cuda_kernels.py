@@ -143,7 +143,7 @@ def decode_q8_0(w, r, u, buf):
 @cuda.jit(device=True)
 def decode_q4_k(w, r, u, buf):
     # 144-byte super-block of 8 units: d f16 | dmin f16 | 12 bytes of 6-bit scales/mins | 128 qs
-    # unit j uses nibble j % 2 of bytes 16 + 32 * (j // 2) .. +31 (see kernels/q4_k.py)
+    # unit j uses nibble j % 2 of bytes 16 + 32 * (j // 2) .. +31 (see kernels/kquant_x8.py)
     ob = (u // 8) * 144
     j = u % 8
     d = f16_at(w, r, ob)
@@ -166,7 +166,7 @@ def decode_q4_k(w, r, u, buf):
 @cuda.jit(device=True)
 def decode_q6_k(w, r, u, buf):
     # 210-byte super-block of 8 units (h, g): ql[128] | qh[64] | 16 int8 scales | d f16
-    # value 128h + 32g + l = (4 bits of ql | 2 bits of qh) - 32 (see kernels/q6_k.py)
+    # value 128h + 32g + l = (4 bits of ql | 2 bits of qh) - 32 (see kernels/kquant_x8.py)
     ob = (u // 8) * 210
     h = (u % 8) // 4
     g = u % 4
