@@ -61,9 +61,10 @@ from .topology.plan import assumed_bandwidth
 
 STRATEGIES = ("auto", "off", "shard", "replicate", "isolate")
 # One cross-node join (NodePools.run_nodes: condition-variable wake-up and join of the node
-# leaders) measured at 20-40 us on a 2-core VM (benchmarks/bench_numa.py); auto counts it
-# to tell when a model is too small to gain from more nodes.
-JOIN_COST_S = 40e-6
+# leaders): median 60-80 us on the 2-core development VM with other work running
+# (benchmarks/bench_numa.py -k join); auto counts it to tell when a model is too small to gain
+# from more nodes.
+JOIN_COST_S = 60e-6
 # auto picks replicate over shard when shard would give a node at least this multiple of its
 # thread share of the attention (its KV heads), and a full copy takes at most REPLICA_FREE_SHARE
 # of every node's free memory.
