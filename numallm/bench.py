@@ -11,9 +11,9 @@ here with the same number of threads (numpy sums over a buffer far larger than L
 NUMA: each --numa strategy is loaded as its own runner and they take turns like engines; per
 row, `sync ms/t` is the time per token the cross-node joins cost beyond the slowest node's work
 (placement.SyncStats: dispatch, wake-ups, joins, reduces), and `other ms/t` (tg only) the time
-per token during which no thread runs a matrix kernel (KernelClock): Python, numpy norms, RoPE
-and attention, dispatch and joins. sync comes from the timed repetitions; other from one extra
-decode with the clock on (its wrappers cost well under a microsecond per kernel call).
+per token during which no thread runs a matrix kernel (KernelClock): Python, the small ops
+(norms, RoPE, attention), dispatch and joins. sync comes from the timed repetitions; other
+from one extra decode with the clock on (its wrappers cost well under a microsecond per call).
 
 The pure arithmetic (mean_sd, gbps, summarize, ratios, format_table, to_json_rows) is separate
 from the runners (NumallmRunner, LlamaCppRunner) and the driver (run_benchmark) so that it can
