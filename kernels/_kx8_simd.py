@@ -32,7 +32,7 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
-from ._simd import _I32, _V8D, _V8F, _V16W, _V32B, _fn, _ptr, _splat8, f32x8
+from ._simd import _I32, _V8D, _V8F, _V16W, _V32B, _fn, _ptr, _splat8, f32x8, prefetch
 from ._x8_simd import _at, _bcast32, _need, _splat_f
 
 _I8 = ir.IntType(8)
@@ -289,7 +289,7 @@ def _iq4_xs(builder, acc, wp, xp, bp, dx):
     return _fma(builder, builder.sitofp(isum, _V8F), scale, acc)
 
 
-def _step(body):
+def _step(body, record_bytes):
     """Make `f(acc, w, woff, xq, xoff, xd, xb, b)`: acc + the 8 rows' dots with super-block b.
 
     w: uint8 group records, woff: byte offset of one record; xq: int8 codes, xoff: index of the
@@ -304,6 +304,7 @@ def _step(body):
         def codegen(context, builder, sig, args):
             acc_v, w_v, woff_v, xq_v, xoff_v, xd_v, xb_v, b_v = args
             wp = _ptr(context, builder, sig.args[1], w_v, woff_v)
+            prefetch(builder, wp, record_bytes)
             xp = _ptr(context, builder, sig.args[3], xq_v, xoff_v)
             dx = builder.load(_ptr(context, builder, sig.args[5], xd_v, b_v))
             b16 = builder.mul(b_v, ir.Constant(b_v.type, 16))
@@ -315,9 +316,9 @@ def _step(body):
     return intrinsic(impl)
 
 
-kx8_q4_k = _step(_q4_k)
-kx8_q5_k = _step(_q5_k)
-kx8_q6_k = _step(_q6_k)
-kx8_iq4_xs = _step(_iq4_xs)
-kx8_q3_k = _step(_q3_k)
-kx8_q2_k = _step(_q2_k)
+kx8_q4_k = _step(_q4_k, 1184)     # record bytes
+kx8_q5_k = _step(_q5_k, 1440)
+kx8_q6_k = _step(_q6_k, 1680)
+kx8_iq4_xs = _step(_iq4_xs, 1104)
+kx8_q3_k = _step(_q3_k, 912)
+kx8_q2_k = _step(_q2_k, 672)

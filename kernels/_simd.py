@@ -76,6 +76,21 @@ def _load(builder, ptr, vty):
     return builder.load(builder.bitcast(ptr, vty.as_pointer()), align=1)
 
 
+# Software prefetch distance of the record kernels, in bytes of the weight stream. Decode reads
+# each weight once, and one core alone keeps too few cache misses in flight for the 4-5 bit
+# types' compute rate; asking for the lines 2 KB ahead measured (2 threads, 256 MB, in-process
+# A/B, medians of 20) +9% for Q4_0, +16% Q4_K, +7% Q8_0 and no loss for Q6_K; 4 KB was worse.
+PREFETCH_AHEAD = 2048
+
+
+def prefetch(builder, p, nbytes: int) -> None:
+    """prefetcht0 the cache lines of the `nbytes` at p + PREFETCH_AHEAD (never faults)."""
+    fn = _fn(builder, "llvm.prefetch.p0i8", ir.VoidType(), [p.type, _I32, _I32, _I32])
+    for k in range(0, nbytes, 64):
+        at = builder.gep(p, [ir.Constant(_I32, PREFETCH_AHEAD + k)])
+        builder.call(fn, [at, ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
+
+
 def _splat8(builder, value: int, n: int):
     return ir.Constant(ir.VectorType(_I8, n), [value] * n)
 

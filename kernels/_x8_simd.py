@@ -23,7 +23,8 @@ from numba import types
 from numba.core.errors import TypingError
 from numba.extending import intrinsic
 
-from ._simd import _F32, _I32, _V8D, _V8F, _V16W, _V32B, _dot_us, _fn, _ptr, _splat8, f32x8
+from ._simd import (_F32, _I32, _V8D, _V8F, _V16W, _V32B, _dot_us, _fn, _ptr, _splat8, f32x8,
+                    prefetch)
 
 
 def _need(name, aryty, dtype):
@@ -136,7 +137,7 @@ def _rows_iq4_nl(builder, wp, xp):
     return acc
 
 
-def _step(body):
+def _step(body, record_bytes):
     """Make `f(acc, w, woff, xq, xoff, dx, xsum, b)`: acc + the 8 rows' dots with block b.
 
     w: uint8 group records, woff: byte offset of one record; xq: int8 activations, xoff: index of
@@ -152,6 +153,7 @@ def _step(body):
         def codegen(context, builder, sig, args):
             acc_v, w_v, woff_v, xq_v, xoff_v, dx_v, xs_v, b_v = args
             wp = _ptr(context, builder, sig.args[1], w_v, woff_v)
+            prefetch(builder, wp, record_bytes)
             xp = _ptr(context, builder, sig.args[3], xq_v, xoff_v)
             d = builder.load(_ptr(context, builder, sig.args[5], dx_v, b_v))
             xs = builder.load(_ptr(context, builder, sig.args[6], xs_v, b_v))
@@ -202,12 +204,12 @@ def _iq4_nl(builder, acc, wp, xp, dx, xs):
     return _scaled(builder, acc, _rows_iq4_nl(builder, wp, xp), wp, dx)
 
 
-x8_q4_0 = _step(_q4_0)
-x8_q4_1 = _step(_q4_1)
-x8_q5_0 = _step(_q5_0)
-x8_q5_1 = _step(_q5_1)
-x8_q8_0 = _step(_q8_0)
-x8_iq4_nl = _step(_iq4_nl)
+x8_q4_0 = _step(_q4_0, 144)      # record bytes: 8 GGUF blocks
+x8_q4_1 = _step(_q4_1, 160)
+x8_q5_0 = _step(_q5_0, 176)
+x8_q5_1 = _step(_q5_1, 192)
+x8_q8_0 = _step(_q8_0, 272)
+x8_iq4_nl = _step(_iq4_nl, 144)
 
 
 @intrinsic
