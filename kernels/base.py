@@ -104,6 +104,12 @@ class KernelUnit:
         else:
             self.matmul(w, acts.x, out, r0, r1)
 
+    def native_task(self, w, acts: Activations, out: np.ndarray, r0: int, r1: int):
+        """The same product as matmul_x as a task of `_native` (slot, q, xq, dx, xaux, out, r0,
+        r1) that a pool thread runs without the GIL, or None where the unit has none (then the
+        pool calls matmul_x). Only after prepare_x."""
+        return None
+
 
 class CalibratedUnit(KernelUnit):
     """A unit with several variants; `_calibrate` picks one per CPU (or NUMALLM_KERNEL forces it).

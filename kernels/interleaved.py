@@ -42,7 +42,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 from numba import njit
 
-from . import _simd
+from . import _native, _simd
 from ._simd import vzero
 from ._x8_simd import (store8, x8_iq4_nl, x8_q4_0, x8_q4_1, x8_q5_0, x8_q5_1,
                        x8_q8_0)
@@ -343,6 +343,9 @@ class RecordUnit(CalibratedUnit):
         self._dequant = specialize(_dequant_t, f"x8_dequant_{name}", **consts)
         self._mm_x8 = specialize(_matmul_x8_t, f"x8_matmul_{name}", **consts)
         self._mm_f32 = specialize(_matmul_f32_t, f"x8_matmul_f32_{name}", DEQUANT=self._dequant)
+        # a slot in the native task table (threads hand these calls over without the GIL)
+        self.native_slot = (_native.register_kernel(self._mm_x8, self.block_size == 256)
+                            if _simd.has_avx2() else None)
 
     def kernel_x(self, form) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         raise NotImplementedError
@@ -385,6 +388,13 @@ class RecordUnit(CalibratedUnit):
             KernelUnit.matmul(self, w, acts.x, out, r0, r1)
         else:
             raise ValueError(f"unknown variant {variant!r} for {self.qtype.name}")
+
+    def native_task(self, w: X8Weights, acts, out, r0, r1):
+        if self.native_slot is None or not out.flags.c_contiguous:
+            return None
+        if self.choice().for_tokens(acts.x.shape[0]) != "avx2-x8":
+            return None
+        return (self.native_slot, w.q, *self.kernel_x(acts.form(*self.x_form)), out, r0, r1)
 
     def hot_kernels(self) -> list:
         """(dispatcher, argument types) of the decode kernel, for machine-code inspection."""

@@ -51,13 +51,11 @@ class Linear:
         """The pool this matrix's rows run on."""
         return threads.current()
 
-    def add_jobs(self, acts: Activations, out: np.ndarray,
-                 jobs: list[list[Callable[[], None]]]) -> Callable[[], None] | None:
+    def add_jobs(self, acts: Activations, out: np.ndarray, jobs: list[list]) -> Callable[[], None] | None:
         """Append to jobs[i] what thread i of `pool()` computes of out = acts.x @ W.T, out float32
-        (T, N). Returns a step to run once every thread is done, or None."""
-        unit, w = self.unit, self.w
-        for i, (a, b) in enumerate(threads.split_rows(self.shape[0], len(jobs), unit.row_multiple)):
-            jobs[i].append(lambda a=a, b=b: unit.matmul_x(w, acts, out, a, b))
+        (T, N) (see `task`). Returns a step to run once every thread is done, or None."""
+        for i, (a, b) in enumerate(threads.split_rows(self.shape[0], len(jobs), self.unit.row_multiple)):
+            jobs[i].append(task(self.unit, self.w, acts, out, a, b))
         return None
 
     def rows(self, ids: np.ndarray) -> np.ndarray:
@@ -68,9 +66,10 @@ class Linear:
         return out
 
 
-def _run_all(calls: list[Callable[[], None]]) -> None:
-    for c in calls:
-        c()
+def task(unit, w, acts: Activations, out: np.ndarray, r0: int, r1: int):
+    """out[:, r0:r1] = acts.x @ W[r0:r1].T as something a pool share holds: the unit's native
+    kernel task where it has one (run without the GIL), else a call of unit.matmul_x."""
+    return unit.native_task(w, acts, out, r0, r1) or (lambda: unit.matmul_x(w, acts, out, r0, r1))
 
 
 def matmuls(x: np.ndarray, *lins: Linear) -> list[np.ndarray]:
@@ -80,7 +79,7 @@ def matmuls(x: np.ndarray, *lins: Linear) -> list[np.ndarray]:
     pool = lins[0].pool()
     if any(lin.pool() is not pool for lin in lins[1:]):
         return [matmuls(x, lin)[0] for lin in lins]
-    jobs: list[list[Callable[[], None]]] = [[] for _ in range(pool.n_threads)]
+    jobs: list[list] = [[] for _ in range(pool.n_threads)]
     outs, after = [], []
     for lin in lins:
         lin.unit.prepare_x(acts)
@@ -89,9 +88,7 @@ def matmuls(x: np.ndarray, *lins: Linear) -> list[np.ndarray]:
         outs.append(out)
         if step is not None:
             after.append(step)
-    while len(jobs) > 1 and not jobs[-1]:
-        jobs.pop()
-    pool.run_each([lambda j=j: _run_all(j) for j in jobs])
+    pool.run_tasks(jobs)
     for step in after:
         step()
     return outs

@@ -71,3 +71,43 @@ def test_split_rows_respects_minimum_and_multiple():
         assert parts[0][0] == 0 and parts[-1][1] == n
         assert all(b == c for (_, b), (c, _) in zip(parts, parts[1:]))
         assert all(a % m == 0 for a, _ in parts)
+
+
+@pytest.mark.parametrize("mixed", [False, True])
+def test_run_tasks_native_kernel_tasks_match_one_call(mixed):
+    """Kernel tasks run on the workers without the GIL give the bytes of one direct call; a share
+    that also holds a Python callable runs as a Python call."""
+    np = pytest.importorskip("numpy")
+    import numallm_kernels as nk
+    from numallm import ops
+    from numallm.gguf_file import GGMLQuantizationType as T
+    from numallm_kernels.base import Activations
+
+    rng = np.random.default_rng(0)
+    pool = threads.RowPool(2)
+    try:
+        for qt in (T.Q4_0, T.Q4_K):
+            unit = nk.get(qt)
+            n, k = 203, 512
+            w = unit.prepare(unit.synthetic(n, k, rng))
+            for n_t in (1, 3):
+                acts = Activations(rng.standard_normal((n_t, k)).astype(np.float32))
+                unit.prepare_x(acts)
+                one = np.zeros((n_t, n), np.float32)
+                unit.matmul_x(w, acts, one, 0, n)
+                two = np.zeros((n_t, n), np.float32)
+                shares = [[ops.task(unit, w, acts, two, a, b)]
+                          for a, b in threads.split_rows(n, 2, unit.row_multiple)]
+                if unit.native_task(w, acts, two, 0, n) is not None:
+                    assert all(type(s[0]) is tuple for s in shares)
+                hit = []
+                if mixed:
+                    shares[1].append(lambda: hit.append(threading.get_ident()))
+                pool.run_tasks(shares)
+                np.testing.assert_array_equal(two.view(np.uint32), one.view(np.uint32))
+                if mixed:                 # the worker ran its share, callable included, once
+                    assert len(hit) == 1 and hit[0] != threading.get_ident()
+                else:
+                    assert hit == []
+    finally:
+        pool.close()
