@@ -31,6 +31,13 @@ AVX2_FEATURES = ("avx2", "fma", "f16c")
 
 @functools.lru_cache(maxsize=None)
 def host_features() -> frozenset[str]:
+    """The ISA features Numba compiles for: the host's, or only those NUMBA_CPU_FEATURES lists
+    when NUMBA_CPU_NAME names another target (e.g. "generic" for a cache shared with other
+    machines), where AVX2 intrinsics must not be compiled however capable this CPU is."""
+    from numba.core import config
+
+    if config.CPU_NAME and config.CPU_NAME != "host":
+        return frozenset(f[1:] for f in (config.CPU_FEATURES or "").split(",") if f.startswith("+"))
     feats = llvm.get_host_cpu_features()
     return frozenset(k for k in feats if feats[k])
 
