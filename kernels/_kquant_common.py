@@ -11,6 +11,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from .base import XForm
+
 QK_K = 256
 
 
@@ -64,13 +66,8 @@ def _quantize_rows_q8k(x, xq, xd, xs, xb):
         quantize_x_q8k(x[t], xq[t], xd[t], xs[t], xb[t])
 
 
-def q8_k_form(x: np.ndarray):
-    """The "q8_k" encoding of x float32 (T, K) (see quantize_x_q8k, row by row):
-    (xq int8 (T, K), xd float32 (T, K/256), xs float32 (T, K/16), xb int16 (T, K/16))."""
-    n_t, k = x.shape
-    xq = np.empty((n_t, k), np.int8)
-    xd = np.empty((n_t, k // QK_K), np.float32)
-    xs = np.empty((n_t, k // 16), np.float32)
-    xb = np.empty((n_t, k // 16), np.int16)
-    _quantize_rows_q8k(x, xq, xd, xs, xb)
-    return xq, xd, xs, xb
+# The "q8_k" encoding of x float32 (T, K) (see quantize_x_q8k, row by row):
+# (xq int8 (T, K), xd float32 (T, K/256), xs float32 (T, K/16), xb int16 (T, K/16)).
+q8_k_form = XForm(_quantize_rows_q8k, lambda n_t, k: [((n_t, k), np.int8), ((n_t, k // QK_K), np.float32),
+                                                      ((n_t, k // 16), np.float32),
+                                                      ((n_t, k // 16), np.int16)])

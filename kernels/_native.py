@@ -18,9 +18,20 @@ pool's caller holds them).
 
 Control slot of thread i (CTL_STRIDE int64 at i * CTL_STRIDE, a cache line each):
     GO: generation of the latest command, KIND: RUN / PY / EXIT, LO, HI: its task rows,
-    DONE: generation the worker finished.
+    TABLE: the address of the task table they are in (C-contiguous int64 (rows, TASK_FIELDS)),
+    DONE: generation the worker finished, SLEEP: 1 while the worker sleeps on GO,
+    WSLEEP: 1 while the caller sleeps on DONE.
+
+Sleeping: a waiter spins a short while (`pause`), then sleeps in futex(2) on the 32 low bits of
+the word it waits for, after announcing it in SLEEP/WSLEEP; the other side stores the word, fences
+and wakes it only if announced (both sides fence between their store and their load, so a wake-up
+is never lost). Spinning longer is not free: on this 2-vCPU machine a spinning thread slowed the
+other CPU's Python by ~40% and its kernels by ~20% (the vCPUs share a physical core's resources),
+and sched_yield in the loop was worse still.
 """
 from __future__ import annotations
+
+import sys
 
 import numpy as np
 from llvmlite import ir
@@ -33,32 +44,53 @@ from .base import specialize
 
 TASK_FIELDS = 16
 CTL_STRIDE = 8                  # int64 per thread slot: 64 bytes
-GO, KIND, LO, HI, DONE = 0, 1, 2, 3, 4
+GO, KIND, LO, HI, DONE, SLEEP, WSLEEP, TABLE = 0, 1, 2, 3, 4, 5, 6, 7
 RUN, PY, EXIT = 1, 2, 3
-IDLE = 0                         # worker_loop's answer when it stopped spinning
 N_SLOTS = 16
 
 
 # -- intrinsics ----------------------------------------------------------------------------------
 
+_LINUX = sys.platform.startswith("linux")
+SYS_FUTEX = 202                  # x86-64
+FUTEX_WAIT_PRIVATE, FUTEX_WAKE_PRIVATE = 128, 129
+
+
 @intrinsic
-def sched_yield(typingctx):
-    """sched_yield(2): a spinning thread gives its CPU to any other runnable thread there, e.g.
-    the one it waits for when the OS put both on one CPU (a busy machine); spinning alone burnt
-    whole timeslices, ~8 ms per hand-over measured with the other CPU taken by other work. An
-    external symbol (not a ctypes pointer), so the compiled code can be cached."""
-    sig = types.int32()
+def futex(typingctx, arr, idx, op, val, timeout):
+    """futex(2) on the low 32 bits of int64 arr[idx]: op FUTEX_WAIT_PRIVATE sleeps while they
+    equal val (timeout: address of a timespec, or 0), FUTEX_WAKE_PRIVATE wakes val sleepers.
+    Through libc's syscall() as an external symbol, so the compiled code can be cached. Not on
+    Linux: a sched_yield (the waits then spin, the wakes do nothing)."""
+    sig = types.int64(arr, idx, types.int64, types.int64, types.int64)
 
     def codegen(context, builder, sig, args):
-        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.IntType(32), []),
-                                            "sched_yield")
-        return builder.call(fn, [])
+        i64 = ir.IntType(64)
+        if not _LINUX:
+            fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.IntType(32), []),
+                                                "sched_yield")
+            builder.call(fn, [])
+            return ir.Constant(i64, 0)
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(i64, [i64], var_arg=True),
+                                            "syscall")
+        addr = builder.ptrtoint(_elem_ptr(context, builder, sig.args[0], args[0], args[1]), i64)
+        return builder.call(fn, [ir.Constant(i64, SYS_FUTEX), addr, args[2], args[3], args[4],
+                                 ir.Constant(i64, 0), ir.Constant(i64, 0)])
 
     return sig, codegen
 
 
-# polls between two sched_yield calls while spinning
-YIELD_EVERY = 16
+@intrinsic
+def fence(typingctx):
+    """A full memory fence (mfence): orders a store before a later load (x86 alone does not)."""
+    sig = types.none()
+
+    def codegen(context, builder, sig, args):
+        builder.fence("seq_cst")
+        return context.get_dummy_value()
+
+    return sig, codegen
+
 
 def _elem_ptr(context, builder, aryty, ary, idx):
     data = context.make_array(aryty)(context, builder, ary).data
@@ -121,6 +153,7 @@ ptr_i8 = _ptr_intrinsic(types.int8)
 ptr_i16 = _ptr_intrinsic(types.int16)
 ptr_i32 = _ptr_intrinsic(types.int32)
 ptr_f32 = _ptr_intrinsic(types.float32)
+ptr_i64 = _ptr_intrinsic(types.int64)
 
 
 # -- the task table --------------------------------------------------------------------------------
@@ -188,42 +221,77 @@ def _run_tasks_t(table, lo, hi):
                 K15(q, xq, dx, xb, out, f[13], f[14])  # noqa: F821
 
 
-def _worker_loop_t(ctl, table, me, seen, spin):
-    # Spin on this thread's control slot; run RUN commands here, hand anything else back to
-    # Python as (kind, generation). After `spin` polls with no command: (IDLE, seen).
+def _worker_loop_t(ctl, me, seen, spin):
+    # Wait on this thread's control slot (spin, then sleep); run RUN commands here, hand any
+    # other command back to Python as (kind, generation).
     base = me * CTL_STRIDE
     polls = 0
     while True:
         gen = load_acquire(ctl, base + GO)
         if gen == seen:
             polls += 1
-            if polls >= spin:
-                return IDLE, seen
-            if polls % YIELD_EVERY == 0:
-                sched_yield()
-            else:
+            if polls < spin:
                 cpu_relax()
+                continue
+            store_release(ctl, base + SLEEP, 1)
+            fence()
+            if load_acquire(ctl, base + GO) == seen:
+                futex(ctl, base + GO, FUTEX_WAIT_PRIVATE, seen & 0xFFFFFFFF, 0)
+            store_release(ctl, base + SLEEP, 0)
+            polls = 0
             continue
         polls = 0
         seen = gen
         kind = ctl[base + KIND]
         if kind != RUN:
             return kind, gen
-        RUN_TASKS(table, ctl[base + LO], ctl[base + HI])  # noqa: F821 (template constant)
-        store_release(ctl, base + DONE, gen)
+        hi = ctl[base + HI]
+        table = carray(ptr_i64(ctl[base + TABLE]), (hi, TASK_FIELDS))
+        RUN_TASKS(table, ctl[base + LO], hi)  # noqa: F821 (template constant)
+        finish(ctl, me, gen)
 
 
 @njit(nogil=True, cache=True)
-def wait_done(ctl, who, gen, spin):
-    """Spin until thread `who` has finished generation `gen` (True), or `spin` polls (False)."""
+def finish(ctl, me, gen):
+    """Worker `me` is done with generation gen: publish it, wake the caller if it sleeps."""
+    base = me * CTL_STRIDE
+    store_release(ctl, base + DONE, gen)
+    fence()
+    if load_acquire(ctl, base + WSLEEP):
+        futex(ctl, base + DONE, FUTEX_WAKE_PRIVATE, 1, 0)
+
+
+@njit(nogil=True, cache=True)
+def post(ctl, who, kind, table, lo, hi, gen):
+    """Give thread `who` command `kind` (rows lo..hi of table) as generation gen; wake it if it
+    sleeps."""
+    base = who * CTL_STRIDE
+    ctl[base + KIND] = kind
+    ctl[base + TABLE] = table.ctypes.data
+    ctl[base + LO] = lo
+    ctl[base + HI] = hi
+    store_release(ctl, base + GO, gen)
+    fence()
+    if load_acquire(ctl, base + SLEEP):
+        futex(ctl, base + GO, FUTEX_WAKE_PRIVATE, 1, 0)
+
+
+@njit(nogil=True, cache=True)
+def wait_done(ctl, who, gen, spin, timespec):
+    """Wait until thread `who` has finished generation gen: spin `spin` polls, then sleep.
+    Returns False if it was still not done after one sleep of timespec (int64 (2,): seconds,
+    nanoseconds), so the caller can go back to Python (signals) and call again."""
     base = who * CTL_STRIDE
     for n in range(spin):
         if load_acquire(ctl, base + DONE) >= gen:
             return True
-        if n % YIELD_EVERY == YIELD_EVERY - 1:
-            sched_yield()
-        else:
-            cpu_relax()
+        cpu_relax()
+    store_release(ctl, base + WSLEEP, 1)
+    fence()
+    done = load_acquire(ctl, base + DONE)
+    if done < gen:
+        futex(ctl, base + DONE, FUTEX_WAIT_PRIVATE, done & 0xFFFFFFFF, timespec.ctypes.data)
+    store_release(ctl, base + WSLEEP, 0)
     return load_acquire(ctl, base + DONE) >= gen
 
 

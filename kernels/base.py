@@ -6,6 +6,7 @@ import hashlib
 import threading
 import types
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
@@ -14,6 +15,23 @@ _REGISTRY: dict[GGMLQuantizationType, "KernelUnit"] = {}
 
 # Rows dequantized at once by the generic matmul path: bounds the float32 scratch to a few MB.
 TILE_ROWS = 256
+
+
+class XForm:
+    """An activation encoding: `fill` (njit, nogil) writes the encoding of x float32 (T, K) into
+    arrays made by `alloc`; calling the form does both. Decode reuses the arrays token after
+    token (ops' cached dispatches), so filling must not depend on their old contents."""
+
+    def __init__(self, fill, parts: Callable[[int, int], list[tuple[tuple[int, ...], type]]]):
+        self.fill, self.parts = fill, parts
+
+    def alloc(self, n_t: int, k: int) -> tuple[np.ndarray, ...]:
+        return tuple(np.empty(shape, dtype) for shape, dtype in self.parts(n_t, k))
+
+    def __call__(self, x: np.ndarray) -> tuple[np.ndarray, ...]:
+        arrays = self.alloc(*x.shape)
+        self.fill(x, *arrays)
+        return arrays
 
 
 class Activations:
@@ -26,13 +44,25 @@ class Activations:
     def __init__(self, x: np.ndarray):
         self.x = x            # float32 (T, K), C-contiguous
         self._forms: dict = {}
+        self.makers: dict = {}   # key -> the maker of each form made
 
     def form(self, key: str, make):
         """The encoding called `key`, made by make(x) on first request."""
         f = self._forms.get(key)
         if f is None:
             f = self._forms[key] = make(self.x)
+            self.makers[key] = make
         return f
+
+    def refill(self, x: np.ndarray) -> bool:
+        """Encode a new x of the same shape into the existing forms (all XForm); False if some
+        form cannot be refilled."""
+        if not all(isinstance(m, XForm) for m in self.makers.values()):
+            return False
+        self.x = x
+        for key, make in self.makers.items():
+            make.fill(x, *self._forms[key])
+        return True
 
 
 class KernelUnit:

@@ -46,7 +46,7 @@ from . import _native, _simd
 from ._simd import vzero
 from ._x8_simd import (store8, x8_iq4_nl, x8_q4_0, x8_q4_1, x8_q5_0, x8_q5_1,
                        x8_q8_0)
-from .base import CalibratedUnit, KernelUnit, register, specialize
+from .base import CalibratedUnit, KernelUnit, XForm, register, specialize
 
 BLOCK = 32
 GROUP = 8
@@ -100,14 +100,10 @@ def quantize_rows(x, xq, dx, xsum):
             xsum[t, b] = isum
 
 
-def q8_0_form(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The "q8_0" encoding of x float32 (T, K) (see quantize_rows): (xq, dx, xsum)."""
-    n_t, k = x.shape
-    xq = np.empty((n_t, k), np.int8)                 # (T, K)
-    dx = np.empty((n_t, k // BLOCK), np.float32)     # (T, K/32)
-    xsum = np.empty((n_t, k // BLOCK), np.int32)     # (T, K/32)
-    quantize_rows(x, xq, dx, xsum)
-    return xq, dx, xsum
+# The "q8_0" encoding of x float32 (T, K) (see quantize_rows): (xq, dx, xsum).
+q8_0_form = XForm(quantize_rows, lambda n_t, k: [((n_t, k), np.int8),             # (T, K)
+                                                 ((n_t, k // BLOCK), np.float32),  # (T, K/32)
+                                                 ((n_t, k // BLOCK), np.int32)])   # (T, K/32)
 
 
 @dataclass(frozen=True)

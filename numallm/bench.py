@@ -230,8 +230,10 @@ class KernelClock:
     their union: the time during which at least one thread ran a kernel. The units' methods are
     wrapped by instance attributes and restored on exit (the units are process-wide singletons).
     While on, units hand out no native tasks (those run inside Numba, out of reach of a Python
-    timer), so every product goes through a timed matmul_x: the figure is that of the Python
-    hand-over, an upper bound for the native one."""
+    timer), so a product goes through a timed matmul_x, except the decode dispatches replayed
+    from tables encoded before (ops._Replay, the engine's decode path): each of those counts as
+    one span, from encoding the input to the last thread's end. Replays made while on are
+    dropped on exit."""
 
     METHODS = ("prepare_x", "matmul_x", "matvec", "matmul")
 
@@ -241,6 +243,8 @@ class KernelClock:
         self._saved: list[tuple[object, str, object]] = []
 
     def __enter__(self) -> "KernelClock":
+        from . import ops
+
         spans = self.spans
         for u in self.units:
             for name in self.METHODS:
@@ -256,6 +260,16 @@ class KernelClock:
                 setattr(u, name, timed)
             self._saved.append((u, "native_task", vars(u).get("native_task")))
             u.native_task = _no_native_task
+        replay = ops._Replay.__call__
+
+        def timed_replay(*args):
+            t0 = time.perf_counter()
+            try:
+                return replay(*args)
+            finally:
+                spans.append((t0, time.perf_counter()))
+        self._saved.append((ops._Replay, "__call__", replay))
+        ops._Replay.__call__ = timed_replay
         return self
 
     def __exit__(self, *exc) -> None:
@@ -265,6 +279,9 @@ class KernelClock:
             else:
                 setattr(u, name, prev)
         self._saved.clear()
+        from . import ops
+
+        ops.REPLAY_EPOCH[0] += 1
 
     def busy_s(self) -> float:
         total, end = 0.0, -math.inf

@@ -55,6 +55,7 @@ from numallm_kernels.base import Activations
 
 from . import numa_mem, ops, threads
 from .errors import NumallmError, UnsupportedError
+from .placement_check import pct
 from .models.base import Block
 from .topology import Topology
 from .topology.plan import assumed_bandwidth
@@ -233,6 +234,8 @@ class ShardedLinear(ops.Linear):
     rows go to its node's threads (ops.matmuls dispatches every matrix of an input at once) and
     the Exchange gathers row parts of a batch or sums column parts. A decode step (T = 1) writes
     row parts straight into the output, and replicated parts (whole matrices) always do."""
+
+    replayable = False       # its jobs are Python calls and an exchange step
 
     def __init__(self, lin: ops.Linear, parts: list[LocalLinear], nodes: threads.NodePools,
                  exchange: Exchange, axis: int = 0):
@@ -581,8 +584,10 @@ class Placement:
                 out.append(KVReport(b.layer, self.groups[i].node, node, b.heads[i], c.nbytes, local))
         return out
 
-    def summary(self) -> str:
-        """A few lines for /stats and `topo --verify`: bytes and local pages per node."""
+    def summary(self, min_local: float = 1.0) -> str:
+        """A few lines for /stats and `topo --verify`: bytes and local pages per node, with a
+        WARNING where a slice or the KV cache has less than `min_local` of its pages on its node
+        (placement_check's threshold: 1.0 = every page)."""
         head = [self.reason] if self.reason else []
         if self.strategy == "off":
             return "\n".join(head + ["numa: off (one unpinned pool; memory where the GGUF mapping puts it)"])
@@ -596,19 +601,20 @@ class Placement:
             checked = [r for r in mine if r.local is not None]
             locs = [r.local for r in checked]
             local_bytes = sum(r.local * r.nbytes for r in checked)
-            share = (f"{100 * local_bytes / max(sum(r.nbytes for r in checked), 1):.1f}% local pages"
+            share = (f"{pct(local_bytes / max(sum(r.nbytes for r in checked), 1))} local pages"
                      if checked else "pages not verified")
             worst = min(locs, default=1.0)
-            warn = f" WARNING: a slice has only {100 * worst:.1f}% local pages" if worst < 0.999 else ""
+            warn = (f" WARNING: a slice has only {pct(worst)} local pages" if worst < min_local
+                    else "")
             lines.append(f"  node {g.node}: {g.n_threads} threads on CPUs "
                          f"{','.join(map(str, g.cpus))}, {len(mine)} slices, {nbytes / 2**20:.1f} MiB "
                          f"on {where}, {share}{warn}")
             kmine = [k for k in kv if k.node == g.node]
             if kmine:
                 seen = [k.local for k in kmine if k.local is not None]
-                kshare = (f"{100 * min(seen):.1f}% of written pages local (worst layer)" if seen
+                kshare = (f"{pct(min(seen))} of written pages local (worst layer)" if seen
                           else "no pages written yet" if g.mem_node is not None else "pages not verified")
-                warn = " WARNING: KV pages off their node" if seen and min(seen) < 0.999 else ""
+                warn = " WARNING: KV pages off their node" if seen and min(seen) < min_local else ""
                 lines.append(f"    KV cache of its heads: {sum(k.nbytes for k in kmine) / 2**20:.1f} MiB, "
                              f"{kshare}{warn}")
         st = self.sync_stats()

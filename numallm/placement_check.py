@@ -57,24 +57,24 @@ class Check:
         return self.verified and not self.below and not self.kv_below
 
     def warnings(self) -> list[str]:
-        pct = _pct(self.threshold)
+        limit = pct(self.threshold)
         out = []
         if self.below:
             worst = min(self.below, key=lambda s: s.local)
             out.append(f"WARNING: {len(self.below)} of {len(self.slices)} weight slices have under "
-                       f"{pct} of their pages on their node (worst: {_name(worst)} at "
-                       f"{_pct(worst.local)})")
+                       f"{limit} of their pages on their node (worst: {_name(worst)} at "
+                       f"{pct(worst.local)})")
         if self.kv_below:
             worst = min(self.kv_below, key=lambda k: k.local)
-            out.append(f"WARNING: the KV cache of {len(self.kv_below)} layer/node pairs has under {pct} "
+            out.append(f"WARNING: the KV cache of {len(self.kv_below)} layer/node pairs has under {limit} "
                        f"of its written pages on its node (worst: layer {worst.layer} on node "
-                       f"{worst.node} at {_pct(worst.local)})")
+                       f"{worst.node} at {pct(worst.local)})")
         return out
 
     def lines(self, verbose: bool = False) -> list[str]:
         """The verdict, then the WARNING lines with the slices below the threshold (verbose:
         every slice and KV part with its share)."""
-        head = f"page check (move_pages; threshold {_pct(self.threshold)} local):"
+        head = f"page check (move_pages; threshold {pct(self.threshold)} local):"
         if self.strategy == "off":
             return [f"{head} nothing placed (--numa off); choose --numa shard, replicate or isolate"]
         if not self.verified:
@@ -91,12 +91,12 @@ class Check:
         listed = list(self.slices) if verbose else self.below
         for s in listed[: None if verbose else MAX_LISTED]:
             out.append(f"  {_name(s)} on node {s.node} (memory node {s.mem_node}), "
-                       f"{s.nbytes / 2**20:.2f} MiB: {_pct(s.local)} local")
+                       f"{s.nbytes / 2**20:.2f} MiB: {pct(s.local)} local")
         if not verbose and len(listed) > MAX_LISTED:
             out.append(f"  ... and {len(listed) - MAX_LISTED} more (-v or --json list them all)")
         kv_listed = list(self.kv) if verbose else self.kv_below
         for k in kv_listed:
-            share = "no pages written" if k.local is None else f"{_pct(k.local)} of written pages local"
+            share = "no pages written" if k.local is None else f"{pct(k.local)} of written pages local"
             out.append(f"  KV cache layer {k.layer} heads {k.heads[0]}-{k.heads[1]} on node {k.node} "
                        f"(memory node {k.mem_node}): {share}")
         return out
@@ -148,7 +148,7 @@ def _name(s) -> str:
     return f"{s.tensor} {span}"
 
 
-def _pct(share: float) -> str:
+def pct(share: float) -> str:
     """100% only when exactly all: 99.96% shows as 99.9%, never rounded up to 100."""
     return "100%" if share >= 1.0 else f"{math.floor(1000 * share) / 10:.1f}%"
 

@@ -20,14 +20,17 @@ import psutil
 
 # A split finer than this many rows costs more in dispatch than it saves.
 MIN_ROWS_PER_THREAD = 64
-# Spin budgets in polls (x86 `pause`, a sched_yield every 16th: ~0.1 ms for 2000 here): an idle
-# worker parks after IDLE_POLLS (longer than the Python gaps between the products of a decode
-# step); a caller waiting for a worker stops spinning after WAIT_POLLS and polls every
-# WAIT_SLEEP_S instead (a long prefill share). 2000 measured as fast as 100000 / 50000 for 2-thread
-# TinyLlama Q4_0 decode (35.7 vs 35.1 t/s; Python callables: 33.9) and wastes less of a busy CPU.
-IDLE_POLLS = 2_000
-WAIT_POLLS = 2_000
-WAIT_SLEEP_S = 0.0002
+# Spin budgets in polls (x86 `pause`, ~20-40 ns each here) before a waiting thread sleeps in
+# futex(2) (numallm_kernels._native): an idle worker after IDLE_POLLS, a caller waiting for a
+# worker after WAIT_POLLS. A spinning vCPU here slows the other one (see _native), so the worker
+# spins through the gaps between the products of a decode step but not much longer (2-thread
+# TinyLlama Q4_0 decode, 3 rounds: 1000 polls 27.5-35.3 ms/token, 5000 25.2-27.5, 20000
+# 26.0-26.3: a wake-up from futex costs ~20 us here); the caller, whose wait is the end of a
+# share that started at the same time, spins longer. WAIT_SLICE_S: the longest sleep before a
+# waiting caller looks at Python signals again (Ctrl-C during a long prefill).
+IDLE_POLLS = 10_000
+WAIT_POLLS = 20_000
+WAIT_SLICE_S = 0.05
 
 
 @functools.lru_cache(maxsize=4096)
@@ -58,8 +61,8 @@ class RowPool:
     control array and runs kernel tasks there, without the GIL; the caller runs its own tasks and
     then spins (also without the GIL) until the workers' done generations catch up. A Python
     callable is handed to the worker as a PY command (the worker then takes the GIL to run it).
-    A worker that saw no command for IDLE_POLLS polls (~0.1 ms) parks on its own lock; the next
-    command releases it. `cpus[i]`, when given, is the CPU set thread i runs on: workers pin
+    A worker that saw no command for IDLE_POLLS polls sleeps in futex(2) until the next command
+    (no GIL either way). `cpus[i]`, when given, is the CPU set thread i runs on: workers pin
     themselves at start, and `activate` pins the caller (thread 0) for the duration.
     """
 
@@ -74,17 +77,12 @@ class RowPool:
         self._run_tasks, self._worker_loop = _native.executors()
         self._ctl = np.zeros(self.n_threads * _native.CTL_STRIDE, np.int64)   # control slots
         self._table = np.zeros((64, _native.TASK_FIELDS), np.int64)           # task rows
+        self._sent: list = [None] * self.n_threads   # the table each worker's command reads
         self._gen = [0] * self.n_threads          # last generation sent to each worker
         self._py: list[Callable[[], None] | None] = [None] * self.n_threads
         self._errors: list[BaseException] = []
         self._closed = False
-        # parking: worker i sleeps on _park[i - 1] (held) when idle; _parked[i] says so; both
-        # the worker's decision to park and the caller's command check it under _mutex
-        self._mutex = threading.Lock()
-        self._parked = [False] * self.n_threads
-        self._park = [threading.Lock() for _ in range(1, self.n_threads)]
-        for lock in self._park:
-            lock.acquire()
+        self._timespec = np.array([0, int(WAIT_SLICE_S * 1e9)], np.int64)     # (s, ns)
         self._workers = [threading.Thread(target=self._loop, args=(i,), daemon=True,
                                           name=f"numallm-worker-{i}")
                          for i in range(1, self.n_threads)]
@@ -100,43 +98,28 @@ class RowPool:
         nat = self._nat
         if self.cpus is not None:
             os.sched_setaffinity(0, self.cpus[index])   # 0: this thread only
-        base, seen = index * nat.CTL_STRIDE, 0
+        seen = 0
         while True:
-            kind, seen = self._worker_loop(self._ctl, self._table, index, seen, IDLE_POLLS)
-            if kind == nat.IDLE:
-                with self._mutex:
-                    if self._ctl[base + nat.GO] != seen:     # a command came meanwhile
-                        continue
-                    self._parked[index] = True
-                self._park[index - 1].acquire()              # released with the next command
-            elif kind == nat.PY:
+            kind, seen = self._worker_loop(self._ctl, index, seen, IDLE_POLLS)
+            if kind == nat.PY:
                 try:
                     self._py[index]()
                 except BaseException as e:  # noqa: BLE001 - handed to the caller
                     self._errors.append(e)
-                self._ctl[base + nat.DONE] = seen
+                nat.finish(self._ctl, index, seen)
             else:                                            # EXIT
                 return
 
-    def _send(self, i: int, kind: int, lo: int = 0, hi: int = 0) -> None:
-        nat = self._nat
-        base = i * nat.CTL_STRIDE
-        self._ctl[base + nat.KIND] = kind
-        self._ctl[base + nat.LO] = lo
-        self._ctl[base + nat.HI] = hi
+    def _send(self, i: int, kind: int, table: np.ndarray | None = None, lo: int = 0, hi: int = 0) -> None:
         self._gen[i] += 1
-        with self._mutex:
-            self._ctl[base + nat.GO] = self._gen[i]          # after the fields (x86 keeps order)
-            wake, self._parked[i] = self._parked[i], False
-        if wake:
-            self._park[i - 1].release()
+        table = self._table if table is None else table
+        self._sent[i] = table                            # alive until the worker is done
+        self._nat.post(self._ctl, i, kind, table, lo, hi, self._gen[i])
 
     def _wait(self, i: int) -> None:
-        nat = self._nat
-        if not nat.wait_done(self._ctl, i, self._gen[i], WAIT_POLLS):
-            # a long share (prefill) or a worker the OS descheduled: stop spinning
-            while self._ctl[i * nat.CTL_STRIDE + nat.DONE] < self._gen[i]:
-                time.sleep(WAIT_SLEEP_S)
+        nat, spin = self._nat, WAIT_POLLS
+        while not nat.wait_done(self._ctl, i, self._gen[i], spin, self._timespec):
+            spin = 0                                     # a long share (prefill): sleep
 
     def run(self, fn: Callable[[int, int], None], n_rows: int, multiple: int = 1) -> None:
         """Call fn over [0, n_rows) split into one contiguous range per thread (see split_rows)."""
@@ -178,39 +161,60 @@ class RowPool:
             raise ValueError(f"{len(shares)} shares for {self.n_threads} threads")
         native = [all(type(t) is tuple for t in share) for share in shares]
         need = sum(len(s) for s, n in zip(shares, native) if n)
-        if need > len(self._table):                  # no worker runs now: safe to replace
+        if need > len(self._table):    # each command carries its table's address: safe to grow
             self._table = np.zeros((2 * need, self._nat.TASK_FIELDS), np.int64)
+        spans = self._encode(self._table, shares, native)
+        self._run(self._table, shares, native, spans)
+
+    def encode(self, shares: Sequence[Sequence]) -> tuple[np.ndarray, list[tuple[int, int]]] | None:
+        """The task table and per-thread row spans of shares made only of kernel tasks, for
+        `run_encoded` (again and again: the tasks' arrays must then stay alive and in place);
+        None if some share holds a Python callable."""
+        if len(shares) > self.n_threads or not all(type(t) is tuple for s in shares for t in s):
+            return None
+        table = np.zeros((max(1, sum(len(s) for s in shares)), self._nat.TASK_FIELDS), np.int64)
+        return table, self._encode(table, shares, [True] * len(shares))
+
+    def run_encoded(self, table: np.ndarray, spans: list[tuple[int, int]]) -> None:
+        """Run what `encode` made: thread i the rows spans[i] of table."""
+        self._run(table, None, [True] * len(spans), spans)
+
+    def _encode(self, table, shares, native) -> list[tuple[int, int]]:
         spans, row = [], 0
         for share, nat in zip(shares, native):
             if nat:
                 for t in share:
-                    self._nat.encode(self._table[row], *t)
+                    self._nat.encode(table[row], *t)
                     row += 1
             spans.append((row - len(share) if nat else 0, row if nat else 0))
-        if len(shares) == 1:
-            self._run_share(shares[0], native[0], spans[0])
+        return spans
+
+    def _run(self, table, shares, native, spans) -> None:
+        if len(spans) == 1:
+            self._run_share(table, shares and shares[0], native[0], spans[0])
             return
         if self._closed:
             raise RuntimeError("this RowPool is closed")
         self._errors.clear()
-        for i in range(1, len(shares)):
+        for i in range(1, len(spans)):
             if native[i]:
-                self._send(i, self._nat.RUN, *spans[i])
+                self._send(i, self._nat.RUN, table, *spans[i])
             else:
-                self._py[i] = lambda s=shares[i]: self._run_share(s, False, (0, 0))
+                self._py[i] = lambda s=shares[i]: self._run_share(table, s, False, (0, 0))
                 self._send(i, self._nat.PY)
         try:
-            self._run_share(shares[0], native[0], spans[0])
+            self._run_share(table, shares and shares[0], native[0], spans[0])
         finally:
-            for i in range(1, len(shares)):
+            for i in range(1, len(spans)):
                 self._wait(i)
                 self._py[i] = None
+                self._sent[i] = None
         if self._errors:
             raise self._errors[0]
 
-    def _run_share(self, share, native: bool, span: tuple[int, int]) -> None:
+    def _run_share(self, table, share, native: bool, span: tuple[int, int]) -> None:
         if native:
-            self._run_tasks(self._table, *span)
+            self._run_tasks(table, *span)
             return
         for t in share:
             if type(t) is tuple:                     # a task in a share that has callables too

@@ -302,8 +302,8 @@ def test_every_slice_and_kv_page_is_verified_local(synth_dir):
                     assert set(counts) <= {node, numa_mem.NOT_PRESENT, -errno.EFAULT}
         assert all(k.local == 1.0 for k in llm.placement.kv_report())
         text = llm.placement.summary()
-        assert "100.0% local pages" in text and "WARNING" not in text and "virtual" in text
-        assert "100.0% of written pages local" in text
+        assert "100% local pages" in text and "WARNING" not in text and "virtual" in text
+        assert "100% of written pages local" in text
 
 
 def test_isolate_uses_one_node_and_off_changes_nothing(synth_dir):

@@ -111,3 +111,124 @@ def test_run_tasks_native_kernel_tasks_match_one_call(mixed):
                     assert hit == []
     finally:
         pool.close()
+
+
+def _q4_0_tasks(np, rng, n_tasks, n_t=1):
+    """A Q4_0 matrix cut into n_tasks row ranges of 8 rows: (unit, w, acts, reference out)."""
+    import numallm_kernels as nk
+    from numallm.gguf_file import GGMLQuantizationType as T
+    from numallm_kernels.base import Activations
+
+    unit = nk.get(T.Q4_0)
+    n, k = 8 * n_tasks, 256
+    w = unit.prepare(unit.synthetic(n, k, rng))
+    acts = Activations(rng.standard_normal((n_t, k)).astype(np.float32))
+    unit.prepare_x(acts)
+    ref = np.zeros((n_t, n), np.float32)
+    unit.matmul_x(w, acts, ref, 0, n)
+    return unit, w, acts, ref
+
+
+def test_run_tasks_grows_its_table_under_running_workers():
+    """More tasks than the pool's first table holds: the table is replaced while the workers
+    wait in native code, and each command must carry the new table (not the one a worker
+    started with)."""
+    np = pytest.importorskip("numpy")
+    from numallm import ops
+
+    rng = np.random.default_rng(1)
+    pool = threads.RowPool(2)
+    try:
+        for n_tasks in (4, 150, 400):            # the first table has 64 rows
+            unit, w, acts, ref = _q4_0_tasks(np, rng, n_tasks)
+            out = np.zeros_like(ref)
+            if unit.native_task(w, acts, out, 0, 8) is None:
+                pytest.skip("no native kernel tasks on this CPU")
+            shares = [[ops.task(unit, w, acts, out, 8 * j, 8 * j + 8) for j in range(i, n_tasks, 2)]
+                      for i in range(2)]
+            pool.run_tasks(shares)
+            np.testing.assert_array_equal(out.view(np.uint32), ref.view(np.uint32))
+    finally:
+        pool.close()
+
+
+def test_a_sleeping_worker_wakes_for_the_next_command(monkeypatch):
+    """A worker that found no command for IDLE_POLLS sleeps in futex(2); the next command
+    (native or Python) must wake it, however long it slept."""
+    np = pytest.importorskip("numpy")
+    import time
+
+    from numallm import ops
+
+    monkeypatch.setattr(threads, "IDLE_POLLS", 1)        # sleep at once
+    rng = np.random.default_rng(2)
+    pool = threads.RowPool(2)
+    try:
+        unit, w, acts, ref = _q4_0_tasks(np, rng, 32)
+        for pause in (0.0, 0.02, 0.2):
+            time.sleep(pause)
+            out = np.zeros_like(ref)
+            pool.run_tasks([[ops.task(unit, w, acts, out, 0, 128)],
+                            [ops.task(unit, w, acts, out, 128, 256)]])
+            np.testing.assert_array_equal(out.view(np.uint32), ref.view(np.uint32))
+            time.sleep(pause)
+            ran = []
+            pool.run_each([lambda: ran.append(0), lambda: ran.append(threading.get_ident())])
+            assert len(ran) == 2 and ran[1] != threading.get_ident()
+    finally:
+        pool.close()
+
+
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_replayed_decode_dispatch_matches_a_fresh_one(n_threads):
+    """ops.matmuls replays a decode dispatch (T = 1) from a table encoded once: new inputs give
+    the products a fresh dispatch gives, and earlier results are not overwritten."""
+    np = pytest.importorskip("numpy")
+    import numallm_kernels as nk
+    from numallm import ops
+    from numallm.gguf_file import GGMLQuantizationType as T
+
+    class Q:                                   # what ops.Linear reads from a GGUF tensor
+        def __init__(self, qt, raw, name):
+            self.qtype, self.data, self.name = qt, raw, name
+            self.shape = (raw.shape[0], 512)
+            self.nbytes = raw.nbytes
+
+    rng = np.random.default_rng(3)
+    lins = [ops.Linear(Q(qt, nk.get(qt).synthetic(n, 512, rng), f"m{i}"))
+            for i, (qt, n) in enumerate([(T.Q4_0, 264), (T.Q4_K, 136), (T.Q8_0, 64)])]
+    pool = threads.RowPool(n_threads)
+    try:
+        with threads.activate(pool):
+            firsts, kept = None, []
+            for step in range(4):
+                x = rng.standard_normal((1, 512)).astype(np.float32)
+                got = ops.matmuls(x, *lins)
+                kept.append((x, [g.copy() for g in got], got))
+                replays = lins[0]._replays or {}
+                if step == 0:
+                    firsts = dict(replays)
+                else:                          # the same replay object every token
+                    assert replays == firsts
+            assert any(r.ok for r in firsts.values()) or not nk.get(T.Q4_0).native_slot
+            for x, want_copy, got in kept:     # earlier outputs were not overwritten
+                for a, b in zip(got, want_copy):
+                    np.testing.assert_array_equal(a, b)
+            ops.REPLAY_EPOCH[0] += 1            # a fresh dispatch (and a fresh replay) again
+            for x, want, _ in kept:
+                fresh = [matmul_fresh(np, lin, x) for lin in lins]
+                for a, b in zip(want, fresh):
+                    np.testing.assert_array_equal(a.view(np.uint32), b.view(np.uint32))
+    finally:
+        pool.close()
+
+
+def matmul_fresh(np, lin, x):
+    """x @ W.T through the unit directly, one call over all rows."""
+    from numallm_kernels.base import Activations
+
+    acts = Activations(x)
+    lin.unit.prepare_x(acts)
+    out = np.zeros((1, lin.shape[0]), np.float32)
+    lin.unit.matmul_x(lin.w, acts, out, 0, lin.shape[0])
+    return out

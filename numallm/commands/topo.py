@@ -150,4 +150,5 @@ def verify(args: argparse.Namespace):
                     threads_per_node=args.threads_per_node) as llm:
         bos = llm.tokenizer.bos_id
         llm.logits([0 if bos is None else bos])
-        return llm.placement.summary(), check(llm.placement, args.min_local / 100)
+        return (llm.placement.summary(args.min_local / 100),
+                check(llm.placement, args.min_local / 100))

@@ -39,4 +39,4 @@ def check_local(m: dict, mem_nodes: list[int]) -> None:
     assert {k["node"] for k in m["kv_report"]} == set(mem_of)
     kv_off = [k for k in m["kv_report"] if k["mem_node"] != mem_of[k["node"]] or k["local"] != 1.0]
     assert not kv_off, f"KV cache pages off their node: {kv_off[:5]}"
-    assert "WARNING" not in m["summary"] and m["summary"].count("100.0% local pages") == len(mem_of)
+    assert "WARNING" not in m["summary"] and m["summary"].count("100% local pages") == len(mem_of)
