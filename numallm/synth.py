@@ -85,6 +85,8 @@ SHAPES: dict[str, ModelShape] = {
                                n_ff=4864, ctx=32768, rope_base=1e6, rms_eps=1e-6),
     "llama3-1b": ModelShape(vocab=128256, hidden=2048, n_layers=16, n_heads=32, n_kv_heads=8,
                             n_ff=8192, ctx=131072, rope_base=500000.0),
+    "llama3.2-3b": ModelShape(vocab=128256, hidden=3072, n_layers=28, n_heads=24, n_kv_heads=8,
+                              n_ff=8192, ctx=131072, rope_base=500000.0),
     "qwen3-0.6b": ModelShape(vocab=151936, hidden=1024, n_layers=28, n_heads=16, n_kv_heads=8,
                              n_ff=3072, head_dim=128, ctx=40960, rope_base=1e6, rms_eps=1e-6),
 }

@@ -95,6 +95,7 @@ def test_real_shapes_have_real_parameter_counts():
     real = {("tinyllama-1.1b", "llama", False): 1_100_048_384,
             ("qwen2.5-0.5b", "qwen2", True): 494_032_768,
             ("llama3-1b", "llama", True): 1_235_814_400,
+            ("llama3.2-3b", "llama", True): 3_212_749_824,
             ("qwen3-0.6b", "qwen3", True): 596_049_920}
     for (name, arch, tied), n in real.items():
         specs = synth._tensor_specs(arch, synth.SHAPES[name], tied, False)
