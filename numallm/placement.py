@@ -61,11 +61,12 @@ from .topology import Topology
 from .topology.plan import assumed_bandwidth
 
 STRATEGIES = ("auto", "off", "shard", "replicate", "isolate")
-# One cross-node join (NodePools.run_nodes: condition-variable wake-up and join of the node
-# leaders): median 60-80 us on the 2-core development VM with other work running
-# (benchmarks/bench_numa.py -k join); auto counts it to tell when a model is too small to gain
-# from more nodes.
-JOIN_COST_S = 60e-6
+# One cross-node join in a decode step (NodePools.run_nodes: waking the other nodes' leaders,
+# their wait for the GIL, the join): `numallm bench --numa shard --virtual-nodes 2` reported
+# sync 3.33 ms over 45 joins per token (74 us, TinyLlama-1.1B shape) and 5.48 ms over 57 (96 us,
+# Llama-3.2-3B shape) on the 2-vCPU development VM; auto counts it to tell when a model is too
+# small to gain from more nodes.
+JOIN_COST_S = 80e-6
 # auto picks replicate over shard when shard would give a node at least this multiple of its
 # thread share of the attention (its KV heads), and a full copy takes at most REPLICA_FREE_SHARE
 # of every node's free memory.
