@@ -184,6 +184,25 @@ def _scale_pairs(builder, wp, off, k, signed):
     return builder.bitcast(pair, _V16W), a, b
 
 
+def _sub16_sums(builder, xp, codes, scale):
+    """int32 <8 x i32>: lane i = sum over the 16 sub-blocks s = 8h + 2j + half of row i's
+    scale(s) * (its codes . x), for the 2-bit-plane layouts (Q2_K, Q3_K): codes(h, j, lc) is
+    the unsigned code vector of chunk lc (4 chunks per sub-block, small enough to add in int16)
+    of weights 128h + 32j + 4lc.., scale(s) the <16 x i16> scales for vpmaddwd."""
+    isum = None
+    for h in range(2):
+        for j in range(4):
+            for half in range(2):
+                acc16 = None
+                for lc in range(4 * half, 4 * half + 4):
+                    x = _bcast32(builder, xp, 128 * h + 32 * j + 4 * lc)
+                    d = _maddubs(builder, codes(h, j, lc), x)
+                    acc16 = d if acc16 is None else builder.add(acc16, d)
+                part = _maddwd(builder, acc16, scale(8 * h + 2 * j + half))
+                isum = part if isum is None else builder.add(isum, part)
+    return isum
+
+
 def _q3_k(builder, acc, wp, xp, bp, dx):
     """Record: d[8] f16 | (scale - 32)[16 sub][8 rows] int8 | 8 hmask chunks | 16 qs chunks.
     Weight 128h + 32j + l: low 2 bits at bit 2j of qs byte 32h + l (qs chunk 8h + l // 4), high
@@ -193,23 +212,15 @@ def _q3_k(builder, acc, wp, xp, bp, dx):
     three = _splat8(builder, 3, 32)
     one = _splat8(builder, 1, 32)
     pairs = [_scale_pairs(builder, wp, 16, k, True) for k in range(8)]
-    isum = None
-    for h in range(2):
-        for j in range(4):
-            for half in range(2):
-                acc16 = None
-                for lc in range(4 * half, 4 * half + 4):
-                    q = _at(builder, wp, 400 + 32 * (8 * h + lc), _V32B)
-                    hm = _at(builder, wp, 144 + 32 * lc, _V32B)
-                    lo = builder.and_(builder.lshr(q, _splat8(builder, 2 * j, 32)), three)
-                    hb = builder.and_(builder.lshr(hm, _splat8(builder, 4 * h + j, 32)), one)
-                    u = builder.or_(lo, builder.shl(hb, _splat8(builder, 2, 32)))
-                    d = _maddubs(builder, u, _bcast32(builder, xp, 128 * h + 32 * j + 4 * lc))
-                    acc16 = d if acc16 is None else builder.add(acc16, d)
-                s = 8 * h + 2 * j + half
-                _, sc_a, sc_b = pairs[s // 2]
-                part = _maddwd(builder, acc16, sc_b if s % 2 else sc_a)
-                isum = part if isum is None else builder.add(isum, part)
+
+    def codes(h, j, lc):
+        q = _at(builder, wp, 400 + 32 * (8 * h + lc), _V32B)
+        hm = _at(builder, wp, 144 + 32 * lc, _V32B)
+        lo = builder.and_(builder.lshr(q, _splat8(builder, 2 * j, 32)), three)
+        hb = builder.and_(builder.lshr(hm, _splat8(builder, 4 * h + j, 32)), one)
+        return builder.or_(lo, builder.shl(hb, _splat8(builder, 2, 32)))
+
+    isum = _sub16_sums(builder, xp, codes, lambda s: pairs[s // 2][2 if s % 2 else 1])
     off = None  # 4 * sum_s sc_s * xb_s
     for k in range(8):
         o = _maddwd(builder, pairs[k][0], _pair16(builder, bp, k))
@@ -232,20 +243,12 @@ def _q2_k(builder, acc, wp, xp, bp, dx):
     the GGUF bytes) | 16 qs chunks. Weight 128h + 32j + l: bits 2j..2j+1 of qs byte 32h + l (chunk
     8h + l // 4), sub-block s = 8h + 2j + l // 16. Codes 0..3 (lane <= 762): 4 chunks in int16."""
     three = _splat8(builder, 3, 32)
-    isum = None
-    for h in range(2):
-        for j in range(4):
-            for half in range(2):
-                acc16 = None
-                for lc in range(4 * half, 4 * half + 4):
-                    q = _at(builder, wp, 160 + 32 * (8 * h + lc), _V32B)
-                    u = builder.and_(builder.lshr(q, _splat8(builder, 2 * j, 32)), three)
-                    d = _maddubs(builder, u, _bcast32(builder, xp, 128 * h + 32 * j + 4 * lc))
-                    acc16 = d if acc16 is None else builder.add(acc16, d)
-                s = 8 * h + 2 * j + half
-                sc, _ = _nibble_dup(builder, wp, 32 + 8 * s, False)
-                part = _maddwd(builder, acc16, sc)
-                isum = part if isum is None else builder.add(isum, part)
+
+    def codes(h, j, lc):
+        q = _at(builder, wp, 160 + 32 * (8 * h + lc), _V32B)
+        return builder.and_(builder.lshr(q, _splat8(builder, 2 * j, 32)), three)
+
+    isum = _sub16_sums(builder, xp, codes, lambda s: _nibble_dup(builder, wp, 32 + 8 * s, False)[0])
     msum = None  # sum_s m_s * xb_s, two sub-blocks per vpmaddwd
     for k in range(8):
         _, ma = _nibble_dup(builder, wp, 32 + 16 * k, True)

@@ -221,6 +221,26 @@ def _run_tasks_t(table, lo, hi):
                 K15(q, xq, dx, xb, out, f[13], f[14])  # noqa: F821
 
 
+@njit(nogil=True, cache=True, inline="always")
+def _publish(ctl, at, value, sleeper_at):
+    # ctl[at] = value, then wake whoever announced at ctl[sleeper_at] that it sleeps on ctl[at]
+    store_release(ctl, at, value)
+    fence()
+    if load_acquire(ctl, sleeper_at):
+        futex(ctl, at, FUTEX_WAKE_PRIVATE, 1, 0)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _sleep_on(ctl, at, seen, sleeper_at, timespec_addr):
+    # Sleep while ctl[at] is still `seen` (announced at ctl[sleeper_at]); returns on a change,
+    # a wake-up or the timeout (timespec_addr 0: none)
+    store_release(ctl, sleeper_at, 1)
+    fence()
+    if load_acquire(ctl, at) == seen:
+        futex(ctl, at, FUTEX_WAIT_PRIVATE, seen & 0xFFFFFFFF, timespec_addr)
+    store_release(ctl, sleeper_at, 0)
+
+
 def _worker_loop_t(ctl, me, seen, spin):
     # Wait on this thread's control slot (spin, then sleep); run RUN commands here, hand any
     # other command back to Python as (kind, generation).
@@ -233,11 +253,7 @@ def _worker_loop_t(ctl, me, seen, spin):
             if polls < spin:
                 cpu_relax()
                 continue
-            store_release(ctl, base + SLEEP, 1)
-            fence()
-            if load_acquire(ctl, base + GO) == seen:
-                futex(ctl, base + GO, FUTEX_WAIT_PRIVATE, seen & 0xFFFFFFFF, 0)
-            store_release(ctl, base + SLEEP, 0)
+            _sleep_on(ctl, base + GO, seen, base + SLEEP, 0)
             polls = 0
             continue
         polls = 0
@@ -255,10 +271,7 @@ def _worker_loop_t(ctl, me, seen, spin):
 def finish(ctl, me, gen):
     """Worker `me` is done with generation gen: publish it, wake the caller if it sleeps."""
     base = me * CTL_STRIDE
-    store_release(ctl, base + DONE, gen)
-    fence()
-    if load_acquire(ctl, base + WSLEEP):
-        futex(ctl, base + DONE, FUTEX_WAKE_PRIVATE, 1, 0)
+    _publish(ctl, base + DONE, gen, base + WSLEEP)
 
 
 @njit(nogil=True, cache=True)
@@ -270,10 +283,7 @@ def post(ctl, who, kind, table, lo, hi, gen):
     ctl[base + TABLE] = table.ctypes.data
     ctl[base + LO] = lo
     ctl[base + HI] = hi
-    store_release(ctl, base + GO, gen)
-    fence()
-    if load_acquire(ctl, base + SLEEP):
-        futex(ctl, base + GO, FUTEX_WAKE_PRIVATE, 1, 0)
+    _publish(ctl, base + GO, gen, base + SLEEP)
 
 
 @njit(nogil=True, cache=True)
@@ -286,12 +296,9 @@ def wait_done(ctl, who, gen, spin, timespec):
         if load_acquire(ctl, base + DONE) >= gen:
             return True
         cpu_relax()
-    store_release(ctl, base + WSLEEP, 1)
-    fence()
     done = load_acquire(ctl, base + DONE)
     if done < gen:
-        futex(ctl, base + DONE, FUTEX_WAIT_PRIVATE, done & 0xFFFFFFFF, timespec.ctypes.data)
-    store_release(ctl, base + WSLEEP, 0)
+        _sleep_on(ctl, base + DONE, done, base + WSLEEP, timespec.ctypes.data)
     return load_acquire(ctl, base + DONE) >= gen
 
 

@@ -54,15 +54,16 @@ class Activations:
             self.makers[key] = make
         return f
 
-    def refill(self, x: np.ndarray) -> bool:
-        """Encode a new x of the same shape into the existing forms (all XForm); False if some
-        form cannot be refilled."""
-        if not all(isinstance(m, XForm) for m in self.makers.values()):
-            return False
+    @property
+    def refillable(self) -> bool:
+        """Every form made so far can be refilled in place (all XForm)."""
+        return all(isinstance(m, XForm) for m in self.makers.values())
+
+    def refill(self, x: np.ndarray) -> None:
+        """Encode a new x of the same shape into the existing forms (see `refillable`)."""
         self.x = x
         for key, make in self.makers.items():
             make.fill(x, *self._forms[key])
-        return True
 
 
 class KernelUnit:

@@ -86,7 +86,7 @@ class _Replay:
 
     def __init__(self, x: np.ndarray, lins: tuple[Linear, ...], pool: threads.RowPool):
         self.ws = tuple(lin.w for lin in lins)          # what the table's addresses point into
-        self.epoch = REPLAY_EPOCH[0]
+        self.epoch = REPLAY_EPOCH
         self.acts = Activations(x.copy())
         jobs: list[list] = [[] for _ in range(pool.n_threads)]
         self.outs = []
@@ -96,8 +96,8 @@ class _Replay:
             if lin.add_jobs(self.acts, out, jobs) is not None:
                 raise ValueError("a replayable matrix added a step")
             self.outs.append(out)
-        enc = pool.encode(jobs) if self.acts.makers else None
-        self.ok = enc is not None and self.acts.refill(self.acts.x)
+        enc = pool.encode(jobs) if self.acts.makers and self.acts.refillable else None
+        self.ok = enc is not None
         self.table, self.spans = enc if self.ok else (None, None)
 
     def __call__(self, pool: threads.RowPool, x: np.ndarray) -> list[np.ndarray]:
@@ -110,7 +110,7 @@ class _Replay:
 REPLAY_MAX_T = 1
 _REPLAYS_PER_MATRIX = 8
 # bumped to drop every replay (e.g. after the kernel units' methods were swapped for a while)
-REPLAY_EPOCH = [0]
+REPLAY_EPOCH = 0
 
 
 def _replay(x: np.ndarray, lins: tuple[Linear, ...], pool) -> _Replay | None:
@@ -120,9 +120,9 @@ def _replay(x: np.ndarray, lins: tuple[Linear, ...], pool) -> _Replay | None:
     first = lins[0]
     if first._replays is None:
         first._replays = {}
-    key = (tuple(map(id, lins)), pool, x.shape)
+    key = (lins, pool, x.shape)          # matrices and pools hash by identity
     r = first._replays.get(key)
-    if r is None or r.ws != tuple(lin.w for lin in lins) or r.epoch != REPLAY_EPOCH[0]:
+    if r is None or r.ws != tuple(lin.w for lin in lins) or r.epoch != REPLAY_EPOCH:
         if len(first._replays) >= _REPLAYS_PER_MATRIX:
             first._replays.clear()
         r = first._replays[key] = _Replay(x, lins, pool)

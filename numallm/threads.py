@@ -177,7 +177,7 @@ class RowPool:
 
     def run_encoded(self, table: np.ndarray, spans: list[tuple[int, int]]) -> None:
         """Run what `encode` made: thread i the rows spans[i] of table."""
-        self._run(table, None, [True] * len(spans), spans)
+        self._run(table, [()] * len(spans), [True] * len(spans), spans)
 
     def _encode(self, table, shares, native) -> list[tuple[int, int]]:
         spans, row = [], 0
@@ -191,7 +191,7 @@ class RowPool:
 
     def _run(self, table, shares, native, spans) -> None:
         if len(spans) == 1:
-            self._run_share(table, shares and shares[0], native[0], spans[0])
+            self._run_share(table, shares[0], native[0], spans[0])
             return
         if self._closed:
             raise RuntimeError("this RowPool is closed")
@@ -203,7 +203,7 @@ class RowPool:
                 self._py[i] = lambda s=shares[i]: self._run_share(table, s, False, (0, 0))
                 self._send(i, self._nat.PY)
         try:
-            self._run_share(table, shares and shares[0], native[0], spans[0])
+            self._run_share(table, shares[0], native[0], spans[0])
         finally:
             for i in range(1, len(spans)):
                 self._wait(i)
