@@ -12,15 +12,17 @@ on a lock) after `spin` polls.
 Task row (TASK_FIELDS int64): kernel slot, then for each array its address and shape:
     q (G, rec bytes) uint8 | xq (T, K) int8 | dx (T, nb) float32 | xaux (T, m) int32 or int16 |
     out (T, N) float32 | r0, r1
-Slots 0..7 take an int32 xaux (the 32-element block types' code sums), 8..15 an int16 one (the
-K-quants' per-16 sums). The arrays must stay alive until the call that ran them returns (the
-pool's caller holds them).
+Slots 0..15 take an int32 xaux (the 32-element block types' code sums), 16..31 an int16 one (the
+K-quants' per-16 sums). Slot ATTN is decode attention (numallm_kernels.attention.attend) over
+the KV heads a task is given, laid out as `encode_attention` writes it. The arrays must stay
+alive until the call that ran them returns (the pool's caller holds them).
 
 Control slot of thread i (CTL_STRIDE int64 at i * CTL_STRIDE, a cache line each):
     GO: generation of the latest command, KIND: RUN / PY / EXIT, LO, HI: its task rows,
     TABLE: the address of the task table they are in (C-contiguous int64 (rows, TASK_FIELDS)),
     DONE: generation the worker finished, SLEEP: 1 while the worker sleeps on GO,
-    WSLEEP: 1 while the caller sleeps on DONE.
+    WSLEEP: 1 while the caller sleeps on DONE, BUSY: nanoseconds the last RUN took (so the
+    caller can tell a join's waiting from its work).
 
 Sleeping: a waiter spins a short while (`pause`), then sleeps in futex(2) on the 32 low bits of
 the word it waits for, after announcing it in SLEEP/WSLEEP; the other side stores the word, fences
@@ -39,14 +41,15 @@ from numba import carray, njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from . import _simd
+from . import _simd, attention
 from .base import specialize
 
 TASK_FIELDS = 16
-CTL_STRIDE = 8                  # int64 per thread slot: 64 bytes
-GO, KIND, LO, HI, DONE, SLEEP, WSLEEP, TABLE = 0, 1, 2, 3, 4, 5, 6, 7
+CTL_STRIDE = 16                 # int64 per thread slot: 128 bytes (two cache lines, as prefetched)
+GO, KIND, LO, HI, DONE, SLEEP, WSLEEP, TABLE, BUSY = 0, 1, 2, 3, 4, 5, 6, 7, 8
 RUN, PY, EXIT = 1, 2, 3
-N_SLOTS = 16
+SLOTS_PER_GROUP = 16            # kernel slots per xaux dtype
+ATTN = 2 * SLOTS_PER_GROUP      # the attention task's slot
 
 
 # -- intrinsics ----------------------------------------------------------------------------------
@@ -135,6 +138,27 @@ def cpu_relax(typingctx):
     return sig, codegen
 
 
+CLOCK_MONOTONIC = 1
+
+
+@intrinsic
+def now_ns(typingctx):
+    """CLOCK_MONOTONIC in nanoseconds, through libc's clock_gettime (the vDSO: ~20 ns)."""
+    sig = types.int64()
+
+    def codegen(context, builder, sig, args):
+        i64 = ir.IntType(64)
+        ts = cgutils.alloca_once(builder, ir.ArrayType(i64, 2))
+        fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.IntType(32), [ir.IntType(32), ts.type]), "clock_gettime")
+        builder.call(fn, [ir.Constant(ir.IntType(32), CLOCK_MONOTONIC), ts])
+        sec = builder.load(builder.gep(ts, [ir.Constant(ir.IntType(32), 0), ir.Constant(ir.IntType(32), 0)]))
+        nsec = builder.load(builder.gep(ts, [ir.Constant(ir.IntType(32), 0), ir.Constant(ir.IntType(32), 1)]))
+        return builder.add(builder.mul(sec, ir.Constant(i64, 1_000_000_000)), nsec)
+
+    return sig, codegen
+
+
 def _ptr_intrinsic(dtype):
     @intrinsic
     def as_ptr(typingctx, addr):
@@ -162,11 +186,49 @@ def address(a: np.ndarray) -> int:
     return a.__array_interface__["data"][0]
 
 
-def encode(row: np.ndarray, slot: int, q, xq, dx, xaux, out, r0: int, r1: int) -> None:
-    """Write one task into `row` (int64 (TASK_FIELDS,)); every array 2-D and C-contiguous."""
+def encode(row: np.ndarray, slot: int, *args) -> None:
+    """Write one task (a `KernelUnit.native_task` or `attention_task` tuple) into `row` (int64
+    (TASK_FIELDS,))."""
+    if slot == ATTN:
+        _encode_attention(row, *args)
+        return
+    q, xq, dx, xaux, out, r0, r1 = args          # every array 2-D and C-contiguous
     row[:] = (slot, address(q), q.shape[0], q.shape[1], address(xq), xq.shape[1],
               address(dx), dx.shape[1], address(xaux), xaux.shape[1],
               address(out), out.shape[0], out.shape[1], r0, r1, 0)
+
+
+def attention_task(q, k, v, out, scores, pos0: int, scale: float) -> tuple:
+    """A task running attention.attend(q, k, v, pos0, scale, out, scores), every array
+    C-contiguous float32: q (T, H, hd), k and v (n_kv, n_ctx, hd), out (T, H * hd), scores
+    (H, >= pos0 + T). Only where `available()`."""
+    return (ATTN, q, k, v, out, scores, pos0, scale)
+
+
+def _encode_attention(row, q, k, v, out, scores, pos0, scale) -> None:
+    row[:] = (ATTN, address(q), q.shape[0], q.shape[1], q.shape[2], address(k), address(v),
+              k.shape[0], k.shape[1], address(out), address(scores), scores.shape[1], pos0,
+              int(np.float32(scale).view(np.int32)), 0, 0)
+
+
+@njit(nogil=True, cache=True)
+def _run_attention(f):
+    n_t, n_h, hd, n_kv, n_ctx = f[2], f[3], f[4], f[7], f[8]
+    attention.attend(carray(ptr_f32(f[1]), (n_t, n_h, hd)),
+                     carray(ptr_f32(f[5]), (n_kv, n_ctx, hd)),
+                     carray(ptr_f32(f[6]), (n_kv, n_ctx, hd)), f[12], f32_from_bits(f[13]),
+                     carray(ptr_f32(f[9]), (n_t, n_h * hd)), carray(ptr_f32(f[10]), (n_h, f[11])))
+
+
+@intrinsic
+def f32_from_bits(typingctx, b):
+    """The float32 whose bits are the low 32 bits of int64 b."""
+    sig = types.float32(types.int64)
+
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(builder.trunc(args[0], ir.IntType(32)), ir.FloatType())
+
+    return sig, codegen
 
 
 @njit(nogil=True, cache=True)
@@ -175,18 +237,23 @@ def _no_kernel(q, xq, dx, xaux, out, r0, r1):  # an unused slot
 
 
 def _run_tasks_t(table, lo, hi):
+    # slots 0..15: K0..K15 (int32 xaux), 16..31: K16..K31 (int16 xaux), ATTN: attention; the
+    # K constants are the registered kernels (template constants, see executors)
     for t in range(lo, hi):
         f = table[t]
         slot = f[0]
+        if slot == ATTN:
+            _run_attention(f)
+            continue
         n_t = f[11]
         q = carray(ptr_u8(f[1]), (f[2], f[3]))
         xq = carray(ptr_i8(f[4]), (n_t, f[5]))
         dx = carray(ptr_f32(f[6]), (n_t, f[7]))
         out = carray(ptr_f32(f[10]), (n_t, f[12]))
-        if slot < 8:
+        if slot < SLOTS_PER_GROUP:
             xa = carray(ptr_i32(f[8]), (n_t, f[9]))
             if slot == 0:
-                K0(q, xq, dx, xa, out, f[13], f[14])  # noqa: F821 (template constants K0..K15)
+                K0(q, xq, dx, xa, out, f[13], f[14])  # noqa: F821
             elif slot == 1:
                 K1(q, xq, dx, xa, out, f[13], f[14])  # noqa: F821
             elif slot == 2:
@@ -199,26 +266,58 @@ def _run_tasks_t(table, lo, hi):
                 K5(q, xq, dx, xa, out, f[13], f[14])  # noqa: F821
             elif slot == 6:
                 K6(q, xq, dx, xa, out, f[13], f[14])  # noqa: F821
-            else:
+            elif slot == 7:
                 K7(q, xq, dx, xa, out, f[13], f[14])  # noqa: F821
+            elif slot == 8:
+                K8(q, xq, dx, xa, out, f[13], f[14])  # noqa: F821
+            elif slot == 9:
+                K9(q, xq, dx, xa, out, f[13], f[14])  # noqa: F821
+            elif slot == 10:
+                K10(q, xq, dx, xa, out, f[13], f[14])  # noqa: F821
+            elif slot == 11:
+                K11(q, xq, dx, xa, out, f[13], f[14])  # noqa: F821
+            elif slot == 12:
+                K12(q, xq, dx, xa, out, f[13], f[14])  # noqa: F821
+            elif slot == 13:
+                K13(q, xq, dx, xa, out, f[13], f[14])  # noqa: F821
+            elif slot == 14:
+                K14(q, xq, dx, xa, out, f[13], f[14])  # noqa: F821
+            else:
+                K15(q, xq, dx, xa, out, f[13], f[14])  # noqa: F821
         else:
             xb = carray(ptr_i16(f[8]), (n_t, f[9]))
-            if slot == 8:
-                K8(q, xq, dx, xb, out, f[13], f[14])  # noqa: F821
-            elif slot == 9:
-                K9(q, xq, dx, xb, out, f[13], f[14])  # noqa: F821
-            elif slot == 10:
-                K10(q, xq, dx, xb, out, f[13], f[14])  # noqa: F821
-            elif slot == 11:
-                K11(q, xq, dx, xb, out, f[13], f[14])  # noqa: F821
-            elif slot == 12:
-                K12(q, xq, dx, xb, out, f[13], f[14])  # noqa: F821
-            elif slot == 13:
-                K13(q, xq, dx, xb, out, f[13], f[14])  # noqa: F821
-            elif slot == 14:
-                K14(q, xq, dx, xb, out, f[13], f[14])  # noqa: F821
+            if slot == 16:
+                K16(q, xq, dx, xb, out, f[13], f[14])  # noqa: F821
+            elif slot == 17:
+                K17(q, xq, dx, xb, out, f[13], f[14])  # noqa: F821
+            elif slot == 18:
+                K18(q, xq, dx, xb, out, f[13], f[14])  # noqa: F821
+            elif slot == 19:
+                K19(q, xq, dx, xb, out, f[13], f[14])  # noqa: F821
+            elif slot == 20:
+                K20(q, xq, dx, xb, out, f[13], f[14])  # noqa: F821
+            elif slot == 21:
+                K21(q, xq, dx, xb, out, f[13], f[14])  # noqa: F821
+            elif slot == 22:
+                K22(q, xq, dx, xb, out, f[13], f[14])  # noqa: F821
+            elif slot == 23:
+                K23(q, xq, dx, xb, out, f[13], f[14])  # noqa: F821
+            elif slot == 24:
+                K24(q, xq, dx, xb, out, f[13], f[14])  # noqa: F821
+            elif slot == 25:
+                K25(q, xq, dx, xb, out, f[13], f[14])  # noqa: F821
+            elif slot == 26:
+                K26(q, xq, dx, xb, out, f[13], f[14])  # noqa: F821
+            elif slot == 27:
+                K27(q, xq, dx, xb, out, f[13], f[14])  # noqa: F821
+            elif slot == 28:
+                K28(q, xq, dx, xb, out, f[13], f[14])  # noqa: F821
+            elif slot == 29:
+                K29(q, xq, dx, xb, out, f[13], f[14])  # noqa: F821
+            elif slot == 30:
+                K30(q, xq, dx, xb, out, f[13], f[14])  # noqa: F821
             else:
-                K15(q, xq, dx, xb, out, f[13], f[14])  # noqa: F821
+                K31(q, xq, dx, xb, out, f[13], f[14])  # noqa: F821
 
 
 @njit(nogil=True, cache=True, inline="always")
@@ -263,7 +362,9 @@ def _worker_loop_t(ctl, me, seen, spin):
             return kind, gen
         hi = ctl[base + HI]
         table = carray(ptr_i64(ctl[base + TABLE]), (hi, TASK_FIELDS))
+        t0 = now_ns()
         RUN_TASKS(table, ctl[base + LO], hi)  # noqa: F821 (template constant)
+        ctl[base + BUSY] = now_ns() - t0
         finish(ctl, me, gen)
 
 
@@ -311,10 +412,10 @@ def register_kernel(kernel, int16_sums: bool) -> int:
     if _BUILT:
         raise RuntimeError("native kernel slots are fixed once the executors are built")
     group = _SLOTS[int16_sums]
-    if len(group) == 8:
+    if len(group) == SLOTS_PER_GROUP:
         raise RuntimeError("no free native kernel slot")
     group.append(kernel)
-    return 8 * int16_sums + len(group) - 1
+    return SLOTS_PER_GROUP * int16_sums + len(group) - 1
 
 
 @njit(nogil=True, cache=True)
@@ -322,13 +423,20 @@ def _no_tasks(table, lo, hi):  # no kernel can run natively on this CPU
     pass
 
 
+def available() -> bool:
+    """Whether tasks run natively on this CPU (else run_tasks does nothing: the pools then get
+    Python callables, as `KernelUnit.native_task` returns None)."""
+    return _simd.has_avx2()
+
+
 def executors():
     """(run_tasks, worker_loop): the Numba executors over every registered kernel (none where
     the CPU lacks AVX2: the record kernels' intrinsics must never be compiled there)."""
     if not _BUILT:
-        consts = {f"K{8 * g + i}": (_SLOTS[g][i] if i < len(_SLOTS[g]) else _no_kernel)
-                  for g in (0, 1) for i in range(8)}
-        run_tasks = (specialize(_run_tasks_t, "native_run_tasks", **consts) if _simd.has_avx2()
+        n = SLOTS_PER_GROUP
+        consts = {f"K{n * g + i}": (_SLOTS[g][i] if i < len(_SLOTS[g]) else _no_kernel)
+                  for g in (0, 1) for i in range(n)}
+        run_tasks = (specialize(_run_tasks_t, "native_run_tasks", **consts) if available()
                      else _no_tasks)
         _BUILT["run_tasks"] = run_tasks
         _BUILT["worker_loop"] = specialize(_worker_loop_t, "native_worker_loop",

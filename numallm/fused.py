@@ -1,65 +1,18 @@
-"""Numba kernels for the small per-token ops of ops.py (norm, RoPE, decode attention, SwiGLU).
+"""Numba kernels for the small per-token ops of ops.py (norm, RoPE, SwiGLU; decode attention
+lives in numallm_kernels.attention, where the thread pools' native executor can run it too).
 
 A decode step of a 1B model does ~20 such ops per layer on vectors of a few thousand floats;
 as numpy expressions each is several array passes and temporaries (~3-5 us each in call
 overhead alone), which added up to several ms per token next to ~30 ms of weight streaming. Each
 kernel here is one pass, writes into an array the caller allocates, and releases the GIL.
-
-`exp` below is a polynomial (LLVM cannot vectorize calls to libm's expf, and numpy's SIMD exp is
-not reachable from Numba): relative error < 2e-7 over the float32 range, exact 0 for very
-negative inputs (a masked score), NaN in -> NaN out.
 """
 from __future__ import annotations
 
 import math
 
 import numpy as np
-from llvmlite import ir
-from numba import njit, types
-from numba.extending import intrinsic
-
-# reassociation lets LLVM vectorize the float reductions (sums of squares, dot products); the
-# other fast-math flags (no-NaN, no-inf) stay off: non-finite values must propagate
-_FM = {"reassoc", "contract", "nsz"}
-
-_LOG2E = np.float32(1.4426950408889634)
-_LN2_HI = np.float32(0.693145751953125)
-_LN2_LO = np.float32(1.428606765330187e-06)
-
-
-@intrinsic
-def _f32_from_bits(typingctx, b):
-    """The float32 whose bits are the int32 b."""
-    sig = types.float32(types.int32)
-
-    def codegen(context, builder, sig, args):
-        return builder.bitcast(args[0], ir.FloatType())
-
-    return sig, codegen
-
-
-@njit(nogil=True, cache=True, inline="always", fastmath=_FM)
-def exp(x):
-    """float32 e^x: x = n ln2 + r (|r| <= ln2/2), e^r by its degree-6 Taylor polynomial, 2^n
-    from the float's exponent bits. Below -87.3 the result is 0, above 88.7 it is inf; NaN stays
-    NaN. Branch-free, so loops over it vectorize."""
-    xc = min(max(x, np.float32(-87.3)), np.float32(88.8))
-    n = np.floor(xc * _LOG2E + np.float32(0.5))
-    r = (xc - n * _LN2_HI) - n * _LN2_LO
-    p = np.float32(1.0 / 720.0)
-    p = p * r + np.float32(1.0 / 120.0)
-    p = p * r + np.float32(1.0 / 24.0)
-    p = p * r + np.float32(1.0 / 6.0)
-    p = p * r + np.float32(0.5)
-    p = p * r + np.float32(1.0)
-    p = p * r + np.float32(1.0)
-    ni = np.int32(n)
-    n1 = ni >> np.int32(1)           # 2^n as 2^n1 * 2^(n - n1): both factors stay normal floats
-    y = (p * _f32_from_bits((n1 + np.int32(127)) << np.int32(23))
-         * _f32_from_bits((ni - n1 + np.int32(127)) << np.int32(23)))
-    y = np.float32(0.0) if x < np.float32(-87.3) else y
-    y = np.float32(np.inf) if x > np.float32(88.7) else y
-    return x if x != x else y
+from numba import njit
+from numallm_kernels.attention import _FM, attend, exp  # noqa: F401 (attend, exp: re-exported)
 
 
 @njit(nogil=True, cache=True, fastmath=_FM)
@@ -93,68 +46,6 @@ def rope(x, cos, sin, dim, neox):
                 s = sin[t, i]
                 x[t, h, ia] = a * c - b * s
                 x[t, h, ib] = a * s + b * c
-
-
-@njit(nogil=True, cache=True, fastmath=_FM)
-def _scores(q, k, t, n_s, scale, scores):
-    # scores[h, s] = scale * q[t, h] . k[h // group, s]
-    n_h, hd = q.shape[1], q.shape[2]
-    group = n_h // k.shape[0]
-    for h in range(n_h):
-        g = h // group
-        for s in range(n_s):
-            acc = np.float32(0.0)
-            for j in range(hd):
-                acc += q[t, h, j] * k[g, s, j]
-            scores[h, s] = acc * scale
-
-
-@njit(nogil=True, cache=True, fastmath=_FM)
-def _softmax(scores, n_s):
-    # each row's first n_s entries -> softmax (in place)
-    for h in range(scores.shape[0]):
-        m = -np.inf
-        for s in range(n_s):
-            m = max(m, scores[h, s])
-        z = np.float32(0.0)
-        for s in range(n_s):
-            e = exp(scores[h, s] - m)
-            scores[h, s] = e
-            z += e
-        inv = np.float32(1.0) / z
-        for s in range(n_s):
-            scores[h, s] *= inv
-
-
-@njit(nogil=True, cache=True, fastmath=_FM)
-def _values(scores, v, n_s, out):
-    # out[h * hd:(h + 1) * hd] = sum_s scores[h, s] * v[h // group, s]
-    n_h, hd = scores.shape[0], v.shape[2]
-    group = n_h // v.shape[0]
-    for h in range(n_h):
-        g = h // group
-        o = out[h * hd:(h + 1) * hd]
-        o[:] = 0.0
-        for s in range(n_s):
-            p = scores[h, s]
-            for j in range(hd):
-                o[j] += p * v[g, s, j]
-
-
-@njit(nogil=True, cache=True)
-def attend(q, k, v, pos0, scale, out, scores):
-    """Causal grouped-query attention over a KV cache, for a few query positions (decode).
-
-    q: float32 (T, H, hd) at positions pos0..pos0+T-1; k, v: float32 (n_kv, n_ctx, hd) filled up
-    to pos0 + T; out: float32 (T, H * hd); scores: float32 scratch (H, >= pos0 + T). Query head
-    h reads KV head h // (H / n_kv). Three passes per position (scores, softmax, weighted sum of
-    values), each a loop LLVM vectorizes (kept as separate functions: fused into one, the
-    same loops measured 2-4x slower)."""
-    for t in range(q.shape[0]):
-        n_s = pos0 + t + 1
-        _scores(q, k, t, n_s, scale, scores)
-        _softmax(scores, n_s)
-        _values(scores, v, n_s, out[t])
 
 
 @njit(nogil=True, cache=True, fastmath=_FM)
