@@ -60,10 +60,30 @@ class Activations:
         return all(isinstance(m, XForm) for m in self.makers.values())
 
     def refill(self, x: np.ndarray) -> None:
-        """Encode a new x of the same shape into the existing forms (see `refillable`)."""
-        self.x = x
+        """Encode a new x of the same shape into the existing forms (see `refillable`). x is
+        copied into the existing buffer, so `columns` views stay valid."""
+        np.copyto(self.x, x)
         for key, make in self.makers.items():
-            make.fill(x, *self._forms[key])
+            make.fill(self.x, *self._forms[key])
+
+    def columns(self, a: int, b: int) -> "Activations":
+        """Input columns [a, b) of a one-token input, sharing this one's memory: x and every
+        form made so far, sliced, so a matrix split by columns reads its part of one encoding
+        (a row's columns are contiguous only for T = 1). A form array (T, m) holds m/K entries
+        per column: [a, b) must cover whole entries of each (whole quant blocks)."""
+        t, k = self.x.shape
+        if t != 1:
+            raise ValueError(f"column views of a {t}-token input (one token only)")
+        sub = Activations(self.x[:, a:b])
+        for key, arrays in self._forms.items():
+            views = []
+            for arr in arrays:
+                m = arr.shape[1]
+                if a * m % k or b * m % k:
+                    raise ValueError(f"columns [{a}, {b}) cut the {key!r} form's {k // m}-column units")
+                views.append(arr[:, a * m // k:b * m // k])
+            sub._forms[key] = tuple(views)
+        return sub
 
 
 class KernelUnit:

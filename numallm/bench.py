@@ -232,8 +232,8 @@ class KernelClock:
     While on, units hand out no native tasks (those run inside Numba, out of reach of a Python
     timer), so a product goes through a timed matmul_x, except the decode dispatches replayed
     from tables encoded before (ops._Replay, the engine's decode path): each of those counts as
-    one span, from encoding the input to the last thread's end. Replays made while on are
-    dropped on exit."""
+    one span, from encoding the input to the last thread's end. No replay is made while on (one
+    would hold the wrapped methods); those made before run as usual."""
 
     METHODS = ("prepare_x", "matmul_x", "matvec", "matmul")
 
@@ -270,6 +270,7 @@ class KernelClock:
                 spans.append((t0, time.perf_counter()))
         self._saved.append((ops._Replay, "__call__", replay))
         ops._Replay.__call__ = timed_replay
+        ops.REPLAY_FROZEN = True
         return self
 
     def __exit__(self, *exc) -> None:
@@ -281,7 +282,7 @@ class KernelClock:
         self._saved.clear()
         from . import ops
 
-        ops.REPLAY_EPOCH += 1
+        ops.REPLAY_FROZEN = False
 
     def busy_s(self) -> float:
         total, end = 0.0, -math.inf
@@ -381,6 +382,11 @@ class LlamaCppRunner:
     last_sync_s = None
 
     def __init__(self, path: str, n_threads: int, n_ctx: int):
+        from . import llamacpp
+
+        why = llamacpp.problem()
+        if why:
+            raise NumallmError(f"--vs-llama-cpp: {why}")
         import llama_cpp
 
         try:

@@ -80,7 +80,8 @@ def task(unit, w, acts: Activations, out: np.ndarray, r0: int, r1: int):
 class _Replay:
     """One decode dispatch of matmuls(x, *lins) on one pool, encoded once: the activation forms,
     the outputs and the pool's task table stay allocated, so a token costs one fill of the forms
-    (a Numba call per form), one run of the table and a copy of each output. Python work per
+    (a Numba call per form), one run of the table, the matrices' steps (placement's sums of
+    partial products, over buffers made here) and a copy of each output. Python work per
     dispatch was most of the decode time outside the kernels (~60-100 us per dispatch, two
     thirds of it encoding tasks) and grows with the thread count."""
 
@@ -89,12 +90,13 @@ class _Replay:
         self.epoch = REPLAY_EPOCH
         self.acts = Activations(x.copy())
         jobs: list[list] = [[] for _ in range(pool.n_threads)]
-        self.outs = []
+        self.outs, self.steps = [], []
         for lin in lins:
             lin.unit.prepare_x(self.acts)
             out = np.empty((x.shape[0], lin.shape[0]), dtype=np.float32)   # (T, N)
-            if lin.add_jobs(self.acts, out, jobs) is not None:
-                raise ValueError("a replayable matrix added a step")
+            step = lin.add_jobs(self.acts, out, jobs)
+            if step is not None:
+                self.steps.append(step)
             self.outs.append(out)
         enc = pool.encode(jobs) if self.acts.makers and self.acts.refillable else None
         self.ok = enc is not None
@@ -103,18 +105,23 @@ class _Replay:
     def __call__(self, pool: threads.RowPool, x: np.ndarray) -> list[np.ndarray]:
         self.acts.refill(x)
         pool.run_encoded(self.table, self.spans)
+        for step in self.steps:
+            step()
         return [o.copy() for o in self.outs]
 
 
 # decode dispatches replayed per first matrix (keyed by the matrices and the pool)
 REPLAY_MAX_T = 1
 _REPLAYS_PER_MATRIX = 8
-# bumped to drop every replay (e.g. after the kernel units' methods were swapped for a while)
+# bumped to drop every replay
 REPLAY_EPOCH = 0
+# while True, replays already made run but none is made or replaced (bench's KernelClock swaps
+# the kernel units' methods for a while: a replay made then would hold the swapped ones)
+REPLAY_FROZEN = False
 
 
 def _replay(x: np.ndarray, lins: tuple[Linear, ...], pool) -> _Replay | None:
-    if x.shape[0] > REPLAY_MAX_T or not isinstance(pool, threads.RowPool) or \
+    if x.shape[0] > REPLAY_MAX_T or not isinstance(pool, (threads.RowPool, threads.NodePools)) or \
             not all(lin.replayable for lin in lins):
         return None
     first = lins[0]
@@ -123,6 +130,8 @@ def _replay(x: np.ndarray, lins: tuple[Linear, ...], pool) -> _Replay | None:
     key = (lins, pool, x.shape)          # matrices and pools hash by identity
     r = first._replays.get(key)
     if r is None or r.ws != tuple(lin.w for lin in lins) or r.epoch != REPLAY_EPOCH:
+        if REPLAY_FROZEN:
+            return None
         if len(first._replays) >= _REPLAYS_PER_MATRIX:
             first._replays.clear()
         r = first._replays[key] = _Replay(x, lins, pool)
@@ -226,6 +235,9 @@ class KVCache:
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes
 
+    def attend(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, pos0: int) -> np.ndarray:
+        return attend(q, k, v, self, pos0)
+
 
 # Up to this many query positions attention runs as one Numba pass per head (decode, short
 # chunks); longer prefills batch each KV head's queries into BLAS matmuls.
@@ -234,11 +246,18 @@ FUSED_ATTENTION_MAX_T = 8
 ATTENTION_BLOCK = 64
 
 
-def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, cache: KVCache, pos0: int) -> np.ndarray:
-    """Causal grouped-query attention with the KV cache.
+def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, cache, pos0: int) -> np.ndarray:
+    """Causal grouped-query attention with the KV cache: `cache.attend` (a KVCache here; NUMA
+    placement's per-node caches run each node's heads on its own threads).
 
     q: (T, n_head, hd), k/v: (T, n_head_kv, hd) for positions pos0..pos0+T-1 -> (T, n_head * hd).
     """
+    return cache.attend(q, k, v, pos0)
+
+
+def attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, cache: KVCache, pos0: int) -> np.ndarray:
+    """KVCache.attend: store k, v at pos0.. in `cache`, then attention of q over positions 0..
+    (shapes as `attention`)."""
     t, n_head, hd = q.shape
     n_kv = k.shape[1]
     group = n_head // n_kv

@@ -26,12 +26,22 @@ each query head with its KV head, and feed-forward rows F_i:
     x += sum of the partials                                      cross-node sync 2 (allreduce)
 
 so 2 cross-node syncs per layer, plus 1 per forward for the output matrix (split by rows,
-gathered); the embedding lookup reads one row wherever it lives. Inside a node each matrix
-product joins that node's threads only. Column slices fall on quant-block boundaries (32 values
-for legacy types, 256 for K-quants): KV heads are grouped so a node's attn_output columns are
-whole blocks. Partial sums change the order of float additions, so logits differ from `off` at
-float32 rounding. Replicate runs the block's own code with every product's rows split over the
-nodes: 4 cross-node syncs per layer (q/k/v together, attn_output, gate/up together, down).
+gathered); the embedding lookup reads one row wherever it lives. Column slices fall on
+quant-block boundaries (32 values for legacy types, 256 for K-quants): KV heads are grouped so a
+node's attn_output columns are whole blocks. Partial sums change the order of float additions,
+so logits differ from `off` at float32 rounding. Replicate runs the block's own code with every
+product's rows split over the nodes: 4 cross-node syncs per layer (q/k/v together, attn_output,
+gate/up together, down).
+
+Who runs the Python. A prefill (T > 1) runs each node's half-layer on its leader thread, and
+inside a node each product joins that node's threads only. A decode step (T = 1) is too short
+for that: two Python leaders take turns on the GIL at every op (measured: 84 us mean start delay
+per join, ~20% of a 1B model's token on 2 virtual nodes). So a decode step runs the block's own
+code once, on the caller, over ShardedLinear records of the slices, and every product and the
+attention are *flat* dispatches of native tasks (NodePools.run_tasks): each node's threads get
+their node's slices and KV heads, run them inside Numba without the GIL, and only the caller
+runs Python. That is 5 joins per layer (q/k/v, attention, attn_output partials, gate/up,
+ffn_down partials), each a few microseconds, of which the 2 partial sums are the data exchanged.
 
 All cross-node data movement goes through `Exchange`; `Placement.sync_stats()` gives the joins and
 the time they cost. Virtual nodes (carved from one real node) allocate on the real node they came
@@ -51,6 +61,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
+from numallm_kernels import _native
 from numallm_kernels.base import Activations
 
 from . import numa_mem, ops, threads
@@ -233,10 +244,11 @@ def _slice(lin: ops.Linear, group: int, axis: int, a: int, b: int, node: int | N
 class ShardedLinear(ops.Linear):
     """A matrix split over nodes into LocalLinear parts, computed as one product: each part's
     rows go to its node's threads (ops.matmuls dispatches every matrix of an input at once) and
-    the Exchange gathers row parts of a batch or sums column parts. A decode step (T = 1) writes
-    row parts straight into the output, and replicated parts (whole matrices) always do."""
-
-    replayable = False       # its jobs are Python calls and an exchange step
+    the Exchange gathers row parts of a batch or sums column parts. A one-token input (decode)
+    writes row parts straight into the output (replicated parts, whole matrices, always do), and
+    column parts read their columns of the input's one encoding; its dispatch is then made of
+    kernel tasks only, which ops replays token after token as one flat dispatch over the nodes
+    (NodePools.run_encoded) followed by the Exchange step."""
 
     def __init__(self, lin: ops.Linear, parts: list[LocalLinear], nodes: threads.NodePools,
                  exchange: Exchange, axis: int = 0):
@@ -250,18 +262,22 @@ class ShardedLinear(ops.Linear):
     def add_jobs(self, acts, out, jobs):
         unit, t = self.unit, acts.x.shape[0]
 
-        def share(p: LocalLinear, n_rows: int, run) -> None:
+        def share(p: LocalLinear, n_rows: int, acts_p, out_p, offset: int = 0) -> None:
+            # out_p[:, offset + a:offset + b] = acts_p.x @ p's rows [a, b).T on p's node threads
             tids = self.nodes.tids(p.group)
             for j, (a, b) in enumerate(threads.split_rows(n_rows, len(tids), unit.row_multiple)):
-                jobs[tids[j]].append(lambda a=a, b=b: run(a, b))
+                jobs[tids[j]].append(ops.task(unit, p.w, acts_p, out_p, offset + a, offset + b))
 
         if self.axis == 1:          # partial sums over column blocks: each part reads its x columns
             outs = []
             for p in self.parts:
-                xp = Activations(np.ascontiguousarray(acts.x[:, p.a:p.b]))   # (T, cols_i)
-                unit.prepare_x(xp)
+                if t == 1:          # views of the one encoding ops made (whole blocks)
+                    xp = acts.columns(p.a, p.b)
+                else:
+                    xp = Activations(np.ascontiguousarray(acts.x[:, p.a:p.b]))   # (T, cols_i)
+                    unit.prepare_x(xp)
                 o = np.empty((t, self.shape[0]), dtype=np.float32)          # (T, N) partial
-                share(p, self.shape[0], lambda a, b, w=p.w, xp=xp, o=o: unit.matmul_x(w, xp, o, a, b))
+                share(p, self.shape[0], xp, o)
                 outs.append(o)
 
             def reduce():
@@ -270,10 +286,10 @@ class ShardedLinear(ops.Linear):
         gathered, outs = [], []
         for p in self.parts:
             if p.full:              # the node's own copy of every row: global rows, shared output
-                share(p, p.b - p.a, lambda a, b, w=p.w, r=p.a: unit.matmul_x(w, acts, out, r + a, r + b))
+                share(p, p.b - p.a, acts, out, p.a)
                 continue
             o = out[:, p.a:p.b] if t == 1 else np.empty((t, p.b - p.a), dtype=np.float32)
-            share(p, p.b - p.a, lambda a, b, w=p.w, o=o: unit.matmul_x(w, acts, o, a, b))
+            share(p, p.b - p.a, acts, o)
             if t > 1:
                 gathered.append(p)
                 outs.append(o)
@@ -311,14 +327,52 @@ def heads_per_unit(n_head: int, n_head_kv: int, head_dim: int, block_size: int) 
 
 
 class NodeCaches:
-    """The KV cache of one sharded layer: parts[i] holds node i's KV heads (None: it has none)."""
+    """The KV cache of one sharded layer: parts[i] holds node i's KV heads heads[i] (None: it
+    has none). `attend` is ops.attention's step for it: each node's heads on its own threads."""
 
-    def __init__(self, parts: list[ops.KVCache | None]):
-        self.parts = parts
+    def __init__(self, parts: list[ops.KVCache | None], heads: list[tuple[int, int]],
+                 nodes: threads.NodePools):
+        self.parts, self.heads, self.nodes = parts, heads, nodes
 
     @property
     def nbytes(self) -> int:
         return sum(c.nbytes for c in self.parts if c is not None)
+
+    def attend(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, pos0: int) -> np.ndarray:
+        """ops.attention over every node's part: q (T, n_head, hd), k/v (T, n_head_kv, hd) ->
+        (T, n_head * hd). The caller writes each node's new keys and values into that node's
+        cache (a few KB per token); each node's threads then read only their own cache. One
+        token: a flat dispatch of native attention tasks (each thread a share of its node's KV
+        heads); longer inputs: each node's leader runs its heads (NodePools.run_nodes)."""
+        t, n_head, hd = q.shape
+        group = n_head // k.shape[1]
+        out = np.empty((t, n_head * hd), dtype=np.float32)                  # (T, n_head * hd)
+        if t > 1 or not _native.available():
+            def run(i: int, h0: int, h1: int) -> None:
+                out[:, h0 * group * hd:h1 * group * hd] = self.parts[i].attend(
+                    q[:, h0 * group:h1 * group], k[:, h0:h1], v[:, h0:h1], pos0)
+            self.nodes.run_nodes([(lambda i=i, h=h: run(i, *h)) if c is not None else None
+                                  for i, (c, h) in enumerate(zip(self.parts, self.heads))])
+            return out
+        q = np.ascontiguousarray(q, dtype=np.float32)
+        end, scale = pos0 + 1, 1.0 / np.sqrt(hd)
+        shares: list[list] = [[] for _ in range(self.nodes.n_threads)]
+        for i, (c, (h0, h1)) in enumerate(zip(self.parts, self.heads)):
+            if c is None:
+                continue
+            c.k[:, pos0] = k[0, h0:h1]
+            c.v[:, pos0] = v[0, h0:h1]
+            c.n = end
+            tids = self.nodes.tids(i)
+            for j, (g0, g1) in enumerate(split_units(h1 - h0, [1.0] * len(tids))):
+                if g1 == g0:
+                    continue
+                a, b = (h0 + g0) * group, (h0 + g1) * group                 # its query heads
+                scores = np.empty((b - a, end), dtype=np.float32)           # (heads, positions)
+                shares[tids[j]].append(_native.attention_task(
+                    q[:, a:b], c.k[g0:g1], c.v[g0:g1], out[:, a * hd:b * hd], scores, pos0, scale))
+        self.nodes.run_tasks(shares)
+        return out
 
 
 class ShardedBlock:
@@ -382,12 +436,23 @@ class ShardedBlock:
         """Make `block` run through this object (see the class docstring)."""
         for name, rec in self.records.items():
             setattr(block, name, rec)
+        # the whole layer over the records: a decode step runs the block's own code on it
+        self.flat = copy.copy(block)
         # instance attributes shadow the class's methods: Block.__call__ now calls these
         block.attn, block.ffn = self.attn, self.ffn
 
+    # Decode (one token) runs the block's own attn / ffn on `flat`, whose matrices are the
+    # ShardedLinear records: every product is one flat dispatch of native tasks over all nodes'
+    # threads (each node its own slices) and attention runs each node's heads on its threads
+    # (NodeCaches.attend), so only the caller runs Python: 5 joins per layer (q/k/v, attention,
+    # attn_output partials, gate/up, ffn_down partials), each a few microseconds. With Python
+    # callables in the work (no native tasks on this CPU) and for prefill, each node's leader
+    # runs the half-layer on its view instead: 2 joins per layer, but the leaders' Python takes
+    # turns on the GIL at every op, which cost a 1B model's decode ~20% on 2 virtual nodes.
     def attn(self, x: np.ndarray, cache: NodeCaches, pos0: int) -> np.ndarray:
-        """The attention update (T, n_embd): each node's heads with its own KV cache, summed
-        (one cross-node join)."""
+        """The attention update (T, n_embd): each node's heads with its own KV cache, summed."""
+        if x.shape[0] == 1 and _native.available():
+            return self.flat.attn(x, cache, pos0)
         views, kv = self.views, cache.parts
         parts: list[np.ndarray | None] = [None] * len(views)
 
@@ -399,7 +464,9 @@ class ShardedBlock:
         return self.exchange.allreduce(parts)
 
     def ffn(self, x: np.ndarray) -> np.ndarray:
-        """The feed-forward update (T, n_embd): each node's ff rows, summed (one join)."""
+        """The feed-forward update (T, n_embd): each node's ff rows, summed."""
+        if x.shape[0] == 1 and _native.available():
+            return self.flat.ffn(x)
         views = self.views
         parts: list[np.ndarray | None] = [None] * len(views)
 
@@ -417,7 +484,7 @@ class ShardedBlock:
         for (h0, h1), node in zip(self.heads, self.mem_nodes):
             zeros = np.zeros if node is None else (lambda s, d, node=node: numa_mem.empty_on_node(s, d, node))
             parts.append(ops.KVCache(n_ctx, h1 - h0, self.head_dim, zeros) if h1 > h0 else None)
-        cache = NodeCaches(parts)
+        cache = NodeCaches(parts, self.heads, self.nodes)
         self._last_cache = weakref.ref(cache)
         return cache
 
@@ -626,7 +693,7 @@ class Placement:
 
     def _joins_per_layer(self) -> str:
         return ("4 per layer + 1 per forward" if self.strategy == "replicate"
-                else "2 per layer + 1 per forward")
+                else "decode 5 per layer + 1 per token, flat; prefill 2 per layer + 1 per forward")
 
     def close(self) -> None:
         self.pool.close()

@@ -121,6 +121,10 @@ class RowPool:
         while not nat.wait_done(self._ctl, i, self._gen[i], spin, self._timespec):
             spin = 0                                     # a long share (prefill): sleep
 
+    def _busy_s(self, i: int) -> float:
+        """Seconds worker i spent on its last RUN command (measured in the worker)."""
+        return self._ctl[i * self._nat.CTL_STRIDE + self._nat.BUSY] * 1e-9
+
     def run(self, fn: Callable[[int, int], None], n_rows: int, multiple: int = 1) -> None:
         """Call fn over [0, n_rows) split into one contiguous range per thread (see split_rows)."""
         ranges = split_rows(n_rows, self.n_threads, multiple)
@@ -236,25 +240,40 @@ class RowPool:
 class NodePools:
     """A pool per NUMA node (its threads pinned to the node's CPUs) and one leader per node.
 
-    `run_nodes(fns)` runs fns[i] on node i's leader with node i's pool current, so every op inside
-    splits its rows over that node's threads only; it returns when all nodes are done: one
-    cross-node synchronisation. Leader 0 is the caller (pinned by `activate`), leader i > 0 is a
-    worker of `leaders` and thread 0 of `pools[i]`, so the pools add no threads: n_threads counts
-    them all. To `activate` and to ops this is a pool like RowPool: `cpus[i]` is thread i's CPU
-    set (node by node) and `run_each` gives each thread its call, node by node.
+    Two ways to run work over the nodes, each one cross-node synchronisation:
+    - `run_tasks(shares)` with kernel tasks only (no Python callable) is *flat*: the caller
+      hands every thread of every node its share at once as native tasks and waits for all, so
+      no other thread runs Python and the GIL is never handed over (a decode step's products
+      and attention go this way, `Placement`'s sharded decode);
+    - `run_nodes(fns)` runs Python fns[i] on node i's leader with node i's pool current, so
+      every op inside splits its rows over that node's threads only (a prefill's half-layers).
+    Leader 0 is the caller (pinned by `activate`), leader i > 0 is a worker of `leaders` and
+    thread 0 of `pools[i]`, so the pools add no threads: n_threads counts them all. To
+    `activate` and to ops this is a pool like RowPool: `cpus[i]` is thread i's CPU set (node by
+    node), `run_each` gives each thread its call, `encode` / `run_encoded` replay a flat
+    dispatch.
 
-    Each `run_nodes` adds to `stats`: the joins, the caller's wall time and the slowest node's
-    working time, so the cost of synchronising is wall - slowest (see placement.SyncStats).
+    Every join adds to `joins`, `wall_s` (the caller's time from handing out to the last done)
+    and `slowest_s` (the slowest thread's or node's own working time), so the cost of
+    synchronising is wall - slowest (see placement.SyncStats).
     """
 
     def __init__(self, node_cpus: Sequence[Sequence[int]], n_threads: Sequence[int]):
+        from numallm_kernels import _native
+
         self.pools = [RowPool(n, [tuple(c)] * n) for c, n in zip(node_cpus, n_threads)]
         self.leaders = RowPool(len(self.pools), [tuple(c) for c in node_cpus])
         self.n_threads = sum(p.n_threads for p in self.pools)
         self.cpus = tuple(c for p in self.pools for c in p.cpus)
+        # thread t (node by node) as (the RowPool that commands it, its index there); (., 0) of
+        # node 0 is the caller, node i's thread 0 its leader
+        self._threads = [(self.leaders if j == 0 else p, i if j == 0 else j)
+                         for i, p in enumerate(self.pools) for j in range(p.n_threads)]
+        self._nat = _native
+        self._table = np.zeros((64, _native.TASK_FIELDS), np.int64)
         self.joins = 0
         self.wall_s = 0.0      # caller: dispatch to join, summed over joins
-        self.slowest_s = 0.0   # the slowest node's own time per join, summed
+        self.slowest_s = 0.0   # the slowest node's (thread's) own time per join, summed
         self._busy = [0.0] * len(self.pools)   # (nodes,) seconds of the current join
 
     def native_ids(self, node: int) -> list[int]:
@@ -299,14 +318,64 @@ class NodePools:
                         for p, c in zip(self.pools, per)])
 
     def run_tasks(self, shares: Sequence[Sequence]) -> None:
-        """As RowPool.run_tasks, thread i's share on its node's pool (one cross-node join)."""
+        """As RowPool.run_tasks: thread i (node by node) runs shares[i]. Kernel tasks only: one
+        flat dispatch; with Python callables, each node's shares on its pool (run_nodes)."""
+        if len(shares) > self.n_threads:
+            raise ValueError(f"{len(shares)} shares for {self.n_threads} threads")
+        if all(type(t) is tuple for s in shares for t in s):
+            need = sum(len(s) for s in shares)
+            if need > len(self._table):   # each command carries its table's address: safe to grow
+                self._table = np.zeros((2 * need, self._nat.TASK_FIELDS), np.int64)
+            self.run_encoded(self._table, _encode(self._nat, self._table, shares))
+            return
         per = [[shares[t] for t in self.tids(i) if t < len(shares)] for i in range(len(self.pools))]
         self.run_nodes([(lambda p=p, c=c: p.run_tasks(c)) if any(c) else None
                         for p, c in zip(self.pools, per)])
 
+    def encode(self, shares: Sequence[Sequence]) -> tuple[np.ndarray, list[tuple[int, int]]] | None:
+        """As RowPool.encode, for a flat dispatch over every node's threads."""
+        if len(shares) > self.n_threads or not all(type(t) is tuple for s in shares for t in s):
+            return None
+        table = np.zeros((max(1, sum(len(s) for s in shares)), self._nat.TASK_FIELDS), np.int64)
+        return table, _encode(self._nat, table, shares)
+
+    def run_encoded(self, table: np.ndarray, spans: list[tuple[int, int]]) -> None:
+        """Thread t runs rows spans[t] of the task table (the caller its own), all at once."""
+        t0 = time.perf_counter()
+        sent = []
+        for t in range(1, len(spans)):
+            lo, hi = spans[t]
+            if hi > lo:
+                pool, i = self._threads[t]
+                if pool._closed:
+                    raise RuntimeError("these NodePools are closed")
+                pool._send(i, self._nat.RUN, table, lo, hi)
+                sent.append((pool, i))
+        c0 = time.perf_counter()
+        self.leaders._run_tasks(table, *spans[0])
+        slowest = time.perf_counter() - c0
+        for pool, i in sent:
+            pool._wait(i)
+            pool._sent[i] = None
+            slowest = max(slowest, pool._busy_s(i))
+        self.wall_s += time.perf_counter() - t0
+        self.slowest_s += slowest
+        self.joins += 1
+
     def close(self) -> None:
         for p in [self.leaders, *self.pools]:
             p.close()
+
+
+def _encode(nat, table: np.ndarray, shares: Sequence[Sequence]) -> list[tuple[int, int]]:
+    """Write every share's tasks into table, share after share; thread i's rows spans[i]."""
+    spans, row = [], 0
+    for share in shares:
+        for t in share:
+            nat.encode(table[row], *t)
+            row += 1
+        spans.append((row - len(share), row))
+    return spans
 
 
 _local = threading.local()

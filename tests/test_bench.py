@@ -13,7 +13,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from numallm import bench, synth
+from numallm import bench, llamacpp, synth
 from numallm.bench import LLAMA_CPP, NUMALLM, BenchPlan, BenchRow, ModelInfo
 from numallm.cli import main
 from numallm.errors import NumallmError
@@ -260,6 +260,8 @@ def test_cli_json(tiny_model, capsys):
 
 def test_cli_vs_llama_cpp(tiny_model, capsys):
     pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+    if llamacpp.problem():
+        pytest.skip(llamacpp.problem())
     out = _bench_json(capsys, [tiny_model, "-p", "16", "-n", "4", "-r", "1", "-t", "1",
                                "--vs-llama-cpp"])
     by = {(o["engine"], o["test"]): o for o in out}
@@ -315,3 +317,22 @@ def test_cli_missing_model_and_missing_llama_cpp(tmp_path, tiny_model, capsys, m
     assert main(["bench", tiny_model, "-p", "8", "-n", "0", "-r", "1", "--vs-llama-cpp"]) == 1
     err = capsys.readouterr().err.strip()
     assert "llama-cpp-python" in err and len(err.splitlines()) == 1
+
+
+def test_llamacpp_problem_names_an_amx_crash_and_the_rebuild(monkeypatch):
+    """An AMX build whose tiny evaluation dies in the child process gives one line with the
+    signal and the rebuild command; a clean child exit gives None."""
+    import subprocess
+
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+    monkeypatch.setattr(llamacpp, "has_amx_kernels", lambda: True)
+    for rc, want in ((-11, "signal 11"), (0, None)):
+        llamacpp.problem.cache_clear()
+        monkeypatch.setattr(subprocess, "run",
+                            lambda *a, rc=rc, **k: subprocess.CompletedProcess(a, rc, b"", b""))
+        got = llamacpp.problem()
+        if want is None:
+            assert got is None
+        else:
+            assert want in got and "-DGGML_AMX_INT8=OFF" in got and "\n" not in got
+    llamacpp.problem.cache_clear()

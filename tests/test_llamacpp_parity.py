@@ -38,12 +38,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from numallm import synth
+from numallm import llamacpp, synth
 from numallm.gguf_file import GGUFFile
 
 pytestmark = pytest.mark.llamacpp
 llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed "
                                 "(pip install llama-cpp-python) - no llama.cpp to compare with")
+if llamacpp.problem():
+    pytest.skip(llamacpp.problem(), allow_module_level=True)
 
 N_TOKENS = 64
 BUGS = ("rope-pairing", "gqa-modulo", "no-bias")  # no-bias last: qwen2 only

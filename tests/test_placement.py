@@ -267,15 +267,22 @@ def test_no_thread_runs_outside_its_node_during_a_forward(synth_dir, monkeypatch
 
 
 @two_cores
-def test_two_cross_node_joins_per_layer(synth_dir):
+def test_cross_node_joins_per_layer(synth_dir):
+    """Prefill: each node's leader runs a half-layer, 2 joins per layer; decode: flat native
+    dispatches, 5 per layer (q/k/v, attention, attn_output, gate/up, ffn_down); +1 per forward
+    for the output matrix."""
     with numallm.load(model_path(synth_dir, "llama", "Q4_0"), n_ctx=32, numa="shard",
                       virtual_nodes=2) as llm:
+        n = llm.args.n_layer
         before = llm.placement.sync_stats()
-        llm.generate(TOKENS, 3, temperature=0)           # 1 prefill + 2 decode forwards
-        st = llm.placement.sync_stats() - before
-        assert st.joins == 3 * (2 * llm.args.n_layer + 1)
+        llm.generate(TOKENS, 1, temperature=0)           # 1 prefill
+        mid = llm.placement.sync_stats()
+        assert (mid - before).joins == 2 * n + 1
+        llm.generate(TOKENS + [1, 2], 3, temperature=0)  # 2 new prompt tokens + 2 decode forwards
+        st = llm.placement.sync_stats() - mid
+        assert st.joins == (2 * n + 1) + 2 * (5 * n + 1)
         assert 0 < st.slowest_s <= st.wall_s and st.exchange_s > 0
-        assert "2 per layer + 1 per forward" in llm.placement.summary()
+        assert "decode 5 per layer + 1 per token" in llm.placement.summary()
 
 
 @two_cores

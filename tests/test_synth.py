@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from numallm import synth
+from numallm import llamacpp, synth
 from numallm.errors import UnsupportedError
 from numallm.gguf_file import GGMLQuantizationType as QT, GGUFFile
 
@@ -191,6 +191,8 @@ def test_cache_reuses_files(synth_dir):
 @pytest.mark.parametrize("arch", synth.ARCHS)
 def test_llamacpp_loads_and_quantizes(arch, synth_dir):
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+    if llamacpp.problem():
+        pytest.skip(llamacpp.problem())
     pure = GGUFFile(synth.cached_model(synth_dir, arch=arch, qtype="Q4_K", seed=5))
     assert {t.qtype for n, t in pure.tensors.items() if len(t.shape) == 2} == {QT.Q4_K}
     mixed = GGUFFile(synth.cached_model(synth_dir, arch=arch, qtype="Q4_K_M", seed=5))
