@@ -205,6 +205,9 @@ def attention_task(q, k, v, out, scores, pos0: int, scale: float) -> tuple:
     return (ATTN, q, k, v, out, scores, pos0, scale)
 
 
+ATTN_POS0 = 12      # the field of an attention row holding pos0 (a replayed table rewrites it)
+
+
 def _encode_attention(row, q, k, v, out, scores, pos0, scale) -> None:
     row[:] = (ATTN, address(q), q.shape[0], q.shape[1], q.shape[2], address(k), address(v),
               k.shape[0], k.shape[1], address(out), address(scores), scores.shape[1], pos0,

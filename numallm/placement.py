@@ -72,12 +72,15 @@ from .topology import Topology
 from .topology.plan import assumed_bandwidth
 
 STRATEGIES = ("auto", "off", "shard", "replicate", "isolate")
-# One cross-node join in a decode step (NodePools.run_nodes: waking the other nodes' leaders,
-# their wait for the GIL, the join): `numallm bench --numa shard --virtual-nodes 2` reported
-# sync 3.33 ms over 45 joins per token (74 us, TinyLlama-1.1B shape) and 5.48 ms over 57 (96 us,
-# Llama-3.2-3B shape) on the 2-vCPU development VM; auto counts it to tell when a model is too
-# small to gain from more nodes.
-JOIN_COST_S = 80e-6
+# A sharded decode step joins all nodes' threads DECODE_JOINS_PER_LAYER times per layer (+1 for
+# the output matrix), each a flat native dispatch (NodePools.run_encoded). What one join costs
+# beyond the work, measured with `numallm bench -n 64 --numa shard --virtual-nodes 2` on the
+# 2-vCPU Intel Xeon development VM (2 virtual nodes of one vCPU): sync 1.66 ms over 111 joins
+# per token (15 us, TinyLlama-1.1B shape). auto counts it to tell when a model is too small to
+# gain from more nodes. (The earlier design, a Python leader per node, cost 74-96 us per join
+# and 2 joins per layer on the AMD VM.)
+DECODE_JOINS_PER_LAYER = 5
+JOIN_COST_S = 15e-6
 # auto picks replicate over shard when shard would give a node at least this multiple of its
 # thread share of the attention (its KV heads), and a full copy takes at most REPLICA_FREE_SHARE
 # of every node's free memory.
@@ -333,6 +336,7 @@ class NodeCaches:
     def __init__(self, parts: list[ops.KVCache | None], heads: list[tuple[int, int]],
                  nodes: threads.NodePools):
         self.parts, self.heads, self.nodes = parts, heads, nodes
+        self._table = self._spans = self._q = self._out = None   # see _encode
 
     @property
     def nbytes(self) -> int:
@@ -343,36 +347,56 @@ class NodeCaches:
         (T, n_head * hd). The caller writes each node's new keys and values into that node's
         cache (a few KB per token); each node's threads then read only their own cache. One
         token: a flat dispatch of native attention tasks (each thread a share of its node's KV
-        heads); longer inputs: each node's leader runs its heads (NodePools.run_nodes)."""
+        heads), encoded once (`_encode`); longer inputs: each node's leader runs its heads
+        (NodePools.run_nodes)."""
         t, n_head, hd = q.shape
-        group = n_head // k.shape[1]
-        out = np.empty((t, n_head * hd), dtype=np.float32)                  # (T, n_head * hd)
         if t > 1 or not _native.available():
+            group = n_head // k.shape[1]
+            out = np.empty((t, n_head * hd), dtype=np.float32)              # (T, n_head * hd)
+
             def run(i: int, h0: int, h1: int) -> None:
                 out[:, h0 * group * hd:h1 * group * hd] = self.parts[i].attend(
                     q[:, h0 * group:h1 * group], k[:, h0:h1], v[:, h0:h1], pos0)
             self.nodes.run_nodes([(lambda i=i, h=h: run(i, *h)) if c is not None else None
                                   for i, (c, h) in enumerate(zip(self.parts, self.heads))])
             return out
-        q = np.ascontiguousarray(q, dtype=np.float32)
-        end, scale = pos0 + 1, 1.0 / np.sqrt(hd)
+        if self._table is None or self._q.shape != q.shape:
+            self._encode(n_head, hd)
+        np.copyto(self._q, q)
+        for c, (h0, h1) in zip(self.parts, self.heads):
+            if c is not None:
+                c.k[:, pos0] = k[0, h0:h1]
+                c.v[:, pos0] = v[0, h0:h1]
+                c.n = pos0 + 1
+        self._table[:, _native.ATTN_POS0] = pos0
+        self.nodes.run_encoded(self._table, self._spans)
+        return self._out.copy()
+
+    def _encode(self, n_head: int, hd: int) -> None:
+        """The one-token attention tasks of every node's threads, encoded once: q, out and the
+        score rows are buffers of this object (their addresses are in the table), a token only
+        writes the position into it."""
+        n_kv = sum(h1 - h0 for h0, h1 in self.heads)
+        group = n_head // n_kv
+        n_ctx = next(c.k.shape[1] for c in self.parts if c is not None)
+        self._q = np.empty((1, n_head, hd), dtype=np.float32)             # (1, n_head, hd)
+        self._out = np.empty((1, n_head * hd), dtype=np.float32)          # (1, n_head * hd)
+        self._scores = []                                                 # (heads, n_ctx) per task
         shares: list[list] = [[] for _ in range(self.nodes.n_threads)]
         for i, (c, (h0, h1)) in enumerate(zip(self.parts, self.heads)):
             if c is None:
                 continue
-            c.k[:, pos0] = k[0, h0:h1]
-            c.v[:, pos0] = v[0, h0:h1]
-            c.n = end
             tids = self.nodes.tids(i)
             for j, (g0, g1) in enumerate(split_units(h1 - h0, [1.0] * len(tids))):
                 if g1 == g0:
                     continue
                 a, b = (h0 + g0) * group, (h0 + g1) * group                 # its query heads
-                scores = np.empty((b - a, end), dtype=np.float32)           # (heads, positions)
+                scores = np.empty((b - a, n_ctx), dtype=np.float32)
+                self._scores.append(scores)
                 shares[tids[j]].append(_native.attention_task(
-                    q[:, a:b], c.k[g0:g1], c.v[g0:g1], out[:, a * hd:b * hd], scores, pos0, scale))
-        self.nodes.run_tasks(shares)
-        return out
+                    self._q[:, a:b], c.k[g0:g1], c.v[g0:g1], self._out[:, a * hd:b * hd], scores,
+                    0, 1.0 / np.sqrt(hd)))
+        self._table, self._spans = self.nodes.encode(shares)
 
 
 class ShardedBlock:
@@ -540,7 +564,7 @@ def decide(needs: Needs, topo: Topology, n_ctx: int, nodes: list[int] | None = N
     """`--numa auto`: (strategy, the one-line reason). Pure: reads only `topo` and `needs`.
 
     one CPU node -> off (one chosen node of several -> isolate); a model so small that one node
-    reads it faster than N nodes synchronise (2 joins per layer) -> isolate; KV heads that cannot
+    reads it faster than N nodes synchronise (a decode step's joins) -> isolate; KV heads that cannot
     be spread in proportion to the nodes' threads -> replicate when a full copy takes at most half
     of every node's free memory; otherwise shard."""
     use = _node_threads(topo, nodes, threads_per_node, n_threads)
@@ -552,11 +576,12 @@ def decide(needs: Needs, topo: Topology, n_ctx: int, nodes: list[int] | None = N
         return "isolate", f"numa auto: isolate (node {use[0][0]} only)"
     by_id = {nd.id: nd for nd in topo.nodes}
     one_node_s = needs.weight_bytes / (assumed_bandwidth(by_id[use[0][0]]) * 1e9)
-    join_s = (2 * needs.n_layer + 1) * JOIN_COST_S
+    joins = DECODE_JOINS_PER_LAYER * needs.n_layer + 1
+    join_s = joins * JOIN_COST_S
     if one_node_s * (1 - 1 / n) < join_s:
         return "isolate", (f"numa auto: isolate (a {gib:.2g} GiB model: one node reads it in "
                            f"~{1e3 * one_node_s:.2f} ms per token, {n} nodes would save less than the "
-                           f"~{1e3 * join_s:.2f} ms per token their {2 * needs.n_layer + 1} joins cost)")
+                           f"~{1e3 * join_s:.2f} ms per token their {joins} joins cost)")
     weights = [t for _, _, t in use]
     units = needs.n_head_kv // needs.heads_per_unit
     split = split_units(units, weights)

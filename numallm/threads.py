@@ -20,15 +20,20 @@ import psutil
 
 # A split finer than this many rows costs more in dispatch than it saves.
 MIN_ROWS_PER_THREAD = 64
-# Spin budgets in polls (x86 `pause`, ~20-40 ns each here) before a waiting thread sleeps in
-# futex(2) (numallm_kernels._native): an idle worker after IDLE_POLLS, a caller waiting for a
-# worker after WAIT_POLLS. A spinning vCPU here slows the other one (see _native), so the worker
-# spins through the gaps between the products of a decode step but not much longer (2-thread
-# TinyLlama Q4_0 decode, 3 rounds: 1000 polls 27.5-35.3 ms/token, 5000 25.2-27.5, 20000
-# 26.0-26.3: a wake-up from futex costs ~20 us here); the caller, whose wait is the end of a
-# share that started at the same time, spins longer. WAIT_SLICE_S: the longest sleep before a
-# waiting caller looks at Python signals again (Ctrl-C during a long prefill).
-IDLE_POLLS = 10_000
+# Spin budgets in polls (x86 `pause`, ~20-40 ns each on the AMD development VM, slower on Intel
+# since Skylake) before a waiting thread sleeps in futex(2) (numallm_kernels._native): an idle
+# worker after IDLE_POLLS, a caller waiting for a worker after WAIT_POLLS. A decode step leaves
+# the workers idle while the caller runs its Python between products (norms, RoPE, the partial
+# sums of a sharded layer), and a wake-up from futex costs ~20 us, so the workers spin through
+# those gaps: 2-thread TinyLlama Q4_0 decode on the AMD VM, 3 rounds: 1000 polls 27.5-35.3
+# ms/token, 5000 25.2-27.5, 20000 26.0-26.3; on the Intel Xeon VM, `numallm bench -n 64 -r 7
+# --numa off,shard --virtual-nodes 2`: 10000 polls off 27.65 +- 1.56 t/s, shard 28.54 +- 1.21
+# (sync 2.35 ms/token), 100000 off 28.80 +- 0.40, shard 29.56 +- 0.28 (sync 1.66). A spinning
+# vCPU slows its sibling on some hosts (see _native), so this is not unbounded: an idle pool
+# sleeps within a few ms. The caller, whose wait is the end of a share that started at the
+# same time, spins WAIT_POLLS. WAIT_SLICE_S: the longest sleep before a waiting caller looks at
+# Python signals again (Ctrl-C during a long prefill).
+IDLE_POLLS = 100_000
 WAIT_POLLS = 20_000
 WAIT_SLICE_S = 0.05
 

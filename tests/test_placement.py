@@ -420,9 +420,9 @@ def test_auto_replicates_when_few_kv_heads_cannot_spread_and_copies_fit():
 def test_auto_isolates_a_model_too_small_to_gain_from_more_nodes():
     strategy, why = placement.decide(needs(0.001, layers=5), fixture("xeon6254_4s"), 512)
     assert strategy == "isolate"
-    joins_ms = re.escape(f"{11 * placement.JOIN_COST_S * 1e3:.2f}")   # 2 per layer + 1
+    joins_ms = re.escape(f"{26 * placement.JOIN_COST_S * 1e3:.2f}")   # 5 per layer + 1
     assert re.fullmatch(r"numa auto: isolate \(a 0\.001 GiB model: one node reads it in ~[\d.]+ ms per "
-                        rf"token, 4 nodes would save less than the ~{joins_ms} ms per token their 11 joins "
+                        rf"token, 4 nodes would save less than the ~{joins_ms} ms per token their 26 joins "
                         r"cost\)", why)
 
 
