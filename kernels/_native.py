@@ -406,6 +406,45 @@ def wait_done(ctl, who, gen, spin, timespec):
     return load_acquire(ctl, base + DONE) >= gen
 
 
+@njit(nogil=True, cache=True)
+def post_all(ctls, idx, table, spans, gens):
+    """One RUN command to each thread t >= 1 that has rows (spans int64 (n, 2): its rows of
+    table): thread t's control slot is slot idx[t] of the int64 control array at address
+    ctls[t] (threads of several pools). Each gets generation GO + 1 (written to gens[t]; 0 for a
+    thread without rows). One call for all threads: a Python call per thread costs ~1 us, which
+    a dispatch to many threads per node would pay ~140 times a token."""
+    for t in range(1, len(ctls)):
+        gens[t] = 0
+        if spans[t, 1] <= spans[t, 0]:
+            continue
+        base = idx[t] * CTL_STRIDE
+        ctl = carray(ptr_i64(ctls[t]), (base + CTL_STRIDE,))
+        gen = ctl[base + GO] + 1
+        ctl[base + KIND] = RUN
+        ctl[base + TABLE] = table.ctypes.data
+        ctl[base + LO] = spans[t, 0]
+        ctl[base + HI] = spans[t, 1]
+        _publish(ctl, base + GO, gen, base + SLEEP)
+        gens[t] = gen
+
+
+@njit(nogil=True, cache=True)
+def wait_all(ctls, idx, gens, spin, timespec):
+    """Wait until every thread t with gens[t] > 0 has finished generation gens[t] (as
+    wait_done: spin, then one sleep of at most timespec per call). Returns the longest BUSY of
+    them in nanoseconds, or -1 if some thread was still not done (call again)."""
+    slowest = 0
+    for t in range(1, len(ctls)):
+        if gens[t] == 0:
+            continue
+        base = idx[t] * CTL_STRIDE
+        ctl = carray(ptr_i64(ctls[t]), (base + CTL_STRIDE,))
+        if not wait_done(ctl, idx[t], gens[t], spin, timespec):
+            return -1
+        slowest = max(slowest, ctl[base + BUSY])
+    return slowest
+
+
 _SLOTS: list[list] = [[], []]      # kernels by xaux dtype: [int32 ones, int16 ones]
 _BUILT: dict = {}
 

@@ -75,8 +75,8 @@ STRATEGIES = ("auto", "off", "shard", "replicate", "isolate")
 # A sharded decode step joins all nodes' threads DECODE_JOINS_PER_LAYER times per layer (+1 for
 # the output matrix), each a flat native dispatch (NodePools.run_encoded). What one join costs
 # beyond the work, measured with `numallm bench -n 64 --numa shard --virtual-nodes 2` on the
-# 2-vCPU Intel Xeon development VM (2 virtual nodes of one vCPU): sync 1.66 ms over 111 joins
-# per token (15 us, TinyLlama-1.1B shape). auto counts it to tell when a model is too small to
+# 2-vCPU Intel Xeon development VM (2 virtual nodes of one vCPU): sync 0.79 ms over 111 joins
+# per token (7 us, TinyLlama-1.1B shape), 2.41 ms over 141 (17 us, Llama-3.2-3B shape). auto counts it to tell when a model is too small to
 # gain from more nodes. (The earlier design, a Python leader per node, cost 74-96 us per join
 # and 2 joins per layer on the AMD VM.)
 DECODE_JOINS_PER_LAYER = 5
@@ -778,6 +778,12 @@ def apply(model, topo: Topology | None, strategy: str = "shard", nodes: list[int
     """Place `model`'s weight matrices on `topo`'s nodes and return the pool to run it with.
     strategy "off" needs no topology and leaves the model as built (n_threads: its pool size);
     "auto" decides with `decide` (n_ctx: the KV cache it must leave room for)."""
+    with numa_mem.packed():        # slices share per-node blocks (huge pages)
+        return _apply(model, topo, strategy, nodes, threads_per_node, n_threads, n_ctx)
+
+
+def _apply(model, topo: Topology | None, strategy: str, nodes: list[int] | None,
+           threads_per_node: int | None, n_threads: int | None, n_ctx: int) -> Placement:
     if strategy not in STRATEGIES:
         raise NumallmError(f"--numa {strategy}: unknown strategy; use one of {', '.join(STRATEGIES)}")
     reason = None

@@ -83,7 +83,7 @@ class RowPool:
         self._ctl = np.zeros(self.n_threads * _native.CTL_STRIDE, np.int64)   # control slots
         self._table = np.zeros((64, _native.TASK_FIELDS), np.int64)           # task rows
         self._sent: list = [None] * self.n_threads   # the table each worker's command reads
-        self._gen = [0] * self.n_threads          # last generation sent to each worker
+        self._gen = [0] * self.n_threads          # generation of the last command sent by `_send`
         self._py: list[Callable[[], None] | None] = [None] * self.n_threads
         self._errors: list[BaseException] = []
         self._closed = False
@@ -116,7 +116,8 @@ class RowPool:
                 return
 
     def _send(self, i: int, kind: int, table: np.ndarray | None = None, lo: int = 0, hi: int = 0) -> None:
-        self._gen[i] += 1
+        # the next generation after the slot's last (NodePools may have posted to it natively)
+        self._gen[i] = int(self._ctl[i * self._nat.CTL_STRIDE + self._nat.GO]) + 1
         table = self._table if table is None else table
         self._sent[i] = table                            # alive until the worker is done
         self._nat.post(self._ctl, i, kind, table, lo, hi, self._gen[i])
@@ -125,10 +126,6 @@ class RowPool:
         nat, spin = self._nat, WAIT_POLLS
         while not nat.wait_done(self._ctl, i, self._gen[i], spin, self._timespec):
             spin = 0                                     # a long share (prefill): sleep
-
-    def _busy_s(self, i: int) -> float:
-        """Seconds worker i spent on its last RUN command (measured in the worker)."""
-        return self._ctl[i * self._nat.CTL_STRIDE + self._nat.BUSY] * 1e-9
 
     def run(self, fn: Callable[[int, int], None], n_rows: int, multiple: int = 1) -> None:
         """Call fn over [0, n_rows) split into one contiguous range per thread (see split_rows)."""
@@ -275,6 +272,11 @@ class NodePools:
         self._threads = [(self.leaders if j == 0 else p, i if j == 0 else j)
                          for i, p in enumerate(self.pools) for j in range(p.n_threads)]
         self._nat = _native
+        # the same per thread, for the native post/wait of a flat dispatch: each thread's
+        # control array address and its slot there; gens: the generations just posted
+        self._ctls = np.array([p._ctl.ctypes.data for p, _ in self._threads], np.int64)
+        self._idx = np.array([i for _, i in self._threads], np.int64)
+        self._gens = np.zeros(len(self._threads), np.int64)
         self._table = np.zeros((64, _native.TASK_FIELDS), np.int64)
         self.joins = 0
         self.wall_s = 0.0      # caller: dispatch to join, summed over joins
@@ -342,29 +344,27 @@ class NodePools:
         if len(shares) > self.n_threads or not all(type(t) is tuple for s in shares for t in s):
             return None
         table = np.zeros((max(1, sum(len(s) for s in shares)), self._nat.TASK_FIELDS), np.int64)
-        return table, _encode(self._nat, table, shares)
+        return table, np.array(_encode(self._nat, table, shares), np.int64).reshape(-1, 2)
 
-    def run_encoded(self, table: np.ndarray, spans: list[tuple[int, int]]) -> None:
-        """Thread t runs rows spans[t] of the task table (the caller its own), all at once."""
+    def run_encoded(self, table: np.ndarray, spans) -> None:
+        """Thread t runs rows spans[t] of the task table (the caller its own), all at once: one
+        native call posts every thread's command, one waits for them all."""
+        nat = self._nat
+        spans = np.asarray(spans, dtype=np.int64).reshape(-1, 2)        # (threads, 2)
+        if any(p._closed for p, _ in self._threads):
+            raise RuntimeError("these NodePools are closed")
         t0 = time.perf_counter()
-        sent = []
-        for t in range(1, len(spans)):
-            lo, hi = spans[t]
-            if hi > lo:
-                pool, i = self._threads[t]
-                if pool._closed:
-                    raise RuntimeError("these NodePools are closed")
-                pool._send(i, self._nat.RUN, table, lo, hi)
-                sent.append((pool, i))
+        n = len(spans)
+        ctls, idx, gens = self._ctls[:n], self._idx[:n], self._gens[:n]
+        nat.post_all(ctls, idx, table, spans, gens)
         c0 = time.perf_counter()
-        self.leaders._run_tasks(table, *spans[0])
-        slowest = time.perf_counter() - c0
-        for pool, i in sent:
-            pool._wait(i)
-            pool._sent[i] = None
-            slowest = max(slowest, pool._busy_s(i))
+        self.leaders._run_tasks(table, spans[0, 0], spans[0, 1])
+        caller = time.perf_counter() - c0
+        spin = WAIT_POLLS
+        while (slowest_ns := nat.wait_all(ctls, idx, gens, spin, self.leaders._timespec)) < 0:
+            spin = 0                                     # a long share (prefill): sleep
         self.wall_s += time.perf_counter() - t0
-        self.slowest_s += slowest
+        self.slowest_s += max(caller, slowest_ns * 1e-9)
         self.joins += 1
 
     def close(self) -> None:
