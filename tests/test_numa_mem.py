@@ -96,3 +96,27 @@ def test_move_reports_pages_moved_and_refuses_a_missing_node():
     with pytest.raises(NumallmError, match="memory node 77 does not exist here"):
         numa_mem.move(a, 77)
     # moving pages to another node for real: tests/system/test_numa_vm.py (2-node VM)
+
+
+@needs_libnuma
+def test_packed_copies_share_node_blocks_and_stay_verifiable():
+    """Inside packed(), to_node carves copies out of shared per-node blocks (64-byte aligned,
+    kept alive by the copies), so slices can get huge pages; outside, each copy has its own."""
+    node = numa_mem.status().nodes[0]
+    rng = np.random.default_rng(0)
+    srcs = [rng.integers(0, 255, (n, 3), dtype=np.uint8) for n in (5000, 1, 70000)]
+    with numa_mem.packed():
+        bufs = [numa_mem.to_node(s, node) for s in srcs]
+    for s, b in zip(srcs, bufs):
+        assert np.array_equal(b, s) and not b.flags.writeable and b.ctypes.data % 64 == 0
+        assert numa_mem.local_share(b, node) == 1.0
+    roots = [b.base.base for b in bufs]                 # view -> block slice -> the block
+    assert all(r is roots[0] for r in roots)
+    big = numa_mem.ARENA_BYTES // 2                     # large copies get a block of their own
+    with numa_mem.packed():
+        own = numa_mem.to_node(np.zeros(big, np.uint8), node)
+    assert own.base is not None and own.base.base is not roots[0] and own.nbytes == big
+    lone = numa_mem.to_node(srcs[0], node)              # outside: its own block
+    assert lone.base.base is not roots[0]
+    del bufs, roots
+    gc.collect()
