@@ -81,6 +81,10 @@ class RowPool:
         self._nat = _native
         self._run_tasks, self._worker_loop = _native.executors()
         self._ctl = np.zeros(self.n_threads * _native.CTL_STRIDE, np.int64)   # control slots
+        # for post_all / wait_all: every thread's control array (this one) and slot, generations
+        self._ctls = np.full(self.n_threads, self._ctl.ctypes.data, np.int64)
+        self._idx = np.arange(self.n_threads, dtype=np.int64)
+        self._gens = np.zeros(self.n_threads, np.int64)
         self._table = np.zeros((64, _native.TASK_FIELDS), np.int64)           # task rows
         self._sent: list = [None] * self.n_threads   # the table each worker's command reads
         self._gen = [0] * self.n_threads          # generation of the last command sent by `_send`
@@ -172,16 +176,18 @@ class RowPool:
         spans = self._encode(self._table, shares, native)
         self._run(self._table, shares, native, spans)
 
-    def encode(self, shares: Sequence[Sequence]) -> tuple[np.ndarray, list[tuple[int, int]]] | None:
-        """The task table and per-thread row spans of shares made only of kernel tasks, for
+    def encode(self, shares: Sequence[Sequence]) -> tuple[np.ndarray, np.ndarray] | None:
+        """The task table and per-thread row spans (int64 (threads, 2)) of shares made only of
+        kernel tasks, for
         `run_encoded` (again and again: the tasks' arrays must then stay alive and in place);
         None if some share holds a Python callable."""
         if len(shares) > self.n_threads or not all(type(t) is tuple for s in shares for t in s):
             return None
         table = np.zeros((max(1, sum(len(s) for s in shares)), self._nat.TASK_FIELDS), np.int64)
-        return table, self._encode(table, shares, [True] * len(shares))
+        return table, np.array(self._encode(table, shares, [True] * len(shares)),
+                               np.int64).reshape(-1, 2)
 
-    def run_encoded(self, table: np.ndarray, spans: list[tuple[int, int]]) -> None:
+    def run_encoded(self, table: np.ndarray, spans) -> None:
         """Run what `encode` made: thread i the rows spans[i] of table."""
         self._run(table, [()] * len(spans), [True] * len(spans), spans)
 
@@ -201,6 +207,16 @@ class RowPool:
             return
         if self._closed:
             raise RuntimeError("this RowPool is closed")
+        if all(native):                  # one native call posts to all, one waits for all
+            sp = np.asarray(spans, dtype=np.int64).reshape(-1, 2)      # (threads, 2)
+            n = len(sp)
+            ctls, idx, gens = self._ctls[:n], self._idx[:n], self._gens[:n]
+            self._nat.post_all(ctls, idx, table, sp, gens)
+            self._run_tasks(table, sp[0, 0], sp[0, 1])
+            spin = WAIT_POLLS
+            while self._nat.wait_all(ctls, idx, gens, spin, self._timespec) < 0:
+                spin = 0                                 # a long share (prefill): sleep
+            return
         self._errors.clear()
         for i in range(1, len(spans)):
             if native[i]:
@@ -339,7 +355,7 @@ class NodePools:
         self.run_nodes([(lambda p=p, c=c: p.run_tasks(c)) if any(c) else None
                         for p, c in zip(self.pools, per)])
 
-    def encode(self, shares: Sequence[Sequence]) -> tuple[np.ndarray, list[tuple[int, int]]] | None:
+    def encode(self, shares: Sequence[Sequence]) -> tuple[np.ndarray, np.ndarray] | None:
         """As RowPool.encode, for a flat dispatch over every node's threads."""
         if len(shares) > self.n_threads or not all(type(t) is tuple for s in shares for t in s):
             return None

@@ -120,5 +120,7 @@ def test_topo_verify_reports_every_slice_local_on_both_nodes(vm):
 def test_page_check_notices_a_slice_moved_to_the_wrong_node(vm, name):
     mis = model(vm, name)["misplaced"]
     assert mis["moved_pages"] > 0 and not mis["ok"]
-    assert mis["below"] == [mis["tensor"]]
-    assert any(line.startswith("WARNING: 1 of ") and mis["tensor"] in line for line in mis["lines"]), mis["lines"]
+    # the moved slice is reported; so may be slices packed next to it (sharing its pages), no other
+    assert mis["tensor"] in mis["below"], mis["below"]
+    assert set(mis["below"]) <= {mis["tensor"], *mis["neighbors"]}, (mis["below"], mis["neighbors"])
+    assert any(line.startswith("WARNING: ") and mis["tensor"] in line for line in mis["lines"]), mis["lines"]

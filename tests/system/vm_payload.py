@@ -128,8 +128,23 @@ def misplace_and_check(pl) -> dict | None:
     lin, part = next((m, p) for m in pl.linears for p in m.parts if p.group == 1)
     moved = sum(numa_mem.move(a, mem[0]) for a in part.arrays)
     c = check(pl)
+    # slices are packed into shared node blocks (huge pages): the pages moved may hold the ends
+    # of other slices, which then really are misplaced too; any slice sharing a 2 MiB region
+    # (a huge page, or the 4 KiB page at either end) with the moved one may be reported
+    mine = _regions(part.arrays)
+    near = sorted({m.name for m in pl.linears for p in m.parts
+                   if p is not part and _regions(p.arrays) & mine})
     return {"tensor": lin.name, "moved_pages": moved, "ok": c.ok, "lines": c.lines(),
-            "below": [s.tensor for s in c.below]}
+            "below": [s.tensor for s in c.below], "neighbors": near}
+
+
+def _regions(arrays, size: int = 2 << 20) -> set[int]:
+    """The size-aligned address regions the arrays' bytes touch."""
+    out = set()
+    for a in arrays:
+        start = a.__array_interface__["data"][0]
+        out.update(range(start // size, (start + max(a.nbytes, 1) - 1) // size + 1))
+    return out
 
 
 def check_model(path: str, n_tokens: int, virtual_nodes: int | None = None) -> dict:
