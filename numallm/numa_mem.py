@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import mmap
 import os
 from dataclasses import dataclass
@@ -154,26 +155,66 @@ def to_node(a: np.ndarray, node: int, readonly: bool = True) -> np.ndarray:
     return out
 
 
+def pack(w):
+    """Within `packed()`: a kernel unit's prepared weights `w` (an array, or a dataclass of
+    arrays) with every array copied into shared blocks that ask for transparent huge pages
+    (no node binding); outside, w itself. A model's repacked matrices are arrays of ~1-10 MB
+    that numpy gives 4 KiB pages (it asks for huge pages only from 4 MiB, and only whole aligned
+    2 MiB ranges get them): TinyLlama Q4_0 decode on one thread ran ~15% faster from packed
+    copies on the development VM."""
+    if _arenas is None:
+        return w
+    if isinstance(w, np.ndarray):
+        return _packed_copy(w)
+    if dataclasses.is_dataclass(w):
+        return dataclasses.replace(w, **{f.name: _packed_copy(v) for f in dataclasses.fields(w)
+                                         if isinstance(v := getattr(w, f.name), np.ndarray)})
+    return w
+
+
+def _packed_copy(a: np.ndarray) -> np.ndarray:
+    arena = _arenas.get(None)
+    if arena is None:
+        arena = _arenas[None] = _Arena(None)
+    out = arena.empty(a.shape, a.dtype)
+    np.copyto(out, a)
+    out.flags.writeable = a.flags.writeable       # kernels compile per writability
+    return out
+
+
+def _huge_block(nbytes: int) -> np.ndarray:
+    """An uninitialised uint8 block (not bound to a node) that asks for huge pages."""
+    block = np.empty(nbytes, np.uint8)
+    start = block.ctypes.data // PAGE * PAGE
+    _libc().madvise(start, block.ctypes.data + nbytes - start, _MADV_HUGEPAGE)
+    return block
+
+
 class _Arena:
     """Arrays carved one after another out of ARENA_BYTES blocks on one node (64-byte aligned).
     A model's weight slices are thousands of arrays of ~1-10 MB: each in its own mmap they got
     few transparent huge pages (a 2 MiB page needs a 2 MiB-aligned range inside one mapping),
     in shared blocks nearly all of them do. A block lives as long as any array cut from it."""
 
-    def __init__(self, node: int):
-        self.node, self._block, self._used = node, None, 0
+    def __init__(self, node: int | None):
+        self.node, self._block, self._used = node, None, 0   # node None: no binding
 
     def empty(self, shape: tuple[int, ...], dtype) -> np.ndarray:
         dtype = np.dtype(dtype)
         nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
         if nbytes >= ARENA_BYTES // 4:                      # large: a block of its own
-            return empty_on_node(shape, dtype, self.node)
+            return self._new(nbytes)[:nbytes].view(dtype).reshape(shape)
         at = -(-self._used // 64) * 64
         if self._block is None or at + nbytes > len(self._block):
-            self._block = empty_on_node((ARENA_BYTES,), np.uint8, self.node)
+            self._block = self._new(ARENA_BYTES)
             at = 0
         self._used = at + nbytes
         return self._block[at:at + nbytes].view(dtype).reshape(shape)
+
+    def _new(self, nbytes: int) -> np.ndarray:
+        if self.node is None:
+            return _huge_block(nbytes)
+        return empty_on_node((nbytes,), np.uint8, self.node)
 
 
 ARENA_BYTES = 64 << 20
@@ -182,8 +223,9 @@ _arenas: dict[int, _Arena] | None = None
 
 @contextlib.contextmanager
 def packed():
-    """Within, `to_node` packs its copies into shared per-node blocks (see _Arena); restored on
-    exit. The blocks' unused tails are never touched, so they take no memory."""
+    """Within, `to_node` packs its copies into shared per-node blocks and `pack` into shared
+    unbound ones (see _Arena); restored on exit. The blocks' unused tails are never touched, so
+    they take no memory."""
     global _arenas
     prev, _arenas = _arenas, {}
     try:

@@ -13,7 +13,8 @@ Strategies
              attention runs on node 0. N x the weight memory, but the split ignores head
              boundaries: for models whose few KV heads cannot be spread over the nodes.
   isolate:   everything on one node (its memory, its threads).
-  off:       nothing moves; an unpinned pool over the allowed cores.
+  off:       no node placement; an unpinned pool over the allowed cores (the repacked weights
+             are copied into shared blocks for huge pages, numa_mem.pack).
   auto:      `decide` picks one of these and says why in one line.
 
 Sharded layer flow (tensor parallelism as Megatron-LM splits a layer). Node i holds KV heads H_i,
@@ -793,6 +794,9 @@ def _apply(model, topo: Topology | None, strategy: str, nodes: list[int] | None,
         else:
             strategy, reason = decide(Needs.of(model), topo, n_ctx, nodes, threads_per_node, n_threads)
     if strategy == "off":
+        for lin in model.linears():     # huge pages for the repacked copies (numa_mem.pack)
+            if isinstance(lin, ops.Linear) and lin.unit.repacks:   # (not a GPU's matrices)
+                lin.w = numa_mem.pack(lin.w)
         return Placement("off", [], threads.RowPool(n_threads or threads.physical_cores()), False, [],
                          reason)
     use = _node_threads(topo, nodes, threads_per_node, n_threads if strategy != "isolate" else None)
