@@ -120,3 +120,28 @@ def test_packed_copies_share_node_blocks_and_stay_verifiable():
     assert lone.base.base is not roots[0]
     del bufs, roots
     gc.collect()
+
+
+def test_pack_copies_prepared_weights_into_shared_blocks():
+    """pack() inside packed(): every array of a prepared-weights dataclass copied (values and
+    writability kept) into one shared block; outside packed(): the object itself."""
+    import dataclasses
+
+    @dataclasses.dataclass(frozen=True)
+    class W:
+        q: np.ndarray
+        d: np.ndarray
+        n: int
+
+    q = np.arange(3000, dtype=np.uint8).reshape(100, 30)
+    q.flags.writeable = False
+    w = W(q, np.linspace(0, 1, 77, dtype=np.float32), 5)
+    assert numa_mem.pack(w) is w
+    with numa_mem.packed():
+        p = numa_mem.pack(w)
+        a = numa_mem.pack(np.ones(10, np.float32))
+    assert p is not w and p.n == 5
+    assert np.array_equal(p.q, w.q) and np.array_equal(p.d, w.d) and np.array_equal(a, 1)
+    assert not p.q.flags.writeable and p.d.flags.writeable
+    assert not np.shares_memory(p.q, w.q)
+    assert p.q.base.base is p.d.base.base is a.base.base      # one block
