@@ -170,6 +170,8 @@ def _from_cache(unit, key: str) -> Choice | None:
     usable = set(unit.variants())
     if choice.matvec not in usable or any(v not in usable for _, v in prefill):
         return None
+    if not usable <= set(choice.gbs):   # a variant added since (e.g. avx512vnni-x8): time again
+        return None
     return choice
 
 
