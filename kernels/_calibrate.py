@@ -69,7 +69,7 @@ def cpu_key() -> str:
         pass
     import llvmlite.binding as llvm
 
-    feats = sorted(f for f in ("avx2", "fma", "f16c", "avx512f", "avx512vnni", "avxvnni")
+    feats = sorted(f for f in ("avx2", "fma", "f16c", "avx512f", "avx512vl", "avx512vnni", "avxvnni")
                    if f in _simd.host_features())
     return f"{model} | {llvm.get_host_cpu_name()} | {'+'.join(feats)}"
 

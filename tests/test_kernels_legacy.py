@@ -213,6 +213,31 @@ def test_record_variants_agree_bit_for_bit_and_decode_streams_match_prefill(qt):
                                       results[have[-1], r0].view(np.uint32))
 
 
+@pytest.mark.parametrize("qt", [T.Q4_0, T.Q8_0], ids=lambda q: q.name)
+def test_native_task_names_the_chosen_variants_kernel(qt, monkeypatch):
+    """The engine's worker threads run the kernel of the variant chosen for the token count:
+    each record variant has its own native slot; the float variants have none (None: the pool
+    then calls matmul_x)."""
+    from numallm_kernels.base import Activations
+
+    unit = nk.get(qt)
+    w = unit.prepare(weights(qt, np.random.default_rng(10)))
+    acts = Activations(np.ones((1, K), np.float32))
+    out = np.zeros((1, N), np.float32)
+    slots = set()
+    for variant in unit.variants():
+        monkeypatch.setenv("NUMALLM_KERNEL", f"{qt.name.lower()}:{variant}")
+        unit._choice = None
+        unit.prepare_x(acts)
+        task = unit.native_task(w, acts, out, 0, N)
+        if variant in RECORD_VARIANTS:
+            assert task is not None and task[0] == unit.native_slots[variant]
+            slots.add(task[0])
+        else:
+            assert task is None
+    assert len(slots) == len([v for v in unit.variants() if v in RECORD_VARIANTS])
+
+
 @pytest.mark.parametrize("qt", BLOCK_TYPES, ids=lambda q: q.name)
 def test_interleaved_layout_size_and_strided_output(qt):
     """The 8-row records hold the GGUF bytes once (plus < 8 padding rows); an output that is a
