@@ -1,7 +1,10 @@
 """Decode (matvec) bandwidth of the hot kernels on weights >= 256 MB, against the machine's.
 
     .venv/bin/pytest benchmarks/bench_kernels.py --benchmark-enable -s   # pytest-benchmark
-    .venv/bin/python benchmarks/bench_kernels.py [Q4_0,Q8_0,...] [1,2]    # quick table
+    .venv/bin/python benchmarks/bench_kernels.py [Q4_0,Q8_0,...] [1,2] [MiB]    # quick table
+
+MiB (or NUMALLM_BENCH_MIB) sets the weight size, 256 by default; this Xeon VM reports a 480 MiB
+L3, so 1024 checks that 256 MiB is not served from a cache.
 
 Decode is memory-bound: each case reports the weight bytes streamed per second (GB/s) and that as
 a share of the read bandwidth measured here with the same number of threads (numallm.bench's
@@ -14,6 +17,7 @@ best bandwidth of the same rounds. Not asserted: timings on a shared machine are
 """
 from __future__ import annotations
 
+import os
 import sys
 import time
 
@@ -28,7 +32,7 @@ from numallm.gguf_file import quant_sizes
 from numallm_kernels.base import Activations
 
 K = 4096
-TARGET_BYTES = 256 << 20
+TARGET_BYTES = int(os.environ.get("NUMALLM_BENCH_MIB", "256")) << 20
 TYPES = [T.Q4_0, T.Q8_0, T.Q4_K, T.Q5_K, T.Q6_K]
 # byte offsets of the f16 scales inside one block (kept sane; every other bit pattern is valid)
 F16_FIELDS = {T.Q4_0: (0,), T.Q8_0: (0,), T.Q4_K: (0, 2), T.Q5_K: (0, 2), T.Q6_K: (208,)}
@@ -53,9 +57,9 @@ def make_weights(qtype, nbytes=TARGET_BYTES, seed=0):
 class Decode:
     """One matvec over all rows of a >= 256 MB matrix on a `threads`-thread RowPool."""
 
-    def __init__(self, qtype, n_threads):
+    def __init__(self, qtype, n_threads, nbytes=None):
         self.unit = nk.get(qtype)
-        raw = make_weights(qtype)
+        raw = make_weights(qtype, nbytes or TARGET_BYTES)
         self.nbytes, self.n = raw.nbytes, raw.shape[0]
         self.w = self.unit.prepare(raw)
         del raw
@@ -114,12 +118,13 @@ ROUNDS = 5
 if __name__ == "__main__":
     types = [T[n] for n in sys.argv[1].split(",")] if len(sys.argv) > 1 else TYPES
     counts = [int(t) for t in sys.argv[2].split(",")] if len(sys.argv) > 2 else [1, 2]
+    size = (int(sys.argv[3]) << 20) if len(sys.argv) > 3 else TARGET_BYTES
     buf = bandwidth_buffer()
     print("| type | variant | threads | MiB | GB/s | read GB/s | share |")
     print("|---|---|--:|--:|--:|--:|--:|")
     for qt in types:
         for th in counts:
-            r = Decode(qt, th)
+            r = Decode(qt, th, size)
             bw, s = 0.0, float("inf")
             with threads.activate(r.pool):
                 for _ in range(ROUNDS):      # alternate, so a bandwidth drift hits both alike

@@ -69,7 +69,7 @@ def cpu_key() -> str:
         pass
     import llvmlite.binding as llvm
 
-    feats = sorted(f for f in ("avx2", "fma", "f16c", "avx512f", "avx512vnni", "avxvnni")
+    feats = sorted(f for f in ("avx2", "fma", "f16c", "avx512f", "avx512vl", "avx512vnni", "avxvnni")
                    if f in _simd.host_features())
     return f"{model} | {llvm.get_host_cpu_name()} | {'+'.join(feats)}"
 
@@ -169,6 +169,8 @@ def _from_cache(unit, key: str) -> Choice | None:
         return None
     usable = set(unit.variants())
     if choice.matvec not in usable or any(v not in usable for _, v in prefill):
+        return None
+    if not usable <= set(choice.gbs):   # a variant added since (e.g. avx512vnni-x8): time again
         return None
     return choice
 

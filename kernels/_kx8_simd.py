@@ -23,6 +23,13 @@ Bounds (x codes |x| <= 127):
         chunks add in int16 (<= 32004) before vpmaddwd with the int8 scale; the -32 offset is
         taken off once per block as 32 * sum_s sc_s * xb_s.
 
+VNNI steps (`kx8v_*`, the avx512vnni-x8 variant; same records and activations): vpdpbusd adds
+4 u8 x s8 products per lane straight into int32 (the activation broadcast folded in as {1to8}),
+so a sub-block's codes . x is one int32 per row with no int16 stage; the sub-block scale is then
+applied by one vpmulld (Q4_K/Q5_K: lane <= 32 * 31 * 127 times 63; Q6_K: 16 * 63 * 127 times
+|sc| <= 128: all < 2^31). Two chains per sub-block (even and odd chunks) let consecutive
+vpdpbusd overlap. Mins and offsets come off as in the AVX2 steps.
+
 Numba caches compiled kernels by the source file of the kernel (kquant_x8.py), not of these
 steps: after editing this file, touch kquant_x8.py (or clear __pycache__).
 """
@@ -32,7 +39,7 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
-from ._simd import _I32, _V8D, _V8F, _V16W, _V32B, _fn, _ptr, _splat8, f32x8, prefetch
+from ._simd import _I32, _V8D, _V8F, _V16W, _V32B, _fn, _ptr, _splat8, dpbusd, f32x8, prefetch
 from ._x8_simd import _at, _bcast32, _need, _splat_f
 
 _I8 = ir.IntType(8)
@@ -112,6 +119,94 @@ def _q45_k(builder, acc, wp, xp, bp, dx, qs_at, qh_at):
     acc = _fma(builder, builder.sitofp(isum, _V8F), builder.fmul(_f16x8(builder, wp, 0), vdx), acc)
     neg = builder.fneg(builder.fmul(_f16x8(builder, wp, 16), vdx))
     return _fma(builder, builder.sitofp(msum, _V8F), neg, acc)
+
+
+def _sc32(builder, p, off, signed):
+    """8 bytes at p + off (one per row) as <8 x i32> (vpmovzxbd / vpmovsxbd)."""
+    v = _at(builder, p, off, ir.VectorType(_I8, 8))
+    return builder.sext(v, _V8D) if signed else builder.zext(v, _V8D)
+
+
+def _q45_k_vnni(builder, acc, wp, xp, bp, dx, qs_at, qh_at):
+    """_q45_k with vpdpbusd: sub-block j's 8 chunks (two chains) give codes . x in int32 per
+    row, times its scale by vpmulld."""
+    low = _splat8(builder, 0x0F, 32)
+    bit4 = _splat8(builder, 0x10, 32)
+    isum = None
+    for p in range(4):
+        for t in range(2):                    # sub-block j = 2p + t
+            j = 2 * p + t
+            ch = [None, None]
+            for k in range(8):
+                q = _at(builder, wp, qs_at + 32 * (8 * p + k), _V32B)
+                v = builder.and_(q if t == 0 else builder.lshr(q, _splat8(builder, 4, 32)), low)
+                if qh_at is not None:         # bit j of the qh byte -> bit 4
+                    h = _at(builder, wp, qh_at + 32 * k, _V32B)
+                    h = builder.shl(h, _splat8(builder, 4 - j, 32)) if j <= 4 else \
+                        builder.lshr(h, _splat8(builder, j - 4, 32))
+                    v = builder.or_(v, builder.and_(h, bit4))
+                ch[k % 2] = dpbusd(builder, ch[k % 2], v, _bcast32(builder, xp, 32 * j + 4 * k))
+            part = builder.mul(builder.add(ch[0], ch[1]), _sc32(builder, wp, 32 + 8 * j, False))
+            isum = part if isum is None else builder.add(isum, part)
+    msum = None
+    for j in range(8):  # m_j * (xb[2j] + xb[2j + 1]): the two int16 sums of sub-block j
+        m = _maddwd(builder, _dup_u8(builder, wp, 96 + 8 * j), _pair16(builder, bp, j))
+        msum = m if msum is None else builder.add(msum, m)
+    vdx = _splat_f(builder, dx)
+    acc = _fma(builder, builder.sitofp(isum, _V8F), builder.fmul(_f16x8(builder, wp, 0), vdx), acc)
+    neg = builder.fneg(builder.fmul(_f16x8(builder, wp, 16), vdx))
+    return _fma(builder, builder.sitofp(msum, _V8F), neg, acc)
+
+
+def _q4_k_v(builder, acc, wp, xp, bp, dx):
+    return _q45_k_vnni(builder, acc, wp, xp, bp, dx, 160, None)
+
+
+def _q5_k_v(builder, acc, wp, xp, bp, dx):
+    return _q45_k_vnni(builder, acc, wp, xp, bp, dx, 416, 160)
+
+
+def _q6_k_v(builder, acc, wp, xp, bp, dx):
+    """_q6_k with vpdpbusd: per 16-weight sub-block s = 8h + 2g + half, the 4 chunks of codes
+    u = q + 32 (0..63) give codes . x in int32 (two chains), times sc_s by vpmulld; the -32
+    comes off once per block as 32 * sum_s sc_s * xb_s, as in _q6_k."""
+    low = _splat8(builder, 0x0F, 32)
+    top = _splat8(builder, 0x30, 32)
+    four = _splat8(builder, 4, 32)
+    two = _splat8(builder, 2, 32)
+    isum = None
+    for h in range(2):
+        for half in range(2):
+            ch = [[None, None] for _ in range(4)]    # per g: two chains
+            for lc in range(4 * half, 4 * half + 4):
+                step = 144 + 96 * (8 * h + lc)
+                qh = _at(builder, wp, step, _V32B)
+                ql0 = _at(builder, wp, step + 32, _V32B)
+                ql1 = _at(builder, wp, step + 64, _V32B)
+                u = [builder.or_(builder.and_(ql0, low), builder.and_(builder.shl(qh, four), top)),
+                     builder.or_(builder.and_(ql1, low), builder.and_(builder.shl(qh, two), top)),
+                     builder.or_(builder.lshr(ql0, four), builder.and_(qh, top)),
+                     builder.or_(builder.lshr(ql1, four), builder.and_(builder.lshr(qh, two), top))]
+                for g in range(4):
+                    c = ch[g]
+                    c[lc % 2] = dpbusd(builder, c[lc % 2], u[g],
+                                       _bcast32(builder, xp, 128 * h + 32 * g + 4 * lc))
+            for g in range(4):
+                s = 8 * h + 2 * g + half
+                # row i's sc_s: byte 16 (s // 2) + 2i + s % 2 of the scale pairs
+                pairs = _at(builder, wp, 16 + 16 * (s // 2), ir.VectorType(_I8, 16))
+                sc = builder.shuffle_vector(pairs, pairs, ir.Constant(
+                    ir.VectorType(_I32, 8), [2 * i + s % 2 for i in range(8)]))
+                part = builder.mul(builder.add(ch[g][0], ch[g][1]), builder.sext(sc, _V8D))
+                isum = part if isum is None else builder.add(isum, part)
+    off = None  # 32 * sum_s sc_s * xb_s
+    for k in range(8):
+        v = builder.sext(_at(builder, wp, 16 + 16 * k, ir.VectorType(_I8, 16)), _V16W)
+        o = _maddwd(builder, v, _pair16(builder, bp, k))
+        off = o if off is None else builder.add(off, o)
+    isum = builder.sub(isum, builder.shl(off, ir.Constant(_V8D, [5] * 8)))
+    scale = builder.fmul(_f16x8(builder, wp, 0), _splat_f(builder, dx))
+    return _fma(builder, builder.sitofp(isum, _V8F), scale, acc)
 
 
 def _q4_k(builder, acc, wp, xp, bp, dx):
@@ -325,3 +420,7 @@ kx8_q6_k = _step(_q6_k, 1680)
 kx8_iq4_xs = _step(_iq4_xs, 1104)
 kx8_q3_k = _step(_q3_k, 912)
 kx8_q2_k = _step(_q2_k, 672)
+# VNNI steps (compiled only where _simd.has_vnni())
+kx8v_q4_k = _step(_q4_k_v, 1184)
+kx8v_q5_k = _step(_q5_k_v, 1440)
+kx8v_q6_k = _step(_q6_k_v, 1680)

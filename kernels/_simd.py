@@ -27,6 +27,10 @@ from numba.core import cgutils
 from numba.extending import intrinsic, models, register_model
 
 AVX2_FEATURES = ("avx2", "fma", "f16c")
+# The VNNI record variants: vpdpbusd (u8 x s8 dot of 4 bytes added to an int32 lane) on ymm
+# registers with EVEX encoding, whose embedded broadcast ({1to8}) reads the 4 activation bytes of
+# a chunk straight from memory (AVX512-VNNI + AVX512VL; Ice Lake and later Xeons, Zen 4).
+VNNI_FEATURES = AVX2_FEATURES + ("avx512f", "avx512vl", "avx512vnni")
 
 
 @functools.lru_cache(maxsize=None)
@@ -44,6 +48,10 @@ def host_features() -> frozenset[str]:
 
 def has_avx2() -> bool:
     return all(f in host_features() for f in AVX2_FEATURES)
+
+
+def has_vnni() -> bool:
+    return all(f in host_features() for f in VNNI_FEATURES)
 
 
 class F32x8Type(types.Type):
@@ -108,6 +116,15 @@ def _dot_us(builder, u, s):
     wd = _fn(builder, "llvm.x86.avx2.pmadd.wd", _V8D, [_V16W, _V16W])
     p16 = builder.call(pm, [u, s])
     return builder.call(wd, [p16, ir.Constant(_V16W, [1] * 16)])
+
+
+def dpbusd(builder, acc, u, s):
+    """acc (<8 x i32>, or None for zero) + per lane the sum of its 4 u8 (u) * s8 (s) products:
+    one vpdpbusd, exact in int32 (no int16 stage, so no saturation bound to respect)."""
+    fn = _fn(builder, "llvm.x86.avx512.vpdpbusd.256", _V8D, [_V8D, _V8D, _V8D])
+    if acc is None:
+        acc = ir.Constant(_V8D, [0] * 8)
+    return builder.call(fn, [acc, builder.bitcast(u, _V8D), builder.bitcast(s, _V8D)])
 
 
 @intrinsic

@@ -15,6 +15,15 @@ min (Q4_1, Q5_1) is added as m * dx * sum(x). Bounds: a vpmaddubsw lane is <= 2*
 for 4-bit codes (8 add in int16: <= 30480) and <= 2*31*127 = 7874 for 5-bit ones (4 add in
 int16). Signed weights (Q8_0, IQ4_NL's table values) go through |w| and sign(w)*x (vpsignb):
 every pair sum <= 2*128*127 < 32767, widened to int32 per chunk.
+
+VNNI steps (`x8v_*`, the avx512vnni-x8 variant; same records, same activations): vpdpbusd adds
+each lane's 4 u8 x s8 products straight into int32, replacing vpmaddubsw + vpmaddwd + vpaddw
+(no int16 stage, so no chunk-count bound), and LLVM folds the activation broadcast into the
+instruction ({1to8} from memory: no vpbroadcastd). Signed weights get a +128 bias instead of
+the |w| / sign(w)*x pair: (w + 128) is a u8 (one vpxor with 0x80, or IQ4_NL's table stored
++128), and sum (w + 128) x = sum w x + 128 sum x, with sum(x) the block's precomputed code sum.
+A lane's sum stays < 32 * 255 * 127 < 2^20. Each record keeps two dependency chains (low and
+high nibbles, or even and odd chunks) so consecutive vpdpbusd overlap.
 """
 from __future__ import annotations
 
@@ -23,8 +32,8 @@ from numba import types
 from numba.core.errors import TypingError
 from numba.extending import intrinsic
 
-from ._simd import (_F32, _I32, _V8D, _V8F, _V16W, _V32B, _dot_us, _fn, _ptr, _splat8, f32x8,
-                    prefetch)
+from ._simd import (_F32, _I32, _V8D, _V8F, _V16W, _V32B, _dot_us, _fn, _ptr, _splat8, dpbusd,
+                    f32x8, prefetch)
 
 
 def _need(name, aryty, dtype):
@@ -137,6 +146,51 @@ def _rows_iq4_nl(builder, wp, xp):
     return acc
 
 
+def _nibble_rows_vnni(builder, wp, base, xp, fifth):
+    """_nibble_rows with vpdpbusd: the low and high nibbles of each chunk go into two int32
+    chains, added at the end (no int16 stage)."""
+    low = _splat8(builder, 0x0F, 32)
+    acc_lo = acc_hi = None
+    for c in range(4):
+        q = _at(builder, wp, base + 32 * c, _V32B)
+        lo = builder.and_(q, low)
+        hi = builder.and_(builder.lshr(q, _splat8(builder, 4, 32)), low)
+        if fifth is not None:
+            lo = builder.or_(lo, _bits_to_bytes(builder, fifth, 4 * c))
+            hi = builder.or_(hi, _bits_to_bytes(builder, fifth, 16 + 4 * c))
+        acc_lo = dpbusd(builder, acc_lo, lo, _bcast32(builder, xp, 4 * c))
+        acc_hi = dpbusd(builder, acc_hi, hi, _bcast32(builder, xp, 16 + 4 * c))
+    return builder.add(acc_lo, acc_hi)
+
+
+def _less_128_xsum(builder, sums, xs):
+    """sums - 128 * sum(x codes): removes the +128 bias of the signed weights (VNNI steps)."""
+    return builder.sub(sums, _splat_i(builder, builder.shl(xs, ir.Constant(_I32, 7))))
+
+
+def _rows_q8_0_vnni(builder, wp, xp, xs):
+    bias = _splat8(builder, 0x80, 32)
+    acc = [None, None]
+    for c in range(8):
+        u = builder.xor(_at(builder, wp, 16 + 32 * c, _V32B), bias)   # w + 128 as u8
+        acc[c % 2] = dpbusd(builder, acc[c % 2], u, _bcast32(builder, xp, 4 * c))
+    return _less_128_xsum(builder, builder.add(acc[0], acc[1]), xs)
+
+
+def _rows_iq4_nl_vnni(builder, wp, xp, xs):
+    low = _splat8(builder, 0x0F, 32)
+    table = ir.Constant(_V32B, [v + 128 for v in _IQ4NL * 2])   # T[q] + 128 as u8
+    shuf = _fn(builder, "llvm.x86.avx2.pshuf.b", _V32B, [_V32B, _V32B])
+    acc = [None, None]
+    for c in range(4):
+        q = _at(builder, wp, 16 + 32 * c, _V32B)
+        for h, nib in enumerate((builder.and_(q, low),
+                                 builder.and_(builder.lshr(q, _splat8(builder, 4, 32)), low))):
+            acc[h] = dpbusd(builder, acc[h], builder.call(shuf, [table, nib]),
+                            _bcast32(builder, xp, 16 * h + 4 * c))
+    return _less_128_xsum(builder, builder.add(acc[0], acc[1]), xs)
+
+
 def _step(body, record_bytes):
     """Make `f(acc, w, woff, xq, xoff, dx, xsum, b)`: acc + the 8 rows' dots with block b.
 
@@ -204,12 +258,51 @@ def _iq4_nl(builder, acc, wp, xp, dx, xs):
     return _scaled(builder, acc, _rows_iq4_nl(builder, wp, xp), wp, dx)
 
 
+def _q4_0_v(builder, acc, wp, xp, dx, xs):
+    sums = builder.sub(_nibble_rows_vnni(builder, wp, 16, xp, None),
+                       _splat_i(builder, builder.shl(xs, ir.Constant(_I32, 3))))
+    return _scaled(builder, acc, sums, wp, dx)
+
+
+def _q4_1_v(builder, acc, wp, xp, dx, xs):
+    acc = _scaled(builder, acc, _nibble_rows_vnni(builder, wp, 32, xp, None), wp, dx)
+    return _with_min(builder, acc, wp, dx, xs)
+
+
+def _q5_0_v(builder, acc, wp, xp, dx, xs):
+    qh = _at(builder, wp, 16, _V8D)
+    sums = builder.sub(_nibble_rows_vnni(builder, wp, 48, xp, qh),
+                       _splat_i(builder, builder.shl(xs, ir.Constant(_I32, 4))))
+    return _scaled(builder, acc, sums, wp, dx)
+
+
+def _q5_1_v(builder, acc, wp, xp, dx, xs):
+    qh = _at(builder, wp, 32, _V8D)
+    acc = _scaled(builder, acc, _nibble_rows_vnni(builder, wp, 64, xp, qh), wp, dx)
+    return _with_min(builder, acc, wp, dx, xs)
+
+
+def _q8_0_v(builder, acc, wp, xp, dx, xs):
+    return _scaled(builder, acc, _rows_q8_0_vnni(builder, wp, xp, xs), wp, dx)
+
+
+def _iq4_nl_v(builder, acc, wp, xp, dx, xs):
+    return _scaled(builder, acc, _rows_iq4_nl_vnni(builder, wp, xp, xs), wp, dx)
+
+
 x8_q4_0 = _step(_q4_0, 144)      # record bytes: 8 GGUF blocks
 x8_q4_1 = _step(_q4_1, 160)
 x8_q5_0 = _step(_q5_0, 176)
 x8_q5_1 = _step(_q5_1, 192)
 x8_q8_0 = _step(_q8_0, 272)
 x8_iq4_nl = _step(_iq4_nl, 144)
+# VNNI steps (compiled only where _simd.has_vnni())
+x8v_q4_0 = _step(_q4_0_v, 144)
+x8v_q4_1 = _step(_q4_1_v, 160)
+x8v_q5_0 = _step(_q5_0_v, 176)
+x8v_q5_1 = _step(_q5_1_v, 192)
+x8v_q8_0 = _step(_q8_0_v, 272)
+x8v_iq4_nl = _step(_iq4_nl_v, 144)
 
 
 @intrinsic

@@ -42,7 +42,8 @@ from gguf import GGMLQuantizationType as T
 from numba import njit
 
 from ._kquant_common import q8_k_form
-from ._kx8_simd import kx8_iq4_xs, kx8_q2_k, kx8_q3_k, kx8_q4_k, kx8_q5_k, kx8_q6_k
+from ._kx8_simd import (kx8_iq4_xs, kx8_q2_k, kx8_q3_k, kx8_q4_k, kx8_q5_k, kx8_q6_k, kx8v_q4_k,
+                        kx8v_q5_k, kx8v_q6_k)
 from .base import register
 from .interleaved import GROUP, IQ4NL_VALUES, RecordUnit, f16_at
 
@@ -269,6 +270,7 @@ class Q4_K(_KRecordUnit):
     pack = _pack_q4_k
     unpack = _unpack_q4_k
     step = kx8_q4_k
+    step_vnni = kx8v_q4_k
 
 
 @register
@@ -279,6 +281,7 @@ class Q5_K(_KRecordUnit):
     pack = _pack_q5_k
     unpack = _unpack_q5_k
     step = kx8_q5_k
+    step_vnni = kx8v_q5_k
 
 
 @register
@@ -289,6 +292,7 @@ class Q6_K(_KRecordUnit):
     pack = _pack_q6_k
     unpack = _unpack_q6_k
     step = kx8_q6_k
+    step_vnni = kx8v_q6_k
 
 
 @register

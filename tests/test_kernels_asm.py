@@ -39,7 +39,28 @@ def test_hot_decode_kernel_is_vector_code(qt):
         asm = fresh_asm(dispatcher, argtypes)
         ops = PACKED.findall(asm)
         assert len(ops) >= 4, f"{dispatcher.__name__}: only {ops} packed ops on ymm/zmm"
-        if qt in REQUIRED:  # the int8 block dot must be the vpmaddubsw/vpmaddwd pair (or VNNI:
-            # with AVX512-VNNI, LLVM folds vpmaddwd and its add into vpdpwssd)
-            pair = "vpmaddubsw" in ops and ("vpmaddwd" in ops or "vpdpwssd" in ops)
+        if qt in REQUIRED:  # the int8 block dot must be the vpmaddubsw/vpmaddwd pair (or VNNI)
+            # (with AVX512-VNNI, LLVM fuses a vpmaddwd and its vpaddd into vpdpwssd)
+            pair = "vpmaddubsw" in ops and bool({"vpmaddwd", "vpdpwssd"} & set(ops))
             assert pair or "vpdpbusd" in ops, sorted(set(ops))
+
+
+VNNI_TYPES = [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.IQ4_NL, T.Q4_K, T.Q5_K, T.Q6_K]
+
+
+@pytest.mark.parametrize("qt", VNNI_TYPES, ids=lambda q: q.name)
+def test_vnni_kernel_uses_vpdpbusd(qt):
+    """Where the CPU has AVX512-VNNI (+VL), the avx512vnni-x8 kernel is offered, listed first
+    among the hot kernels, and its block dot is vpdpbusd (the activation broadcast folded in as
+    {1to8}), with no vpmaddubsw left; elsewhere it is neither offered nor compiled."""
+    unit = nk.get(qt)
+    if not _simd.has_vnni():
+        assert "avx512vnni-x8" not in unit.variants()
+        pytest.skip("CPU lacks AVX512-VNNI/VL")
+    assert unit.variants()[0] == "avx512vnni-x8"
+    dispatcher, argtypes = hot_kernels(qt)[0]
+    asm = fresh_asm(dispatcher, argtypes)
+    dots = re.findall(r"^\s*vpdpbusd\s[^\n]*", asm, re.M)
+    assert len(dots) >= 8 and all("ymm" in d for d in dots), dots[:4]
+    assert any("{1to8}" in d for d in dots)
+    assert "vpmaddubsw" not in asm

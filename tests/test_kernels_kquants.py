@@ -32,6 +32,7 @@ MATVEC_NMSE = {T.Q2_K: 4e-4, T.Q3_K: 2e-4, T.Q4_K: 2e-4, T.Q5_K: 2e-4, T.Q6_K: 2
                T.IQ4_XS: 2e-4}
 # matmul's float variants (blas-tile, numba-f32) dequantize exactly: only float32 rounding.
 MATMUL_NMSE = 1e-10
+RECORD_VARIANTS = ("avx512vnni-x8", "avx2-x8")   # the int8 record kernels (x rounded as above)
 
 
 def random_weights(qtype, n, k, seed=0):
@@ -121,13 +122,13 @@ def test_matmul(qtype):
     out = np.full((t, n), -7.0, np.float32)
     unit.matmul(w, x, out, r0, r1)
     # the calibrated units may pick their int8 kernel for prefill too (x rounded as in matvec)
-    int8 = unit.calibrated and unit.choice().for_tokens(t) == "avx2-x8"
+    int8 = unit.calibrated and unit.choice().for_tokens(t) in RECORD_VARIANTS
     assert nmse(out[:, r0:r1], want[:, r0:r1]) < (MATVEC_NMSE[qtype] if int8 else MATMUL_NMSE)
     assert np.all(out[:, :r0] == -7.0) and np.all(out[:, r1:] == -7.0)
     for variant in unit.variants() if unit.calibrated else []:
         out = np.full((t, n), -7.0, np.float32)
         unit.run(variant, w, x, out, r0, r1)
-        bound = MATVEC_NMSE[qtype] if variant == "avx2-x8" else MATMUL_NMSE
+        bound = MATVEC_NMSE[qtype] if variant in RECORD_VARIANTS else MATMUL_NMSE
         assert nmse(out[:, r0:r1], want[:, r0:r1]) < bound, variant
         assert np.all(out[:, :r0] == -7.0) and np.all(out[:, r1:] == -7.0)
 
@@ -165,14 +166,16 @@ def test_matvec_special_inputs(qtype):
     assert np.all(np.isnan(out))
 
 
-@pytest.mark.skipif(not has_avx2(), reason="this CPU has no AVX2: only the plain kernels run")
+@pytest.mark.parametrize("variant", RECORD_VARIANTS)
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
-def test_avx2_kernel_is_exact_on_the_quantized_activations(qtype):
+def test_record_kernel_is_exact_on_the_quantized_activations(qtype, variant):
     """The record kernel's only approximation is x's int8 encoding: against the float64 product
     of the exactly dequantized weights with the *decoded* codes it agrees to float32 rounding
     (a wrong scale, min, offset or chunk order gives NMSE ~ 1e-2 or more)."""
     n, k, t = 19, 1024, 3
     unit = nk.get(qtype)
+    if variant not in unit.variants():
+        pytest.skip(f"{qtype.name} has no {variant} on this CPU")
     raw = random_weights(qtype, n, k, seed=10)
     w = unit.prepare(raw)
     x = np.random.default_rng(11).standard_normal((t, k)).astype(np.float32)
@@ -180,9 +183,36 @@ def test_avx2_kernel_is_exact_on_the_quantized_activations(qtype):
     xdec = (xq.reshape(t, -1, 256).astype(np.float64) * xd[:, :, None]).reshape(t, k)
     want = xdec @ ref_matrix(raw, qtype).astype(np.float64).T
     out = np.zeros((t, n), np.float32)
-    unit.run("avx2-x8", w, x, out, 2, n)
+    unit.run(variant, w, x, out, 2, n)
     assert nmse(out[:, 2:], want[:, 2:]) < 1e-10
     assert np.all(out[:, :2] == 0)
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_record_variants_agree_bit_for_bit_and_decode_streams_match_prefill(qtype):
+    """The VNNI and AVX2 steps form the same exact int32 sums and float operations (bit-equal
+    results); decode's two-stream loop (T = 1) gives each token the bytes of prefill's
+    one-group-at-a-time loop (T = 3). Odd row counts, ranges cut mid-group."""
+    unit = nk.get(qtype)
+    have = [v for v in RECORD_VARIANTS if v in unit.variants()]
+    if not have:
+        pytest.skip("CPU lacks AVX2")
+    n, k = 77, 512
+    w = unit.prepare(random_weights(qtype, n, k, seed=13))
+    x = np.random.default_rng(14).standard_normal((3, k)).astype(np.float32)
+    results = {}
+    for variant in have:
+        for r0, r1 in ((0, n), (3, 70), (13, 51), (8, 16), (5, 12)):
+            many = np.zeros((3, n), np.float32)
+            unit.run(variant, w, x, many, r0, r1)
+            for t in range(3):
+                one = np.zeros((1, n), np.float32)
+                unit.run(variant, w, x[t:t + 1], one, r0, r1)
+                np.testing.assert_array_equal(one[0].view(np.uint32), many[t].view(np.uint32))
+            results[variant, r0] = many
+    for (variant, r0), many in results.items():
+        np.testing.assert_array_equal(many.view(np.uint32),
+                                      results[have[-1], r0].view(np.uint32))
 
 
 def test_record_layout_size():
@@ -202,4 +232,4 @@ def test_decode_kernel_is_vector_code(qtype):
     assert hot, f"{qtype.name} should use its AVX2 decode kernel on this CPU"
     for dispatcher, argtypes in hot:
         asm = fresh_asm(dispatcher, argtypes)
-        assert "vpmaddubsw" in asm and "ymm" in asm
+        assert ("vpmaddubsw" in asm or "vpdpbusd" in asm) and "ymm" in asm

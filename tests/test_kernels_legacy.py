@@ -7,6 +7,7 @@ NMSE = sum((y - ref)^2) / sum(ref^2), bounded per variant (test-backend-ops styl
 | variant     | bound | why                                                             |
 |-------------|-------|-----------------------------------------------------------------|
 | avx2-x8     | 5e-4  | x is rounded to int8 per 32-block (~1e-5 seen on Gaussian data) |
+| avx512vnni-x8 | 5e-4 | the same integers through vpdpbusd (bit-equal to avx2-x8)      |
 | numba-f32   | 1e-9  | float32 products and sums of exactly dequantized weights        |
 | blas-tile   | 1e-9  | same, summed by BLAS                                            |
 | blas / f16  | 1e-9  | dense types                                                     |
@@ -28,7 +29,8 @@ from numallm_kernels.interleaved import q8_0_form
 
 MODELS = Path(__file__).resolve().parents[1].parent / "shared" / "models"
 
-NMSE_BOUND = {"avx2-x8": 5e-4, "numba-f32": 1e-9, "blas-tile": 1e-9}
+NMSE_BOUND = {"avx2-x8": 5e-4, "avx512vnni-x8": 5e-4, "numba-f32": 1e-9, "blas-tile": 1e-9}
+RECORD_VARIANTS = ("avx512vnni-x8", "avx2-x8")   # the int8 record kernels
 BLOCK_TYPES = [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.IQ4_NL]
 QUANTIZABLE = {T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0}  # gguf-py has no IQ4_NL quantizer
 N, K, R0, R1 = 37, 320, 5, 34   # odd row count, range starting mid-matrix, K = 10 blocks
@@ -148,11 +150,12 @@ def test_two_threads_match_one_call(qt):
                 np.testing.assert_array_equal(one.view(np.uint32), two.view(np.uint32))
 
 
+@pytest.mark.parametrize("variant", RECORD_VARIANTS)
 @pytest.mark.parametrize("qt", BLOCK_TYPES, ids=lambda q: q.name)
-def test_int8_activations_nonfinite_and_zero_inputs(qt):
-    unit, variant = nk.get(qt), "avx2-x8"
+def test_int8_activations_nonfinite_and_zero_inputs(qt, variant):
+    unit = nk.get(qt)
     if variant not in unit.variants():
-        pytest.skip("CPU lacks AVX2")
+        pytest.skip(f"CPU cannot run {variant}")
     w = unit.prepare(weights(qt, np.random.default_rng(6)))
     x = np.zeros((2, K), np.float32)
     x[1, 40] = np.inf
@@ -162,13 +165,14 @@ def test_int8_activations_nonfinite_and_zero_inputs(qt):
     assert np.all(np.isnan(out[1]))  # the block scale is NaN, so even zero weights give NaN
 
 
+@pytest.mark.parametrize("variant", RECORD_VARIANTS)
 @pytest.mark.parametrize("qt", BLOCK_TYPES, ids=lambda q: q.name)
-def test_avx2_x8_is_exact_on_the_quantized_activations(qt):
+def test_record_kernel_is_exact_on_the_quantized_activations(qt, variant):
     """The 8-row kernel's only approximation is x's int8 encoding: against the float64 product
     of the exact weights with the *decoded* codes it agrees to float32 rounding."""
     unit = nk.get(qt)
-    if "avx2-x8" not in unit.variants():
-        pytest.skip("CPU lacks AVX2")
+    if variant not in unit.variants():
+        pytest.skip(f"CPU cannot run {variant}")
     rng = np.random.default_rng(9)
     raw = weights(qt, rng)
     w = unit.prepare(raw)
@@ -177,8 +181,61 @@ def test_avx2_x8_is_exact_on_the_quantized_activations(qt):
     xdec = (xq.reshape(3, -1, 32).astype(np.float64) * dx[:, :, None]).reshape(3, K)
     want = xdec @ reference_dequantize(raw, qt).reshape(N, K).astype(np.float64).T
     out = np.zeros((3, N), np.float32)
-    unit.run("avx2-x8", w, x, out, R0, R1)
+    unit.run(variant, w, x, out, R0, R1)
     assert nmse(out[:, R0:R1], want[:, R0:R1]) < 1e-10
+
+
+@pytest.mark.parametrize("qt", BLOCK_TYPES, ids=lambda q: q.name)
+def test_record_variants_agree_bit_for_bit_and_decode_streams_match_prefill(qt):
+    """Both record variants form the same exact int32 sums and the same float operations, so
+    they agree bit for bit; decode's two-stream loop (T = 1) gives each token the bytes of the
+    one-group-at-a-time loop of prefill (T > 1). Odd row counts and ranges cut mid-group."""
+    unit = nk.get(qt)
+    have = [v for v in RECORD_VARIANTS if v in unit.variants()]
+    if not have:
+        pytest.skip("CPU lacks AVX2")
+    rng = np.random.default_rng(12)
+    n = 77
+    w = unit.prepare(weights(qt, rng, n=n))
+    x = rng.standard_normal((3, K)).astype(np.float32)
+    results = {}
+    for variant in have:
+        for r0, r1 in ((0, n), (3, 70), (13, 51), (8, 16), (5, 12)):
+            many = np.zeros((3, n), np.float32)
+            unit.run(variant, w, x, many, r0, r1)
+            for t in range(3):
+                one = np.zeros((1, n), np.float32)
+                unit.run(variant, w, x[t:t + 1], one, r0, r1)
+                np.testing.assert_array_equal(one[0].view(np.uint32), many[t].view(np.uint32))
+            results[variant, r0] = many
+    for (variant, r0), many in results.items():
+        np.testing.assert_array_equal(many.view(np.uint32),
+                                      results[have[-1], r0].view(np.uint32))
+
+
+@pytest.mark.parametrize("qt", [T.Q4_0, T.Q8_0], ids=lambda q: q.name)
+def test_native_task_names_the_chosen_variants_kernel(qt, monkeypatch):
+    """The engine's worker threads run the kernel of the variant chosen for the token count:
+    each record variant has its own native slot; the float variants have none (None: the pool
+    then calls matmul_x)."""
+    from numallm_kernels.base import Activations
+
+    unit = nk.get(qt)
+    w = unit.prepare(weights(qt, np.random.default_rng(10)))
+    acts = Activations(np.ones((1, K), np.float32))
+    out = np.zeros((1, N), np.float32)
+    slots = set()
+    for variant in unit.variants():
+        monkeypatch.setenv("NUMALLM_KERNEL", f"{qt.name.lower()}:{variant}")
+        unit._choice = None
+        unit.prepare_x(acts)
+        task = unit.native_task(w, acts, out, 0, N)
+        if variant in RECORD_VARIANTS:
+            assert task is not None and task[0] == unit.native_slots[variant]
+            slots.add(task[0])
+        else:
+            assert task is None
+    assert len(slots) == len([v for v in unit.variants() if v in RECORD_VARIANTS])
 
 
 @pytest.mark.parametrize("qt", BLOCK_TYPES, ids=lambda q: q.name)
