@@ -76,12 +76,13 @@ STRATEGIES = ("auto", "off", "shard", "replicate", "isolate")
 # A sharded decode step joins all nodes' threads DECODE_JOINS_PER_LAYER times per layer (+1 for
 # the output matrix), each a flat native dispatch (NodePools.run_encoded). What one join costs
 # beyond the work, measured with `numallm bench -n 64 --numa shard --virtual-nodes 2` on the
-# 2-vCPU Intel Xeon development VM (2 virtual nodes of one vCPU): sync 0.79 ms over 111 joins
-# per token (7 us, TinyLlama-1.1B shape), 2.41 ms over 141 (17 us, Llama-3.2-3B shape). auto counts it to tell when a model is too small to
-# gain from more nodes. (The earlier design, a Python leader per node, cost 74-96 us per join
-# and 2 joins per layer on the AMD VM.)
+# 2-vCPU Intel Xeon development VM (2 virtual nodes of one vCPU): sync 0.55 ms over 111 joins
+# per token (5 us, TinyLlama-1.1B shape), 1.15 ms over 141 (8 us, Llama-3.2-3B shape); rounded
+# up for machines whose threads are further apart. auto counts it to tell when a model is too
+# small to gain from more nodes. (The earlier design, a Python leader per node, cost 74-96 us
+# per join and 2 joins per layer on the AMD VM.)
 DECODE_JOINS_PER_LAYER = 5
-JOIN_COST_S = 15e-6
+JOIN_COST_S = 10e-6
 # auto picks replicate over shard when shard would give a node at least this multiple of its
 # thread share of the attention (its KV heads), and a full copy takes at most REPLICA_FREE_SHARE
 # of every node's free memory.
