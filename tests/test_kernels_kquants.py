@@ -17,6 +17,7 @@ from numallm_kernels._simd import has_avx2
 from numallm_kernels.base import fresh_asm
 from numallm.gguf_file import GGMLQuantizationType as T
 from numallm.gguf_file import quant_sizes, reference_dequantize, reference_quantize
+import record_checks
 
 TYPES = [T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_XS]
 
@@ -200,19 +201,7 @@ def test_record_variants_agree_bit_for_bit_and_decode_streams_match_prefill(qtyp
     n, k = 77, 512
     w = unit.prepare(random_weights(qtype, n, k, seed=13))
     x = np.random.default_rng(14).standard_normal((3, k)).astype(np.float32)
-    results = {}
-    for variant in have:
-        for r0, r1 in ((0, n), (3, 70), (13, 51), (8, 16), (5, 12)):
-            many = np.zeros((3, n), np.float32)
-            unit.run(variant, w, x, many, r0, r1)
-            for t in range(3):
-                one = np.zeros((1, n), np.float32)
-                unit.run(variant, w, x[t:t + 1], one, r0, r1)
-                np.testing.assert_array_equal(one[0].view(np.uint32), many[t].view(np.uint32))
-            results[variant, r0] = many
-    for (variant, r0), many in results.items():
-        np.testing.assert_array_equal(many.view(np.uint32),
-                                      results[have[-1], r0].view(np.uint32))
+    record_checks.decode_equals_prefill_rows(unit, w, x, n, have)
 
 
 def test_record_layout_size():

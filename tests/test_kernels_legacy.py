@@ -26,6 +26,7 @@ from numallm.gguf_file import GGMLQuantizationType as T
 from numallm.gguf_file import GGUFFile, reference_dequantize, reference_quantize
 from numallm_kernels import _calibrate
 from numallm_kernels.interleaved import q8_0_form
+import record_checks
 
 MODELS = Path(__file__).resolve().parents[1].parent / "shared" / "models"
 
@@ -198,19 +199,7 @@ def test_record_variants_agree_bit_for_bit_and_decode_streams_match_prefill(qt):
     n = 77
     w = unit.prepare(weights(qt, rng, n=n))
     x = rng.standard_normal((3, K)).astype(np.float32)
-    results = {}
-    for variant in have:
-        for r0, r1 in ((0, n), (3, 70), (13, 51), (8, 16), (5, 12)):
-            many = np.zeros((3, n), np.float32)
-            unit.run(variant, w, x, many, r0, r1)
-            for t in range(3):
-                one = np.zeros((1, n), np.float32)
-                unit.run(variant, w, x[t:t + 1], one, r0, r1)
-                np.testing.assert_array_equal(one[0].view(np.uint32), many[t].view(np.uint32))
-            results[variant, r0] = many
-    for (variant, r0), many in results.items():
-        np.testing.assert_array_equal(many.view(np.uint32),
-                                      results[have[-1], r0].view(np.uint32))
+    record_checks.decode_equals_prefill_rows(unit, w, x, n, have)
 
 
 @pytest.mark.parametrize("qt", [T.Q4_0, T.Q8_0], ids=lambda q: q.name)
