@@ -158,6 +158,36 @@ def _q45_k_vnni(builder, acc, wp, xp, bp, dx, qs_at, qh_at):
     return _fma(builder, builder.sitofp(msum, _V8F), neg, acc)
 
 
+def _q6_codes(builder, wp, step):
+    """The 4 chunks of Q6_K codes u = q + 32 (0..63) of one record step (qh chunk at `step`, the
+    two ql chunks after it), for g = 0..3."""
+    low, top = _splat8(builder, 0x0F, 32), _splat8(builder, 0x30, 32)
+    four, two = _splat8(builder, 4, 32), _splat8(builder, 2, 32)
+    qh = _at(builder, wp, step, _V32B)
+    ql0 = _at(builder, wp, step + 32, _V32B)
+    ql1 = _at(builder, wp, step + 64, _V32B)
+    return [builder.or_(builder.and_(ql0, low), builder.and_(builder.shl(qh, four), top)),
+            builder.or_(builder.and_(ql1, low), builder.and_(builder.shl(qh, two), top)),
+            builder.or_(builder.lshr(ql0, four), builder.and_(qh, top)),
+            builder.or_(builder.lshr(ql1, four), builder.and_(builder.lshr(qh, two), top))]
+
+
+def _q6_scales(builder, wp, k):
+    """Scale pair k of the 8 rows, (sc_2k, sc_2k+1) per row, as 16 int16."""
+    return builder.sext(_at(builder, wp, 16 + 16 * k, ir.VectorType(_I8, 16)), _V16W)
+
+
+def _q6_finish(builder, acc, isum, wp, bp, dx):
+    """acc + d * dx * (isum - 32 * sum_s sc_s * xb_s): the codes' -32 taken off once per block."""
+    off = None
+    for k in range(8):
+        o = _maddwd(builder, _q6_scales(builder, wp, k), _pair16(builder, bp, k))
+        off = o if off is None else builder.add(off, o)
+    isum = builder.sub(isum, builder.shl(off, ir.Constant(_V8D, [5] * 8)))
+    scale = builder.fmul(_f16x8(builder, wp, 0), _splat_f(builder, dx))
+    return _fma(builder, builder.sitofp(isum, _V8F), scale, acc)
+
+
 def _q4_k_v(builder, acc, wp, xp, bp, dx):
     return _q45_k_vnni(builder, acc, wp, xp, bp, dx, 160, None)
 
@@ -170,23 +200,13 @@ def _q6_k_v(builder, acc, wp, xp, bp, dx):
     """_q6_k with vpdpbusd: per 16-weight sub-block s = 8h + 2g + half, the 4 chunks of codes
     u = q + 32 (0..63) give codes . x in int32 (two chains), times sc_s by vpmulld; the -32
     comes off once per block as 32 * sum_s sc_s * xb_s, as in _q6_k."""
-    low = _splat8(builder, 0x0F, 32)
-    top = _splat8(builder, 0x30, 32)
-    four = _splat8(builder, 4, 32)
-    two = _splat8(builder, 2, 32)
     isum = None
     for h in range(2):
         for half in range(2):
             ch = [[None, None] for _ in range(4)]    # per g: two chains
             for lc in range(4 * half, 4 * half + 4):
                 step = 144 + 96 * (8 * h + lc)
-                qh = _at(builder, wp, step, _V32B)
-                ql0 = _at(builder, wp, step + 32, _V32B)
-                ql1 = _at(builder, wp, step + 64, _V32B)
-                u = [builder.or_(builder.and_(ql0, low), builder.and_(builder.shl(qh, four), top)),
-                     builder.or_(builder.and_(ql1, low), builder.and_(builder.shl(qh, two), top)),
-                     builder.or_(builder.lshr(ql0, four), builder.and_(qh, top)),
-                     builder.or_(builder.lshr(ql1, four), builder.and_(builder.lshr(qh, two), top))]
+                u = _q6_codes(builder, wp, step)
                 for g in range(4):
                     c = ch[g]
                     c[lc % 2] = dpbusd(builder, c[lc % 2], u[g],
@@ -199,14 +219,7 @@ def _q6_k_v(builder, acc, wp, xp, bp, dx):
                     ir.VectorType(_I32, 8), [2 * i + s % 2 for i in range(8)]))
                 part = builder.mul(builder.add(ch[g][0], ch[g][1]), builder.sext(sc, _V8D))
                 isum = part if isum is None else builder.add(isum, part)
-    off = None  # 32 * sum_s sc_s * xb_s
-    for k in range(8):
-        v = builder.sext(_at(builder, wp, 16 + 16 * k, ir.VectorType(_I8, 16)), _V16W)
-        o = _maddwd(builder, v, _pair16(builder, bp, k))
-        off = o if off is None else builder.add(off, o)
-    isum = builder.sub(isum, builder.shl(off, ir.Constant(_V8D, [5] * 8)))
-    scale = builder.fmul(_f16x8(builder, wp, 0), _splat_f(builder, dx))
-    return _fma(builder, builder.sitofp(isum, _V8F), scale, acc)
+    return _q6_finish(builder, acc, isum, wp, bp, dx)
 
 
 def _q4_k(builder, acc, wp, xp, bp, dx):
@@ -223,11 +236,9 @@ def _q6_k(builder, acc, wp, xp, bp, dx):
     step 8h + lc = qh chunk 8h + lc, ql chunks 16h + lc and 16h + 8 + lc. Weight 128h + 32g + l:
     low 4 bits in nibble g // 2 of ql byte 64h + 32(g % 2) + l, high 2 bits at bit 2g of qh byte
     32h + l; sub-block s = e // 16 = 8h + 2g + l // 16."""
-    low = _splat8(builder, 0x0F, 32)
-    top = _splat8(builder, 0x30, 32)
     pairs = []  # (sc_{i,2k}, sc_{i,2k+1}) as int16 in lane i, and each scale repeated
     for k in range(8):
-        v = builder.sext(_at(builder, wp, 16 + 16 * k, ir.VectorType(_I8, 16)), _V16W)
+        v = _q6_scales(builder, wp, k)
         lo = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, 16),
                                                       [i - i % 2 for i in range(16)]))
         hi = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, 16),
@@ -239,15 +250,7 @@ def _q6_k(builder, acc, wp, xp, bp, dx):
             acc16 = [None] * 4           # per g: two chunks at a time in int16
             for lc in range(4 * half, 4 * half + 4):
                 step = 144 + 96 * (8 * h + lc)
-                qh = _at(builder, wp, step, _V32B)
-                ql0 = _at(builder, wp, step + 32, _V32B)
-                ql1 = _at(builder, wp, step + 64, _V32B)
-                four = _splat8(builder, 4, 32)
-                two = _splat8(builder, 2, 32)
-                u = [builder.or_(builder.and_(ql0, low), builder.and_(builder.shl(qh, four), top)),
-                     builder.or_(builder.and_(ql1, low), builder.and_(builder.shl(qh, two), top)),
-                     builder.or_(builder.lshr(ql0, four), builder.and_(qh, top)),
-                     builder.or_(builder.lshr(ql1, four), builder.and_(builder.lshr(qh, two), top))]
+                u = _q6_codes(builder, wp, step)
                 for g in range(4):
                     d = _maddubs(builder, u[g], _bcast32(builder, xp, 128 * h + 32 * g + 4 * lc))
                     if acc16[g] is None:
@@ -258,14 +261,7 @@ def _q6_k(builder, acc, wp, xp, bp, dx):
                     part = _maddwd(builder, builder.add(acc16[g], d), sc_hi if s % 2 else sc_lo)
                     isum = part if isum is None else builder.add(isum, part)
                     acc16[g] = None
-    off = None  # 32 * sum_s sc_s * xb_s
-    for k in range(8):
-        xbk = _pair16(builder, bp, k)
-        o = _maddwd(builder, pairs[k][0], xbk)
-        off = o if off is None else builder.add(off, o)
-    isum = builder.sub(isum, builder.shl(off, ir.Constant(_V8D, [5] * 8)))
-    scale = builder.fmul(_f16x8(builder, wp, 0), _splat_f(builder, dx))
-    return _fma(builder, builder.sitofp(isum, _V8F), scale, acc)
+    return _q6_finish(builder, acc, isum, wp, bp, dx)
 
 
 def _scale_pairs(builder, wp, off, k, signed):

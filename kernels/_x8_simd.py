@@ -225,84 +225,49 @@ def _with_min(builder, acc, wp, dx, xs):
     return builder.call(fma, [m, _splat_f(builder, builder.fmul(dx, builder.sitofp(xs, _F32))), acc])
 
 
-def _q4_0(builder, acc, wp, xp, dx, xs):
-    # sum (q - 8) x = sum q x - 8 sum x
-    sums = builder.sub(_nibble_rows(builder, wp, 16, xp, None),
-                       _splat_i(builder, builder.shl(xs, ir.Constant(_I32, 3))))
-    return _scaled(builder, acc, sums, wp, dx)
+def _steps(nibble_rows, rows_q8_0, rows_iq4_nl):
+    """The six record steps (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL) over given row dots: the AVX2
+    vpmaddubsw/vpmaddwd ones or the VNNI vpdpbusd ones (which also take the code sum xs). Each
+    step returns acc + this record's 8 row sums, scaled (and the min term for Q4_1/Q5_1)."""
+
+    def q4_0(builder, acc, wp, xp, dx, xs):
+        # sum (q - 8) x = sum q x - 8 sum x
+        sums = builder.sub(nibble_rows(builder, wp, 16, xp, None),
+                           _splat_i(builder, builder.shl(xs, ir.Constant(_I32, 3))))
+        return _scaled(builder, acc, sums, wp, dx)
+
+    def q4_1(builder, acc, wp, xp, dx, xs):
+        acc = _scaled(builder, acc, nibble_rows(builder, wp, 32, xp, None), wp, dx)
+        return _with_min(builder, acc, wp, dx, xs)
+
+    def q5_0(builder, acc, wp, xp, dx, xs):
+        qh = _at(builder, wp, 16, _V8D)
+        sums = builder.sub(nibble_rows(builder, wp, 48, xp, qh),
+                           _splat_i(builder, builder.shl(xs, ir.Constant(_I32, 4))))
+        return _scaled(builder, acc, sums, wp, dx)
+
+    def q5_1(builder, acc, wp, xp, dx, xs):
+        qh = _at(builder, wp, 32, _V8D)
+        acc = _scaled(builder, acc, nibble_rows(builder, wp, 64, xp, qh), wp, dx)
+        return _with_min(builder, acc, wp, dx, xs)
+
+    def q8_0(builder, acc, wp, xp, dx, xs):
+        return _scaled(builder, acc, rows_q8_0(builder, wp, xp, xs), wp, dx)
+
+    def iq4_nl(builder, acc, wp, xp, dx, xs):
+        return _scaled(builder, acc, rows_iq4_nl(builder, wp, xp, xs), wp, dx)
+
+    # record bytes: 8 GGUF blocks
+    return (_step(q4_0, 144), _step(q4_1, 160), _step(q5_0, 176), _step(q5_1, 192),
+            _step(q8_0, 272), _step(iq4_nl, 144))
 
 
-def _q4_1(builder, acc, wp, xp, dx, xs):
-    acc = _scaled(builder, acc, _nibble_rows(builder, wp, 32, xp, None), wp, dx)
-    return _with_min(builder, acc, wp, dx, xs)
-
-
-def _q5_0(builder, acc, wp, xp, dx, xs):
-    qh = _at(builder, wp, 16, _V8D)
-    sums = builder.sub(_nibble_rows(builder, wp, 48, xp, qh),
-                       _splat_i(builder, builder.shl(xs, ir.Constant(_I32, 4))))
-    return _scaled(builder, acc, sums, wp, dx)
-
-
-def _q5_1(builder, acc, wp, xp, dx, xs):
-    qh = _at(builder, wp, 32, _V8D)
-    acc = _scaled(builder, acc, _nibble_rows(builder, wp, 64, xp, qh), wp, dx)
-    return _with_min(builder, acc, wp, dx, xs)
-
-
-def _q8_0(builder, acc, wp, xp, dx, xs):
-    return _scaled(builder, acc, _rows_q8_0(builder, wp, xp), wp, dx)
-
-
-def _iq4_nl(builder, acc, wp, xp, dx, xs):
-    return _scaled(builder, acc, _rows_iq4_nl(builder, wp, xp), wp, dx)
-
-
-def _q4_0_v(builder, acc, wp, xp, dx, xs):
-    sums = builder.sub(_nibble_rows_vnni(builder, wp, 16, xp, None),
-                       _splat_i(builder, builder.shl(xs, ir.Constant(_I32, 3))))
-    return _scaled(builder, acc, sums, wp, dx)
-
-
-def _q4_1_v(builder, acc, wp, xp, dx, xs):
-    acc = _scaled(builder, acc, _nibble_rows_vnni(builder, wp, 32, xp, None), wp, dx)
-    return _with_min(builder, acc, wp, dx, xs)
-
-
-def _q5_0_v(builder, acc, wp, xp, dx, xs):
-    qh = _at(builder, wp, 16, _V8D)
-    sums = builder.sub(_nibble_rows_vnni(builder, wp, 48, xp, qh),
-                       _splat_i(builder, builder.shl(xs, ir.Constant(_I32, 4))))
-    return _scaled(builder, acc, sums, wp, dx)
-
-
-def _q5_1_v(builder, acc, wp, xp, dx, xs):
-    qh = _at(builder, wp, 32, _V8D)
-    acc = _scaled(builder, acc, _nibble_rows_vnni(builder, wp, 64, xp, qh), wp, dx)
-    return _with_min(builder, acc, wp, dx, xs)
-
-
-def _q8_0_v(builder, acc, wp, xp, dx, xs):
-    return _scaled(builder, acc, _rows_q8_0_vnni(builder, wp, xp, xs), wp, dx)
-
-
-def _iq4_nl_v(builder, acc, wp, xp, dx, xs):
-    return _scaled(builder, acc, _rows_iq4_nl_vnni(builder, wp, xp, xs), wp, dx)
-
-
-x8_q4_0 = _step(_q4_0, 144)      # record bytes: 8 GGUF blocks
-x8_q4_1 = _step(_q4_1, 160)
-x8_q5_0 = _step(_q5_0, 176)
-x8_q5_1 = _step(_q5_1, 192)
-x8_q8_0 = _step(_q8_0, 272)
-x8_iq4_nl = _step(_iq4_nl, 144)
+x8_q4_0, x8_q4_1, x8_q5_0, x8_q5_1, x8_q8_0, x8_iq4_nl = _steps(
+    _nibble_rows, lambda b, wp, xp, xs: _rows_q8_0(b, wp, xp),
+    lambda b, wp, xp, xs: _rows_iq4_nl(b, wp, xp))
 # VNNI steps (compiled only where _simd.has_vnni())
-x8v_q4_0 = _step(_q4_0_v, 144)
-x8v_q4_1 = _step(_q4_1_v, 160)
-x8v_q5_0 = _step(_q5_0_v, 176)
-x8v_q5_1 = _step(_q5_1_v, 192)
-x8v_q8_0 = _step(_q8_0_v, 272)
-x8v_iq4_nl = _step(_iq4_nl_v, 144)
+x8v_q4_0, x8v_q4_1, x8v_q5_0, x8v_q5_1, x8v_q8_0, x8v_iq4_nl = _steps(
+    _nibble_rows_vnni, _rows_q8_0_vnni, _rows_iq4_nl_vnni)
 
 
 @intrinsic
