@@ -33,6 +33,7 @@ and sched_yield in the loop was worse still.
 """
 from __future__ import annotations
 
+import functools
 import sys
 
 import numpy as np
@@ -465,6 +466,7 @@ def _no_tasks(table, lo, hi):  # no kernel can run natively on this CPU
     pass
 
 
+@functools.lru_cache(maxsize=None)
 def available() -> bool:
     """Whether tasks run natively on this CPU (else run_tasks does nothing: the pools then get
     Python callables, as `KernelUnit.native_task` returns None)."""

@@ -347,21 +347,13 @@ class NodeCaches:
     def attend(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, pos0: int) -> np.ndarray:
         """ops.attention over every node's part: q (T, n_head, hd), k/v (T, n_head_kv, hd) ->
         (T, n_head * hd). The caller writes each node's new keys and values into that node's
-        cache (a few KB per token); each node's threads then read only their own cache. One
-        token: a flat dispatch of native attention tasks (each thread a share of its node's KV
-        heads), encoded once (`_encode`); longer inputs: each node's leader runs its heads
-        (NodePools.run_nodes)."""
+        cache (a few KB per token); each node's threads then read only their own cache, in a
+        flat dispatch of native attention tasks (each thread a share of its node's KV heads),
+        encoded once (`_encode`). One token only (the decode step of ShardedBlock)."""
         t, n_head, hd = q.shape
-        if t > 1 or not _native.available():
-            group = n_head // k.shape[1]
-            out = np.empty((t, n_head * hd), dtype=np.float32)              # (T, n_head * hd)
-
-            def run(i: int, h0: int, h1: int) -> None:
-                out[:, h0 * group * hd:h1 * group * hd] = self.parts[i].attend(
-                    q[:, h0 * group:h1 * group], k[:, h0:h1], v[:, h0:h1], pos0)
-            self.nodes.run_nodes([(lambda i=i, h=h: run(i, *h)) if c is not None else None
-                                  for i, (c, h) in enumerate(zip(self.parts, self.heads))])
-            return out
+        if t > 1 or not _native.available():   # ShardedBlock runs those on per-node views
+            raise ValueError(f"per-node attention of {t} tokens as native tasks: one token only, "
+                             f"on a CPU with native tasks")
         if self._table is None or self._q.shape != q.shape:
             self._encode(n_head, hd)
         np.copyto(self._q, q)
@@ -685,7 +677,7 @@ class Placement:
         (placement_check's threshold: 1.0 = every page)."""
         head = [self.reason] if self.reason else []
         if self.strategy == "off":
-            return "\n".join(head + ["numa: off (one unpinned pool; memory where the GGUF mapping puts it)"])
+            return "\n".join(head + ["numa: off (one unpinned pool; weights in huge-page blocks, no node placement)"])
         rep, kv = self.report(), self.kv_report()
         lines = head + [f"numa: {self.strategy} over {len(self.groups)} "
                         f"{'virtual ' if self.virtual else ''}node(s)"]

@@ -173,7 +173,7 @@ class RowPool:
         need = sum(len(s) for s, n in zip(shares, native) if n)
         if need > len(self._table):    # each command carries its table's address: safe to grow
             self._table = np.zeros((2 * need, self._nat.TASK_FIELDS), np.int64)
-        spans = self._encode(self._table, shares, native)
+        spans = _encode(self._nat, self._table, shares, native)
         self._run(self._table, shares, native, spans)
 
     def encode(self, shares: Sequence[Sequence]) -> tuple[np.ndarray, np.ndarray] | None:
@@ -184,22 +184,12 @@ class RowPool:
         if len(shares) > self.n_threads or not all(type(t) is tuple for s in shares for t in s):
             return None
         table = np.zeros((max(1, sum(len(s) for s in shares)), self._nat.TASK_FIELDS), np.int64)
-        return table, np.array(self._encode(table, shares, [True] * len(shares)),
+        return table, np.array(_encode(self._nat, table, shares),
                                np.int64).reshape(-1, 2)
 
     def run_encoded(self, table: np.ndarray, spans) -> None:
         """Run what `encode` made: thread i the rows spans[i] of table."""
         self._run(table, [()] * len(spans), [True] * len(spans), spans)
-
-    def _encode(self, table, shares, native) -> list[tuple[int, int]]:
-        spans, row = [], 0
-        for share, nat in zip(shares, native):
-            if nat:
-                for t in share:
-                    self._nat.encode(table[row], *t)
-                    row += 1
-            spans.append((row - len(share) if nat else 0, row if nat else 0))
-        return spans
 
     def _run(self, table, shares, native, spans) -> None:
         if len(spans) == 1:
@@ -294,6 +284,7 @@ class NodePools:
         self._idx = np.array([i for _, i in self._threads], np.int64)
         self._gens = np.zeros(len(self._threads), np.int64)
         self._table = np.zeros((64, _native.TASK_FIELDS), np.int64)
+        self._closed = False
         self.joins = 0
         self.wall_s = 0.0      # caller: dispatch to join, summed over joins
         self.slowest_s = 0.0   # the slowest node's (thread's) own time per join, summed
@@ -367,7 +358,7 @@ class NodePools:
         native call posts every thread's command, one waits for them all."""
         nat = self._nat
         spans = np.asarray(spans, dtype=np.int64).reshape(-1, 2)        # (threads, 2)
-        if any(p._closed for p, _ in self._threads):
+        if self._closed:
             raise RuntimeError("these NodePools are closed")
         t0 = time.perf_counter()
         n = len(spans)
@@ -384,14 +375,20 @@ class NodePools:
         self.joins += 1
 
     def close(self) -> None:
+        self._closed = True
         for p in [self.leaders, *self.pools]:
             p.close()
 
 
-def _encode(nat, table: np.ndarray, shares: Sequence[Sequence]) -> list[tuple[int, int]]:
-    """Write every share's tasks into table, share after share; thread i's rows spans[i]."""
+def _encode(nat, table: np.ndarray, shares: Sequence[Sequence],
+            native: Sequence[bool] | None = None) -> list[tuple[int, int]]:
+    """Write the tasks of every native share (all of them when `native` is None) into table,
+    share after share: thread i's rows are spans[i] ((0, 0) for a share run as Python)."""
     spans, row = [], 0
-    for share in shares:
+    for i, share in enumerate(shares):
+        if native is not None and not native[i]:
+            spans.append((0, 0))
+            continue
         for t in share:
             nat.encode(table[row], *t)
             row += 1
