@@ -92,7 +92,7 @@ class LLM:
             self.offload = gpu_offload.setup(self.model, self.file, self.n_ctx, offload, PREFILL_CHUNK,
                                              numa=numa, nodes=nodes, virtual_nodes=virtual_nodes)
             gpu_offload.announce(self.offload)
-        need = self.args.kv_bytes_per_token * self.n_ctx
+        need = self.args.kv_bytes(self.n_ctx)
         if self.offload is not None and self.offload.applied:
             need = self.offload.plan.host_kv
         avail = psutil.virtual_memory().available

@@ -68,7 +68,7 @@ from numallm_kernels.base import Activations
 from . import numa_mem, ops, threads
 from .errors import NumallmError, UnsupportedError
 from .placement_check import pct
-from .models.base import Block
+from .models.base import FF, HEADS, Block
 from .topology import Topology
 from .topology.plan import assumed_bandwidth
 
@@ -316,13 +316,6 @@ class ShardedLinear(ops.Linear):
 
 # -- sharded blocks ----------------------------------------------------------------------------------
 
-# How each matrix of a block is split: (axis, what its units are). "heads": whole KV heads with
-# their query heads; "ff": feed-forward rows (ffn_down's columns).
-_BLOCK_SPLIT = {"attn_q.weight": (0, "heads"), "attn_k.weight": (0, "heads"), "attn_v.weight": (0, "heads"),
-                "attn_output.weight": (1, "heads"), "ffn_gate.weight": (0, "ff"),
-                "ffn_up.weight": (0, "ff"), "ffn_down.weight": (1, "ff")}
-
-
 def heads_per_unit(n_head: int, n_head_kv: int, head_dim: int, block_size: int) -> int:
     """KV heads a node must take together so its attn_output columns are whole quant blocks
     (all of them when no smaller group works)."""
@@ -415,38 +408,39 @@ class ShardedBlock:
         for i, v in enumerate(views):
             (h0, h1), (f0, f1) = heads[i], ff[i]
             v.a = dataclasses.replace(a, n_head=(h1 - h0) * group, n_head_kv=h1 - h0, n_ff=f1 - f0)
-        spans = {}    # attribute -> (axis, [(a, b) per node])
+        # the block's own declaration says how each tensor splits (models.base.T)
+        per_unit = {HEADS: lambda n: [(h0 * n // a.n_head_kv, h1 * n // a.n_head_kv) for h0, h1 in heads],
+                    FF: lambda n: ff}
         self.records: dict[str, ShardedLinear] = {}
-        for name, lin in list(vars(block).items()):
-            if not isinstance(lin, ops.Linear):
+        for spec in type(block).TENSORS:
+            value = getattr(block, spec.attr)
+            if value is None or spec.split is None:
+                continue                               # absent, or kept whole by every node
+            axis, unit = spec.split
+            if unit not in per_unit:
+                raise UnsupportedError(f"blk.{layer}.{spec.name}: --numa shard cannot split by "
+                                       f"{unit!r}; use --numa replicate or off")
+            per = per_unit[unit](a.dims(spec.shape)[axis])
+            if spec.kind != "matrix":                  # a vector follows its matrix's rows
+                for i, v in enumerate(views):
+                    s, e = per[i]
+                    setattr(v, spec.attr, value[s:e] if axis == 0 else value if i == 0
+                            else np.zeros_like(value))
                 continue
-            key = lin.name.split(".", 2)[-1]
-            if key not in _BLOCK_SPLIT:
-                raise UnsupportedError(f"{lin.name}: --numa shard does not know how to split this "
-                                       f"matrix; use --numa replicate or off")
-            axis, kind = _BLOCK_SPLIT[key]
-            if kind == "ff":
-                per = ff
-            else:
-                rows = hd * (group if key in ("attn_q.weight", "attn_output.weight") else 1)
-                per = [(h0 * rows, h1 * rows) for h0, h1 in heads]
-            spans[name] = (axis, per)
+            lin = value
             lin.w = None                  # the build's prepared copy: the node slices replace it
             parts = [_slice(lin, i, axis, s, e, g.mem_node) for i, (g, (s, e)) in enumerate(zip(groups, per))
                      if e > s]
             numa_mem.release_file_pages(lin.raw)      # copied to the nodes: drop the file's pages
-            for i, v in enumerate(views):
-                setattr(v, name, None)                 # a node without a slice never calls it
+            for v in views:
+                setattr(v, spec.attr, None)            # a node without a slice never calls it
             for p in parts:
-                setattr(views[p.group], name, p)
-            self.records[name] = ShardedLinear(lin, parts, nodes, exchange, axis)
-        for name, vec in vars(block).items():
-            # a bias follows its matrix's rows; after a column split only one node may add it
-            if isinstance(vec, np.ndarray) and name.endswith("_bias") and name[:-5] in spans:
-                axis, per = spans[name[:-5]]
-                for i, v in enumerate(views):
-                    s, e = per[i]
-                    setattr(v, name, vec[s:e] if axis == 0 else vec if i == 0 else np.zeros_like(vec))
+                setattr(views[p.group], spec.attr, p)
+            self.records[spec.attr] = ShardedLinear(lin, parts, nodes, exchange, axis)
+        unknown = [k for k, v in vars(block).items() if isinstance(v, ops.Linear) and k not in self.records]
+        if unknown:
+            raise UnsupportedError(f"blk.{layer}: {', '.join(unknown)} not declared with a split; "
+                                   f"--numa shard cannot place it; use --numa replicate or off")
         self.views = views
         self._last_cache: Callable[[], NodeCaches | None] = lambda: None
 
@@ -549,7 +543,7 @@ class Needs:
         blk = next((b for _, b in _host_blocks(model)), None)
         per = 1 if blk is None else heads_per_unit(a.n_head, a.n_head_kv, a.head_dim,
                                                    blk.attn_output.unit.block_size)
-        return cls(sum(m.nbytes for m in model.linears()), a.kv_bytes_per_token, a.n_layer,
+        return cls(sum(m.nbytes for m in model.linears()), a.kv_bytes_per_token(), a.n_layer,
                    a.n_head_kv, per)
 
 
@@ -754,7 +748,7 @@ def _row_split(lin: ops.Linear, groups: list[NodeGroup], nodes, exchange, weight
 
 def _check_copies_fit(model, topo: Topology, groups: list[NodeGroup], n_ctx: int) -> None:
     need = sum(m.nbytes for m in model.linears())
-    kv = model.args.kv_bytes_per_token * n_ctx
+    kv = model.args.kv_bytes(n_ctx)
     by_id = {nd.id: nd for nd in topo.nodes}
     for i, g in enumerate(groups):
         free = by_id[g.node].mem_free_bytes

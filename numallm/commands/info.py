@@ -28,7 +28,7 @@ def describe(path: str, n_ctx: int | None) -> dict:
     types: Counter = Counter()
     for t in f.tensors.values():
         types[t.qtype.name] += t.nbytes
-    kv = args.kv_bytes_per_token * n_ctx
+    kv = args.kv_bytes(n_ctx)
     return {
         "path": path, "architecture": args.arch, "name": f.get("general.name", ""),
         "parameters": int(sum(t.n_elements for t in f.tensors.values())),

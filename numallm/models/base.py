@@ -1,5 +1,10 @@
-"""What every architecture shares: config reading, weight lookup by GGUF name, the decoder-only
-transformer skeleton. Architecture files subclass and change only what differs.
+"""What every architecture shares: config reading, the tensor declarations, weight lookup by GGUF
+name, the decoder-only transformer skeleton. Architecture files subclass and change only what
+differs.
+
+Each block class declares its tensors in `TENSORS` (GGUF name, shape in config terms, how it
+splits): the one table that placement, GPU offload, the planner and the synthetic-model writer
+read. Nothing outside `numallm/models/` spells a block's tensor names.
 """
 from __future__ import annotations
 
@@ -82,9 +87,66 @@ class BaseArgs:
         return cls(**vals)
 
     @property
-    def kv_bytes_per_token(self) -> int:
-        """float32 K and V for every layer."""
-        return 2 * self.n_layer * self.n_head_kv * self.head_dim * 4
+    def q_dim(self) -> int:
+        return self.n_head * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.n_head_kv * self.head_dim
+
+    @property
+    def rope_pairs(self) -> int:
+        return self.rope_dim // 2
+
+    def kv_bytes_per_token(self, elem_bytes: int = 4) -> int:
+        """K and V of every layer for one token (float32 on the CPU): the one KV-size formula.
+        An architecture with another cache layout (an MLA latent) overrides this."""
+        return 2 * self.n_layer * self.n_head_kv * self.head_dim * elem_bytes
+
+    def layer_kv_bytes(self, n_ctx: int, elem_bytes: int = 4) -> int:
+        """K and V of one layer for n_ctx positions."""
+        return self.kv_bytes_per_token(elem_bytes) // max(self.n_layer, 1) * n_ctx
+
+    def kv_bytes(self, n_ctx: int, elem_bytes: int = 4) -> int:
+        """The whole KV cache for n_ctx positions."""
+        return self.kv_bytes_per_token(elem_bytes) * n_ctx
+
+    def dims(self, shape: tuple[str, ...]) -> tuple[int, ...]:
+        """A declared shape (field names) in numbers."""
+        return tuple(int(getattr(self, d)) for d in shape)
+
+
+# How a declared tensor splits over nodes: (axis, unit) cuts that axis into whole units.
+#   "heads": one KV head's share of the axis (its query heads for q, itself for k/v), so
+#            attention runs each node's heads against its own KV cache;
+#   "ff":    feed-forward rows;
+#   "rows":  plain rows (the embedding and the output head).
+# None: every node (or device) keeps the whole tensor (norms, small vectors).
+HEADS, FF, ROWS = "heads", "ff", "rows"
+
+
+@dataclass(frozen=True)
+class T:
+    """One declared tensor: `name` under `blk.N.` (or the model's top level), `shape` as config
+    fields in numallm's (rows, cols) order, `split` as above, `optional`: the file may omit it."""
+
+    name: str
+    shape: tuple[str, ...]
+    split: tuple[int, str] | None = None
+    optional: bool = False
+
+    @property
+    def attr(self) -> str:
+        """The attribute holding it: the GGUF name without ".weight", ".bias" as "_bias"."""
+        base, _, kind = self.name.rpartition(".")
+        return base if kind == "weight" else f"{base}_{kind}"
+
+    @property
+    def kind(self) -> str:
+        """"matrix" (2-D, a Linear), "bias" or "norm" (vectors)."""
+        if len(self.shape) >= 2:
+            return "matrix"
+        return "bias" if self.name.endswith(".bias") else "norm"
 
 
 class Weights:
@@ -103,6 +165,14 @@ class Weights:
                             f"from the metadata; the file is corrupt")
         return ops.Linear(qt)
 
+    def load(self, name: str, spec: T, a: BaseArgs):
+        """The declared tensor `spec` stored as `name`: a Linear, a float32 vector, or None
+        when it is optional and absent."""
+        if spec.optional and not self.has(name):
+            return None
+        shape = a.dims(spec.shape)
+        return self.linear(name, shape) if spec.kind == "matrix" else self.vector(name, shape[0])
+
     def vector(self, name: str, size: int) -> np.ndarray:
         """A small tensor (norm weight, bias) as a float32 copy (size,)."""
         qt = self.file.tensor(name)
@@ -114,21 +184,24 @@ class Weights:
 
 class Block:
     """One pre-norm decoder layer: attention then a SwiGLU feed-forward (llama family).
-    Attribute names are the GGUF tensor names under `blk.N.`."""
+    Attribute names are the GGUF tensor names under `blk.N.` (T.attr)."""
+
+    TENSORS = (
+        T("attn_norm.weight", ("n_embd",)),
+        T("attn_q.weight", ("q_dim", "n_embd"), (0, HEADS)),
+        T("attn_k.weight", ("kv_dim", "n_embd"), (0, HEADS)),
+        T("attn_v.weight", ("kv_dim", "n_embd"), (0, HEADS)),
+        T("attn_output.weight", ("n_embd", "q_dim"), (1, HEADS)),
+        T("ffn_norm.weight", ("n_embd",)),
+        T("ffn_gate.weight", ("n_ff", "n_embd"), (0, FF)),
+        T("ffn_up.weight", ("n_ff", "n_embd"), (0, FF)),
+        T("ffn_down.weight", ("n_embd", "n_ff"), (1, FF)),
+    )
 
     def __init__(self, a: BaseArgs, w: Weights, i: int, rope: ops.Rope):
-        p = f"blk.{i}."
         self.a, self.rope = a, rope
-        q_dim, kv_dim = a.n_head * a.head_dim, a.n_head_kv * a.head_dim
-        self.attn_norm = w.vector(p + "attn_norm.weight", a.n_embd)
-        self.attn_q = w.linear(p + "attn_q.weight", (q_dim, a.n_embd))
-        self.attn_k = w.linear(p + "attn_k.weight", (kv_dim, a.n_embd))
-        self.attn_v = w.linear(p + "attn_v.weight", (kv_dim, a.n_embd))
-        self.attn_output = w.linear(p + "attn_output.weight", (a.n_embd, q_dim))
-        self.ffn_norm = w.vector(p + "ffn_norm.weight", a.n_embd)
-        self.ffn_gate = w.linear(p + "ffn_gate.weight", (a.n_ff, a.n_embd))
-        self.ffn_up = w.linear(p + "ffn_up.weight", (a.n_ff, a.n_embd))
-        self.ffn_down = w.linear(p + "ffn_down.weight", (a.n_embd, a.n_ff))
+        for spec in self.TENSORS:
+            setattr(self, spec.attr, w.load(f"blk.{i}.{spec.name}", spec, a))
 
     def qkv(self, h: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """h: (T, n_embd) -> q (T, n_head, hd), k and v (T, n_head_kv, hd), before RoPE."""
@@ -165,23 +238,37 @@ class Transformer:
     Args = BaseArgs
     Block = Block
     ROPE_NEOX = False
+    # the tensors outside the blocks (the output head is tied to token_embd when absent)
+    TENSORS = (
+        T("token_embd.weight", ("n_vocab", "n_embd"), (0, ROWS)),
+        T("rope_freqs.weight", ("rope_pairs",), optional=True),
+        T("output_norm.weight", ("n_embd",)),
+        T("output.weight", ("n_vocab", "n_embd"), (0, ROWS), optional=True),
+    )
 
     def __init__(self, f: GGUFFile):
         self.args = a = self.Args.from_gguf(f)
         w = Weights(f)
-        self.rope = self.make_rope(a, w)
-        self.token_embd = w.linear("token_embd.weight", (a.n_vocab, a.n_embd))
+        for spec in self.TENSORS:
+            setattr(self, spec.attr, w.load(spec.name, spec, a))
+        self.rope = self.make_rope(a, self.rope_freqs)
         self.blk = [self.Block(a, w, i, self.rope) for i in range(a.n_layer)]
-        self.output_norm = w.vector("output_norm.weight", a.n_embd)
-        self.output = (w.linear("output.weight", (a.n_vocab, a.n_embd)) if w.has("output.weight")
-                       else self.token_embd)
+        if self.output is None:
+            self.output = self.token_embd
 
-    def make_rope(self, a: BaseArgs, w: Weights) -> ops.Rope:
+    @classmethod
+    def declared(cls, a: BaseArgs) -> list[tuple[str, T]]:
+        """(GGUF name, declaration) of every tensor this architecture reads, in file order."""
+        top = {t.name: t for t in cls.TENSORS}
+        head = [(n, top[n]) for n in ("token_embd.weight", "rope_freqs.weight")]
+        blocks = [(f"blk.{i}.{t.name}", t) for i in range(a.n_layer) for t in cls.Block.TENSORS]
+        return head + blocks + [(n, top[n]) for n in ("output_norm.weight", "output.weight")]
+
+    def make_rope(self, a: BaseArgs, factors: np.ndarray | None) -> ops.Rope:
         if a.rope_scaling_type not in ("none", "linear"):
             raise UnsupportedError(f"RoPE scaling {a.rope_scaling_type!r} is not supported yet "
                                    f"(none, linear and Llama-3 rope_freqs are)")
         scale = 1.0 / a.rope_scaling_factor if a.rope_scaling_type == "linear" and a.rope_scaling_factor else 1.0
-        factors = w.vector("rope_freqs.weight", a.rope_dim // 2) if w.has("rope_freqs.weight") else None
         return ops.Rope(a.rope_dim, float(a.rope_base), self.ROPE_NEOX, scale, factors)
 
     def new_cache(self, n_ctx: int) -> list[ops.KVCache]:

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .base import BaseArgs, Block, Transformer
+from .base import HEADS, BaseArgs, Block, T, Transformer
 
 
 @dataclass(frozen=True)
@@ -15,12 +15,11 @@ class ModelArgs(BaseArgs):
 
 
 class QwenBlock(Block):
-    def __init__(self, a, w, i, rope):
-        super().__init__(a, w, i, rope)
-        p = f"blk.{i}."
-        self.attn_q_bias = w.vector(p + "attn_q.bias", a.n_head * a.head_dim)      # (q_dim,)
-        self.attn_k_bias = w.vector(p + "attn_k.bias", a.n_head_kv * a.head_dim)   # (kv_dim,)
-        self.attn_v_bias = w.vector(p + "attn_v.bias", a.n_head_kv * a.head_dim)
+    TENSORS = Block.TENSORS + (
+        T("attn_q.bias", ("q_dim",), (0, HEADS)),       # a bias follows its matrix's rows
+        T("attn_k.bias", ("kv_dim",), (0, HEADS)),
+        T("attn_v.bias", ("kv_dim",), (0, HEADS)),
+    )
 
     def qkv(self, h: np.ndarray):
         q, k, v = super().qkv(h)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .. import ops
-from .base import BaseArgs, Block, Transformer
+from .base import BaseArgs, Block, T, Transformer
 
 
 @dataclass(frozen=True)
@@ -15,11 +15,10 @@ class ModelArgs(BaseArgs):
 
 
 class Qwen3Block(Block):
-    def __init__(self, a, w, i, rope):
-        super().__init__(a, w, i, rope)
-        p = f"blk.{i}."
-        self.attn_q_norm = w.vector(p + "attn_q_norm.weight", a.head_dim)   # (head_dim,)
-        self.attn_k_norm = w.vector(p + "attn_k_norm.weight", a.head_dim)
+    TENSORS = Block.TENSORS + (
+        T("attn_q_norm.weight", ("head_dim",)),         # one norm shared by every head
+        T("attn_k_norm.weight", ("head_dim",)),
+    )
 
     def qkv(self, h):
         q, k, v = super().qkv(h)
