@@ -1,125 +1,99 @@
-"""The library API: `load(path)` -> `LLM` with tokenize/detokenize, logits, stream, generate, chat.
+"""The library API: `load(path)` -> `LLM`, a loaded model with one session; `LoadedModel` for
+several sessions over one copy of the weights.
 
     import numallm
     llm = numallm.load("model.gguf", n_ctx=2048, n_threads=2)
     for chunk in llm.stream("Once upon a time", max_tokens=50, temperature=0):
         print(chunk.text, end="", flush=True)
 
-Context policy: the prompt must fit in `n_ctx` (else ContextOverflowError, a one-line error);
-generation stops with finish_reason "length" when the context fills up or `max_tokens` is reached.
-The KV cache is kept between calls: a new prompt that starts with the tokens already processed
-(a chat turn) only prefills the new part.
+    loaded = numallm.LoadedModel("model.gguf", n_ctx=2048)
+    a, b = loaded.session(), loaded.session()          # two conversations, one model
+
+Loading goes: read the GGUF header -> plan (numallm.placement.make_plan: where every tensor goes,
+bytes per node and GPU) -> refuse with the numbers when it does not fit -> build the model ->
+GPU offload and NUMA placement apply the plan. Nothing large is allocated before the check.
 """
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, field
-from typing import Iterator, Sequence
-
+import threading
 import numpy as np
 import psutil
 
 from . import threads
-from .errors import ContextOverflowError, NumallmError
+from .errors import NumallmError
 from .gguf_file import GGUFFile
-from .models import get_module
-from .sampling import Sampler, SamplingParams, log_softmax
+from .placement import DEFAULT_CTX, PREFILL_CHUNK, ModelSpec, Request, make_plan
+from .session import GenerationChunk, GenerationResult, Session
 
-DEFAULT_CTX = 4096
-PREFILL_CHUNK = 512   # prompt tokens per forward pass: bounds the attention scratch memory
-
-
-@dataclass(frozen=True)
-class GenerationChunk:
-    """One generated token, as `LLM.stream` yields it.
-
-    text: new text since the previous chunk ("" while a multi-byte character is incomplete, or
-      while text that may start a stop string is held back); token: its id; logprob: its
-      log-probability under the model (before sampling filters); prompt_tokens / prompt_tps: size
-      and speed of the prefill; generation_tokens / generation_tps: tokens so far and decode
-      speed; finish_reason: None while generating, else "stop" (EOS, end-of-turn or stop string)
-      or "length" (max_tokens or the context is full).
-    """
-
-    text: str
-    token: int
-    logprob: float
-    prompt_tokens: int
-    prompt_tps: float
-    generation_tokens: int
-    generation_tps: float
-    finish_reason: str | None = None
+__all__ = ["DEFAULT_CTX", "PREFILL_CHUNK", "GenerationChunk", "GenerationResult", "LoadedModel",
+           "LLM", "Session", "load", "plan_model"]
 
 
-@dataclass(frozen=True)
-class GenerationResult:
-    text: str
-    tokens: list[int]
-    finish_reason: str
-    prompt_tokens: int
-    prompt_tps: float
-    generation_tokens: int
-    generation_tps: float
-    logprobs: list[float] = field(default_factory=list)
+def plan_model(path: str, n_ctx: int | None = None, n_threads: int | None = None,
+               numa: str = "off", virtual_nodes: int | None = None, nodes: list[int] | None = None,
+               threads_per_node: int | None = None, offload=None, n_seq: int = 1):
+    """(GGUFFile, ModelSpec, Plan, topology) for loading `path` with these options: reads only
+    the file's header and the machine. The plan `numallm plan`, `topo MODEL` and `info` print."""
+    if n_ctx is not None and n_ctx <= 0:
+        raise NumallmError(f"context size {n_ctx} must be positive (-c N)")
+    f = GGUFFile(path)
+    spec = ModelSpec.from_gguf(f)
+    topo = None
+    if numa != "off":
+        from .topology import discover
+        from .topology import virtual_nodes as carve
+
+        topo = discover() if not virtual_nodes else carve(discover(), virtual_nodes)
+    gpus, why = [], None
+    if offload is not None:
+        from .gpu import discover_gpus
+
+        gpus, why = discover_gpus()
+    req = Request(numa=numa, n_ctx=n_ctx or 0, n_threads=n_threads,
+                  nodes=None if nodes is None else tuple(nodes), threads_per_node=threads_per_node,
+                  offload=offload, n_seq=n_seq)
+    plan = make_plan(spec, topo, req, gpus, why, available=psutil.virtual_memory().available)
+    return f, spec, plan, topo
 
 
-class LLM:
+class LoadedModel:
+    """A model loaded once, placed as its plan says; sessions run over it (`session()`)."""
+
     def __init__(self, path: str, n_ctx: int | None = None, n_threads: int | None = None,
                  chat_template: str | None = None, numa: str = "off", virtual_nodes: int | None = None,
                  nodes: list[int] | None = None, threads_per_node: int | None = None,
-                 offload=None):
+                 offload=None, n_seq: int = 1):
         from .chat_template import ChatTemplate
-        from .placement import apply as place
+        from .placement.runtime import apply_plan
         from .tokenizer import Tokenizer
 
         self.path = str(path)
-        self.file = GGUFFile(path)
-        self.model = get_module(self.file.architecture).Model(self.file)
-        self.args = self.model.args
+        self.file, self.spec, self.plan, topo = plan_model(
+            path, n_ctx, n_threads, numa, virtual_nodes, nodes, threads_per_node, offload, n_seq)
+        self.plan.check_fits()                 # before the first large allocation
+        self.n_ctx = self.plan.n_ctx
         self.tokenizer = Tokenizer.from_metadata(self.file.metadata)
         self.template = ChatTemplate.from_metadata(
             self.file.metadata, lambda i: self.tokenizer.token_to_piece(i).decode("utf-8", "replace"),
             name=None if chat_template is None else "--chat-template", source=chat_template)
-        self.n_ctx = int(n_ctx or min(self.args.context_length, DEFAULT_CTX))
-        if self.n_ctx <= 0:
-            raise NumallmError(f"context size {self.n_ctx} must be positive (-c N)")
-        # GPU offload first (numallm.gpu.offload): it moves whole blocks, NUMA placement then
-        # places what stays on the host
+        from .models import get_module
+
+        self.model = get_module(self.file.architecture).Model(self.file)
+        self.args = self.model.args
+        self.notices: list[str] = []           # one-line notices for the CLI to show
         self.offload = None
-        if offload is not None and offload.wants_gpu:
+        gpu_layers = frozenset()
+        if self.plan.gpu is not None and offload.wants_gpu:
             from .gpu import offload as gpu_offload
 
-            self.offload = gpu_offload.setup(self.model, self.file, self.n_ctx, offload, PREFILL_CHUNK,
-                                             numa=numa, nodes=nodes, virtual_nodes=virtual_nodes)
-            gpu_offload.announce(self.offload)
-        need = self.args.kv_bytes(self.n_ctx)
-        if self.offload is not None and self.offload.applied:
-            need = self.offload.plan.host_kv
-        avail = psutil.virtual_memory().available
-        if need > avail:
-            raise NumallmError(f"the KV cache for {self.n_ctx} tokens needs {need / 2**30:.1f} GiB but only "
-                               f"{avail / 2**30:.1f} GiB of memory is available; lower the context size (-c)")
-        self.cache = self.model.new_cache(self.n_ctx)
-        if self.offload is not None:
-            self.cache = self.offload.adopt_cache(self.cache)
-        topo = None
-        if numa != "off":
-            from .topology import discover
-            from .topology import virtual_nodes as carve
-
-            topo = discover() if not virtual_nodes else carve(discover(), virtual_nodes)
-        self.placement = place(self.model, topo, numa, nodes, threads_per_node, n_threads, self.n_ctx)
+            self.offload = gpu_offload.apply_plan(self.model, self.plan.gpu, self.n_ctx)
+            self.notices.append(gpu_offload.announcement(self.offload))
+            gpu_layers = frozenset(self.offload.gpu_layers())
+        self.placement = apply_plan(self.model, self.plan, topo, gpu_layers)
+        if self.plan.reason:
+            self.notices.append(self.plan.reason)
         self.pool = self.placement.pool
-        self.cache = self.placement.adopt_cache(self.cache)   # sharded layers: KV on their nodes
-        self.cached: list[int] = []  # tokens whose K/V are in self.cache
-        self.n_prefilled = 0          # prompt tokens the last prefill computed (not reused)
-
-    # -- tokens ----------------------------------------------------------------------------------
-    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = False) -> list[int]:
-        return self.tokenizer.encode(text, add_special=add_special, parse_special=parse_special)
-
-    def detokenize(self, tokens: Sequence[int], skip_special: bool = False) -> str:
-        return self.tokenizer.decode(list(tokens), skip_special=skip_special)
+        self.lock = threading.RLock()          # one forward step at a time over the shared pool
 
     @property
     def weight_bytes(self) -> int:
@@ -127,118 +101,56 @@ class LLM:
         gpu = self.offload.block_matrix_bytes() if self.offload is not None else 0
         return sum(m.nbytes for m in self.model.linears()) + gpu
 
-    # -- forward ---------------------------------------------------------------------------------
-    def _check_fits(self, n: int) -> None:
-        if n > self.n_ctx:
-            raise ContextOverflowError(f"the prompt has {n} tokens but the context holds "
-                                       f"{self.n_ctx}; raise the context size (-c) or shorten the prompt")
+    def new_cache(self) -> list:
+        """A fresh KV cache (one entry per layer) where the plan puts each layer's cache."""
+        cache = self.model.new_cache(self.n_ctx)
+        if self.offload is not None:
+            cache = self.offload.adopt_cache(cache)
+        return self.placement.adopt_cache(cache)
 
-    def _prefill(self, tokens: list[int], all_logits: bool = False) -> np.ndarray:
-        """Feed `tokens`, reusing the cached prefix; returns logits of the last (or every new) token."""
-        self._check_fits(len(tokens))
-        keep = 0
-        limit = min(len(self.cached), len(tokens) - 1)
-        while keep < limit and self.cached[keep] == tokens[keep]:
-            keep += 1
-        if all_logits:
-            keep = 0
-        self.n_prefilled = len(tokens) - keep  # what this call computed (the rest came from the cache)
-        out = []
-        for a in range(keep, len(tokens), PREFILL_CHUNK):
-            chunk = np.asarray(tokens[a:a + PREFILL_CHUNK], dtype=np.int64)
-            out.append(self.model(chunk, self.cache, a, last_only=not all_logits))
-            self.cached = list(tokens[:a + len(chunk)])
-        return np.concatenate(out) if all_logits else out[-1][-1]
+    def session(self) -> Session:
+        return Session(self)
 
-    def logits(self, tokens: Sequence[int]) -> np.ndarray:
-        """Logits at every position of `tokens` (a fresh context): float32 (T, n_vocab)."""
-        with threads.activate(self.pool):
-            self.cached = []
-            return self._prefill(list(tokens), all_logits=True)
-
-    def reset(self) -> None:
-        """Forget the cached context."""
-        self.cached = []
-
-    # -- generation ------------------------------------------------------------------------------
-    def stream(self, prompt: str | Sequence[int], max_tokens: int = 256, *, temperature: float = 0.8,
-               top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05,
-               repeat_penalty: float = 1.0, repeat_last_n: int = 64, seed: int | None = None,
-               stop: Sequence[str] = (), stop_tokens: Sequence[int] | None = None,
-               add_special: bool = True, parse_special: bool = False) -> Iterator[GenerationChunk]:
-        """Generate from `prompt` (text, or token ids used as given), yielding one chunk per token."""
-        tokens = (self.tokenize(prompt, add_special, parse_special) if isinstance(prompt, str)
-                  else [int(t) for t in prompt])
-        if not tokens:
-            raise NumallmError("the prompt is empty and the model adds no BOS token; give a prompt")
-        sampler = Sampler(SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty,
-                                         repeat_last_n, seed))
-        stops = set(self.tokenizer.eot_ids if stop_tokens is None else stop_tokens)
-        stop = [s for s in stop if s]
-        hold = max((len(s) for s in stop), default=1) - 1
-        decoder = self.tokenizer.stream_decoder()
-        with threads.activate(self.pool):
-            t0 = time.perf_counter()
-            logits = self._prefill(tokens)
-            t1 = time.perf_counter()
-            n_prompt = len(tokens)
-            prompt_tps = self.n_prefilled / max(t1 - t0, 1e-9)  # speed of the tokens computed
-            history, pending, n_gen = list(tokens), "", 0
-            while True:
-                tok = sampler(logits, history)
-                logprob = float(log_softmax(logits)[tok])
-                n_gen += 1
-                history.append(tok)
-                finish = None
-                if tok in stops:
-                    finish, piece = "stop", ""
-                else:
-                    piece = decoder.push(tok)
-                pending += piece
-                hit = min((i for i in (pending.find(s) for s in stop) if i >= 0), default=-1)
-                if hit >= 0:
-                    pending, finish = pending[:hit], "stop"
-                if finish is None and (n_gen >= max_tokens or len(history) >= self.n_ctx):
-                    finish = "length"
-                if finish is not None:
-                    text, pending = pending + (decoder.flush() if hit < 0 else ""), ""
-                else:
-                    cut = max(0, len(pending) - hold) if stop else len(pending)
-                    text, pending = pending[:cut], pending[cut:]
-                gen_tps = n_gen / max(time.perf_counter() - t1, 1e-9)
-                yield GenerationChunk(text, tok, logprob, n_prompt, prompt_tps, n_gen, gen_tps, finish)
-                if finish is not None:
-                    return
-                logits = self.model(np.asarray([tok]), self.cache, len(history) - 1)[-1]
-                self.cached.append(tok)        # == history: the prefix is already there
-
-    def generate(self, prompt: str | Sequence[int], max_tokens: int = 256, **kw) -> GenerationResult:
-        """Like `stream`, collected into one result."""
-        text, toks, lps, last = [], [], [], None
-        for last in self.stream(prompt, max_tokens, **kw):
-            text.append(last.text)
-            toks.append(last.token)
-            lps.append(last.logprob)
-        return GenerationResult("".join(text), toks, last.finish_reason, last.prompt_tokens,
-                                last.prompt_tps, last.generation_tokens, last.generation_tps, lps)
+    def forward(self, tokens: np.ndarray, cache: list, pos0: int, last_only: bool = True) -> np.ndarray:
+        """One forward step of a session: the model's lock and thread activation held only here."""
+        with self.lock, threads.activate(self.pool):
+            return self.model(tokens, cache, pos0, last_only=last_only)
 
     def chat_tokens(self, messages: list[dict]) -> list[int]:
         """The prompt tokens for `messages` with the model's chat template."""
         text = self.template.render(messages, add_generation_prompt=True)
-        toks = self.tokenize(text, add_special=False, parse_special=True)
+        toks = self.tokenizer.encode(text, add_special=False, parse_special=True)
         bos = self.tokenizer.bos_id
         if self.tokenizer.add_bos and bos is not None and (not toks or toks[0] != bos):
             toks = [bos] + toks
         return toks
 
-    def chat(self, messages: list[dict], max_tokens: int = 512, stream: bool = False, **kw):
-        """Answer the last message of `messages` ([{"role": ..., "content": ...}, ...]).
-        Returns a GenerationResult, or an iterator of GenerationChunk when stream=True."""
-        toks = self.chat_tokens(messages)
-        return self.stream(toks, max_tokens, **kw) if stream else self.generate(toks, max_tokens, **kw)
-
     def close(self) -> None:
         self.pool.close()
+
+
+class LLM(Session):
+    """A loaded model with one session: today's single-conversation API, a thin layer over
+    LoadedModel + Session (`llm.loaded.session()` opens more conversations on the same weights)."""
+
+    def __init__(self, path: str, **options):
+        super().__init__(LoadedModel(path, **options))
+        lm = self.loaded
+        self.path, self.file, self.model, self.args = lm.path, lm.file, lm.model, lm.args
+        self.template, self.offload, self.placement, self.pool = (lm.template, lm.offload,
+                                                                  lm.placement, lm.pool)
+        self.plan = lm.plan
+
+    @property
+    def weight_bytes(self) -> int:
+        return self.loaded.weight_bytes
+
+    def session(self) -> Session:
+        """Another conversation on this model's weights."""
+        return self.loaded.session()
+
+    def close(self) -> None:
+        self.loaded.close()
 
     def __enter__(self):
         return self
@@ -251,7 +163,8 @@ def load(path: str, **options) -> LLM:
     """Load a GGUF model. options: n_ctx, n_threads, chat_template (a Jinja source override),
     numa ("off" by default, "auto", "shard", "replicate", "isolate"), virtual_nodes (carve this
     machine into N nodes), nodes, threads_per_node (see numallm.placement); offload: a
-    numallm.gpu.OffloadRequest (blocks to run on GPUs; see numallm.gpu.offload). Without a usable
-    GPU, one line on stderr says why and every layer runs on the CPU; `llm.offload` holds the
-    plan, the actual device bytes and where each layer ran."""
+    numallm.gpu.OffloadRequest (blocks to run on GPUs; see numallm.gpu.offload); n_seq: KV caches
+    to plan memory for. Raises placement.OutOfMemoryError (with the numbers) before loading when
+    the plan does not fit. `llm.loaded.notices` holds one-line notices (GPU offload, numa auto)."""
     return LLM(path, **options)
+

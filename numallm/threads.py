@@ -397,6 +397,7 @@ def _encode(nat, table: np.ndarray, shares: Sequence[Sequence],
 
 
 _local = threading.local()
+_blas = None      # threadpoolctl.ThreadpoolController, made on first use (it scans loaded libraries)
 
 
 def current() -> RowPool:
@@ -410,16 +411,20 @@ def current() -> RowPool:
 @contextlib.contextmanager
 def activate(pool: RowPool):
     """Make `pool` the one matmuls use, with BLAS capped to one thread per worker (our workers
-    already fill the cores). Restores the previous pool and BLAS limits on exit."""
-    from threadpoolctl import threadpool_limits
+    already fill the cores). Restores the previous pool and BLAS limits on exit. Sessions enter
+    it once per forward step, so the BLAS libraries are looked up once per process."""
+    global _blas
+    if _blas is None:
+        from threadpoolctl import ThreadpoolController
 
+        _blas = ThreadpoolController()
     prev = getattr(_local, "pool", None)
     prev_cpus = os.sched_getaffinity(0) if pool.cpus is not None else None
     _local.pool = pool
     try:
         if pool.cpus is not None:
             os.sched_setaffinity(0, pool.cpus[0])        # the caller is thread 0 of the pool
-        with threadpool_limits(limits=1):
+        with _blas.limit(limits=1):
             yield pool
     finally:
         _local.pool = prev

@@ -148,9 +148,11 @@ def test_shard_matches_off(synth_dir, arch, qtype):
     with numallm.load(path, n_ctx=64) as off, \
             numallm.load(path, n_ctx=64, numa="shard", virtual_nodes=2) as shard:
         assert all(isinstance(m, placement.ShardedLinear) for m in shard.model.linears())
-        # the blocks stay the model's (and the offload's) objects, running their halves per node
+        # each layer is a ShardedBlock running the block class's own forward over its halves,
+        # and no method of the block is shadowed by an instance attribute
         blk, sb = shard.model.blk[1], shard.placement.blocks[1]
-        assert type(blk) is type(off.model.blk[1]) and blk.attn == sb.attn and blk.ffn == sb.ffn
+        assert blk is sb and sb.block_class is type(off.model.blk[1])
+        assert not {"attn", "ffn", "__call__"} & set(vars(sb.flat)) and "attn" not in vars(sb)
         assert shard.weight_bytes == off.weight_bytes
         assert_same_up_to_rounding(off, shard, off.logits(TOKENS), shard.logits(TOKENS))
         if qtype == "F16":     # no activation quantization: rounding only

@@ -19,9 +19,8 @@ import numpy as np
 import pytest
 
 from numallm.cli import main
-from numallm.topology import (Node, TopologyError, advise, discover, format_cpulist, kv_bytes_per_token,
-                              load_topology_file, model_needs, parse_cpulist, plan_memory,
-                              topology_from_dict, virtual_nodes)
+from numallm.topology import (Node, TopologyError, advise, discover, format_cpulist,
+                              load_topology_file, parse_cpulist, topology_from_dict, virtual_nodes)
 from numallm.topology.bench import pinned, run_bench
 
 FIX = Path(__file__).resolve().parent / "fixtures" / "topo"
@@ -307,80 +306,55 @@ def test_bad_topology_files_give_one_line_errors(tmp_path, capsys):
 
 # -- model plan --------------------------------------------------------------------------------
 
-def _node(i: int, total_gib: float, free_gib: float) -> Node:
-    return Node(i, 0, (i,), (), (), int(total_gib * GIB), int(free_gib * GIB), ((i, 10),))
+def _tiny(synth_dir) -> Path:
+    from numallm.synth import cached_model
+
+    return cached_model(synth_dir, arch="llama", qtype="Q8_0", shape="tiny", seed=0)
 
 
-def test_plan_memory_arithmetic():
-    from numallm.topology import ModelNeeds
-
-    assert kv_bytes_per_token(32, 8, 128) == 2 * 32 * 8 * 128 * 4
-    needs = ModelNeeds("llama", weight_bytes=40 * GIB, n_layer=80, n_head_kv=8,
-                       kv_bytes_per_token=kv_bytes_per_token(80, 8, 128))
-    nodes = [_node(0, 64, 50), _node(1, 64, 60)]
-    one, shard, repl = plan_memory(needs, 4096, nodes, {0: 100.0, 1: 80.0})
-    kv = 80 * 8 * 256 * 4 * 4096                        # 1.25 GiB
-    per_token = 40 * GIB + kv
-    assert one.nodes == (1,) and dict(one.bytes_per_node) == {1: per_token}   # most free memory
-    assert one.tok_s_ceiling == pytest.approx(80e9 / per_token) and one.fits == "yes"
-    assert dict(shard.bytes_per_node) == {0: 20 * GIB + kv // 2, 1: 20 * GIB + kv // 2}
-    assert shard.tok_s_ceiling == pytest.approx(2 * 80e9 / per_token)          # slowest node x 2
-    assert dict(repl.bytes_per_node) == {0: 40 * GIB + kv // 2, 1: 40 * GIB + kv // 2}
-    assert repl.fits == "yes"
-    big = ModelNeeds("llama", 100 * GIB, 80, 8, needs.kv_bytes_per_token)
-    fits = {p.strategy: p.fits for p in plan_memory(big, 4096, nodes, {0: 1.0, 1: 1.0})}
-    assert fits == {"one_node": "no", "sharded": "tight", "replicated": "no"}
-
-
-def _write_gguf(path: Path, key_length: int | None = None) -> int:
-    gguf = pytest.importorskip("gguf")
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_block_count(4)
-    w.add_head_count(8)
-    w.add_head_count_kv(2)
-    w.add_embedding_length(256)
-    if key_length:
-        w.add_key_length(key_length)
-        w.add_value_length(key_length)
-    arrays = [np.ones((32, 256), np.float32), np.ones((256, 256), np.float16), np.ones(256, np.float32)]
-    for i, a in enumerate(arrays):
-        w.add_tensor(f"t{i}", a)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return sum(a.nbytes for a in arrays)
-
-
-def test_model_needs_from_gguf(tmp_path):
+def test_compare_uses_the_placement_plan(synth_dir):
+    """topo MODEL's options are make_plan's bytes: shard halves the split tensors and the KV
+    cache, replicate copies every tensor, isolate holds all on the node with most free memory."""
     from numallm.gguf_file import GGUFFile
+    from numallm.placement import ModelSpec
+    from numallm.placement.compare import compare
 
-    weights = _write_gguf(tmp_path / "m.gguf")
-    needs = model_needs(GGUFFile(tmp_path / "m.gguf"))
-    assert needs.weight_bytes == weights and needs.n_layer == 4 and needs.n_head_kv == 2
-    assert needs.kv_bytes_per_token == 2 * 4 * 2 * (256 // 8) * 4
-    _write_gguf(tmp_path / "k.gguf", key_length=64)
-    assert model_needs(GGUFFile(tmp_path / "k.gguf")).kv_bytes_per_token == 2 * 4 * 2 * 64 * 4
+    topo = discover(str(FIX / "epyc9654_nps1"))
+    ids = [n.id for n in topo.cpu_nodes]
+    spec = ModelSpec.from_gguf(GGUFFile(_tiny(synth_dir)))
+    kv = spec.args.kv_bytes(1000)
+    by = {o.strategy: o for o in compare(spec, topo, 1000, ids, {i: 100.0 for i in ids})}
+    assert by["isolate"].nodes == (max(ids, key=lambda i: (topo.node(i).mem_free_bytes, -i)),)
+    per_token = spec.weight_bytes + kv
+    assert all(o.bytes_per_token == per_token for o in by.values())
+    assert by["isolate"].tok_s_ceiling == pytest.approx(100e9 / per_token)
+    assert by["shard"].tok_s_ceiling == pytest.approx(len(ids) * 100e9 / per_token, rel=0.05)
+    shard = dict(by["shard"].bytes_per_node)
+    repl = dict(by["replicate"].bytes_per_node)
+    assert sum(shard.values()) < sum(repl.values())
+    assert min(repl.values()) > spec.weight_bytes        # a whole copy on every node
 
 
-def test_topo_model_on_epyc_fixture(tmp_path, capsys):
-    weights = _write_gguf(tmp_path / "m.gguf")
+def test_topo_model_on_epyc_fixture(synth_dir, capsys):
+    from numallm.gguf_file import GGUFFile
+    from numallm.placement import ModelSpec
+
+    path = _tiny(synth_dir)
+    spec = ModelSpec.from_gguf(GGUFFile(path))
     root = str(FIX / "epyc9654_nps1")
-    assert main(["topo", str(tmp_path / "m.gguf"), "--sysfs-root", root, "-c", "1000"]) == 0
+    assert main(["topo", str(path), "--sysfs-root", root, "-c", "1000"]) == 0
     text = capsys.readouterr().out
-    for strategy in ("one_node", "sharded", "replicated"):
+    for strategy in ("isolate", "shard", "replicate"):
         assert strategy in text
     assert "bandwidth assumed" in text and "tok/s" in text
-    assert main(["topo", str(tmp_path / "m.gguf"), "--sysfs-root", root, "-c", "1000", "--json",
+    assert main(["topo", str(path), "--sysfs-root", root, "-c", "1000", "--json",
                  "--bandwidth", "200"]) == 0
     plan = json.loads(capsys.readouterr().out)["model"]
-    kv = 2 * 4 * 2 * 32 * 4 * 1000
-    assert plan["weight_bytes"] == weights and plan["kv_bytes_per_1k_tokens"] == 2 * 4 * 2 * 32 * 4 * 1024
+    kv = spec.args.kv_bytes(1000)
+    assert plan["weight_bytes"] == spec.weight_bytes and plan["kv_bytes"] == kv
+    assert plan["kv_bytes_per_1k_tokens"] == spec.args.kv_bytes(1024)
     by = {p["strategy"]: p for p in plan["placements"]}
-    assert by["sharded"]["bytes_per_node"] == {"0": -(-weights // 2) + kv // 2,
-                                               "1": -(-weights // 2) + kv // 2}
-    assert by["one_node"]["tok_s_ceiling"] == pytest.approx(200e9 / (weights + kv), rel=1e-3)
-    assert by["sharded"]["tok_s_ceiling"] == pytest.approx(400e9 / (weights + kv), rel=1e-3)
+    assert by["isolate"]["tok_s_ceiling"] == pytest.approx(200e9 / (spec.weight_bytes + kv), rel=1e-3)
 
 
 # -- the command on this machine and on fixtures -----------------------------------------------

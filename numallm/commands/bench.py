@@ -67,6 +67,11 @@ def run(args) -> int:
     threads = bench.parse_threads(args.threads) if args.threads else [physical_cores()]
     plan = bench.BenchPlan(args.n_prompt, args.n_gen, tuple(threads), args.repetitions, args.seed)
     path = resolve_model(args.model)
+    from ..engine import plan_model
+
+    for strategy in args.numa or ["auto"]:       # refuse what cannot fit before measuring anything
+        plan_model(path, plan.n_ctx, max(threads), strategy, args.virtual_nodes, args.nodes,
+                   args.threads_per_node)[2].check_fits()
     report = bench.run_benchmark(path, plan, vs_llama_cpp=args.vs_llama_cpp,
                                  bw_bytes=args.bw_mib << 20,
                                  log=lambda s: print(f"numallm bench: {s}", file=sys.stderr,

@@ -18,17 +18,17 @@ def register(sub) -> None:
 
 
 def describe(path: str, n_ctx: int | None) -> dict:
-    from ..engine import DEFAULT_CTX
-    from ..models import get_module
+    from ..placement import ModelSpec, Request, make_plan
 
     f = GGUFFile(path)
-    args = get_module(f.architecture).Model.Args.from_gguf(f)
-    n_ctx = n_ctx or min(args.context_length, DEFAULT_CTX)
-    weights = sum(t.nbytes for t in f.tensors.values())
+    spec = ModelSpec.from_gguf(f)              # a missing required tensor raises here
+    args = spec.args
+    plan = make_plan(spec, None, Request(numa="off", n_ctx=n_ctx or 0))   # the bytes load would place
+    n_ctx = plan.n_ctx
+    weights, kv = plan.weight_bytes, plan.kv_bytes
     types: Counter = Counter()
     for t in f.tensors.values():
         types[t.qtype.name] += t.nbytes
-    kv = args.kv_bytes(n_ctx)
     return {
         "path": path, "architecture": args.arch, "name": f.get("general.name", ""),
         "parameters": int(sum(t.n_elements for t in f.tensors.values())),

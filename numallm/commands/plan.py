@@ -37,7 +37,9 @@ def _ranges(idx: list[int]) -> str:
     return ", ".join(out)
 
 
-def render(plan, arch: str) -> list[str]:
+def render(full, arch: str) -> list[str]:
+    """full: the placement Plan (numallm.placement); its .gpu is the offload part."""
+    plan = full.gpu
     n_layer = len(plan.layers)
     req = plan.request
     out = [f"plan for {plan.model} ({arch}, {n_layer} blocks), context {plan.n_ctx} tokens, "
@@ -59,31 +61,30 @@ def render(plan, arch: str) -> list[str]:
     cpu = [u.index for u in plan.layers if u.device is None]
     what = (_ranges(cpu) + ", " if cpu else "") + "token_embd" + (
         ", output" if plan.output.device is None else "")
-    per = ", ".join(f"node {n}: {_size(b)}" if n >= 0 else f"not placed on a node (--numa off): {_size(b)}"
-                    for n, b in sorted(plan.host_bytes_per_node.items()))
-    out.append(f"CPU: {what}")
-    out.append(f"    weights {_size(plan.host_weights)} + KV {_size(plan.host_kv)} = "
-               f"{_size(plan.host_bytes)}; {per}")
+    per = ", ".join(f"node {n.node}: {_size(n.weights + n.kv)}" if n.node >= 0 else
+                    f"not placed on a node (--numa off): {_size(n.weights + n.kv)}" for n in full.nodes)
+    out.append(f"CPU: {what} ({full.reason or 'numa ' + full.strategy})")
+    out.append(f"    weights {_size(full.host_weights)} + KV {_size(full.host_kv)} = "
+               f"{_size(full.host_weights + full.host_kv)}; {per}")
+    out.append(f"model: weights {_size(full.weight_bytes)}, KV cache {_size(full.kv_bytes)} "
+               f"({full.n_ctx} tokens, f32 on the CPU)")
     out.append(f"predicted split: {plan.processor()} (weights + KV cache; GPU buffers not counted)")
     out += [f"note: {n}" for n in plan.notes]
     return out
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..engine import DEFAULT_CTX
-    from ..gguf_file import GGUFFile
-    from ..gpu.plan import model_args, plan_for_machine
+    from ..engine import plan_model
     from ..hub import resolve_model
 
     request = offload_request(args)
     if args.ctx_size is not None and args.ctx_size < 1:
         raise NumallmError(f"-c {args.ctx_size}: give a positive number of tokens")
-    f = GGUFFile(resolve_model(args.model, download=False))
-    n_ctx = args.ctx_size or min(model_args(f).context_length, DEFAULT_CTX)
-    plan = plan_for_machine(f, n_ctx, request, numa=args.numa, nodes=args.nodes,
-                            virtual_nodes=args.virtual_nodes)
+    f, _, plan, _ = plan_model(resolve_model(args.model, download=False), args.ctx_size, args.threads,
+                               args.numa or "auto", args.virtual_nodes, args.nodes,
+                               args.threads_per_node, request)
     if args.json:
-        print(dumps(plan.to_json()))
+        print(dumps({**plan.gpu.to_json(), "placement": plan.to_dict()}))
     else:
         print("\n".join(render(plan, f.architecture)))
     return 0

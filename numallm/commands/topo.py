@@ -30,8 +30,9 @@ def register(subparsers) -> None:
     p.add_argument("--topology", metavar="FILE", help="load the topology from a `topo --json` file")
     p.add_argument("--virtual-nodes", type=int, metavar="N",
                    help="split the allowed CPUs into N virtual nodes (whole cores) for testing")
-    p.add_argument("-c", "--context", type=int, default=4096, metavar="TOKENS",
-                   help="context length for the KV cache in the MODEL plan (default 4096)")
+    p.add_argument("-c", "--context", "--ctx-size", type=int, default=None, metavar="TOKENS",
+                   help="context length for the KV cache in the MODEL plan (default: the model's, "
+                        "at most 4096, as run/chat/info/plan)")
     p.add_argument("--bandwidth", type=float, metavar="GBPS",
                    help="per-node read bandwidth to assume for the MODEL plan instead of a guess")
     p.add_argument("-v", "--verbose", action="store_true",
@@ -76,9 +77,9 @@ def dumps(data) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..topology import advise, assumed_bandwidth, model_needs, plan_memory, render, run_bench
+    from ..topology import advise, assumed_bandwidth, render, run_bench
 
-    if args.context < 1:
+    if args.context is not None and args.context < 1:
         raise NumallmError(f"--context {args.context}: give a positive number of tokens")
     if args.bandwidth is not None and args.bandwidth <= 0:
         raise NumallmError(f"--bandwidth {args.bandwidth}: give a positive number of GB/s")
@@ -105,8 +106,11 @@ def run(args: argparse.Namespace) -> int:
 
     if args.model:
         from ..gguf_file import GGUFFile
+        from ..placement import ModelSpec, default_ctx
+        from ..placement.compare import compare, render as render_options
 
-        needs = model_needs(GGUFFile(args.model))
+        spec = ModelSpec.from_gguf(GGUFFile(args.model))
+        n_ctx = args.context or default_ctx(spec.args.context_length)
         nodes = [topo.node(n) for n in advice.nodes]
         if bench is not None:
             bw = bench.local()
@@ -114,11 +118,15 @@ def run(args: argparse.Namespace) -> int:
             bw = {n.id: args.bandwidth for n in nodes}
         else:
             bw = {n.id: assumed_bandwidth(n) for n in nodes}
-        plans = plan_memory(needs, args.context, nodes, bw)
-        out["model"] = {"path": args.model, **needs.to_dict(), "context": args.context,
-                        "bandwidth": "measured" if bench is not None else "assumed",
-                        "placements": [p.to_dict() for p in plans]}
-        lines += [""] + render.render_plan(args.model, needs, args.context, plans, bench is not None)
+        options = compare(spec, topo, n_ctx, list(advice.nodes), bw)
+        a = spec.args
+        out["model"] = {"path": args.model, "arch": a.arch, "weight_bytes": spec.weight_bytes,
+                        "n_layer": a.n_layer, "n_head_kv": a.n_head_kv,
+                        "kv_bytes_per_token": a.kv_bytes_per_token(),
+                        "kv_bytes_per_1k_tokens": a.kv_bytes(1024), "kv_bytes": a.kv_bytes(n_ctx),
+                        "context": n_ctx, "bandwidth": "measured" if bench is not None else "assumed",
+                        "placements": [p.to_dict() for p in options]}
+        lines += [""] + render_options(args.model, spec, n_ctx, options, bench is not None)
 
     status = 0
     if args.verify:

@@ -25,7 +25,6 @@ engine then prints that one line and runs on the CPU.
 """
 from __future__ import annotations
 
-import sys
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
@@ -292,6 +291,10 @@ class Offload:
     def applied(self) -> bool:
         return bool(self.blocks)
 
+    def gpu_layers(self) -> list[int]:
+        """Indices of the blocks that run on a GPU."""
+        return [i for i, b in enumerate(self.blocks) if isinstance(b, DeviceBlock)]
+
     def adopt_cache(self, cache: list) -> list:
         """The engine's per-layer cache list with offloaded layers' entries replaced by their
         device caches (the host arrays of those layers are dropped unused)."""
@@ -463,6 +466,23 @@ def apply(model, plan: OffloadPlan, n_ctx: int, launch=None) -> Offload:
     return off
 
 
+def apply_plan(model, plan: OffloadPlan, n_ctx: int) -> Offload:
+    """Apply the offload part of a placement plan. Never raises for a GPU problem: the Offload's
+    `reason` then says why all runs on the CPU."""
+    if not plan.devices:
+        if plan.no_gpu:
+            why = plan.no_gpu
+        elif plan.skipped:
+            why = "; ".join(f"GPU {i}: {r}" for i, r in plan.skipped)
+        else:
+            why = plan.notes[-1] if plan.notes else "the plan puts no layer on a GPU"
+        return Offload(plan, why)
+    try:
+        return apply(model, plan, n_ctx)
+    except OffloadFailed as e:
+        return Offload(plan, str(e))
+
+
 def setup(model, gguf, n_ctx: int, request: OffloadRequest, n_batch: int, *, numa: str = "off",
           nodes: list[int] | None = None, virtual_nodes: int | None = None) -> Offload:
     """Plan `request` for this machine (plan_for_machine: the plan `numallm plan` shows) and apply
@@ -497,12 +517,11 @@ def _ranges(ids: list[int]) -> str:
     return ",".join(out)
 
 
-def announce(off: Offload) -> None:
-    """The one line (stderr, as the CLI's other notices) a load that asked for GPUs prints: why
-    everything runs on the CPU, or where the layers went and the bytes planned vs allocated."""
+def announcement(off: Offload) -> str:
+    """The one line a load that asked for GPUs shows (the CLI prints it): why everything runs on
+    the CPU, or where the layers went and the bytes planned vs allocated."""
     if not off.applied:
-        print(f"numallm: GPU offload off ({off.reason}): running every layer on the CPU", file=sys.stderr)
-        return
+        return f"GPU offload off ({off.reason}): running every layer on the CPU"
     runs = {}
     for b in off.blocks:
         if isinstance(b, DeviceBlock):
@@ -517,4 +536,4 @@ def announce(off: Offload) -> None:
                                       "output" if "output" in units else "") if x)
         parts.append(f"{what} on GPU {row['gpu']} ({row['actual']['total'] / 2**20:.1f} MiB allocated, "
                      f"{row['predicted']['total'] / 2**20:.1f} MiB planned)")
-    print(f"numallm: GPU offload: {'; '.join(parts)}", file=sys.stderr)
+    return f"GPU offload: {'; '.join(parts)}"

@@ -2,7 +2,6 @@
 
     topo = discover()                      # this machine (or discover("tests/fixtures/topo/x"))
     advice = advise(topo)                  # warnings and threads per node
-    plans = plan_memory(needs, context, [topo.node(n) for n in advice.nodes], bandwidth)
 
 Pure data and reads only: nothing here starts threads except run_bench, and nothing imports Numba.
 """
@@ -12,8 +11,7 @@ from .advice import Advice, advise
 from .discover import discover, load_libnuma, sysfs_root_from_env
 from .model import (SCHEMA, Core, CpuInfo, Gpu, HugePages, MemorySettings, Node, ProcessInfo, Socket,
                     Topology, TopologyError, topology_from_dict)
-from .plan import (ModelNeeds, Placement, assumed_bandwidth, kv_bytes_per_token, model_needs,
-                   plan_memory)
+from .plan import assumed_bandwidth
 from .sysfs import format_cpulist, parse_cpulist
 from .virtual import load_topology_file, virtual_nodes
 
@@ -29,7 +27,7 @@ from . import render  # noqa: E402 - after the names it uses
 
 __all__ = ["Advice", "advise", "discover", "load_libnuma", "sysfs_root_from_env", "SCHEMA", "Core",
            "CpuInfo", "Gpu", "HugePages", "MemorySettings", "Node", "ProcessInfo", "Socket",
-           "Topology", "TopologyError", "topology_from_dict", "ModelNeeds", "Placement",
-           "assumed_bandwidth", "kv_bytes_per_token", "model_needs", "plan_memory",
+           "Topology", "TopologyError", "topology_from_dict", 
+           "assumed_bandwidth",
            "format_cpulist", "parse_cpulist", "load_topology_file", "virtual_nodes", "run_bench",
            "render"]

@@ -5,7 +5,6 @@ from typing import TYPE_CHECKING
 
 from .advice import Advice, gib, size
 from .model import Node, Topology
-from .plan import ModelNeeds, Placement
 from .sysfs import format_cpulist
 
 if TYPE_CHECKING:  # bench imports numpy; the plain report does not need it
@@ -121,21 +120,4 @@ def render_bench(b: "BenchResult") -> list[str]:
     for a, m, v in b.remote_gbps:
         pen = f", {v / local[m]:.0%} of local" if local.get(m) else ""
         out.append(f"  node {a} threads reading node {m} memory: {v:7.1f} GB/s{pen}")
-    return out
-
-
-def render_plan(path: str, needs: ModelNeeds, context: int, plans: tuple[Placement, ...],
-                measured: bool) -> list[str]:
-    how = "measured" if measured else "assumed (run with --bench to measure)"
-    out = [f"model {path} ({needs.arch}): weights {size(needs.weight_bytes)}, KV cache "
-           f"{size(needs.kv_bytes_per_1k)} per 1k tokens (float32), {context} tokens: "
-           f"{size(needs.kv_bytes_per_token * context)}",
-           f"decode ceiling: tok/s <= bandwidth / bytes read per token ({size(plans[0].bytes_per_token)}); "
-           f"bandwidth {how}"]
-    for p in plans:
-        mem = ", ".join(f"node {n}: {size(b)}" for n, b in p.bytes_per_node)
-        fit = {"yes": "fits in free memory", "tight": "fits only after freeing memory",
-               "no": "DOES NOT FIT"}[p.fits]
-        out.append(f"  {p.strategy:<10} nodes {format_cpulist(p.nodes)}: {mem}; {fit}; "
-                   f"{p.bandwidth_gbps:.0f} GB/s -> <= {p.tok_s_ceiling:.1f} tok/s")
     return out

@@ -1,0 +1,39 @@
+"""How a model declares its tensors (no Numba, no data): the vocabulary that placement, the GPU
+offload, the planner and the synthetic-model writer read. Block classes list `T` entries in their
+`TENSORS`; see models/base.py.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# How a declared tensor splits over nodes: (axis, unit) cuts that axis into whole units.
+#   "heads": one KV head's share of the axis (its query heads for q, itself for k/v), so
+#            attention runs each node's heads against its own KV cache;
+#   "ff":    feed-forward rows;
+#   "rows":  plain rows (the embedding and the output head).
+# None: every node (or device) keeps the whole tensor (norms, small vectors).
+HEADS, FF, ROWS = "heads", "ff", "rows"
+
+
+@dataclass(frozen=True)
+class T:
+    """One declared tensor: `name` under `blk.N.` (or the model's top level), `shape` as config
+    fields in numallm's (rows, cols) order, `split` as above, `optional`: the file may omit it."""
+
+    name: str
+    shape: tuple[str, ...]
+    split: tuple[int, str] | None = None
+    optional: bool = False
+
+    @property
+    def attr(self) -> str:
+        """The attribute holding it: the GGUF name without ".weight", ".bias" as "_bias"."""
+        base, _, kind = self.name.rpartition(".")
+        return base if kind == "weight" else f"{base}_{kind}"
+
+    @property
+    def kind(self) -> str:
+        """"matrix" (2-D, a Linear), "bias" or "norm" (vectors)."""
+        if len(self.shape) >= 2:
+            return "matrix"
+        return "bias" if self.name.endswith(".bias") else "norm"

@@ -1,0 +1,182 @@
+"""Sessions: one conversation over a loaded model (engine.LoadedModel), with its own KV cache, token
+history and sampler state. Any number of sessions share one loaded model; each forward step
+holds the model's lock and the thread activation (pinning, BLAS limits) only while it runs, never
+across a `yield`, so sessions may take turns (or run from different threads) token by token.
+
+    loaded = numallm.engine.LoadedModel("model.gguf", n_ctx=2048)
+    a, b = loaded.session(), loaded.session()
+    for chunk in a.stream("Once upon a time", max_tokens=50, temperature=0): ...
+
+Context policy: the prompt must fit in `n_ctx` (else ContextOverflowError, a one-line error);
+generation stops with finish_reason "length" when the context fills up or `max_tokens` is reached.
+The KV cache is kept between calls: a new prompt that starts with the tokens already processed
+(a chat turn) only prefills the new part.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from .errors import ContextOverflowError, NumallmError
+from .placement import PREFILL_CHUNK
+from .sampling import Sampler, SamplingParams, log_softmax
+
+
+@dataclass(frozen=True)
+class GenerationChunk:
+    """One generated token, as `Session.stream` yields it.
+
+    text: new text since the previous chunk ("" while a multi-byte character is incomplete, or
+      while text that may start a stop string is held back); token: its id; logprob: its
+      log-probability under the model (before sampling filters); prompt_tokens / prompt_tps: size
+      and speed of the prefill; generation_tokens / generation_tps: tokens so far and decode
+      speed; finish_reason: None while generating, else "stop" (EOS, end-of-turn or stop string)
+      or "length" (max_tokens or the context is full).
+    """
+
+    text: str
+    token: int
+    logprob: float
+    prompt_tokens: int
+    prompt_tps: float
+    generation_tokens: int
+    generation_tps: float
+    finish_reason: str | None = None
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    text: str
+    tokens: list[int]
+    finish_reason: str
+    prompt_tokens: int
+    prompt_tps: float
+    generation_tokens: int
+    generation_tps: float
+    logprobs: list[float] = field(default_factory=list)
+
+
+class Session:
+    """One sequence over `loaded` (an engine.LoadedModel): its KV cache and the tokens in it."""
+
+    def __init__(self, loaded):
+        self.loaded = loaded
+        self.n_ctx = loaded.n_ctx
+        self.tokenizer = loaded.tokenizer
+        self.cache = loaded.new_cache()       # per layer: this session's K/V
+        self.cached: list[int] = []           # tokens whose K/V are in self.cache
+        self.n_prefilled = 0                  # prompt tokens the last prefill computed (not reused)
+
+    # -- tokens ----------------------------------------------------------------------------------
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = False) -> list[int]:
+        return self.tokenizer.encode(text, add_special=add_special, parse_special=parse_special)
+
+    def detokenize(self, tokens: Sequence[int], skip_special: bool = False) -> str:
+        return self.tokenizer.decode(list(tokens), skip_special=skip_special)
+
+    # -- forward ---------------------------------------------------------------------------------
+    def _check_fits(self, n: int) -> None:
+        if n > self.n_ctx:
+            raise ContextOverflowError(f"the prompt has {n} tokens but the context holds "
+                                       f"{self.n_ctx}; raise the context size (-c) or shorten the prompt")
+
+    def _prefill(self, tokens: list[int], all_logits: bool = False) -> np.ndarray:
+        """Feed `tokens`, reusing the cached prefix; returns logits of the last (or every new) token."""
+        self._check_fits(len(tokens))
+        keep = 0
+        limit = min(len(self.cached), len(tokens) - 1)
+        while keep < limit and self.cached[keep] == tokens[keep]:
+            keep += 1
+        if all_logits:
+            keep = 0
+        self.n_prefilled = len(tokens) - keep  # what this call computed (the rest came from the cache)
+        out = []
+        for a in range(keep, len(tokens), PREFILL_CHUNK):
+            chunk = np.asarray(tokens[a:a + PREFILL_CHUNK], dtype=np.int64)
+            self.cached = list(tokens[:a])     # a failed step leaves only what is surely there
+            out.append(self.loaded.forward(chunk, self.cache, a, last_only=not all_logits))
+            self.cached = list(tokens[:a + len(chunk)])
+        return np.concatenate(out) if all_logits else out[-1][-1]
+
+    def logits(self, tokens: Sequence[int]) -> np.ndarray:
+        """Logits at every position of `tokens` (a fresh context): float32 (T, n_vocab)."""
+        self.cached = []
+        return self._prefill(list(tokens), all_logits=True)
+
+    def reset(self) -> None:
+        """Forget the cached context."""
+        self.cached = []
+
+    # -- generation ------------------------------------------------------------------------------
+    def stream(self, prompt: str | Sequence[int], max_tokens: int = 256, *, temperature: float = 0.8,
+               top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05,
+               repeat_penalty: float = 1.0, repeat_last_n: int = 64, seed: int | None = None,
+               stop: Sequence[str] = (), stop_tokens: Sequence[int] | None = None,
+               add_special: bool = True, parse_special: bool = False) -> Iterator[GenerationChunk]:
+        """Generate from `prompt` (text, or token ids used as given), yielding one chunk per token."""
+        tokens = (self.tokenize(prompt, add_special, parse_special) if isinstance(prompt, str)
+                  else [int(t) for t in prompt])
+        if not tokens:
+            raise NumallmError("the prompt is empty and the model adds no BOS token; give a prompt")
+        sampler = Sampler(SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty,
+                                         repeat_last_n, seed))
+        stops = set(self.tokenizer.eot_ids if stop_tokens is None else stop_tokens)
+        stop = [s for s in stop if s]
+        hold = max((len(s) for s in stop), default=1) - 1
+        decoder = self.tokenizer.stream_decoder()
+        t0 = time.perf_counter()
+        logits = self._prefill(tokens)
+        t1 = time.perf_counter()
+        n_prompt = len(tokens)
+        prompt_tps = self.n_prefilled / max(t1 - t0, 1e-9)  # speed of the tokens computed
+        history, pending, n_gen = list(tokens), "", 0
+        while True:
+            tok = sampler(logits, history)
+            logprob = float(log_softmax(logits)[tok])
+            n_gen += 1
+            history.append(tok)
+            finish = None
+            if tok in stops:
+                finish, piece = "stop", ""
+            else:
+                piece = decoder.push(tok)
+            pending += piece
+            hit = min((i for i in (pending.find(s) for s in stop) if i >= 0), default=-1)
+            if hit >= 0:
+                pending, finish = pending[:hit], "stop"
+            if finish is None and (n_gen >= max_tokens or len(history) >= self.n_ctx):
+                finish = "length"
+            if finish is not None:
+                text, pending = pending + (decoder.flush() if hit < 0 else ""), ""
+            else:
+                cut = max(0, len(pending) - hold) if stop else len(pending)
+                text, pending = pending[:cut], pending[cut:]
+            gen_tps = n_gen / max(time.perf_counter() - t1, 1e-9)
+            yield GenerationChunk(text, tok, logprob, n_prompt, prompt_tps, n_gen, gen_tps, finish)
+            if finish is not None:
+                return
+            logits = self.loaded.forward(np.asarray([tok]), self.cache, len(history) - 1)[-1]
+            self.cached.append(tok)        # == history: the prefix is already there
+
+    def generate(self, prompt: str | Sequence[int], max_tokens: int = 256, **kw) -> GenerationResult:
+        """Like `stream`, collected into one result."""
+        text, toks, lps, last = [], [], [], None
+        for last in self.stream(prompt, max_tokens, **kw):
+            text.append(last.text)
+            toks.append(last.token)
+            lps.append(last.logprob)
+        return GenerationResult("".join(text), toks, last.finish_reason, last.prompt_tokens,
+                                last.prompt_tps, last.generation_tokens, last.generation_tps, lps)
+
+    def chat_tokens(self, messages: list[dict]) -> list[int]:
+        """The prompt tokens for `messages` with the model's chat template."""
+        return self.loaded.chat_tokens(messages)
+
+    def chat(self, messages: list[dict], max_tokens: int = 512, stream: bool = False, **kw):
+        """Answer the last message of `messages` ([{"role": ..., "content": ...}, ...]).
+        Returns a GenerationResult, or an iterator of GenerationChunk when stream=True."""
+        toks = self.chat_tokens(messages)
+        return self.stream(toks, max_tokens, **kw) if stream else self.generate(toks, max_tokens, **kw)
