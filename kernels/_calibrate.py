@@ -90,10 +90,12 @@ def forced_variant(type_name: str) -> str | None:
     return general
 
 
-def _bad_force(unit, variant: str) -> Exception:
-    from numallm.errors import NumallmError
+class KernelChoiceError(ValueError):
+    """NUMALLM_KERNEL names a variant that cannot run here (numallm reports it as a user error)."""
 
-    return NumallmError(
+
+def _bad_force(unit, variant: str) -> Exception:
+    return KernelChoiceError(
         f"NUMALLM_KERNEL asks for variant {variant!r} of {unit.qtype.name}, which this CPU cannot "
         f"run or the unit lacks (available: {', '.join(unit.variants())}); change or unset it")
 

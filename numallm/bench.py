@@ -11,9 +11,9 @@ here with the same number of threads (numpy sums over a buffer far larger than L
 NUMA: each --numa strategy is loaded as its own runner and they take turns like engines; per
 row, `sync ms/t` is the time per token the cross-node joins cost beyond the slowest node's work
 (placement.SyncStats: dispatch, wake-ups, joins, reduces), and `other ms/t` (tg only) the time
-per token during which no thread runs a matrix kernel (KernelClock): Python, the small ops
+per token during which no thread runs a matrix kernel (ops.timing): Python, the small ops
 (norms, RoPE, attention), dispatch and joins. sync comes from the timed repetitions; other
-from one extra decode with the clock on (its wrappers cost well under a microsecond per call).
+from one extra decode with timing on (its wrappers cost well under a microsecond per call).
 
 The pure arithmetic (mean_sd, gbps, summarize, ratios, format_table, to_json_rows) is separate
 from the runners (NumallmRunner, LlamaCppRunner) and the driver (run_benchmark) so that it can
@@ -31,6 +31,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from . import ops
 from .errors import NumallmError
 
 TG_PROMPT = 8           # tokens prefilled (untimed) before a tg test, like a short prompt
@@ -220,77 +221,15 @@ def bandwidth_buffer(nbytes: int = BW_BYTES) -> np.ndarray:
 
 # -- runners ---------------------------------------------------------------------------------------
 
-def _no_native_task(*args) -> None:
-    return None
-
-
-class KernelClock:
-    """While on, records the wall-clock span of every kernel call of the given kernel units
-    (products and the encoding of their input), from any thread; `busy_s()` is the length of
-    their union: the time during which at least one thread ran a kernel. The units' methods are
-    wrapped by instance attributes and restored on exit (the units are process-wide singletons).
-    While on, units hand out no native tasks (those run inside Numba, out of reach of a Python
-    timer), so a product goes through a timed matmul_x, except the decode dispatches replayed
-    from tables encoded before (ops._Replay, the engine's decode path): each of those counts as
-    one span, from encoding the input to the last thread's end. No replay is made while on (one
-    would hold the wrapped methods); those made before run as usual."""
-
-    METHODS = ("prepare_x", "matmul_x", "matvec", "matmul")
-
-    def __init__(self, units):
-        self.units = list({id(u): u for u in units}.values())
-        self.spans: list[tuple[float, float]] = []
-        self._saved: list[tuple[object, str, object]] = []
-
-    def __enter__(self) -> "KernelClock":
-        from . import ops
-
-        spans = self.spans
-        for u in self.units:
-            for name in self.METHODS:
-                self._saved.append((u, name, vars(u).get(name)))
-                inner = getattr(u, name)
-
-                def timed(*args, inner=inner):
-                    t0 = time.perf_counter()
-                    try:
-                        return inner(*args)
-                    finally:
-                        spans.append((t0, time.perf_counter()))   # list.append is atomic
-                setattr(u, name, timed)
-            self._saved.append((u, "native_task", vars(u).get("native_task")))
-            u.native_task = _no_native_task
-        replay = ops._Replay.__call__
-
-        def timed_replay(*args):
-            t0 = time.perf_counter()
-            try:
-                return replay(*args)
-            finally:
-                spans.append((t0, time.perf_counter()))
-        self._saved.append((ops._Replay, "__call__", replay))
-        ops._Replay.__call__ = timed_replay
-        ops.REPLAY_FROZEN = True
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for u, name, prev in reversed(self._saved):
-            if prev is None:
-                delattr(u, name)
-            else:
-                setattr(u, name, prev)
-        self._saved.clear()
-        from . import ops
-
-        ops.REPLAY_FROZEN = False
-
-    def busy_s(self) -> float:
-        total, end = 0.0, -math.inf
-        for a, b in sorted(self.spans):
-            if b > end:
-                total += b - max(a, end)
-                end = b
-        return total
+def busy_s(spans: list[tuple[float, float]]) -> float:
+    """Length of the union of (start, end) spans: the time during which at least one thread ran
+    a kernel (ops.timing records them)."""
+    total, end = 0.0, -math.inf
+    for a, b in sorted(spans):
+        if b > end:
+            total += b - max(a, end)
+            end = b
+    return total
 
 
 class NumallmRunner:
@@ -365,9 +304,9 @@ class NumallmRunner:
 
         with activate(self.llm.pool):
             self._forward(prompt, 0)
-            with KernelClock(m.unit for m in self.llm.model.linears()) as clock:
+            with ops.timing([]) as spans:
                 wall = self._decode(len(prompt), tokens)
-        return wall - clock.busy_s()
+        return wall - busy_s(spans)
 
     def close(self) -> None:
         self.llm.close()

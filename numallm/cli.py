@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 
 from .errors import report
@@ -34,7 +35,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class _Stderr(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        print(f"numallm: {record.getMessage()}", file=sys.stderr)   # sys.stderr of the moment
+
+
+def _show_notices() -> None:
+    """Library notices (the "numallm" logger) as "numallm: ..." lines on stderr."""
+    log = logging.getLogger("numallm")
+    if not log.handlers:
+        handler = _Stderr()
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+
+
 def main(argv: list[str] | None = None) -> int:
+    _show_notices()
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

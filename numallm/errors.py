@@ -36,6 +36,13 @@ def debug_enabled() -> bool:
     return os.environ.get("NUMALLM_DEBUG", "") not in ("", "0")
 
 
+def _kernel_choice(exc: BaseException) -> bool:
+    """A bad NUMALLM_KERNEL value (numallm_kernels cannot import numallm's errors); looked up only
+    if the kernels were loaded at all."""
+    cal = sys.modules.get("numallm_kernels._calibrate")
+    return cal is not None and isinstance(exc, cal.KernelChoiceError)
+
+
 def report(exc: BaseException, prog: str = "numallm") -> int:
     """Print one line for `exc` (traceback only under NUMALLM_DEBUG=1); return the exit code."""
     if debug_enabled():
@@ -43,7 +50,7 @@ def report(exc: BaseException, prog: str = "numallm") -> int:
 
         traceback.print_exception(exc)
     msg = str(exc).strip().replace("\n", " ") or exc.__class__.__name__
-    if isinstance(exc, NumallmError):
+    if isinstance(exc, NumallmError) or _kernel_choice(exc):
         print(f"{prog}: error: {msg}", file=sys.stderr)
         return exc.exit_code
     if isinstance(exc, MemoryError):

@@ -13,13 +13,17 @@ needs no network once a model is there; `pull` always asks the hub whether the f
 """
 from __future__ import annotations
 
+import logging
 import os
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ModelNotFoundError, UnsupportedError
+
+# notices (a download starting, the cached copy used offline) go to the "numallm" logger; the
+# CLI shows them on stderr (cli.main), a script decides for itself
+log = logging.getLogger("numallm")
 
 __all__ = ["DEFAULT_CHAT_MODEL", "HubRef", "parse_ref", "pick_gguf", "resolve_model", "pull"]
 
@@ -205,7 +209,7 @@ def _download(ref: HubRef, filename: str) -> str:
         # for ~25 s, which is no use when the machine is simply offline.
         get_hf_file_metadata(hf_hub_url(ref.repo, filename), timeout=_METADATA_TIMEOUT)
         if _cached_path(ref, filename) is None:
-            print(f"numallm: downloading {full} into the Hugging Face cache", file=sys.stderr)
+            log.info("downloading %s into the Hugging Face cache", full)
         return hf_hub_download(ref.repo, filename)
     except MemoryError:
         raise
@@ -273,6 +277,6 @@ def pull(ref: str | None) -> str:
         cached = _cached_path(hub_ref, filename)
         if cached is None:
             raise
-        print(f"numallm: warning: hub unreachable ({err.__cause__.__class__.__name__}); "
-              f"using the cached copy", file=sys.stderr)
+        log.warning("warning: hub unreachable (%s); using the cached copy",
+                    err.__cause__.__class__.__name__)
         return cached

@@ -4,13 +4,17 @@ thread pools and (later) the NUMA/GPU placement can change without touching them
 """
 from __future__ import annotations
 
+import contextlib
+import time
 from typing import Callable
 
 import numpy as np
 import numallm_kernels
 from numallm_kernels.base import Activations
 
-from . import fused, numa_mem, threads
+from numallm_kernels import fused
+
+from . import numa_mem, threads
 from .errors import UnsupportedError
 from .gguf_file import QTensor
 
@@ -71,9 +75,21 @@ class Linear:
         return out
 
 
+def _timed(fn, spans: list):
+    def run():
+        t0 = time.perf_counter()
+        try:
+            return fn()
+        finally:
+            spans.append((t0, time.perf_counter()))     # list.append is atomic
+    return run
+
+
 def task(unit, w, acts: Activations, out: np.ndarray, r0: int, r1: int):
     """out[:, r0:r1] = acts.x @ W[r0:r1].T as something a pool share holds: the unit's native
     kernel task where it has one (run without the GIL), else a call of unit.matmul_x."""
+    if _spans is not None:       # timing (see `timing`): a Python call a timer can see
+        return _timed(lambda: unit.matmul_x(w, acts, out, r0, r1), _spans)
     return unit.native_task(w, acts, out, r0, r1) or (lambda: unit.matmul_x(w, acts, out, r0, r1))
 
 
@@ -103,8 +119,11 @@ class _Replay:
         self.table, self.spans = enc if self.ok else (None, None)
 
     def __call__(self, pool: threads.RowPool, x: np.ndarray) -> list[np.ndarray]:
+        t0 = time.perf_counter()
         self.acts.refill(x)
         pool.run_encoded(self.table, self.spans)
+        if _spans is not None:      # one span: encoding the input to the last thread's end
+            _spans.append((t0, time.perf_counter()))
         for step in self.steps:
             step()
         return [o.copy() for o in self.outs]
@@ -115,9 +134,23 @@ REPLAY_MAX_T = 1
 _REPLAYS_PER_MATRIX = 8
 # bumped to drop every replay
 REPLAY_EPOCH = 0
-# while True, replays already made run but none is made or replaced (bench's KernelClock swaps
-# the kernel units' methods for a while: a replay made then would hold the swapped ones)
-REPLAY_FROZEN = False
+# (start, end) spans of kernel calls while `timing` is on, else None
+_spans: list | None = None
+
+
+@contextlib.contextmanager
+def timing(spans: list):
+    """While on, every matrix kernel call of `matmuls` (products and the encoding of their input)
+    appends its wall-clock (start, end) to `spans`, from any thread. Products then run as Python
+    calls of the units' matmul_x rather than native tasks (those run inside Numba, out of reach
+    of a timer), except the decode dispatches replayed from tables encoded before: each counts
+    as one span. No replay is made while on (it would encode the timed calls)."""
+    global _spans
+    prev, _spans = _spans, spans
+    try:
+        yield spans
+    finally:
+        _spans = prev
 
 
 def _replay(x: np.ndarray, lins: tuple[Linear, ...], pool) -> _Replay | None:
@@ -130,7 +163,7 @@ def _replay(x: np.ndarray, lins: tuple[Linear, ...], pool) -> _Replay | None:
     key = (lins, pool, x.shape)          # matrices and pools hash by identity
     r = first._replays.get(key)
     if r is None or r.ws != tuple(lin.w for lin in lins) or r.epoch != REPLAY_EPOCH:
-        if REPLAY_FROZEN:
+        if _spans is not None:
             return None
         if len(first._replays) >= _REPLAYS_PER_MATRIX:
             first._replays.clear()
@@ -152,7 +185,10 @@ def matmuls(x: np.ndarray, *lins: Linear) -> list[np.ndarray]:
     jobs: list[list] = [[] for _ in range(pool.n_threads)]
     outs, after = [], []
     for lin in lins:
-        lin.unit.prepare_x(acts)
+        if _spans is None:
+            lin.unit.prepare_x(acts)
+        else:
+            _timed(lambda: lin.unit.prepare_x(acts), _spans)()
         out = np.empty((acts.x.shape[0], lin.shape[0]), dtype=np.float32)   # (T, N)
         step = lin.add_jobs(acts, out, jobs)
         outs.append(out)

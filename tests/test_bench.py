@@ -6,8 +6,6 @@ import json
 import math
 import os
 import sys
-import time
-from concurrent.futures import ThreadPoolExecutor
 from collections import Counter
 
 import numpy as np
@@ -114,31 +112,28 @@ def test_summarize_numa_sync_and_non_kernel_per_token():
     assert off.sync_ms is None and off.other_ms is None
 
 
-class _Unit:
-    def prepare_x(self, acts):
-        pass
-
-    def matmul_x(self, w, acts, out, r0, r1):
-        pass
-
-    def matvec(self, w, x, out, r0, r1):
-        time.sleep(0.01)
-
-    def matmul(self, w, x, out, r0, r1):
-        time.sleep(0.02)
+def test_busy_s_is_the_union_of_spans():
+    assert bench.busy_s([(0.0, 1.0), (0.5, 2.0), (3.0, 4.0), (3.5, 3.6)]) == 3.0
+    assert bench.busy_s([]) == 0.0
 
 
-def test_kernel_clock_unions_spans_and_restores_the_units():
-    u = _Unit()
-    with bench.KernelClock([u, u]) as clock:
-        u.matvec(None, None, None, 0, 1)
-        with ThreadPoolExecutor(2) as ex:                          # overlapping spans count once
-            list(ex.map(lambda f: f(None, None, None, 0, 1), [u.matmul, u.matmul]))
-    assert not {"prepare_x", "matmul_x", "matvec", "matmul", "native_task"} & set(vars(u))
-    assert len(clock.spans) == 3
-    assert 0.03 <= clock.busy_s() <= sum(b - a for a, b in clock.spans)
-    clock.spans[:] = [(0.0, 1.0), (0.5, 2.0), (3.0, 4.0), (3.5, 3.6)]
-    assert clock.busy_s() == 3.0
+def test_ops_timing_records_products_and_restores(tmp_path):
+    """ops.timing sees each product (and its input's encoding) without touching the units."""
+    from numallm import ops, threads
+    from numallm.gguf_file import GGUFFile
+    from numallm.synth import write_model
+
+    path = write_model(tmp_path / "m.gguf", arch="llama", qtype="Q8_0", shape="tiny", seed=0)
+    lin = ops.Linear(GGUFFile(path).tensor("blk.0.ffn_up.weight"))
+    x = np.ones((3, lin.shape[1]), np.float32)
+    with threads.activate(threads.RowPool(2)):
+        with ops.timing([]) as spans:
+            timed = ops.matmuls(x, lin)[0]
+        assert len(spans) >= 3                      # the encoding and each thread's rows
+        assert 0 < bench.busy_s(spans) <= sum(b - a for a, b in spans)
+        assert ops._spans is None     # and nothing was patched onto the kernel unit:
+        assert not {"prepare_x", "matmul_x", "matvec", "matmul", "native_task"} & set(vars(lin.unit))
+        np.testing.assert_array_equal(timed, ops.matmuls(x, lin)[0])
 
 
 def test_json_rows():

@@ -1,11 +1,12 @@
-"""The Numba per-token ops (numallm.fused, used by ops.py) against plain numpy / float64 formulas."""
+"""The Numba per-token ops (numallm_kernels.fused, used by ops.py) against plain numpy / float64 formulas."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 from numba import njit
 
-from numallm import fused, ops
+from numallm import ops
+from numallm_kernels import fused
 
 
 def nmse(got, want):

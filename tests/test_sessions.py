@@ -12,7 +12,6 @@ import pytest
 
 import numallm
 from numallm import threads
-from numallm.engine import LoadedModel
 from numallm.synth import cached_model
 
 from test_bad_input import _kv_str, _kv_u32, _s, write_gguf

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from numallm.cli import main
-from numallm.topology import (Node, TopologyError, advise, discover, format_cpulist,
+from numallm.topology import (TopologyError, advise, discover, format_cpulist,
                               load_topology_file, parse_cpulist, topology_from_dict, virtual_nodes)
 from numallm.topology.bench import pinned, run_bench
 

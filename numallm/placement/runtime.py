@@ -2,17 +2,14 @@
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Callable
-
-import numpy as np
 
 from .. import numa_mem, ops, threads
 from ..placement_check import pct
 from ..models.base import FF, HEADS
 from .plan import ModelSpec, Plan, Request, make_plan, split_units
-from .sharded import Exchange, LocalLinear, NodeCaches, ShardedBlock, ShardedLinear, _localize, _slice
+from .sharded import Exchange, LocalLinear, ShardedBlock, ShardedLinear, _localize, _slice
 
 GiB = 2 ** 30
 
@@ -71,7 +68,7 @@ class SyncStats:
                          self.exchange_s - o.exchange_s)
 
 
-def _groups(use: list[tuple[int, tuple[int, ...], int]], topo: Topology) -> list[NodeGroup]:
+def _groups(use: list[tuple[int, tuple[int, ...], int]], topo) -> list[NodeGroup]:
     mem = numa_mem.status()
     by_id = {nd.id: nd for nd in topo.nodes}
     out = []

@@ -1,9 +1,9 @@
-"""Text report of `numallm topo`: tree, findings, warnings, recommendation, bench and model plan."""
+"""Text report of `numallm topo`: tree, findings, warnings, recommendation, bench (the model plan: placement.compare)."""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .advice import Advice, gib, size
+from .advice import Advice, gib
 from .model import Node, Topology
 from .sysfs import format_cpulist
 

@@ -12,7 +12,7 @@ import math
 
 import numpy as np
 from numba import njit
-from numallm_kernels.attention import _FM, attend, exp  # noqa: F401 (attend, exp: re-exported)
+from .attention import _FM, attend, exp  # noqa: F401 (attend, exp: re-exported)
 
 
 @njit(nogil=True, cache=True, fastmath=_FM)
