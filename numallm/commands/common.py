@@ -144,14 +144,8 @@ def load_model(args: argparse.Namespace, template_file: str | None = None):
         with open(template_file, encoding="utf-8") as f:
             template = f.read()
     gpu = {}
-    if request.wants_gpu:
-        from ..gpu import discover_gpus
-
-        devices, why = discover_gpus()
-        if devices:  # the engine plans and applies the offload (numallm.gpu.plan_for_machine)
-            gpu = {"offload": request}
-        else:
-            print(f"numallm: no GPU ({why}): running every layer on the CPU", file=sys.stderr)
+    if request.wants_gpu:   # the engine plans it (placement.make_plan) and says where layers went
+        gpu = {"offload": request}
     elif args.gpus is not None or args.exclude_gpus or args.gpu_min_cc is not None:
         # device policy without a layer request changes nothing: say so rather than stay silent
         print("numallm: GPU options given but no layers asked for (-ngl N|auto|all or --offload "

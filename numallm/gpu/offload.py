@@ -521,6 +521,8 @@ def announcement(off: Offload) -> str:
     """The one line a load that asked for GPUs shows (the CLI prints it): why everything runs on
     the CPU, or where the layers went and the bytes planned vs allocated."""
     if not off.applied:
+        if off.plan is not None and off.plan.no_gpu:
+            return f"no GPU ({off.plan.no_gpu}): running every layer on the CPU"
         return f"GPU offload off ({off.reason}): running every layer on the CPU"
     runs = {}
     for b in off.blocks:
