@@ -154,6 +154,8 @@ def stats(llm, last, history) -> str:
     # where the bytes are and where each layer ran, as observed (numallm.gpu.offload)
     lines.append("PROCESSOR  100% CPU" if llm.offload is None else llm.offload.summary(llm.model))
     lines.append(llm.placement.summary())
+    # the plan the load applied: bytes per node as planned (numallm.placement.make_plan)
+    lines += ["plan: " + llm.plan.lines()[0]] + llm.plan.lines()[1:]
     # the same page check as `numallm topo MODEL --verify`, WARNING lines included
     lines += check(llm.placement).lines()
     return "\n".join(lines)
