@@ -86,12 +86,13 @@ class LLM:
         # GPU offload first (numallm.gpu.offload): it moves whole blocks, NUMA placement then
         # places what stays on the host
         self.offload = None
+        self.notices: list[str] = []  # one-line reports of the load, for the caller to show
         if offload is not None and offload.wants_gpu:
             from .gpu import offload as gpu_offload
 
             self.offload = gpu_offload.setup(self.model, self.file, self.n_ctx, offload, PREFILL_CHUNK,
                                              numa=numa, nodes=nodes, virtual_nodes=virtual_nodes)
-            gpu_offload.announce(self.offload)
+            self.notices.append(self.offload.announcement())
         need = self.args.kv_bytes(self.n_ctx)
         if self.offload is not None and self.offload.applied:
             need = self.offload.plan.host_kv
@@ -147,6 +148,8 @@ class LLM:
         for a in range(keep, len(tokens), PREFILL_CHUNK):
             chunk = np.asarray(tokens[a:a + PREFILL_CHUNK], dtype=np.int64)
             out.append(self.model(chunk, self.cache, a, last_only=not all_logits))
+            if self.offload is not None:
+                self.offload.host_pass(len(chunk))   # where layers ran: the host's share
             self.cached = list(tokens[:a + len(chunk)])
         return np.concatenate(out) if all_logits else out[-1][-1]
 
@@ -210,6 +213,8 @@ class LLM:
                 if finish is not None:
                     return
                 logits = self.model(np.asarray([tok]), self.cache, len(history) - 1)[-1]
+                if self.offload is not None:
+                    self.offload.host_pass(1)
                 self.cached.append(tok)        # == history: the prefix is already there
 
     def generate(self, prompt: str | Sequence[int], max_tokens: int = 256, **kw) -> GenerationResult:
@@ -252,6 +257,6 @@ def load(path: str, **options) -> LLM:
     numa ("off" by default, "auto", "shard", "replicate", "isolate"), virtual_nodes (carve this
     machine into N nodes), nodes, threads_per_node (see numallm.placement); offload: a
     numallm.gpu.OffloadRequest (blocks to run on GPUs; see numallm.gpu.offload). Without a usable
-    GPU, one line on stderr says why and every layer runs on the CPU; `llm.offload` holds the
-    plan, the actual device bytes and where each layer ran."""
+    GPU every layer runs on the CPU and `llm.notices` has the line that says why; `llm.offload`
+    holds the plan, the actual device bytes and where each layer ran."""
     return LLM(path, **options)

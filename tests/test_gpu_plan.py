@@ -52,11 +52,12 @@ def kv(n_ctx: int, elem: int, s=NEMO) -> int:
 
 
 def buffers(n_ctx: int, output: bool = False, n_batch: int = 512, s=NEMO) -> int:
-    """x, h (T, hidden); q, attn (T, q_dim); k, v (T, kv_dim); gate, up (T, n_ff) float32, RoPE
-    frequencies float64; logits (T, vocab) with the head. No score matrix: attention streams."""
+    """Activation slots float32 (T rows): 4 of hidden, 2 of q_dim, 4 of kv_dim, 3 of n_ff (what a
+    block's forward holds at once, plan.ACTIVATIONS), 1 of vocab with the head; RoPE frequencies
+    float64. No score matrix: attention streams."""
     t = min(n_batch, n_ctx)
     q, k = s["n_head"] * s["head_dim"], s["n_kv"] * s["head_dim"]
-    floats = 2 * t * s["hidden"] + 2 * t * q + 2 * t * k + 2 * t * s["n_ff"]
+    floats = 4 * t * s["hidden"] + 2 * t * q + 4 * t * k + 3 * t * s["n_ff"]
     return 4 * floats + 8 * (s["head_dim"] // 2) + (4 * t * s["vocab"] if output else 0)
 
 

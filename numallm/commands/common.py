@@ -159,6 +159,8 @@ def load_model(args: argparse.Namespace, template_file: str | None = None):
     llm = load(path, n_ctx=args.ctx_size, n_threads=args.threads, chat_template=template,
                numa=args.numa or "auto", virtual_nodes=args.virtual_nodes, nodes=args.nodes,
                threads_per_node=args.threads_per_node, **gpu)
+    for line in llm.notices:          # the GPU offload's one line (numallm.gpu.offload)
+        print(f"numallm: {line}", file=sys.stderr)
     reason = llm.placement.reason
     # the default stays quiet where it changes nothing (off on one node); asked for, it explains
     if reason and (args.numa == "auto" or llm.placement.strategy != "off"):

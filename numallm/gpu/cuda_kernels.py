@@ -32,7 +32,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
-from gguf import GGMLQuantizationType as T
+from ..gguf_file import GGMLQuantizationType as T
 from numba import cuda
 
 UNIT = 32            # values per decode unit: a Q4_0/Q8_0 block, a Q4_K sub-block, 2 Q6_K ones

@@ -26,7 +26,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from gguf import GGMLQuantizationType as QT
+from ..gguf_file import GGMLQuantizationType as QT
 
 from .inventory import MIN_COMPUTE_CAPABILITY, GpuDevice, GpuError
 
@@ -188,33 +188,35 @@ def processor_split(cpu_bytes: int, gpu_bytes: int) -> str:
 # -- byte formulas (planner and loader) --------------------------------------------------------
 
 def layer_kv_bytes(args, n_ctx: int, kv_dtype: str) -> int:
-    """K and V of one block for n_ctx positions: 2 * n_ctx * n_head_kv * head_dim * elem bytes.
-    args: models.base.BaseArgs (n_head_kv, head_dim)."""
-    return 2 * n_ctx * args.n_head_kv * args.head_dim * KV_ELEM_BYTES[kv_dtype]
+    """K and V of one block for n_ctx positions in `kv_dtype`: the config's one KV formula
+    (models.base.BaseArgs.layer_kv_bytes; 2 * n_ctx * n_head_kv * head_dim * elem bytes)."""
+    return args.layer_kv_bytes(n_ctx, KV_ELEM_BYTES[kv_dtype])
+
+
+# Activations a device holds at once, by row width, while a block's forward (models/base.py and
+# the architectures' overrides, run by numallm.gpu.device) goes through it: every op makes a new
+# tensor, freed when the forward drops it. Counted for the forward as written:
+#   n_embd: the layer's input (its caller keeps it), x after attention, the normed x, an update;
+#   q_dim:  q (before and after a bias or norm), then q and the attention output;
+#   kv_dim: k and v, each before and after a bias or norm (qwen2, qwen3);
+#   n_ff:   gate, up and silu(gate) * up.
+ACTIVATIONS = {"n_embd": 4, "q_dim": 2, "kv_dim": 4, "n_ff": 3}
 
 
 def device_buffers(args, n_ctx: int, n_batch: int = DEFAULT_N_BATCH,
                    output: bool = False) -> dict[str, tuple[tuple[int, ...], str]]:
-    """The scratch arrays a device allocates once, shared by its blocks, sized for a pass of
-    T = min(n_batch, n_ctx) tokens: name -> (shape, dtype). The executor (numallm.gpu.offload)
-    allocates exactly these, so the plan's buffer bytes are the loader's. Attention keeps no score
-    matrix (online softmax over the cache, numallm.gpu.cuda_ops), so no buffer grows with the
-    context; the KV cache does, per block. output: the device also runs the output head."""
+    """The scratch a device allocates once, shared by its blocks, sized from the config for a
+    pass of T = min(n_batch, n_ctx) tokens: width name -> ((count, T, width), dtype) activation
+    slots (ACTIVATIONS), and the RoPE table. The executor (numallm.gpu.device) allocates exactly
+    these, so the plan's buffer bytes are the loader's; a forward that needed more would allocate
+    more and the load report would show it. Attention keeps no score matrix (online softmax over
+    the cache, numallm.gpu.cuda_ops), so nothing here grows with the context; the KV cache does,
+    per block. output: the device also runs the output head (its logits)."""
     t = min(n_batch, n_ctx)
-    q_dim, kv_dim = args.n_head * args.head_dim, args.n_head_kv * args.head_dim
-    bufs = {
-        "x": ((t, args.n_embd), "f32"),                 # residual stream, kept on the device
-        "h": ((t, args.n_embd), "f32"),                 # normed input; projection outputs
-        "q": ((t, q_dim), "f32"),
-        "k": ((t, kv_dim), "f32"),
-        "v": ((t, kv_dim), "f32"),
-        "attn": ((t, q_dim), "f32"),                    # attention output, before attn_output
-        "gate": ((t, args.n_ff), "f32"),
-        "up": ((t, args.n_ff), "f32"),
-        "rope_inv_freq": ((args.rope_dim // 2,), "f64"),  # RoPE angles in float64, as ops.Rope
-    }
+    bufs = {name: ((count, t, getattr(args, name)), "f32") for name, count in ACTIVATIONS.items()}
+    bufs["rope_inv_freq"] = ((args.rope_dim // 2,), "f64")   # RoPE angles in float64, as ops.Rope
     if output:
-        bufs["logits"] = ((t, args.n_vocab), "f32")
+        bufs["n_vocab"] = ((1, t, args.n_vocab), "f32")
     return bufs
 
 
