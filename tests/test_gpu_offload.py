@@ -15,6 +15,7 @@ here are 64 wide, and all but one case are marked slow.
 """
 from __future__ import annotations
 
+import gc
 import json
 import re
 import os
@@ -29,6 +30,7 @@ import numallm
 import numallm_kernels as nk
 from numallm.gpu import OffloadRequest, make_plan
 from numallm.gguf_file import GGUFFile
+from numallm.models import llama
 from numallm.synth import cached_model
 
 # not importorskip: CI must run these in the simulator, so a numba without numba.cuda (and no
@@ -287,3 +289,92 @@ def test_offload_then_numa_shard_places_the_cpu_blocks(synth_dir, gpus, float_cp
         assert type(llm.model.blk[1]).__name__ == "GpuLayer"
         assert llm.generate(PROMPT, max_tokens=3, temperature=0).tokens == want
         assert [w[1:] for w in llm.offload.where()] == [("CPU", 3), ("GPU 0", 3)]
+
+
+# -- the GPU path under the model's own forward ------------------------------------------------
+
+def offloaded(model_cls, path, layers="all", kv="f32"):
+    """`model_cls` built from `path` with the plan's blocks applied to one (simulated) GPU."""
+    f = GGUFFile(path)
+    model = model_cls(f)
+    plan = make_plan(f, 32, OffloadRequest(gpu_layers=layers, kv_dtype=kv), [gpu_offload_device(0)])
+    return model, gpu_offload.apply(model, plan, 32)
+
+
+def test_the_gpu_runs_the_block_class_own_forward(synth_dir, float_cpu):
+    """A test-only block class that changes `ffn` (the update counts twice): the offloaded model
+    gives the logits of that class on the CPU, not those of the plain block, so the GPU runs
+    whatever forward the block class has (there is no second copy of it)."""
+    from numallm.models.base import Block
+
+    class TwiceFfn(Block):
+        def ffn(self, x):
+            y = super().ffn(x)
+            return y + y
+
+    class Model(llama.Model):
+        Block = TwiceFfn
+
+    path = synth(synth_dir, "llama", "Q8_0")
+    toks = np.array([1, 7, 3, 9, 4])
+    plain = llama.Model(GGUFFile(path))
+    want_plain = plain(toks, plain.new_cache(32), 0, last_only=False)
+    cpu = Model(GGUFFile(path))
+    want = cpu(toks, cpu.new_cache(32), 0, last_only=False)
+    model, off = offloaded(Model, path)
+    cache = off.adopt_cache(model.new_cache(32))
+    got = model(toks, cache, 0, last_only=False)
+    assert isinstance(got, np.ndarray) and got.shape == want.shape
+    assert np.max(np.abs(got - want)) < LOGIT_TOL["f32"]
+    assert np.max(np.abs(want - want_plain)) > 100 * LOGIT_TOL["f32"]      # the change matters
+    assert [type(layer.block) for layer in off.layers] == [TwiceFfn, TwiceFfn]
+    # every activation went back to the pool, and no more were live at once than planned
+    g = off.gpus[0]
+    assert g.slots.live == 0 and off.compare()[0]["actual"] == off.compare()[0]["predicted"]
+
+
+def test_each_session_gets_its_own_device_kv_cache(synth_dir):
+    """adopt_cache: a new list with new device caches on every call, counted as "kv" while they
+    live; two sessions over one model keep their contexts apart."""
+    path = synth(synth_dir, "llama", "Q4_0")
+    model, off = offloaded(llama.Model, path, layers=1)
+    one = off.gpus[0].bytes["kv"]
+    assert one == 0                                   # none before a session asks for one
+    a = off.adopt_cache(model.new_cache(32))
+    b = off.adopt_cache(model.new_cache(32))
+    assert a is not b and a[1] is not b[1] and type(a[1]).__name__ == "DeviceKVCache"
+    per_session = off.plan.devices[0].kv
+    assert off.gpus[0].bytes["kv"] == 2 * per_session
+    toks = np.array([1, 7, 3, 9])
+    alone = model(toks, off.adopt_cache(model.new_cache(32)), 0)
+    model(np.array([5, 5, 5]), a, 0)                  # session a has another context
+    assert np.array_equal(model(toks, b, 0), alone)
+    del a, b
+    gc.collect()
+    assert off.gpus[0].bytes["kv"] == 0               # every device cache is gone with its session
+
+
+def test_device_tensors_follow_the_update():
+    """`x + update` runs where the update is (so the residual stream follows the layer that ran);
+    views keep their slot; np.asarray copies to the host; a bias over heads broadcasts."""
+    from numallm.gpu.cuda_kernels import Launch
+
+    g = gpu_device.Gpu(cuda, gpu_offload_device(0), Launch.simulator(), None)
+    g.slots.reserve(3, 4, 6)
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((2, 4, 6)).astype(np.float32)
+    dx = gpu_device.to_gpu(x, g)
+    assert g.slots.live == 1 and dx.shape == (4, 6)
+    host_sum = dx + y                                 # device + host: the host's
+    assert type(host_sum) is np.ndarray and np.array_equal(host_sum, x + y)
+    dev_sum = y + dx                                  # host + device: the device's
+    assert type(dev_sum) is gpu_device.DeviceTensor and np.array_equal(np.asarray(dev_sum), x + y)
+    bias = gpu_device.vector(g, y[0])
+    heads = (dx.reshape(4, 2, 3) + bias.reshape(2, 3))
+    assert np.array_equal(np.asarray(heads), (x + y[0]).reshape(4, 2, 3))
+    last = dev_sum[-1:]
+    del dev_sum, heads
+    assert g.slots.live == 2                          # dx, and dev_sum's slot held by its view
+    assert np.array_equal(np.asarray(last), (x + y)[-1:])
+    del last, dx
+    assert g.slots.live == 0 and g.bytes["buffers"] == 3 * 4 * 6 * 4   # all within the reserve
