@@ -123,7 +123,8 @@ def test_half_the_blocks_on_a_gpu_llama_q4_0(synth_dir, gpus, float_cpu, capsys)
     llm = check_offload(synth(synth_dir, "llama", "Q4_0"), OffloadRequest(gpu_layers=1))
     assert capsys.readouterr().err == ""          # the library prints nothing: the CLI shows notices
     assert len(llm.notices) == 1 and re.fullmatch(
-        r"GPU offload: blk\.1 on GPU 0 \(([\d.]+) MiB allocated, \1 MiB planned\)", llm.notices[0]), llm.notices
+        r"GPU offload: blk\.1 on GPU 0 \(([\d.]+) MiB allocated, \1 MiB planned, \+ KV [\d.]+ MiB per "
+        r"session\)", llm.notices[0]), llm.notices
     # blk.0 is the model's block as built; blk.1 is the same class of block, its declared tensors
     # on the GPU, run by its own forward through the GpuLayer that counts it
     cpu, gpu = llm.model.blk
@@ -273,8 +274,8 @@ def test_chat_stats_shows_the_processor_split_and_where_layers_ran(tmp_path):
     assert "PROCESSOR  " in out and "% CPU/GPU" in out, out
     assert re.search(r"layers: blk.0-2 CPU \((\d+) calls\), blk.3-4 GPU 0 \(\1 calls\)", out), out
     assert "MiB planned (+0.0%)" in out, out
-    assert re.search(r"numallm: GPU offload: blk\.3-4 on GPU 0 \(([\d.]+) MiB allocated, \1 MiB planned\)",
-                     r.stderr), r.stderr
+    assert re.search(r"numallm: GPU offload: blk\.3-4 on GPU 0 \(([\d.]+) MiB allocated, \1 MiB planned, "
+                     r"\+ KV [\d.]+ MiB per session\)", r.stderr), r.stderr
 
 
 @pytest.mark.slow

@@ -239,7 +239,8 @@ class Offload:
 
     def announcement(self) -> str:
         """The one line a load that asked for GPUs shows (the CLI prints it): why everything
-        runs on the CPU, or where the layers went and the bytes planned vs allocated."""
+        runs on the CPU, or where the layers went and the bytes of the load (weights and
+        buffers) allocated vs planned, and the KV cache each session will add."""
         if not self.applied:
             return f"GPU offload off ({self.reason}): running every layer on the CPU"
         runs: dict[int, list] = {}
@@ -249,13 +250,15 @@ class Offload:
         if self.head is not None:
             runs.setdefault(self.head.gpu.index, []).append("output")
         parts = []
-        for row in self.compare():
-            units = runs.get(row["gpu"], [])
+        for i, g in sorted(self.gpus.items()):
+            use = self.plan.devices[i]
+            units = runs.get(i, [])
             blks = [u for u in units if u != "output"]
             what = " + ".join(x for x in (f"blk.{_ranges(blks)}" if blks else "",
                                           "output" if "output" in units else "") if x)
-            parts.append(f"{what} on GPU {row['gpu']} ({row['actual']['total'] / 2**20:.1f} MiB allocated, "
-                         f"{row['predicted']['total'] / 2**20:.1f} MiB planned)")
+            kv = f", + KV {use.kv / 2**20:.1f} MiB per session" if use.kv else ""
+            parts.append(f"{what} on GPU {i} ({(g.bytes['weights'] + g.bytes['buffers']) / 2**20:.1f} MiB "
+                         f"allocated, {(use.weights + use.buffers) / 2**20:.1f} MiB planned{kv})")
         return f"GPU offload: {'; '.join(parts)}"
 
 
