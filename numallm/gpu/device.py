@@ -25,6 +25,7 @@ host<->device copies of activations.
 from __future__ import annotations
 
 import math
+import threading
 import weakref
 from contextlib import contextmanager, nullcontext
 
@@ -50,23 +51,23 @@ class Gpu:
         self.rope_tables: dict[int, tuple[object, object]] = {}   # id(Rope) -> (Rope, inv_freq)
         self.driver_used: int | None = None      # free-memory drop the driver saw (real GPUs)
         self._free0 = None
-        self._depth = 0
+        self._active = threading.local()          # per thread: inside active() already
 
     @contextmanager
     def active(self):
         """This GPU's context while kernels launch (re-entrant: ops inside a layer's call)."""
-        if self._depth:
+        if getattr(self._active, "on", False):
             yield
             return
         from .cuda_kernels import simulator_pace
 
         dev = nullcontext() if self.ordinal is None else self.cuda.gpus[self.ordinal]
-        self._depth += 1
+        self._active.on = True
         try:
             with dev, simulator_pace():
                 yield
         finally:
-            self._depth -= 1
+            self._active.on = False
 
     def put(self, host: np.ndarray, kind: str):
         dev = self.cuda.to_device(np.ascontiguousarray(host))
