@@ -1,6 +1,8 @@
 """The ops interface model files call: linear layers over quantized weights, norms, RoPE,
 attention. Model files never call kernels, threads or devices directly, so the kernels, the
-thread pools and (later) the NUMA/GPU placement can change without touching them.
+thread pools, NUMA placement and GPU offload can change without touching them: an executor below
+the model registers its tensor types (`register_executor`; numallm.gpu.device does) and the ops
+given those run there, so each architecture keeps one forward.
 """
 from __future__ import annotations
 
