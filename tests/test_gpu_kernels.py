@@ -273,3 +273,27 @@ def test_planner_offloads_exactly_the_types_the_kernels_compute():
     from numallm.gpu.plan import GPU_TYPES
 
     assert GPU_TYPES == ck.SUPPORTED
+
+
+@pytest.mark.skipif(not ck.simulated(), reason="the simulator's shared arrays")
+def test_simulator_shared_arrays_are_one_per_kernel_line_under_a_lock():
+    """ck.simulator_pace puts numba's simulator shared-array lookup under a lock (a race gave two
+    threads of a block different arrays); it must keep the simulator's keying: one array per
+    kernel line, the same for every thread that asks, another for another line."""
+    import threading
+    from numba.cuda.simulator.kernelapi import FakeCUDAShared
+
+    with ck.simulator_pace():
+        pass
+    shared, got = FakeCUDAShared(0), []
+
+    def ask():
+        got.append(shared.array(8, np.float32))    # one line, asked by every thread
+
+    threads = [threading.Thread(target=ask) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    other = shared.array(8, np.float32)
+    assert all(a is got[0] for a in got) and other is not got[0] and got[0].shape == (8,)
