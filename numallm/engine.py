@@ -87,7 +87,7 @@ class LoadedModel:
             from .gpu import offload as gpu_offload
 
             self.offload = gpu_offload.apply_plan(self.model, self.plan.gpu, self.n_ctx)
-            self.notices.append(gpu_offload.announcement(self.offload))
+            self.notices.append(self.offload.announcement())
             gpu_layers = frozenset(self.offload.gpu_layers())
         self.placement = apply_plan(self.model, self.plan, topo, gpu_layers)
         if self.plan.reason:
@@ -114,7 +114,10 @@ class LoadedModel:
     def forward(self, tokens: np.ndarray, cache: list, pos0: int, last_only: bool = True) -> np.ndarray:
         """One forward step of a session: the model's lock and thread activation held only here."""
         with self.lock, threads.activate(self.pool):
-            return self.model(tokens, cache, pos0, last_only=last_only)
+            out = self.model(tokens, cache, pos0, last_only=last_only)
+            if self.offload is not None:
+                self.offload.host_pass(len(tokens))   # where layers ran: the host's share
+            return out
 
     def chat_tokens(self, messages: list[dict]) -> list[int]:
         """The prompt tokens for `messages` with the model's chat template."""
@@ -139,7 +142,7 @@ class LLM(Session):
         self.path, self.file, self.model, self.args = lm.path, lm.file, lm.model, lm.args
         self.template, self.offload, self.placement, self.pool = (lm.template, lm.offload,
                                                                   lm.placement, lm.pool)
-        self.plan = lm.plan
+        self.plan, self.notices = lm.plan, lm.notices
 
     @property
     def weight_bytes(self) -> int:

@@ -1,6 +1,8 @@
 """The ops interface model files call: linear layers over quantized weights, norms, RoPE,
 attention. Model files never call kernels, threads or devices directly, so the kernels, the
-thread pools and (later) the NUMA/GPU placement can change without touching them.
+thread pools, NUMA placement and GPU offload can change without touching them: an executor below
+the model registers its tensor types (`register_executor`; numallm.gpu.device does) and the ops
+given those run there, so each architecture keeps one forward.
 """
 from __future__ import annotations
 
@@ -17,6 +19,17 @@ from numallm_kernels import fused
 from . import numa_mem, threads
 from .errors import UnsupportedError
 from .gguf_file import QTensor
+
+# Executors below the model (numallm.gpu) register their tensor and matrix types here: an op
+# whose weight (matmuls: its first matrix; swiglu and RoPE: their input) is of a registered type
+# runs that executor's version of the op, so a model's one forward runs unchanged wherever its
+# tensors are. The CPU path pays one dict lookup per op.
+_EXECUTORS: dict[type, object] = {}
+
+
+def register_executor(cls: type, impl) -> None:
+    """Ops given a `cls` run `impl.matmuls / rms_norm / swiglu / rope` (numallm.gpu.device)."""
+    _EXECUTORS[cls] = impl
 
 
 class Linear:
@@ -174,6 +187,9 @@ def _replay(x: np.ndarray, lins: tuple[Linear, ...], pool) -> _Replay | None:
 def matmuls(x: np.ndarray, *lins: Linear) -> list[np.ndarray]:
     """[x @ W.T for each W in lins], x: float32 (T, K). x is encoded once per kernel form and all
     matrices go to the pool in one dispatch (each thread takes its rows of every matrix)."""
+    ex = _EXECUTORS.get(type(lins[0]))
+    if ex is not None:
+        return ex.matmuls(x, *lins)
     x = np.ascontiguousarray(x, dtype=np.float32)
     pool = lins[0].pool()
     if any(lin.pool() is not pool for lin in lins[1:]):
@@ -202,6 +218,9 @@ def matmuls(x: np.ndarray, *lins: Linear) -> list[np.ndarray]:
 
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     """x: (..., D) float32; normalise over the last axis, then scale by weight (D,)."""
+    ex = _EXECUTORS.get(type(weight))
+    if ex is not None:
+        return ex.rms_norm(x, weight, eps)
     x = np.ascontiguousarray(x, dtype=np.float32)
     out = np.empty_like(x)
     d = x.shape[-1]
@@ -215,6 +234,9 @@ def silu(x: np.ndarray) -> np.ndarray:
 
 def swiglu(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
     """silu(gate) * up, one pass; gate, up float32 (T, F)."""
+    ex = _EXECUTORS.get(type(gate))
+    if ex is not None:
+        return ex.swiglu(gate, up)
     out = np.empty_like(gate)
     fused.swiglu(gate, up, out)
     return out
@@ -249,6 +271,9 @@ class Rope:
 
     def __call__(self, x: np.ndarray, pos0: int) -> np.ndarray:
         """x: (T, H, head_dim) float32 for positions pos0..pos0+T-1; rotated in place."""
+        ex = _EXECUTORS.get(type(x))
+        if ex is not None:
+            return ex.rope(self, x, pos0)
         t = x.shape[0]
         cos, sin = self.tables(pos0 + t)
         fused.rope(x, cos[pos0:pos0 + t], sin[pos0:pos0 + t], self.dim, self.neox)

@@ -205,17 +205,18 @@ def test_elementwise_ops_match_numpy():
     g, u = (rng.standard_normal((3, 12)).astype(np.float32) for _ in range(2))
     b = rng.standard_normal(12).astype(np.float32)
     launch = LAUNCH
-    d = cuda.to_device(g)
-    co.silu_mul(d, cuda.to_device(u), 2, launch)                    # only the first 2 rows
-    got = d.copy_to_host()
-    assert nmse(got[:2], ops.silu(g[:2]) * u[:2]) < 1e-13 and np.array_equal(got[2], g[2])
-    d = cuda.to_device(g)
-    co.add(d, cuda.to_device(u), 3, launch)
-    assert np.array_equal(d.copy_to_host(), g + u)
-    d = cuda.to_device(g)
-    co.add_bias(d, cuda.to_device(b), 3, launch)
-    assert np.array_equal(d.copy_to_host(), g + b)
-
+    d, out = cuda.to_device(g), cuda.to_device(np.zeros_like(g))
+    co.swiglu(d, cuda.to_device(u), out, 2, launch)                 # only the first 2 rows
+    got = out.copy_to_host()
+    assert nmse(got[:2], ops.silu(g[:2]) * u[:2]) < 1e-13 and not got[2].any()
+    co.swiglu(d, cuda.to_device(u), d, 3, launch)                   # in place
+    assert nmse(d.copy_to_host(), ops.silu(g) * u) < 1e-13
+    out = cuda.to_device(np.zeros_like(g))
+    co.add(cuda.to_device(g), cuda.to_device(u), out, 3, launch)
+    assert np.array_equal(out.copy_to_host(), g + u)
+    co.add(cuda.to_device(g), cuda.to_device(b.reshape(1, 12)), out, 2, launch)   # a bias row
+    got = out.copy_to_host()
+    assert np.array_equal(got[:2], g[:2] + b) and np.array_equal(got[2], g[2] + u[2])
 
 PTX_SCRIPT = textwrap.dedent("""
     import sys, types
@@ -248,8 +249,7 @@ PTX_SCRIPT = textwrap.dedent("""
                  (co._attention.py_func, (a3, kv[:, :, ::1], kv[:, :, ::1], a2, i64, i64, i64, f32))]
     sigs += [(co._rms_norm.py_func, (a2, f32[::1], a2, i64, i64, f64)),
              (co._rope.py_func, (a3, i64, i64, i64, f64[::1], f64, i64, nt.boolean)),
-             (co._silu_mul.py_func, (a2, a2, i64)), (co._add.py_func, (a2, a2, i64)),
-             (co._add_bias.py_func, (a2, f32[::1], i64))]
+             (co._swiglu.py_func, (a2, a2, a2, i64)), (co._add.py_func, (a2, a2, a2, i64))]
     for fn, sig in sigs:
         cuda.compile_ptx(fn, sig, cc=cc)
     print("OK", len(sigs), "kernels for sm_%d%d" % cc)
@@ -273,3 +273,27 @@ def test_planner_offloads_exactly_the_types_the_kernels_compute():
     from numallm.gpu.plan import GPU_TYPES
 
     assert GPU_TYPES == ck.SUPPORTED
+
+
+@pytest.mark.skipif(not ck.simulated(), reason="the simulator's shared arrays")
+def test_simulator_shared_arrays_are_one_per_kernel_line_under_a_lock():
+    """ck.simulator_pace puts numba's simulator shared-array lookup under a lock (a race gave two
+    threads of a block different arrays); it must keep the simulator's keying: one array per
+    kernel line, the same for every thread that asks, another for another line."""
+    import threading
+    from numba.cuda.simulator.kernelapi import FakeCUDAShared
+
+    with ck.simulator_pace():
+        pass
+    shared, got = FakeCUDAShared(0), []
+
+    def ask():
+        got.append(shared.array(8, np.float32))    # one line, asked by every thread
+
+    threads = [threading.Thread(target=ask) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    other = shared.array(8, np.float32)
+    assert all(a is got[0] for a in got) and other is not got[0] and got[0].shape == (8,)

@@ -52,11 +52,12 @@ def kv(n_ctx: int, elem: int, s=NEMO) -> int:
 
 
 def buffers(n_ctx: int, output: bool = False, n_batch: int = 512, s=NEMO) -> int:
-    """x, h (T, hidden); q, attn (T, q_dim); k, v (T, kv_dim); gate, up (T, n_ff) float32, RoPE
-    frequencies float64; logits (T, vocab) with the head. No score matrix: attention streams."""
+    """Activation slots float32 (T rows): 4 of hidden, 2 of q_dim, 4 of kv_dim, 3 of n_ff (what a
+    block's forward holds at once, plan.ACTIVATIONS), 1 of vocab with the head; RoPE frequencies
+    float64. No score matrix: attention streams."""
     t = min(n_batch, n_ctx)
     q, k = s["n_head"] * s["head_dim"], s["n_kv"] * s["head_dim"]
-    floats = 2 * t * s["hidden"] + 2 * t * q + 2 * t * k + 2 * t * s["n_ff"]
+    floats = 4 * t * s["hidden"] + 2 * t * q + 4 * t * k + 3 * t * s["n_ff"]
     return 4 * floats + 8 * (s["head_dim"] // 2) + (4 * t * s["vocab"] if output else 0)
 
 
@@ -336,17 +337,29 @@ def test_no_gpu_gives_the_cpu_plan_and_the_reason(nemo):
 
 
 def test_host_bytes_per_node_follow_the_numa_strategy(nemo):
+    """The one planner (numallm.placement.make_plan) splits what the GPU step leaves on the host
+    over the nodes: shard by the model's declared splits (~ in proportion to cores), isolate on
+    one node, off unplaced."""
+    from numallm.placement import ModelSpec, Request
+    from numallm.placement import make_plan as place
+
     topo = discover(str(FIXTURES / "epyc9554_nps4"), use_libs=False)
     cores = {n.id: n.physical_cores for n in topo.cpu_nodes}
     req = OffloadRequest(gpu_layers=10)
     devs = [gpu(0, "NVIDIA H100 PCIe", (9, 0), 80, 79, 2000)]
-    p = make_plan(nemo, 4096, req, devs, topo, numa="shard")
-    per = p.host_bytes_per_node
-    assert sum(per.values()) == p.host_bytes and set(per) == set(cores)
-    for n, b in per.items():   # in proportion to cores, to the byte up to rounding
-        assert abs(b - p.host_bytes * cores[n] / sum(cores.values())) <= len(cores)
-    assert make_plan(nemo, 4096, req, devs, topo, numa="isolate", nodes=[2]).host_bytes_per_node == {2: p.host_bytes}
-    assert make_plan(nemo, 4096, req, devs, topo, numa="off").host_bytes_per_node == {-1: p.host_bytes}
+    spec = ModelSpec.from_gguf(nemo)
+
+    def per_node(**kw):
+        plan = place(spec, topo, Request(n_ctx=4096, offload=req, **kw), devs)
+        return plan, {n.node: n.weights + n.kv for n in plan.nodes}
+
+    plan, per = per_node(numa="shard")
+    host = plan.gpu.host_bytes
+    assert abs(sum(per.values()) - host) <= len(cores) and set(per) == set(cores)
+    for n, b in per.items():   # the declared splits: within 1% of the cores' share
+        assert abs(b - host * cores[n] / sum(cores.values())) <= 0.01 * host
+    assert per_node(numa="isolate", nodes=(2,))[1] == {2: host}
+    assert per_node(numa="off")[1] == {-1: host}
 
 
 def test_plan_json_is_complete_and_serialisable(nemo):
@@ -421,11 +434,17 @@ def test_bad_gpu_flags_give_one_line(tiny, tmp_path, monkeypatch, capsys, flags,
     assert len(err) == 1 and err[0].startswith("numallm: error:") and needle in err[0]
 
 
-def test_a_host_part_larger_than_free_memory_is_said(nemo):
+def test_a_host_part_larger_than_free_memory_is_refused(nemo):
+    from numallm.placement import ModelSpec, OutOfMemoryError, Request
+    from numallm.placement import make_plan as place
+
     topo = discover(str(FIXTURES / "vm_1node"), use_libs=False)        # one node, 27 GiB free
     devs = [gpu(0, "NVIDIA GeForce RTX 4090", (8, 9), 24, 23.5, 1008)]
-    p = make_plan(nemo, 131072, OffloadRequest(), devs, topo)
-    assert p.host_bytes_per_node == {0: p.host_bytes} and p.host_bytes > 27 * GIB
-    assert any(n.startswith("the host part needs") for n in p.notes)
-    p = make_plan(nemo, 131072, OffloadRequest(gpu_layers="auto"), devs, topo)
-    assert not any(n.startswith("the host part needs") for n in p.notes)
+    spec = ModelSpec.from_gguf(nemo)
+    p = place(spec, topo, Request(numa="off", n_ctx=131072, offload=OffloadRequest()), devs)
+    assert p.host_weights + p.host_kv > 27 * GIB
+    with pytest.raises(OutOfMemoryError, match=r"needs [\d.]+ GiB on this machine .*-ngl"):
+        p.check_fits()
+    p = place(spec, topo, Request(numa="off", n_ctx=131072, offload=OffloadRequest(gpu_layers="auto")),
+              devs)
+    p.check_fits()                       # the GPUs take enough of it

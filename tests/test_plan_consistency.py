@@ -22,3 +22,10 @@ def test_info_plan_topo_agree(synth_dir, capsys, ctx):
     assert info["weights_bytes"] == plan["weight_bytes"] == topo["weight_bytes"] > 0
     assert info["kv_cache_bytes"] == plan["kv_bytes"] == topo["kv_bytes"] > 0
     assert info["ctx"] == plan["n_ctx"] == topo["context"] == (ctx or 4096)   # tiny: trained 4096
+
+
+def test_scratch_formula_follows_the_attention_block():
+    from numallm import ops
+    from numallm.placement import plan
+
+    assert plan.ATTENTION_ROWS == ops.ATTENTION_BLOCK and plan.PREFILL_CHUNK >= ops.ATTENTION_BLOCK

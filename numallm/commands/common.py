@@ -154,7 +154,7 @@ def load_model(args: argparse.Namespace, template_file: str | None = None):
                numa=args.numa or "auto", virtual_nodes=args.virtual_nodes, nodes=args.nodes,
                threads_per_node=args.threads_per_node, **gpu)
     reason = llm.placement.reason
-    for line in llm.loaded.notices:
+    for line in llm.loaded.notices:      # the GPU offload's line, numa auto's reason
         # the default stays quiet where it changes nothing (off on one node); asked for, it explains
         if line != reason or args.numa == "auto" or llm.placement.strategy != "off":
             print(f"numallm: {line}", file=sys.stderr)

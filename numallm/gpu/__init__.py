@@ -2,8 +2,10 @@
 
     from numallm.gpu import OffloadRequest, discover_gpus, make_plan
 
-The inventory and the planner are pure Python (no GPU library); executing offloaded layers lives
-in numallm.gpu.offload and needs the `gpu` extra (pip install 'numallm[gpu]'). See docs/gpu.md.
+The inventory and the planner are pure Python (no GPU library). Running offloaded layers needs
+the `gpu` extra (pip install 'numallm[gpu]'): numallm.gpu.offload moves a block's declared tensors
+to its GPU, numallm.gpu.device runs the model's own forward on them (ops dispatch on device
+tensors), numallm.gpu.cuda_kernels / cuda_ops are the kernels. See docs/gpu.md.
 """
 from __future__ import annotations
 

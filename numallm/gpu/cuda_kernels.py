@@ -28,11 +28,12 @@ from __future__ import annotations
 
 import math
 import sys
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
-from gguf import GGMLQuantizationType as T
+from ..gguf_file import GGMLQuantizationType as T
 from numba import cuda
 
 UNIT = 32            # values per decode unit: a Q4_0/Q8_0 block, a Q4_K sub-block, 2 Q6_K ones
@@ -92,12 +93,52 @@ def simulator_pace():
     if not simulated():
         yield
         return
+    _lock_simulator_shared_arrays()
     prev = sys.getswitchinterval()
     sys.setswitchinterval(1e-4)
     try:
         yield
     finally:
         sys.setswitchinterval(prev)
+
+
+_SHARED_LOCK: threading.Lock | None = None
+
+
+def _lock_simulator_shared_arrays() -> None:
+    """Make the simulator's cuda.shared.array safe for the threads of a block (once).
+
+    numba's simulator (FakeCUDAShared.array) gives a block's threads one array per call site:
+    the first thread to ask allocates it, the others look it up, with no lock between the lookup
+    and the store. Two threads that ask first, close together (likelier with the short switch
+    interval above), get different arrays, and a reduction across the block (RMS norm,
+    attention) is then wrong: measured about 1 launch in 1500 of a 4-row RMS norm, enough to
+    flip a token in an end-to-end test now and then. The same logic under a lock."""
+    global _SHARED_LOCK
+    if _SHARED_LOCK is not None:
+        return
+    try:
+        from numba.cuda.simulator.kernelapi import FakeCUDAShared
+        from numba.np import numpy_support
+        from numba.core import types
+    except ImportError:             # another simulator layout: leave it as it is
+        return
+    lock = _SHARED_LOCK = threading.Lock()
+    dynamic = FakeCUDAShared.array
+
+    def array(self, shape, dtype):
+        if shape == 0:              # dynamic shared memory: one preallocated buffer, no race
+            return dynamic(self, shape, dtype)
+        f = sys._getframe(1)        # the kernel line asking, as the simulator keys it
+        key = (f.f_code.co_filename, f.f_lineno)
+        with lock:
+            res = self._allocations.get(key)
+            if res is None:
+                dt = numpy_support.as_dtype(dtype) if isinstance(dtype, types.Type) else dtype
+                res = self._allocations[key] = np.empty(shape, dt)
+        return res
+
+    FakeCUDAShared.array = array
 
 
 # -- decoders: 32 values of unit u of row r into buf[0:32] ------------------------------------

@@ -1,5 +1,5 @@
 """CUDA kernels for the rest of a transformer block: RMS norm, RoPE, the KV cache and attention,
-SwiGLU's silu(gate) * up, bias and residual adds (numba-cuda).
+SwiGLU's silu(gate) * up, residual and bias adds (numba-cuda).
 
 Each function mirrors the CPU op in numallm/ops.py (same float32 formulas; RoPE angles in float64
 as ops.Rope computes them) and takes device arrays, C-contiguous, preallocated by the caller.
@@ -160,30 +160,26 @@ def _attention(q, kc, vc, out, pos0, n_tok, group, scale):
 
 
 @cuda.jit
-def _silu_mul(g, u, n_tok):
-    # g, u: float32 (T, n_ff); g <- silu(g) * u on the first n_tok rows
+def _swiglu(g, u, out, n_tok):
+    # g, u, out: float32 (T, n_ff) (out may be g); out = silu(g) * u on the first n_tok rows
     cols = g.shape[1]
     for i in range(cuda.grid(1), n_tok * cols, cuda.gridsize(1)):
         t = i // cols
         c = i % cols
         a = g[t, c]
-        g[t, c] = a / (np.float32(1.0) + np.float32(math.exp(-a))) * u[t, c]
+        out[t, c] = a / (np.float32(1.0) + np.float32(math.exp(-a))) * u[t, c]
 
 
 @cuda.jit
-def _add(x, y, n_tok):
-    # x, y: float32 (T, C); x += y on the first n_tok rows (the residual add)
+def _add(x, y, out, n_rows):
+    # x, out: float32 (R, C) (out may be x); y: (R, C) or (1, C), a row added to every row (a
+    # bias); out = x + y on the first n_rows rows (the residual add, a bias add)
     cols = x.shape[1]
-    for i in range(cuda.grid(1), n_tok * cols, cuda.gridsize(1)):
-        x[i // cols, i % cols] += y[i // cols, i % cols]
-
-
-@cuda.jit
-def _add_bias(y, b, n_tok):
-    # y: float32 (T, N) += b: float32 (N,) on the first n_tok rows
-    n = b.shape[0]
-    for i in range(cuda.grid(1), n_tok * n, cuda.gridsize(1)):
-        y[i // n, i % n] += b[i % n]
+    y_rows = y.shape[0]
+    for i in range(cuda.grid(1), n_rows * cols, cuda.gridsize(1)):
+        r = i // cols
+        c = i % cols
+        out[r, c] = x[r, c] + y[r % y_rows, c]
 
 
 # -- host-side launchers ----------------------------------------------------------------------
@@ -225,15 +221,11 @@ def attention(q, kc, vc, out, pos0: int, n_tok: int, launch: Launch) -> None:
     _attention[min(n_head * n_tok, launch.max_blocks), threads](q, kc, vc, out, pos0, n_tok, group, scale)
 
 
-def silu_mul(g, u, n_tok: int, launch: Launch) -> None:
-    """g[:n_tok] = silu(g) * u; g, u: (T, n_ff)."""
-    _silu_mul[_grid(n_tok * g.shape[1], launch)](g, u, n_tok)
+def swiglu(g, u, out, n_tok: int, launch: Launch) -> None:
+    """out[:n_tok] = silu(g) * u; g, u, out: (T, n_ff)."""
+    _swiglu[_grid(n_tok * g.shape[1], launch)](g, u, out, n_tok)
 
 
-def add(x, y, n_tok: int, launch: Launch) -> None:
-    """x[:n_tok] += y[:n_tok]; x, y: (T, C)."""
-    _add[_grid(n_tok * x.shape[1], launch)](x, y, n_tok)
-
-
-def add_bias(y, b, n_tok: int, launch: Launch) -> None:
-    _add_bias[_grid(n_tok * b.shape[0], launch)](y, b, n_tok)
+def add(x, y, out, n_rows: int, launch: Launch) -> None:
+    """out[:n_rows] = x + y; x, out: (R, C), y: (R, C) or one row (1, C) added to each."""
+    _add[_grid(n_rows * x.shape[1], launch)](x, y, out, n_rows)

@@ -26,7 +26,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from gguf import GGMLQuantizationType as QT
+from ..gguf_file import GGMLQuantizationType as QT
 
 from .inventory import MIN_COMPUTE_CAPABILITY, GpuDevice, GpuError
 
@@ -123,7 +123,6 @@ class OffloadPlan:
     output: LayerPlan                             # the output head
     devices: dict[int, DeviceUse]                 # GPUs that hold something
     host_bytes: int                               # weights + KV cache left on the host
-    host_bytes_per_node: dict[int, int]           # NUMA node -> bytes; -1 = not placed on a node
     skipped: list[tuple[int, str]]                # (GPU index, why it gets nothing)
     notes: list[str]                              # one-line reasons for the decisions
     n_ctx: int = 0
@@ -167,8 +166,7 @@ class OffloadPlan:
                          "weights": d.weights, "kv": d.kv, "buffers": d.buffers, "total": d.total,
                          "layers": list(d.layers)} for _, d in sorted(self.devices.items())],
             "layers": [unit(u) for u in self.layers], "output": unit(self.output),
-            "host": {"weights": self.host_weights, "kv": self.host_kv, "total": self.host_bytes,
-                     "per_node": {str(n): b for n, b in sorted(self.host_bytes_per_node.items())}},
+            "host": {"weights": self.host_weights, "kv": self.host_kv, "total": self.host_bytes},
             "skipped": [{"index": i, "reason": why} for i, why in self.skipped],
             "notes": list(self.notes), "no_gpu": self.no_gpu,
             "gpu_share": round(self.gpu_share(), 4), "processor": self.processor(),
@@ -188,33 +186,35 @@ def processor_split(cpu_bytes: int, gpu_bytes: int) -> str:
 # -- byte formulas (planner and loader) --------------------------------------------------------
 
 def layer_kv_bytes(args, n_ctx: int, kv_dtype: str) -> int:
-    """K and V of one block for n_ctx positions: 2 * n_ctx * n_head_kv * head_dim * elem bytes.
-    args: models.base.BaseArgs (n_head_kv, head_dim)."""
-    return 2 * n_ctx * args.n_head_kv * args.head_dim * KV_ELEM_BYTES[kv_dtype]
+    """K and V of one block for n_ctx positions in `kv_dtype`: the config's one KV formula
+    (models.base.BaseArgs.layer_kv_bytes; 2 * n_ctx * n_head_kv * head_dim * elem bytes)."""
+    return args.layer_kv_bytes(n_ctx, KV_ELEM_BYTES[kv_dtype])
+
+
+# Activations a device holds at once, by row width, while a block's forward (models/base.py and
+# the architectures' overrides, run by numallm.gpu.device) goes through it: every op makes a new
+# tensor, freed when the forward drops it. Counted for the forward as written:
+#   n_embd: the layer's input (its caller keeps it), x after attention, the normed x, an update;
+#   q_dim:  q (before and after a bias or norm), then q and the attention output;
+#   kv_dim: k and v, each before and after a bias or norm (qwen2, qwen3);
+#   n_ff:   gate, up and silu(gate) * up.
+ACTIVATIONS = {"n_embd": 4, "q_dim": 2, "kv_dim": 4, "n_ff": 3}
 
 
 def device_buffers(args, n_ctx: int, n_batch: int = DEFAULT_N_BATCH,
                    output: bool = False) -> dict[str, tuple[tuple[int, ...], str]]:
-    """The scratch arrays a device allocates once, shared by its blocks, sized for a pass of
-    T = min(n_batch, n_ctx) tokens: name -> (shape, dtype). The executor (numallm.gpu.offload)
-    allocates exactly these, so the plan's buffer bytes are the loader's. Attention keeps no score
-    matrix (online softmax over the cache, numallm.gpu.cuda_ops), so no buffer grows with the
-    context; the KV cache does, per block. output: the device also runs the output head."""
+    """The scratch a device allocates once, shared by its blocks, sized from the config for a
+    pass of T = min(n_batch, n_ctx) tokens: width name -> ((count, T, width), dtype) activation
+    slots (ACTIVATIONS), and the RoPE table. The executor (numallm.gpu.device) allocates exactly
+    these, so the plan's buffer bytes are the loader's; a forward that needed more would allocate
+    more and the load report would show it. Attention keeps no score matrix (online softmax over
+    the cache, numallm.gpu.cuda_ops), so nothing here grows with the context; the KV cache does,
+    per block. output: the device also runs the output head (its logits)."""
     t = min(n_batch, n_ctx)
-    q_dim, kv_dim = args.n_head * args.head_dim, args.n_head_kv * args.head_dim
-    bufs = {
-        "x": ((t, args.n_embd), "f32"),                 # residual stream, kept on the device
-        "h": ((t, args.n_embd), "f32"),                 # normed input; projection outputs
-        "q": ((t, q_dim), "f32"),
-        "k": ((t, kv_dim), "f32"),
-        "v": ((t, kv_dim), "f32"),
-        "attn": ((t, q_dim), "f32"),                    # attention output, before attn_output
-        "gate": ((t, args.n_ff), "f32"),
-        "up": ((t, args.n_ff), "f32"),
-        "rope_inv_freq": ((args.rope_dim // 2,), "f64"),  # RoPE angles in float64, as ops.Rope
-    }
+    bufs = {name: ((count, t, getattr(args, name)), "f32") for name, count in ACTIVATIONS.items()}
+    bufs["rope_inv_freq"] = ((args.rope_dim // 2,), "f64")   # RoPE angles in float64, as ops.Rope
     if output:
-        bufs["logits"] = ((t, args.n_vocab), "f32")
+        bufs["n_vocab"] = ((1, t, args.n_vocab), "f32")
     return bufs
 
 
@@ -379,14 +379,14 @@ def _assign(queue: list[_Unit], head: _Unit | None, order: list[GpuDevice], args
     return {i: f for i, f in fills.items() if f.units}, placed, head_placed, misses
 
 
-def make_plan(gguf, n_ctx: int, request: OffloadRequest, devices: list[GpuDevice], topo=None,
-              n_batch: int = DEFAULT_N_BATCH, *, numa: str = "off", nodes: list[int] | None = None,
+def make_plan(gguf, n_ctx: int, request: OffloadRequest, devices: list[GpuDevice],
+              n_batch: int = DEFAULT_N_BATCH, *,
               host_bandwidth: tuple[float, str] | None = None,
               no_gpu: str | None = None) -> OffloadPlan:
     """Plan `request` for the model in `gguf` (a numallm.gguf_file.GGUFFile) with an n_ctx-token
-    context over `devices`. topo (a topology.Topology) with numa/nodes splits the host's bytes per
-    NUMA node as numallm.placement would. host_bandwidth: (GB/s, "assumed"/"measured") of the CPU
-    side; a GPU slower than that is skipped unless named in --gpus. no_gpu: why `devices` is empty."""
+    context over `devices`: the GPU step of numallm.placement.make_plan, which splits the host's
+    part over the NUMA nodes and checks it fits. host_bandwidth: (GB/s, "assumed"/"measured") of the
+    CPU side; a GPU slower than that is skipped unless named in --gpus. no_gpu: why `devices` is empty."""
     if n_ctx < 1:
         raise GpuError(f"context size {n_ctx}: give a positive number of tokens")
     if n_batch < 1:
@@ -489,61 +489,6 @@ def make_plan(gguf, n_ctx: int, request: OffloadRequest, devices: list[GpuDevice
         host_weights += gguf.tensors["token_embd.weight"].nbytes   # tied: lookup copy stays too
     host_kv = sum(u.kv_bytes for u in layers if u.device is None)
     host = host_weights + host_kv
-    if topo is not None:
-        free = sum(n.mem_free_bytes for n in topo.nodes if nodes is None or n.id in nodes)
-        if host > free:
-            notes.append(f"the host part needs {_size(host)} but {_size(free)} is free: offload more "
-                         f"layers, lower the context (-c) or free memory")
-    return OffloadPlan(layers, output, devs, host, host_per_node(host, topo, numa, nodes), skipped,
+    return OffloadPlan(layers, output, devs, host, skipped,
                        notes, n_ctx, n_batch, request, str(getattr(gguf, "path", "")), host_weights,
                        host_kv, (no_gpu or "the GPU inventory is empty") if not devices else None)
-
-
-def host_per_node(host: int, topo, numa: str = "off", nodes: list[int] | None = None) -> dict[int, int]:
-    """The host's bytes per NUMA node as numallm.placement places them: shard splits in proportion
-    to each node's usable cores, isolate puts all on one node; off leaves placement to the kernel
-    (first touch / page cache), reported as node -1 unless the machine has one CPU node."""
-    if topo is None:
-        return {-1: host}
-    cpu_nodes = [n for n in topo.cpu_nodes if nodes is None or n.id in nodes]
-    if not cpu_nodes:
-        return {-1: host}
-    if numa == "isolate" or len(cpu_nodes) == 1:
-        return {cpu_nodes[0].id: host}
-    if numa != "shard":
-        return {-1: host}
-    cores = [n.physical_cores for n in cpu_nodes]
-    total = sum(cores)
-    out, left = {}, host
-    for n, c in zip(cpu_nodes[:-1], cores[:-1]):
-        out[n.id] = host * c // total
-        left -= out[n.id]
-    out[cpu_nodes[-1].id] = left
-    return out
-
-
-def plan_for_machine(gguf, n_ctx: int, request: OffloadRequest, n_batch: int = DEFAULT_N_BATCH, *,
-                     numa: str = "off", nodes: list[int] | None = None,
-                     virtual_nodes: int | None = None) -> OffloadPlan:
-    """make_plan over this machine: its GPUs (discover_gpus, or NUMALLM_FAKE_GPUS), its topology
-    for the host's bytes per node, and the CPU bandwidth a GPU must beat (assumed from the cores,
-    as `numallm topo` assumes it). `numallm plan` and the loader both call this, so the plan a user
-    reads is the plan that is loaded."""
-    from ..topology import TopologyError, assumed_bandwidth, discover
-    from ..topology import virtual_nodes as carve
-    from .inventory import discover_gpus
-
-    devices, why = discover_gpus()
-    try:
-        topo = discover()
-        topo = carve(topo, virtual_nodes) if virtual_nodes else topo
-    except TopologyError:
-        topo = None                 # the host part is then reported unplaced (node -1)
-    host_bw = None
-    if topo is not None:
-        used = [n for n in topo.cpu_nodes if nodes is None or n.id in nodes]
-        used = used[:1] if numa == "isolate" else used
-        if used:
-            host_bw = (sum(assumed_bandwidth(n) for n in used), "assumed from its cores")
-    return make_plan(gguf, n_ctx, request, devices, topo, n_batch, numa=numa, nodes=nodes,
-                     host_bandwidth=host_bw, no_gpu=why)

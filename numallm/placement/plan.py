@@ -29,6 +29,7 @@ GiB = 2 ** 30
 MiB = 2 ** 20
 PREFILL_CHUNK = 512        # prompt tokens per forward pass: bounds the activation scratch
 DEFAULT_CTX = 4096         # -c default: the model's trained context, at most this
+ATTENTION_ROWS = 64        # query positions per block of prefill attention (ops.ATTENTION_BLOCK)
 # A sharded decode step joins all nodes' threads DECODE_JOINS_PER_LAYER times per layer (+1 for
 # the output matrix). JOIN_COST_S: what one join costs beyond the work (measured on the
 # development VMs, benchmarks/results/; rounded up for threads further apart). auto counts it to
@@ -259,10 +260,11 @@ def _size(n: int) -> str:
 
 def scratch_bytes(a, n_ctx: int) -> int:
     """Float32 activations of one prefill chunk: the residual stream and its norm, q/k/v, the
-    attention output and scores, gate and up, the logits of the last token."""
+    attention output and the scores of one block of query rows, gate and up, the logits of the
+    last token."""
     t = min(PREFILL_CHUNK, n_ctx)
     per_tok = 3 * a.n_embd + a.q_dim + 2 * a.kv_dim + a.q_dim + 2 * a.n_ff
-    scores = a.n_head * t * n_ctx
+    scores = a.n_head * min(t, ATTENTION_ROWS) * n_ctx
     return 4 * (t * per_tok + scores + a.n_vocab)
 
 
@@ -383,7 +385,7 @@ def make_plan(spec: ModelSpec, topo, req: Request, gpus=None, gpu_why: str | Non
             used = used[:1] if strategy == "isolate" else used
             if used:
                 host_bw = (sum(assumed_bandwidth(n) for n in used), "assumed from its cores")
-        gplan = gpu_make_plan(spec.source, n_ctx, req.offload, list(gpus or []), None, PREFILL_CHUNK,
+        gplan = gpu_make_plan(spec.source, n_ctx, req.offload, list(gpus or []), PREFILL_CHUNK,
                               host_bandwidth=host_bw, no_gpu=gpu_why)
     on_gpu = set()
     gpu_layers = set()
