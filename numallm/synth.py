@@ -13,6 +13,10 @@ with a per-tensor gain g in [0.6, 1.4] (about N(0, 0.02) at width 2048); this ke
 activation near unit RMS through the layers, so attention patterns and logits are not degenerate.
 Embedding and output rows are N(0, (4/sqrt(hidden))^2) so logits have a spread of about 4.
 Norm weights are 1 + N(0, 0.1); qwen2 q/k/v biases N(0, 0.25). Norms and biases stay F32.
+MoE shapes (n_expert > 0; archs qwen3moe, qwen2moe, and llama = Mixtral) add the router
+`ffn_gate_inp` (kept F32, as llama.cpp's quantizer keeps it), 3-D experts `ffn_*_exps`
+(expert, rows, cols) drawn like matrices, and for qwen2moe a shared expert `ffn_*_shexp` with its
+gate vector N(0, 1/hidden).
 
 Quantization: types gguf-py can quantize (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1) are
 quantized here, every 2-D weight (token_embd and output included) to the one type. gguf-py
@@ -70,6 +74,11 @@ class ModelShape:
     ctx: int = 4096
     rope_base: float = 10000.0
     rms_eps: float = 1e-5
+    # Mixture-of-Experts (0: dense); llama with experts is Mixtral (its experts n_ff wide)
+    n_expert: int = 0
+    n_expert_used: int = 0
+    n_ff_exp: int = 0          # 0: n_ff (llama) / n_ff // n_expert_used (qwen*moe)
+    n_ff_shexp: int = 0        # qwen2moe's shared expert; 0: n_ff
 
     @property
     def hd(self) -> int:
@@ -89,9 +98,24 @@ SHAPES: dict[str, ModelShape] = {
                               n_ff=8192, ctx=131072, rope_base=500000.0),
     "qwen3-0.6b": ModelShape(vocab=151936, hidden=1024, n_layers=28, n_heads=16, n_kv_heads=8,
                              n_ff=3072, head_dim=128, ctx=40960, rope_base=1e6, rms_eps=1e-6),
+    # MoE test size: 8 experts, top-2, experts 256 wide (qwen2moe: shared expert 512)
+    "tiny-moe": ModelShape(vocab=1024, hidden=512, n_layers=4, n_heads=8, n_kv_heads=2, n_ff=256,
+                           n_expert=8, n_expert_used=2, n_ff_exp=256, n_ff_shexp=512),
+    # Qwen3-30B-A3B's layer (48 layers in the real model; 8 here for benchmarks)
+    "qwen3-30b-a3b": ModelShape(vocab=151936, hidden=2048, n_layers=8, n_heads=32, n_kv_heads=4,
+                                n_ff=6144, head_dim=128, ctx=40960, rope_base=1e6, rms_eps=1e-6,
+                                n_expert=128, n_expert_used=8, n_ff_exp=768),
+    # Mixtral-8x7B's routing (8 experts, top-2) at a smaller width, 4 of its 32 layers
+    "mixtral-small": ModelShape(vocab=32000, hidden=2048, n_layers=4, n_heads=32, n_kv_heads=8,
+                                n_ff=7168, ctx=32768, rope_base=1e6, n_expert=8, n_expert_used=2),
+    # Qwen1.5-MoE-A2.7B's layer, 4 of its 24 layers
+    "qwen2-moe-a2.7b": ModelShape(vocab=151936, hidden=2048, n_layers=4, n_heads=16,
+                                  n_kv_heads=16, n_ff=5632, ctx=8192, rope_base=1e6, rms_eps=1e-6,
+                                  n_expert=60, n_expert_used=4, n_ff_exp=1408, n_ff_shexp=5632),
 }
 
-ARCHS = ("llama", "qwen2", "qwen3")
+ARCHS = ("llama", "qwen2", "qwen3", "qwen2moe", "qwen3moe")
+MOE_ARCHS = ("qwen2moe", "qwen3moe")      # and llama with a shape that has experts
 
 # qtype -> (GGML type of the weights, llama.cpp ftype or None when gguf-py quantizes it)
 _GGUF_PY = {"F32": QT.F32, "F16": QT.F16, "BF16": QT.BF16, "Q8_0": QT.Q8_0, "Q4_0": QT.Q4_0,
@@ -287,17 +311,29 @@ def _tensor_specs(arch: str, s: ModelShape, tied: bool, rope_freqs: bool) -> lis
     from .models import get_module
 
     model = get_module(arch).Model
+    moe = {}
+    if s.n_expert:
+        moe = dict(n_expert=s.n_expert, n_expert_used=s.n_expert_used, n_ff_exp=_ff_exp(arch, s),
+                   n_ff_shexp=s.n_ff_shexp or s.n_ff)
     a = model.Args(arch=arch, n_vocab=s.vocab, n_embd=s.hidden, n_layer=s.n_layers, n_ff=s.n_ff,
-                   n_head=s.n_heads, n_head_kv=s.n_kv_heads, head_dim=s.hd, rope_dim=s.hd)
+                   n_head=s.n_heads, n_head_kv=s.n_kv_heads, head_dim=s.hd, rope_dim=s.hd, **moe)
     present = {"rope_freqs.weight": rope_freqs, "output.weight": not tied}
     specs = []
     for name, t in model.declared(a):
         if not present.get(name, True):
             continue
         kind = ("embed" if t.split == (0, "rows") else "const" if t.optional and t.kind != "matrix"
-                else t.kind)
+                else "router" if name.endswith("ffn_gate_inp.weight")
+                else "gatevec" if name.endswith("ffn_gate_inp_shexp.weight") else t.kind)
         specs.append(_Spec(name, a.dims(t.shape), kind))
     return specs
+
+
+def _ff_exp(arch: str, s: ModelShape) -> int:
+    """One expert's width as llama.cpp derives it when the file does not say."""
+    if arch == "llama":              # llama.cpp sizes Mixtral's experts by feed_forward_length
+        return s.n_ff
+    return s.n_ff_exp or s.n_ff // s.n_expert_used
 
 
 def _values(spec: _Spec, seed: int) -> np.ndarray:
@@ -308,8 +344,12 @@ def _values(spec: _Spec, seed: int) -> np.ndarray:
     if spec.kind == "bias":
         return 0.25 * rng.standard_normal(spec.shape, dtype=np.float32)
     n_in = spec.shape[-1]
+    if spec.kind == "gatevec":       # a dot product with h: logits of about unit spread
+        return rng.standard_normal(spec.shape, dtype=np.float32) / np.float32(math.sqrt(n_in))
     if spec.kind == "embed":
         std = 4.0 / math.sqrt(n_in)
+    elif spec.kind == "router":      # logits of spread ~3: real routers are peaked, and near-ties
+        std = 3.0 / math.sqrt(n_in)  # (which flip on rounding) are rarer
     else:
         std = float(rng.uniform(0.6, 1.4)) / math.sqrt(n_in)  # per-tensor gain: layer variety
     out = rng.standard_normal(spec.shape, dtype=np.float32)
@@ -357,7 +397,14 @@ def _write(path: Path, arch: str, wtype: QT, file_type: int, s: ModelShape, seed
     w.add_rope_freq_base(s.rope_base)
     w.add_rope_dimension_count(s.hd)
     w.add_vocab_size(s.vocab)
-    if arch == "qwen3" or s.hd * s.n_heads != s.hidden:
+    if s.n_expert:
+        w.add_expert_count(s.n_expert)
+        w.add_expert_used_count(s.n_expert_used)
+        if arch != "llama":          # llama.cpp's llama (Mixtral) reads feed_forward_length
+            w.add_expert_feed_forward_length(_ff_exp(arch, s))
+        if arch == "qwen2moe":
+            w.add_expert_shared_feed_forward_length(s.n_ff_shexp or s.n_ff)
+    if arch in ("qwen3", "qwen3moe") or s.hd * s.n_heads != s.hidden:
         w.add_key_length(s.hd)
         w.add_value_length(s.hd)
     if rtype == "linear":
@@ -382,14 +429,15 @@ def _write(path: Path, arch: str, wtype: QT, file_type: int, s: ModelShape, seed
         for spec in specs:
             if spec.kind == "const":
                 yield llama3_rope_factors(rope_scaling, s.hd, s.rope_base)
-            elif spec.kind in ("norm", "bias"):
+            elif spec.kind in ("norm", "bias", "gatevec", "router"):
                 yield _values(spec, seed)
             else:
                 yield _encode(_values(spec, seed), wtype)
 
     # Tensor infos must precede the data; sizes are known without generating anything.
     for spec in specs:
-        t = wtype if spec.kind in ("matrix", "embed") else QT.F32
+        # the router stays F32 as llama.cpp's quantizer keeps it
+        t = wtype if spec.kind in ("matrix", "embed", "experts") else QT.F32
         block, nbytes = gguf.GGML_QUANT_SIZES[t]
         if spec.shape[-1] % block:
             raise ValueError(f"{spec.name}: width {spec.shape[-1]} is not a multiple of the "
@@ -440,7 +488,11 @@ def write_model(path: str | os.PathLike, arch: str = "llama", qtype: str = "Q4_0
     if arch not in ARCHS:
         raise UnsupportedError(f"synthetic arch {arch!r} is not supported; use one of {ARCHS}")
     s = _shape(shape)
-    if arch in ("llama", "qwen2") and s.hd * s.n_heads != s.hidden:
+    if arch in MOE_ARCHS and not s.n_expert:
+        raise ValueError(f"{arch} needs a shape with experts (n_expert > 0), e.g. 'tiny-moe'")
+    if s.n_expert and arch not in MOE_ARCHS + ("llama",):
+        raise ValueError(f"{arch} has no experts; use llama (Mixtral), qwen2moe or qwen3moe")
+    if arch in ("llama", "qwen2", "qwen2moe") and s.hd * s.n_heads != s.hidden:
         raise ValueError(f"{arch} needs head_dim * n_heads == hidden ({s.hd}*{s.n_heads} != "
                          f"{s.hidden}); only qwen3 has a free head_dim")
     path = Path(path)
@@ -476,7 +528,9 @@ def cached_model(cache_dir: str | os.PathLike, arch: str = "llama", qtype: str =
     callers at worst both write it.
     """
     s = _shape(shape)
-    key = json.dumps([SYNTH_VERSION, arch, qtype, asdict(s), seed, tied_embeddings,
+    fields = {k: v for k, v in asdict(s).items()     # dense shapes keep their pre-MoE keys
+              if not (k in ("n_expert", "n_expert_used", "n_ff_exp", "n_ff_shexp") and v == 0)}
+    key = json.dumps([SYNTH_VERSION, arch, qtype, fields, seed, tied_embeddings,
                       rope_scaling, vocab], sort_keys=True)
     label = shape if isinstance(shape, str) else "custom"
     name = (f"{arch}-{label}-{qtype}-s{seed}{'-tied' if tied_embeddings else ''}"
