@@ -101,6 +101,10 @@ SHAPES: dict[str, ModelShape] = {
     # MoE test size: 8 experts, top-2, experts 256 wide (qwen2moe: shared expert 512)
     "tiny-moe": ModelShape(vocab=1024, hidden=512, n_layers=4, n_heads=8, n_kv_heads=2, n_ff=256,
                            n_expert=8, n_expert_used=2, n_ff_exp=256, n_ff_shexp=512),
+    # one layer: a routing decision then affects only its own position's logits
+    "tiny-moe-1layer": ModelShape(vocab=1024, hidden=512, n_layers=1, n_heads=8, n_kv_heads=2,
+                                  n_ff=256, n_expert=8, n_expert_used=2, n_ff_exp=256,
+                                  n_ff_shexp=512),
     # Qwen3-30B-A3B's layer (48 layers in the real model; 8 here for benchmarks)
     "qwen3-30b-a3b": ModelShape(vocab=151936, hidden=2048, n_layers=8, n_heads=32, n_kv_heads=4,
                                 n_ff=6144, head_dim=128, ctx=40960, rope_base=1e6, rms_eps=1e-6,
