@@ -272,3 +272,14 @@ def test_chat_end_to_end(synth_dir):
     t.expect(r">>> ")
     t.send("/bye\r")
     assert t.wait() == 0
+
+
+def test_shard_refuses_experts_with_one_line(synth_dir):
+    """Splitting experts' ff rows over nodes is not implemented yet: one clear line, exit 1
+    (replicate and off run)."""
+    path = synth.cached_model(synth_dir, arch="qwen3moe", qtype="Q8_0", shape="tiny-moe", seed=7)
+    r = subprocess.run([sys.executable, "-m", "numallm", "run", str(path), "hi", "-n", "2",
+                        "--numa", "shard", "--virtual-nodes", "2"], capture_output=True, text=True,
+                       timeout=300)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and len(lines) == 1 and "cannot split by 'ff_exp'" in lines[0], r.stderr

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from ..errors import NumallmError
 from ..models import get_module
-from ..models.decl import FF, HEADS, ROWS
+from ..models.decl import FF, FF_EXP, FF_SHEXP, HEADS, ROWS
 from ..topology.plan import assumed_bandwidth
 
 STRATEGIES = ("auto", "off", "shard", "replicate", "isolate")
@@ -103,7 +103,7 @@ class ModelSpec:
             v = getattr(owner, decl.attr, None)
             if v is None or (decl.attr == "output" and v is model.token_embd):
                 continue
-            bs = v.unit.block_size if decl.kind == "matrix" else 1
+            bs = v.unit.block_size if decl.kind in ("matrix", "experts") else 1
             out.append(TensorInfo(name, decl, int(v.nbytes), bs, layer))
         return cls(a, tuple(out))
 
@@ -419,6 +419,8 @@ def make_plan(spec: ModelSpec, topo, req: Request, gpus=None, gpu_why: str | Non
     share = {HEADS: [(h1 - h0) / a.n_head_kv for h0, h1 in heads],
              FF: [(f1 - f0) / a.n_ff for f0, f1 in ff],
              ROWS: [w / sum(weights_by) for w in weights_by]}
+    # experts' ff slices (placement cannot cut them yet: sharded.py refuses): their share by threads
+    share[FF_EXP] = share[FF_SHEXP] = share[ROWS]
 
     w_node = [0.0] * n
     for t in spec.tensors:
