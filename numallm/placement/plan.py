@@ -112,6 +112,15 @@ class ModelSpec:
         """Every tensor of the file as stored (what `info` lists)."""
         return sum(t.nbytes for t in self.tensors) + self.extra_bytes
 
+    @property
+    def active_bytes(self) -> int:
+        """Weight bytes one decoded token reads: every tensor, but of the routed experts only the
+        k of n_expert it uses (the expected share; which ones the router picks)."""
+        a = self.args
+        frac = a.n_expert_used / a.n_expert if getattr(a, "n_expert", 0) else 1.0
+        return int(sum(t.nbytes * (frac if t.decl.kind == "experts" else 1.0) for t in self.tensors)
+                   + self.extra_bytes)
+
     def block_size(self, attr_split: tuple[int, str]) -> int:
         """The largest quant block of the tensors cut along columns by this split."""
         return max((t.block_size for t in self.tensors
