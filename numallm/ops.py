@@ -350,3 +350,7 @@ def attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, cache: KVCache, pos0: in
         sc /= sc.sum(axis=-1, keepdims=True)
         out[:, a:b] = np.matmul(sc, cache.v[:, :n_s]).reshape(n_kv, b - a, group, hd)
     return out.transpose(1, 0, 2, 3).reshape(t, n_head * hd)
+
+
+# Mixture-of-Experts ops (their own file; model files reach them here)
+from .experts import ExpertLinear, moe_ffn, moe_route  # noqa: E402,F401

@@ -143,10 +143,17 @@ def _rope(x: np.ndarray, pos: np.ndarray, theta: np.ndarray, neox: bool) -> np.n
     return out
 
 
-def reference_logits(path: Path, tokens: list[int], bug: str = "") -> np.ndarray:
+def dense_ffn(W, b: str, h: np.ndarray, md: dict, arch: str) -> np.ndarray:
+    """The SwiGLU feed-forward of block prefix `b` on normed h (T, hidden), float64."""
+    gate, up = h @ W(b + "ffn_gate.weight").T, h @ W(b + "ffn_up.weight").T
+    return (gate / (1 + np.exp(-gate)) * up) @ W(b + "ffn_down.weight").T
+
+
+def reference_logits(path: Path, tokens: list[int], bug: str = "", ffn=dense_ffn) -> np.ndarray:
     """float64 (T, vocab) logits of an exact forward pass over the dequantized weights.
 
     bug: "" or one of BUGS, a deliberate engine mistake (to show the bounds catch it).
+    ffn(W, prefix, h, metadata, arch): the feed-forward (tests/test_moe.py passes the experts').
     """
     g = GGUFFile(path)
     arch, md = g.architecture, g.metadata
@@ -161,6 +168,7 @@ def reference_logits(path: Path, tokens: list[int], bug: str = "") -> np.ndarray
     if md.get(f"{arch}.rope.scaling.type") == "linear":
         theta = theta / md[f"{arch}.rope.scaling.factor"]
     neox = (arch != "llama") != (bug == "rope-pairing")
+    family = {"qwen2moe": "qwen2", "qwen3moe": "qwen3"}.get(arch, arch)   # the attention's
     T = len(tokens)
     pos = np.arange(T, dtype=np.float64)
     x = W("token_embd.weight")[tokens]                         # (T, hidden)
@@ -169,10 +177,10 @@ def reference_logits(path: Path, tokens: list[int], bug: str = "") -> np.ndarray
         b = f"blk.{i}."
         h = _rms(x, W(b + "attn_norm.weight"), eps)
         q, k, v = (h @ W(b + f"attn_{n}.weight").T for n in "qkv")
-        if arch == "qwen2" and bug != "no-bias":
+        if family == "qwen2" and bug != "no-bias":
             q, k, v = q + W(b + "attn_q.bias"), k + W(b + "attn_k.bias"), v + W(b + "attn_v.bias")
         q, k, v = q.reshape(T, nh, hd), k.reshape(T, nkv, hd), v.reshape(T, nkv, hd)
-        if arch == "qwen3":
+        if family == "qwen3":
             q = _rms(q, W(b + "attn_q_norm.weight"), eps)
             k = _rms(k, W(b + "attn_k_norm.weight"), eps)
         q, k = _rope(q, pos, theta, neox), _rope(k, pos, theta, neox)
@@ -184,9 +192,7 @@ def reference_logits(path: Path, tokens: list[int], bug: str = "") -> np.ndarray
         p /= p.sum(axis=-1, keepdims=True)
         att = np.einsum("hts,shd->thd", p, v).reshape(T, nh * hd)
         x = x + att @ W(b + "attn_output.weight").T
-        h = _rms(x, W(b + "ffn_norm.weight"), eps)
-        gate, up = h @ W(b + "ffn_gate.weight").T, h @ W(b + "ffn_up.weight").T
-        x = x + (gate / (1 + np.exp(-gate)) * up) @ W(b + "ffn_down.weight").T
+        x = x + ffn(W, b, _rms(x, W(b + "ffn_norm.weight"), eps), md, arch)
     out = W("output.weight") if "output.weight" in g.tensors else W("token_embd.weight")
     return _rms(x, W("output_norm.weight"), eps) @ out.T
 

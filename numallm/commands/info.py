@@ -35,7 +35,8 @@ def describe(path: str, n_ctx: int | None) -> dict:
         "config": {k: v for k, v in vars(args).items()},
         "quant_types": {k: v for k, v in types.most_common()},
         "weights_bytes": weights, "ctx": n_ctx, "kv_cache_bytes": kv,
-        "total_bytes": weights + kv,
+        "total_bytes": weights + kv, "active_weights_bytes": spec.active_bytes,
+        "shared_expert": "blk.0.ffn_up_shexp.weight" in f.tensors,
         "tokenizer": f.get("tokenizer.ggml.model"), "chat_template": "tokenizer.chat_template" in f.metadata,
         "tensors": [{"name": t.name, "type": t.qtype.name, "shape": list(t.shape), "bytes": t.nbytes}
                     for t in f.tensors.values()],
@@ -58,6 +59,10 @@ def run(args) -> int:
     print(f"  parameters    {d['parameters'] / 1e6:.2f} M")
     print(f"  layers        {c['n_layer']}, embedding {c['n_embd']}, ffn {c['n_ff']}, heads "
           f"{c['n_head']} (kv {c['n_head_kv']}, dim {c['head_dim']}), vocab {c['n_vocab']}")
+    if c.get("n_expert"):
+        print(f"  experts       {c['n_expert']} per layer, {c['n_expert_used']} used per token, width "
+              f"{c['n_ff_exp']}{', shared expert ' + str(c['n_ff_shexp']) if d['shared_expert'] else ''}; "
+              f"a token reads {_gb(d['active_weights_bytes'])} of {_gb(d['weights_bytes'])}")
     print(f"  rope          base {c['rope_base']:g}, dim {c['rope_dim']}, scaling {c['rope_scaling_type']}")
     print(f"  context       trained {c['context_length']}; sized here for {d['ctx']}")
     print("  quant types   " + ", ".join(f"{k} {_gb(v)}" for k, v in d["quant_types"].items()))

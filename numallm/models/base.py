@@ -16,7 +16,7 @@ import numpy as np
 from .. import ops
 from ..errors import GGUFError, UnsupportedError
 from ..gguf_file import GGUFFile
-from .decl import FF, HEADS, ROWS, T  # noqa: F401 (the declaration vocabulary, re-exported)
+from .decl import FF, FF_EXP, FF_SHEXP, HEADS, ROWS, T  # noqa: F401 (the declaration vocabulary, re-exported)
 
 # ModelArgs field -> GGUF key suffix (after "{arch}.")
 GGUF_KEYS = {
@@ -32,6 +32,11 @@ GGUF_KEYS = {
     "rope_base": "rope.freq_base",
     "rope_scaling_type": "rope.scaling.type",
     "rope_scaling_factor": "rope.scaling.factor",
+    # Mixture-of-Experts (read only by architectures whose ModelArgs has these fields)
+    "n_expert": "expert_count",
+    "n_expert_used": "expert_used_count",
+    "n_ff_exp": "expert_feed_forward_length",
+    "n_ff_shexp": "expert_shared_feed_forward_length",
 }
 
 # Sanity bounds: a hostile file must not make us allocate absurd caches
@@ -70,7 +75,9 @@ class BaseArgs:
             raise GGUFError(f"{f.path}: metadata lacks {', '.join(f'{arch}.{GGUF_KEYS[m]}' for m in missing)}; "
                             f"the file is incomplete")
         for k in ("n_embd", "n_layer", "n_ff", "n_head", "n_head_kv", "head_dim", "rope_dim",
-                  "context_length"):
+                  "context_length", "n_expert", "n_expert_used", "n_ff_exp", "n_ff_shexp"):
+            if k not in names:
+                continue
             v = vals.get(k, 0)
             if not isinstance(v, int) or v < 0 or v > MAX_DIM * (64 if k == "context_length" else 1):
                 raise GGUFError(f"{f.path}: {arch}.{GGUF_KEYS[k]} = {v!r} is not a sane value; "
@@ -139,7 +146,16 @@ class Weights:
         if spec.optional and not self.has(name):
             return None
         shape = a.dims(spec.shape)
+        if spec.kind == "experts":
+            return self.experts(name, shape)
         return self.linear(name, shape) if spec.kind == "matrix" else self.vector(name, shape[0])
+
+    def experts(self, name: str, shape: tuple[int, int, int]) -> ops.ExpertLinear:
+        qt = self.file.tensor(name)
+        if qt.shape != shape:
+            raise GGUFError(f"{self.file.path}: expert tensor {name} has shape {qt.shape}, expected "
+                            f"{shape} (experts, rows, cols) from the metadata; the file is corrupt")
+        return ops.ExpertLinear(qt)
 
     def vector(self, name: str, size: int) -> np.ndarray:
         """A small tensor (norm weight, bias) as a float32 copy (size,)."""
@@ -220,16 +236,23 @@ class Transformer:
         for spec in self.TENSORS:
             setattr(self, spec.attr, w.load(spec.name, spec, a))
         self.rope = self.make_rope(a, self.rope_freqs)
-        self.blk = [self.Block(a, w, i, self.rope) for i in range(a.n_layer)]
+        block = self.block_class(a)
+        self.blk = [block(a, w, i, self.rope) for i in range(a.n_layer)]
         if self.output is None:
             self.output = self.token_embd
+
+    @classmethod
+    def block_class(cls, a: BaseArgs) -> type:
+        """The block class for this config (llama: dense or Mixture-of-Experts)."""
+        return cls.Block
 
     @classmethod
     def declared(cls, a: BaseArgs) -> list[tuple[str, T]]:
         """(GGUF name, declaration) of every tensor this architecture reads, in file order."""
         top = {t.name: t for t in cls.TENSORS}
         head = [(n, top[n]) for n in ("token_embd.weight", "rope_freqs.weight")]
-        blocks = [(f"blk.{i}.{t.name}", t) for i in range(a.n_layer) for t in cls.Block.TENSORS]
+        block = cls.block_class(a)
+        blocks = [(f"blk.{i}.{t.name}", t) for i in range(a.n_layer) for t in block.TENSORS]
         return head + blocks + [(n, top[n]) for n in ("output_norm.weight", "output.weight")]
 
     def make_rope(self, a: BaseArgs, factors: np.ndarray | None) -> ops.Rope:

@@ -10,9 +10,13 @@ from dataclasses import dataclass
 #   "heads": one KV head's share of the axis (its query heads for q, itself for k/v), so
 #            attention runs each node's heads against its own KV cache;
 #   "ff":    feed-forward rows;
-#   "rows":  plain rows (the embedding and the output head).
-# None: every node (or device) keeps the whole tensor (norms, small vectors).
-HEADS, FF, ROWS = "heads", "ff", "rows"
+#   "rows":  plain rows (the embedding and the output head);
+#   "ff_exp": the routed experts' feed-forward rows (every expert's gate/up rows and down
+#            columns, so each node's share of a token's work is the same whatever the router
+#            picks);
+#   "ff_shexp": the shared expert's feed-forward rows.
+# None: every node (or device) keeps the whole tensor (norms, small vectors, the router).
+HEADS, FF, ROWS, FF_EXP, FF_SHEXP = "heads", "ff", "rows", "ff_exp", "ff_shexp"
 
 
 @dataclass(frozen=True)
@@ -33,7 +37,10 @@ class T:
 
     @property
     def kind(self) -> str:
-        """"matrix" (2-D, a Linear), "bias" or "norm" (vectors)."""
-        if len(self.shape) >= 2:
+        """"matrix" (2-D, a Linear), "experts" (3-D (expert, rows, cols), an ExpertLinear),
+        "bias" or "norm" (vectors)."""
+        if len(self.shape) == 3:
+            return "experts"
+        if len(self.shape) == 2:
             return "matrix"
         return "bias" if self.name.endswith(".bias") else "norm"

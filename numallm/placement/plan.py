@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from ..errors import NumallmError
 from ..models import get_module
-from ..models.decl import FF, HEADS, ROWS
+from ..models.decl import FF, FF_EXP, FF_SHEXP, HEADS, ROWS
 from ..topology.plan import assumed_bandwidth
 
 STRATEGIES = ("auto", "off", "shard", "replicate", "isolate")
@@ -104,7 +104,7 @@ class ModelSpec:
             v = getattr(owner, decl.attr, None)
             if v is None or (decl.attr == "output" and v is model.token_embd):
                 continue
-            bs = v.unit.block_size if decl.kind == "matrix" else 1
+            bs = v.unit.block_size if decl.kind in ("matrix", "experts") else 1
             out.append(TensorInfo(name, decl, int(v.nbytes), bs, layer))
         return cls(a, tuple(out))
 
@@ -112,6 +112,15 @@ class ModelSpec:
     def weight_bytes(self) -> int:
         """Every tensor of the file as stored (what `info` lists)."""
         return sum(t.nbytes for t in self.tensors) + self.extra_bytes
+
+    @property
+    def active_bytes(self) -> int:
+        """Weight bytes one decoded token reads: every tensor, but of the routed experts only the
+        k of n_expert it uses (the expected share; which ones the router picks)."""
+        a = self.args
+        frac = a.n_expert_used / a.n_expert if getattr(a, "n_expert", 0) else 1.0
+        return int(sum(t.nbytes * (frac if t.decl.kind == "experts" else 1.0) for t in self.tensors)
+                   + self.extra_bytes)
 
     def block_size(self, attr_split: tuple[int, str]) -> int:
         """The largest quant block of the tensors cut along columns by this split."""
@@ -421,6 +430,8 @@ def make_plan(spec: ModelSpec, topo, req: Request, gpus=None, gpu_why: str | Non
     share = {HEADS: [(h1 - h0) / a.n_head_kv for h0, h1 in heads],
              FF: [(f1 - f0) / a.n_ff for f0, f1 in ff],
              ROWS: [w / sum(weights_by) for w in weights_by]}
+    # experts' ff slices (placement cannot cut them yet: sharded.py refuses): their share by threads
+    share[FF_EXP] = share[FF_SHEXP] = share[ROWS]
 
     w_node = [0.0] * n
     for t in spec.tensors:
