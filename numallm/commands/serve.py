@@ -63,7 +63,13 @@ def serve(args) -> int:
           f"{' | API key required' if args.api_key else ''}", file=sys.stderr, flush=True)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
                             timeout_graceful_shutdown=5)
-    server = uvicorn.Server(config)
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            scheduler.stop()      # in-flight streams end with an error event, queued ones too
+            super().handle_exit(sig, frame)
+
+    server = Server(config)
     try:
         server.run()          # SIGINT/SIGTERM: stop accepting, streams cancelled, then return
     finally:

@@ -89,7 +89,7 @@ def create_app(loaded, scheduler, model_name: str, api_key: str | None = None) -
 
     @app.get("/health")
     async def health():
-        if scheduler._stopping:
+        if scheduler.stopping:
             return JSONResponse({"status": "shutting down"}, status_code=503)
         return {"status": "ok", "slots_idle": scheduler.parallel - scheduler.n_active(),
                 "slots_processing": scheduler.n_active(), "queue_depth": scheduler.queue_depth()}
@@ -152,8 +152,10 @@ def create_app(loaded, scheduler, model_name: str, api_key: str | None = None) -
         if first is None:                       # the client left while waiting
             return JSONResponse({}, status_code=499)
         if body.stream:
+            # on shutdown the scheduler ends every job with ShuttingDownError: the grace period
+            # lets the stream send that as its last event before sse-starlette closes it
             return EventSourceResponse(_sse(job, request, body, rid, first, len(tokens), chat),
-                                       ping=15)
+                                       ping=15, shutdown_grace_period=3)
         text, n_gen, finish, ev = [], 0, "length", first
         while ev is not None:
             text.append(ev.text)

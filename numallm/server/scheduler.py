@@ -126,11 +126,20 @@ class Scheduler:
             n = sum(k for t, k in self._recent if t >= now - window)
         return n / window
 
-    def close(self, timeout: float = 10.0) -> None:
-        """Cancel queued and in-flight jobs (their clients get an error end), stop the worker."""
+    def stop(self) -> None:
+        """Refuse new jobs; the worker cancels queued and in-flight ones (their clients get a
+        ShuttingDownError) after the step it is in. Returns at once (safe in a signal handler)."""
         with self._cv:
             self._stopping = True
             self._cv.notify()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
+    def close(self, timeout: float = 10.0) -> None:
+        """stop(), then wait for the worker to finish."""
+        self.stop()
         self._thread.join(timeout)
 
     # -- the worker --------------------------------------------------------------------------------
