@@ -15,7 +15,8 @@ from .errors import report
 # verb modules, in the order `numallm --help` lists them
 COMMANDS = ["numallm.commands.chat", "numallm.commands.run", "numallm.commands.info",
             "numallm.commands.pull", "numallm.commands.kernels",
-            "numallm.commands.topo", "numallm.commands.plan", "numallm.commands.bench"]
+            "numallm.commands.topo", "numallm.commands.plan", "numallm.commands.bench",
+            "numallm.commands.serve"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -133,8 +133,10 @@ def sampling_kwargs(args: argparse.Namespace, n_ctx: int) -> dict:
                 seed=None if args.seed < 0 else args.seed, stop=args.stop)
 
 
-def load_model(args: argparse.Namespace, template_file: str | None = None):
-    from ..engine import load
+def load_model(args: argparse.Namespace, template_file: str | None = None, n_seq: int | None = None):
+    """The LLM (one session) the flags describe; with `n_seq`, a LoadedModel whose plan holds
+    n_seq KV caches and no session yet (the server opens its own)."""
+    from ..engine import LoadedModel, load
     from ..hub import resolve_model
 
     request = offload_request(args)   # bad GPU flags fail before anything is loaded
@@ -150,11 +152,12 @@ def load_model(args: argparse.Namespace, template_file: str | None = None):
         # device policy without a layer request changes nothing: say so rather than stay silent
         print("numallm: GPU options given but no layers asked for (-ngl N|auto|all or --offload "
               "REGEX): running every layer on the CPU", file=sys.stderr)
-    llm = load(path, n_ctx=args.ctx_size, n_threads=args.threads, chat_template=template,
-               numa=args.numa or "auto", virtual_nodes=args.virtual_nodes, nodes=args.nodes,
-               threads_per_node=args.threads_per_node, **gpu)
+    opts = dict(n_ctx=args.ctx_size, n_threads=args.threads, chat_template=template,
+                numa=args.numa or "auto", virtual_nodes=args.virtual_nodes, nodes=args.nodes,
+                threads_per_node=args.threads_per_node, **gpu)
+    llm = load(path, **opts) if n_seq is None else LoadedModel(path, n_seq=n_seq, **opts)
     reason = llm.placement.reason
-    for line in llm.loaded.notices:      # the GPU offload's line, numa auto's reason
+    for line in getattr(llm, "loaded", llm).notices:   # the GPU offload's line, numa auto's reason
         # the default stays quiet where it changes nothing (off on one node); asked for, it explains
         if line != reason or args.numa == "auto" or llm.placement.strategy != "off":
             print(f"numallm: {line}", file=sys.stderr)
