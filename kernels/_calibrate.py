@@ -11,6 +11,7 @@ cannot run, is an error (never a silent fallback).
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import threading
@@ -88,6 +89,35 @@ def forced_variant(type_name: str) -> str | None:
         elif item:
             general = item
     return general
+
+
+def check_spec() -> None:
+    """NumallmError when NUMALLM_KERNEL names a type without selectable kernels or a variant no
+    unit has: a typo would otherwise be ignored for every type it does not match."""
+    spec = os.environ.get("NUMALLM_KERNEL", "").strip()
+    if spec:
+        _check_spec(spec)
+
+
+@functools.lru_cache(maxsize=8)
+def _check_spec(spec: str) -> None:
+    from numallm.errors import OptionError
+
+    from .base import get, registered_types
+
+    units = {u.qtype.name.lower(): u for u in map(get, registered_types()) if u.calibrated}
+    known = {name: set(u.features) | set(u.variants()) for name, u in units.items()}
+    every = sorted(set().union(*known.values()))
+    for item in filter(None, (i.strip() for i in spec.split(","))):
+        t, colon, v = (x.strip() for x in item.partition(":"))
+        if colon and t.lower() not in known:
+            raise OptionError(f"NUMALLM_KERNEL={spec}: {t!r} is not a type with selectable kernels "
+                              f"({', '.join(sorted(known))}); change or unset it")
+        allowed = known[t.lower()] if colon else every
+        if (v if colon else t) not in allowed:
+            raise OptionError(f"NUMALLM_KERNEL={spec}: no variant {(v if colon else t)!r}"
+                              f"{' for ' + t if colon else ''} (known: {', '.join(sorted(allowed))}); "
+                              f"`numallm kernels` lists them; change or unset it")
 
 
 def _bad_force(unit, variant: str) -> Exception:
@@ -178,6 +208,7 @@ def _from_cache(unit, key: str) -> Choice | None:
 def choose(unit) -> Choice:
     """The unit's variants: forced by NUMALLM_KERNEL, else cached, else measured now."""
     name = unit.qtype.name
+    check_spec()
     forced = forced_variant(name)
     if forced is not None:
         if forced not in unit.variants():

@@ -32,6 +32,13 @@ class ModelNotFoundError(NumallmError):
     """A model path or hub reference that cannot be resolved."""
 
 
+class OptionError(NumallmError, ValueError):
+    """An option (library keyword or CLI flag) outside its allowed range; the message names the
+    option, the value given and the range. A ValueError too, so library callers can catch either."""
+
+    exit_code = 2   # a usage error, like argparse's
+
+
 def debug_enabled() -> bool:
     return os.environ.get("NUMALLM_DEBUG", "") not in ("", "0")
 
@@ -46,6 +53,9 @@ def report(exc: BaseException, prog: str = "numallm") -> int:
     if isinstance(exc, NumallmError):
         print(f"{prog}: error: {msg}", file=sys.stderr)
         return exc.exit_code
+    if isinstance(exc, OSError) and exc.filename is not None:   # a file the user named
+        print(f"{prog}: error: {exc.filename}: {exc.strerror or msg}", file=sys.stderr)
+        return 1
     if isinstance(exc, MemoryError):
         print(f"{prog}: error: not enough memory ({msg}); use a smaller model or context (-c)", file=sys.stderr)
         return 1

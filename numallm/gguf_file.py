@@ -155,8 +155,9 @@ class GGUFFile:
 
     def __init__(self, path: str | os.PathLike):
         self.path = str(path)
-        if not os.path.isfile(self.path):
-            raise GGUFError(f"{self.path}: no such file; give the path of a .gguf model file")
+        if not os.path.isfile(self.path):   # stat only: a FIFO or device is never opened
+            what = "not a regular file" if os.path.exists(self.path) else "no such file"
+            raise GGUFError(f"{self.path}: {what}; give the path of a .gguf model file")
         size = os.path.getsize(self.path)
         if size < 24:
             raise GGUFError(f"{self.path}: only {size} bytes, too short to be a GGUF file; "

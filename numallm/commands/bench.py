@@ -12,7 +12,7 @@ import json
 import sys
 
 from ..errors import NumallmError
-from .common import STRATEGIES, add_numa_args
+from .common import STRATEGIES, add_numa_args, gpu_options
 
 
 def _strategies(text: str) -> list[str]:
@@ -64,6 +64,7 @@ def run(args) -> int:
         raise NumallmError(f"-r {args.repetitions}: give at least 1 repetition")
     if args.bw_mib < 1:
         raise NumallmError(f"--bw-mib {args.bw_mib}: give a buffer size of at least 1 MiB")
+    gpu = gpu_options(args)   # bad GPU flags fail, and a missing GPU is said, before measuring
     threads = bench.parse_threads(args.threads) if args.threads else [physical_cores()]
     plan = bench.BenchPlan(args.n_prompt, args.n_gen, tuple(threads), args.repetitions, args.seed)
     path = resolve_model(args.model)
@@ -73,7 +74,7 @@ def run(args) -> int:
                                                      flush=True),
                                  numa=args.numa or ["auto"], nodes=args.nodes,
                                  threads_per_node=args.threads_per_node,
-                                 virtual_nodes=args.virtual_nodes)
+                                 virtual_nodes=args.virtual_nodes, **gpu)
     if args.json:
         print(json.dumps(bench.to_json_rows(report.model, report.rows, report.machine_gbps),
                          indent=1))

@@ -58,6 +58,9 @@ def run(args) -> int:
     llm = load_model(args, args.chat_template)
     kw = sampling_kwargs(args, llm.n_ctx)
     system = args.system
+    # a template that cannot render a plain first turn is refused now, not at the first message
+    llm.template.render(([{"role": "system", "content": system}] if system else [])
+                        + [{"role": "user", "content": "hi"}], add_generation_prompt=True)
     history: list[dict] = []
     last = None
     out = sys.stdout
@@ -99,7 +102,7 @@ def run(args) -> int:
             continue
         history.append({"role": "user", "content": line})
         sys_msg = [{"role": "system", "content": system}] if system else []
-        dropped = fit_history(llm, sys_msg, history, room=min(kw["max_tokens"], llm.n_ctx // 4))
+        dropped = fit_history(llm, sys_msg, history, room=min(kw["max_tokens"] if kw["max_tokens"] is not None else llm.n_ctx, llm.n_ctx // 4))
         if dropped:
             print(f"(context full: dropped the {dropped} oldest messages)", file=sys.stderr)
         if not history:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -114,23 +115,77 @@ def _node_list(text: str) -> list[int]:
 def add_sampling_args(p: argparse.ArgumentParser, n_predict: int) -> None:
     g = p.add_argument_group("sampling")
     g.add_argument("-n", "--n-predict", type=int, default=n_predict, metavar="N",
-                   help=f"tokens to generate, -1 = until end of text or full context (default {n_predict})")
-    g.add_argument("--temp", type=float, default=0.8, help="temperature, 0 = greedy (default 0.8)")
-    g.add_argument("--top-k", type=int, default=40, help="top-k, 0 = off (default 40)")
-    g.add_argument("--top-p", type=float, default=0.95, help="top-p, 1 = off (default 0.95)")
-    g.add_argument("--min-p", type=float, default=0.05, help="min-p, 0 = off (default 0.05)")
-    g.add_argument("--repeat-penalty", type=float, default=1.0, help="repetition penalty, 1 = off")
-    g.add_argument("--repeat-last-n", type=int, default=64, help="tokens the penalty looks back")
+                   help=f"tokens to generate: -1 = until end of text or the context is full, 0 = "
+                        f"none (the prompt is only processed), as in llama.cpp (default {n_predict})")
+    g.add_argument("--temp", type=float, default=0.8, help="temperature >= 0, 0 = greedy (default 0.8)")
+    g.add_argument("--top-k", type=int, default=40, help="top-k >= 0, 0 = off (default 40)")
+    g.add_argument("--top-p", type=float, default=0.95, help="top-p 0..1, 1 = off (default 0.95)")
+    g.add_argument("--min-p", type=float, default=0.05, help="min-p 0..1, 0 = off (default 0.05)")
+    g.add_argument("--repeat-penalty", type=float, default=1.0, help="repetition penalty > 0, 1 = off")
+    g.add_argument("--repeat-last-n", type=int, default=64,
+                   help="tokens the penalty looks back, -1 = the whole context, 0 = off (default 64)")
     g.add_argument("--seed", type=int, default=-1, help="random seed, -1 = random (default)")
     g.add_argument("--stop", action="append", default=[], metavar="TEXT",
                    help="stop when TEXT is generated (repeatable)")
 
 
+# namespace attribute -> (numallm.sampling.LIMITS entry, flag): the library's ranges, named as flags
+SAMPLING_FLAGS = {"n_predict": ("max_tokens", "-n"), "temp": ("temperature", "--temp"),
+                  "top_k": ("top_k", "--top-k"), "top_p": ("top_p", "--top-p"),
+                  "min_p": ("min_p", "--min-p"), "repeat_penalty": ("repeat_penalty", "--repeat-penalty"),
+                  "repeat_last_n": ("repeat_last_n", "--repeat-last-n")}
+
+
+def check_args(args: argparse.Namespace) -> list[str]:
+    """Check every run option the verb has against the library's ranges before anything loads:
+    an OptionError names the flag, the value and the allowed range. Thread counts over the usable
+    CPUs are capped in `args`; the returned lines say so (the caller prints them)."""
+    from ..errors import OptionError
+    from ..sampling import check
+    from ..threads import check_threads
+
+    for attr, (name, flag) in SAMPLING_FLAGS.items():
+        if hasattr(args, attr):
+            check(name, getattr(args, attr), flag)
+    if hasattr(args, "n_predict") and args.seed != -1:   # run and chat: -1 = random
+        check("seed", args.seed, "--seed")
+    for attr, flag in (("ctx_size", "-c"), ("virtual_nodes", "--virtual-nodes")):
+        v = getattr(args, attr, None)
+        if v is not None and v < 1:
+            raise OptionError(f"{flag} {v} is not allowed: give a number of at least 1")
+    notes = []
+    for attr, flag in (("threads", "-t"), ("threads_per_node", "--threads-per-node")):
+        v = getattr(args, attr, None)
+        if isinstance(v, int):   # bench's -t is a list, checked by numallm.bench
+            n, note = check_threads(v, flag)
+            setattr(args, attr, n)
+            notes += [note] if note else []
+    return notes
+
+
 def sampling_kwargs(args: argparse.Namespace, n_ctx: int) -> dict:
-    return dict(max_tokens=args.n_predict if args.n_predict > 0 else n_ctx,
+    return dict(max_tokens=None if args.n_predict < 0 else args.n_predict,
                 temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                 repeat_penalty=args.repeat_penalty, repeat_last_n=args.repeat_last_n,
                 seed=None if args.seed < 0 else args.seed, stop=args.stop)
+
+
+def gpu_options(args: argparse.Namespace, request=None) -> dict:
+    """load() options for the GPU flags: {"offload": request} when layers are asked for and a GPU
+    is there; else {}, with one line on stderr saying why every layer runs on the CPU."""
+    request = request or offload_request(args)
+    if request.wants_gpu:
+        from ..gpu import discover_gpus
+
+        devices, why = discover_gpus()
+        if devices:  # the engine plans and applies the offload (numallm.gpu.plan_for_machine)
+            return {"offload": request}
+        print(f"numallm: no GPU ({why}): running every layer on the CPU", file=sys.stderr)
+    elif args.gpus is not None or args.exclude_gpus or args.gpu_min_cc is not None:
+        # device policy without a layer request changes nothing: say so rather than stay silent
+        print("numallm: GPU options given but no layers asked for (-ngl N|auto|all or --offload "
+              "REGEX): running every layer on the CPU", file=sys.stderr)
+    return {}
 
 
 def load_model(args: argparse.Namespace, template_file: str | None = None):
@@ -139,23 +194,8 @@ def load_model(args: argparse.Namespace, template_file: str | None = None):
 
     request = offload_request(args)   # bad GPU flags fail before anything is loaded
     path = resolve_model(args.model)
-    template = None
-    if template_file:
-        with open(template_file, encoding="utf-8") as f:
-            template = f.read()
-    gpu = {}
-    if request.wants_gpu:
-        from ..gpu import discover_gpus
-
-        devices, why = discover_gpus()
-        if devices:  # the engine plans and applies the offload (numallm.gpu.plan_for_machine)
-            gpu = {"offload": request}
-        else:
-            print(f"numallm: no GPU ({why}): running every layer on the CPU", file=sys.stderr)
-    elif args.gpus is not None or args.exclude_gpus or args.gpu_min_cc is not None:
-        # device policy without a layer request changes nothing: say so rather than stay silent
-        print("numallm: GPU options given but no layers asked for (-ngl N|auto|all or --offload "
-              "REGEX): running every layer on the CPU", file=sys.stderr)
+    template = None if template_file is None else read_template(template_file)
+    gpu = gpu_options(args, request)
     llm = load(path, n_ctx=args.ctx_size, n_threads=args.threads, chat_template=template,
                numa=args.numa or "auto", virtual_nodes=args.virtual_nodes, nodes=args.nodes,
                threads_per_node=args.threads_per_node, **gpu)
@@ -164,6 +204,24 @@ def load_model(args: argparse.Namespace, template_file: str | None = None):
     if reason and (args.numa == "auto" or llm.placement.strategy != "off"):
         print(f"numallm: {reason}", file=sys.stderr)
     return llm
+
+
+def read_template(path: str) -> str:
+    """The text of a --chat-template FILE (a user mistake here is one line, not a traceback)."""
+    from ..chat_template import MAX_SOURCE, ChatTemplateError
+
+    try:
+        if not os.path.isfile(path):
+            what = "is not a regular file" if os.path.exists(path) else "does not exist"
+            raise ChatTemplateError(f"--chat-template {path} {what}; give a Jinja template file")
+        if os.path.getsize(path) > MAX_SOURCE:
+            raise ChatTemplateError(f"--chat-template {path} is over {MAX_SOURCE >> 20} MiB; "
+                                    f"chat templates are a few KiB of Jinja")
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ChatTemplateError(f"--chat-template {path} cannot be read ({e.__class__.__name__}: "
+                                f"{getattr(e, 'strerror', None) or e}); give a readable UTF-8 file") from None
 
 
 def speed_line(prompt_tokens: int, prompt_tps: float, gen_tokens: int, gen_tps: float) -> str:

@@ -19,10 +19,10 @@ def register(sub) -> None:
 
 def describe(path: str, n_ctx: int | None) -> dict:
     from ..engine import DEFAULT_CTX
-    from ..models import get_module
+    from ..models import check_tensors
 
     f = GGUFFile(path)
-    args = get_module(f.architecture).Model.Args.from_gguf(f)
+    args = check_tensors(f)   # a file `run` would refuse is refused here too
     n_ctx = n_ctx or min(args.context_length, DEFAULT_CTX)
     weights = sum(t.nbytes for t in f.tensors.values())
     types: Counter = Counter()

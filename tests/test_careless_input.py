@@ -1,0 +1,168 @@
+"""Careless and hostile input (issue 13): every row of the issue's table, run as a user would.
+
+Each case must end with a non-zero exit, exactly one line on stderr, no traceback, no "internal
+error", within a time bound. The few rows that are not errors (a capped thread count, `-n 0`, a
+missing GPU) are checked for the one line they must print.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from test_bad_input import CASES as HOSTILE_GGUFS
+from test_bad_input import _kv_str, tiny_llama
+
+STORIES = Path(__file__).resolve().parents[1].parent / "shared" / "models" / "stories260K.gguf"
+BOUND_S = 60.0   # generous: a loaded 2-core CI machine imports numba in ~10 s
+BOMB = "{% for i in range(99999) %}{% for j in range(99999) %}x{% endfor %}{% endfor %}"
+
+
+def cli(*args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, env=None):
+    full = {k: v for k, v in os.environ.items() if k not in ("NUMALLM_DEBUG", "NUMALLM_KERNEL")}
+    full.update(env or {})
+    t = time.monotonic()
+    r = subprocess.run([sys.executable, "-m", "numallm", *args], stdin=stdin, stdout=stdout,
+                       stderr=subprocess.PIPE, text=True, env=full, timeout=BOUND_S * 2)
+    r.elapsed = time.monotonic() - t
+    return r
+
+
+def one_line(r, *needles, bound=BOUND_S) -> str:
+    err = r.stderr.strip()
+    assert r.returncode != 0, (r.returncode, err)
+    assert "Traceback" not in err and "internal error" not in err, err
+    assert len(err.splitlines()) == 1, err
+    for n in needles:
+        assert n in err, err
+    assert r.elapsed < bound, f"took {r.elapsed:.1f} s: {err}"
+    return err
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("careless")
+    fifo = d / "fifo.gguf"
+    os.mkfifo(fifo)
+    bomb = d / "bomb.jinja"
+    bomb.write_text(BOMB)
+    return {
+        "stories": str(STORIES),
+        "heads0": tiny_llama(d / "heads0.gguf", heads=0),
+        "heads3": tiny_llama(d / "heads3.gguf", heads=3),    # 8 does not divide over 3 heads
+        "missing": tiny_llama(d / "missing.gguf", drop="blk.0.ffn_up.weight"),
+        "bomb_gguf": tiny_llama(d / "bomb.gguf", extra_kvs=[_kv_str("tokenizer.chat_template", BOMB)]),
+        "bomb_file": str(bomb),
+        "fifo": str(fifo),
+    }
+
+
+SAMPLING = [  # flags refused before anything loads: (flags, what the line must name)
+    (["-t", "-2"], ["-t -2", "at least 1"]),
+    (["-t", "0"], ["-t 0"]),
+    (["--min-p", "2"], ["--min-p 2", "from 0 to 1"]),
+    (["--temp", "nan"], ["--temp nan"]),
+    (["--temp", "inf"], ["--temp inf"]),
+    (["--temp", "-1"], ["--temp -1.0", "at least 0"]),
+    (["--repeat-penalty", "0"], ["--repeat-penalty 0.0", "above 0"]),
+    (["--repeat-penalty", "-1"], ["--repeat-penalty -1.0"]),
+    (["--top-p", "5"], ["--top-p 5.0", "from 0 to 1"]),
+    (["--top-k", "-3"], ["--top-k -3", "at least 0"]),
+    (["--repeat-last-n", "-2"], ["--repeat-last-n -2"]),
+    (["-n", "-2"], ["-n -2", "until end of text"]),
+    (["--seed", "-5"], ["--seed -5"]),
+    (["-c", "-5"], ["-c -5"]),
+]
+
+
+@pytest.mark.parametrize("verb", ["run", "chat"])
+@pytest.mark.parametrize("flags,needles", SAMPLING, ids=[" ".join(f) for f, _ in SAMPLING])
+def test_bad_option_is_one_line(files, verb, flags, needles):
+    prompt = ["hi"] if verb == "run" else []
+    one_line(cli(verb, files["stories"], *prompt, *flags), "numallm: error:", *needles, bound=30)
+
+
+TABLE = {  # name: (argv with {file} names, needles, extra env, stdout)
+    "chat_template_missing": (["chat", "{stories}", "--chat-template", "/missing.jinja"],
+                              ["--chat-template /missing.jinja", "does not exist"], {}),
+    "chat_template_dir": (["chat", "{stories}", "--chat-template", "/"], ["not a regular file"], {}),
+    "info_heads0": (["info", "{heads0}"], ["attention.head_count = 0"], {}),
+    "run_heads0": (["run", "{heads0}", "hi", "-n", "1"], ["attention.head_count = 0"], {}),
+    "chat_heads0": (["chat", "{heads0}"], ["attention.head_count = 0"], {}),
+    "plan_heads0": (["plan", "{heads0}"], ["attention.head_count = 0"], {}),
+    "info_heads_do_not_divide": (["info", "{heads3}"], ["attention.head_count = 3", "divide"], {}),
+    "run_chat_template_bomb": (["run", "{bomb_gguf}", "hi", "--chat", "-n", "1"],
+                               ["refused", "loop iterations"], {}),
+    "chat_template_file_bomb": (["chat", "{stories}", "--chat-template", "{bomb_file}"],
+                                ["refused", "loop iterations"], {}),
+    "info_missing_tensor": (["info", "{missing}"], ["blk.0.ffn_up.weight is missing"], {}),
+    "info_negative_ctx": (["info", "{stories}", "-c", "-5"], ["-c -5"], {}),
+    "fifo": (["run", "{fifo}", "hi"], ["not a regular file"], {}),
+    "info_fifo": (["info", "{fifo}"], ["not a regular file"], {}),
+    "dev_zero": (["run", "/dev/zero", "hi"], ["not a regular file"], {}),
+    "dev_null": (["info", "/dev/null"], ["not a regular file"], {}),
+    "kernel_unknown_type": (["run", "{stories}", "hi", "-n", "1"], ["NUMALLM_KERNEL", "'q9_9'"],
+                            {"NUMALLM_KERNEL": "q9_9:avx2"}),
+    "kernel_unknown_variant": (["info", "{stories}"], ["NUMALLM_KERNEL", "no variant 'bogus'"],
+                               {"NUMALLM_KERNEL": "bogus"}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TABLE))
+def test_table_row_is_one_line(files, case):
+    argv, needles, env = TABLE[case]
+    one_line(cli(*(a.format(**files) for a in argv), env=env), "numallm: error:", *needles)
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE_GGUFS))
+@pytest.mark.parametrize("verb", ["info", "plan"])
+def test_hostile_gguf_other_verbs(tmp_path, case, verb):
+    """test_bad_input runs each hostile file through `run`; info and plan read it too."""
+    build, needles = HOSTILE_GGUFS[case]
+    path = build(tmp_path / f"{case}.gguf")
+    if verb == "plan" and case in ("missing_tensor", "wrong_shape"):
+        needles = []   # plan reads the header only, so it may not see the tensor problem
+    r = cli(verb, str(path))
+    if r.returncode == 0 and not needles:
+        return
+    one_line(r, "numallm: error:", *needles)
+
+
+def test_output_to_dev_full(files):
+    with open("/dev/full", "w") as full:
+        r = cli("info", files["stories"], stdout=full)
+    one_line(r, "numallm: error:", "cannot write the output", "No space left")
+
+
+def test_threads_over_cores_capped_with_one_line(files):
+    r = cli("run", files["stories"], "Once", "-n", "2", "--temp", "0", "-t", "999")
+    assert r.returncode == 0, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if "-t 999" in ln]
+    assert len(lines) == 1 and f"using {len(os.sched_getaffinity(0))} threads" in lines[0], r.stderr
+
+
+def test_n_0_means_prompt_only(files):
+    import json
+
+    r = cli("run", files["stories"], "Once upon a time", "-n", "0", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["tokens"] == [] and out["text"] == "" and out["prompt_tokens"] > 1
+
+
+def test_bench_without_gpu_says_so(files):
+    r = cli("bench", files["stories"], "-ngl", "2", "-p", "0", "-n", "2", "-r", "1", "--bw-mib", "1",
+            "-t", "1", "--numa", "off", env={"CUDA_VISIBLE_DEVICES": "-1", "NUMALLM_FAKE_GPUS": ""})
+    assert r.returncode == 0, r.stderr
+    line = [ln for ln in r.stderr.splitlines() if "no GPU (" in ln]
+    assert len(line) == 1 and "running every layer on the CPU" in line[0], r.stderr
+
+
+def test_plan_auto_without_gpu_blames_the_gpu(files):
+    r = cli("plan", files["stories"], "-ngl", "auto",
+            env={"CUDA_VISIBLE_DEVICES": "-1", "NUMALLM_FAKE_GPUS": ""})
+    assert r.returncode == 0, r.stderr
+    assert "no GPU" in r.stdout and "fits on no" not in r.stdout, r.stdout
