@@ -166,3 +166,106 @@ def test_plan_auto_without_gpu_blames_the_gpu(files):
             env={"CUDA_VISIBLE_DEVICES": "-1", "NUMALLM_FAKE_GPUS": ""})
     assert r.returncode == 0, r.stderr
     assert "no GPU" in r.stdout and "fits on no" not in r.stdout, r.stdout
+
+
+# -- the library side of the same rules --------------------------------------------------------
+
+def test_sampling_params_refuse_out_of_range():
+    from numallm.errors import OptionError
+    from numallm.sampling import SamplingParams
+
+    for bad in ({"top_p": 5}, {"min_p": -0.1}, {"temperature": float("nan")}, {"top_k": -3},
+                {"repeat_penalty": 0}, {"repeat_last_n": -2}, {"seed": -1}, {"temperature": "hot"}):
+        with pytest.raises(OptionError) as e:
+            SamplingParams(**bad)
+        assert isinstance(e.value, ValueError)
+        (name, value), = bad.items()
+        assert f"{name}={value!r}" in str(e.value)
+    SamplingParams(temperature=0, top_k=0, top_p=1, min_p=0, repeat_last_n=-1, seed=0)   # edges pass
+
+
+def test_threads_checked_in_library():
+    from numallm.errors import OptionError
+    from numallm.threads import check_threads, usable_cpus
+
+    for bad in (0, -2, 1.5, True):
+        with pytest.raises(OptionError):
+            check_threads(bad)
+    n, note = check_threads(usable_cpus() + 5, "n_threads")
+    assert n == usable_cpus() and "n_threads" in note
+    assert check_threads(1) == (1, None) and check_threads(None) == (None, None)
+
+
+@pytest.fixture(scope="module")
+def stories():
+    import numallm
+
+    if not STORIES.exists():
+        pytest.skip("stories260K.gguf absent")
+    with numallm.load(str(STORIES), n_ctx=48, n_threads=999) as llm:
+        yield llm
+
+
+def test_max_tokens_same_meaning_as_cli(stories):
+    from numallm.errors import OptionError
+
+    assert stories.pool.n_threads <= len(os.sched_getaffinity(0)) and stories.threads_note
+    r = stories.generate("Once upon a time", max_tokens=0, temperature=0)
+    assert r.tokens == [] and r.text == "" and r.finish_reason == "length" and r.prompt_tokens > 1
+    for unbounded in (None, -1):
+        r = stories.generate("Once upon a time", max_tokens=unbounded, temperature=0)
+        assert r.finish_reason == "stop" or r.prompt_tokens + r.generation_tokens == 48
+    assert len(stories.generate("Once", max_tokens=3, temperature=0).tokens) <= 3
+    with pytest.raises(OptionError):
+        stories.generate("Once", max_tokens=-2)
+
+
+TEMPLATE_BOMBS = {
+    "nested_range": BOMB,
+    "string_loops": "{% set s = 'x' * 4000 %}{% for a in s %}{% for b in s %}{% endfor %}{% endfor %}",
+    "huge_output": "{% for i in range(99999) %}{{ 'x' * 4000 }}{% endfor %}",
+    "repeat": "{{ 'x' * 10000000000 }}",
+    "power": "{{ 2 ** 100000000 }}",
+    "doubling": "{% set x = 'aaaaaaaa' %}" + "{% set x = x ~ x %}" * 40 + "{{ x|length }}",
+    "namespace_doubling": "{% set ns = namespace(s='ab') %}{% for i in range(60) %}"
+                          "{% set ns.s = ns.s + ns.s %}{% endfor %}",
+    "replace": "{% set s = 'x' * 100000 %}{{ s|replace('x', s) }}",
+    "padding": "{{ 'x'.ljust(10000000000) }}",
+    "const_filter": "{{ 'x'|center(10000000000) }}",
+    "format_width": "{{ '%0999999999d' % 1 }}",
+    "str_format_width": "{{ '{:>999999999}'.format(1) }}",
+    "macro_args": "{% macro f(s, n) %}{% if n %}{{ f(s ~ s, n - 1) }}{% endif %}{% endmacro %}{{ f('ab', 60) }}",
+}
+
+
+@pytest.mark.parametrize("case", sorted(TEMPLATE_BOMBS))
+def test_template_bomb_refused_fast_with_bounded_memory(case):
+    import tracemalloc
+
+    from numallm.chat_template import ChatTemplate, ChatTemplateError
+
+    msgs = [{"role": "user", "content": "hi"}]
+    tracemalloc.start()
+    t = time.monotonic()
+    try:
+        with pytest.raises(ChatTemplateError, match="refused|too deeply"):
+            ChatTemplate(TEMPLATE_BOMBS[case]).render(msgs)
+        elapsed = time.monotonic() - t
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert elapsed < 10.0, elapsed          # MAX_SECONDS is 2; tracing and a loaded CI slow it
+    assert peak < 200 << 20, peak            # MAX_CHARS is 4 Mi characters
+
+
+def test_real_templates_still_render():
+    """The budget stays far from what real templates need: a long conversation renders."""
+    from numallm.chat_template import ChatTemplate
+
+    tpl = ("{% for m in messages %}{% if loop.first and m.role == 'system' %}<s>{{ m.content }}"
+           "{% else %}[{{ m.role|upper }}] {{ m.content|trim }}{% endif %}\n{% endfor %}"
+           "{% if add_generation_prompt %}[ASSISTANT]{% endif %}")
+    msgs = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"message {i} " * 50}
+            for i in range(400)]
+    out = ChatTemplate(tpl).render(msgs)
+    assert out.count("[USER]") == 200 and out.endswith("[ASSISTANT]")
