@@ -30,13 +30,15 @@ class Limit:
     above: bool = False
     none: bool = False
 
-    def allowed(self) -> str:
+    def allowed(self, note: str | None = None) -> str:
         what = "an integer" if self.kind is int else "a number"
+        num = (lambda x: str(int(x))) if self.kind is int else (lambda x: f"{x:g}")
         if self.high == math.inf:
-            rng = f"{what} {'above' if self.above else 'of at least'} {self.low:g}"
+            rng = f"{what} {'above' if self.above else 'of at least'} {num(self.low)}"
         else:
-            rng = f"{what} from {self.low:g} to {self.high:g}"
-        return rng + (f" ({self.note})" if self.note else "")
+            rng = f"{what} from {num(self.low)} to {num(self.high)}"
+        note = self.note if note is None else note
+        return rng + (f" ({note})" if note else "")
 
     def ok(self, v) -> bool:
         if v is None:
@@ -60,18 +62,19 @@ LIMITS = {
     "min_p": Limit(float, 0, 1, note="0 = off"),
     "repeat_penalty": Limit(float, 0, note="1 = off", above=True),
     "repeat_last_n": Limit(int, -1, note="0 = off, -1 = the whole context"),
-    "seed": Limit(int, 0, 2**64 - 1, note="None = random", none=True),
+    "seed": Limit(int, 0, 2**64 - 1, note="None = random", none=True),   # numpy's seed range
 }
 
 
-def check(name: str, value, label: str | None = None):
+def check(name: str, value, label: str | None = None, note: str | None = None):
     """`value` if LIMITS[name] allows it, else OptionError naming `label` (a CLI flag such as
-    "--top-p"; default the keyword, "top_p="), the value and the allowed range."""
+    "--top-p"; default the keyword, "top_p="), the value and the allowed range (`note`: the
+    special values as that flag spells them)."""
     limit = LIMITS[name]
     if limit.ok(value):
         return value
     shown = f"{label} {value}" if label else f"{name}={value!r}"
-    raise OptionError(f"{shown} is not allowed: give {limit.allowed()}")
+    raise OptionError(f"{shown} is not allowed: give {limit.allowed(note)}")
 
 
 def max_tokens_limit(max_tokens: int | None) -> float:

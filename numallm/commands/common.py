@@ -136,6 +136,11 @@ SAMPLING_FLAGS = {"n_predict": ("max_tokens", "-n"), "temp": ("temperature", "--
                   "repeat_last_n": ("repeat_last_n", "--repeat-last-n")}
 
 
+# special values where the flag spells them unlike the library keyword (None there)
+CLI_NOTES = {"max_tokens": "-1 = until end of text or the context is full, 0 = none: the prompt "
+                           "is only processed"}
+
+
 def check_args(args: argparse.Namespace) -> list[str]:
     """Check every run option the verb has against the library's ranges before anything loads:
     an OptionError names the flag, the value and the allowed range. Thread counts over the usable
@@ -146,9 +151,9 @@ def check_args(args: argparse.Namespace) -> list[str]:
 
     for attr, (name, flag) in SAMPLING_FLAGS.items():
         if hasattr(args, attr):
-            check(name, getattr(args, attr), flag)
+            check(name, getattr(args, attr), flag, note=CLI_NOTES.get(name))
     if hasattr(args, "n_predict") and args.seed != -1:   # run and chat: -1 = random
-        check("seed", args.seed, "--seed")
+        check("seed", args.seed, "--seed", note="-1 = random")
     for attr, flag in (("ctx_size", "-c"), ("virtual_nodes", "--virtual-nodes")):
         v = getattr(args, attr, None)
         if v is not None and v < 1:
