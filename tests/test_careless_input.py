@@ -269,3 +269,35 @@ def test_real_templates_still_render():
             for i in range(400)]
     out = ChatTemplate(tpl).render(msgs)
     assert out.count("[USER]") == 200 and out.endswith("[ASSISTANT]")
+
+
+def test_first_run_announced_once_on_a_terminal_only(tmp_path, files):
+    """A new CPU (an empty calibration cache): one line before the long first load, on a
+    terminal; nothing when stderr is a pipe or with --json."""
+    import pty
+
+    env = {"NUMALLM_CACHE_DIR": str(tmp_path)}
+    piped = cli("run", files["stories"], "Once", "-n", "1", env=env)
+    assert piped.returncode == 0 and "first run" not in piped.stderr
+
+    def on_terminal() -> str:
+        pid, fd = pty.fork()
+        if pid == 0:
+            os.environ.update(env)
+            os.execv(sys.executable, [sys.executable, "-m", "numallm", "run", files["stories"],
+                                      "Once", "-n", "1"])
+        out = b""
+        while True:
+            try:
+                data = os.read(fd, 4096)
+            except OSError:
+                break
+            if not data:
+                break
+            out += data
+        os.waitpid(pid, 0)
+        os.close(fd)
+        return out.decode("utf-8", "replace")
+
+    assert on_terminal().count("first run on this CPU") == 1
+    assert "first run" not in on_terminal()    # once per CPU, even for an F32 model

@@ -12,7 +12,7 @@ import json
 import sys
 
 from ..errors import NumallmError
-from .common import STRATEGIES, add_numa_args, gpu_options
+from .common import STRATEGIES, add_numa_args, announce_first_run, gpu_options
 
 
 def _strategies(text: str) -> list[str]:
@@ -68,6 +68,7 @@ def run(args) -> int:
     threads = bench.parse_threads(args.threads) if args.threads else [physical_cores()]
     plan = bench.BenchPlan(args.n_prompt, args.n_gen, tuple(threads), args.repetitions, args.seed)
     path = resolve_model(args.model)
+    announce_first_run(args)
     report = bench.run_benchmark(path, plan, vs_llama_cpp=args.vs_llama_cpp,
                                  bw_bytes=args.bw_mib << 20,
                                  log=lambda s: print(f"numallm bench: {s}", file=sys.stderr,

@@ -175,6 +175,24 @@ def sampling_kwargs(args: argparse.Namespace, n_ctx: int) -> dict:
                 seed=None if args.seed < 0 else args.seed, stop=args.stop)
 
 
+def announce_first_run(args: argparse.Namespace) -> bool:
+    """One line on stderr before the first load on a new CPU, which compiles and calibrates for
+    tens of seconds with nothing else on the terminal; silent with --json or --quiet, when
+    NUMALLM_KERNEL forces the variants, or when stderr is not a terminal."""
+    if getattr(args, "json", False) or getattr(args, "quiet", False) or not sys.stderr.isatty():
+        return False
+    if os.environ.get("NUMALLM_KERNEL", "").strip():
+        return False
+    from numallm_kernels._calibrate import cache_dir, first_run
+
+    if not first_run():
+        return False
+    print(f"numallm: first run on this CPU: compiling the kernels and timing their variants to "
+          f"pick the fastest (about 30-60 s, once per CPU; remembered in {cache_dir()})",
+          file=sys.stderr, flush=True)
+    return True
+
+
 def gpu_options(args: argparse.Namespace, request=None) -> dict:
     """load() options for the GPU flags: {"offload": request} when layers are asked for and a GPU
     is there; else {}, with one line on stderr saying why every layer runs on the CPU."""
@@ -199,11 +217,16 @@ def load_model(args: argparse.Namespace, template_file: str | None = None):
 
     request = offload_request(args)   # bad GPU flags fail before anything is loaded
     path = resolve_model(args.model)
+    first = announce_first_run(args)
     template = None if template_file is None else read_template(template_file)
     gpu = gpu_options(args, request)
     llm = load(path, n_ctx=args.ctx_size, n_threads=args.threads, chat_template=template,
                numa=args.numa or "auto", virtual_nodes=args.virtual_nodes, nodes=args.nodes,
                threads_per_node=args.threads_per_node, **gpu)
+    if first:   # said once per CPU, also where no calibrated type was used
+        from numallm_kernels._calibrate import remember_cpu
+
+        remember_cpu()
     reason = llm.placement.reason
     # the default stays quiet where it changes nothing (off on one node); asked for, it explains
     if reason and (args.numa == "auto" or llm.placement.strategy != "off"):
