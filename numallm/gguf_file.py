@@ -23,7 +23,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf import quants as _gguf_quants
 
-from .errors import GGUFError
+from .errors import GGUFError, UnsupportedError
 
 __all__ = ["GGUFFile", "QTensor", "GGMLQuantizationType", "quant_sizes", "type_name",
            "reference_dequantize", "reference_quantize"]
@@ -90,7 +90,11 @@ class QTensor:
 
     def dequantize(self) -> np.ndarray:
         """float32 copy of the whole tensor (for small tensors: norms, biases, tests)."""
-        flat = reference_dequantize(self.data, self.qtype)
+        try:
+            flat = reference_dequantize(self.data, self.qtype)
+        except NotImplementedError:   # gguf-py reads no integer types (I8...): found by fuzzing
+            raise UnsupportedError(f"tensor {self.name} is stored as {self.qtype.name}, which numallm "
+                                   f"cannot read as numbers; re-convert the model") from None
         return np.ascontiguousarray(flat, dtype=np.float32).reshape(self.shape)
 
 

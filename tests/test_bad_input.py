@@ -46,7 +46,7 @@ def write_gguf(path, kvs: list[bytes], tensors: list[tuple], data: bytes | None 
 
 
 def tiny_llama(path, drop=None, arch="llama", qtype=0, ne_override=None, truncate=0, heads=2,
-               extra_kvs=()):
+               extra_kvs=(), types=None):
     """A complete, valid 1-layer llama (F32) unless one thing is broken on purpose."""
     E, FF, V = 8, 16, 4
     names = {"token_embd.weight": [E, V], "output_norm.weight": [E], "blk.0.attn_norm.weight": [E],
@@ -58,7 +58,7 @@ def tiny_llama(path, drop=None, arch="llama", qtype=0, ne_override=None, truncat
         if n == drop:
             continue
         ne = ne_override if (ne_override and n == "blk.0.attn_q.weight") else ne
-        tensors.append((n, ne, qtype if n == "blk.0.attn_q.weight" else 0, off))
+        tensors.append((n, ne, (types or {}).get(n, qtype if n == "blk.0.attn_q.weight" else 0), off))
         size = int(np.prod(ne)) * 4 if n != "blk.0.attn_q.weight" or not ne_override else 0
         chunk = np.full(int(np.prod(ne)) if size else 0, 0.01, np.float32).tobytes()
         chunk += b"\0" * (-len(chunk) % 32)

@@ -56,6 +56,8 @@ def files(tmp_path_factory):
         "missing": tiny_llama(d / "missing.gguf", drop="blk.0.ffn_up.weight"),
         "bomb_gguf": tiny_llama(d / "bomb.gguf", extra_kvs=[_kv_str("tokenizer.chat_template", BOMB)]),
         "bomb_file": str(bomb),
+        # found by tests/fuzz: a norm stored as I8 (type 24), which gguf-py cannot dequantize
+        "int_norm": tiny_llama(d / "int_norm.gguf", types={"blk.0.ffn_norm.weight": 24}),
         "fifo": str(fifo),
     }
 
@@ -98,6 +100,7 @@ TABLE = {  # name: (argv with {file} names, needles, extra env, stdout)
                                ["refused", "loop iterations"], {}),
     "chat_template_file_bomb": (["chat", "{stories}", "--chat-template", "{bomb_file}"],
                                 ["refused", "loop iterations"], {}),
+    "run_integer_norm": (["run", "{int_norm}", "hi", "-n", "1"], ["ffn_norm.weight", "I8"], {}),
     "info_missing_tensor": (["info", "{missing}"], ["blk.0.ffn_up.weight is missing"], {}),
     "info_negative_ctx": (["info", "{stories}", "-c", "-5"], ["-c -5"], {}),
     "fifo": (["run", "{fifo}", "hi"], ["not a regular file"], {}),
