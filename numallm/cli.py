@@ -66,8 +66,10 @@ def main(argv: list[str] | None = None) -> int:
         if exc.errno not in _OUTPUT_ERRNOS or exc.filename is not None:
             return report(exc)
         _drop_stdout()
+        if exc.errno == errno.EPIPE:   # the reader left (`| head`): quiet, as a SIGPIPE death is
+            return 128 + 13
         print(f"numallm: error: cannot write the output ({exc.strerror or exc}); check where "
-              f"standard output goes (a full disk, a closed pipe)", file=sys.stderr)
+              f"standard output goes (a full disk, a closed file)", file=sys.stderr)
         return 1
     except Exception as exc:  # noqa: BLE001 - the one place errors become a message
         return report(exc)

@@ -140,6 +140,20 @@ def test_output_to_dev_full(files):
     one_line(r, "numallm: error:", "cannot write the output", "No space left")
 
 
+def test_closed_stdout_and_gone_reader(files):
+    r = subprocess.run(f"{sys.executable} -m numallm info {files['stories']} >&-", shell=True,
+                       capture_output=True, text=True, env=dict(os.environ, NUMALLM_DEBUG=""))
+    assert r.returncode == 1 and r.stderr.strip().count("\n") == 0, r.stderr
+    assert "standard output is closed" in r.stderr and "Traceback" not in r.stderr
+    read_end, write_end = os.pipe()
+    os.close(read_end)          # the reader is gone before the first write
+    try:
+        r = cli("info", files["stories"], stdout=write_end)
+    finally:
+        os.close(write_end)
+    assert r.returncode == 141 and r.stderr == "", r
+
+
 def test_threads_over_cores_capped_with_one_line(files):
     r = cli("run", files["stories"], "Once", "-n", "2", "--temp", "0", "-t", "999")
     assert r.returncode == 0, r.stderr
