@@ -66,10 +66,13 @@ class _PromptWaker:
     select() returns, CPython runs the recorded SIGINT handler and input() raises
     KeyboardInterrupt. Where the main thread got the SIGINT itself, the kicks change nothing."""
 
-    KICK = signal.SIGRTMIN   # no-op handler below; nothing else in numallm uses it
+    KICK = getattr(signal, "SIGRTMIN", None)   # no-op handler below; nothing else uses it
 
     def __enter__(self):
         self.at_prompt = False
+        self._thread = None
+        if self.KICK is None:                      # no real-time signals: plain input()
+            return self
         self._r, self._w = os.pipe()
         os.set_blocking(self._w, False)          # a signal handler must never block on it
         self._prev_kick = signal.signal(self.KICK, lambda *_: None)
@@ -101,6 +104,8 @@ class _PromptWaker:
             self.at_prompt = False
 
     def __exit__(self, *exc):
+        if self._thread is None:
+            return
         signal.set_wakeup_fd(self._prev_fd)
         signal.signal(self.KICK, self._prev_kick)
         os.close(self._w)
