@@ -217,9 +217,9 @@ def load_model(args: argparse.Namespace, template_file: str | None = None):
 
     request = offload_request(args)   # bad GPU flags fail before anything is loaded
     path = resolve_model(args.model)
-    first = announce_first_run(args)
     template = None if template_file is None else read_template(template_file)
     gpu = gpu_options(args, request)
+    first = announce_first_run(args)
     llm = load(path, n_ctx=args.ctx_size, n_threads=args.threads, chat_template=template,
                numa=args.numa or "auto", virtual_nodes=args.virtual_nodes, nodes=args.nodes,
                threads_per_node=args.threads_per_node, **gpu)
