@@ -350,7 +350,8 @@ class ChatTemplate:
             return "".join(out)
         except _OverBudget as e:
             raise ChatTemplateError(f"chat template of {self.name} refused: rendering ran past its "
-                                    f"budget ({e}), a runaway or hostile template; {_OVERRIDE_HINT}") from None
+                                    f"budget ({e}), a runaway or hostile template; "
+                                    f"{_OVERRIDE_HINT}") from None
         except _TemplateRaised as e:
             raise ChatTemplateError(
                 f"chat template of {self.name} rejected the conversation: {e}; {_OVERRIDE_HINT}") from None

@@ -251,7 +251,8 @@ TEMPLATE_BOMBS = {
     "const_filter": "{{ 'x'|center(10000000000) }}",
     "format_width": "{{ '%0999999999d' % 1 }}",
     "str_format_width": "{{ '{:>999999999}'.format(1) }}",
-    "macro_args": "{% macro f(s, n) %}{% if n %}{{ f(s ~ s, n - 1) }}{% endif %}{% endmacro %}{{ f('ab', 60) }}",
+    "macro_args": "{% macro f(s, n) %}{% if n %}{{ f(s ~ s, n - 1) }}{% endif %}{% endmacro %}"
+                  "{{ f('ab', 60) }}",
 }
 
 

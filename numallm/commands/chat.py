@@ -170,7 +170,8 @@ def _session(llm, args, kw: dict, system: str | None, waker: "_PromptWaker") -> 
             continue
         history.append({"role": "user", "content": line})
         sys_msg = [{"role": "system", "content": system}] if system else []
-        dropped = fit_history(llm, sys_msg, history, room=min(kw["max_tokens"] if kw["max_tokens"] is not None else llm.n_ctx, llm.n_ctx // 4))
+        want = llm.n_ctx if kw["max_tokens"] is None else kw["max_tokens"]   # None: no limit
+        dropped = fit_history(llm, sys_msg, history, room=min(want, llm.n_ctx // 4))
         if dropped:
             print(f"(context full: dropped the {dropped} oldest messages)", file=sys.stderr)
         if not history:

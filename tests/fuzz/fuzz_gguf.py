@@ -26,7 +26,8 @@ from numallm.gguf_file import GGUFFile         # noqa: E402
 
 # a file per input in memory-backed storage: GGUFFile maps a path, and a fresh name per input
 # keeps a map of the previous input valid however long it lives
-SCRATCH = Path(tempfile.mkdtemp(prefix="numallm-fuzz-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None))
+SCRATCH = Path(tempfile.mkdtemp(prefix="numallm-fuzz-",
+                                dir="/dev/shm" if os.path.isdir("/dev/shm") else None))
 MAX_MODEL_BYTES = 4 << 20     # build real weights (kernel repacks) only for inputs this small
 _count = 0
 
