@@ -67,6 +67,9 @@ class LoadedModel:
         from .placement.runtime import apply_plan
         from .tokenizer import Tokenizer
 
+        # options first, so a bad value fails before the file is read (ranges: numallm.sampling)
+        n_threads, self.threads_note = threads.check_threads(n_threads, "n_threads")
+        threads_per_node = threads.check_threads(threads_per_node, "threads_per_node")[0]
         self.path = str(path)
         self.file, self.spec, self.plan, topo = plan_model(
             path, n_ctx, n_threads, numa, virtual_nodes, nodes, threads_per_node, offload, n_seq)
@@ -142,7 +145,7 @@ class LLM(Session):
         self.path, self.file, self.model, self.args = lm.path, lm.file, lm.model, lm.args
         self.template, self.offload, self.placement, self.pool = (lm.template, lm.offload,
                                                                   lm.placement, lm.pool)
-        self.plan, self.notices = lm.plan, lm.notices
+        self.plan, self.notices, self.threads_note = lm.plan, lm.notices, lm.threads_note
 
     @property
     def weight_bytes(self) -> int:
