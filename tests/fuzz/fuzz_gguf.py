@@ -13,7 +13,9 @@ files of tests/test_bad_input.py, and the header of stories260K when ../shared/m
 """
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -28,6 +30,7 @@ from numallm.gguf_file import GGUFFile         # noqa: E402
 # keeps a map of the previous input valid however long it lives
 SCRATCH = Path(tempfile.mkdtemp(prefix="numallm-fuzz-",
                                 dir="/dev/shm" if os.path.isdir("/dev/shm") else None))
+atexit.register(shutil.rmtree, SCRATCH, True)
 MAX_MODEL_BYTES = 4 << 20     # build real weights (kernel repacks) only for inputs this small
 _count = 0
 
