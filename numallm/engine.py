@@ -62,7 +62,7 @@ class LoadedModel:
     def __init__(self, path: str, n_ctx: int | None = None, n_threads: int | None = None,
                  chat_template: str | None = None, numa: str = "off", virtual_nodes: int | None = None,
                  nodes: list[int] | None = None, threads_per_node: int | None = None,
-                 offload=None, n_seq: int = 1):
+                 offload=None, n_seq: int = 1, progress=None):
         from .chat_template import ChatTemplate
         from .placement.runtime import apply_plan
         from .tokenizer import Tokenizer
@@ -81,7 +81,7 @@ class LoadedModel:
             name=None if chat_template is None else "--chat-template", source=chat_template)
         from .models import get_module
 
-        self.model = get_module(self.file.architecture).Model(self.file)
+        self.model = get_module(self.file.architecture).Model(self.file, progress)
         self.args = self.model.args
         self.notices: list[str] = []           # one-line notices for the CLI to show
         self.offload = None
@@ -170,7 +170,7 @@ def load(path: str, **options) -> LLM:
     numa ("off" by default, "auto", "shard", "replicate", "isolate"), virtual_nodes (carve this
     machine into N nodes), nodes, threads_per_node (see numallm.placement); offload: a
     numallm.gpu.OffloadRequest (blocks to run on GPUs; see numallm.gpu.offload); n_seq: KV caches
-    to plan memory for. Raises placement.OutOfMemoryError (with the numbers) before loading when
+    to plan memory for; progress: a callable(done, total) called as the blocks are built. Raises placement.OutOfMemoryError (with the numbers) before loading when
     the plan does not fit. `llm.loaded.notices` holds one-line notices (GPU offload, numa auto)."""
     return LLM(path, **options)
 

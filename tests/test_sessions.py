@@ -123,3 +123,20 @@ def test_model_larger_than_memory_is_refused_from_the_plan(tmp_path, verb):
     assert "needs" in err and "available" in err and "GiB" in err, err
     assert took < 10, took
     assert rss < 2**30, rss
+
+
+def test_load_reports_progress_per_block(tiny):
+    seen = []
+    with numallm.load(tiny, n_ctx=32, progress=lambda done, total: seen.append((done, total))) as llm:
+        n = llm.args.n_layer
+    assert seen == [(i + 1, n) for i in range(n)]
+
+
+def test_cli_progress_bar_only_on_a_terminal():
+    import argparse
+
+    from numallm.commands.common import progress_bar
+
+    assert progress_bar(argparse.Namespace(json=True)) is None   # scripts get no bar
+    if not sys.stderr.isatty():
+        assert progress_bar(argparse.Namespace(json=False)) is None

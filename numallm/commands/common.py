@@ -208,6 +208,26 @@ def gpu_options(args: argparse.Namespace, request=None) -> dict:
     return {}
 
 
+def progress_bar(args: argparse.Namespace):
+    """A progress(done, total) callback drawing a tqdm bar on stderr for a load that takes more
+    than a couple of seconds (tqdm's delay); None when stderr is not a terminal or with --json."""
+    if getattr(args, "json", False) or getattr(args, "quiet", False) or not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    bar = None
+
+    def progress(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, desc="numallm: loading", unit="block", file=sys.stderr,
+                       delay=2.0, leave=False)
+        bar.update(done - bar.n)
+        if done == total:
+            bar.close()
+    return progress
+
+
 def load_model(args: argparse.Namespace, template_file: str | None = None, n_seq: int | None = None):
     """The LLM (one session) the flags describe; with `n_seq`, a LoadedModel whose plan holds
     n_seq KV caches and no session yet (the server opens its own)."""
@@ -221,7 +241,7 @@ def load_model(args: argparse.Namespace, template_file: str | None = None, n_seq
     first = announce_first_run(args)
     opts = dict(n_ctx=args.ctx_size, n_threads=args.threads, chat_template=template,
                 numa=args.numa or "auto", virtual_nodes=args.virtual_nodes, nodes=args.nodes,
-                threads_per_node=args.threads_per_node, **gpu)
+                threads_per_node=args.threads_per_node, progress=progress_bar(args), **gpu)
     llm = load(path, **opts) if n_seq is None else LoadedModel(path, n_seq=n_seq, **opts)
     if first:   # said once per CPU, also where no calibrated type was used
         from numallm_kernels._calibrate import remember_cpu

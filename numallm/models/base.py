@@ -265,13 +265,19 @@ class Transformer:
         T("output.weight", ("n_vocab", "n_embd"), (0, ROWS), optional=True),
     )
 
-    def __init__(self, f: GGUFFile):
+    def __init__(self, f: GGUFFile, progress=None):
+        """progress(done, total): called after each block is built (loading and repacking a
+        large model takes a while; the CLI shows a bar)."""
         self.args = a = self.Args.from_gguf(f)
         w = Weights(f)
         for spec in self.TENSORS:
             setattr(self, spec.attr, w.load(spec.name, spec, a))
         self.rope = self.make_rope(a, self.rope_freqs)
-        self.blk = [self.layer_class(a, i)(a, w, i, self.rope) for i in range(a.n_layer)]
+        self.blk = []
+        for i in range(a.n_layer):
+            self.blk.append(self.layer_class(a, i)(a, w, i, self.rope))
+            if progress is not None:
+                progress(i + 1, a.n_layer)
         if self.output is None:
             self.output = self.token_embd
 
