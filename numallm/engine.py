@@ -99,7 +99,17 @@ class LoadedModel:
     def weight_bytes(self) -> int:
         """Bytes of every weight matrix as stored, on the host or on a GPU."""
         gpu = self.offload.block_matrix_bytes() if self.offload is not None else 0
-        return sum(m.nbytes for m in self.model.linears()) + gpu
+        return sum(m.nbytes for m in self.model.linears() + self.model.experts()) + gpu
+
+    @property
+    def active_bytes(self) -> int:
+        """Weight bytes one decoded token reads: weight_bytes with only the expected share of
+        each routed expert tensor (n_expert_used of n_expert experts)."""
+        a = self.args
+        if not getattr(a, "n_expert", 0):
+            return self.weight_bytes
+        exp = sum(m.nbytes for m in self.model.experts())
+        return self.weight_bytes - exp + exp * a.n_expert_used // a.n_expert
 
     def new_cache(self) -> list:
         """A fresh KV cache (one entry per layer) where the plan puts each layer's cache."""
@@ -147,6 +157,10 @@ class LLM(Session):
     @property
     def weight_bytes(self) -> int:
         return self.loaded.weight_bytes
+
+    @property
+    def active_bytes(self) -> int:
+        return self.loaded.active_bytes
 
     def session(self) -> Session:
         """Another conversation on this model's weights."""

@@ -10,6 +10,9 @@ selected expert's rows are read once with the batched kernels.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Sequence
+
 import numpy as np
 import numallm_kernels
 from numallm_kernels.base import Activations
@@ -45,6 +48,21 @@ class ExpertLinear:
         self.ws = [self.unit.prepare(qt.data[e * n:(e + 1) * n]) for e in range(n_exp)]
         if self.unit.repacks:            # as Linear: the prepared copies hold the weights now
             numa_mem.release_file_pages(qt.data)
+
+    def pool(self):
+        """The pool its products run on."""
+        return threads.current()
+
+    def moe_parts(self, up: "ExpertLinear", down: "ExpertLinear", pool) -> list[ExpertPart]:
+        """How a routed feed-forward over (self, up, down) splits over `pool`'s threads: one part,
+        every thread, whole matrices (placement's records return one part per node)."""
+        n_ff = self.shape[1]
+        return [ExpertPart(range(pool.n_threads), self, up, down, (0, n_ff), n_ff, 0,
+                           (0, down.shape[1]))]
+
+    def reduce(self, outs: list[np.ndarray]) -> np.ndarray:
+        """The down products' outputs of moe_parts' bufs summed (one here)."""
+        return outs[0]
 
     @property
     def expert_nbytes(self) -> int:
@@ -91,16 +109,38 @@ def balance(items: list[tuple[int, float]], n_threads: int, multiple: int) -> li
     return shares
 
 
-def _dispatch(pool, ops_: list[tuple], cost: list[float]) -> None:
-    """Run products ops_[i] = (lin, expert, acts, out) (out float32 (T_i, N) C-contiguous = acts.x
-    @ W_e.T) as one pool dispatch, cut by (product x row range)."""
+@dataclass(frozen=True)
+class ExpertPart:
+    """One thread group's share of a routed feed-forward: threads `tids` of the pool compute rows
+    `ff` of `gate`/`up` into the (T*k, width) buffers named `buf` (parts with one `buf` share
+    them), SwiGLU, then rows `rows` of `down` over that buffer into the (T*k, n_embd) output
+    named `buf`; the outputs of distinct bufs are partial sums (`ExpertLinear.reduce`)."""
+
+    tids: Sequence[int]
+    gate: "ExpertLinear"
+    up: "ExpertLinear"
+    down: "ExpertLinear"
+    ff: tuple[int, int]
+    width: int
+    buf: int
+    rows: tuple[int, int]
+
+
+def _add_jobs(jobs: list[list], tids: Sequence[int], prods: list[tuple], cost: list[float],
+              r0: int, r1: int) -> None:
+    """Append products prods[i] = (lin, expert, acts, out) (out float32 (T_i, N) C-contiguous
+    gets rows [r0, r1) of acts.x @ W_e.T) to the jobs of threads `tids`, cut by (product x row
+    range) in near-equal shares of work."""
     from .ops import task
 
-    mult = max(lin.unit.row_multiple for lin, *_ in ops_)
-    items = [(lin.shape[1], c) for (lin, *_), c in zip(ops_, cost)]
-    jobs = [[task(ops_[i][0].unit, ops_[i][0].ws[ops_[i][1]], ops_[i][2], ops_[i][3], r0, r1)
-             for i, r0, r1 in share] for share in balance(items, pool.n_threads, mult)]
-    pool.run_tasks(jobs)
+    if not prods or r1 <= r0:
+        return
+    mult = max(lin.unit.row_multiple for lin, *_ in prods)
+    items = [(r1 - r0, c) for c in cost]
+    for j, share in enumerate(balance(items, len(tids), mult)):
+        for i, a, b in share:
+            lin, e, acts, out = prods[i]
+            jobs[tids[j]].append(task(lin.unit, lin.ws[e], acts, out, r0 + a, r0 + b))
 
 
 def moe_ffn(x: np.ndarray, ids: np.ndarray, weights: np.ndarray, gate: ExpertLinear,
@@ -113,43 +153,57 @@ def moe_ffn(x: np.ndarray, ids: np.ndarray, weights: np.ndarray, gate: ExpertLin
     order = np.argsort(flat, kind="stable")          # assignments grouped by expert
     experts, starts = np.unique(flat[order], return_index=True)
     ends = np.append(starts[1:], len(flat))
+    groups = list(zip(experts.tolist(), starts.tolist(), ends.tolist()))
     tok = order // k                                  # the token of each grouped assignment
-    n_ff = gate.shape[1]
-    pool = threads.current()
+    pool = gate.pool()
+    parts = gate.moe_parts(up, down, pool)
+    units = {gate.unit, up.unit}
 
     # gate and up of every selected expert over its tokens: one dispatch
-    shared = None
     if t == 1:                                        # decode: every expert reads the one token
         shared = Activations(x)
-        gate.unit.prepare_x(shared)
-        if up.unit is not gate.unit:
-            up.unit.prepare_x(shared)
-    g = np.empty((len(flat), n_ff), dtype=np.float32)    # (T*k, n_ff) grouped by expert
-    u = np.empty((len(flat), n_ff), dtype=np.float32)
-    prods, cost = [], []
-    for e, a, b in zip(experts.tolist(), starts.tolist(), ends.tolist()):
-        acts = shared
-        if acts is None:
-            acts = Activations(np.ascontiguousarray(x[tok[a:b]]))     # (n_e, K)
-            gate.unit.prepare_x(acts)
-            if up.unit is not gate.unit:
-                up.unit.prepare_x(acts)
-        prods += [(gate, e, acts, g[a:b]), (up, e, acts, u[a:b])]
-        cost += [b - a, b - a]
-    _dispatch(pool, prods, cost)
+        for u in units:
+            u.prepare_x(shared)
+        acts = [shared] * len(groups)
+    else:
+        acts = []
+        for e, a, b in groups:
+            acts.append(Activations(np.ascontiguousarray(x[tok[a:b]])))     # (n_e, K)
+            for u in units:
+                u.prepare_x(acts[-1])
+    gu = {p.buf: (np.empty((len(flat), p.width), dtype=np.float32),       # (T*k, width) grouped
+                  np.empty((len(flat), p.width), dtype=np.float32)) for p in parts}
+    jobs: list[list] = [[] for _ in range(pool.n_threads)]
+    for p in parts:
+        g, u = gu[p.buf]
+        prods, cost = [], []
+        for (e, a, b), ac in zip(groups, acts):
+            prods += [(p.gate, e, ac, g[a:b]), (p.up, e, ac, u[a:b])]
+            cost += [b - a, b - a]
+        _add_jobs(jobs, p.tids, prods, cost, *p.ff)
+    pool.run_tasks(jobs)
 
-    h = np.empty_like(g)                                  # (T*k, n_ff)
-    fused.swiglu(g, u, h)
+    hs = {}
+    for buf, (g, u) in gu.items():
+        hs[buf] = np.empty_like(g)                                        # (T*k, width)
+        fused.swiglu(g, u, hs[buf])
 
     # down of every selected expert over its own inputs: one dispatch
-    d = np.empty((len(flat), down.shape[1]), dtype=np.float32)   # (T*k, K) grouped by expert
-    prods, cost = [], []
-    for e, a, b in zip(experts.tolist(), starts.tolist(), ends.tolist()):
-        acts = Activations(h[a:b])
-        down.unit.prepare_x(acts)
-        prods.append((down, e, acts, d[a:b]))
-        cost.append(b - a)
-    _dispatch(pool, prods, cost)
+    ds = {p.buf: np.empty((len(flat), p.down.shape[1]), dtype=np.float32) for p in parts}
+    hacts: dict = {}
+    jobs = [[] for _ in range(pool.n_threads)]
+    for p in parts:
+        prods, cost = [], []
+        for e, a, b in groups:
+            ac = hacts.get((p.buf, e))
+            if ac is None:
+                ac = hacts[p.buf, e] = Activations(hs[p.buf][a:b])          # (n_e, width)
+                p.down.unit.prepare_x(ac)
+            prods.append((p.down, e, ac, ds[p.buf][a:b]))
+            cost.append(b - a)
+        _add_jobs(jobs, p.tids, prods, cost, *p.rows)
+    pool.run_tasks(jobs)
+    d = gate.reduce([ds[b] for b in sorted(ds)])     # (T*k, K) grouped by expert
 
     # back to (token, slot) order, weighted sum over the k slots
     per = np.empty_like(d)

@@ -125,7 +125,8 @@ class ModelSpec:
     def block_size(self, attr_split: tuple[int, str]) -> int:
         """The largest quant block of the tensors cut along columns by this split."""
         return max((t.block_size for t in self.tensors
-                    if t.decl.split == attr_split and t.decl.kind == "matrix"), default=1)
+                    if t.decl.split == attr_split and t.decl.kind in ("matrix", "experts")),
+                   default=1)
 
 
 def _layer(name: str) -> int | None:
@@ -430,8 +431,18 @@ def make_plan(spec: ModelSpec, topo, req: Request, gpus=None, gpu_why: str | Non
     share = {HEADS: [(h1 - h0) / a.n_head_kv for h0, h1 in heads],
              FF: [(f1 - f0) / a.n_ff for f0, f1 in ff],
              ROWS: [w / sum(weights_by) for w in weights_by]}
-    # experts' ff slices (placement cannot cut them yet: sharded.py refuses): their share by threads
-    share[FF_EXP] = share[FF_SHEXP] = share[ROWS]
+    splits = {HEADS: heads, FF: ff}
+    # every expert's ff rows (and the shared expert's), cut where the down matrices' column
+    # quant blocks allow, like the dense ff
+    for unit, width in ((FF_EXP, getattr(a, "n_ff_exp", 0)), (FF_SHEXP, getattr(a, "n_ff_shexp", 0))):
+        bs = spec.block_size((2 if unit == FF_EXP else 1, unit))
+        if not width:
+            share[unit] = share[ROWS]
+            continue
+        cut = [(s * bs, e * bs) for s, e in split_units(width // bs, weights_by)] \
+            if width % bs == 0 else [(0, width)] + [(width, width)] * (n - 1)
+        splits[unit] = cut
+        share[unit] = [(e - s) / width for s, e in cut]
 
     w_node = [0.0] * n
     for t in spec.tensors:
@@ -443,6 +454,9 @@ def make_plan(spec: ModelSpec, topo, req: Request, gpus=None, gpu_why: str | Non
         elif strategy == "shard" and t.decl.split is not None:
             for i in range(n):
                 w_node[i] += t.nbytes * share[t.decl.split[1]][i]
+        elif strategy == "shard" and t.decl.kind == "matrix" and t.layer is not None:
+            for i in range(n):                 # a router: a copy per node (placement/sharded.py)
+                w_node[i] += t.nbytes
         else:                                  # one node, or a small tensor held once
             w_node[0] += t.nbytes
     w_node[0] += spec.extra_bytes
@@ -460,7 +474,7 @@ def make_plan(spec: ModelSpec, topo, req: Request, gpus=None, gpu_why: str | Non
     notes = []
     if topo is not None and topo.virtual and strategy != "off":
         notes.append("virtual nodes: slices are allocated on the real node each was carved from")
-    return Plan(strategy, reason, n_ctx, req.n_seq, nodes, {HEADS: heads, FF: ff}, per,
+    return Plan(strategy, reason, n_ctx, req.n_seq, nodes, splits, per,
                 spec.weight_bytes, a.kv_bytes(n_ctx) * req.n_seq, gplan,
                 bool(topo is not None and topo.virtual), tuple(notes))
 
