@@ -45,9 +45,11 @@ class ExpertLinear:
         self.name, self.qtype, self.shape = qt.name, qt.qtype, qt.shape     # (E, N, K)
         self.nbytes = qt.nbytes
         self.raw = qt.data               # (E * N, row_bytes) uint8 GGUF view
-        self.ws = [self.unit.prepare(qt.data[e * n:(e + 1) * n]) for e in range(n_exp)]
-        if self.unit.repacks:            # as Linear: the prepared copies hold the weights now
-            numa_mem.release_file_pages(qt.data)
+        self.ws = []
+        for e in range(n_exp):
+            self.ws.append(self.unit.prepare(qt.data[e * n:(e + 1) * n]))
+            if self.unit.repacks:        # as Linear: the prepared copy holds the weights now
+                numa_mem.release_file_pages(qt.data[e * n:(e + 1) * n])
 
     def pool(self):
         """The pool its products run on."""

@@ -39,16 +39,32 @@ class LocalExperts(ExpertLinear):
             if a % bs or b % bs:
                 raise UnsupportedError(f"{src.name}: columns [{a}, {b}) cut {bs}-value quant blocks")
             lo, hi, cols = 0, n, slice(a // bs * ts, b // bs * ts)
-        self.ws, self.arrays = [], []
-        for e in range(n_exp):
-            w, arrays = _localize(unit, raw[e * n + lo:e * n + hi, cols], node)
-            self.ws.append(w)
-            self.arrays += arrays
+        self.ws, self.arrays = [], []              # filled expert by expert: `add`
+        self._src, self._node, self._cut = src, node, (lo, hi, cols)
         self.shape = src.shape if full else (n_exp, b - a, k) if axis == 0 else (n_exp, n, b - a)
         row_bytes = raw.shape[1]
         self.nbytes = (n_exp * (hi - lo) * row_bytes if axis == 0 or full
                        else n_exp * n * (b - a) * row_bytes // k)
         self.raw = None
+
+    def add(self, e: int) -> None:
+        """Expert e's part, prepared in node memory (experts are added in order)."""
+        (lo, hi, cols), n = self._cut, self._src.shape[1]
+        w, arrays = _localize(self.unit, self._src.raw[e * n + lo:e * n + hi, cols], self._node)
+        self.ws.append(w)
+        self.arrays += arrays
+        if e + 1 == self._src.shape[0]:
+            self._src = None
+
+
+def _fill(src: ExpertLinear, parts: list[LocalExperts]) -> None:
+    """Every part's experts, expert by expert, each expert's file pages dropped once every node
+    has its copy (a column cut cannot drop them itself) and the build's copy of it handed back."""
+    n = src.shape[1]
+    for e in range(src.shape[0]):
+        for p in parts:
+            p.add(e)
+        numa_mem.release_file_pages(src.raw[e * n:(e + 1) * n])
 
 
 class ShardedExperts(ExpertLinear):
@@ -88,19 +104,25 @@ def shard_experts(src: ExpertLinear, axis: int, per: list[tuple[int, int]], grou
                   nodes: threads.NodePools, exchange: Exchange) -> ShardedExperts:
     """`src` cut along `axis` (1: each expert's rows, 2: its columns) into node i's range
     per[i], each in node i's memory; the build's prepared copy is dropped."""
-    src.ws = None
+    _drop_copy(src)            # first: the slices are read from the file, not from it
     parts = [LocalExperts(src, i, axis - 1, s, e, g.mem_node)
              for i, (g, (s, e)) in enumerate(zip(groups, per)) if e > s]
-    numa_mem.release_file_pages(src.raw)
+    _fill(src, parts)
     return ShardedExperts(src, parts, nodes, exchange)
+
+
+def _drop_copy(src: ExpertLinear) -> None:
+    """The build's prepared copy, which node copies replace, handed back to the kernel."""
+    src.ws = None
+    numa_mem.trim_heap()
 
 
 def replicate_experts(src: ExpertLinear, per: list[tuple[int, int]], groups: list,
                       nodes: threads.NodePools, exchange: Exchange) -> ShardedExperts:
     """A whole copy of `src` in every node's memory; node i computes rows per[i] of each
     expert's output from its copy."""
-    src.ws = None
+    _drop_copy(src)
     parts = [LocalExperts(src, i, 0, s, e, g.mem_node, full=True)
              for i, (g, (s, e)) in enumerate(zip(groups, per))]
-    numa_mem.release_file_pages(src.raw)
+    _fill(src, parts)
     return ShardedExperts(src, parts, nodes, exchange)
