@@ -10,6 +10,7 @@ selected expert's rows are read once with the batched kernels.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -129,10 +130,11 @@ class ExpertPart:
 
 
 def _add_jobs(jobs: list[list], tids: Sequence[int], prods: list[tuple], cost: list[float],
-              r0: int, r1: int) -> None:
+              r0: int, r1: int, tags: list[list] | None = None, keys: list | None = None) -> None:
     """Append products prods[i] = (lin, expert, acts, out) (out float32 (T_i, N) C-contiguous
     gets rows [r0, r1) of acts.x @ W_e.T) to the jobs of threads `tids`, cut by (product x row
-    range) in near-equal shares of work."""
+    range) in near-equal shares of work; with `tags`, keys[i] goes to tags[thread] beside each
+    of product i's tasks."""
     from .ops import task
 
     if not prods or r1 <= r0:
@@ -143,6 +145,8 @@ def _add_jobs(jobs: list[list], tids: Sequence[int], prods: list[tuple], cost: l
         for i, a, b in share:
             lin, e, acts, out = prods[i]
             jobs[tids[j]].append(task(lin.unit, lin.ws[e], acts, out, r0 + a, r0 + b))
+            if tags is not None:
+                tags[tids[j]].append(keys[i])
 
 
 def moe_ffn(x: np.ndarray, ids: np.ndarray, weights: np.ndarray, gate: ExpertLinear,
@@ -158,6 +162,10 @@ def moe_ffn(x: np.ndarray, ids: np.ndarray, weights: np.ndarray, gate: ExpertLin
     groups = list(zip(experts.tolist(), starts.tolist(), ends.tolist()))
     tok = order // k                                  # the token of each grouped assignment
     pool = gate.pool()
+    if t == 1:
+        replay = _replay(x, k, gate, up, down, pool)
+        if replay is not None:
+            return replay(x, ids, weights)
     parts = gate.moe_parts(up, down, pool)
     units = {gate.unit, up.unit}
 
@@ -211,3 +219,101 @@ def moe_ffn(x: np.ndarray, ids: np.ndarray, weights: np.ndarray, gate: ExpertLin
     per = np.empty_like(d)
     per[order] = d
     return np.einsum("tk,tkd->td", weights, per.reshape(t, k, -1)).astype(np.float32, copy=False)
+
+
+# -- decode replay -------------------------------------------------------------------------------
+
+class _MoEReplay:
+    """The decode (one token) dispatches of moe_ffn over (gate, up, down) on one pool, encoded
+    once, as ops._Replay does for dense products: the token's activation forms, the k slots'
+    gate/up/SwiGLU/down buffers and both task tables stay allocated, and slot j's tasks are
+    written for expert 0; a token re-encodes x (one form fill), points each task's weight
+    address at the expert the router put in its slot (one numpy gather per table), and runs the
+    tables. Encoding ~25 tasks per layer per token in Python was most of the MoE decode's time
+    outside the kernels. None of it applies when a unit has no native kernel task."""
+
+    def __init__(self, x: np.ndarray, k: int, gate, up, down, pool):
+        from . import ops
+
+        self.pool, self.gate, self.epoch = pool, gate, ops.REPLAY_EPOCH
+        parts = gate.moe_parts(up, down, pool)
+        self.acts = Activations(x.copy())                                   # (1, K)
+        for u in {gate.unit, up.unit}:
+            u.prepare_x(self.acts)
+        widths = {p.buf: p.width for p in parts}
+        self.g = {b: np.zeros((k, w), np.float32) for b, w in widths.items()}   # (k, width) per slot
+        self.u = {b: np.zeros((k, w), np.float32) for b, w in widths.items()}
+        self.hacts = {b: Activations(np.zeros((k, w), np.float32)) for b, w in widths.items()}
+        for b in widths:
+            down.unit.prepare_x(self.hacts[b])
+        self.d = {p.buf: np.zeros((k, p.down.shape[1]), np.float32) for p in parts}  # (k, K)
+        self.ok = self.acts.refillable and all(a.refillable for a in self.hacts.values())
+        if self.ok:
+            self.gu = self._encode(pool, k, [(p, m, self.acts, out[p.buf], p.ff) for p in parts
+                                             for m, out in ((p.gate, self.g), (p.up, self.u))])
+            self.dn = self._encode(pool, k, [(p, p.down, self.hacts[p.buf], self.d[p.buf], p.rows)
+                                             for p in parts])
+            self.ok = self.gu is not None and self.dn is not None
+
+    @staticmethod
+    def _encode(pool, k: int, prods: list[tuple]):
+        """Table, spans, per row its tensor and slot, and per tensor its experts' weight
+        addresses (int64 (tensors, E)), for products (part, matrix, acts, out, rows) over k slots."""
+        from numallm_kernels._native import address
+
+        jobs: list[list] = [[] for _ in range(pool.n_threads)]
+        tags: list[list] = [[] for _ in range(pool.n_threads)]
+        addrs = []
+        for ti, (p, m, acts, out, (r0, r1)) in enumerate(prods):
+            one = [m.unit.native_task(m.ws[e], acts.row(0) if acts.x.shape[0] > 1 else acts,
+                                      out[0:1], r0, max(r1, r0 + 1)) for e in range(m.shape[0])]
+            if any(t is None for t in one) or len({t[1].shape for t in one}) != 1:
+                return None
+            addrs.append([address(t[1]) for t in one])
+            slots = [(m, 0, acts.row(j) if acts.x.shape[0] > 1 else acts, out[j:j + 1])
+                     for j in range(k)]
+            _add_jobs(jobs, p.tids, slots, [1.0] * k, r0, r1, tags, [(ti, j) for j in range(k)])
+        enc = pool.encode(jobs)
+        if enc is None:
+            return None
+        flat = [key for share in tags for key in share]
+        ti = np.array([a for a, _ in flat], np.int64)
+        slot = np.array([b for _, b in flat], np.int64)
+        return enc[0], enc[1], ti, slot, np.array(addrs, np.int64)
+
+    def __call__(self, x: np.ndarray, ids: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        from . import ops
+
+        t0 = time.perf_counter()
+        e = ids[0]                                                          # (k,) the slots' experts
+        self.acts.refill(x)
+        table, spans, ti, slot, addrs = self.gu
+        table[:, 1] = addrs[ti, e[slot]]                                    # each task's expert
+        self.pool.run_encoded(table, spans)
+        for b, h in self.hacts.items():
+            fused.swiglu(self.g[b], self.u[b], h.x)
+            h.refill(h.x)
+        table, spans, ti, slot, addrs = self.dn
+        table[:, 1] = addrs[ti, e[slot]]
+        self.pool.run_encoded(table, spans)
+        if ops._spans is not None:      # one span: the token's encoding to the last thread's end
+            ops._spans.append((t0, time.perf_counter()))
+        d = self.gate.reduce([self.d[b] for b in sorted(self.d)])        # (k, K)
+        return (weights[0] @ d)[None].astype(np.float32, copy=False)
+
+
+def _replay(x: np.ndarray, k: int, gate, up, down, pool) -> _MoEReplay | None:
+    from . import ops
+
+    if not isinstance(pool, (threads.RowPool, threads.NodePools)):
+        return None
+    cache = getattr(gate, "_moe_replays", None)
+    if cache is None:
+        cache = gate._moe_replays = {}
+    key = (up, down, pool, k)          # matrices and pools hash by identity
+    r = cache.get(key)
+    if r is None or r.epoch != ops.REPLAY_EPOCH:
+        if ops._spans is not None:     # (it would encode the timed calls)
+            return None
+        r = cache[key] = _MoEReplay(x, k, gate, up, down, pool)
+    return r if r.ok else None

@@ -78,3 +78,30 @@ def test_moe_replicate_copies_experts_and_matches_off(synth_dir):
         assert [p.nbytes for p in rec.parts] == [rec.nbytes] * 2     # a whole copy per node
         np.testing.assert_allclose(rep.logits(TOKENS), off.logits(TOKENS), rtol=0, atol=1e-4)
         assert rep.generate(TOKENS, 8, temperature=0).tokens == off.generate(TOKENS, 8, temperature=0).tokens
+
+
+@two_cores
+@pytest.mark.parametrize("numa", ["off", "shard", "replicate"])
+def test_decode_replay_matches_the_encoded_dispatch(synth_dir, numa, monkeypatch):
+    """A decode step's routed feed-forward replayed from its encoded tables (each task pointed at
+    the expert its slot got) equals the dispatch encoded for the token, for many routings."""
+    from numallm import experts, threads
+
+    path = moe_path(synth_dir, "qwen2moe", "Q8_0")
+    kw = {"n_threads": 2} if numa == "off" else {"numa": numa, "virtual_nodes": 2}
+    rng = np.random.default_rng(3)
+    with numallm.load(path, n_ctx=16, **kw) as llm:
+        blk = llm.model.blk[1]
+        a = llm.args
+        gate, up, down = blk.ffn_gate_exps, blk.ffn_up_exps, blk.ffn_down_exps
+        with threads.activate(llm.pool):
+            for _ in range(6):
+                x = rng.standard_normal((1, a.n_embd)).astype(np.float32)
+                ids = rng.permutation(a.n_expert)[:a.n_expert_used][None]        # (1, k)
+                w = rng.random((1, a.n_expert_used)).astype(np.float32)
+                got = ops.moe_ffn(x, ids, w, gate, up, down)
+                assert experts._replay(x, a.n_expert_used, gate, up, down, gate.pool()) is not None
+                with monkeypatch.context() as m:
+                    m.setattr(experts, "_replay", lambda *args: None)
+                    want = ops.moe_ffn(x, ids, w, gate, up, down)
+                np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
