@@ -389,10 +389,12 @@ def plan_tokens(plan: BenchPlan, n_vocab: int) -> tuple[np.ndarray, np.ndarray, 
 
 
 def run_tests(runners: Sequence, plan: BenchPlan, n_threads: int, n_vocab: int,
-              weight_bytes: int, machine_gbps: float, log: Callable[[str], None]
-              ) -> list[BenchRow]:
+              weight_bytes: int, machine_gbps: float, log: Callable[[str], None],
+              tg_bytes: int | None = None) -> list[BenchRow]:
     """Warm up each runner, then time pp and tg `plan.reps` times each. The engines take turns
-    repetition by repetition, so a load change on a shared machine hits both alike."""
+    repetition by repetition, so a load change on a shared machine hits both alike. GB/s:
+    weight_bytes per prefill pass (a chunk of tokens routes to nearly every expert), tg_bytes
+    (default weight_bytes) per decoded token (MoE: the used experts' share)."""
     pp, prompt, gen = plan_tokens(plan, n_vocab)
     for r in runners:
         r.decode(prompt[:WARMUP_TOKENS], gen[:2])   # untimed: compile, page cache, pool start
@@ -416,8 +418,8 @@ def run_tests(runners: Sequence, plan: BenchPlan, n_threads: int, n_vocab: int,
         runs = [[timed(lambda r: r.decode(prompt, gen), r) for r in runners] for _ in range(plan.reps)]
         other = [r.non_kernel_s(prompt, gen) for r in runners]
         rows += [summarize(r.engine, f"tg{plan.n_gen}", n_threads, plan.n_gen, plan.n_gen,
-                           [rep[i][0] for rep in runs], weight_bytes, machine_gbps, r.numa,
-                           syncs(runs, i), other[i])
+                           [rep[i][0] for rep in runs], tg_bytes or weight_bytes, machine_gbps,
+                           r.numa, syncs(runs, i), other[i])
                  for i, r in enumerate(runners)]
     for r in rows:
         extra = "".join(f", {k} {v:.2f} ms/token" for k, v in
@@ -463,8 +465,8 @@ def run_benchmark(path: str, plan: BenchPlan, vs_llama_cpp: bool = False,
             if vs_llama_cpp:
                 runners.append(LlamaCppRunner(path, t, plan.n_ctx))
             info, n_vocab = runners[0].info()
-            rows += run_tests(runners, plan, t, n_vocab, info.active_bytes or info.weight_bytes,
-                              machine[t], log)
+            rows += run_tests(runners, plan, t, n_vocab, info.weight_bytes, machine[t], log,
+                              info.active_bytes or None)
         finally:
             for r in runners:
                 r.close()

@@ -58,3 +58,12 @@ def test_topo_ceiling_uses_active_bytes(moe):
     kv = spec.args.kv_bytes(64)
     assert spec.active_bytes < 0.6 * spec.weight_bytes
     assert all(o.bytes_per_token == spec.active_bytes + kv for o in opts)
+
+
+def test_prefill_gbps_on_all_weights_decode_on_active(moe):
+    """A prefill chunk routes to nearly every expert: pp GB/s counts every weight; tg the active."""
+    rep = bench.run_benchmark(str(moe), BenchPlan(16, 4, (1,), 1), bw_bytes=2**24)
+    pp, tg = rep.rows
+    for row, nbytes in ((pp, rep.model.weight_bytes), (tg, rep.model.active_bytes)):
+        assert math.isclose(row.gbps, nbytes * row.tokens_per_s * row.n_passes / row.n_tokens / 1e9,
+                            rel_tol=1e-9), row.test
