@@ -77,16 +77,12 @@ def moe_route(logits: np.ndarray, k: int, renorm: bool) -> tuple[np.ndarray, np.
     """Softmax over the experts, then the k most probable: ids int64 (T, k) (best first) and
     their weights float32 (T, k), renormalised to sum 1 when `renorm` (llama.cpp's norm_w).
     logits: float32 (T, E)."""
-    z = logits.astype(np.float32) - logits.max(axis=-1, keepdims=True)
-    p = np.exp(z)
-    p /= p.sum(axis=-1, keepdims=True)
-    ids = np.argpartition(-p, k - 1, axis=-1)[:, :k]
-    w = np.take_along_axis(p, ids, axis=-1)
-    best = np.argsort(-w, axis=-1, kind="stable")
-    ids, w = np.take_along_axis(ids, best, -1), np.take_along_axis(w, best, -1)
-    if renorm:
-        w /= np.maximum(w.sum(axis=-1, keepdims=True), np.float32(_MIN_WEIGHT_SUM))
-    return ids.astype(np.int64), w.astype(np.float32)
+    logits = np.ascontiguousarray(logits, dtype=np.float32)
+    t = logits.shape[0]
+    ids = np.empty((t, k), dtype=np.int64)
+    w = np.empty((t, k), dtype=np.float32)
+    fused.moe_topk(logits, k, renorm, np.float32(_MIN_WEIGHT_SUM), ids, w)
+    return ids, w
 
 
 def balance(items: list[tuple[int, float]], n_threads: int, multiple: int) -> list[list]:
