@@ -103,13 +103,17 @@ class LoadedModel:
 
     @property
     def active_bytes(self) -> int:
-        """Weight bytes one decoded token reads: weight_bytes with only the expected share of
-        each routed expert tensor (n_expert_used of n_expert experts)."""
-        a = self.args
-        if not getattr(a, "n_expert", 0):
-            return self.weight_bytes
-        exp = sum(m.nbytes for m in self.model.experts())
-        return self.weight_bytes - exp + exp * a.n_expert_used // a.n_expert
+        """Weight bytes one decoded token reads: weight_bytes less the embedding table (one row
+        of it is read, unless it is also the output matrix) and, of each routed expert tensor,
+        only the expected share (n_expert_used of n_expert experts)."""
+        a, m = self.args, self.model
+        out = self.weight_bytes
+        if m.output is not m.token_embd:
+            out -= m.token_embd.nbytes
+        if getattr(a, "n_expert", 0):
+            exp = sum(e.nbytes for e in m.experts())
+            out -= exp - exp * a.n_expert_used // a.n_expert
+        return out
 
     def new_cache(self) -> list:
         """A fresh KV cache (one entry per layer) where the plan puts each layer's cache."""

@@ -24,12 +24,26 @@ def test_loaded_model_counts_experts_and_active_bytes(moe):
     f = GGUFFile(moe)
     mats = sum(int(t.nbytes) for t in f.tensors.values() if len(t.shape) >= 2)
     exps = sum(int(t.nbytes) for n, t in f.tensors.items() if "_exps." in n)
+    embd = int(f.tensors["token_embd.weight"].nbytes)     # one row read per token (untied)
     with numallm.load(moe, n_ctx=16) as llm:
         a = llm.args
         assert exps > 0.5 * mats
         assert llm.weight_bytes == mats                    # every matrix, experts included
-        assert llm.active_bytes == mats - exps + exps * a.n_expert_used // a.n_expert
+        assert llm.active_bytes == mats - embd - exps + exps * a.n_expert_used // a.n_expert
         assert llm.active_bytes < 0.6 * llm.weight_bytes   # top-2 of 8: a quarter of the experts
+    spec = ModelSpec.from_gguf(f)
+    norms = spec.weight_bytes - mats
+    assert spec.active_bytes == pytest.approx(llm.active_bytes + norms, abs=8)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_dense_active_bytes_leave_out_an_untied_embedding(synth_dir, tied):
+    """A dense token reads every matrix, but of the embedding table only a row, unless the
+    table is also the output matrix."""
+    path = synth.cached_model(synth_dir, "llama", "Q8_0", "tiny", tied_embeddings=tied)
+    with numallm.load(path, n_ctx=16) as llm:
+        embd = llm.model.token_embd.nbytes
+        assert llm.active_bytes == llm.weight_bytes - (0 if tied else embd)
 
 
 def test_bench_reports_size_and_gbps_on_active_bytes(moe):

@@ -115,12 +115,14 @@ class ModelSpec:
 
     @property
     def active_bytes(self) -> int:
-        """Weight bytes one decoded token reads: every tensor, but of the routed experts only the
-        k of n_expert it uses (the expected share; which ones the router picks)."""
+        """Weight bytes one decoded token reads: every tensor but the embedding table (one row of
+        it, unless it is also the output matrix), and of the routed experts only the k of
+        n_expert it uses (the expected share; which ones the router picks)."""
         a = self.args
         frac = a.n_expert_used / a.n_expert if getattr(a, "n_expert", 0) else 1.0
-        return int(sum(t.nbytes * (frac if t.decl.kind == "experts" else 1.0) for t in self.tensors)
-                   + self.extra_bytes)
+        untied = any(t.name == "output.weight" for t in self.tensors)
+        return int(sum(t.nbytes * (frac if t.decl.kind == "experts" else 1.0) for t in self.tensors
+                       if not (untied and t.name == "token_embd.weight")) + self.extra_bytes)
 
     def block_size(self, attr_split: tuple[int, str]) -> int:
         """The largest quant block of the tensors cut along columns by this split."""
@@ -433,9 +435,11 @@ def make_plan(spec: ModelSpec, topo, req: Request, gpus=None, gpu_why: str | Non
              ROWS: [w / sum(weights_by) for w in weights_by]}
     splits = {HEADS: heads, FF: ff}
     # every expert's ff rows (and the shared expert's), cut where the down matrices' column
-    # quant blocks allow, like the dense ff
+    # quant blocks allow, like the dense ff, and at whole quant blocks of gate/up too (a multiple
+    # of their kernels' 8-row groups)
     for unit, width in ((FF_EXP, getattr(a, "n_ff_exp", 0)), (FF_SHEXP, getattr(a, "n_ff_shexp", 0))):
-        bs = spec.block_size((2 if unit == FF_EXP else 1, unit))
+        col = 2 if unit == FF_EXP else 1
+        bs = max(spec.block_size((col, unit)), spec.block_size((col - 1, unit)))
         if not width:
             share[unit] = share[ROWS]
             continue
