@@ -183,7 +183,8 @@ class Placement:
 
     def _joins_per_layer(self) -> str:
         return ("4 per layer + 1 per forward" if self.strategy == "replicate"
-                else "decode 5 per layer + 1 per token, flat; prefill 2 per layer + 1 per forward")
+                else "decode 5 per layer + 1 per token (a MoE layer 6, 7 with a shared expert), "
+                     "flat; prefill 2 per layer + 1 per forward")
 
     def close(self) -> None:
         self.pool.close()
