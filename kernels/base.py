@@ -66,6 +66,13 @@ class Activations:
         for key, make in self.makers.items():
             make.fill(self.x, *self._forms[key])
 
+    def row(self, j: int) -> "Activations":
+        """Token j of this input as a one-token input sharing its memory: x and every form made
+        so far, sliced (every form array is (T, m)); `refill` of this one updates it."""
+        sub = Activations(self.x[j:j + 1])
+        sub._forms = {key: tuple(a[j:j + 1] for a in arrays) for key, arrays in self._forms.items()}
+        return sub
+
     def columns(self, a: int, b: int) -> "Activations":
         """Input columns [a, b) of a one-token input, sharing this one's memory: x and every
         form made so far, sliced, so a matrix split by columns reads its part of one encoding

@@ -56,3 +56,39 @@ def swiglu(gate, up, out):
         for j in range(f):
             g = gate[r, j]
             out[r, j] = g / (np.float32(1.0) + exp(-g)) * up[r, j]
+
+
+@njit(nogil=True, cache=True)
+def moe_topk(logits, k, renorm, min_sum, ids, w):
+    """Per row of logits float32 (T, E): softmax over the E experts, then the k most probable
+    (best first; equal probabilities by lower index) into ids int64 (T, k) and their
+    probabilities into w float32 (T, k), divided by max(their sum, min_sum) when renorm. One
+    pass per row: a decode step's routing is a few microseconds, not a dozen numpy calls."""
+    n_t, n_e = logits.shape
+    p = np.empty(n_e, np.float32)
+    taken = np.zeros(n_e, np.bool_)
+    for t in range(n_t):
+        m = logits[t, 0]
+        for e in range(1, n_e):
+            m = max(m, logits[t, e])
+        s = np.float32(0.0)
+        for e in range(n_e):
+            p[e] = np.exp(logits[t, e] - m)
+            s += p[e]
+        for e in range(n_e):
+            p[e] /= s
+            taken[e] = False
+        tot = np.float32(0.0)
+        for j in range(k):
+            best = -1
+            for e in range(n_e):
+                if not taken[e] and (best < 0 or p[e] > p[best]):
+                    best = e
+            taken[best] = True
+            ids[t, j] = best
+            w[t, j] = p[best]
+            tot += p[best]
+        if renorm:
+            d = max(tot, min_sum)
+            for j in range(k):
+                w[t, j] /= d

@@ -115,8 +115,9 @@ def human_params(n: int) -> str:
 @dataclass(frozen=True)
 class ModelInfo:
     label: str          # e.g. "llama Q4_0"
-    weight_bytes: int   # bytes of every weight matrix (what one forward streams)
+    weight_bytes: int   # bytes of every weight matrix (the size column)
     params: int         # elements of every tensor
+    active_bytes: int = 0   # what one decode step streams (MoE: the used experts' share); 0: all
 
 
 def format_table(model: ModelInfo, rows: Sequence[BenchRow]) -> str:
@@ -133,7 +134,10 @@ def format_table(model: ModelInfo, rows: Sequence[BenchRow]) -> str:
     def ms(v: float | None) -> str:
         return "" if v is None else f"{v:.2f}"
     for r in rows:
-        cells = [model.label, human_bytes(model.weight_bytes), human_params(model.params)]
+        size = human_bytes(model.weight_bytes)
+        if model.active_bytes and model.active_bytes != model.weight_bytes:
+            size += f" ({human_bytes(model.active_bytes)} active)"     # MoE: what a token reads
+        cells = [model.label, size, human_params(model.params)]
         cells += [r.engine] if compare else []
         bw = "?" if math.isnan(r.bw_fraction) else f"{100 * r.bw_fraction:.1f}"
         cells += [r.numa or "-", str(r.threads), r.test, f"{r.tokens_per_s:.2f} ± {r.stddev:.2f}",
@@ -165,6 +169,7 @@ def to_json_rows(model: ModelInfo, rows: Sequence[BenchRow],
     for r in rows:
         out.append({
             "model": model.label, "size_bytes": model.weight_bytes, "params": model.params,
+            "active_bytes": model.active_bytes or model.weight_bytes,
             "engine": r.engine, "test": r.test, "threads": r.threads, "n_tokens": r.n_tokens,
             "n_passes": r.n_passes, "samples": list(r.samples), "tokens_per_s": r.tokens_per_s,
             "stddev": r.stddev, "gbps": r.gbps,
@@ -250,11 +255,12 @@ class NumallmRunner:
     def info(self) -> tuple[ModelInfo, int]:
         """What the table says about the model, and its vocab size."""
         f, qtypes = self.llm.file, Counter()
-        for m in self.llm.model.linears():
+        for m in self.llm.model.linears() + self.llm.model.experts():
             qtypes[m.qtype.name] += m.nbytes
         label = model_label(f.architecture, f.get("general.file_type"), qtypes)
         params = int(sum(t.n_elements for t in f.tensors.values()))
-        return ModelInfo(label, self.llm.weight_bytes, params), self.llm.args.n_vocab
+        return (ModelInfo(label, self.llm.weight_bytes, params, self.llm.active_bytes),
+                self.llm.args.n_vocab)
 
     def _forward(self, tokens: np.ndarray, pos0: int) -> int:
         from .engine import PREFILL_CHUNK
@@ -383,10 +389,12 @@ def plan_tokens(plan: BenchPlan, n_vocab: int) -> tuple[np.ndarray, np.ndarray, 
 
 
 def run_tests(runners: Sequence, plan: BenchPlan, n_threads: int, n_vocab: int,
-              weight_bytes: int, machine_gbps: float, log: Callable[[str], None]
-              ) -> list[BenchRow]:
+              weight_bytes: int, machine_gbps: float, log: Callable[[str], None],
+              tg_bytes: int | None = None) -> list[BenchRow]:
     """Warm up each runner, then time pp and tg `plan.reps` times each. The engines take turns
-    repetition by repetition, so a load change on a shared machine hits both alike."""
+    repetition by repetition, so a load change on a shared machine hits both alike. GB/s:
+    weight_bytes per prefill pass (a chunk of tokens routes to nearly every expert), tg_bytes
+    (default weight_bytes) per decoded token (MoE: the used experts' share)."""
     pp, prompt, gen = plan_tokens(plan, n_vocab)
     for r in runners:
         r.decode(prompt[:WARMUP_TOKENS], gen[:2])   # untimed: compile, page cache, pool start
@@ -410,8 +418,8 @@ def run_tests(runners: Sequence, plan: BenchPlan, n_threads: int, n_vocab: int,
         runs = [[timed(lambda r: r.decode(prompt, gen), r) for r in runners] for _ in range(plan.reps)]
         other = [r.non_kernel_s(prompt, gen) for r in runners]
         rows += [summarize(r.engine, f"tg{plan.n_gen}", n_threads, plan.n_gen, plan.n_gen,
-                           [rep[i][0] for rep in runs], weight_bytes, machine_gbps, r.numa,
-                           syncs(runs, i), other[i])
+                           [rep[i][0] for rep in runs], tg_bytes or weight_bytes, machine_gbps,
+                           r.numa, syncs(runs, i), other[i])
                  for i, r in enumerate(runners)]
     for r in rows:
         extra = "".join(f", {k} {v:.2f} ms/token" for k, v in
@@ -457,7 +465,8 @@ def run_benchmark(path: str, plan: BenchPlan, vs_llama_cpp: bool = False,
             if vs_llama_cpp:
                 runners.append(LlamaCppRunner(path, t, plan.n_ctx))
             info, n_vocab = runners[0].info()
-            rows += run_tests(runners, plan, t, n_vocab, info.weight_bytes, machine[t], log)
+            rows += run_tests(runners, plan, t, n_vocab, info.weight_bytes, machine[t], log,
+                              info.active_bytes or None)
         finally:
             for r in runners:
                 r.close()

@@ -102,7 +102,21 @@ class LoadedModel:
     def weight_bytes(self) -> int:
         """Bytes of every weight matrix as stored, on the host or on a GPU."""
         gpu = self.offload.block_matrix_bytes() if self.offload is not None else 0
-        return sum(m.nbytes for m in self.model.linears()) + gpu
+        return sum(m.nbytes for m in self.model.linears() + self.model.experts()) + gpu
+
+    @property
+    def active_bytes(self) -> int:
+        """Weight bytes one decoded token reads: weight_bytes less the embedding table (one row
+        of it is read, unless it is also the output matrix) and, of each routed expert tensor,
+        only the expected share (n_expert_used of n_expert experts)."""
+        a, m = self.args, self.model
+        out = self.weight_bytes
+        if m.output is not m.token_embd:
+            out -= m.token_embd.nbytes
+        if getattr(a, "n_expert", 0):
+            exp = sum(e.nbytes for e in m.experts())
+            out -= exp - exp * a.n_expert_used // a.n_expert
+        return out
 
     def new_cache(self) -> list:
         """A fresh KV cache (one entry per layer) where the plan puts each layer's cache."""
@@ -150,6 +164,10 @@ class LLM(Session):
     @property
     def weight_bytes(self) -> int:
         return self.loaded.weight_bytes
+
+    @property
+    def active_bytes(self) -> int:
+        return self.loaded.active_bytes
 
     def session(self) -> Session:
         """Another conversation on this model's weights."""

@@ -10,6 +10,10 @@ selected expert's rows are read once with the batched kernels.
 """
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
 import numpy as np
 import numallm_kernels
 from numallm_kernels.base import Activations
@@ -42,9 +46,26 @@ class ExpertLinear:
         self.name, self.qtype, self.shape = qt.name, qt.qtype, qt.shape     # (E, N, K)
         self.nbytes = qt.nbytes
         self.raw = qt.data               # (E * N, row_bytes) uint8 GGUF view
-        self.ws = [self.unit.prepare(qt.data[e * n:(e + 1) * n]) for e in range(n_exp)]
-        if self.unit.repacks:            # as Linear: the prepared copies hold the weights now
-            numa_mem.release_file_pages(qt.data)
+        self.ws = []
+        for e in range(n_exp):
+            self.ws.append(self.unit.prepare(qt.data[e * n:(e + 1) * n]))
+            if self.unit.repacks:        # as Linear: the prepared copy holds the weights now
+                numa_mem.release_file_pages(qt.data[e * n:(e + 1) * n])
+
+    def pool(self):
+        """The pool its products run on."""
+        return threads.current()
+
+    def moe_parts(self, up: "ExpertLinear", down: "ExpertLinear", pool) -> list[ExpertPart]:
+        """How a routed feed-forward over (self, up, down) splits over `pool`'s threads: one part,
+        every thread, whole matrices (placement's records return one part per node)."""
+        n_ff = self.shape[1]
+        return [ExpertPart(range(pool.n_threads), self, up, down, (0, n_ff), n_ff, 0,
+                           (0, down.shape[1]))]
+
+    def reduce(self, outs: list[np.ndarray]) -> np.ndarray:
+        """The down products' outputs of moe_parts' bufs summed (one here)."""
+        return outs[0]
 
     @property
     def expert_nbytes(self) -> int:
@@ -61,7 +82,18 @@ def moe_route(logits: np.ndarray, k: int, renorm: bool, sigmoid: bool = False,
 
     As llama.cpp's build_moe_ffn: `bias` (E,) is added for the choice only (V3's exp_probs_b),
     the weights stay the unbiased probabilities; groups = (n_group, n_group_used) keeps, per
-    token, the n_group_used groups of E / n_group experts whose two best scores sum highest."""
+    token, the n_group_used groups of E / n_group experts whose two best scores sum highest.
+    Plain softmax routing (qwen*moe, Mixtral, V2) takes one Numba pass (fused.moe_topk)."""
+    n_group, n_used = groups
+    if not sigmoid and bias is None and not (n_group > 1 and n_used < n_group):
+        logits = np.ascontiguousarray(logits, dtype=np.float32)
+        t = logits.shape[0]
+        ids = np.empty((t, k), dtype=np.int64)                             # (T, k)
+        w = np.empty((t, k), dtype=np.float32)                             # (T, k)
+        fused.moe_topk(logits, k, renorm, np.float32(_MIN_WEIGHT_SUM), ids, w)
+        if scale:
+            w *= np.float32(scale)
+        return ids, w
     x = logits.astype(np.float32)
     if sigmoid:
         p = 1.0 / (1.0 + np.exp(-x))
@@ -69,7 +101,6 @@ def moe_route(logits: np.ndarray, k: int, renorm: bool, sigmoid: bool = False,
         p = np.exp(x - x.max(axis=-1, keepdims=True))
         p /= p.sum(axis=-1, keepdims=True)
     sel = p if bias is None else p + bias.astype(np.float32)
-    n_group, n_used = groups
     if n_group > 1 and n_used < n_group:
         t = sel.shape[0]
         g = sel.reshape(t, n_group, -1)                                     # (T, groups, E/groups)
@@ -112,16 +143,41 @@ def balance(items: list[tuple[int, float]], n_threads: int, multiple: int) -> li
     return shares
 
 
-def _dispatch(pool, ops_: list[tuple], cost: list[float]) -> None:
-    """Run products ops_[i] = (lin, expert, acts, out) (out float32 (T_i, N) C-contiguous = acts.x
-    @ W_e.T) as one pool dispatch, cut by (product x row range)."""
+@dataclass(frozen=True)
+class ExpertPart:
+    """One thread group's share of a routed feed-forward: threads `tids` of the pool compute rows
+    `ff` of `gate`/`up` into the (T*k, width) buffers named `buf` (parts with one `buf` share
+    them), SwiGLU, then rows `rows` of `down` over that buffer into the (T*k, n_embd) output
+    named `buf`; the outputs of distinct bufs are partial sums (`ExpertLinear.reduce`)."""
+
+    tids: Sequence[int]
+    gate: "ExpertLinear"
+    up: "ExpertLinear"
+    down: "ExpertLinear"
+    ff: tuple[int, int]
+    width: int
+    buf: int
+    rows: tuple[int, int]
+
+
+def _add_jobs(jobs: list[list], tids: Sequence[int], prods: list[tuple], cost: list[float],
+              r0: int, r1: int, tags: list[list] | None = None, keys: list | None = None) -> None:
+    """Append products prods[i] = (lin, expert, acts, out) (out float32 (T_i, N) C-contiguous
+    gets rows [r0, r1) of acts.x @ W_e.T) to the jobs of threads `tids`, cut by (product x row
+    range) in near-equal shares of work; with `tags`, keys[i] goes to tags[thread] beside each
+    of product i's tasks."""
     from .ops import task
 
-    mult = max(lin.unit.row_multiple for lin, *_ in ops_)
-    items = [(lin.shape[1], c) for (lin, *_), c in zip(ops_, cost)]
-    jobs = [[task(ops_[i][0].unit, ops_[i][0].ws[ops_[i][1]], ops_[i][2], ops_[i][3], r0, r1)
-             for i, r0, r1 in share] for share in balance(items, pool.n_threads, mult)]
-    pool.run_tasks(jobs)
+    if not prods or r1 <= r0:
+        return
+    mult = max(lin.unit.row_multiple for lin, *_ in prods)
+    items = [(r1 - r0, c) for c in cost]
+    for j, share in enumerate(balance(items, len(tids), mult)):
+        for i, a, b in share:
+            lin, e, acts, out = prods[i]
+            jobs[tids[j]].append(task(lin.unit, lin.ws[e], acts, out, r0 + a, r0 + b))
+            if tags is not None:
+                tags[tids[j]].append(keys[i])
 
 
 def moe_ffn(x: np.ndarray, ids: np.ndarray, weights: np.ndarray, gate: ExpertLinear,
@@ -134,45 +190,161 @@ def moe_ffn(x: np.ndarray, ids: np.ndarray, weights: np.ndarray, gate: ExpertLin
     order = np.argsort(flat, kind="stable")          # assignments grouped by expert
     experts, starts = np.unique(flat[order], return_index=True)
     ends = np.append(starts[1:], len(flat))
+    groups = list(zip(experts.tolist(), starts.tolist(), ends.tolist()))
     tok = order // k                                  # the token of each grouped assignment
-    n_ff = gate.shape[1]
-    pool = threads.current()
+    pool = gate.pool()
+    if t == 1:
+        replay = _replay(x, k, gate, up, down, pool)
+        if replay is not None:
+            return replay(x, ids, weights)
+    parts = gate.moe_parts(up, down, pool)
+    units = {gate.unit, up.unit}
 
     # gate and up of every selected expert over its tokens: one dispatch
-    shared = None
     if t == 1:                                        # decode: every expert reads the one token
         shared = Activations(x)
-        gate.unit.prepare_x(shared)
-        if up.unit is not gate.unit:
-            up.unit.prepare_x(shared)
-    g = np.empty((len(flat), n_ff), dtype=np.float32)    # (T*k, n_ff) grouped by expert
-    u = np.empty((len(flat), n_ff), dtype=np.float32)
-    prods, cost = [], []
-    for e, a, b in zip(experts.tolist(), starts.tolist(), ends.tolist()):
-        acts = shared
-        if acts is None:
-            acts = Activations(np.ascontiguousarray(x[tok[a:b]]))     # (n_e, K)
-            gate.unit.prepare_x(acts)
-            if up.unit is not gate.unit:
-                up.unit.prepare_x(acts)
-        prods += [(gate, e, acts, g[a:b]), (up, e, acts, u[a:b])]
-        cost += [b - a, b - a]
-    _dispatch(pool, prods, cost)
+        for u in units:
+            u.prepare_x(shared)
+        acts = [shared] * len(groups)
+    else:
+        acts = []
+        for e, a, b in groups:
+            acts.append(Activations(np.ascontiguousarray(x[tok[a:b]])))     # (n_e, K)
+            for u in units:
+                u.prepare_x(acts[-1])
+    gu = {p.buf: (np.empty((len(flat), p.width), dtype=np.float32),       # (T*k, width) grouped
+                  np.empty((len(flat), p.width), dtype=np.float32)) for p in parts}
+    jobs: list[list] = [[] for _ in range(pool.n_threads)]
+    for p in parts:
+        g, u = gu[p.buf]
+        prods, cost = [], []
+        for (e, a, b), ac in zip(groups, acts):
+            prods += [(p.gate, e, ac, g[a:b]), (p.up, e, ac, u[a:b])]
+            cost += [b - a, b - a]
+        _add_jobs(jobs, p.tids, prods, cost, *p.ff)
+    pool.run_tasks(jobs)
 
-    h = np.empty_like(g)                                  # (T*k, n_ff)
-    fused.swiglu(g, u, h)
+    hs = {}
+    for buf, (g, u) in gu.items():
+        hs[buf] = np.empty_like(g)                                        # (T*k, width)
+        fused.swiglu(g, u, hs[buf])
 
     # down of every selected expert over its own inputs: one dispatch
-    d = np.empty((len(flat), down.shape[1]), dtype=np.float32)   # (T*k, K) grouped by expert
-    prods, cost = [], []
-    for e, a, b in zip(experts.tolist(), starts.tolist(), ends.tolist()):
-        acts = Activations(h[a:b])
-        down.unit.prepare_x(acts)
-        prods.append((down, e, acts, d[a:b]))
-        cost.append(b - a)
-    _dispatch(pool, prods, cost)
+    ds = {p.buf: np.empty((len(flat), p.down.shape[1]), dtype=np.float32) for p in parts}
+    hacts: dict = {}
+    jobs = [[] for _ in range(pool.n_threads)]
+    for p in parts:
+        prods, cost = [], []
+        for e, a, b in groups:
+            ac = hacts.get((p.buf, e))
+            if ac is None:
+                ac = hacts[p.buf, e] = Activations(hs[p.buf][a:b])          # (n_e, width)
+                p.down.unit.prepare_x(ac)
+            prods.append((p.down, e, ac, ds[p.buf][a:b]))
+            cost.append(b - a)
+        _add_jobs(jobs, p.tids, prods, cost, *p.rows)
+    pool.run_tasks(jobs)
+    d = gate.reduce([ds[b] for b in sorted(ds)])     # (T*k, K) grouped by expert
 
     # back to (token, slot) order, weighted sum over the k slots
     per = np.empty_like(d)
     per[order] = d
     return np.einsum("tk,tkd->td", weights, per.reshape(t, k, -1)).astype(np.float32, copy=False)
+
+
+# -- decode replay -------------------------------------------------------------------------------
+
+class _MoEReplay:
+    """The decode (one token) dispatches of moe_ffn over (gate, up, down) on one pool, encoded
+    once, as ops._Replay does for dense products: the token's activation forms, the k slots'
+    gate/up/SwiGLU/down buffers and both task tables stay allocated, and slot j's tasks are
+    written for expert 0; a token re-encodes x (one form fill), points each task's weight
+    address at the expert the router put in its slot (one numpy gather per table), and runs the
+    tables. Encoding ~25 tasks per layer per token in Python was most of the MoE decode's time
+    outside the kernels. None of it applies when a unit has no native kernel task."""
+
+    def __init__(self, x: np.ndarray, k: int, gate, up, down, pool):
+        from . import ops
+
+        self.pool, self.gate, self.epoch = pool, gate, ops.REPLAY_EPOCH
+        parts = gate.moe_parts(up, down, pool)
+        self.acts = Activations(x.copy())                                   # (1, K)
+        for u in {gate.unit, up.unit}:
+            u.prepare_x(self.acts)
+        widths = {p.buf: p.width for p in parts}
+        self.g = {b: np.zeros((k, w), np.float32) for b, w in widths.items()}   # (k, width) per slot
+        self.u = {b: np.zeros((k, w), np.float32) for b, w in widths.items()}
+        self.hacts = {b: Activations(np.zeros((k, w), np.float32)) for b, w in widths.items()}
+        for b in widths:
+            down.unit.prepare_x(self.hacts[b])
+        self.d = {p.buf: np.zeros((k, p.down.shape[1]), np.float32) for p in parts}  # (k, K)
+        self.ok = self.acts.refillable and all(a.refillable for a in self.hacts.values())
+        if self.ok:
+            self.gu = self._encode(pool, k, [(p, m, self.acts, out[p.buf], p.ff) for p in parts
+                                             for m, out in ((p.gate, self.g), (p.up, self.u))])
+            self.dn = self._encode(pool, k, [(p, p.down, self.hacts[p.buf], self.d[p.buf], p.rows)
+                                             for p in parts])
+            self.ok = self.gu is not None and self.dn is not None
+
+    @staticmethod
+    def _encode(pool, k: int, prods: list[tuple]):
+        """Table, spans, per row its tensor and slot, and per tensor its experts' weight
+        addresses (int64 (tensors, E)), for products (part, matrix, acts, out, rows) over k slots."""
+        from numallm_kernels._native import address
+
+        jobs: list[list] = [[] for _ in range(pool.n_threads)]
+        tags: list[list] = [[] for _ in range(pool.n_threads)]
+        addrs = []
+        for ti, (p, m, acts, out, (r0, r1)) in enumerate(prods):
+            one = [m.unit.native_task(m.ws[e], acts.row(0) if acts.x.shape[0] > 1 else acts,
+                                      out[0:1], r0, max(r1, r0 + 1)) for e in range(m.shape[0])]
+            if any(t is None for t in one) or len({t[1].shape for t in one}) != 1:
+                return None
+            addrs.append([address(t[1]) for t in one])
+            slots = [(m, 0, acts.row(j) if acts.x.shape[0] > 1 else acts, out[j:j + 1])
+                     for j in range(k)]
+            _add_jobs(jobs, p.tids, slots, [1.0] * k, r0, r1, tags, [(ti, j) for j in range(k)])
+        enc = pool.encode(jobs)
+        if enc is None:
+            return None
+        flat = [key for share in tags for key in share]
+        ti = np.array([a for a, _ in flat], np.int64)
+        slot = np.array([b for _, b in flat], np.int64)
+        return enc[0], enc[1], ti, slot, np.array(addrs, np.int64)
+
+    def __call__(self, x: np.ndarray, ids: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        from . import ops
+
+        t0 = time.perf_counter()
+        e = ids[0]                                                          # (k,) the slots' experts
+        self.acts.refill(x)
+        table, spans, ti, slot, addrs = self.gu
+        table[:, 1] = addrs[ti, e[slot]]                                    # each task's expert
+        self.pool.run_encoded(table, spans)
+        for b, h in self.hacts.items():
+            fused.swiglu(self.g[b], self.u[b], h.x)
+            h.refill(h.x)
+        table, spans, ti, slot, addrs = self.dn
+        table[:, 1] = addrs[ti, e[slot]]
+        self.pool.run_encoded(table, spans)
+        if ops._spans is not None:      # one span: the token's encoding to the last thread's end
+            ops._spans.append((t0, time.perf_counter()))
+        d = self.gate.reduce([self.d[b] for b in sorted(self.d)])        # (k, K)
+        return (weights[0] @ d)[None].astype(np.float32, copy=False)
+
+
+def _replay(x: np.ndarray, k: int, gate, up, down, pool) -> _MoEReplay | None:
+    from . import ops
+
+    if not isinstance(pool, (threads.RowPool, threads.NodePools)):
+        return None
+    cache = getattr(gate, "_moe_replays", None)
+    if cache is None:
+        cache = gate._moe_replays = {}
+    key = (up, down, pool, k)          # matrices and pools hash by identity
+    r = cache.get(key)
+    if r is None or r.epoch != ops.REPLAY_EPOCH:
+        if ops._spans is not None:     # (it would encode the timed calls)
+            return None
+        r = cache[key] = _MoEReplay(x, k, gate, up, down, pool)
+    return r if r.ok else None

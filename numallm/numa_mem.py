@@ -325,3 +325,16 @@ def release_file_pages(a: np.ndarray) -> int:
     if _libc().madvise(start, end - start, _MADV_DONTNEED) != 0:
         return 0
     return end - start
+
+
+def trim_heap() -> None:
+    """Give the C heap's free pages back to the kernel (glibc malloc_trim). Many mid-sized arrays
+    (a MoE tensor's experts, prepared one by one) live in the heap rather than in mmaps of their
+    own once glibc's adaptive mmap threshold has grown, and freeing them returns nothing to the
+    kernel: placement calls this after dropping each build copy it replaced by node slices, so
+    the copies do not stay resident next to the slices. No-op without glibc."""
+    try:
+        _libc().malloc_trim(0)
+    except AttributeError:
+        pass
+

@@ -119,3 +119,24 @@ def test_attention_paths_match_a_float64_reference(t, pos0):
     got = ops.attention(q, k, v, cache, pos0)
     want = _reference_attention(q, cache.k[:, :pos0 + t], cache.v[:, :pos0 + t], pos0)
     assert nmse(got, want) < 1e-12
+
+
+@pytest.mark.parametrize("renorm", [True, False])
+def test_moe_topk_matches_numpy(renorm):
+    """Routing: softmax, the k most probable best first, renormalised or not; ties by index."""
+    from numallm import ops
+
+    rng = np.random.default_rng(4)
+    logits = (3 * rng.standard_normal((40, 64))).astype(np.float32)
+    logits[0, [5, 9, 30]] = 20.0                             # a three-way tie at the top
+    p = np.exp(logits.astype(np.float64) - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    want_ids = np.argsort(-p, axis=1, kind="stable")[:, :8]
+    want_w = np.take_along_axis(p, want_ids, 1)
+    if renorm:
+        want_w /= want_w.sum(1, keepdims=True)
+    ids, w = ops.moe_route(logits, 8, renorm)
+    assert ids.dtype == np.int64 and w.dtype == np.float32
+    np.testing.assert_array_equal(ids, want_ids)
+    assert list(ids[0, :3]) == [5, 9, 30]
+    np.testing.assert_allclose(w, want_w, rtol=2e-6, atol=1e-7)

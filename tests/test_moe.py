@@ -274,12 +274,12 @@ def test_chat_end_to_end(synth_dir):
     assert t.wait() == 0
 
 
-def test_shard_refuses_experts_with_one_line(synth_dir):
-    """Splitting experts' ff rows over nodes is not implemented yet: one clear line, exit 1
-    (replicate and off run)."""
+def test_topo_verify_finds_every_expert_slice_on_its_node(synth_dir):
+    """`topo MODEL --verify --numa shard`: the expert slices are checked like any other (exit 0:
+    every slice's pages on its node) and the routed layers run under shard."""
     path = synth.cached_model(synth_dir, arch="qwen3moe", qtype="Q8_0", shape="tiny-moe", seed=7)
-    r = subprocess.run([sys.executable, "-m", "numallm", "run", str(path), "hi", "-n", "2",
-                        "--numa", "shard", "--virtual-nodes", "2"], capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-m", "numallm", "topo", str(path), "--verify", "--numa",
+                        "shard", "--virtual-nodes", "2", "--json"], capture_output=True, text=True,
                        timeout=300)
-    lines = r.stderr.strip().splitlines()
-    assert r.returncode == 1 and len(lines) == 1 and "cannot split by 'ff_exp'" in lines[0], r.stderr
+    assert r.returncode == 0, r.stderr
+    assert "ffn_gate_exps" in r.stdout and "ffn_down_exps" in r.stdout

@@ -332,6 +332,10 @@ class Transformer:
                                     if isinstance(m, ops.Linear)]
         return mats + ([self.output] if self.output is not self.token_embd else [])
 
+    def experts(self) -> list[ops.ExpertLinear]:
+        """Every routed expert tensor (MoE blocks; placement's records of them included)."""
+        return [m for b in self.blk for m in vars(b).values() if isinstance(m, ops.ExpertLinear)]
+
     def __call__(self, tokens: np.ndarray, cache: list[ops.KVCache], pos0: int,
                  last_only: bool = True) -> np.ndarray:
         """tokens: (T,) ids at positions pos0.. -> logits float32 (1 or T, n_vocab)."""

@@ -40,7 +40,7 @@ def compare(spec: ModelSpec, topo, n_ctx: int, node_ids: list[int],
     for strategy in COMPARED:
         ids = (best,) if strategy == "isolate" else tuple(node_ids)
         plan = make_plan(spec, topo, Request(numa=strategy, n_ctx=n_ctx, nodes=ids))
-        per_token = plan.weight_bytes + plan.kv_bytes
+        per_token = spec.active_bytes + plan.kv_bytes     # MoE: the used experts' share
         threads = sum(n.n_threads for n in plan.nodes) or 1
         # each node reads its threads' share of the weights and KV per step
         step_s = max(per_token * n.n_threads / threads / (bandwidth[n.node] * 1e9) for n in plan.nodes)

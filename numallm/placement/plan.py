@@ -121,17 +121,20 @@ class ModelSpec:
 
     @property
     def active_bytes(self) -> int:
-        """Weight bytes one decoded token reads: every tensor, but of the routed experts only the
-        k of n_expert it uses (the expected share; which ones the router picks)."""
+        """Weight bytes one decoded token reads: every tensor but the embedding table (one row of
+        it, unless it is also the output matrix), and of the routed experts only the k of
+        n_expert it uses (the expected share; which ones the router picks)."""
         a = self.args
         frac = a.n_expert_used / a.n_expert if getattr(a, "n_expert", 0) else 1.0
-        return int(sum(t.nbytes * (frac if t.decl.kind == "experts" else 1.0) for t in self.tensors)
-                   + self.extra_bytes)
+        untied = any(t.name == "output.weight" for t in self.tensors)
+        return int(sum(t.nbytes * (frac if t.decl.kind == "experts" else 1.0) for t in self.tensors
+                       if not (untied and t.name == "token_embd.weight")) + self.extra_bytes)
 
     def block_size(self, attr_split: tuple[int, str]) -> int:
         """The largest quant block of the tensors cut along columns by this split."""
         return max((t.block_size for t in self.tensors
-                    if t.decl.split == attr_split and t.decl.kind == "matrix"), default=1)
+                    if t.decl.split == attr_split and t.decl.kind in ("matrix", "experts")),
+                   default=1)
 
 
 def _layer(name: str) -> int | None:
@@ -436,9 +439,21 @@ def make_plan(spec: ModelSpec, topo, req: Request, gpus=None, gpu_why: str | Non
     share = {HEADS: [(h1 - h0) / a.n_head_kv for h0, h1 in heads],
              FF: [(f1 - f0) / a.n_ff for f0, f1 in ff],
              ROWS: [w / sum(weights_by) for w in weights_by]}
-    # experts' ff slices (placement cannot cut them yet: sharded.py refuses): their share by threads
-    share[FF_EXP] = share[FF_SHEXP] = share[ROWS]
-    share[MLA_HEADS] = share[ROWS]             # MLA heads: likewise (sharded.py refuses them)
+    share[MLA_HEADS] = share[ROWS]             # MLA heads: by threads (sharded.py refuses them yet)
+    splits = {HEADS: heads, FF: ff}
+    # every expert's ff rows (and the shared expert's), cut where the down matrices' column
+    # quant blocks allow, like the dense ff, and at whole quant blocks of gate/up too (a multiple
+    # of their kernels' 8-row groups)
+    for unit, width in ((FF_EXP, getattr(a, "n_ff_exp", 0)), (FF_SHEXP, getattr(a, "n_ff_shexp", 0))):
+        col = 2 if unit == FF_EXP else 1
+        bs = max(spec.block_size((col, unit)), spec.block_size((col - 1, unit)))
+        if not width:
+            share[unit] = share[ROWS]
+            continue
+        cut = [(s * bs, e * bs) for s, e in split_units(width // bs, weights_by)] \
+            if width % bs == 0 else [(0, width)] + [(width, width)] * (n - 1)
+        splits[unit] = cut
+        share[unit] = [(e - s) / width for s, e in cut]
 
     w_node = [0.0] * n
     for t in spec.tensors:
@@ -450,6 +465,9 @@ def make_plan(spec: ModelSpec, topo, req: Request, gpus=None, gpu_why: str | Non
         elif strategy == "shard" and t.decl.split is not None:
             for i in range(n):
                 w_node[i] += t.nbytes * share[t.decl.split[1]][i]
+        elif strategy == "shard" and t.decl.kind == "matrix" and t.layer is not None:
+            for i in range(n):                 # a router: a copy per node (placement/sharded.py)
+                w_node[i] += t.nbytes
         else:                                  # one node, or a small tensor held once
             w_node[0] += t.nbytes
     w_node[0] += spec.extra_bytes
@@ -467,7 +485,7 @@ def make_plan(spec: ModelSpec, topo, req: Request, gpus=None, gpu_why: str | Non
     notes = []
     if topo is not None and topo.virtual and strategy != "off":
         notes.append("virtual nodes: slices are allocated on the real node each was carved from")
-    return Plan(strategy, reason, n_ctx, req.n_seq, nodes, {HEADS: heads, FF: ff}, per,
+    return Plan(strategy, reason, n_ctx, req.n_seq, nodes, splits, per,
                 spec.weight_bytes, a.kv_bytes(n_ctx) * req.n_seq, gplan,
                 bool(topo is not None and topo.virtual), tuple(notes))
 

@@ -9,6 +9,7 @@ from .. import numa_mem, ops, threads
 from ..placement_check import pct
 from ..models.base import FF, HEADS
 from .plan import ModelSpec, Plan, Request, make_plan, split_units
+from .experts import replicate_experts
 from .sharded import Exchange, LocalLinear, ShardedBlock, ShardedLinear, _localize, _slice
 
 GiB = 2 ** 30
@@ -116,7 +117,7 @@ class Placement:
                 if all(c is not None for c in counts):
                     total = sum(sum(c.values()) for c in counts)
                     local = sum(c.get(g.mem_node, 0) for c in counts) / total if total else 1.0
-                rows, cols = ((p.a, p.b), None) if p.axis == 0 else ((0, lin.shape[0]), (p.a, p.b))
+                rows, cols = ((p.a, p.b), None) if p.axis == 0 else ((0, lin.shape[-2]), (p.a, p.b))
                 out.append(SliceReport(lin.name, g.node, g.mem_node, rows,
                                        sum(a.nbytes for a in p.arrays), local, cols))
         return out
@@ -182,7 +183,8 @@ class Placement:
 
     def _joins_per_layer(self) -> str:
         return ("4 per layer + 1 per forward" if self.strategy == "replicate"
-                else "decode 5 per layer + 1 per token, flat; prefill 2 per layer + 1 per forward")
+                else "decode 5 per layer + 1 per token (a MoE layer 6, 7 with a shared expert), "
+                     "flat; prefill 2 per layer + 1 per forward")
 
     def close(self) -> None:
         self.pool.close()
@@ -267,9 +269,17 @@ def _apply(model, plan: Plan, topo, gpu_layers: frozenset[int]) -> Placement:
     if strategy == "replicate":
         for _, blk in host:
             _replace_linears(blk, rows)
+            for k, v in list(vars(blk).items()):
+                if isinstance(v, ops.ExpertLinear):      # a copy per node, rows cut by threads
+                    step = v.unit.row_multiple
+                    per = [(min(a * step, v.shape[1]), min(b * step, v.shape[1]))
+                           for a, b in split_units(-(-v.shape[1] // step), weights)]
+                    rec = replicate_experts(v, per, groups, pool, exchange)
+                    setattr(blk, k, rec)
+                    placement.linears.append(rec)
         return placement
     for i, blk in host:
-        sb = ShardedBlock(blk, plan.splits[HEADS], plan.splits[FF], groups, pool, exchange, i)
+        sb = ShardedBlock(blk, plan.splits, groups, pool, exchange, i)
         model.blk[i] = sb
         placement.blocks.append(sb)
         placement.linears.extend(sb.records.values())

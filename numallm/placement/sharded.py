@@ -17,6 +17,7 @@ from numallm_kernels.base import Activations
 from .. import numa_mem, ops, threads
 from ..errors import UnsupportedError
 from ..models.base import FF, HEADS
+from ..models.decl import FF_EXP, FF_SHEXP
 from .plan import split_units
 
 
@@ -151,7 +152,8 @@ class ShardedLinear(ops.Linear):
         gathered, outs = [], []
         for p in self.parts:
             if p.full:              # the node's own copy of every row: global rows, shared output
-                share(p, p.b - p.a, acts, out, p.a)
+                if p.b > p.a:
+                    share(p, p.b - p.a, acts, out, p.a)
                 continue
             o = out[:, p.a:p.b] if t == 1 else np.empty((t, p.b - p.a), dtype=np.float32)
             share(p, p.b - p.a, acts, o)
@@ -172,6 +174,22 @@ class ShardedLinear(ops.Linear):
             local = r if p.full else r - p.a
             self.unit.dequantize(p.w, out[i:i + 1], local, local + 1)
         return out
+
+
+def _replicated(lin: ops.Linear, groups: list, nodes: threads.NodePools, exchange: Exchange,
+                weights: list[int]) -> ShardedLinear:
+    """A whole copy of `lin` in every node's memory (each node computes its share of the rows
+    from its copy, cut at the kernel's row groups; a node may get none but keeps its copy for
+    its own half-layer runs)."""
+    lin.w = None
+    step = lin.unit.row_multiple
+    parts = []
+    for i, (a, b) in enumerate(split_units(-(-lin.shape[0] // step), weights)):
+        a, b = min(a * step, lin.shape[0]), min(b * step, lin.shape[0])
+        w, arrays = _localize(lin.unit, lin.raw, groups[i].mem_node)
+        parts.append(LocalLinear(lin, i, 0, a, b, w, arrays, full=True))
+    numa_mem.release_file_pages(lin.raw)
+    return ShardedLinear(lin, parts, nodes, exchange, 0)
 
 
 # -- sharded blocks ----------------------------------------------------------------------------------
@@ -248,9 +266,12 @@ class ShardedBlock:
     (the sums of the partials), and it holds ShardedLinear records of the slices under the
     matrices' attribute names (what Transformer.linears and the report walk)."""
 
-    def __init__(self, block, heads: list[tuple[int, int]], ff: list[tuple[int, int]],
-                 groups: list, nodes: threads.NodePools, exchange: Exchange, layer: int):
+    def __init__(self, block, splits: dict, groups: list, nodes: threads.NodePools,
+                 exchange: Exchange, layer: int):
+        from .experts import shard_experts
+
         a = block.a
+        heads, ff = splits[HEADS], splits[FF]
         group, hd = a.n_head // a.n_head_kv, a.head_dim
         self.layer, self.heads, self.ff = layer, heads, ff
         self.head_dim, self.nodes, self.exchange = hd, nodes, exchange
@@ -261,17 +282,34 @@ class ShardedBlock:
             v.a = dataclasses.replace(a, n_head=(h1 - h0) * group, n_head_kv=h1 - h0, n_ff=f1 - f0)
         # the block's own declaration says how each tensor splits (models.base.T)
         per_unit = {HEADS: lambda n: [(h0 * n // a.n_head_kv, h1 * n // a.n_head_kv) for h0, h1 in heads],
-                    FF: lambda n: ff}
+                    FF: lambda n: ff, FF_EXP: lambda n: splits.get(FF_EXP),
+                    FF_SHEXP: lambda n: splits.get(FF_SHEXP)}
         self.records: dict[str, ShardedLinear] = {}
+        weights = [g.n_threads for g in groups]
         for spec in type(block).TENSORS:
             value = getattr(block, spec.attr)
-            if value is None or spec.split is None:
-                continue                               # absent, or kept whole by every node
+            if value is None:
+                continue
+            if spec.split is None:
+                if isinstance(value, ops.Linear):      # a router: a copy per node (small)
+                    rec = _replicated(value, groups, nodes, exchange, weights)
+                    for p in rec.parts:
+                        setattr(views[p.group], spec.attr, p)
+                    self.records[spec.attr] = rec
+                continue                               # a vector: kept whole by every node
             axis, unit = spec.split
-            if unit not in per_unit:
+            per = per_unit[unit](a.dims(spec.shape)[axis]) if unit in per_unit else None
+            if per is None:
                 raise UnsupportedError(f"blk.{layer}.{spec.name}: --numa shard cannot split by "
                                        f"{unit!r}; use --numa replicate or off")
-            per = per_unit[unit](a.dims(spec.shape)[axis])
+            if spec.kind == "experts":                 # every expert's rows / columns per node
+                rec = shard_experts(value, axis, per, groups, nodes, exchange)
+                for v in views:
+                    setattr(v, spec.attr, None)
+                for p in rec.parts:
+                    setattr(views[p.group], spec.attr, p)
+                self.records[spec.attr] = rec
+                continue
             if spec.kind != "matrix":                  # a vector follows its matrix's rows
                 for i, v in enumerate(views):
                     s, e = per[i]
@@ -293,6 +331,10 @@ class ShardedBlock:
             raise UnsupportedError(f"blk.{layer}: {', '.join(unknown)} not declared with a split; "
                                    f"--numa shard cannot place it; use --numa replicate or off")
         self.views = views
+        # nodes with feed-forward work of their own (a router copy alone is none)
+        self.ff_nodes = [any(p.group == i and not getattr(p, "full", False)
+                             for name, r in self.records.items() if name.startswith("ffn_")
+                             for p in r.parts) for i in range(len(groups))]
         self._last_cache: Callable[[], NodeCaches | None] = lambda: None
         # the whole layer over the records: a decode step runs the block's own code on it
         self.flat = copy.copy(block)
@@ -338,8 +380,8 @@ class ShardedBlock:
         def run(i: int) -> None:
             parts[i] = views[i].ffn(x)
 
-        self.nodes.run_nodes([(lambda i=i: run(i)) if f1 > f0 else None
-                              for i, (f0, f1) in enumerate(self.ff)])
+        self.nodes.run_nodes([(lambda i=i: run(i)) if active else None
+                              for i, active in enumerate(self.ff_nodes)])
         return self.exchange.allreduce(parts)
 
     def make_cache(self, n_ctx: int) -> NodeCaches:
