@@ -143,6 +143,16 @@ class LoadedModel:
             self.passes += 1
             return self.model(tokens, per_layer, positions, last_only=False)
 
+    def decode(self, gens: list) -> None:
+        """One decode step of several generations (Session.start, each on its own session) as
+        one forward_batch: each gets its next logits (Generation.fed)."""
+        if len({id(g.session) for g in gens}) != len(gens):
+            raise NumallmError("a batch holds one generation per session (each has one KV cache)")
+        logits = self.forward_batch([g.token for g in gens], [g.session.cache for g in gens],
+                                    [g.position for g in gens])                      # (B, n_vocab)
+        for g, row in zip(gens, logits):
+            g.fed(row)
+
     def batchable(self, caches: list[list]) -> bool:
         """Whether forward_batch runs these sequences as one pass (host caches, no offload)."""
         return (self.offload is None and len(caches) > 1
