@@ -1,0 +1,114 @@
+"""Aggregate decode tokens/s with 1, 2, 4 ... sequences decoding together (LoadedModel.decode,
+the step `numallm serve`'s scheduler runs), on one model file.
+
+Run:  python benchmarks/bench_batch.py MODEL.gguf [--streams 1 2 4] [--tokens 32] [--threads N]
+      [--server]   (also through `numallm serve --parallel N` with N concurrent openai clients)
+
+Each count: that many sessions prefill a short prompt each, then `--tokens` batched decode steps
+(greedy, end-of-text ignored) are timed; tokens/s = streams x steps / seconds. Not asserted:
+timings on a shared machine are noisy (run it alone, e.g. under flock).
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import numallm
+
+PROMPTS = ["Once upon a time", "The quick brown fox", "In a galaxy far away", "Hello world",
+           "The meaning of life", "A long time ago", "My favourite food", "Rain in Spain"]
+
+
+def library(loaded, streams: int, tokens: int) -> float:
+    gens = []
+    for i in range(streams):
+        g = loaded.session().start(PROMPTS[i % len(PROMPTS)], tokens + 1, temperature=0,
+                                   stop_tokens=[])
+        while not g.prefill():
+            pass
+        g.emit()
+        gens.append(g)
+    loaded.decode(gens)                               # warm: the first batched step of this size
+    for g in gens:
+        g.emit()
+    t0 = time.perf_counter()
+    for _ in range(tokens - 1):
+        loaded.decode(gens)
+        for g in gens:
+            g.emit()
+    return streams * (tokens - 1) / (time.perf_counter() - t0)
+
+
+def server(path: str, streams: int, tokens: int, threads: int | None) -> float:
+    import openai
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "numallm", "serve", path, "--port", str(port), "-c", "256",
+           "--parallel", str(streams), "--numa", "off"] + (["-t", str(threads)] if threads else [])
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0,
+                          timeout=600)
+        for _ in range(600):
+            try:
+                c.models.list()
+                break
+            except openai.APIConnectionError:
+                time.sleep(0.5)
+        c.completions.create(model="x", prompt="warm", max_tokens=2, temperature=0)
+
+        def one(i):
+            firsts, n = [], 0
+            for ch in c.completions.create(model="x", prompt=PROMPTS[i % len(PROMPTS)],
+                                           max_tokens=tokens, temperature=0, stream=True):
+                n += 1
+                firsts.append(time.perf_counter())
+            return firsts[0], firsts[-1], n
+
+        with cf.ThreadPoolExecutor(streams) as ex:
+            runs = list(ex.map(one, range(streams)))
+        # decode window: from the last stream's first token to the last token of all
+        t0, t1 = max(r[0] for r in runs), max(r[1] for r in runs)
+        n = sum(sum(1 for _ in range(r[2])) for r in runs)
+        return (n - streams) / (t1 - t0) if t1 > t0 else float("nan")
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("model")
+    ap.add_argument("--streams", type=int, nargs="+", default=[1, 2, 4])
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--server", action="store_true")
+    a = ap.parse_args()
+    print(f"{a.model}: cpus {os.cpu_count()}, load {os.getloadavg()[0]:.2f}")
+    loaded = numallm.LoadedModel(a.model, n_ctx=256, n_threads=a.threads, numa="off",
+                                 n_seq=max(a.streams))
+    base = None
+    for n in a.streams:
+        tps = library(loaded, n, a.tokens)
+        base = base or tps
+        print(f"library  {n} streams: {tps:7.2f} tok/s aggregate ({tps / base:.2f}x one stream)",
+              flush=True)
+    loaded.close()
+    if a.server:
+        base = None
+        for n in a.streams:
+            tps = server(a.model, n, a.tokens, a.threads)
+            base = base or tps
+            print(f"server   {n} streams: {tps:7.2f} tok/s aggregate ({tps / base:.2f}x one stream)",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()
