@@ -52,19 +52,40 @@ class ExpertLinear:
         return self.nbytes // self.shape[0]
 
 
-def moe_route(logits: np.ndarray, k: int, renorm: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Softmax over the experts, then the k most probable: ids int64 (T, k) (best first) and
-    their weights float32 (T, k), renormalised to sum 1 when `renorm` (llama.cpp's norm_w).
-    logits: float32 (T, E)."""
-    z = logits.astype(np.float32) - logits.max(axis=-1, keepdims=True)
-    p = np.exp(z)
-    p /= p.sum(axis=-1, keepdims=True)
-    ids = np.argpartition(-p, k - 1, axis=-1)[:, :k]
+def moe_route(logits: np.ndarray, k: int, renorm: bool, sigmoid: bool = False,
+              bias: np.ndarray | None = None, groups: tuple[int, int] = (0, 0),
+              scale: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """Softmax (or `sigmoid`, DeepSeek-V3) over the experts, then the k best: ids int64 (T, k)
+    and their weights float32 (T, k), renormalised to sum 1 when `renorm` (llama.cpp's norm_w),
+    times `scale` when non-zero. logits: float32 (T, E).
+
+    As llama.cpp's build_moe_ffn: `bias` (E,) is added for the choice only (V3's exp_probs_b),
+    the weights stay the unbiased probabilities; groups = (n_group, n_group_used) keeps, per
+    token, the n_group_used groups of E / n_group experts whose two best scores sum highest."""
+    x = logits.astype(np.float32)
+    if sigmoid:
+        p = 1.0 / (1.0 + np.exp(-x))
+    else:
+        p = np.exp(x - x.max(axis=-1, keepdims=True))
+        p /= p.sum(axis=-1, keepdims=True)
+    sel = p if bias is None else p + bias.astype(np.float32)
+    n_group, n_used = groups
+    if n_group > 1 and n_used < n_group:
+        t = sel.shape[0]
+        g = sel.reshape(t, n_group, -1)                                     # (T, groups, E/groups)
+        score = np.sort(g, axis=-1)[..., -2:].sum(axis=-1)                  # (T, groups)
+        keep = np.argsort(-score, axis=-1, kind="stable")[:, :n_used]
+        mask = np.full(score.shape, -np.inf, dtype=np.float32)
+        np.put_along_axis(mask, keep, 0.0, axis=-1)
+        sel = (g + mask[..., None]).reshape(t, -1)
+    ids = np.argpartition(-sel, k - 1, axis=-1)[:, :k]
+    best = np.argsort(-np.take_along_axis(sel, ids, -1), axis=-1, kind="stable")
+    ids = np.take_along_axis(ids, best, -1)
     w = np.take_along_axis(p, ids, axis=-1)
-    best = np.argsort(-w, axis=-1, kind="stable")
-    ids, w = np.take_along_axis(ids, best, -1), np.take_along_axis(w, best, -1)
     if renorm:
         w /= np.maximum(w.sum(axis=-1, keepdims=True), np.float32(_MIN_WEIGHT_SUM))
+    if scale:
+        w *= np.float32(scale)
     return ids.astype(np.int64), w.astype(np.float32)
 
 

@@ -7,6 +7,7 @@ given those run there, so each architecture keeps one forward.
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from typing import Callable
 
@@ -249,15 +250,28 @@ class Rope:
     neox=True: rotating halves (x[i], x[i + dim/2]) as GPT-NeoX/Qwen do.
     inv_freq[i] = base^(-2i/dim) / freq_factors[i] (Llama 3.x long-context factors), and positions
     are multiplied by `freq_scale` (linear scaling).
+
+    YaRN (ext_factor != 0, as ggml's rope_yarn): pair i's angle blends the interpolated
+    (freq_scale * theta) and the original theta by ramp(i) * ext_factor, where ramp is 1 below
+    corr_dims[0], 0 above corr_dims[1] and linear between (yarn_corr_dims); cos and sin are then
+    multiplied by `mscale` (the magnitude the architecture asks for).
     """
 
     def __init__(self, dim: int, base: float, neox: bool, freq_scale: float = 1.0,
-                 freq_factors: np.ndarray | None = None):
-        self.dim, self.neox, self.freq_scale = dim, neox, freq_scale
+                 freq_factors: np.ndarray | None = None, ext_factor: float = 0.0,
+                 corr_dims: tuple[float, float] = (0.0, 0.0), mscale: float = 1.0):
+        self.dim, self.neox, self.freq_scale, self.mscale = dim, neox, freq_scale, mscale
         inv = base ** (-np.arange(0, dim, 2, dtype=np.float64) / dim)   # (dim/2,)
         if freq_factors is not None:
             inv = inv / freq_factors.astype(np.float64)
         self.inv_freq = inv
+        # per pair: the factor positions are multiplied by (freq_scale, or YaRN's blend)
+        self.pos_scale = np.full(dim // 2, freq_scale, dtype=np.float64)  # (dim/2,)
+        if ext_factor:
+            lo, hi = corr_dims
+            y = (np.arange(dim // 2, dtype=np.float64) - lo) / max(0.001, hi - lo)
+            mix = (1.0 - np.clip(y, 0.0, 1.0)) * ext_factor
+            self.pos_scale = freq_scale * (1.0 - mix) + mix
         self._cos = self._sin = np.empty((0, dim // 2), np.float32)   # (positions, dim/2)
 
     def tables(self, end: int) -> tuple[np.ndarray, np.ndarray]:
@@ -265,8 +279,9 @@ class Rope:
         doubling so a decode step only slices them."""
         if end > self._cos.shape[0]:
             n = max(end, 2 * self._cos.shape[0], 256)
-            ang = (np.arange(n, dtype=np.float64) * self.freq_scale)[:, None] * self.inv_freq[None, :]
-            self._cos, self._sin = np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+            ang = np.arange(n, dtype=np.float64)[:, None] * (self.inv_freq * self.pos_scale)[None, :]
+            self._cos = (np.cos(ang) * self.mscale).astype(np.float32)
+            self._sin = (np.sin(ang) * self.mscale).astype(np.float32)
         return self._cos, self._sin
 
     def __call__(self, x: np.ndarray, pos0) -> np.ndarray:
@@ -283,6 +298,15 @@ class Rope:
         cos, sin = self.tables(pos0 + t)
         fused.rope(x, cos[pos0:pos0 + t], sin[pos0:pos0 + t], self.dim, self.neox)
         return x
+
+
+def yarn_corr_dims(n_dims: int, n_ctx_orig: int, base: float, beta_fast: float,
+                   beta_slow: float) -> tuple[float, float]:
+    """The pair range YaRN ramps over (ggml_rope_yarn_corr_dims): the dims whose wavelength
+    turns beta_fast resp. beta_slow times over the original context, floored / ceiled."""
+    def dim(n_rot: float) -> float:
+        return n_dims * math.log(n_ctx_orig / (n_rot * 2 * math.pi)) / (2 * math.log(base))
+    return max(0.0, math.floor(dim(beta_fast))), min(n_dims - 1.0, math.ceil(dim(beta_slow)))
 
 
 class KVCache:

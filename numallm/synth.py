@@ -371,6 +371,24 @@ def _encode(values: np.ndarray, qtype: QT) -> np.ndarray:
 
 # -- writer ----------------------------------------------------------------------------------
 
+def add_tokenizer(w: gguf.GGUFWriter, tok: dict[str, Any]) -> None:
+    """The tokenizer metadata of a vocab from _bpe_vocab / _spm_vocab."""
+    w.add_tokenizer_model(tok["model"])
+    if tok["pre"]:
+        w.add_tokenizer_pre(tok["pre"])
+    w.add_token_list(tok["tokens"])
+    w.add_token_types(tok["types"])
+    if tok["scores"] is not None:
+        w.add_token_scores(tok["scores"])
+    if tok["merges"] is not None:
+        w.add_token_merges(tok["merges"])
+    w.add_bos_token_id(tok["bos"])
+    w.add_eos_token_id(tok["eos"])
+    w.add_add_bos_token(tok["add_bos"])
+    w.add_add_eos_token(False)
+    w.add_chat_template(tok["template"])
+
+
 def _write(path: Path, arch: str, wtype: QT, file_type: int, s: ModelShape, seed: int,
            tied: bool, rope_scaling: dict | None, vocab: str) -> None:
     if vocab == "bytes":
@@ -380,9 +398,9 @@ def _write(path: Path, arch: str, wtype: QT, file_type: int, s: ModelShape, seed
     else:
         raise ValueError(f"vocab must be 'bytes' or 'spm', not {vocab!r}")
     rtype = (rope_scaling or {}).get("type") or (rope_scaling or {}).get("rope_type")
-    if rope_scaling is not None and rtype not in ("llama3", "linear"):
+    if rope_scaling is not None and rtype not in ("llama3", "linear", "yarn"):
         raise UnsupportedError(f"synthetic rope_scaling type {rtype!r} is not supported; use "
-                               f"'llama3' or 'linear'")
+                               f"'llama3', 'linear' or 'yarn'")
     if rtype == "llama3" and arch != "llama":
         raise ValueError("llama3 rope scaling (rope_freqs.weight) only exists for arch 'llama'")
     specs = _tensor_specs(arch, s, tied, rtype == "llama3")
@@ -414,20 +432,11 @@ def _write(path: Path, arch: str, wtype: QT, file_type: int, s: ModelShape, seed
     if rtype == "linear":
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(float(rope_scaling["factor"]))
-    w.add_tokenizer_model(tok["model"])
-    if tok["pre"]:
-        w.add_tokenizer_pre(tok["pre"])
-    w.add_token_list(tok["tokens"])
-    w.add_token_types(tok["types"])
-    if tok["scores"] is not None:
-        w.add_token_scores(tok["scores"])
-    if tok["merges"] is not None:
-        w.add_token_merges(tok["merges"])
-    w.add_bos_token_id(tok["bos"])
-    w.add_eos_token_id(tok["eos"])
-    w.add_add_bos_token(tok["add_bos"])
-    w.add_add_eos_token(False)
-    w.add_chat_template(tok["template"])
+    elif rtype == "yarn":
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(float(rope_scaling["factor"]))
+        w.add_rope_scaling_orig_ctx_len(int(rope_scaling["original_max_position_embeddings"]))
+    add_tokenizer(w, tok)
 
     def encoded() -> Iterator[np.ndarray]:
         for spec in specs:

@@ -35,6 +35,7 @@ def describe(path: str, n_ctx: int | None) -> dict:
         "config": {k: v for k, v in vars(args).items()},
         "quant_types": {k: v for k, v in types.most_common()},
         "weights_bytes": weights, "ctx": n_ctx, "kv_cache_bytes": kv,
+        "kv_bytes_per_token": args.kv_bytes_per_token(),       # the config's formula (MLA: latent)
         "total_bytes": weights + kv, "active_weights_bytes": spec.active_bytes,
         "shared_expert": "blk.0.ffn_up_shexp.weight" in f.tensors,
         "tokenizer": f.get("tokenizer.ggml.model"), "chat_template": "tokenizer.chat_template" in f.metadata,
@@ -68,7 +69,7 @@ def run(args) -> int:
     print("  quant types   " + ", ".join(f"{k} {_gb(v)}" for k, v in d["quant_types"].items()))
     print(f"  tokenizer     {d['tokenizer']}, chat template: {'yes' if d['chat_template'] else 'no'}")
     print(f"  memory        weights {_gb(d['weights_bytes'])} + KV cache {_gb(d['kv_cache_bytes'])} "
-          f"(f32, {d['ctx']} tokens) = {_gb(d['total_bytes'])}")
+          f"(f32, {d['ctx']} tokens, {d['kv_bytes_per_token']} bytes per token) = {_gb(d['total_bytes'])}")
     rows = d["tensors"] if args.tensors else d["tensors"][:12]
     w = max(len(t["name"]) for t in rows)
     print(f"\n  {'tensor':<{w}}  {'type':<7} {'shape':<20} bytes")

@@ -358,6 +358,10 @@ class Executor:
         """x: (T, H, head_dim) on its GPU, rotated in place as ops.Rope does on the host."""
         from . import cuda_ops as co
 
+        if rope.mscale != 1.0 or np.any(rope.pos_scale != rope.freq_scale):
+            from ..errors import UnsupportedError
+            raise UnsupportedError("YaRN RoPE scaling runs on the CPU only for now; offload no "
+                                   "layers of this model (--gpu-layers 0)")
         g = x.gpu
         with g.active():
             co.rope(x.data, pos0, x.shape[0], g.rope_table(rope), rope.freq_scale, rope.dim,

@@ -11,7 +11,7 @@ from ..errors import UnsupportedError
 
 # GGUF architecture name -> module implementing it (aliases for arches that are llama inside)
 ALIASES = {"mistral": "llama", "llama3": "llama", "tinyllama": "llama"}
-SUPPORTED = ("llama", "qwen2", "qwen3", "qwen2moe", "qwen3moe")
+SUPPORTED = ("llama", "qwen2", "qwen3", "qwen2moe", "qwen3moe", "deepseek2")
 
 
 def get_module(arch: str) -> ModuleType:

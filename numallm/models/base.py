@@ -9,6 +9,7 @@ read. Nothing outside `numallm/models/` spells a block's tensor names.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,7 +17,7 @@ import numpy as np
 from .. import ops
 from ..errors import GGUFError, UnsupportedError
 from ..gguf_file import GGUFFile
-from .decl import FF, FF_EXP, FF_SHEXP, HEADS, ROWS, T  # noqa: F401 (the declaration vocabulary, re-exported)
+from .decl import FF, FF_EXP, FF_SHEXP, HEADS, MLA_HEADS, ROWS, T  # noqa: F401 (the declaration vocabulary, re-exported)
 
 # ModelArgs field -> GGUF key suffix (after "{arch}.")
 GGUF_KEYS = {
@@ -32,6 +33,8 @@ GGUF_KEYS = {
     "rope_base": "rope.freq_base",
     "rope_scaling_type": "rope.scaling.type",
     "rope_scaling_factor": "rope.scaling.factor",
+    "rope_scaling_orig_ctx": "rope.scaling.original_context_length",
+    "rope_attn_factor": "rope.scaling.attn_factor",
     # Mixture-of-Experts (read only by architectures whose ModelArgs has these fields)
     "n_expert": "expert_count",
     "n_expert_used": "expert_used_count",
@@ -59,6 +62,12 @@ class BaseArgs:
     rope_scaling_type: str = "none"
     rope_scaling_factor: float = 1.0
     context_length: int = 2048
+    # YaRN (rope_scaling_type "yarn"): the context trained before the extension (0: context_length),
+    # a magnitude factor, and ggml's ramp corners (llama.cpp's defaults; not read from files)
+    rope_scaling_orig_ctx: int = 0
+    rope_attn_factor: float = 1.0
+    rope_yarn_beta_fast: float = 32.0
+    rope_yarn_beta_slow: float = 1.0
 
     @classmethod
     def from_gguf(cls, f: GGUFFile) -> "BaseArgs":
@@ -236,8 +245,7 @@ class Transformer:
         for spec in self.TENSORS:
             setattr(self, spec.attr, w.load(spec.name, spec, a))
         self.rope = self.make_rope(a, self.rope_freqs)
-        block = self.block_class(a)
-        self.blk = [block(a, w, i, self.rope) for i in range(a.n_layer)]
+        self.blk = [self.layer_class(a, i)(a, w, i, self.rope) for i in range(a.n_layer)]
         if self.output is None:
             self.output = self.token_embd
 
@@ -247,20 +255,40 @@ class Transformer:
         return cls.Block
 
     @classmethod
+    def layer_class(cls, a: BaseArgs, i: int) -> type:
+        """The block class of layer i (deepseek2: dense leading layers, then MoE)."""
+        return cls.block_class(a)
+
+    @classmethod
+    def layer_tensors(cls, a: BaseArgs, i: int) -> tuple[T, ...]:
+        """The declarations layer i's file holds (an architecture may drop the optional ones
+        its config does not use)."""
+        return cls.layer_class(a, i).TENSORS
+
+    @classmethod
     def declared(cls, a: BaseArgs) -> list[tuple[str, T]]:
         """(GGUF name, declaration) of every tensor this architecture reads, in file order."""
         top = {t.name: t for t in cls.TENSORS}
         head = [(n, top[n]) for n in ("token_embd.weight", "rope_freqs.weight")]
-        block = cls.block_class(a)
-        blocks = [(f"blk.{i}.{t.name}", t) for i in range(a.n_layer) for t in block.TENSORS]
+        blocks = [(f"blk.{i}.{t.name}", t) for i in range(a.n_layer) for t in cls.layer_tensors(a, i)]
         return head + blocks + [(n, top[n]) for n in ("output_norm.weight", "output.weight")]
 
     def make_rope(self, a: BaseArgs, factors: np.ndarray | None) -> ops.Rope:
-        if a.rope_scaling_type not in ("none", "linear"):
+        if a.rope_scaling_type not in ("none", "linear", "yarn"):
             raise UnsupportedError(f"RoPE scaling {a.rope_scaling_type!r} is not supported yet "
-                                   f"(none, linear and Llama-3 rope_freqs are)")
-        scale = 1.0 / a.rope_scaling_factor if a.rope_scaling_type == "linear" and a.rope_scaling_factor else 1.0
-        return ops.Rope(a.rope_dim, float(a.rope_base), self.ROPE_NEOX, scale, factors)
+                                   f"(none, linear, yarn and Llama-3 rope_freqs are)")
+        scale = 1.0 / a.rope_scaling_factor if a.rope_scaling_type != "none" and a.rope_scaling_factor else 1.0
+        if a.rope_scaling_type != "yarn":
+            return ops.Rope(a.rope_dim, float(a.rope_base), self.ROPE_NEOX, scale, factors)
+        corr = ops.yarn_corr_dims(a.rope_dim, a.rope_scaling_orig_ctx or a.context_length,
+                                  float(a.rope_base), a.rope_yarn_beta_fast, a.rope_yarn_beta_slow)
+        return ops.Rope(a.rope_dim, float(a.rope_base), self.ROPE_NEOX, scale, factors,
+                        ext_factor=1.0, corr_dims=corr, mscale=self.yarn_mscale(a))
+
+    def yarn_mscale(self, a: BaseArgs) -> float:
+        """YaRN's magnitude on the rotated dims: llama.cpp's cos/sin factor (attn_factor times
+        1 + 0.1 ln(factor), the interpolation's entropy correction)."""
+        return a.rope_attn_factor * (1.0 + 0.1 * math.log(max(a.rope_scaling_factor, 1.0)))
 
     def new_cache(self, n_ctx: int) -> list[ops.KVCache]:
         a = self.args

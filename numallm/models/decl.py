@@ -14,9 +14,12 @@ from dataclasses import dataclass
 #   "ff_exp": the routed experts' feed-forward rows (every expert's gate/up rows and down
 #            columns, so each node's share of a token's work is the same whatever the router
 #            picks);
-#   "ff_shexp": the shared expert's feed-forward rows.
+#   "ff_shexp": the shared expert's feed-forward rows;
+#   "mla_heads": Multi-head Latent Attention's per-head rows (deepseek2's q, kv_b, k_b/v_b and
+#            attn_output columns); every head reads the one shared latent cache.
 # None: every node (or device) keeps the whole tensor (norms, small vectors, the router).
 HEADS, FF, ROWS, FF_EXP, FF_SHEXP = "heads", "ff", "rows", "ff_exp", "ff_shexp"
+MLA_HEADS = "mla_heads"
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from ..errors import NumallmError
 from ..models import get_module
-from ..models.decl import FF, FF_EXP, FF_SHEXP, HEADS, ROWS
+from ..models.decl import FF, FF_EXP, FF_SHEXP, HEADS, MLA_HEADS, ROWS
 from ..topology.plan import assumed_bandwidth
 
 STRATEGIES = ("auto", "off", "shard", "replicate", "isolate")
@@ -432,6 +432,7 @@ def make_plan(spec: ModelSpec, topo, req: Request, gpus=None, gpu_why: str | Non
              ROWS: [w / sum(weights_by) for w in weights_by]}
     # experts' ff slices (placement cannot cut them yet: sharded.py refuses): their share by threads
     share[FF_EXP] = share[FF_SHEXP] = share[ROWS]
+    share[MLA_HEADS] = share[ROWS]             # MLA heads: likewise (sharded.py refuses them)
 
     w_node = [0.0] * n
     for t in spec.tensors:

@@ -1,0 +1,185 @@
+"""Synthetic random-weight `deepseek2` GGUFs (DeepSeek-V2/V3 shapes), loadable by llama.cpp.
+
+    write_deepseek(path, qtype="F16", shape="tiny-v2-lite", seed=0) -> Path
+    cached_deepseek(cache_dir, **same keywords) -> Path
+
+The tensors are the architecture's declaration (numallm.models.deepseek2.Model.declared) and
+their values come from numallm.synth's generators (one per tensor name and seed), so an F16
+and a Q8_0 file of one seed hold the same model. Files use the attn_kv_b layout (what
+llama.cpp's converter wrote before the split attn_k_b / attn_v_b), which llama.cpp runs as
+plain multi-head attention: a parity test then compares numallm's absorbed latent attention
+with the decompressed form. Like synth.py, this module may import `gguf` (the writer).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import gguf
+from gguf import GGMLQuantizationType as QT
+
+from . import synth
+from .errors import UnsupportedError
+
+__all__ = ["DeepseekShape", "SHAPES", "write_deepseek", "cached_deepseek"]
+
+VERSION = 1
+
+
+@dataclass(frozen=True)
+class DeepseekShape:
+    vocab: int = 1024
+    hidden: int = 256
+    n_layers: int = 2
+    n_heads: int = 4
+    n_ff: int = 512            # the dense leading layers' width
+    q_lora: int = 0            # 0: plain attn_q (V2-Lite)
+    kv_lora: int = 128
+    qk_nope: int = 32
+    qk_rope: int = 32
+    v_head: int = 32
+    n_expert: int = 8
+    n_expert_used: int = 2
+    n_ff_exp: int = 128
+    n_shared: int = 2
+    dense_lead: int = 1
+    gating: int = 1            # 1 softmax (V2), 2 sigmoid + exp_probs_b (V3)
+    weights_norm: bool = False
+    weights_scale: float = 1.0
+    groups: int = 0            # expert_group_count (0: not written)
+    groups_used: int = 0
+    yarn: tuple | None = None  # (factor, original context, yarn_log_multiplier as stored)
+    ctx: int = 4096
+    rope_base: float = 10000.0
+    rms_eps: float = 1e-6
+
+
+SHAPES = {
+    # V2-Lite's structure: no q_lora, softmax routing, 2 shared experts, 1 dense leading layer
+    "tiny-v2-lite": DeepseekShape(),
+    # V3's: q_lora, sigmoid + bias routing in groups, renormalised and scaled top-k, YaRN
+    "tiny-v3": DeepseekShape(n_layers=3, q_lora=128, n_expert=16, n_expert_used=4, n_shared=1,
+                             gating=2, weights_norm=True, weights_scale=2.5, groups=4,
+                             groups_used=2, yarn=(4.0, 32, 0.1)),
+}
+
+
+def model_args(s: DeepseekShape):
+    """The deepseek2 config this shape writes."""
+    from .models.deepseek2 import ModelArgs
+
+    y = s.yarn or (1.0, 0, 0.0)
+    return ModelArgs(
+        arch="deepseek2", n_vocab=s.vocab, n_embd=s.hidden, n_layer=s.n_layers, n_ff=s.n_ff,
+        n_head=s.n_heads, n_head_kv=s.n_heads, head_dim=s.qk_nope + s.qk_rope, rope_dim=s.qk_rope,
+        n_expert=s.n_expert, n_expert_used=s.n_expert_used, n_ff_exp=s.n_ff_exp,
+        n_ff_shexp=s.n_ff_exp * s.n_shared, n_lora_q=s.q_lora, n_lora_kv=s.kv_lora,
+        v_head_dim=s.v_head, n_layer_dense_lead=s.dense_lead, n_expert_shared=s.n_shared,
+        expert_weights_scale=s.weights_scale, expert_weights_norm=s.weights_norm,
+        expert_gating_func=s.gating, n_expert_groups=s.groups, n_group_used=s.groups_used,
+        rope_scaling_type="yarn" if s.yarn else "none", rope_scaling_factor=y[0],
+        rope_scaling_orig_ctx=y[1], rope_yarn_log_mul=y[2])
+
+
+def _kind(name: str, t) -> str:
+    if t.split == (0, "rows"):
+        return "embed"
+    if name.endswith("ffn_gate_inp.weight"):
+        return "router"
+    return "experts" if t.kind == "experts" else t.kind
+
+
+def write_deepseek(path: str | os.PathLike, qtype: str = "F16", shape: str | DeepseekShape = "tiny-v2-lite",
+                   seed: int = 0) -> Path:
+    """A random-weight deepseek2 GGUF at `path`: qtype F32, F16, BF16 or a gguf-py legacy quant
+    (Q8_0, Q4_0, ...) for every matrix; norms, biases and the router stay F32."""
+    s = SHAPES[shape] if isinstance(shape, str) else shape
+    if qtype not in synth._GGUF_PY:
+        raise UnsupportedError(f"synthetic deepseek2 qtype {qtype!r} is not supported; use one of "
+                               f"{', '.join(synth._GGUF_PY)}")
+    wtype = synth._GGUF_PY[qtype]
+    from .models.deepseek2 import Model
+
+    a = model_args(s)
+    specs = [synth._Spec(n, a.dims(t.shape), _kind(n, t)) for n, t in Model.declared(a)
+             if n != "rope_freqs.weight"]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arch = "deepseek2"
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_name(f"numallm synthetic deepseek2 seed {seed}")
+    w.add_file_type(synth._FILE_TYPE.get(qtype, 1))
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    w.add_context_length(s.ctx)
+    w.add_embedding_length(s.hidden)
+    w.add_block_count(s.n_layers)
+    w.add_feed_forward_length(s.n_ff)
+    w.add_head_count(s.n_heads)
+    w.add_head_count_kv(s.n_heads)
+    w.add_layer_norm_rms_eps(s.rms_eps)
+    w.add_rope_freq_base(s.rope_base)
+    w.add_rope_dimension_count(s.qk_rope)
+    w.add_key_length(s.qk_nope + s.qk_rope)
+    w.add_value_length(s.v_head)
+    w.add_vocab_size(s.vocab)
+    k = f"{arch}."
+    w.add_uint32(k + "attention.q_lora_rank", s.q_lora)
+    w.add_uint32(k + "attention.kv_lora_rank", s.kv_lora)
+    w.add_uint32(k + "leading_dense_block_count", s.dense_lead)
+    w.add_uint32(k + "expert_count", s.n_expert)
+    w.add_uint32(k + "expert_used_count", s.n_expert_used)
+    w.add_uint32(k + "expert_feed_forward_length", s.n_ff_exp)
+    w.add_uint32(k + "expert_shared_count", s.n_shared)
+    w.add_float32(k + "expert_weights_scale", s.weights_scale)
+    w.add_bool(k + "expert_weights_norm", s.weights_norm)
+    w.add_uint32(k + "expert_gating_func", s.gating)
+    if s.groups:
+        w.add_uint32(k + "expert_group_count", s.groups)
+        w.add_uint32(k + "expert_group_used_count", s.groups_used)
+    if s.yarn:
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(float(s.yarn[0]))
+        w.add_rope_scaling_orig_ctx_len(int(s.yarn[1]))
+        w.add_float32(k + "rope.scaling.yarn_log_multiplier", float(s.yarn[2]))
+    synth.add_tokenizer(w, synth._bpe_vocab(arch, s.vocab))
+
+    for spec in specs:                    # infos first, then the data one tensor at a time
+        t = wtype if spec.kind in ("matrix", "embed", "experts") else QT.F32
+        block, nbytes = gguf.GGML_QUANT_SIZES[t]
+        if spec.shape[-1] % block:
+            raise ValueError(f"{spec.name}: width {spec.shape[-1]} is not a multiple of the "
+                             f"{t.name} block ({block})")
+        size = int(np.prod(spec.shape)) // block * nbytes
+        w.add_tensor_info(spec.name, spec.shape, np.dtype(np.float32), size, raw_dtype=t)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    for spec in specs:
+        v = synth._values(spec, seed)
+        w.write_tensor_data(synth._encode(v, wtype) if spec.kind in ("matrix", "embed", "experts") else v)
+    w.close()
+    return path
+
+
+def cached_deepseek(cache_dir: str | os.PathLike, qtype: str = "F16",
+                    shape: str | DeepseekShape = "tiny-v2-lite", seed: int = 0) -> Path:
+    """write_deepseek into `cache_dir` under a name derived from the arguments; reuse if present."""
+    s = SHAPES[shape] if isinstance(shape, str) else shape
+    key = json.dumps([VERSION, synth.SYNTH_VERSION, qtype, dataclasses.asdict(s), seed], sort_keys=True)
+    label = shape if isinstance(shape, str) else "custom"
+    name = f"deepseek2-{label}-{qtype}-s{seed}-{hashlib.sha256(key.encode()).hexdigest()[:10]}.gguf"
+    out = Path(cache_dir) / name
+    if out.is_file():
+        return out
+    tmp = out.with_name(f".{name}.{os.getpid()}.tmp")
+    try:
+        write_deepseek(tmp, qtype, s, seed)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
