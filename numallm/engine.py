@@ -156,7 +156,7 @@ class LoadedModel:
     def batchable(self, caches: list[list]) -> bool:
         """Whether forward_batch runs these sequences as one pass (host caches, no offload)."""
         return (self.offload is None and len(caches) > 1
-                and all(type(c) is ops.KVCache for cache in caches for c in cache))
+                and all(isinstance(c, ops.KVCache) for cache in caches for c in cache))
 
     def chat_tokens(self, messages: list[dict]) -> list[int]:
         """The prompt tokens for `messages` with the model's chat template."""

@@ -9,14 +9,18 @@ import numallm
 from numallm import ops
 from numallm.errors import NumallmError
 from numallm.synth import cached_model
+from numallm.synth_deepseek import cached_deepseek
 
 PROMPTS = ([1, 5, 9, 200, 33], [1, 700, 701], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [1, 99])
 MODELS = [("llama", "tiny"), ("qwen2", "tiny"), ("qwen3", "tiny"), ("qwen3moe", "tiny-moe"),
-          ("qwen2moe", "tiny-moe")]
+          ("qwen2moe", "tiny-moe"), ("deepseek2", "tiny-v3")]
 
 
 def _load(synth_dir, arch, shape, **kw):
-    path = cached_model(synth_dir, arch=arch, qtype="Q4_0", shape=shape, seed=1)
+    if arch == "deepseek2":                  # MLA: a latent cache per layer, routed experts
+        path = cached_deepseek(synth_dir, "Q8_0", shape, seed=1)
+    else:
+        path = cached_model(synth_dir, arch=arch, qtype="Q4_0", shape=shape, seed=1)
     return numallm.LoadedModel(str(path), n_ctx=64, n_threads=1, **kw)
 
 
