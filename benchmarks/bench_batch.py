@@ -44,12 +44,23 @@ def library(loaded, streams: int, tokens: int) -> float:
     return streams * (tokens - 1) / (time.perf_counter() - t0)
 
 
-def server(path: str, streams: int, tokens: int, threads: int | None) -> float:
+def long_prompts(loaded, n: int, tokens: int) -> list[str]:
+    """n prompts whose greedy answers run `tokens` tokens without an end-of-text: the server
+    cannot be told to ignore it, and a stream that stops early would not be measured."""
+    out = [p for p in PROMPTS
+           if loaded.session().generate(p, tokens, temperature=0).finish_reason == "length"]
+    if not out:
+        raise SystemExit(f"every prompt ends before {tokens} tokens on this model; try --tokens 8")
+    return [out[i % len(out)] for i in range(n)]
+
+
+def server(path: str, prompts: list[str], tokens: int, threads: int | None) -> float:
     import openai
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    streams = len(prompts)
     cmd = [sys.executable, "-m", "numallm", "serve", path, "--port", str(port), "-c", "256",
            "--parallel", str(streams), "--numa", "off"] + (["-t", str(threads)] if threads else [])
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -65,19 +76,15 @@ def server(path: str, streams: int, tokens: int, threads: int | None) -> float:
         c.completions.create(model="x", prompt="warm", max_tokens=2, temperature=0)
 
         def one(i):
-            firsts, n = [], 0
-            for ch in c.completions.create(model="x", prompt=PROMPTS[i % len(PROMPTS)],
-                                           max_tokens=tokens, temperature=0, stream=True):
-                n += 1
-                firsts.append(time.perf_counter())
-            return firsts[0], firsts[-1], n
+            return [time.perf_counter() for _ in c.completions.create(
+                model="x", prompt=prompts[i], max_tokens=tokens, temperature=0, stream=True)]
 
         with cf.ThreadPoolExecutor(streams) as ex:
-            runs = list(ex.map(one, range(streams)))
-        # decode window: from the last stream's first token to the last token of all
-        t0, t1 = max(r[0] for r in runs), max(r[1] for r in runs)
-        n = sum(sum(1 for _ in range(r[2])) for r in runs)
-        return (n - streams) / (t1 - t0) if t1 > t0 else float("nan")
+            runs = list(ex.map(one, range(streams)))       # per stream: each chunk's arrival
+        # the window where every stream decodes: from the last stream's first token on
+        t0, t1 = max(r[0] for r in runs), max(r[-1] for r in runs)
+        n = sum(1 for r in runs for t in r if t > t0)
+        return n / (t1 - t0) if t1 > t0 else float("nan")
     finally:
         proc.terminate()
         proc.wait(30)
@@ -90,21 +97,23 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--server", action="store_true")
+    ap.add_argument("--no-library", action="store_true")
     a = ap.parse_args()
     print(f"{a.model}: cpus {os.cpu_count()}, load {os.getloadavg()[0]:.2f}")
     loaded = numallm.LoadedModel(a.model, n_ctx=256, n_threads=a.threads, numa="off",
                                  n_seq=max(a.streams))
     base = None
-    for n in a.streams:
+    for n in [] if a.no_library else a.streams:
         tps = library(loaded, n, a.tokens)
         base = base or tps
         print(f"library  {n} streams: {tps:7.2f} tok/s aggregate ({tps / base:.2f}x one stream)",
               flush=True)
+    prompts = long_prompts(loaded, max(a.streams), a.tokens) if a.server else []
     loaded.close()
     if a.server:
         base = None
         for n in a.streams:
-            tps = server(a.model, n, a.tokens, a.threads)
+            tps = server(a.model, prompts[:n], a.tokens, a.threads)
             base = base or tps
             print(f"server   {n} streams: {tps:7.2f} tok/s aggregate ({tps / base:.2f}x one stream)",
                   flush=True)
