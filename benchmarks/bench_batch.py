@@ -2,7 +2,7 @@
 the step `numallm serve`'s scheduler runs), on one model file.
 
 Run:  python benchmarks/bench_batch.py MODEL.gguf [--streams 1 2 4] [--tokens 32] [--threads N]
-      [--server]   (also through `numallm serve --parallel N` with N concurrent openai clients)
+      [--repeat 3] [--server]   (also through `numallm serve --parallel N` with N concurrent openai clients)
 
 Each count: that many sessions prefill a short prompt each, then `--tokens` batched decode steps
 (greedy, end-of-text ignored) are timed; tokens/s = streams x steps / seconds. Through the
@@ -17,6 +17,7 @@ import argparse
 import concurrent.futures as cf
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -57,7 +58,8 @@ def long_prompts(loaded, n: int, tokens: int) -> list[str]:
     return [out[i % len(out)] for i in range(n)]
 
 
-def server(path: str, prompts: list[str], tokens: int, threads: int | None) -> float:
+def server(path: str, prompts: list[str], tokens: int, threads: int | None,
+           repeat: int) -> list[float]:
     import openai
 
     with socket.socket() as s:
@@ -84,10 +86,13 @@ def server(path: str, prompts: list[str], tokens: int, threads: int | None) -> f
             r = c.completions.create(model="x", prompt=prompts[i], max_tokens=tokens, temperature=0)
             return r.usage.completion_tokens
 
-        t0 = time.perf_counter()
-        with cf.ThreadPoolExecutor(streams) as ex:
-            n = sum(ex.map(one, range(streams)))
-        return n / (time.perf_counter() - t0)
+        rates = []
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            with cf.ThreadPoolExecutor(streams) as ex:
+                n = sum(ex.map(one, range(streams)))
+            rates.append(n / (time.perf_counter() - t0))
+        return rates
     finally:
         proc.terminate()
         proc.wait(30)
@@ -101,25 +106,33 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--server", action="store_true")
     ap.add_argument("--no-library", action="store_true")
+    ap.add_argument("--repeat", type=int, default=3)
     a = ap.parse_args()
     print(f"{a.model}: cpus {os.cpu_count()}, load {os.getloadavg()[0]:.2f}")
     loaded = numallm.LoadedModel(a.model, n_ctx=256, n_threads=a.threads, numa="off",
                                  n_seq=max(a.streams))
-    base = None
-    for n in [] if a.no_library else a.streams:
-        tps = library(loaded, n, a.tokens)
-        base = base or tps
-        print(f"library  {n} streams: {tps:7.2f} tok/s aggregate ({tps / base:.2f}x one stream)",
-              flush=True)
+    # rounds interleave the stream counts, so a burst of other load hits them alike; each
+    # count's best and median round are printed
+    rates: dict[int, list[float]] = {n: [] for n in a.streams}
+    for _ in range(0 if a.no_library else a.repeat):
+        for n in a.streams:
+            rates[n].append(library(loaded, n, a.tokens))
+    if not a.no_library:
+        report("library", rates)
     prompts = long_prompts(loaded, max(a.streams), a.tokens) if a.server else []
     loaded.close()
     if a.server:
-        base = None
-        for n in a.streams:
-            tps = server(a.model, prompts[:n], a.tokens, a.threads)
-            base = base or tps
-            print(f"server   {n} streams: {tps:7.2f} tok/s aggregate ({tps / base:.2f}x one stream)",
-                  flush=True)
+        report("server", {n: server(a.model, prompts[:n], a.tokens, a.threads, a.repeat)
+                          for n in a.streams})
+    print(f"load after: {os.getloadavg()[0]:.2f}")
+
+
+def report(label: str, rates: dict[int, list[float]]) -> None:
+    one = max(rates[min(rates)])
+    for n, r in rates.items():
+        print(f"{label:8} {n} streams: best {max(r):7.2f} tok/s ({max(r) / one:.2f}x one stream), "
+              f"median {statistics.median(r):7.2f}, rounds {' '.join(f'{x:.1f}' for x in r)}",
+              flush=True)
 
 
 if __name__ == "__main__":
