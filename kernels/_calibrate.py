@@ -11,6 +11,7 @@ cannot run, is an error (never a silent fallback).
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import threading
@@ -74,6 +75,21 @@ def cpu_key() -> str:
     return f"{model} | {llvm.get_host_cpu_name()} | {'+'.join(feats)}"
 
 
+def first_run() -> bool:
+    """True when this CPU has no calibration cached yet: the next model load compiles the kernels
+    and times their variants (tens of seconds, once per CPU). For the CLI's announcement; nothing
+    here prints."""
+    return cpu_key() not in _load_cache().get("cpus", {})
+
+
+def remember_cpu() -> None:
+    """Record this CPU in the cache even where no calibrated type was used (an F32 model), so
+    first_run() is true once per CPU."""
+    key = cpu_key()
+    if first_run():
+        _write(lambda data: data.setdefault("cpus", {}).setdefault(key, {}))
+
+
 def forced_variant(type_name: str) -> str | None:
     spec = os.environ.get("NUMALLM_KERNEL", "").strip()
     if not spec:
@@ -91,7 +107,38 @@ def forced_variant(type_name: str) -> str | None:
 
 
 class KernelChoiceError(ValueError):
-    """NUMALLM_KERNEL names a variant that cannot run here (numallm reports it as a user error)."""
+    """NUMALLM_KERNEL names a variant that cannot run here, or a type or variant that does not
+    exist (numallm reports it as a user error; this package imports nothing from numallm)."""
+
+
+def check_spec() -> None:
+    """KernelChoiceError when NUMALLM_KERNEL names a type without selectable kernels or a variant
+    no unit has: a typo would otherwise be ignored for every type it does not match."""
+    spec = os.environ.get("NUMALLM_KERNEL", "").strip()
+    if spec:
+        _check_spec(spec)
+
+
+@functools.lru_cache(maxsize=8)
+def _check_spec(spec: str) -> None:
+    from gguf import GGMLQuantizationType
+
+    from .base import get, registered_types
+
+    units = {u.qtype.name.lower(): u for u in map(get, registered_types()) if u.calibrated}
+    known = {name: set(u.features) | set(u.variants()) for name, u in units.items()}
+    every = set().union(*known.values())
+    ggml = {q.name.lower() for q in GGMLQuantizationType}
+    for item in filter(None, (i.strip() for i in spec.split(","))):
+        t, colon, v = (x.strip() for x in item.partition(":"))
+        if colon and t.lower() not in ggml:
+            raise KernelChoiceError(f"NUMALLM_KERNEL={spec}: {t!r} is not a GGML type (types with "
+                                    f"selectable kernels: {', '.join(sorted(known))}); change or unset it")
+        allowed = known.get(t.lower(), every) if colon else every
+        if (v if colon else t) not in allowed:
+            raise KernelChoiceError(f"NUMALLM_KERNEL={spec}: no variant {(v if colon else t)!r}"
+                                    f"{' for ' + t if colon else ''} (known: {', '.join(sorted(allowed))}); "
+                                    f"`numallm kernels` lists them; change or unset it")
 
 
 def _bad_force(unit, variant: str) -> Exception:
@@ -144,12 +191,17 @@ def _load_cache() -> dict:
 
 
 def _store(key: str, type_name: str, choice: Choice) -> None:
-    path = cache_dir() / "kernels.json"
     entry = {"matvec": choice.matvec, "prefill": [list(p) for p in choice.prefill],
              "gbs": choice.gbs}
+    _write(lambda data: data.setdefault("cpus", {}).setdefault(key, {}).__setitem__(type_name, entry))
+
+
+def _write(change) -> None:
+    """Apply change(data) to the cache file's dict and write it back."""
+    path = cache_dir() / "kernels.json"
     with _file_lock:
         data = _load_cache() or {"version": CACHE_VERSION, "cpus": {}}
-        data.setdefault("cpus", {}).setdefault(key, {})[type_name] = entry
+        change(data)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".tmp{os.getpid()}")
@@ -180,6 +232,7 @@ def _from_cache(unit, key: str) -> Choice | None:
 def choose(unit) -> Choice:
     """The unit's variants: forced by NUMALLM_KERNEL, else cached, else measured now."""
     name = unit.qtype.name
+    check_spec()
     forced = forced_variant(name)
     if forced is not None:
         if forced not in unit.variants():

@@ -6,17 +6,32 @@ and globals), so prompts match what the model saw in training. Templates come fr
 files, so they run in Jinja's immutable sandbox: no attribute tricks (`''.__class__`), no
 mutating methods, bounded `range`.
 
+Rendering is bounded too, since a template can loop, recurse or build strings without end: each
+rendering gets a budget of loop iterations and calls (MAX_STEPS), seconds (MAX_SECONDS) and
+characters, for its output and for any one value it builds (MAX_CHARS). The counting is compiled
+into the template (every `for` iterates through `_BoundedEnvironment.counted`, every `~` result is
+measured) and done in the sandbox's hooks (calls, filters, `*`, `**`, `+`, `%`). A template over
+budget is refused with one line (ChatTemplateError); there is no silent fallback.
+
 Models without a template get a plain fallback (see `ChatTemplate.render`).
 """
 from __future__ import annotations
 
+import contextvars
+import copy
+import functools
 import json
+import math
+import numbers
+import re
+import time
 from datetime import datetime
 from typing import Any, Callable
 
 import jinja2
 import jinja2.ext
 import jinja2.nodes
+from jinja2.compiler import CodeGenerator
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from .errors import NumallmError
@@ -32,6 +47,131 @@ class ChatTemplateError(NumallmError):
 
 class _TemplateRaised(Exception):
     """raise_exception() called by the template; carries the template's own message."""
+
+
+# Budgets of one rendering: far above what real chat templates use (a few hundred steps, the
+# conversation's size in characters), far below what would hang or exhaust memory.
+MAX_SOURCE = 1 << 20        # bytes of template source
+MAX_STEPS = 200_000         # loop iterations plus calls
+MAX_SECONDS = 2.0
+MAX_CHARS = 4 << 20         # characters of the output and of any one value built on the way
+
+
+class _OverBudget(Exception):
+    """The rendering ran past one of its budgets; says which."""
+
+
+class _Budget:
+    def __init__(self):
+        self.steps = 0
+        self.deadline = time.monotonic() + MAX_SECONDS
+
+    def step(self) -> None:
+        self.steps += 1
+        if self.steps > MAX_STEPS:
+            raise _OverBudget(f"more than {MAX_STEPS} loop iterations and calls")
+        if time.monotonic() > self.deadline:
+            raise _OverBudget(f"more than {MAX_SECONDS:g} s")
+
+
+_budget: contextvars.ContextVar[_Budget | None] = contextvars.ContextVar("template_budget", default=None)
+_WIDE = re.compile(r"\d{8,}")   # a width or precision in a format string, e.g. "%099999999d"
+
+
+def _sized(value: Any) -> Any:
+    """`value` if it is within MAX_CHARS (strings, lists, dicts...), else _OverBudget."""
+    if isinstance(value, (str, bytes, list, tuple, dict, set)) and len(value) > MAX_CHARS:
+        raise _OverBudget(f"a value of over {MAX_CHARS} characters or items")
+    return value
+
+
+def _room(n: int) -> None:
+    """_OverBudget when a value about to be built would have `n` characters or items."""
+    if n > MAX_CHARS:
+        raise _OverBudget(f"a value of over {MAX_CHARS} characters or items")
+
+
+def _check_args(args: tuple, kwargs: dict) -> None:
+    """Arguments that would make a string method or filter build something huge: a number over
+    MAX_CHARS (`ljust(10**10)`, `center`, `indent`) or a format width as large."""
+    for a in (*args, *kwargs.values()):
+        _sized(a)
+        if isinstance(a, numbers.Number) and not isinstance(a, bool) and abs(a) > MAX_CHARS:
+            raise _OverBudget(f"an argument of {a} (over {MAX_CHARS})")
+        if isinstance(a, str) and _WIDE.search(a):
+            raise _OverBudget("a format width of over 8 digits")
+
+
+def _bounded_filter(f: Callable) -> Callable:
+    @functools.wraps(f)   # keeps jinja's pass_context/pass_environment marks
+    def run(*args: Any, **kwargs: Any) -> Any:
+        # checked even outside a rendering: jinja runs filters of constants while compiling
+        budget = _budget.get()
+        if budget is not None:
+            budget.step()
+        _check_args(args, kwargs)
+        if f.__name__ == "do_replace" and len(args) >= 4 and isinstance(args[1], str):
+            s, old, new = str(args[1]), str(args[2]), str(args[3])   # (eval_ctx, s, old, new)
+            _room(len(s) + (s.count(old) if old else len(s) + 1) * len(new))
+        return _sized(f(*args, **kwargs))
+    return run
+
+
+class _CountingCodeGenerator(CodeGenerator):
+    """Compiles every `for` to iterate through environment.counted and every `~` to be measured."""
+
+    def visit_For(self, node: jinja2.nodes.For, frame) -> None:
+        node = copy.copy(node)
+        node.iter = jinja2.nodes.Call(jinja2.nodes.EnvironmentAttribute("counted"), [node.iter],
+                                      [], None, None, lineno=node.lineno)
+        super().visit_For(node, frame)
+
+    def visit_Concat(self, node: jinja2.nodes.Concat, frame) -> None:
+        self.write("environment.sized(")
+        super().visit_Concat(node, frame)
+        self.write(")")
+
+
+class _BoundedEnvironment(ImmutableSandboxedEnvironment):
+    code_generator_class = _CountingCodeGenerator
+    intercepted_binops = frozenset({"*", "**", "+", "%"})
+
+    @staticmethod
+    def counted(iterable: Any):
+        budget = _budget.get()
+        for item in iterable:
+            if budget is not None:
+                budget.step()
+            yield item
+
+    sized = staticmethod(_sized)
+
+    def call_binop(self, context, operator: str, left: Any, right: Any) -> Any:
+        if _budget.get() is not None:
+            if operator == "*":
+                seq, n = (left, right) if isinstance(right, numbers.Integral) else (right, left)
+                if isinstance(seq, (str, list, tuple)) and isinstance(n, numbers.Integral):
+                    _room(len(seq) * max(int(n), 0))
+            elif operator == "**" and isinstance(left, numbers.Number) and isinstance(right, numbers.Number):
+                if abs(left) > 1 and right > 0 and right * math.log2(abs(left)) > 4096:
+                    raise _OverBudget(f"a power of over 4096 bits ({left} ** {right})")
+            elif operator == "%" and isinstance(left, str):
+                _check_args(right if isinstance(right, tuple) else (right,), {})
+                _check_args((left,), {})
+        return _sized(super().call_binop(context, operator, left, right))
+
+    def wrap_str_format(self, value: Any):
+        wrapped = super().wrap_str_format(value)
+        if wrapped is not None:   # "{:>999999999}".format(1)
+            _check_args((value.__self__,), {})
+        return wrapped
+
+    def call(__self, __context, __obj, *args: Any, **kwargs: Any) -> Any:  # noqa: N805 - jinja's signature
+        budget = _budget.get()
+        if budget is not None:
+            budget.step()
+            _check_args(args, kwargs)
+        return _sized(super().call(__context, __obj, *args, **kwargs))
 
 
 def _one_line(text: str) -> str:
@@ -98,11 +238,12 @@ class _TemplateNamespace(jinja2.utils.Namespace):
 
 
 def _environment() -> ImmutableSandboxedEnvironment:
-    env = ImmutableSandboxedEnvironment(
+    env = _BoundedEnvironment(
         trim_blocks=True, lstrip_blocks=True,
         extensions=[jinja2.ext.loopcontrols, _GenerationBlock],
     )
     env.filters["tojson"] = _tojson
+    env.filters = {name: _bounded_filter(f) for name, f in env.filters.items()}
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
     env.globals["dict"] = _TemplateDict()
@@ -137,12 +278,18 @@ class ChatTemplate:
         self.is_fallback = source is None or not source.strip()
         self._template: jinja2.Template | None = None
         if not self.is_fallback:
+            if len(source) > MAX_SOURCE:
+                raise ChatTemplateError(f"chat template of {name} is {len(source)} characters, over "
+                                        f"the {MAX_SOURCE} allowed; {_OVERRIDE_HINT}")
             try:
                 self._template = _environment().from_string(source)
             except jinja2.TemplateSyntaxError as e:
                 raise ChatTemplateError(
                     f"chat template of {name} does not compile: {_one_line(e.message or e)} "
                     f"(line {e.lineno}); {_OVERRIDE_HINT}") from None
+            except (RecursionError, MemoryError) as e:   # absurd nesting in hostile source
+                raise ChatTemplateError(f"chat template of {name} does not compile: nested too "
+                                        f"deeply ({e.__class__.__name__}); {_OVERRIDE_HINT}") from None
 
     @classmethod
     def from_metadata(cls, meta: dict, token_text: Callable[[int], str], name: str | None = None,
@@ -192,8 +339,19 @@ class ChatTemplate:
             "bos_token": self.bos_token, "eos_token": self.eos_token,
         }
         variables.update(kwargs)
+        token = _budget.set(_Budget())
         try:
-            return template.render(**variables)
+            out, size = [], 0
+            for chunk in template.generate(**variables):   # streamed, so the size is known early
+                size += len(chunk)
+                if size > MAX_CHARS:
+                    raise _OverBudget(f"an output of over {MAX_CHARS} characters")
+                out.append(chunk)
+            return "".join(out)
+        except _OverBudget as e:
+            raise ChatTemplateError(f"chat template of {self.name} refused: rendering ran past its "
+                                    f"budget ({e}), a runaway or hostile template; "
+                                    f"{_OVERRIDE_HINT}") from None
         except _TemplateRaised as e:
             raise ChatTemplateError(
                 f"chat template of {self.name} rejected the conversation: {e}; {_OVERRIDE_HINT}") from None
@@ -203,3 +361,5 @@ class ChatTemplate:
             detail = _one_line(f"{e.__class__.__name__}: {e}")
             raise ChatTemplateError(
                 f"chat template of {self.name} failed to render: {detail}; {_OVERRIDE_HINT}") from None
+        finally:
+            _budget.reset(token)

@@ -1,16 +1,19 @@
 """Command line: `numallm VERB ...` (also `python -m numallm`).
 
 Each verb lives in its own module exposing `register(subparsers)`, which adds a parser whose
-`func(args) -> int` runs it. Errors reach the user as one line (see errors.report).
+`func(args) -> int` runs it. Errors reach the user as one line (report, errors.describe).
 """
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
+import os
 import sys
 
-from .errors import report
+from .commands.common import check_args
+from .errors import NumallmError, debug_enabled, describe
 
 # verb modules, in the order `numallm --help` lists them
 COMMANDS = ["numallm.commands.chat", "numallm.commands.run", "numallm.commands.info",
@@ -51,6 +54,21 @@ def _show_notices() -> None:
         log.propagate = False
 
 
+# errors of writing the output (a full disk or /dev/full, a closed pipe, a vanished terminal)
+_OUTPUT_ERRNOS = {errno.ENOSPC, errno.EPIPE, errno.EIO, errno.EBADF, errno.EDQUOT, errno.EFBIG}
+
+
+def report(exc: BaseException, prog: str = "numallm") -> int:
+    """Print one line for `exc` (traceback only under NUMALLM_DEBUG=1); return the exit code."""
+    if debug_enabled():
+        import traceback
+
+        traceback.print_exception(exc)
+    line, code = describe(exc, prog)
+    print(line, file=sys.stderr)
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
     _show_notices()
     parser = build_parser()
@@ -59,14 +77,42 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args.func(args) or 0)
+        if sys.stdout is None:   # started with fd 1 closed (`>&-`)
+            raise NumallmError("standard output is closed; redirect it to a file or /dev/null")
+        if os.environ.get("NUMALLM_KERNEL", "").strip():   # a typo is refused, not ignored
+            from numallm_kernels._calibrate import check_spec
+
+            check_spec()
+        for note in check_args(args):
+            print(f"numallm: {note}", file=sys.stderr)
+        rc = int(args.func(args) or 0)
+        sys.stdout.flush()   # here, so a failing write is reported like any other error
+        return rc
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
-    except BrokenPipeError:
-        return 0
+    except OSError as exc:
+        if exc.errno not in _OUTPUT_ERRNOS or exc.filename is not None:
+            return report(exc)
+        _drop_stdout()
+        if exc.errno == errno.EPIPE:   # the reader left (`| head`): quiet, as a SIGPIPE death is
+            return 128 + 13
+        print(f"numallm: error: cannot write the output ({exc.strerror or exc}); check where "
+              f"standard output goes (a full disk, a closed file)", file=sys.stderr)
+        return 1
     except Exception as exc:  # noqa: BLE001 - the one place errors become a message
         return report(exc)
+
+
+def _drop_stdout() -> None:
+    """Point fd 1 at /dev/null, so the interpreter's final flush of what is still buffered
+    neither fails again nor prints a second message."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):
+        pass
 
 
 if __name__ == "__main__":

@@ -62,11 +62,14 @@ class LoadedModel:
     def __init__(self, path: str, n_ctx: int | None = None, n_threads: int | None = None,
                  chat_template: str | None = None, numa: str = "off", virtual_nodes: int | None = None,
                  nodes: list[int] | None = None, threads_per_node: int | None = None,
-                 offload=None, n_seq: int = 1):
+                 offload=None, n_seq: int = 1, progress=None):
         from .chat_template import ChatTemplate
         from .placement.runtime import apply_plan
         from .tokenizer import Tokenizer
 
+        # options first, so a bad value fails before the file is read (ranges: numallm.sampling)
+        n_threads, self.threads_note = threads.check_threads(n_threads, "n_threads")
+        threads_per_node = threads.check_threads(threads_per_node, "threads_per_node")[0]
         self.path = str(path)
         self.file, self.spec, self.plan, topo = plan_model(
             path, n_ctx, n_threads, numa, virtual_nodes, nodes, threads_per_node, offload, n_seq)
@@ -78,7 +81,7 @@ class LoadedModel:
             name=None if chat_template is None else "--chat-template", source=chat_template)
         from .models import get_module
 
-        self.model = get_module(self.file.architecture).Model(self.file)
+        self.model = get_module(self.file.architecture).Model(self.file, progress)
         self.args = self.model.args
         self.notices: list[str] = []           # one-line notices for the CLI to show
         self.offload = None
@@ -181,7 +184,7 @@ class LLM(Session):
         self.path, self.file, self.model, self.args = lm.path, lm.file, lm.model, lm.args
         self.template, self.offload, self.placement, self.pool = (lm.template, lm.offload,
                                                                   lm.placement, lm.pool)
-        self.plan, self.notices = lm.plan, lm.notices
+        self.plan, self.notices, self.threads_note = lm.plan, lm.notices, lm.threads_note
 
     @property
     def weight_bytes(self) -> int:
@@ -206,7 +209,7 @@ def load(path: str, **options) -> LLM:
     numa ("off" by default, "auto", "shard", "replicate", "isolate"), virtual_nodes (carve this
     machine into N nodes), nodes, threads_per_node (see numallm.placement); offload: a
     numallm.gpu.OffloadRequest (blocks to run on GPUs; see numallm.gpu.offload); n_seq: KV caches
-    to plan memory for. Raises placement.OutOfMemoryError (with the numbers) before loading when
+    to plan memory for; progress: a callable(done, total) called as the blocks are built. Raises placement.OutOfMemoryError (with the numbers) before loading when
     the plan does not fit. `llm.loaded.notices` holds one-line notices (GPU offload, numa auto)."""
     return LLM(path, **options)
 

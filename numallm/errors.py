@@ -32,6 +32,13 @@ class ModelNotFoundError(NumallmError):
     """A model path or hub reference that cannot be resolved."""
 
 
+class OptionError(NumallmError, ValueError):
+    """An option (library keyword or CLI flag) outside its allowed range; the message names the
+    option, the value given and the range. A ValueError too, so library callers can catch either."""
+
+    exit_code = 2   # a usage error, like argparse's
+
+
 def debug_enabled() -> bool:
     return os.environ.get("NUMALLM_DEBUG", "") not in ("", "0")
 
@@ -43,19 +50,16 @@ def _kernel_choice(exc: BaseException) -> bool:
     return cal is not None and isinstance(exc, cal.KernelChoiceError)
 
 
-def report(exc: BaseException, prog: str = "numallm") -> int:
-    """Print one line for `exc` (traceback only under NUMALLM_DEBUG=1); return the exit code."""
-    if debug_enabled():
-        import traceback
-
-        traceback.print_exception(exc)
+def describe(exc: BaseException, prog: str = "numallm") -> tuple[str, int]:
+    """The one line a user sees for `exc` and the exit code (the CLI prints it: cli.report)."""
     msg = str(exc).strip().replace("\n", " ") or exc.__class__.__name__
-    if isinstance(exc, NumallmError) or _kernel_choice(exc):
-        print(f"{prog}: error: {msg}", file=sys.stderr)
-        return exc.exit_code
+    if isinstance(exc, NumallmError):
+        return f"{prog}: error: {msg}", exc.exit_code
+    if _kernel_choice(exc):
+        return f"{prog}: error: {msg}", 1
+    if isinstance(exc, OSError) and exc.filename is not None:   # a file the user named
+        return f"{prog}: error: {exc.filename}: {exc.strerror or msg}", 1
     if isinstance(exc, MemoryError):
-        print(f"{prog}: error: not enough memory ({msg}); use a smaller model or context (-c)", file=sys.stderr)
-        return 1
-    print(f"{prog}: internal error: {exc.__class__.__name__}: {msg} "
-          f"(set NUMALLM_DEBUG=1 for a traceback and report it)", file=sys.stderr)
-    return 70
+        return f"{prog}: error: not enough memory ({msg}); use a smaller model or context (-c)", 1
+    return (f"{prog}: internal error: {exc.__class__.__name__}: {msg} "
+            f"(set NUMALLM_DEBUG=1 for a traceback and report it)", 70)

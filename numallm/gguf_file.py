@@ -23,7 +23,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf import quants as _gguf_quants
 
-from .errors import GGUFError
+from .errors import GGUFError, UnsupportedError
 
 __all__ = ["GGUFFile", "QTensor", "GGMLQuantizationType", "quant_sizes", "type_name",
            "reference_dequantize", "reference_quantize"]
@@ -90,7 +90,11 @@ class QTensor:
 
     def dequantize(self) -> np.ndarray:
         """float32 copy of the whole tensor (for small tensors: norms, biases, tests)."""
-        flat = reference_dequantize(self.data, self.qtype)
+        try:
+            flat = reference_dequantize(self.data, self.qtype)
+        except NotImplementedError:   # gguf-py reads no integer types (I8...): found by fuzzing
+            raise UnsupportedError(f"tensor {self.name} is stored as {self.qtype.name}, which numallm "
+                                   f"cannot read as numbers; re-convert the model") from None
         return np.ascontiguousarray(flat, dtype=np.float32).reshape(self.shape)
 
 
@@ -155,8 +159,9 @@ class GGUFFile:
 
     def __init__(self, path: str | os.PathLike):
         self.path = str(path)
-        if not os.path.isfile(self.path):
-            raise GGUFError(f"{self.path}: no such file; give the path of a .gguf model file")
+        if not os.path.isfile(self.path):   # stat only: a FIFO or device is never opened
+            what = "not a regular file" if os.path.exists(self.path) else "no such file"
+            raise GGUFError(f"{self.path}: {what}; give the path of a .gguf model file")
         size = os.path.getsize(self.path)
         if size < 24:
             raise GGUFError(f"{self.path}: only {size} bytes, too short to be a GGUF file; "

@@ -226,6 +226,8 @@ def _local(ref: str) -> str:
         raise ModelNotFoundError(f"{ref} is a directory; give the .gguf file inside it")
     if not os.path.exists(path):
         raise ModelNotFoundError(f"no such model file: {ref}; give a GGUF path or a Hugging Face owner/repo[:file]")
+    if not os.path.isfile(path):   # a FIFO, a device such as /dev/zero: never opened
+        raise ModelNotFoundError(f"{ref} is not a regular file; give the path of a .gguf model file")
     return path
 
 

@@ -1,24 +1,103 @@
 """Token sampling: repetition penalty, temperature, top-k, top-p, min-p, seeded randomness.
 
 The order follows llama.cpp's default chain: penalties -> top-k -> top-p -> min-p -> temperature
--> draw. temperature <= 0 is greedy (argmax, ties to the lowest id).
+-> draw. temperature 0 is greedy (argmax, ties to the lowest id).
+
+Every option's allowed range is in LIMITS, the one table both the library (SamplingParams,
+LLM.stream's max_tokens) and the CLI flags (numallm.commands.common.check_args) are checked
+against, so a value is refused the same way, with the same range, wherever it comes from.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+import numbers
+from dataclasses import dataclass, fields
 
 import numpy as np
+
+from .errors import OptionError
+
+
+@dataclass(frozen=True)
+class Limit:
+    """Allowed values of one option: `kind` int or float, from `low` to `high` (inclusive; a float
+    must also be finite); `above`: `low` itself is excluded; `none`: None is allowed too."""
+
+    kind: type
+    low: float
+    high: float = math.inf
+    note: str = ""
+    above: bool = False
+    none: bool = False
+
+    def allowed(self, note: str | None = None) -> str:
+        what = "an integer" if self.kind is int else "a number"
+        num = (lambda x: str(int(x))) if self.kind is int else (lambda x: f"{x:g}")
+        if self.high == math.inf:
+            rng = f"{what} {'above' if self.above else 'of at least'} {num(self.low)}"
+        else:
+            rng = f"{what} from {num(self.low)} to {num(self.high)}"
+        note = self.note if note is None else note
+        return rng + (f" ({note})" if note else "")
+
+    def ok(self, v) -> bool:
+        if v is None:
+            return self.none
+        if isinstance(v, bool) or not isinstance(v, numbers.Real):
+            return False
+        if self.kind is int and not isinstance(v, numbers.Integral):
+            return False
+        if self.kind is float and not math.isfinite(float(v)):
+            return False
+        return (v > self.low if self.above else v >= self.low) and v <= self.high
+
+
+# llama.cpp's ranges and special values where it documents them (common/arg.cpp)
+LIMITS = {
+    "max_tokens": Limit(int, -1, note="-1 or None = until end of text or the context is full, "
+                        "0 = none: the prompt is only processed", none=True),
+    "temperature": Limit(float, 0, note="0 = greedy"),
+    "top_k": Limit(int, 0, note="0 = off"),
+    "top_p": Limit(float, 0, 1, note="1 = off"),
+    "min_p": Limit(float, 0, 1, note="0 = off"),
+    "repeat_penalty": Limit(float, 0, note="1 = off", above=True),
+    "repeat_last_n": Limit(int, -1, note="0 = off, -1 = the whole context"),
+    "seed": Limit(int, 0, 2**64 - 1, note="None = random", none=True),   # numpy's seed range
+}
+
+
+def check(name: str, value, label: str | None = None, note: str | None = None):
+    """`value` if LIMITS[name] allows it, else OptionError naming `label` (a CLI flag such as
+    "--top-p"; default the keyword, "top_p="), the value and the allowed range (`note`: the
+    special values as that flag spells them)."""
+    limit = LIMITS[name]
+    if limit.ok(value):
+        return value
+    shown = f"{label} {value}" if label else f"{name}={value!r}"
+    raise OptionError(f"{shown} is not allowed: give {limit.allowed(note)}")
+
+
+def max_tokens_limit(max_tokens: int | None) -> float:
+    """The checked `max_tokens` as a bound on generated tokens (inf: until EOS or a full context)."""
+    check("max_tokens", max_tokens)
+    return math.inf if max_tokens is None or max_tokens < 0 else max_tokens
 
 
 @dataclass(frozen=True)
 class SamplingParams:
+    """Ranges: LIMITS (out-of-range values raise OptionError, a ValueError)."""
+
     temperature: float = 0.8
-    top_k: int = 40            # <= 0: off
-    top_p: float = 0.95        # >= 1: off
-    min_p: float = 0.05        # <= 0: off
+    top_k: int = 40            # 0: off
+    top_p: float = 0.95        # 1: off
+    min_p: float = 0.05        # 0: off
     repeat_penalty: float = 1.0  # 1: off; applied to the last `repeat_last_n` tokens
-    repeat_last_n: int = 64
+    repeat_last_n: int = 64    # -1: the whole context
     seed: int | None = None
+
+    def __post_init__(self):
+        for f in fields(self):
+            check(f.name, getattr(self, f.name))
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:

@@ -22,7 +22,7 @@ import numpy as np
 
 from .errors import ContextOverflowError, NumallmError
 from .placement import PREFILL_CHUNK
-from .sampling import Sampler, SamplingParams, log_softmax
+from .sampling import Sampler, SamplingParams, log_softmax, max_tokens_limit
 
 
 @dataclass(frozen=True)
@@ -119,29 +119,32 @@ class Session:
         self.cached = []
 
     # -- generation ------------------------------------------------------------------------------
-    def start(self, prompt: str | Sequence[int], max_tokens: int = 256, *, temperature: float = 0.8,
+    def start(self, prompt: str | Sequence[int], max_tokens: int | None = 256, *, temperature: float = 0.8,
               top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05,
               repeat_penalty: float = 1.0, repeat_last_n: int = 64, seed: int | None = None,
               stop: Sequence[str] = (), stop_tokens: Sequence[int] | None = None,
               add_special: bool = True, parse_special: bool = False) -> "Generation":
         """A generation from `prompt` (text, or token ids used as given) to drive step by step
-        (see Generation; `stream` drives one to the end). Nothing runs yet."""
+        (see Generation; `stream` drives one to the end). Nothing runs yet.
+        max_tokens: None or -1 = until end of text or the context is full; 0 = none (the prompt
+        is only processed). Out-of-range options raise OptionError (numallm.sampling.LIMITS)."""
         tokens = (self.tokenize(prompt, add_special, parse_special) if isinstance(prompt, str)
                   else [int(t) for t in prompt])
         if not tokens:
             raise NumallmError("the prompt is empty and the model adds no BOS token; give a prompt")
         sampler = Sampler(SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty,
                                          repeat_last_n, seed))
+        max_tokens = max_tokens_limit(max_tokens)   # None or -1: no limit; 0: prefill only
         stops = set(self.tokenizer.eot_ids if stop_tokens is None else stop_tokens)
         return Generation(self, tokens, max_tokens, sampler, stops, [s for s in stop if s])
 
-    def stream(self, prompt: str | Sequence[int], max_tokens: int = 256, **kw) -> Iterator[GenerationChunk]:
+    def stream(self, prompt: str | Sequence[int], max_tokens: int | None = 256, **kw) -> Iterator[GenerationChunk]:
         """Generate from `prompt` (text, or token ids used as given), yielding one chunk per token.
         Keyword arguments as `start`."""
         g = self.start(prompt, max_tokens, **kw)
         while not g.prefill():
             pass
-        while True:
+        while g.finish_reason is None:
             chunk = g.emit()
             yield chunk
             if chunk.finish_reason is not None:
@@ -155,6 +158,8 @@ class Session:
             text.append(last.text)
             toks.append(last.token)
             lps.append(last.logprob)
+        if last is None:   # max_tokens=0: the prompt was only processed
+            return GenerationResult("", [], "length", len(self.cached), 0.0, 0, 0.0)
         return GenerationResult("".join(text), toks, last.finish_reason, last.prompt_tokens,
                                 last.prompt_tps, last.generation_tokens, last.generation_tps, lps)
 
@@ -214,6 +219,8 @@ class Generation:
         self.prefill_seconds += self.t_decode - t0
         if self.prefilled:
             self.logits = out[-1]
+            if self.max_tokens <= 0:               # max_tokens=0: the prompt only, no token
+                self.logits, self.finish_reason = None, "length"
         return self.prefilled
 
     @property

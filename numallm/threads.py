@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import numbers
 import os
 import threading
 import time
@@ -17,6 +18,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 import psutil
+
+from .errors import OptionError
 
 # A split finer than this many rows costs more in dispatch than it saves.
 MIN_ROWS_PER_THREAD = 64
@@ -47,6 +50,26 @@ def split_rows(n_rows: int, n_threads: int, multiple: int = 1) -> tuple[tuple[in
     step = -(-n_rows // k)
     step = -(-step // multiple) * multiple
     return tuple((a, min(a + step, n_rows)) for a in range(0, n_rows, step))
+
+
+def usable_cpus() -> int:
+    """Logical CPUs this process may run on (its affinity mask)."""
+    return max(1, len(os.sched_getaffinity(0)))
+
+
+def check_threads(n: int | None, label: str = "n_threads") -> tuple[int | None, str | None]:
+    """A thread count option, checked: (count, note). None stays None (the default); zero,
+    negative or non-integer counts raise OptionError; more than the usable CPUs is capped to
+    them (more threads than CPUs only adds waiting), and `note` then says so for the caller to
+    show. `label` names the option in messages ("-t" on the command line)."""
+    if n is None:
+        return None, None
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
+        raise OptionError(f"{label} {n!r} is not allowed: give a number of threads of at least 1")
+    cpus = usable_cpus()
+    if n > cpus:
+        return cpus, f"{label} {n}: this process may use {cpus} CPUs; using {cpus} threads"
+    return int(n), None
 
 
 def physical_cores() -> int:

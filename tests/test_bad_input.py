@@ -45,7 +45,8 @@ def write_gguf(path, kvs: list[bytes], tensors: list[tuple], data: bytes | None 
     return str(path)
 
 
-def tiny_llama(path, drop=None, arch="llama", qtype=0, ne_override=None, truncate=0):
+def tiny_llama(path, drop=None, arch="llama", qtype=0, ne_override=None, truncate=0, heads=2,
+               extra_kvs=(), types=None):
     """A complete, valid 1-layer llama (F32) unless one thing is broken on purpose."""
     E, FF, V = 8, 16, 4
     names = {"token_embd.weight": [E, V], "output_norm.weight": [E], "blk.0.attn_norm.weight": [E],
@@ -57,7 +58,7 @@ def tiny_llama(path, drop=None, arch="llama", qtype=0, ne_override=None, truncat
         if n == drop:
             continue
         ne = ne_override if (ne_override and n == "blk.0.attn_q.weight") else ne
-        tensors.append((n, ne, qtype if n == "blk.0.attn_q.weight" else 0, off))
+        tensors.append((n, ne, (types or {}).get(n, qtype if n == "blk.0.attn_q.weight" else 0), off))
         size = int(np.prod(ne)) * 4 if n != "blk.0.attn_q.weight" or not ne_override else 0
         chunk = np.full(int(np.prod(ne)) if size else 0, 0.01, np.float32).tobytes()
         chunk += b"\0" * (-len(chunk) % 32)
@@ -65,11 +66,12 @@ def tiny_llama(path, drop=None, arch="llama", qtype=0, ne_override=None, truncat
         off += len(chunk)
     kvs = [_kv_str("general.architecture", arch), _kv_u32(f"{arch}.embedding_length", E),
            _kv_u32(f"{arch}.block_count", 1), _kv_u32(f"{arch}.feed_forward_length", FF),
-           _kv_u32(f"{arch}.attention.head_count", 2), _kv_str("tokenizer.ggml.model", "llama"),
+           _kv_u32(f"{arch}.attention.head_count", heads), _kv_str("tokenizer.ggml.model", "llama"),
            _s("tokenizer.ggml.tokens") + struct.pack("<IIQ", 9, 8, V) + b"".join(_s(t) for t in ["<unk>", "<s>", "</s>", "a"]),
            _s("tokenizer.ggml.scores") + struct.pack("<IIQ", 9, 6, V) + np.zeros(V, np.float32).tobytes(),
            _s("tokenizer.ggml.token_type") + struct.pack("<IIQ", 9, 5, V) + np.array([2, 3, 3, 1], np.int32).tobytes(),
-           _kv_u32("tokenizer.ggml.bos_token_id", 1), _kv_u32("tokenizer.ggml.eos_token_id", 2)]
+           _kv_u32("tokenizer.ggml.bos_token_id", 1), _kv_u32("tokenizer.ggml.eos_token_id", 2),
+           *extra_kvs]
     p = write_gguf(path, kvs, tensors, data)
     if truncate:
         os.truncate(p, os.path.getsize(p) - truncate)

@@ -95,3 +95,28 @@ def test_chat_session(tmp_path):
                 raise
     t.send("/bye\r")
     assert t.wait() == 0
+
+
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="tgkill syscall number is x86-64's")
+def test_ctrl_c_on_a_worker_thread_is_answered():
+    """The kernel may hand a terminal's SIGINT to any thread; one landing on a pool worker while
+    the prompt waits must still be answered (it once left the prompt deaf: issue 13)."""
+    import ctypes
+    import glob
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    t = Term([sys.executable, "-m", "numallm", "chat", str(STORIES), "--temp", "0", "-c", "512", "-t", "2",
+              "--numa", "off"], dict(os.environ, TERM="dumb"))
+    t.expect(r">>> ")
+    t.send("Once upon a time\r")
+    t.expect(r"tok/s.*\n")
+    t.expect(r">>> ")
+    others = [int(d.rsplit("/", 1)[1]) for d in glob.glob(f"/proc/{t.pid}/task/*")]
+    others = [tid for tid in others if tid != t.pid]
+    assert others, "expected pool worker threads"
+    for tid in others:
+        libc.syscall(234, t.pid, tid, signal.SIGINT)   # tgkill: SIGINT to that thread only
+        t.expect(r"/bye", timeout=20.0)
+        t.expect(r">>> ")
+    t.send("/bye\r")
+    assert t.wait() == 0

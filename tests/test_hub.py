@@ -118,7 +118,7 @@ def _numallm(env: dict, *args: str) -> subprocess.CompletedProcess:
 
 
 def _resolve(env: dict, ref: str, download: bool = True) -> subprocess.CompletedProcess:
-    code = ("import sys; from numallm.errors import NumallmError, report\n"
+    code = ("import sys; from numallm.cli import report; from numallm.errors import NumallmError\n"
             "from numallm.hub import resolve_model\n"
             "try: print(resolve_model(sys.argv[1], download=sys.argv[2] == '1'))\n"
             "except NumallmError as e: sys.exit(report(e))\n")

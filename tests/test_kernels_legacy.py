@@ -21,7 +21,6 @@ import numpy as np
 import pytest
 
 import numallm_kernels as nk
-from numallm.errors import NumallmError
 from numallm.gguf_file import GGMLQuantizationType as T
 from numallm.gguf_file import GGUFFile, reference_dequantize, reference_quantize
 from numallm_kernels import _calibrate
@@ -250,9 +249,12 @@ def test_bad_forced_variant_is_a_user_error(monkeypatch):
     unit = nk.get(T.Q8_0)
     monkeypatch.setenv("NUMALLM_KERNEL", "q8_0:no-such-variant")
     unit._choice = None
-    with pytest.raises(NumallmError, match="NUMALLM_KERNEL"):
+    with pytest.raises(_calibrate.KernelChoiceError, match="NUMALLM_KERNEL") as e:
         unit.matvec(unit.prepare(weights(T.Q8_0, np.random.default_rng(7))),
                     np.zeros(K, np.float32), np.zeros(N, np.float32), 0, N)
+    from numallm.errors import describe        # the CLI's one line and exit code for it
+    line, code = describe(e.value)
+    assert line.startswith("numallm: error: NUMALLM_KERNEL") and "no-such-variant" in line and code == 1
 
 
 def test_calibration_measures_once_then_uses_the_cache(tmp_path):

@@ -12,7 +12,7 @@ import json
 import sys
 
 from ..errors import NumallmError
-from .common import STRATEGIES, add_numa_args
+from .common import STRATEGIES, add_numa_args, announce_first_run, gpu_options
 
 
 def _strategies(text: str) -> list[str]:
@@ -64,21 +64,26 @@ def run(args) -> int:
         raise NumallmError(f"-r {args.repetitions}: give at least 1 repetition")
     if args.bw_mib < 1:
         raise NumallmError(f"--bw-mib {args.bw_mib}: give a buffer size of at least 1 MiB")
+    gpu = gpu_options(args)   # bad GPU flags fail, and a missing GPU is said, before measuring
     threads = bench.parse_threads(args.threads) if args.threads else [physical_cores()]
     plan = bench.BenchPlan(args.n_prompt, args.n_gen, tuple(threads), args.repetitions, args.seed)
     path = resolve_model(args.model)
     from ..engine import plan_model
 
     for strategy in args.numa or ["auto"]:       # refuse what cannot fit before measuring anything
-        plan_model(path, plan.n_ctx, max(threads), strategy, args.virtual_nodes, args.nodes,
-                   args.threads_per_node)[2].check_fits()
+        full = plan_model(path, plan.n_ctx, max(threads), strategy, args.virtual_nodes, args.nodes,
+                          args.threads_per_node, gpu.get("offload"))[2]
+        full.check_fits()
+    if full.gpu is not None and full.gpu.no_gpu:  # said before measuring, as run/chat say it
+        print(f"numallm: no GPU ({full.gpu.no_gpu}): running every layer on the CPU", file=sys.stderr)
+    announce_first_run(args)
     report = bench.run_benchmark(path, plan, vs_llama_cpp=args.vs_llama_cpp,
                                  bw_bytes=args.bw_mib << 20,
                                  log=lambda s: print(f"numallm bench: {s}", file=sys.stderr,
                                                      flush=True),
                                  numa=args.numa or ["auto"], nodes=args.nodes,
                                  threads_per_node=args.threads_per_node,
-                                 virtual_nodes=args.virtual_nodes)
+                                 virtual_nodes=args.virtual_nodes, **gpu)
     if args.json:
         print(json.dumps(bench.to_json_rows(report.model, report.rows, report.machine_gbps),
                          indent=1))

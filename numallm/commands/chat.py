@@ -6,8 +6,11 @@ speeds (tokens/s), the numbers engines are compared by.
 """
 from __future__ import annotations
 
+import os
 import signal
 import sys
+import threading
+import time
 
 from .common import add_model_args, add_sampling_args, load_model, sampling_kwargs, speed_line
 
@@ -50,6 +53,66 @@ class _Interrupt:
         signal.signal(signal.SIGINT, self.prev)
 
 
+class _PromptWaker:
+    """Ctrl-C at the prompt, answered every time.
+
+    input() waits in readline's select(), which returns on a signal only when the signal lands on
+    the main thread while it waits. The kernel may hand a terminal's SIGINT to any thread that
+    does not block it (the pool's workers are such threads), and one that arrives just before
+    readline starts waiting finds no select() to interrupt: either way CPython only records it,
+    and the prompt went on waiting for a key press, deaf to further Ctrl-Cs that took the same
+    path. So while the prompt waits, a watcher thread reads each signal's byte from
+    signal.set_wakeup_fd and, for a SIGINT, sends the main thread a no-op signal a few times:
+    select() returns, CPython runs the recorded SIGINT handler and input() raises
+    KeyboardInterrupt. Where the main thread got the SIGINT itself, the kicks change nothing."""
+
+    KICK = getattr(signal, "SIGRTMIN", None)   # no-op handler below; nothing else uses it
+
+    def __enter__(self):
+        self.at_prompt = False
+        self._thread = None
+        if self.KICK is None:                      # no real-time signals: plain input()
+            return self
+        self._r, self._w = os.pipe()
+        os.set_blocking(self._w, False)          # a signal handler must never block on it
+        self._prev_kick = signal.signal(self.KICK, lambda *_: None)
+        self._prev_fd = signal.set_wakeup_fd(self._w, warn_on_full_buffer=False)
+        self._thread = threading.Thread(target=self._watch, name="numallm-prompt-waker", daemon=True)
+        self._thread.start()
+        return self
+
+    def _watch(self) -> None:
+        main = threading.main_thread().ident
+        while True:
+            try:
+                data = os.read(self._r, 512)
+            except OSError:
+                return
+            if not data:                          # __exit__ closed the write end
+                return
+            for _ in range(5 if signal.SIGINT in data else 0):
+                time.sleep(0.05)
+                if not self.at_prompt:
+                    break
+                signal.pthread_kill(main, self.KICK)
+
+    def input(self, prompt: str) -> str:
+        self.at_prompt = True
+        try:
+            return input(prompt)
+        finally:
+            self.at_prompt = False
+
+    def __exit__(self, *exc):
+        if self._thread is None:
+            return
+        signal.set_wakeup_fd(self._prev_fd)
+        signal.signal(self.KICK, self._prev_kick)
+        os.close(self._w)
+        self._thread.join(timeout=1.0)
+        os.close(self._r)
+
+
 def run(args) -> int:
     try:
         import readline  # noqa: F401  (line editing and history for input())
@@ -58,15 +121,23 @@ def run(args) -> int:
     llm = load_model(args, args.chat_template)
     kw = sampling_kwargs(args, llm.n_ctx)
     system = args.system
-    history: list[dict] = []
-    last = None
-    out = sys.stdout
+    # a template that cannot render a plain first turn is refused now, not at the first message
+    llm.template.render(([{"role": "system", "content": system}] if system else [])
+                        + [{"role": "user", "content": "hi"}], add_generation_prompt=True)
     tpl = "fallback (the model has none)" if llm.template.is_fallback else "the model's"
     print(f"numallm chat: {llm.path} ({llm.args.arch}, {llm.n_ctx} ctx, {llm.pool.n_threads} threads, "
           f"{tpl} chat template). /help for commands.", file=sys.stderr)
+    with _PromptWaker() as waker:
+        return _session(llm, args, kw, system, waker)
+
+
+def _session(llm, args, kw: dict, system: str | None, waker: "_PromptWaker") -> int:
+    history: list[dict] = []
+    last = None
+    out = sys.stdout
     while True:
         try:
-            line = input(">>> ")
+            line = waker.input(">>> ")
         except EOFError:
             print()
             return 0
@@ -99,7 +170,8 @@ def run(args) -> int:
             continue
         history.append({"role": "user", "content": line})
         sys_msg = [{"role": "system", "content": system}] if system else []
-        dropped = fit_history(llm, sys_msg, history, room=min(kw["max_tokens"], llm.n_ctx // 4))
+        want = llm.n_ctx if kw["max_tokens"] is None else kw["max_tokens"]   # None: no limit
+        dropped = fit_history(llm, sys_msg, history, room=min(want, llm.n_ctx // 4))
         if dropped:
             print(f"(context full: dropped the {dropped} oldest messages)", file=sys.stderr)
         if not history:

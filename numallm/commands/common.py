@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -114,23 +115,117 @@ def _node_list(text: str) -> list[int]:
 def add_sampling_args(p: argparse.ArgumentParser, n_predict: int) -> None:
     g = p.add_argument_group("sampling")
     g.add_argument("-n", "--n-predict", type=int, default=n_predict, metavar="N",
-                   help=f"tokens to generate, -1 = until end of text or full context (default {n_predict})")
-    g.add_argument("--temp", type=float, default=0.8, help="temperature, 0 = greedy (default 0.8)")
-    g.add_argument("--top-k", type=int, default=40, help="top-k, 0 = off (default 40)")
-    g.add_argument("--top-p", type=float, default=0.95, help="top-p, 1 = off (default 0.95)")
-    g.add_argument("--min-p", type=float, default=0.05, help="min-p, 0 = off (default 0.05)")
-    g.add_argument("--repeat-penalty", type=float, default=1.0, help="repetition penalty, 1 = off")
-    g.add_argument("--repeat-last-n", type=int, default=64, help="tokens the penalty looks back")
+                   help=f"tokens to generate: -1 = until end of text or the context is full, 0 = "
+                        f"none (the prompt is only processed), as in llama.cpp (default {n_predict})")
+    g.add_argument("--temp", type=float, default=0.8, help="temperature >= 0, 0 = greedy (default 0.8)")
+    g.add_argument("--top-k", type=int, default=40, help="top-k >= 0, 0 = off (default 40)")
+    g.add_argument("--top-p", type=float, default=0.95, help="top-p 0..1, 1 = off (default 0.95)")
+    g.add_argument("--min-p", type=float, default=0.05, help="min-p 0..1, 0 = off (default 0.05)")
+    g.add_argument("--repeat-penalty", type=float, default=1.0, help="repetition penalty > 0, 1 = off")
+    g.add_argument("--repeat-last-n", type=int, default=64,
+                   help="tokens the penalty looks back, -1 = the whole context, 0 = off (default 64)")
     g.add_argument("--seed", type=int, default=-1, help="random seed, -1 = random (default)")
     g.add_argument("--stop", action="append", default=[], metavar="TEXT",
                    help="stop when TEXT is generated (repeatable)")
 
 
+# namespace attribute -> (numallm.sampling.LIMITS entry, flag): the library's ranges, named as flags
+SAMPLING_FLAGS = {"n_predict": ("max_tokens", "-n"), "temp": ("temperature", "--temp"),
+                  "top_k": ("top_k", "--top-k"), "top_p": ("top_p", "--top-p"),
+                  "min_p": ("min_p", "--min-p"), "repeat_penalty": ("repeat_penalty", "--repeat-penalty"),
+                  "repeat_last_n": ("repeat_last_n", "--repeat-last-n")}
+
+
+# special values where the flag spells them unlike the library keyword (None there)
+CLI_NOTES = {"max_tokens": "-1 = until end of text or the context is full, 0 = none: the prompt "
+                           "is only processed"}
+
+
+def check_args(args: argparse.Namespace) -> list[str]:
+    """Check every run option the verb has against the library's ranges before anything loads:
+    an OptionError names the flag, the value and the allowed range. Thread counts over the usable
+    CPUs are capped in `args`; the returned lines say so (the caller prints them)."""
+    from ..errors import OptionError
+    from ..sampling import check
+    from ..threads import check_threads
+
+    for attr, (name, flag) in SAMPLING_FLAGS.items():
+        if hasattr(args, attr):
+            check(name, getattr(args, attr), flag, note=CLI_NOTES.get(name))
+    if hasattr(args, "n_predict") and args.seed != -1:   # run and chat: -1 = random
+        check("seed", args.seed, "--seed", note="-1 = random")
+    for attr, flag in (("ctx_size", "-c"), ("virtual_nodes", "--virtual-nodes")):
+        v = getattr(args, attr, None)
+        if v is not None and v < 1:
+            raise OptionError(f"{flag} {v} is not allowed: give a number of at least 1")
+    notes = []
+    for attr, flag in (("threads", "-t"), ("threads_per_node", "--threads-per-node")):
+        v = getattr(args, attr, None)
+        if isinstance(v, int):   # bench's -t is a list, checked by numallm.bench
+            n, note = check_threads(v, flag)
+            setattr(args, attr, n)
+            notes += [note] if note else []
+    return notes
+
+
 def sampling_kwargs(args: argparse.Namespace, n_ctx: int) -> dict:
-    return dict(max_tokens=args.n_predict if args.n_predict > 0 else n_ctx,
+    return dict(max_tokens=None if args.n_predict < 0 else args.n_predict,
                 temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                 repeat_penalty=args.repeat_penalty, repeat_last_n=args.repeat_last_n,
                 seed=None if args.seed < 0 else args.seed, stop=args.stop)
+
+
+def announce_first_run(args: argparse.Namespace) -> bool:
+    """One line on stderr before the first load on a new CPU, which compiles and calibrates for
+    tens of seconds with nothing else on the terminal; silent with --json or --quiet, when
+    NUMALLM_KERNEL forces the variants, or when stderr is not a terminal."""
+    if getattr(args, "json", False) or getattr(args, "quiet", False) or not sys.stderr.isatty():
+        return False
+    if os.environ.get("NUMALLM_KERNEL", "").strip():
+        return False
+    from numallm_kernels._calibrate import cache_dir, first_run
+
+    if not first_run():
+        return False
+    print(f"numallm: first run on this CPU: compiling the kernels and timing their variants to "
+          f"pick the fastest (about 30-60 s, once per CPU; remembered in {cache_dir()})",
+          file=sys.stderr, flush=True)
+    return True
+
+
+def gpu_options(args: argparse.Namespace, request=None) -> dict:
+    """load() options for the GPU flags: {"offload": request} when layers are asked for (the
+    engine plans it with the machine's GPUs, placement.make_plan, and its notice says where the
+    layers went or why all run on the CPU); else {}, with one line on stderr when GPU policy flags
+    were given without layers."""
+    request = request or offload_request(args)
+    if request.wants_gpu:
+        return {"offload": request}
+    if args.gpus is not None or args.exclude_gpus or args.gpu_min_cc is not None:
+        # device policy without a layer request changes nothing: say so rather than stay silent
+        print("numallm: GPU options given but no layers asked for (-ngl N|auto|all or --offload "
+              "REGEX): running every layer on the CPU", file=sys.stderr)
+    return {}
+
+
+def progress_bar(args: argparse.Namespace):
+    """A progress(done, total) callback drawing a tqdm bar on stderr for a load that takes more
+    than a couple of seconds (tqdm's delay); None when stderr is not a terminal or with --json."""
+    if getattr(args, "json", False) or getattr(args, "quiet", False) or not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    bar = None
+
+    def progress(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, desc="numallm: loading", unit="block", file=sys.stderr,
+                       delay=2.0, leave=False)
+        bar.update(done - bar.n)
+        if done == total:
+            bar.close()
+    return progress
 
 
 def load_model(args: argparse.Namespace, template_file: str | None = None, n_seq: int | None = None):
@@ -141,27 +236,41 @@ def load_model(args: argparse.Namespace, template_file: str | None = None, n_seq
 
     request = offload_request(args)   # bad GPU flags fail before anything is loaded
     path = resolve_model(args.model)
-    template = None
-    if template_file:
-        with open(template_file, encoding="utf-8") as f:
-            template = f.read()
-    gpu = {}
-    if request.wants_gpu:   # the engine plans it (placement.make_plan) and says where layers went
-        gpu = {"offload": request}
-    elif args.gpus is not None or args.exclude_gpus or args.gpu_min_cc is not None:
-        # device policy without a layer request changes nothing: say so rather than stay silent
-        print("numallm: GPU options given but no layers asked for (-ngl N|auto|all or --offload "
-              "REGEX): running every layer on the CPU", file=sys.stderr)
+    template = None if template_file is None else read_template(template_file)
+    gpu = gpu_options(args, request)
+    first = announce_first_run(args)
     opts = dict(n_ctx=args.ctx_size, n_threads=args.threads, chat_template=template,
                 numa=args.numa or "auto", virtual_nodes=args.virtual_nodes, nodes=args.nodes,
-                threads_per_node=args.threads_per_node, **gpu)
+                threads_per_node=args.threads_per_node, progress=progress_bar(args), **gpu)
     llm = load(path, **opts) if n_seq is None else LoadedModel(path, n_seq=n_seq, **opts)
+    if first:   # said once per CPU, also where no calibrated type was used
+        from numallm_kernels._calibrate import remember_cpu
+
+        remember_cpu()
     reason = llm.placement.reason
-    for line in getattr(llm, "loaded", llm).notices:   # the GPU offload's line, numa auto's reason
+    for line in llm.notices:          # the GPU offload's line, numa auto's reason
         # the default stays quiet where it changes nothing (off on one node); asked for, it explains
         if line != reason or args.numa == "auto" or llm.placement.strategy != "off":
             print(f"numallm: {line}", file=sys.stderr)
     return llm
+
+
+def read_template(path: str) -> str:
+    """The text of a --chat-template FILE (a user mistake here is one line, not a traceback)."""
+    from ..chat_template import MAX_SOURCE, ChatTemplateError
+
+    try:
+        if not os.path.isfile(path):
+            what = "is not a regular file" if os.path.exists(path) else "does not exist"
+            raise ChatTemplateError(f"--chat-template {path} {what}; give a Jinja template file")
+        if os.path.getsize(path) > MAX_SOURCE:
+            raise ChatTemplateError(f"--chat-template {path} is over {MAX_SOURCE >> 20} MiB; "
+                                    f"chat templates are a few KiB of Jinja")
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ChatTemplateError(f"--chat-template {path} cannot be read ({e.__class__.__name__}: "
+                                f"{getattr(e, 'strerror', None) or e}); give a readable UTF-8 file") from None
 
 
 def speed_line(prompt_tokens: int, prompt_tps: float, gen_tokens: int, gen_tps: float) -> str:

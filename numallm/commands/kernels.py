@@ -16,6 +16,11 @@ def run(args) -> int:
     import numallm_kernels
     from numallm_kernels import _calibrate
 
+    from .common import announce_first_run
+
+    if not args.no_calibrate:
+        announce_first_run(args)
+
     rows = numallm_kernels.describe(calibrate=not args.no_calibrate)
     if args.json:
         print(json.dumps({"cpu": _calibrate.cpu_key(), "kernels": rows}))

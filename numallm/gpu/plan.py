@@ -444,8 +444,9 @@ def make_plan(gguf, n_ctx: int, request: OffloadRequest, devices: list[GpuDevice
     if queue or want_head:
         if devices and not order:
             notes.append("no GPU is usable under the policy (see skipped): every layer runs on the CPU")
-        elif not devices and not no_gpu:
-            notes.append("the GPU inventory is empty: every layer runs on the CPU")
+        elif not devices:   # blame the missing GPU, not the fit
+            notes.append(f"{'no GPU (' + no_gpu + ')' if no_gpu else 'the GPU inventory is empty'}: "
+                         f"every layer runs on the CPU")
         else:
             fills, placed, head_placed, misses = _assign(queue, head if want_head else None, order, args,
                                                          n_ctx, n_batch, kv_gpu, request.reserve_bytes)

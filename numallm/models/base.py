@@ -91,6 +91,7 @@ class BaseArgs:
             if not isinstance(v, int) or v < 0 or v > MAX_DIM * (64 if k == "context_length" else 1):
                 raise GGUFError(f"{f.path}: {arch}.{GGUF_KEYS[k]} = {v!r} is not a sane value; "
                                 f"the file is corrupt")
+        _check_shape_values(f.path, arch, vals)
         vals.setdefault("n_head_kv", vals["n_head"])
         if not vals["n_head_kv"]:
             vals["n_head_kv"] = vals["n_head"]
@@ -98,9 +99,13 @@ class BaseArgs:
             vals["head_dim"] = vals["n_embd"] // vals["n_head"]
         if not vals.get("rope_dim"):
             vals["rope_dim"] = vals["head_dim"]
-        if vals["n_head"] % vals["n_head_kv"] or vals["n_head"] == 0:
+        if vals["n_head"] % vals["n_head_kv"]:
             raise GGUFError(f"{f.path}: {vals['n_head']} attention heads cannot be grouped over "
                             f"{vals['n_head_kv']} KV heads; the file is corrupt")
+        if vals["rope_dim"] > vals["head_dim"] or vals["rope_dim"] % 2:
+            raise GGUFError(f"{f.path}: {arch}.{GGUF_KEYS['rope_dim']} = {vals['rope_dim']} does not "
+                            f"fit heads of {vals['head_dim']} (it must be even and at most that); "
+                            f"the file is corrupt")
         return cls(**vals)
 
     @property
@@ -131,6 +136,27 @@ class BaseArgs:
     def dims(self, shape: tuple[str, ...]) -> tuple[int, ...]:
         """A declared shape (field names) in numbers."""
         return tuple(int(getattr(self, d)) for d in shape)
+
+
+def _check_shape_values(path: str, arch: str, vals: dict) -> None:
+    """Header values every later division and size uses, checked before any is used (all are
+    already known to be integers in 0..MAX_DIM): a hostile file gets one line, never a
+    ZeroDivisionError or a nonsense shape."""
+    def bad(field: str, why: str) -> GGUFError:
+        return GGUFError(f"{path}: {arch}.{GGUF_KEYS[field]} = {vals.get(field)!r} {why}; the file "
+                         f"is corrupt")
+
+    for k in ("n_embd", "n_layer", "n_ff", "n_head", "context_length"):
+        if k in vals and vals[k] == 0:
+            raise bad(k, "must be positive")
+    if not vals.get("head_dim") and vals["n_embd"] % vals["n_head"]:
+        raise bad("n_head", f"does not divide the embedding length {vals['n_embd']} "
+                            f"(and {arch}.{GGUF_KEYS['head_dim']} is not given)")
+    for k in ("norm_eps", "rope_base", "rope_scaling_factor"):
+        v = vals.get(k)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))
+                              or not np.isfinite(v) or v < 0 or (v == 0 and k == "rope_base")):
+            raise bad(k, "is not a usable number")
 
 
 class Weights:
@@ -239,13 +265,19 @@ class Transformer:
         T("output.weight", ("n_vocab", "n_embd"), (0, ROWS), optional=True),
     )
 
-    def __init__(self, f: GGUFFile):
+    def __init__(self, f: GGUFFile, progress=None):
+        """progress(done, total): called after each block is built (loading and repacking a
+        large model takes a while; the CLI shows a bar)."""
         self.args = a = self.Args.from_gguf(f)
         w = Weights(f)
         for spec in self.TENSORS:
             setattr(self, spec.attr, w.load(spec.name, spec, a))
         self.rope = self.make_rope(a, self.rope_freqs)
-        self.blk = [self.layer_class(a, i)(a, w, i, self.rope) for i in range(a.n_layer)]
+        self.blk = []
+        for i in range(a.n_layer):
+            self.blk.append(self.layer_class(a, i)(a, w, i, self.rope))
+            if progress is not None:
+                progress(i + 1, a.n_layer)
         if self.output is None:
             self.output = self.token_embd
 

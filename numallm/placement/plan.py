@@ -74,7 +74,9 @@ class ModelSpec:
 
     @classmethod
     def from_gguf(cls, f) -> "ModelSpec":
-        """From a gguf_file.GGUFFile's header (missing required tensors raise GGUFError)."""
+        """From a gguf_file.GGUFFile's header: nothing is loaded. A required tensor that is
+        missing, or any declared tensor stored in another shape, raises GGUFError (what `run`
+        would refuse, `info` and `plan` refuse too)."""
         from ..errors import GGUFError
         from ..gguf_file import quant_sizes
 
@@ -88,6 +90,10 @@ class ModelSpec:
                     continue
                 raise GGUFError(f"{f.path}: tensor {name} is missing; the {a.arch} architecture "
                                 f"needs it (the file is incomplete or of another architecture)")
+            want = a.dims(decl.shape)
+            if (tuple(qt.shape) != want if len(want) > 1 else qt.n_elements != want[0]):
+                raise GGUFError(f"{f.path}: tensor {name} has shape {tuple(qt.shape)}, expected "
+                                f"{want} from the metadata; the file is corrupt")
             out.append(TensorInfo(name, decl, int(qt.nbytes), quant_sizes(qt.qtype)[0], _layer(name)))
         known = {t.name for t in out}
         extra = sum(int(t.nbytes) for n, t in f.tensors.items() if n not in known)

@@ -232,6 +232,10 @@ class Scheduler:
         with self._cv:
             self.stats.busy_seconds += time.monotonic() - t0
             self.stats.prefill_chunks += 1
+            job, gen = self.active[slot]
+            if gen.finish_reason is not None:      # max_tokens=0: the prompt only
+                job._put(None)
+                self._leave(slot, "completed")
 
     def _emit(self) -> None:
         """Every generation with fresh logits samples its token and streams it."""
