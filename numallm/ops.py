@@ -143,8 +143,9 @@ class _Replay:
         return [o.copy() for o in self.outs]
 
 
-# decode dispatches replayed per first matrix (keyed by the matrices and the pool)
-REPLAY_MAX_T = 1
+# decode dispatches replayed per first matrix (keyed by the matrices, the pool and x's shape):
+# up to this many rows, so a batched decode step of several sequences replays too
+REPLAY_MAX_T = 8
 _REPLAYS_PER_MATRIX = 8
 # bumped to drop every replay
 REPLAY_EPOCH = 0
