@@ -18,6 +18,10 @@ from ._simd import hsum, vzero
 from .base import CalibratedUnit, KernelUnit, register, specialize
 
 
+# F32 products of up to this many tokens run token by token (see F32.matmul)
+ROWWISE_MAX_T = 16
+
+
 @register
 class F32(KernelUnit):
     qtype = T.F32
@@ -33,6 +37,13 @@ class F32(KernelUnit):
         out[...] = w[r0:r1]
 
     def matmul(self, w, x, out, r0, r1):
+        if x.shape[0] <= ROWWISE_MAX_T:
+            # a batch of decode tokens: one product per token, as each gets alone (BLAS sums a
+            # matrix product in another order than a vector one, and a MoE router's top k can
+            # flip on that last bit)
+            for t in range(x.shape[0]):
+                out[t, r0:r1] = x[t] @ w[r0:r1].T
+            return
         out[:, r0:r1] = x @ w[r0:r1].T
 
 

@@ -19,7 +19,7 @@ import threading
 import numpy as np
 import psutil
 
-from . import threads
+from . import ops, threads
 from .errors import NumallmError
 from .gguf_file import GGUFFile
 from .placement import DEFAULT_CTX, PREFILL_CHUNK, ModelSpec, Request, make_plan
@@ -97,6 +97,7 @@ class LoadedModel:
             self.notices.append(self.plan.reason)
         self.pool = self.placement.pool
         self.lock = threading.RLock()          # one forward step at a time over the shared pool
+        self.passes = 0                        # model forward passes run (a batch counts once)
 
     @property
     def weight_bytes(self) -> int:
@@ -131,10 +132,48 @@ class LoadedModel:
     def forward(self, tokens: np.ndarray, cache: list, pos0: int, last_only: bool = True) -> np.ndarray:
         """One forward step of a session: the model's lock and thread activation held only here."""
         with self.lock, threads.activate(self.pool):
+            self.passes += 1
             out = self.model(tokens, cache, pos0, last_only=last_only)
             if self.offload is not None:
                 self.offload.host_pass(len(tokens))   # where layers ran: the host's share
             return out
+
+    def forward_batch(self, tokens, caches: list[list], positions) -> np.ndarray:
+        """One decode step of several sequences: token i at position positions[i] over the cache
+        caches[i] (a session's per-layer list) -> logits float32 (B, n_vocab), row i that
+        sequence's. Every weight matrix sees the B rows in one product (one pass over the
+        weights); RoPE and attention run per row on its own position and cache. Where a layer's
+        cache is not a host KVCache (NUMA shard's per-node caches, GPU offload) each sequence
+        runs its own forward instead, with the same result."""
+        tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)             # (B,)
+        positions = np.asarray(positions, dtype=np.int64).reshape(-1)       # (B,)
+        if not len(tokens) == len(positions) == len(caches) or not len(tokens):
+            raise NumallmError(f"a batch needs one token, position and cache per sequence; got "
+                               f"{len(tokens)} tokens, {len(positions)} positions, {len(caches)} caches")
+        if positions.min() < 0 or positions.max() >= self.n_ctx:
+            raise NumallmError(f"batch positions {positions.tolist()} outside the context 0..{self.n_ctx - 1}")
+        if not self.batchable(caches):
+            return np.concatenate([self.forward(tokens[i:i + 1], caches[i], int(positions[i]))
+                                   for i in range(len(tokens))])
+        per_layer = [ops.BatchCaches([c[layer] for c in caches]) for layer in range(len(caches[0]))]
+        with self.lock, threads.activate(self.pool):
+            self.passes += 1
+            return self.model(tokens, per_layer, positions, last_only=False)
+
+    def decode(self, gens: list) -> None:
+        """One decode step of several generations (Session.start, each on its own session) as
+        one forward_batch: each gets its next logits (Generation.fed)."""
+        if len({id(g.session) for g in gens}) != len(gens):
+            raise NumallmError("a batch holds one generation per session (each has one KV cache)")
+        logits = self.forward_batch([g.token for g in gens], [g.session.cache for g in gens],
+                                    [g.position for g in gens])                      # (B, n_vocab)
+        for g, row in zip(gens, logits):
+            g.fed(row)
+
+    def batchable(self, caches: list[list]) -> bool:
+        """Whether forward_batch runs these sequences as one pass (host caches, no offload)."""
+        return (self.offload is None and len(caches) > 1
+                and all(isinstance(c, ops.KVCache) for cache in caches for c in cache))
 
     def chat_tokens(self, messages: list[dict]) -> list[int]:
         """The prompt tokens for `messages` with the model's chat template."""

@@ -143,8 +143,9 @@ class _Replay:
         return [o.copy() for o in self.outs]
 
 
-# decode dispatches replayed per first matrix (keyed by the matrices and the pool)
-REPLAY_MAX_T = 1
+# decode dispatches replayed per first matrix (keyed by the matrices, the pool and x's shape):
+# up to this many rows, so a batched decode step of several sequences replays too
+REPLAY_MAX_T = 8
 _REPLAYS_PER_MATRIX = 8
 # bumped to drop every replay
 REPLAY_EPOCH = 0
@@ -284,12 +285,17 @@ class Rope:
             self._sin = (np.sin(ang) * self.mscale).astype(np.float32)
         return self._cos, self._sin
 
-    def __call__(self, x: np.ndarray, pos0: int) -> np.ndarray:
-        """x: (T, H, head_dim) float32 for positions pos0..pos0+T-1; rotated in place."""
+    def __call__(self, x: np.ndarray, pos0) -> np.ndarray:
+        """x: (T, H, head_dim) float32 for positions pos0..pos0+T-1, or row i at position pos0[i]
+        when pos0 is an int array (T,) (a batch of sequences, see BatchCaches); rotated in place."""
         ex = _EXECUTORS.get(type(x))
         if ex is not None:
             return ex.rope(self, x, pos0)
         t = x.shape[0]
+        if isinstance(pos0, np.ndarray):
+            cos, sin = self.tables(int(pos0.max()) + 1)
+            fused.rope(x, cos[pos0], sin[pos0], self.dim, self.neox)    # gathered: (T, dim/2)
+            return x
         cos, sin = self.tables(pos0 + t)
         fused.rope(x, cos[pos0:pos0 + t], sin[pos0:pos0 + t], self.dim, self.neox)
         return x
@@ -324,6 +330,27 @@ class KVCache:
         return attend(q, k, v, self, pos0)
 
 
+class BatchCaches:
+    """One layer's caches of a batch of sequences decoding together (LoadedModel.forward_batch):
+    passed where the layer's cache goes, with pos0 an int array (B,) of each row's position.
+    The block's matrices see all B rows at once; attention splits them again, row i attending
+    over caches[i] (one token per sequence per step)."""
+
+    def __init__(self, caches: list):
+        self.caches = caches
+
+    def attend(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, pos0: np.ndarray) -> np.ndarray:
+        """q: (B, n_head, hd), k/v: (B, n_head_kv, hd), pos0: (B,) -> (B, n_head * hd)."""
+        if not isinstance(pos0, np.ndarray) or len(pos0) != q.shape[0] or len(self.caches) != q.shape[0]:
+            raise ValueError(f"a batch of {len(self.caches)} caches needs one query row and one "
+                             f"position per cache, got {q.shape[0]} rows and positions {pos0!r}")
+        out = np.empty((q.shape[0], q.shape[1] * q.shape[2]), dtype=np.float32)   # (B, n_head*hd)
+        for i, c in enumerate(self.caches):
+            p = int(pos0[i])
+            out[i] = c.attend(q[i:i + 1], k[i:i + 1], v[i:i + 1], p)[0]
+        return out
+
+
 # Up to this many query positions attention runs as one Numba pass per head (decode, short
 # chunks); longer prefills batch each KV head's queries into BLAS matmuls.
 FUSED_ATTENTION_MAX_T = 8
@@ -331,9 +358,10 @@ FUSED_ATTENTION_MAX_T = 8
 ATTENTION_BLOCK = 64
 
 
-def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, cache, pos0: int) -> np.ndarray:
+def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, cache, pos0) -> np.ndarray:
     """Causal grouped-query attention with the KV cache: `cache.attend` (a KVCache here; NUMA
-    placement's per-node caches run each node's heads on its own threads).
+    placement's per-node caches run each node's heads on its own threads; BatchCaches, with pos0
+    an array of positions, one row per sequence of a batch).
 
     q: (T, n_head, hd), k/v: (T, n_head_kv, hd) for positions pos0..pos0+T-1 -> (T, n_head * hd).
     """

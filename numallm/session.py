@@ -83,22 +83,30 @@ class Session:
             raise ContextOverflowError(f"the prompt has {n} tokens but the context holds "
                                        f"{self.n_ctx}; raise the context size (-c) or shorten the prompt")
 
-    def _prefill(self, tokens: list[int], all_logits: bool = False) -> np.ndarray:
-        """Feed `tokens`, reusing the cached prefix; returns logits of the last (or every new) token."""
+    def _keep(self, tokens: list[int]) -> int:
+        """How many leading tokens of `tokens` the cache already holds (at least one is left to
+        feed, for its logits)."""
         self._check_fits(len(tokens))
-        keep = 0
-        limit = min(len(self.cached), len(tokens) - 1)
+        keep, limit = 0, min(len(self.cached), len(tokens) - 1)
         while keep < limit and self.cached[keep] == tokens[keep]:
             keep += 1
-        if all_logits:
-            keep = 0
+        return keep
+
+    def _feed(self, tokens: list[int], a: int, n: int, last_only: bool = True) -> np.ndarray:
+        """Forward tokens[a:a+n] at positions a.. (tokens[:a] are in the cache)."""
+        chunk = np.asarray(tokens[a:a + n], dtype=np.int64)
+        self.cached = list(tokens[:a])         # a failed step leaves only what is surely there
+        out = self.loaded.forward(chunk, self.cache, a, last_only=last_only)
+        self.cached = list(tokens[:a + len(chunk)])
+        return out
+
+    def _prefill(self, tokens: list[int], all_logits: bool = False) -> np.ndarray:
+        """Feed `tokens`, reusing the cached prefix; returns logits of the last (or every new) token."""
+        keep = 0 if all_logits else self._keep(tokens)
+        self._check_fits(len(tokens))
         self.n_prefilled = len(tokens) - keep  # what this call computed (the rest came from the cache)
-        out = []
-        for a in range(keep, len(tokens), PREFILL_CHUNK):
-            chunk = np.asarray(tokens[a:a + PREFILL_CHUNK], dtype=np.int64)
-            self.cached = list(tokens[:a])     # a failed step leaves only what is surely there
-            out.append(self.loaded.forward(chunk, self.cache, a, last_only=not all_logits))
-            self.cached = list(tokens[:a + len(chunk)])
+        out = [self._feed(tokens, a, PREFILL_CHUNK, last_only=not all_logits)
+               for a in range(keep, len(tokens), PREFILL_CHUNK)]
         return np.concatenate(out) if all_logits else out[-1][-1]
 
     def logits(self, tokens: Sequence[int]) -> np.ndarray:
@@ -111,12 +119,13 @@ class Session:
         self.cached = []
 
     # -- generation ------------------------------------------------------------------------------
-    def stream(self, prompt: str | Sequence[int], max_tokens: int | None = 256, *, temperature: float = 0.8,
-               top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05,
-               repeat_penalty: float = 1.0, repeat_last_n: int = 64, seed: int | None = None,
-               stop: Sequence[str] = (), stop_tokens: Sequence[int] | None = None,
-               add_special: bool = True, parse_special: bool = False) -> Iterator[GenerationChunk]:
-        """Generate from `prompt` (text, or token ids used as given), yielding one chunk per token.
+    def start(self, prompt: str | Sequence[int], max_tokens: int | None = 256, *, temperature: float = 0.8,
+              top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05,
+              repeat_penalty: float = 1.0, repeat_last_n: int = 64, seed: int | None = None,
+              stop: Sequence[str] = (), stop_tokens: Sequence[int] | None = None,
+              add_special: bool = True, parse_special: bool = False) -> "Generation":
+        """A generation from `prompt` (text, or token ids used as given) to drive step by step
+        (see Generation; `stream` drives one to the end). Nothing runs yet.
         max_tokens: None or -1 = until end of text or the context is full; 0 = none (the prompt
         is only processed). Out-of-range options raise OptionError (numallm.sampling.LIMITS)."""
         tokens = (self.tokenize(prompt, add_special, parse_special) if isinstance(prompt, str)
@@ -127,42 +136,20 @@ class Session:
                                          repeat_last_n, seed))
         max_tokens = max_tokens_limit(max_tokens)   # None or -1: no limit; 0: prefill only
         stops = set(self.tokenizer.eot_ids if stop_tokens is None else stop_tokens)
-        stop = [s for s in stop if s]
-        hold = max((len(s) for s in stop), default=1) - 1
-        decoder = self.tokenizer.stream_decoder()
-        t0 = time.perf_counter()
-        logits = self._prefill(tokens)
-        t1 = time.perf_counter()
-        n_prompt = len(tokens)
-        prompt_tps = self.n_prefilled / max(t1 - t0, 1e-9)  # speed of the tokens computed
-        history, pending, n_gen = list(tokens), "", 0
-        while max_tokens > 0:
-            tok = sampler(logits, history)
-            logprob = float(log_softmax(logits)[tok])
-            n_gen += 1
-            history.append(tok)
-            finish = None
-            if tok in stops:
-                finish, piece = "stop", ""
-            else:
-                piece = decoder.push(tok)
-            pending += piece
-            hit = min((i for i in (pending.find(s) for s in stop) if i >= 0), default=-1)
-            if hit >= 0:
-                pending, finish = pending[:hit], "stop"
-            if finish is None and (n_gen >= max_tokens or len(history) >= self.n_ctx):
-                finish = "length"
-            if finish is not None:
-                text, pending = pending + (decoder.flush() if hit < 0 else ""), ""
-            else:
-                cut = max(0, len(pending) - hold) if stop else len(pending)
-                text, pending = pending[:cut], pending[cut:]
-            gen_tps = n_gen / max(time.perf_counter() - t1, 1e-9)
-            yield GenerationChunk(text, tok, logprob, n_prompt, prompt_tps, n_gen, gen_tps, finish)
-            if finish is not None:
+        return Generation(self, tokens, max_tokens, sampler, stops, [s for s in stop if s])
+
+    def stream(self, prompt: str | Sequence[int], max_tokens: int | None = 256, **kw) -> Iterator[GenerationChunk]:
+        """Generate from `prompt` (text, or token ids used as given), yielding one chunk per token.
+        Keyword arguments as `start`."""
+        g = self.start(prompt, max_tokens, **kw)
+        while not g.prefill():
+            pass
+        while g.finish_reason is None:
+            chunk = g.emit()
+            yield chunk
+            if chunk.finish_reason is not None:
                 return
-            logits = self.loaded.forward(np.asarray([tok]), self.cache, len(history) - 1)[-1]
-            self.cached.append(tok)        # == history: the prefix is already there
+            g.fed(self.loaded.forward(np.asarray([g.token]), self.cache, g.position)[-1])
 
     def generate(self, prompt: str | Sequence[int], max_tokens: int = 256, **kw) -> GenerationResult:
         """Like `stream`, collected into one result."""
@@ -185,3 +172,96 @@ class Session:
         Returns a GenerationResult, or an iterator of GenerationChunk when stream=True."""
         toks = self.chat_tokens(messages)
         return self.stream(toks, max_tokens, **kw) if stream else self.generate(toks, max_tokens, **kw)
+
+
+class Generation:
+    """One generation on a session, driven a step at a time (the server's scheduler batches the
+    decode steps of several sessions, engine.LoadedModel.forward_batch):
+
+        g = session.start(prompt, max_tokens, temperature=0)
+        while not g.prefill(): ...                 # a chunk of the prompt per call
+        while True:
+            chunk = g.emit()                       # sample from the last logits
+            if chunk.finish_reason: break
+            logits = forward of g.token at g.position over session.cache
+            g.fed(logits)                          # logits float32 (n_vocab,)
+
+    `Session.stream` is this loop over one sequence."""
+
+    def __init__(self, session: Session, tokens: list[int], max_tokens: int, sampler: Sampler,
+                 stops: set[int], stop: list[str]):
+        self.session, self.tokens, self.max_tokens = session, tokens, max_tokens
+        self.sampler, self.stops, self.stop = sampler, stops, stop
+        self.hold = max((len(s) for s in stop), default=1) - 1
+        self.decoder = session.tokenizer.stream_decoder()
+        self.next_prompt = session._keep(tokens)       # the next prompt position to feed
+        session.n_prefilled = len(tokens) - self.next_prompt
+        self.prefill_seconds = 0.0
+        self.logits: np.ndarray | None = None          # (n_vocab,) for the next emit
+        self.history, self.pending, self.n_gen = list(tokens), "", 0
+        self.token: int | None = None                  # the last emitted token
+        self.finish_reason: str | None = None
+        self.t_decode = 0.0                            # when the prompt was in
+
+    @property
+    def prefilled(self) -> bool:
+        return self.next_prompt >= len(self.tokens)
+
+    def prefill(self, limit: int = PREFILL_CHUNK) -> bool:
+        """Feed the next (up to) `limit` prompt tokens; True once the whole prompt is in."""
+        if self.prefilled:
+            return True
+        t0 = time.perf_counter()
+        a = self.next_prompt
+        out = self.session._feed(self.tokens, a, min(limit, PREFILL_CHUNK))
+        self.next_prompt = a + min(limit, PREFILL_CHUNK, len(self.tokens) - a)
+        self.t_decode = time.perf_counter()
+        self.prefill_seconds += self.t_decode - t0
+        if self.prefilled:
+            self.logits = out[-1]
+            if self.max_tokens <= 0:               # max_tokens=0: the prompt only, no token
+                self.logits, self.finish_reason = None, "length"
+        return self.prefilled
+
+    @property
+    def position(self) -> int:
+        """Where `token` goes in the cache (the next forward's position)."""
+        return len(self.history) - 1
+
+    def emit(self) -> GenerationChunk:
+        """Sample the next token from the last logits; its chunk (finish_reason set: the end)."""
+        if self.logits is None or self.finish_reason is not None:
+            raise NumallmError("emit() needs the prompt prefilled, or fed() after the last emit, "
+                               "and a generation that has not finished")
+        logits, self.logits = self.logits, None
+        tok = self.sampler(logits, self.history)
+        logprob = float(log_softmax(logits)[tok])
+        self.n_gen += 1
+        self.history.append(tok)
+        self.token = tok
+        finish = None
+        if tok in self.stops:
+            finish, piece = "stop", ""
+        else:
+            piece = self.decoder.push(tok)
+        pending = self.pending + piece
+        hit = min((i for i in (pending.find(s) for s in self.stop) if i >= 0), default=-1)
+        if hit >= 0:
+            pending, finish = pending[:hit], "stop"
+        if finish is None and (self.n_gen >= self.max_tokens or len(self.history) >= self.session.n_ctx):
+            finish = "length"
+        if finish is not None:
+            text, pending = pending + (self.decoder.flush() if hit < 0 else ""), ""
+        else:
+            cut = max(0, len(pending) - self.hold) if self.stop else len(pending)
+            text, pending = pending[:cut], pending[cut:]
+        self.pending, self.finish_reason = pending, finish
+        gen_tps = self.n_gen / max(time.perf_counter() - self.t_decode, 1e-9)
+        prompt_tps = self.session.n_prefilled / max(self.prefill_seconds, 1e-9)
+        return GenerationChunk(text, tok, logprob, len(self.tokens), prompt_tps, self.n_gen,
+                               gen_tps, finish)
+
+    def fed(self, logits: np.ndarray) -> None:
+        """`token` went through a forward at `position`: its logits (n_vocab,) are next."""
+        self.session.cached.append(self.token)     # == history: the prefix is already there
+        self.logits = logits

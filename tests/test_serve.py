@@ -204,6 +204,34 @@ def test_concurrent_requests_each_as_if_alone(server, oracle):
     assert got == want
 
 
+def _metric(server, name: str) -> float:
+    text = server.get("/metrics")[1]
+    return float(text.split(f"\nnumallm_{name} ")[1].split()[0])
+
+
+def test_four_streams_decode_in_batched_forwards(model, oracle):
+    prompts = ["Hello world", "Once upon a time", "The cat sat", "A B C"]
+    n = 40
+    alone = [_alone(oracle, oracle.tokenizer.encode(p), n) for p in prompts]
+    want = [r.text for r in alone]
+    s = Server(model, "--parallel", "4")
+    try:
+        c = s.client()
+        with cf.ThreadPoolExecutor(4) as ex:
+            got = list(ex.map(lambda p: c.completions.create(
+                model="x", prompt=p, max_tokens=n, temperature=0).choices[0].text, prompts))
+        assert got == want
+        tokens = _metric(s, "generation_tokens_total")
+        steps, passes = _metric(s, "decode_steps_total"), _metric(s, "forward_passes_total")
+        print(f"4 streams: {tokens:.0f} tokens, {steps:.0f} decode steps, {passes:.0f} forward passes")
+        assert tokens == sum(r.generation_tokens for r in alone)
+        # alone, each token after a stream's first costs one forward: 4 * (n - 1) decode passes;
+        # batched, the streams share them (they overlap for most of their n tokens)
+        assert passes < tokens / 2 and steps < 2 * n
+    finally:
+        s.stop()
+
+
 def test_errors(server):
     with pytest.raises(openai.AuthenticationError):
         server.client(api_key="wrong").completions.create(model="x", prompt="a", max_tokens=2)

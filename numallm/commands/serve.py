@@ -23,6 +23,10 @@ def register(sub) -> None:
                         "(default 1)")
     g.add_argument("--max-queue", type=int, default=16, metavar="N",
                    help="requests that may wait for a slot; beyond it: 503 + Retry-After (default 16)")
+    g.add_argument("--prefill-chunk", type=int, default=128, metavar="N",
+                   help="prompt tokens fed between two decode steps of the running requests "
+                        "(default 128): smaller keeps their streams smoother while a long prompt "
+                        "comes in, larger prefills it faster")
     g.add_argument("--api-key", default=os.environ.get("NUMALLM_API_KEY"), metavar="KEY",
                    help="require 'Authorization: Bearer KEY' on /v1/* (default: $NUMALLM_API_KEY, "
                         "else none)")
@@ -45,8 +49,8 @@ def serve(args) -> int:
     missing = missing_web_deps()
     if missing:
         raise NumallmError(f"numallm serve needs {', '.join(missing)}: pip install 'numallm[serve]'")
-    if args.parallel < 1 or args.max_queue < 0:
-        raise NumallmError("--parallel must be at least 1 and --max-queue 0 or more")
+    if args.parallel < 1 or args.max_queue < 0 or args.prefill_chunk < 1:
+        raise NumallmError("--parallel and --prefill-chunk must be at least 1 and --max-queue 0 or more")
     import uvicorn
 
     from ..server.app import create_app
@@ -54,7 +58,7 @@ def serve(args) -> int:
 
     loaded = load_model(args, args.chat_template_file, n_seq=args.parallel)
     name = args.alias or Path(loaded.path).name
-    scheduler = Scheduler(loaded, args.parallel, args.max_queue)
+    scheduler = Scheduler(loaded, args.parallel, args.max_queue, args.prefill_chunk)
     app = create_app(loaded, scheduler, name, args.api_key)
     plan = loaded.plan
     print(f"numallm: serving {name} on http://{args.host}:{args.port}/v1 | context {loaded.n_ctx} "

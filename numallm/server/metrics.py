@@ -31,4 +31,11 @@ def prometheus_text(scheduler) -> str:
            [("", round(scheduler.tokens_per_second(), 3))])
     metric("busy_seconds_total", "counter", "Seconds the worker spent in forward steps.",
            [("", round(s.busy_seconds, 3))])
+    metric("decode_steps_total", "counter",
+           "Batched decode forwards (each advances every decoding stream by one token).",
+           [("", s.decode_steps)])
+    metric("prefill_chunks_total", "counter", "Prompt chunks fed between decode steps.",
+           [("", s.prefill_chunks)])
+    metric("forward_passes_total", "counter", "Model forward passes of any kind (a batch counts once).",
+           [("", getattr(scheduler.loaded, "passes", 0))])
     return "\n".join(lines) + "\n"

@@ -1,10 +1,14 @@
-"""The scheduler: up to `parallel` sessions decode over one loaded model, one worker thread.
+"""The scheduler: up to `parallel` sessions decode together over one loaded model, one worker
+thread, continuous batching.
 
 Requests (`Job`) wait in a bounded queue; between steps the worker moves them into free slots
-(each slot is a Session with its own KV cache, planned up front as `n_seq=parallel`), then gives
-every active job one token in turn. A job that finished, or whose client went away (`cancel`),
-leaves and frees its slot before the next step. The model's lock serialises forwards anyway, so
-one worker thread loses nothing and keeps sessions single-threaded.
+(each slot is a Session with its own KV cache, planned up front as `n_seq=parallel`). A step is:
+one chunk (`prefill_chunk` tokens) of one new request's prompt, so a long prompt never stalls
+the running streams for long; every generation with fresh logits samples and streams its token;
+then one batched forward (LoadedModel.decode) over every generation that needs its next logits:
+all of them through each weight matrix at once, which on a memory-bound CPU costs little more
+than one. A job that finished, or whose client went away (`cancel`), leaves and frees its slot
+before the next step. One worker thread keeps sessions single-threaded.
 
 The HTTP layer reads a job's output through `Job.events`, an asyncio queue fed from the worker
 with `call_soon_threadsafe`; nothing here knows about HTTP.
@@ -67,10 +71,12 @@ class Stats:
     prompt_tokens: int = 0
     generation_tokens: int = 0
     busy_seconds: float = 0.0
+    decode_steps: int = 0        # batched decode forwards
+    prefill_chunks: int = 0      # prompt chunks fed
 
 
 class Scheduler:
-    def __init__(self, loaded, parallel: int = 1, max_queue: int = 16):
+    def __init__(self, loaded, parallel: int = 1, max_queue: int = 16, prefill_chunk: int = 128):
         if parallel < 1:
             raise NumallmError(f"--parallel {parallel} must be at least 1")
         if max_queue < 0:
@@ -78,9 +84,10 @@ class Scheduler:
         self.loaded = loaded
         self.parallel = parallel
         self.max_queue = max_queue
+        self.prefill_chunk = max(1, prefill_chunk)
         self.slots = [loaded.session() for _ in range(parallel)]   # the planned n_seq caches
         self.free = list(range(parallel))
-        self.active: dict[int, tuple[Job, object]] = {}            # slot -> (job, stream)
+        self.active: dict[int, tuple[Job, object]] = {}            # slot -> (job, Generation)
         self.queue: collections.deque[Job] = collections.deque()
         self.stats = Stats()
         self._recent: collections.deque[tuple[float, int]] = collections.deque()  # (t, tokens)
@@ -165,16 +172,27 @@ class Scheduler:
                 job._put(None)
                 continue
             slot = self._pick_slot(job)
-            stream = self.slots[slot].stream(job.tokens, job.max_tokens, **job.sampling)
-            self.active[slot] = (job, stream)
+            try:
+                gen = self.slots[slot].start(job.tokens, job.max_tokens, **job.sampling)
+            except Exception as exc:  # noqa: BLE001 - the request fails, the server goes on
+                self.free.append(slot)
+                self.stats.requests["failed"] += 1
+                job._put(exc)
+                continue
+            self.active[slot] = (job, gen)
 
     def _leave(self, slot: int, outcome: str) -> None:
-        job, stream = self.active.pop(slot)
-        stream.close()               # a generator closed mid-way keeps its session's cache valid
-        self.free.append(slot)
+        job, _ = self.active.pop(slot)
+        self.free.append(slot)       # its session's cache holds what `cached` says, whatever the step
         self.stats.requests[outcome] += 1
         took = time.monotonic() - job.t_submit
         self._job_seconds = 0.8 * self._job_seconds + 0.2 * took
+
+    def _fail(self, slots: list[int], exc: Exception) -> None:
+        with self._cv:
+            for slot in slots:
+                self.active[slot][0]._put(exc)
+                self._leave(slot, "failed")
 
     def _run(self) -> None:
         while True:
@@ -184,9 +202,11 @@ class Scheduler:
                 if self._stopping:
                     break
                 self._admit()
-                slots = list(self.active)
-            for slot in slots:                       # one token each, in turn
-                self._step(slot)
+                for slot in [s for s, (job, _) in self.active.items() if job.cancelled.is_set()]:
+                    self._leave(slot, "cancelled")
+            self._prefill_one()
+            self._emit()
+            self._decode()
         # stopping: every waiting client gets an error end, and every session its cache back
         err = ShuttingDownError("the server is shutting down; the request was cancelled")
         with self._cv:
@@ -197,31 +217,62 @@ class Scheduler:
                 self.queue.popleft()._put(err)
                 self.stats.requests["cancelled"] += 1
 
-    def _step(self, slot: int) -> None:
-        job, stream = self.active[slot]
-        if job.cancelled.is_set():
+    def _prefill_one(self) -> None:
+        """One chunk of the prompt of the earliest admitted job still prefilling."""
+        waiting = [(job.id, slot) for slot, (job, g) in self.active.items() if not g.prefilled]
+        if not waiting:
+            return
+        slot = min(waiting)[1]
+        t0 = time.monotonic()
+        try:
+            self.active[slot][1].prefill(self.prefill_chunk)
+        except Exception as exc:  # noqa: BLE001
+            self._fail([slot], exc)
+            return
+        with self._cv:
+            self.stats.busy_seconds += time.monotonic() - t0
+            self.stats.prefill_chunks += 1
+            job, gen = self.active[slot]
+            if gen.finish_reason is not None:      # max_tokens=0: the prompt only
+                job._put(None)
+                self._leave(slot, "completed")
+
+    def _emit(self) -> None:
+        """Every generation with fresh logits samples its token and streams it."""
+        for slot, (job, gen) in list(self.active.items()):
+            if gen.logits is None:
+                continue
+            try:
+                chunk = gen.emit()
+            except Exception as exc:  # noqa: BLE001
+                self._fail([slot], exc)
+                continue
+            now = time.monotonic()
             with self._cv:
-                self._leave(slot, "cancelled")
+                self.stats.generation_tokens += 1
+                if chunk.generation_tokens == 1:
+                    self.stats.prompt_tokens += chunk.prompt_tokens
+                self._recent.append((now, 1))
+                while self._recent and self._recent[0][0] < now - 60:
+                    self._recent.popleft()
+            job._put(chunk)
+            if chunk.finish_reason is not None:
+                job._put(None)
+                with self._cv:
+                    self._leave(slot, "completed")
+
+    def _decode(self) -> None:
+        """One batched forward over every generation waiting for its next logits."""
+        batch = [(slot, gen) for slot, (job, gen) in self.active.items()
+                 if gen.prefilled and gen.logits is None and gen.finish_reason is None]
+        if not batch:
             return
         t0 = time.monotonic()
         try:
-            chunk = next(stream)
-        except Exception as exc:  # noqa: BLE001 - the request fails, the server goes on
-            job._put(exc)
-            with self._cv:
-                self._leave(slot, "failed")
+            self.loaded.decode([gen for _, gen in batch])
+        except Exception as exc:  # noqa: BLE001 - the requests fail, the server goes on
+            self._fail([slot for slot, _ in batch], exc)
             return
-        now = time.monotonic()
         with self._cv:
-            self.stats.busy_seconds += now - t0
-            self.stats.generation_tokens += 1
-            if chunk.generation_tokens == 1:
-                self.stats.prompt_tokens += chunk.prompt_tokens
-            self._recent.append((now, 1))
-            while self._recent and self._recent[0][0] < now - 60:
-                self._recent.popleft()
-        job._put(chunk)
-        if chunk.finish_reason is not None:
-            job._put(None)
-            with self._cv:
-                self._leave(slot, "completed")
+            self.stats.busy_seconds += time.monotonic() - t0
+            self.stats.decode_steps += 1

@@ -1,0 +1,128 @@
+"""Batched decode (LoadedModel.forward_batch / decode, Session.start): several sequences through
+one forward give what each gives alone."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import numallm
+from numallm import ops
+from numallm.errors import NumallmError
+from numallm.synth import cached_model
+from numallm.synth_deepseek import cached_deepseek
+
+PROMPTS = ([1, 5, 9, 200, 33], [1, 700, 701], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [1, 99])
+MODELS = [("llama", "tiny"), ("qwen2", "tiny"), ("qwen3", "tiny"), ("qwen3moe", "tiny-moe"),
+          ("qwen2moe", "tiny-moe"), ("deepseek2", "tiny-v3")]
+
+
+def _load(synth_dir, arch, shape, **kw):
+    if arch == "deepseek2":                  # MLA: a latent cache per layer, routed experts
+        path = cached_deepseek(synth_dir, "Q8_0", shape, seed=1)
+    else:
+        path = cached_model(synth_dir, arch=arch, qtype="Q4_0", shape=shape, seed=1)
+    return numallm.LoadedModel(str(path), n_ctx=64, n_threads=1, **kw)
+
+
+@pytest.fixture(scope="module", params=MODELS, ids=["-".join(m) for m in MODELS])
+def loaded(request, synth_dir):
+    lm = _load(synth_dir, *request.param)
+    yield lm
+    lm.close()
+
+
+def test_rope_rows_at_their_own_positions():
+    rope = ops.Rope(16, 10000.0, neox=True)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3, 2, 16)).astype(np.float32)
+    pos = np.array([7, 0, 30])
+    want = np.concatenate([rope(x[i:i + 1].copy(), int(p)) for i, p in enumerate(pos)])
+    np.testing.assert_array_equal(rope(x.copy(), pos), want)
+
+
+def test_batched_logits_match_each_alone(loaded):
+    alone, sessions = [], []
+    for p in PROMPTS:
+        s = loaded.session()
+        s._prefill(p)
+        alone.append(loaded.forward(np.array([42]), s.cache, len(p))[-1])
+        sessions.append(loaded.session())
+        sessions[-1]._prefill(p)
+    n0 = loaded.passes
+    got = loaded.forward_batch([42] * len(PROMPTS), [s.cache for s in sessions],
+                               [len(p) for p in PROMPTS])
+    assert loaded.passes == n0 + 1                       # one pass for the whole batch
+    assert got.shape == (len(PROMPTS), loaded.args.n_vocab)
+    for g, a in zip(got, alone):
+        # the same products row by row, possibly another kernel variant: float32 rounding
+        np.testing.assert_allclose(g, a, rtol=0, atol=1e-4 * max(1.0, np.abs(a).max()))
+        assert g.argmax() == a.argmax()
+
+
+def _drive(loaded, jobs, chunk=512):
+    """Decode every job ((prompt, max_tokens, sampling) each) in batched steps after prefills
+    of `chunk` tokens a call; tokens per job."""
+    gens = [loaded.session().start(p, n, **kw) for p, n, kw in jobs]
+    out: list[list[int]] = [[] for _ in jobs]
+    for g in gens:
+        while not g.prefill(chunk):
+            pass
+    live = list(range(len(gens)))
+    steps = 0
+    while live:
+        for i in list(live):
+            c = gens[i].emit()
+            out[i].append(c.token)
+            if c.finish_reason is not None:
+                live.remove(i)
+        if live:
+            loaded.decode([gens[i] for i in live])
+            steps += 1
+    return out, steps
+
+
+def test_batched_generation_matches_each_alone(loaded):
+    jobs = [(PROMPTS[0], 12, dict(temperature=0)), (PROMPTS[1], 7, dict(temperature=0)),
+            (PROMPTS[2], 12, dict(temperature=0.9, seed=7)), (PROMPTS[3], 10, dict(temperature=0))]
+    alone = [loaded.session().generate(p, n, **kw).tokens for p, n, kw in jobs]
+    got, steps = _drive(loaded, jobs)
+    assert got == alone
+    assert steps == 11                       # the longest job's tokens - 1, whatever the batch size
+
+
+def test_chunked_prefill_greedy_matches(loaded):
+    # prompt chunks of 4 (the scheduler interleaves chunks with decode steps) change how the
+    # prefill's sums are ordered, not the greedy tokens
+    jobs = [(PROMPTS[2], 8, dict(temperature=0)), (PROMPTS[0], 8, dict(temperature=0))]
+    alone = [loaded.session().generate(p, n, **kw).tokens for p, n, kw in jobs]
+    assert _drive(loaded, jobs, chunk=4)[0] == alone
+
+
+def test_shard_falls_back_to_one_pass_per_sequence(synth_dir):
+    lm = _load(synth_dir, "llama", "tiny", numa="shard", virtual_nodes=2)
+    try:
+        jobs = [(PROMPTS[0], 6, dict(temperature=0)), (PROMPTS[1], 6, dict(temperature=0))]
+        alone = [lm.session().generate(p, n, **kw).tokens for p, n, kw in jobs]
+        assert _drive(lm, jobs)[0] == alone
+        assert not lm.batchable([lm.session().cache, lm.session().cache])
+    finally:
+        lm.close()
+
+
+def test_batch_errors(synth_dir):
+    lm = _load(synth_dir, "llama", "tiny")
+    try:
+        s = lm.session()
+        with pytest.raises(NumallmError, match="one token, position and cache"):
+            lm.forward_batch([1, 2], [s.cache], [0, 0])
+        with pytest.raises(NumallmError, match="outside the context"):
+            lm.forward_batch([1, 2], [s.cache, lm.session().cache], [0, 64])
+        g = s.start([1, 2, 3], 4, temperature=0)
+        with pytest.raises(NumallmError, match="prefilled"):
+            g.emit()
+        g.prefill()
+        g.emit()
+        with pytest.raises(NumallmError, match="one generation per session"):
+            lm.decode([g, g])
+    finally:
+        lm.close()
