@@ -29,7 +29,7 @@ caller then shows `announcement()` and runs on the CPU. Nothing here prints.
 from __future__ import annotations
 
 from .device import DTYPES, DeviceKVCache, DeviceLinear, Gpu, vector
-from .plan import OffloadPlan, OffloadRequest, device_buffers
+from .plan import OffloadPlan, device_buffers
 
 
 class OffloadFailed(Exception):

@@ -7,7 +7,6 @@ from typing import Callable
 
 from .. import numa_mem, ops, threads
 from ..placement_check import pct
-from ..models.base import FF, HEADS
 from .plan import ModelSpec, Plan, Request, make_plan, split_units
 from .experts import replicate_experts
 from .sharded import Exchange, LocalLinear, ShardedBlock, ShardedLinear, _localize, _slice
