@@ -144,8 +144,9 @@ class _Replay:
 
 
 # decode dispatches replayed per first matrix (keyed by the matrices, the pool and x's shape):
-# up to this many rows, so a batched decode step of several sequences replays too
-REPLAY_MAX_T = 8
+# one row only. Multi-row replays (batched decode steps) gave wrong results on node views and
+# column-split products, whose multi-row jobs hold buffers and copies of x made when encoded.
+REPLAY_MAX_T = 1
 _REPLAYS_PER_MATRIX = 8
 # bumped to drop every replay
 REPLAY_EPOCH = 0
@@ -273,17 +274,20 @@ class Rope:
             y = (np.arange(dim // 2, dtype=np.float64) - lo) / max(0.001, hi - lo)
             mix = (1.0 - np.clip(y, 0.0, 1.0)) * ext_factor
             self.pos_scale = freq_scale * (1.0 - mix) + mix
-        self._cos = self._sin = np.empty((0, dim // 2), np.float32)   # (positions, dim/2)
+        empty = np.empty((0, dim // 2), np.float32)                     # (positions, dim/2)
+        self._tables = (empty, empty)   # cos, sin: one attribute, swapped whole (see tables)
 
     def tables(self, end: int) -> tuple[np.ndarray, np.ndarray]:
         """cos and sin float32 (>= end, dim/2) of positions 0.. (angles in float64), grown by
         doubling so a decode step only slices them."""
-        if end > self._cos.shape[0]:
-            n = max(end, 2 * self._cos.shape[0], 256)
+        tables = self._tables     # node leaders call this at once: read and replace one tuple,
+        if end > tables[0].shape[0]:  # never a new cos beside an old, shorter sin
+            n = max(end, 2 * tables[0].shape[0], 256)
             ang = np.arange(n, dtype=np.float64)[:, None] * (self.inv_freq * self.pos_scale)[None, :]
-            self._cos = (np.cos(ang) * self.mscale).astype(np.float32)
-            self._sin = (np.sin(ang) * self.mscale).astype(np.float32)
-        return self._cos, self._sin
+            tables = ((np.cos(ang) * self.mscale).astype(np.float32),
+                      (np.sin(ang) * self.mscale).astype(np.float32))
+            self._tables = tables
+        return tables
 
     def __call__(self, x: np.ndarray, pos0) -> np.ndarray:
         """x: (T, H, head_dim) float32 for positions pos0..pos0+T-1, or row i at position pos0[i]

@@ -140,3 +140,27 @@ def test_moe_topk_matches_numpy(renorm):
     np.testing.assert_array_equal(ids, want_ids)
     assert list(ids[0, :3]) == [5, 9, 30]
     np.testing.assert_allclose(w, want_w, rtol=2e-6, atol=1e-7)
+
+
+def test_rope_tables_grow_consistently_under_concurrent_callers():
+    """NUMA node leaders rotate with one shared Rope at once: a caller never sees a grown cos
+    beside a shorter sin (that read past the sin table and gave NaN logits under shard)."""
+    import threading
+
+    bad = []
+    for _ in range(20):
+        rope = ops.Rope(64, 10000.0, False)
+        start = threading.Barrier(4)
+
+        def grow(end):
+            start.wait()
+            cos, sin = rope.tables(end)
+            if cos.shape != sin.shape or cos.shape[0] < end:
+                bad.append((cos.shape, sin.shape, end))
+
+        ts = [threading.Thread(target=grow, args=(e,)) for e in (300, 600, 1200, 2400)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+    assert not bad, bad[:3]
