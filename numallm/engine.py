@@ -19,7 +19,7 @@ import threading
 import numpy as np
 import psutil
 
-from . import ops, threads
+from . import threads
 from .errors import NumallmError
 from .gguf_file import GGUFFile
 from .placement import DEFAULT_CTX, PREFILL_CHUNK, ModelSpec, Request, make_plan
@@ -155,6 +155,8 @@ class LoadedModel:
         if not self.batchable(caches):
             return np.concatenate([self.forward(tokens[i:i + 1], caches[i], int(positions[i]))
                                    for i in range(len(tokens))])
+        from . import ops     # here: importing numallm (topo, info) must not load Numba
+
         per_layer = [ops.BatchCaches([c[layer] for c in caches]) for layer in range(len(caches[0]))]
         with self.lock, threads.activate(self.pool):
             self.passes += 1
@@ -172,6 +174,8 @@ class LoadedModel:
 
     def batchable(self, caches: list[list]) -> bool:
         """Whether forward_batch runs these sequences as one pass (host caches, no offload)."""
+        from . import ops
+
         return (self.offload is None and len(caches) > 1
                 and all(isinstance(c, ops.KVCache) for cache in caches for c in cache))
 

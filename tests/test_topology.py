@@ -325,7 +325,8 @@ def test_compare_uses_the_placement_plan(synth_dir):
     kv = spec.args.kv_bytes(1000)
     by = {o.strategy: o for o in compare(spec, topo, 1000, ids, {i: 100.0 for i in ids})}
     assert by["isolate"].nodes == (max(ids, key=lambda i: (topo.node(i).mem_free_bytes, -i)),)
-    per_token = spec.weight_bytes + kv
+    per_token = spec.active_bytes + kv          # a token reads one row of the untied embedding
+    assert spec.active_bytes < spec.weight_bytes
     assert all(o.bytes_per_token == per_token for o in by.values())
     assert by["isolate"].tok_s_ceiling == pytest.approx(100e9 / per_token)
     assert by["shard"].tok_s_ceiling == pytest.approx(len(ids) * 100e9 / per_token, rel=0.05)
@@ -354,7 +355,7 @@ def test_topo_model_on_epyc_fixture(synth_dir, capsys):
     assert plan["weight_bytes"] == spec.weight_bytes and plan["kv_bytes"] == kv
     assert plan["kv_bytes_per_1k_tokens"] == spec.args.kv_bytes(1024)
     by = {p["strategy"]: p for p in plan["placements"]}
-    assert by["isolate"]["tok_s_ceiling"] == pytest.approx(200e9 / (spec.weight_bytes + kv), rel=1e-3)
+    assert by["isolate"]["tok_s_ceiling"] == pytest.approx(200e9 / (spec.active_bytes + kv), rel=1e-3)
 
 
 # -- the command on this machine and on fixtures -----------------------------------------------
