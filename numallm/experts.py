@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
-import numallm_kernels
 from numallm_kernels.base import Activations
 from numallm_kernels import fused
 
@@ -32,13 +31,9 @@ class ExpertLinear:
     kernels. Called only through `moe_ffn`."""
 
     def __init__(self, qt: QTensor):
-        try:
-            self.unit = numallm_kernels.get(qt.qtype)
-        except KeyError:
-            raise UnsupportedError(
-                f"tensor {qt.name} uses quantization type {qt.qtype.name}, which numallm cannot "
-                f"compute yet; use a model quantized to one of "
-                f"{', '.join(t.name for t in numallm_kernels.registered_types())}") from None
+        from .ops import kernel_unit      # ops imports this module at its end
+
+        self.unit = kernel_unit(qt)
         n_exp, n, _ = qt.shape
         if n % self.unit.row_multiple:
             raise UnsupportedError(f"tensor {qt.name}: {n} rows per expert is not a multiple of the "

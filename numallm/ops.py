@@ -33,6 +33,17 @@ def register_executor(cls: type, impl) -> None:
     _EXECUTORS[cls] = impl
 
 
+def kernel_unit(qt: QTensor):
+    """The kernel unit for `qt`'s quantization type, or a one-line UnsupportedError."""
+    try:
+        return numallm_kernels.get(qt.qtype)
+    except KeyError:
+        raise UnsupportedError(
+            f"tensor {qt.name} uses quantization type {qt.qtype.name}, which numallm cannot "
+            f"compute yet; use a model quantized to one of "
+            f"{', '.join(t.name for t in numallm_kernels.registered_types())}") from None
+
+
 class Linear:
     """A weight matrix W of shape (N, K) kept in its GGUF encoding; `lin(x)` = x @ W.T.
 
@@ -47,13 +58,7 @@ class Linear:
     _replays: dict | None = None
 
     def __init__(self, qt: QTensor):
-        try:
-            self.unit = numallm_kernels.get(qt.qtype)
-        except KeyError:
-            raise UnsupportedError(
-                f"tensor {qt.name} uses quantization type {qt.qtype.name}, which numallm cannot "
-                f"compute yet; use a model quantized to one of "
-                f"{', '.join(t.name for t in numallm_kernels.registered_types())}") from None
+        self.unit = kernel_unit(qt)
         if len(qt.shape) != 2:
             raise UnsupportedError(f"tensor {qt.name} has shape {qt.shape}; a 2-D matrix was expected")
         self.name = qt.name

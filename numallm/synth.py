@@ -239,6 +239,27 @@ def _encode(values: np.ndarray, qtype: QT) -> np.ndarray:
 
 # -- writer ----------------------------------------------------------------------------------
 
+def write_tensors(w: gguf.GGUFWriter, specs: list[_Spec], wtype: QT, data) -> None:
+    """Tensor infos (sizes are known without generating anything), then `data` (each spec's
+    array, in order) one tensor in memory at a time, so real-size models stay small in RAM;
+    closes `w`. Matrices and experts are `wtype`; the rest (the router too, as llama.cpp's
+    quantizer keeps it) F32."""
+    for spec in specs:
+        t = wtype if spec.kind in ("matrix", "embed", "experts") else QT.F32
+        block, nbytes = gguf.GGML_QUANT_SIZES[t]
+        if spec.shape[-1] % block:
+            raise ValueError(f"{spec.name}: width {spec.shape[-1]} is not a multiple of the "
+                             f"{t.name} block ({block})")
+        size = int(np.prod(spec.shape)) // block * nbytes
+        w.add_tensor_info(spec.name, spec.shape, np.dtype(np.float32), size, raw_dtype=t)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    for array in data:
+        w.write_tensor_data(array)
+    w.close()
+
+
 def add_tokenizer(w: gguf.GGUFWriter, tok: dict[str, Any]) -> None:
     """The tokenizer metadata of a vocab from _bpe_vocab / _spm_vocab."""
     w.add_tokenizer_model(tok["model"])
@@ -315,22 +336,7 @@ def _write(path: Path, arch: str, wtype: QT, file_type: int, s: ModelShape, seed
             else:
                 yield _encode(_values(spec, seed), wtype)
 
-    # Tensor infos must precede the data; sizes are known without generating anything.
-    for spec in specs:
-        # the router stays F32 as llama.cpp's quantizer keeps it
-        t = wtype if spec.kind in ("matrix", "embed", "experts") else QT.F32
-        block, nbytes = gguf.GGML_QUANT_SIZES[t]
-        if spec.shape[-1] % block:
-            raise ValueError(f"{spec.name}: width {spec.shape[-1]} is not a multiple of the "
-                             f"{t.name} block ({block})")
-        size = int(np.prod(spec.shape)) // block * nbytes
-        w.add_tensor_info(spec.name, spec.shape, np.dtype(np.float32), size, raw_dtype=t)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_ti_data_to_file()
-    for data in encoded():  # one tensor in memory at a time: real-size models stay small in RAM
-        w.write_tensor_data(data)
-    w.close()
+    write_tensors(w, specs, wtype, encoded())
 
 
 _QUANTIZE_SCRIPT = """

@@ -19,9 +19,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import gguf
-from gguf import GGMLQuantizationType as QT
 
 from . import synth
 from .errors import UnsupportedError
@@ -148,21 +146,10 @@ def write_deepseek(path: str | os.PathLike, qtype: str = "F16", shape: str | Dee
         w.add_float32(k + "rope.scaling.yarn_log_multiplier", float(s.yarn[2]))
     synth.add_tokenizer(w, synth._bpe_vocab(arch, s.vocab))
 
-    for spec in specs:                    # infos first, then the data one tensor at a time
-        t = wtype if spec.kind in ("matrix", "embed", "experts") else QT.F32
-        block, nbytes = gguf.GGML_QUANT_SIZES[t]
-        if spec.shape[-1] % block:
-            raise ValueError(f"{spec.name}: width {spec.shape[-1]} is not a multiple of the "
-                             f"{t.name} block ({block})")
-        size = int(np.prod(spec.shape)) // block * nbytes
-        w.add_tensor_info(spec.name, spec.shape, np.dtype(np.float32), size, raw_dtype=t)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_ti_data_to_file()
-    for spec in specs:
-        v = synth._values(spec, seed)
-        w.write_tensor_data(synth._encode(v, wtype) if spec.kind in ("matrix", "embed", "experts") else v)
-    w.close()
+    dense = ("matrix", "embed", "experts")
+    synth.write_tensors(w, specs, wtype, (synth._encode(synth._values(spec, seed), wtype)
+                                          if spec.kind in dense else synth._values(spec, seed)
+                                          for spec in specs))
     return path
 
 
