@@ -196,21 +196,18 @@ class LLM(Session):
     """A loaded model with one session: today's single-conversation API, a thin layer over
     LoadedModel + Session (`llm.loaded.session()` opens more conversations on the same weights)."""
 
+    # read through to the loaded model, which owns them (not copied: one owner per fact)
+    _LOADED = frozenset({"path", "file", "model", "args", "template", "offload", "placement",
+                         "pool", "plan", "notices", "threads_note", "weight_bytes",
+                         "active_bytes"})
+
     def __init__(self, path: str, **options):
         super().__init__(LoadedModel(path, **options))
-        lm = self.loaded
-        self.path, self.file, self.model, self.args = lm.path, lm.file, lm.model, lm.args
-        self.template, self.offload, self.placement, self.pool = (lm.template, lm.offload,
-                                                                  lm.placement, lm.pool)
-        self.plan, self.notices, self.threads_note = lm.plan, lm.notices, lm.threads_note
 
-    @property
-    def weight_bytes(self) -> int:
-        return self.loaded.weight_bytes
-
-    @property
-    def active_bytes(self) -> int:
-        return self.loaded.active_bytes
+    def __getattr__(self, name: str):
+        if name in LLM._LOADED:
+            return getattr(self.loaded, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def session(self) -> Session:
         """Another conversation on this model's weights."""
@@ -231,7 +228,8 @@ def load(path: str, **options) -> LLM:
     numa ("off" by default, "auto", "shard", "replicate", "isolate"), virtual_nodes (carve this
     machine into N nodes), nodes, threads_per_node (see numallm.placement); offload: a
     numallm.gpu.OffloadRequest (blocks to run on GPUs; see numallm.gpu.offload); n_seq: KV caches
-    to plan memory for; progress: a callable(done, total) called as the blocks are built. Raises placement.OutOfMemoryError (with the numbers) before loading when
-    the plan does not fit. `llm.loaded.notices` holds one-line notices (GPU offload, numa auto)."""
+    to plan memory for; progress: a callable(done, total) called as the blocks are built.
+    Raises placement.OutOfMemoryError (with the numbers) before loading when the plan does not
+    fit. `llm.loaded.notices` holds one-line notices (GPU offload, numa auto)."""
     return LLM(path, **options)
 
