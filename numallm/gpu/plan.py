@@ -132,6 +132,7 @@ class DeviceUse:
     buffers: int
     reserve: int
     layers: tuple[int, ...] = ()   # block indices it runs (n_layer = the output head)
+    experts: bool = False          # it runs routed experts (its buffers include theirs)
 
     @property
     def total(self) -> int:
@@ -192,7 +193,7 @@ class OffloadPlan:
             "request": self.request.to_dict(),
             "devices": [{**d.device.to_dict(), "reserve": d.reserve, "usable": d.usable,
                          "weights": d.weights, "kv": d.kv, "buffers": d.buffers, "total": d.total,
-                         "layers": list(d.layers)} for _, d in sorted(self.devices.items())],
+                         "layers": list(d.layers), "experts": d.experts} for _, d in sorted(self.devices.items())],
             "layers": [unit(u) for u in self.layers], "output": unit(self.output),
             "host": {"weights": self.host_weights, "kv": self.host_kv, "total": self.host_bytes},
             "skipped": [{"index": i, "reason": why} for i, why in self.skipped],
@@ -432,7 +433,8 @@ def make_plan(gguf, n_ctx: int, request: OffloadRequest, devices: list[GpuDevice
     head_dev = next((d for d, f in fills.items() if head in f.units), None) if head_placed else None
     output = LayerPlan(head.index, head_dev, head.tensors, head.weight_bytes, 0)
     devs = {d: DeviceUse(f.device, f.weights, f.kv, f.buffers, request.reserve_bytes,
-                         tuple(sorted(u.index for u in f.units))) for d, f in sorted(fills.items())}
+                         tuple(sorted(u.index for u in f.units)), any(u.experts for u in f.units))
+            for d, f in sorted(fills.items())}
 
     # host: every tensor not on a GPU (token_embd always), and the KV cache of CPU blocks
     on_gpu = {n for u in (*layers, output) if u.device is not None for n in u.tensors}
