@@ -93,7 +93,8 @@ class LoadedModel:
             self.offload = gpu_offload.apply_plan(self.model, self.plan.gpu, self.n_ctx)
             self.notices.append(self.offload.announcement())
             gpu_layers = frozenset(self.offload.gpu_layers())
-        self.placement = apply_plan(self.model, self.plan, topo, gpu_layers)
+        self.placement = apply_plan(self.model, self.plan, topo, gpu_layers,
+                                    self.offload.host_experts() if self.offload is not None else [])
         if self.plan.reason:
             self.notices.append(self.plan.reason)
         self.pool = self.placement.pool

@@ -399,7 +399,7 @@ def make_plan(gguf, n_ctx: int, request: OffloadRequest, devices: list[GpuDevice
             elif want_head and not head_placed:
                 notes.append(f"the output head ({_size(head.weight_bytes)}) fits on no selected GPU; "
                              f"it stays on the CPU")
-            if auto_moe and len(placed) == len(queue):
+            if auto_moe and placed and len(placed) == len(queue):
                 notes.append(_upgrade(fills, placed, whole, *fit[1:]))
     skipped += misses
 

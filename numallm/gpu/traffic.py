@@ -120,3 +120,18 @@ def predict(full, sizes: dict[str, int], kinds: dict[str, str], args, node_gbps:
     pcie_s = plan.pcie.seconds() if plan.pcie is not None else 0.0
     per_token = sum(gpu_s.values()) + max(node_s.values(), default=0.0) + pcie_s
     return Prediction(1.0 / per_token if per_token else 0.0, gpu_s, node_s, pcie_s)
+
+
+def predict_plan(full, spec, topo) -> Prediction | None:
+    """`predict` for a placement Plan from its ModelSpec and topology: tensor sizes and kinds
+    from the declaration, each node's bandwidth as `numallm topo` assumes it (node -1, not
+    placed: all the CPU nodes together). None without a GPU part, a topology or a GPU bandwidth."""
+    from ..topology.plan import assumed_bandwidth
+
+    if full.gpu is None or topo is None:
+        return None
+    sizes = {t.name: t.nbytes for t in spec.tensors}
+    kinds = {t.name: t.decl.kind for t in spec.tensors}
+    gbps = {n.id: assumed_bandwidth(n) for n in topo.cpu_nodes}
+    gbps[-1] = sum(gbps.values())
+    return predict(full, sizes, kinds, spec.args, gbps)
