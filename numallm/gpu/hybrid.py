@@ -15,8 +15,9 @@ ops.moe_ffn with its normed input on the GPU and the experts on the host, `host_
      GPU work (qwen2moe's shared expert: its forward asks for the routed sum first); the first op
      that reads the Pending waits for the worker and uploads the sum into a pooled GPU slot.
 
-Each GPU counts the seconds its worker spent on experts (`cpu_s`) and the seconds the GPU side
-waited for them (`wait_s`): cpu_s - wait_s is the CPU work that overlapped the GPU side.
+Each GPU counts the seconds its worker spent on experts (`cpu_s`), the seconds the GPU side
+waited for them (`wait_s`; cpu_s - wait_s is the CPU work that overlapped the GPU side) and the
+kernel launches made while they were pending (`launches_beside`).
 """
 from __future__ import annotations
 
@@ -44,6 +45,7 @@ class Stage:
         self.last: Future | None = None
         self.calls = 0
         self.cpu_s = self.wait_s = 0.0
+        self.launches_beside = 0            # GPU kernel launches made while experts were pending
 
     def buffer(self, name: str, rows: int, width: int) -> np.ndarray:
         buf = self.buffers.get(name)
@@ -89,6 +91,7 @@ class Pending(DeviceTensor):
     def __init__(self, gpu: Gpu, shape: tuple[int, ...], future: Future, st: Stage):
         self.gpu, self._base, self._slot = gpu, None, None
         self._shape, self._future, self._stage, self._data = tuple(shape), future, st, None
+        self._launches = gpu.launches
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -98,6 +101,7 @@ class Pending(DeviceTensor):
     def data(self):
         if self._data is None:
             g, st = self.gpu, self._stage
+            st.launches_beside += g.launches - self._launches
             t0 = perf_counter()
             host = self._future.result()
             st.wait_s += perf_counter() - t0
