@@ -146,3 +146,28 @@ def test_hybrid_experts_are_node_sharded_under_numa_shard(synth_dir, gpus, float
     for layer in llm.model.blk:
         assert type(layer.block.ffn_gate_exps).__name__ == "ShardedExperts"
         assert len(layer.block.ffn_down_exps.parts) == 2
+
+
+# -- the kernels hybrid and GPU experts add (numallm.gpu.cuda_ops) ---------------------------------
+
+def test_sigmoid_gate_axpy_and_zero_kernels_match_numpy():
+    from numallm import ops
+    from numallm.gpu import cuda_kernels as ck, cuda_ops as co
+
+    launch = ck.Launch.coverage()            # launch shapes that exercise the reductions' edges
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((3, 20)).astype(np.float32)
+    h = rng.standard_normal((3, 37)).astype(np.float32)
+    w = rng.standard_normal(37).astype(np.float32)
+    out = cuda.to_device(np.zeros_like(x))
+    co.sigmoid_gate(cuda.to_device(x), cuda.to_device(h), cuda.to_device(w), out, 2, launch)
+    got, want = out.copy_to_host(), ops.sigmoid_gate(x, h, w)      # the host op (numpy)
+    assert np.allclose(got[:2], want[:2], rtol=1e-5, atol=1e-6) and not got[2].any()
+    acc = cuda.to_device(x.copy())
+    co.axpy_row(acc, cuda.to_device(h[1:2, :20]), 0.5, 2, launch)
+    want = x.copy()
+    want[2] += np.float32(0.5) * h[1, :20]
+    assert np.array_equal(acc.copy_to_host(), want)
+    co.zero(acc, 2, launch)
+    got = acc.copy_to_host()
+    assert not got[:2].any() and np.array_equal(got[2], want[2])

@@ -22,7 +22,7 @@ from gguf import GGMLQuantizationType as QT
 from numallm.cli import main
 from numallm.commands.plan import render
 from numallm.gguf_file import GGUFFile
-from numallm.gpu import GpuDevice, GpuError, OffloadRequest, make_plan
+from numallm.gpu import GpuDevice, GpuError, OffloadRequest
 from numallm.models import get_module
 from numallm.placement import ModelSpec, Request
 from numallm.placement import make_plan as place

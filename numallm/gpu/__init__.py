@@ -10,8 +10,8 @@ tensors), numallm.gpu.cuda_kernels / cuda_ops are the kernels. See docs/gpu.md.
 from __future__ import annotations
 
 from .inventory import MIN_COMPUTE_CAPABILITY, GpuDevice, GpuError, discover_gpus, parse_size
-from .plan import (GPU_TYPES, DeviceUse, LayerPlan, OffloadPlan, OffloadRequest, device_buffer_bytes,
-                   device_buffers, layer_kv_bytes, make_plan)
+from .plan import GPU_TYPES, DeviceUse, LayerPlan, OffloadPlan, OffloadRequest, make_plan
+from .sizes import device_buffer_bytes, device_buffers, layer_kv_bytes
 
 __all__ = ["MIN_COMPUTE_CAPABILITY", "GpuDevice", "GpuError", "discover_gpus", "parse_size",
            "GPU_TYPES", "DeviceUse", "LayerPlan", "OffloadPlan", "OffloadRequest",

@@ -35,7 +35,8 @@ import numpy as np
 from ..experts import ExpertLinear
 from .device import DTYPES, DeviceKVCache, DeviceLinear, Gpu, to_gpu, vector
 from .experts import DeviceExperts
-from .plan import OffloadPlan, device_buffers
+from .plan import OffloadPlan
+from .sizes import device_buffers
 
 
 class OffloadFailed(Exception):

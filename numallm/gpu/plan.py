@@ -34,8 +34,8 @@ from ..gguf_file import GGMLQuantizationType as QT
 
 from .inventory import MIN_COMPUTE_CAPABILITY, GpuDevice, GpuError
 from .policy import _size, assign, select
-from .sizes import (ACTIVATIONS, DEFAULT_N_BATCH, DTYPE_BYTES, GIB, KV_ELEM_BYTES, MIB,  # noqa: F401
-                    declared_kinds, device_buffer_bytes, device_buffers, layer_kv_bytes, model_args)
+from .sizes import (DEFAULT_N_BATCH, KV_ELEM_BYTES, MIB, declared_kinds, device_buffer_bytes,
+                    layer_kv_bytes, model_args)
 from .traffic import pcie_per_token
 
 DEFAULT_RESERVE = 512 * MIB     # left free on every GPU: the CUDA context and other processes
