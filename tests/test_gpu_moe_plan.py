@@ -168,6 +168,12 @@ def test_override_flags_parse_and_bad_values_are_one_line(tmp_path, monkeypatch,
 
 # -- policy on the 235B shape ------------------------------------------------------------------------
 
+def test_ot_cuda_offloads_the_matching_blocks_to_that_gpu(qwen235, two_nodes):
+    _, full = plan_on(qwen235, two_nodes, tensor_overrides=((r"blk\.9[23]\.", "CUDA0"),))
+    assert [u.index for u in full.gpu.layers if u.device == 0] == [92, 93]
+    assert full.gpu.output.device is None and not full.gpu.layers[93].host_tensors
+
+
 def test_cpu_moe_keeps_every_blocks_experts_on_the_host(qwen235, two_nodes):
     exps = expert_names(qwen235)
     for request in (dict(gpu_layers="all", cpu_moe=True), dict(gpu_layers="all", tensor_overrides=(("exps", "CPU"),))):

@@ -49,6 +49,7 @@ class Gpu:
         self.bytes = dict.fromkeys(KINDS, 0)
         self.launches = self.uploads = self.downloads = 0
         self.up_bytes = self.down_bytes = 0      # activation bytes copied each way (PCIe traffic)
+        self.stage = None                        # hybrid.Stage: host buffers, CPU expert worker
         self.slots = Slots(self)
         self.rope_tables: dict[int, tuple[object, object]] = {}   # id(Rope) -> (Rope, inv_freq)
         self.driver_used: int | None = None      # free-memory drop the driver saw (real GPUs)

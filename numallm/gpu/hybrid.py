@@ -66,22 +66,20 @@ class Stage:
         return g.cuda.pinned_array((rows, width), dtype=np.float32)
 
 
-_stages: dict[int, Stage] = {}
-_lock = threading.Lock()
-
-
 def stage(gpu: Gpu) -> Stage:
+    """The GPU's Stage, made on its first hybrid block call (Gpu.stage)."""
     with _lock:
-        st = _stages.get(id(gpu))
-        if st is None or st.gpu is not gpu:
-            st = _stages[id(gpu)] = Stage(gpu)
-        return st
+        if gpu.stage is None:
+            gpu.stage = Stage(gpu)
+        return gpu.stage
 
 
 def stats(gpu: Gpu) -> Stage | None:
     """The Stage of `gpu` if its blocks ever ran experts on the CPU."""
-    st = _stages.get(id(gpu))
-    return st if st is not None and st.gpu is gpu else None
+    return gpu.stage
+
+
+_lock = threading.Lock()
 
 
 class Pending(DeviceTensor):

@@ -334,6 +334,9 @@ class Offload:
             what = " + ".join(x for x in (f"blk.{_ranges(blks)}" if blks else "",
                                           "output" if "output" in units else "") if x)
             kv = f", + KV {use.kv / 2**20:.1f} MiB per session" if use.kv else ""
+            kept = [lp.index for lp in self.plan.layers if lp.device == i and lp.host_tensors]
+            if kept:
+                what += f" (routed experts of blk.{_ranges(kept)} on the CPU)"
             parts.append(f"{what} on GPU {i} ({(g.bytes['weights'] + g.bytes['buffers']) / 2**20:.1f} MiB "
                          f"allocated, {(use.weights + use.buffers) / 2**20:.1f} MiB planned{kv})")
         return f"GPU offload: {'; '.join(parts)}"

@@ -362,6 +362,9 @@ def make_plan(gguf, n_ctx: int, request: OffloadRequest, devices: list[GpuDevice
         queue, want_head, fill_all = all_blocks, True, True
     else:
         queue = all_blocks
+    if pinned and not (patterns or g in (None, 0)):
+        notes.append(f"-ot ...=CUDA{pin_dev} with --gpu-layers: --gpu-layers chooses the blocks, "
+                     f"-ot the GPU (CUDA{pin_dev})")
     why_host = HOST_ONLY_ARCHS.get(gguf.architecture)
     if why_host and queue:
         notes.append(f"{len(queue)} block(s) stay on the CPU: {why_host}")
