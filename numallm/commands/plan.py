@@ -79,9 +79,10 @@ def render(full, arch: str, spec=None, topo=None) -> list[str]:
     out.append(f"predicted split: {plan.processor()} (weights + KV cache; GPU buffers not counted)")
     if plan.devices and plan.pcie is not None:
         t = plan.pcie
+        d = t.to_dict()
         out.append(f"PCIe per decoded token: {t.down / 1024:.1f} KiB down, {t.up / 1024:.1f} KiB up in "
                    f"{t.transfers} copies (~{1e3 * t.seconds():.2f} ms at an assumed "
-                   f"{t.to_dict()['assumed_gbps']:.0f} GB/s + {1e6 * t.to_dict()['assumed_latency_s']:.0f} us each)")
+                   f"{d['assumed_gbps']:.0f} GB/s + {1e6 * d['assumed_latency_s']:.0f} us each)")
     pred = predict_plan(full, spec, topo) if spec is not None and plan.devices else None
     if pred is not None:
         out.append(pred.line())

@@ -215,7 +215,8 @@ class Offload:
         kept on the host (Transformer.linears() and experts() do not see them)."""
         return sum(getattr(layer.block, spec.attr).nbytes for layer in self.layers if layer is not None
                    for spec in type(layer.block).TENSORS
-                   if isinstance(getattr(layer.block, spec.attr), (DeviceLinear, DeviceExperts, ExpertLinear)))
+                   if isinstance(getattr(layer.block, spec.attr),
+                                 (DeviceLinear, DeviceExperts, ExpertLinear)))
 
     def gpu_model_bytes(self) -> int:
         """Weights and KV cache allocated on the GPUs (scratch buffers are not model bytes)."""

@@ -193,7 +193,8 @@ class OffloadPlan:
             "request": self.request.to_dict(),
             "devices": [{**d.device.to_dict(), "reserve": d.reserve, "usable": d.usable,
                          "weights": d.weights, "kv": d.kv, "buffers": d.buffers, "total": d.total,
-                         "layers": list(d.layers), "experts": d.experts} for _, d in sorted(self.devices.items())],
+                         "layers": list(d.layers), "experts": d.experts}
+                        for _, d in sorted(self.devices.items())],
             "layers": [unit(u) for u in self.layers], "output": unit(self.output),
             "host": {"weights": self.host_weights, "kv": self.host_kv, "total": self.host_bytes},
             "skipped": [{"index": i, "reason": why} for i, why in self.skipped],
@@ -474,7 +475,8 @@ def _upgrade(fills: dict, placed: list[_Unit], whole: list[_Unit], args, n_ctx: 
         f.buffers = buf
         moved.append(u.index)
     if not moved:
-        return "auto (MoE): the dense parts of every block are on the GPUs; no block's routed experts fit besides, so all experts stay on the CPU"
+        return ("auto (MoE): the dense parts of every block are on the GPUs; no block's routed "
+                "experts fit besides, so all experts stay on the CPU")
     first = min(moved)
     if first == 0:
         return "auto (MoE): every block fits whole (routed experts included)"
