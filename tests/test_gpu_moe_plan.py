@@ -39,10 +39,10 @@ def stored(shape, t) -> int:
     return int(np.prod(shape)) // block * size
 
 
-def write_header_only(path: Path, arch: str, args, meta) -> GGUFFile:
+def write_header_only(path: Path, arch: str, args, meta, types=None) -> GGUFFile:
     """A GGUF of `arch` with `args`' shapes (Model.declared) and sparse data: matrices and
-    experts Q4_K, the embedding and the output Q6_K, vectors and the router F32. meta(w) adds
-    the metadata."""
+    experts Q4_K, the embedding and the output Q6_K, vectors and the router F32, but for the
+    names in `types`. meta(w) adds the metadata."""
     model = get_module(arch).Model
     w = gguf.GGUFWriter(str(path), arch)
     meta(w)
@@ -53,6 +53,7 @@ def write_header_only(path: Path, arch: str, args, meta) -> GGUFFile:
         shape = args.dims(t.shape)
         qt = (QT.F32 if t.kind in ("norm", "bias") or name.endswith("ffn_gate_inp.weight")
               else QT.Q6_K if name in ("token_embd.weight", "output.weight") else QT.Q4_K)
+        qt = (types or {}).get(name, qt)
         nbytes = stored(shape, qt)
         w.add_tensor_info(name, shape, np.dtype(np.float32), nbytes, raw_dtype=qt)
         data += -(-nbytes // 32) * 32
@@ -68,18 +69,18 @@ def write_header_only(path: Path, arch: str, args, meta) -> GGUFFile:
     return GGUFFile(path)
 
 
-@pytest.fixture(scope="module")
-def qwen235(tmp_path_factory):
+def qwen3moe(path, n_layer=94, types=None) -> GGUFFile:
+    """Qwen3-235B-A22B's shape (n_layer blocks), header only."""
     from numallm.models.qwen3moe import ModelArgs
 
-    a = ModelArgs(arch="qwen3moe", n_vocab=151936, n_embd=4096, n_layer=94, n_ff=12288, n_head=64,
+    a = ModelArgs(arch="qwen3moe", n_vocab=151936, n_embd=4096, n_layer=n_layer, n_ff=12288, n_head=64,
                   n_head_kv=4, head_dim=128, rope_dim=128, n_expert=128, n_expert_used=8,
                   n_ff_exp=1536, n_ff_shexp=12288)
 
     def meta(w):
         w.add_context_length(40960)
         w.add_embedding_length(4096)
-        w.add_block_count(94)
+        w.add_block_count(n_layer)
         w.add_feed_forward_length(12288)
         w.add_head_count(64)
         w.add_head_count_kv(4)
@@ -91,7 +92,12 @@ def qwen235(tmp_path_factory):
         w.add_expert_used_count(8)
         w.add_expert_feed_forward_length(1536)
 
-    return write_header_only(tmp_path_factory.mktemp("shape") / "qwen3-235b-a22b.gguf", "qwen3moe", a, meta)
+    return write_header_only(path, "qwen3moe", a, meta, types)
+
+
+@pytest.fixture(scope="module")
+def qwen235(tmp_path_factory):
+    return qwen3moe(tmp_path_factory.mktemp("shape") / "qwen3-235b-a22b.gguf")
 
 
 @pytest.fixture(scope="module")
@@ -167,6 +173,14 @@ def test_override_flags_parse_and_bad_values_are_one_line(tmp_path, monkeypatch,
 
 
 # -- policy on the 235B shape ------------------------------------------------------------------------
+
+def test_experts_of_a_type_the_gpu_lacks_stay_on_the_cpu_with_their_block_on_the_gpu(tmp_path, two_nodes):
+    f = qwen3moe(tmp_path / "iq.gguf", n_layer=3, types={"blk.1.ffn_down_exps.weight": QT.IQ4_NL})
+    _, full = plan_on(f, two_nodes, gpu_layers="all")
+    assert [len(u.host_tensors) for u in full.gpu.layers] == [0, 3, 0]
+    assert all(u.device == 0 for u in full.gpu.layers)
+    assert any("IQ4_NL is not a GPU type" in n for n in full.gpu.notes)
+
 
 def test_ot_cuda_offloads_the_matching_blocks_to_that_gpu(qwen235, two_nodes):
     _, full = plan_on(qwen235, two_nodes, tensor_overrides=((r"blk\.9[23]\.", "CUDA0"),))

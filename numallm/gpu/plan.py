@@ -287,6 +287,15 @@ def _kept_on_host(gguf, request: OffloadRequest, experts: frozenset[str], notes:
     elif request.n_cpu_moe and experts:
         n = min(request.n_cpu_moe, len(sets))
         notes.append(f"--n-cpu-moe {request.n_cpu_moe}: the routed experts of blk.0-{n - 1} stay on the CPU")
+    # experts of a type the GPU kernels do not compute stay on the CPU (the rest of the block
+    # can still go): the hybrid path runs them with the CPU kernels
+    bad = {b for b, layer in sets.items() if any(gguf.tensors[n].qtype not in GPU_TYPES for n in layer)}
+    if bad:
+        types = sorted({gguf.tensors[n].qtype.name for b in bad for n in sets[b]
+                        if gguf.tensors[n].qtype not in GPU_TYPES})
+        notes.append(f"the routed experts of {len(bad)} block(s) stay on the CPU: {', '.join(types)} is "
+                     f"not a GPU type (the rest of those blocks can go to a GPU)")
+        whole |= {n for b in bad for n in sets[b]}
     if (request.cpu_moe or request.n_cpu_moe or by_ot) and not experts:
         notes.append("this model has no routed experts: --cpu-moe / --n-cpu-moe / -ot ...=CPU change nothing")
     return frozenset(keep | whole)
