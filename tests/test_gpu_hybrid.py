@@ -171,3 +171,15 @@ def test_sigmoid_gate_axpy_and_zero_kernels_match_numpy():
     co.zero(acc, 2, launch)
     got = acc.copy_to_host()
     assert not got[:2].any() and np.array_equal(got[2], want[2])
+
+
+@pytest.mark.slow
+def test_run_cpu_moe_verbose_says_where_it_ran(synth_dir, gpus, capsys):
+    from numallm.cli import main
+
+    gpus([RTX3060])
+    path = str(moe(synth_dir, "qwen3moe"))
+    assert main(["run", path, "hello", "-n", "2", "--temp", "0", "-ngl", "all", "--cpu-moe", "-v"]) == 0
+    err = capsys.readouterr().err
+    assert "blk.0-1 + output (routed experts of blk.0-1 on the CPU) on GPU 0" in err
+    assert "PROCESSOR  " in err and "(bytes); time " in err and "routed experts on the CPU" in err
