@@ -4,10 +4,10 @@
 #
 #     bash benchmarks/gpu_check.sh            # (OUT=dir to keep the logs and the table there)
 #
-# 1. makes a venv (.venv-gpu) over the system's Python packages and installs numallm into it from
-#    this checkout, with the `gpu` extra where its wheels are at hand (WHEELS=dir, default .whl/;
-#    pip never goes to the network); without them, numallm alone over what the system has
-#    (numba-cuda, nvidia-ml-py) and says so;
+# 1. puts numallm (this checkout, through a folder of links) and any wheels at hand (WHEELS=dir,
+#    default .whl/, installed with --target, never from the network) on the system Python's
+#    path, and the `gpu` extra (numba-cuda, nvidia-ml-py): the system's where it has them, else
+#    from the wheels;
 # 2. checks that CUDA is usable (not the simulator) and prints the device;
 # 3. runs the GPU tests with the simulator off (NUMBA_ENABLE_CUDASIM=0): kernels, offload, hybrid MoE;
 # 4. writes two synthetic models (numallm.synth; nothing is downloaded), in the background while
@@ -33,9 +33,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR=${OUT:-/tmp/numallm-gpu-check}
 mkdir -p "$OUT_DIR"
-PY=${PYTHON:-python3}
 WHEELS=${WHEELS:-.whl}
-VENV=${VENV:-.venv-gpu}
+VPY=${PYTHON:-python3}
+SHIM=${SHIM:-/tmp/numallm-gpu-check-path}
+SITE=${SITE:-/tmp/numallm-gpu-check-site}
 MODELS=${MODELS:-/tmp/numallm-gpu-check-models}
 THREADS=${THREADS:-$(nproc)}
 export MOE_LAYERS=${MOE_LAYERS:-2}
@@ -60,25 +61,31 @@ run() {
     return 0
 }
 
-step "1/5 venv and install" 240
+step "1/5 packages" 240
 if ! command -v nvidia-smi >/dev/null || ! nvidia-smi -L >/dev/null 2>&1; then
     echo "no NVIDIA GPU here (nvidia-smi finds none): nothing to check"
     exit 2
 fi
 nvidia-smi --query-gpu=index,name,memory.total,memory.free,driver_version,pci.bus_id --format=csv
-[ -x "$VENV/bin/python" ] || timeout 120 "$PY" -m venv --system-site-packages "$VENV"
-VPY="$VENV/bin/python"
 export PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1
-if [ -d "$WHEELS" ]; then
-    timeout 180 "$VPY" -m pip install -q --no-build-isolation --find-links "$WHEELS" "$WHEELS"/*.whl || \
+# numallm runs from this checkout (no build, no pip: the image's Python may itself be a venv,
+# whose packages a nested --system-site-packages venv would not see): a folder of links puts
+# numallm and numallm_kernels (kernels/) on the path, over the system's packages
+mkdir -p "$SHIM" "$SITE"
+ln -sfn "$PWD/numallm" "$SHIM/numallm"
+ln -sfn "$PWD/kernels" "$SHIM/numallm_kernels"
+export PYTHONPATH="$SHIM:$SITE${PYTHONPATH:+:$PYTHONPATH}"
+if [ -d "$WHEELS" ] && ls "$WHEELS"/*.whl >/dev/null 2>&1; then
+    timeout 180 "$VPY" -m pip install -q --no-deps --no-compile --target "$SITE" "$WHEELS"/*.whl || \
         echo "note: some wheels in $WHEELS did not install (see above)"
 fi
-if timeout 180 "$VPY" -m pip install -q --no-build-isolation --find-links "$WHEELS" -e '.[gpu]' 2>"$OUT_DIR/install.log"; then
-    echo "installed numallm[gpu] (offline)"
+# the gpu extra (numba-cuda, nvidia-ml-py): the system's where it has them, else from the wheels
+if "$VPY" -c "import numba_cuda, pynvml" 2>/dev/null || "$VPY" -c "import numba.cuda, pynvml" 2>/dev/null; then
+    echo "gpu extra: numba-cuda and nvidia-ml-py are installed ($("$VPY" -m pip show numba-cuda 2>/dev/null | sed -n 2p))"
+elif timeout 180 "$VPY" -m pip install -q --target "$SITE" --find-links "$WHEELS" 'numba-cuda[cu12]>=0.30' 'nvidia-ml-py>=12'; then
+    echo "gpu extra: installed from $WHEELS"
 else
-    echo "note: numallm[gpu] could not be installed offline with its dependencies ($(tail -1 "$OUT_DIR/install.log"));"
-    echo "      installing numallm alone over the system's packages (numba-cuda, nvidia-ml-py)"
-    timeout 180 "$VPY" -m pip install -q --no-build-isolation --no-deps -e .
+    echo "note: the gpu extra is neither installed nor in $WHEELS; step 2 will say what is missing"
 fi
 
 step "2/5 CUDA" 120
@@ -100,7 +107,7 @@ from numallm.gpu import discover_gpus
 print("numallm inventory:", discover_gpus())
 EOF
 then
-    echo "!! CUDA is not usable from this venv (above): the GPU steps cannot run"
+    echo "!! CUDA is not usable from this Python (above): the GPU steps cannot run"
     exit 1
 fi
 
