@@ -117,6 +117,15 @@ def test_qwen2moe_shared_expert_runs_while_the_cpu_runs_the_experts(synth_dir, g
 
 
 @pytest.mark.slow
+def test_qwen2moe_whole_blocks_run_their_experts_on_the_gpu(synth_dir, gpus, float_cpu):
+    gpus([RTX3060])
+    llm = check_hybrid(moe(synth_dir, "qwen2moe"), OffloadRequest(gpu_layers="all"))
+    assert all(not u.host_tensors for u in llm.offload.plan.layers) and llm.offload.plan.devices[0].experts
+    assert type(llm.model.blk[0].block.ffn_gate_exps).__name__ == "DeviceExperts"
+    assert llm.offload.gpus[0].stage is None             # nothing ran on the CPU worker
+
+
+@pytest.mark.slow
 def test_auto_on_a_small_gpu_mixes_gpu_and_cpu_experts(synth_dir, gpus, float_cpu):
     """A GPU with room for every block's dense part, the head, and one block's experts: auto
     puts blk.1's experts on the GPU (run by numallm.gpu.experts) and keeps blk.0's on the CPU."""
