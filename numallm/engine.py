@@ -16,6 +16,7 @@ GPU offload and NUMA placement apply the plan. Nothing large is allocated before
 from __future__ import annotations
 
 import threading
+import time
 import numpy as np
 import psutil
 
@@ -92,7 +93,8 @@ class LoadedModel:
             self.offload = gpu_offload.apply_plan(self.model, self.plan.gpu, self.n_ctx)
             self.notices.append(self.offload.announcement())
             gpu_layers = frozenset(self.offload.gpu_layers())
-        self.placement = apply_plan(self.model, self.plan, topo, gpu_layers)
+        self.placement = apply_plan(self.model, self.plan, topo, gpu_layers,
+                                    self.offload.host_experts() if self.offload is not None else [])
         if self.plan.reason:
             self.notices.append(self.plan.reason)
         self.pool = self.placement.pool
@@ -115,7 +117,7 @@ class LoadedModel:
         if m.output is not m.token_embd:
             out -= m.token_embd.nbytes
         if getattr(a, "n_expert", 0):
-            exp = sum(e.nbytes for e in m.experts())
+            exp = sum(e.nbytes for e in m.experts() + (self.offload.experts() if self.offload else []))
             out -= exp - exp * a.n_expert_used // a.n_expert
         return out
 
@@ -133,9 +135,10 @@ class LoadedModel:
         """One forward step of a session: the model's lock and thread activation held only here."""
         with self.lock, threads.activate(self.pool):
             self.passes += 1
+            t0 = time.perf_counter()
             out = self.model(tokens, cache, pos0, last_only=last_only)
-            if self.offload is not None:
-                self.offload.host_pass(len(tokens))   # where layers ran: the host's share
+            if self.offload is not None:               # where layers ran: the host's share
+                self.offload.host_pass(len(tokens), time.perf_counter() - t0)
             return out
 
     def forward_batch(self, tokens, caches: list[list], positions) -> np.ndarray:

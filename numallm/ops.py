@@ -236,6 +236,16 @@ def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     return out
 
 
+def sigmoid_gate(x: np.ndarray, h: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """x * sigmoid(h . w) per row: a gate vector w (K,) scales each row of x (T, N) by its input
+    row h (T, K) (qwen2moe's shared expert)."""
+    ex = _EXECUTORS.get(type(w))
+    if ex is not None:
+        return ex.sigmoid_gate(x, h, w)
+    z = h @ w                                                             # (T,)
+    return x * (1.0 / (1.0 + np.exp(-z)))[:, None].astype(np.float32)
+
+
 def silu(x: np.ndarray) -> np.ndarray:
     return x / (1.0 + np.exp(-x))
 
@@ -414,4 +424,15 @@ def attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, cache: KVCache, pos0: in
 
 
 # Mixture-of-Experts ops (their own file; model files reach them here)
-from .experts import ExpertLinear, moe_ffn, moe_route  # noqa: E402,F401
+from . import experts as _experts  # noqa: E402
+from .experts import ExpertLinear, moe_route  # noqa: E402,F401
+
+
+def moe_ffn(x: np.ndarray, ids: np.ndarray, weights: np.ndarray, gate: ExpertLinear,
+            up: ExpertLinear, down: ExpertLinear) -> np.ndarray:
+    """The routed SwiGLU feed-forward (numallm.experts.moe_ffn) where x is: an input on a GPU
+    goes to its executor (experts on that GPU, or on the host with the result brought back)."""
+    ex = _EXECUTORS.get(type(x))
+    if ex is not None:
+        return ex.moe_ffn(x, ids, weights, gate, up, down)
+    return _experts.moe_ffn(x, ids, weights, gate, up, down)

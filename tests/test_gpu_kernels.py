@@ -249,7 +249,9 @@ PTX_SCRIPT = textwrap.dedent("""
                  (co._attention.py_func, (a3, kv[:, :, ::1], kv[:, :, ::1], a2, i64, i64, i64, f32))]
     sigs += [(co._rms_norm.py_func, (a2, f32[::1], a2, i64, i64, f64)),
              (co._rope.py_func, (a3, i64, i64, i64, f64[::1], f64, i64, nt.boolean)),
-             (co._swiglu.py_func, (a2, a2, a2, i64)), (co._add.py_func, (a2, a2, a2, i64))]
+             (co._swiglu.py_func, (a2, a2, a2, i64)), (co._add.py_func, (a2, a2, a2, i64)),
+             (co._sigmoid_gate.py_func, (a2, a2, f32[::1], a2, i64)),
+             (co._axpy_row.py_func, (a2, a2, f32, i64)), (co._zero.py_func, (a2, i64))]
     for fn, sig in sigs:
         cuda.compile_ptx(fn, sig, cc=cc)
     print("OK", len(sigs), "kernels for sm_%d%d" % cc)

@@ -54,6 +54,17 @@ def add_gpu_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--offload", action="append", default=[], metavar="REGEX",
                    help=r"offload the blocks whose tensor names match REGEX, e.g. 'blk\.(2[0-9])\.' "
                         "(repeatable; whole blocks move; 'output' names the output head)")
+    g.add_argument("-ot", "--override-tensor", "--offload-tensors", dest="override_tensor",
+                   action="append", default=[], type=_overrides, metavar="REGEX=DEVICE",
+                   help="keep the tensors matching REGEX on DEVICE (CPU, CUDA0, ...), llama.cpp's "
+                        "spelling, e.g. -ot exps=CPU: routed experts on the CPU, the rest of each "
+                        "offloaded block on the GPU (repeatable or comma-separated; the first match "
+                        "decides)")
+    g.add_argument("--cpu-moe", action="store_true",
+                   help="keep every block's routed experts on the CPU (attention, router, shared "
+                        "experts and KV cache of offloaded blocks on the GPU)")
+    g.add_argument("--n-cpu-moe", type=int, default=0, metavar="N",
+                   help="keep the routed experts of the first N blocks on the CPU")
     g.add_argument("--gpus", type=_index_list, default=None, metavar="0,2",
                    help="use only these GPUs (numbers as `numallm topo` / nvidia-smi show them)")
     g.add_argument("--exclude-gpus", type=_index_list, default=[], metavar="1",
@@ -74,6 +85,17 @@ def _gpu_layers(text: str) -> int | str:
     if t.isdigit():
         return int(t)
     raise argparse.ArgumentTypeError(f"{text!r}: give a number of layers, auto or all")
+
+
+def _overrides(text: str) -> list[tuple[str, str]]:
+    """llama.cpp's -ot value: REGEX=DEVICE[,REGEX=DEVICE...] (the device as CPU or CUDAn)."""
+    out = []
+    for part in text.split(","):
+        pat, eq, dev = part.rpartition("=")
+        if not eq or not pat or not dev:
+            raise argparse.ArgumentTypeError(f"{part!r}: give REGEX=DEVICE, e.g. exps=CPU")
+        out.append((pat, dev.strip().upper()))
+    return out
 
 
 def _index_list(text: str) -> list[int]:
@@ -102,7 +124,9 @@ def offload_request(args: argparse.Namespace):
                           exclude_gpus=tuple(args.exclude_gpus),
                           reserve_bytes=parse_size(args.gpu_reserve, "--gpu-reserve"),
                           min_compute_capability=args.gpu_min_cc or MIN_COMPUTE_CAPABILITY,
-                          kv_dtype=args.gpu_kv_type)
+                          kv_dtype=args.gpu_kv_type,
+                          tensor_overrides=tuple(o for group in args.override_tensor for o in group),
+                          cpu_moe=args.cpu_moe, n_cpu_moe=args.n_cpu_moe)
 
 
 def _node_list(text: str) -> list[int]:

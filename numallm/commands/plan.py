@@ -37,8 +37,11 @@ def _ranges(idx: list[int]) -> str:
     return ", ".join(out)
 
 
-def render(full, arch: str) -> list[str]:
-    """full: the placement Plan (numallm.placement); its .gpu is the offload part."""
+def render(full, arch: str, spec=None, topo=None) -> list[str]:
+    """full: the placement Plan (numallm.placement); its .gpu is the offload part. With the
+    ModelSpec and topology, also the decode speed the plan predicts (numallm.gpu.traffic)."""
+    from ..gpu.traffic import predict_plan
+
     plan = full.gpu
     n_layer = len(plan.layers)
     req = plan.request
@@ -51,7 +54,10 @@ def render(full, arch: str) -> list[str]:
         bw = f"{g.bandwidth_gbps:.0f} GB/s {g.bandwidth_source}" if g.bandwidth_gbps else "bandwidth unknown"
         node = f"node {g.numa_node}" if g.numa_node is not None else "node unknown"
         blocks = [x for x in d.layers if x < n_layer]
-        what = _ranges(blocks) + (" + output" if n_layer in d.layers else "")
+        what = " + ".join(x for x in (_ranges(blocks), "output" if n_layer in d.layers else "") if x)
+        kept = [u.index for u in plan.layers if u.device == i and u.host_tensors]
+        if kept:
+            what += f" (routed experts of {_ranges(kept)} on the CPU)"
         out.append(f"GPU {i} {g.name} (cc {g.cc}, {bw}, PCIe on {node}): {what}")
         out.append(f"    weights {_size(d.weights)} + KV {_size(d.kv)} + buffers {_size(d.buffers)} = "
                    f"{_size(d.total)} of {_size(d.usable)} usable ({_size(g.mem_free)} free - "
@@ -59,7 +65,9 @@ def render(full, arch: str) -> list[str]:
     for i, why in plan.skipped:
         out.append(f"GPU {i} not used: {why}")
     cpu = [u.index for u in plan.layers if u.device is None]
-    what = (_ranges(cpu) + ", " if cpu else "") + "token_embd" + (
+    kept = [u.index for u in plan.layers if u.device is not None and u.host_tensors]
+    what = (_ranges(cpu) + ", " if cpu else "") + (
+        f"routed experts of {_ranges(kept)}, " if kept else "") + "token_embd" + (
         ", output" if plan.output.device is None else "")
     per = ", ".join(f"node {n.node}: {_size(n.weights + n.kv)}" if n.node >= 0 else
                     f"not placed on a node (--numa off): {_size(n.weights + n.kv)}" for n in full.nodes)
@@ -69,6 +77,15 @@ def render(full, arch: str) -> list[str]:
     out.append(f"model: weights {_size(full.weight_bytes)}, KV cache {_size(full.kv_bytes)} "
                f"({full.n_ctx} tokens, f32 on the CPU)")
     out.append(f"predicted split: {plan.processor()} (weights + KV cache; GPU buffers not counted)")
+    if plan.devices and plan.pcie is not None:
+        t = plan.pcie
+        d = t.to_dict()
+        out.append(f"PCIe per decoded token: {t.down / 1024:.1f} KiB down, {t.up / 1024:.1f} KiB up in "
+                   f"{t.transfers} copies (~{1e3 * t.seconds():.2f} ms at an assumed "
+                   f"{d['assumed_gbps']:.0f} GB/s + {1e6 * d['assumed_latency_s']:.0f} us each)")
+    pred = predict_plan(full, spec, topo) if spec is not None and plan.devices else None
+    if pred is not None:
+        out.append(pred.line())
     out += [f"note: {n}" for n in plan.notes]
     return out
 
@@ -80,11 +97,15 @@ def run(args: argparse.Namespace) -> int:
     request = offload_request(args)
     if args.ctx_size is not None and args.ctx_size < 1:
         raise NumallmError(f"-c {args.ctx_size}: give a positive number of tokens")
-    f, _, plan, _ = plan_model(resolve_model(args.model, download=False), args.ctx_size, args.threads,
-                               args.numa or "auto", args.virtual_nodes, args.nodes,
-                               args.threads_per_node, request)
+    from ..gpu.traffic import predict_plan
+
+    f, spec, plan, topo = plan_model(resolve_model(args.model, download=False), args.ctx_size,
+                                     args.threads, args.numa or "auto", args.virtual_nodes, args.nodes,
+                                     args.threads_per_node, request)
     if args.json:
-        print(dumps({**plan.gpu.to_json(), "placement": plan.to_dict()}))
+        pred = predict_plan(plan, spec, topo) if plan.gpu.devices else None
+        print(dumps({**plan.gpu.to_json(), "placement": plan.to_dict(),
+                     "predicted_decode": None if pred is None else pred.to_dict()}))
     else:
-        print("\n".join(render(plan, f.architecture)))
+        print("\n".join(render(plan, f.architecture, spec, topo)))
     return 0

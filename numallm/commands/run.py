@@ -14,6 +14,9 @@ def register(sub) -> None:
     add_sampling_args(p, n_predict=-1)
     p.add_argument("--chat", action="store_true", help="wrap PROMPT as a user message with the chat template")
     p.add_argument("--json", action="store_true", help="print one JSON object: text, tokens, timings")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="after generating, print to stderr where the model ran: the PROCESSOR split "
+                        "(bytes and measured time per device) and where each layer ran (as chat /stats)")
     p.set_defaults(func=run)
 
 
@@ -28,10 +31,13 @@ def run(args) -> int:
                           "prompt_tokens": r.prompt_tokens, "prompt_tps": r.prompt_tps,
                           "generation_tokens": r.generation_tokens, "generation_tps": r.generation_tps},
                          ensure_ascii=False))
-        return 0
-    out = sys.stdout
-    for chunk in llm.stream(toks, **kw):
-        out.write(chunk.text)
-        out.flush()
-    out.write("\n")
+    else:
+        out = sys.stdout
+        for chunk in llm.stream(toks, **kw):
+            out.write(chunk.text)
+            out.flush()
+        out.write("\n")
+    if args.verbose:
+        print("PROCESSOR  100% CPU" if llm.offload is None else llm.offload.summary(llm.model),
+              file=sys.stderr)
     return 0

@@ -182,6 +182,46 @@ def _add(x, y, out, n_rows):
         out[r, c] = x[r, c] + y[r % y_rows, c]
 
 
+@cuda.jit
+def _sigmoid_gate(x, h, w, out, n_tok):
+    # x, out: float32 (T, N); h: (T, K); w: (K,). out[t] = x[t] * sigmoid(h[t] . w): one block
+    # per row, its threads share the dot product through a tree in shared memory
+    red = cuda.shared.array(MAX_THREADS, np.float32)
+    tx, nt = cuda.threadIdx.x, cuda.blockDim.x
+    k, n = h.shape[1], x.shape[1]
+    for t in range(cuda.blockIdx.x, n_tok, cuda.gridDim.x):
+        a = np.float32(0.0)
+        for c in range(tx, k, nt):
+            a += h[t, c] * w[c]
+        red[tx] = a
+        cuda.syncthreads()
+        s = nt // 2
+        while s > 0:
+            if tx < s:
+                red[tx] += red[tx + s]
+            cuda.syncthreads()
+            s //= 2
+        g = np.float32(1.0) / (np.float32(1.0) + np.float32(math.exp(-red[0])))
+        for c in range(tx, n, nt):
+            out[t, c] = x[t, c] * g
+        cuda.syncthreads()
+
+
+@cuda.jit
+def _axpy_row(out, y, alpha, row):
+    # out: float32 (T, N); y: (>= 1, N). out[row] += alpha * y[0] (one routed expert's share)
+    n = out.shape[1]
+    for c in range(cuda.grid(1), n, cuda.gridsize(1)):
+        out[row, c] += alpha * y[0, c]
+
+
+@cuda.jit
+def _zero(out, n_rows):
+    cols = out.shape[1]
+    for i in range(cuda.grid(1), n_rows * cols, cuda.gridsize(1)):
+        out[i // cols, i % cols] = np.float32(0.0)
+
+
 # -- host-side launchers ----------------------------------------------------------------------
 
 def _grid(n: int, launch: Launch) -> tuple[int, int]:
@@ -229,3 +269,19 @@ def swiglu(g, u, out, n_tok: int, launch: Launch) -> None:
 def add(x, y, out, n_rows: int, launch: Launch) -> None:
     """out[:n_rows] = x + y; x, out: (R, C), y: (R, C) or one row (1, C) added to each."""
     _add[_grid(n_rows * x.shape[1], launch)](x, y, out, n_rows)
+
+
+def sigmoid_gate(x, h, w, out, n_tok: int, launch: Launch) -> None:
+    """out[:n_tok] = x * sigmoid(h @ w) per row; x, out: (T, N), h: (T, K), w: (K,)."""
+    threads = min(launch.attn_threads, MAX_THREADS)
+    _sigmoid_gate[min(launch.max_blocks, n_tok), threads](x, h, w, out, n_tok)
+
+
+def axpy_row(out, y, alpha: float, row: int, launch: Launch) -> None:
+    """out[row] += alpha * y[0]; out: (T, N), y: (>= 1, N)."""
+    _axpy_row[_grid(out.shape[1], launch)](out, y, np.float32(alpha), row)
+
+
+def zero(out, n_rows: int, launch: Launch) -> None:
+    """out[:n_rows] = 0."""
+    _zero[_grid(n_rows * out.shape[1], launch)](out, n_rows)

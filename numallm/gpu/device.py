@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 import weakref
 from contextlib import contextmanager, nullcontext
 
@@ -47,6 +48,8 @@ class Gpu:
         self.ordinal = ordinal                   # CUDA's number; None under the simulator
         self.bytes = dict.fromkeys(KINDS, 0)
         self.launches = self.uploads = self.downloads = 0
+        self.up_bytes = self.down_bytes = 0      # activation bytes copied each way (PCIe traffic)
+        self.stage = None                        # hybrid.Stage: host buffers, CPU expert worker
         self.slots = Slots(self)
         self.rope_tables: dict[int, tuple[object, object]] = {}   # id(Rope) -> (Rope, inv_freq)
         self.driver_used: int | None = None      # free-memory drop the driver saw (real GPUs)
@@ -155,6 +158,7 @@ class DeviceTensor:
         t = cls.new(gpu, host.shape)
         t.data.copy_to_device(host)
         gpu.uploads += 1
+        gpu.up_bytes += host.nbytes
         return t
 
     def __del__(self):
@@ -194,6 +198,7 @@ class DeviceTensor:
         with self.gpu.active():
             host = self.data.copy_to_host()
         self.gpu.downloads += 1
+        self.gpu.down_bytes += host.nbytes
         return host if dtype is None else host.astype(dtype, copy=False)
 
     def __add__(self, other):
@@ -233,11 +238,15 @@ class DeviceLinear:
         self.name, self.qtype, self.shape, self.nbytes = lin.name, lin.qtype, lin.shape, lin.nbytes
         self.gpu, self.host_out = gpu, host_out
         self.calls = 0                  # products computed (Executor.matmuls counts them)
+        self.seconds = 0.0              # wall time of the calls made through __call__
         self.m = GpuMatrix(lin.qtype, lin.shape, gpu.put(device_layout(lin.qtype, lin.raw), "weights"))
 
     def __call__(self, x):
+        t0 = time.perf_counter()
         y = ops.matmuls(x, self)[0]
-        return np.asarray(y) if self.host_out else y
+        y = np.asarray(y) if self.host_out else y
+        self.seconds += time.perf_counter() - t0
+        return y
 
 
 class DeviceKVCache:
@@ -352,6 +361,28 @@ class Executor:
             co.swiglu(gate.data, u.data, out.data, gate.shape[0], g.launch)
             g.launches += 1
         return out
+
+    @staticmethod
+    def sigmoid_gate(x, h, w: DeviceTensor) -> DeviceTensor:
+        from . import cuda_ops as co
+
+        g = w.gpu
+        with g.active():
+            xt, ht = to_gpu(x, g), to_gpu(h, g)
+            out = DeviceTensor.new(g, xt.shape)
+            co.sigmoid_gate(xt.data, ht.data, w.data, out.data, xt.shape[0], g.launch)
+            g.launches += 1
+        return out
+
+    @staticmethod
+    def moe_ffn(x: DeviceTensor, ids, weights, gate, up, down) -> DeviceTensor:
+        """Routed experts for an input on a GPU: on that GPU when the block's experts are there
+        (numallm.gpu.experts), else on the host with the sum brought back (numallm.gpu.hybrid)."""
+        from . import experts, hybrid
+
+        if isinstance(gate, experts.DeviceExperts):
+            return experts.moe_ffn(x, ids, weights, gate, up, down)
+        return hybrid.host_experts(x, ids, weights, gate, up, down)
 
     @staticmethod
     def rope(rope: ops.Rope, x: DeviceTensor, pos0: int) -> DeviceTensor:

@@ -28,8 +28,15 @@ caller then shows `announcement()` and runs on the CPU. Nothing here prints.
 """
 from __future__ import annotations
 
-from .device import DTYPES, DeviceKVCache, DeviceLinear, Gpu, vector
-from .plan import OffloadPlan, device_buffers
+from time import perf_counter
+
+import numpy as np
+
+from ..experts import ExpertLinear
+from .device import DTYPES, DeviceKVCache, DeviceLinear, Gpu, to_gpu, vector
+from .experts import DeviceExperts
+from .plan import OffloadPlan
+from .sizes import device_buffers
 
 
 class OffloadFailed(Exception):
@@ -69,23 +76,31 @@ def _ordinal(cuda, info) -> int | None:
 
 class GpuLayer:
     """model.blk[i] for a block the plan puts on a GPU: the block itself, whose declared tensors
-    are now on `gpu`, called through this object, which counts calls, tokens and kernel launches
-    and makes the GPU current. (x, cache, pos0) -> x as the block's own __call__, x a
-    DeviceTensor; cache must be this layer's DeviceKVCache (Offload.adopt_cache)."""
+    are now on `gpu` (those the plan keeps on the host, routed experts, stay host objects),
+    called through this object, which counts calls, tokens, kernel launches and wall time and
+    makes the GPU current. (x, cache, pos0) -> x as the block's own __call__; the input comes
+    over once (one upload where it is on the host or another GPU), and the output goes back to
+    the host once when the next layer (or output_norm) runs there (`host_out`). cache must be
+    this layer's DeviceKVCache (Offload.adopt_cache)."""
 
-    def __init__(self, index: int, block, gpu: Gpu):
-        self.index, self.block, self.gpu = index, block, gpu
+    def __init__(self, index: int, block, gpu: Gpu, host_out: bool = False):
+        self.index, self.block, self.gpu, self.host_out = index, block, gpu, host_out
         self.calls = self.tokens = self.launches = 0
+        self.seconds = 0.0
 
     def __call__(self, x, cache, pos0: int):
         g = self.gpu
         if not isinstance(cache, DeviceKVCache) or cache.gpu is not g:
             raise RuntimeError(f"blk.{self.index} runs on GPU {g.index} but was given {type(cache).__name__}"
                                f"; make the cache list with Offload.adopt_cache")
+        t0 = perf_counter()
         with g.active():
             before = g.launches
-            y = self.block(x, cache, pos0)
+            y = self.block(to_gpu(x, g), cache, pos0)
             self.launches += g.launches - before
+            if self.host_out:
+                y = np.asarray(y)
+        self.seconds += perf_counter() - t0
         self.calls += 1
         self.tokens += x.shape[0]
         return y
@@ -104,6 +119,7 @@ class Offload:
         self.n_ctx = 0
         self.kv_dtype = None
         self.host_calls = self.host_tokens = 0    # forward passes the engine reported
+        self.pass_seconds = 0.0                   # their wall time, all devices
         self.host_kv = 0                          # host KV bytes of the last adopted cache
 
     @property
@@ -134,10 +150,25 @@ class Offload:
         """Indices of the blocks that run on a GPU."""
         return [i for i, layer in enumerate(self.layers) if layer is not None]
 
-    def host_pass(self, n_tokens: int) -> None:
-        """The engine ran one forward pass of n_tokens: every layer on the host ran once."""
+    def host_pass(self, n_tokens: int, seconds: float = 0.0) -> None:
+        """The engine ran one forward pass of n_tokens in `seconds` (wall time): every layer on
+        the host ran once."""
         self.host_calls += 1
         self.host_tokens += n_tokens
+        self.pass_seconds += seconds
+
+    def host_experts(self) -> list[tuple[int, object, str, ExpertLinear]]:
+        """(layer, block, attr, tensor) of the routed expert tensors that GPU blocks keep on the
+        host (what NUMA placement shards like a CPU block's)."""
+        return [(layer.index, layer.block, spec.attr, getattr(layer.block, spec.attr))
+                for layer in self.layers if layer is not None for spec in type(layer.block).TENSORS
+                if isinstance(getattr(layer.block, spec.attr), ExpertLinear)]
+
+    def experts(self) -> list:
+        """Every routed expert tensor of the GPU blocks, on the GPU or kept on the host."""
+        return [getattr(layer.block, spec.attr) for layer in self.layers if layer is not None
+                for spec in type(layer.block).TENSORS if spec.kind == "experts"
+                and getattr(layer.block, spec.attr) is not None]
 
     # -- bytes --
     def actual(self) -> dict[int, dict[str, int]]:
@@ -168,9 +199,11 @@ class Offload:
                 total += int(obj.nbytes)
 
         for layer, b in zip(self.layers, model.blk):
-            if layer is None:
-                for spec in type(b).TENSORS:
-                    count(getattr(b, spec.attr))
+            block = b if layer is None else layer.block
+            for spec in type(block).TENSORS:
+                v = getattr(block, spec.attr)
+                if layer is None or not _on_device(v):
+                    count(v)
         count(model.token_embd)
         count(model.output_norm)
         if not isinstance(model.output, DeviceLinear):
@@ -178,11 +211,12 @@ class Offload:
         return total + self.host_kv
 
     def block_matrix_bytes(self) -> int:
-        """Bytes of the weight matrices of the blocks on GPUs (Transformer.linears() does not
-        see them)."""
+        """Bytes of the weight matrices and expert tensors of the blocks on GPUs, on the GPU or
+        kept on the host (Transformer.linears() and experts() do not see them)."""
         return sum(getattr(layer.block, spec.attr).nbytes for layer in self.layers if layer is not None
                    for spec in type(layer.block).TENSORS
-                   if isinstance(getattr(layer.block, spec.attr), DeviceLinear))
+                   if isinstance(getattr(layer.block, spec.attr),
+                                 (DeviceLinear, DeviceExperts, ExpertLinear)))
 
     def gpu_model_bytes(self) -> int:
         """Weights and KV cache allocated on the GPUs (scratch buffers are not model bytes)."""
@@ -226,11 +260,49 @@ class Offload:
             parts.append(f"{name} {ex} ({ran})")
         return ", ".join(parts)
 
+    def times(self) -> dict[str, float]:
+        """Measured wall seconds over every pass: "CPU" (the host's blocks, embedding, output
+        norm and the routed experts it ran for GPU blocks), "GPU i" (its blocks and head, less
+        the time they waited for the CPU's experts), "experts" (the CPU's part of that) and
+        "overlap" (expert seconds the GPU side did not wait for)."""
+        from . import hybrid
+
+        gpu = dict.fromkeys(self.gpus, 0.0)
+        for layer in self.layers:
+            if layer is not None:
+                gpu[layer.gpu.index] += layer.seconds
+        if self.head is not None:
+            gpu[self.head.gpu.index] += self.head.seconds
+        in_gpu = sum(gpu.values())
+        experts = waited = 0.0
+        for i, g in self.gpus.items():
+            st = hybrid.stats(g)
+            if st is not None:
+                experts, waited = experts + st.cpu_s, waited + st.wait_s
+                gpu[i] -= st.wait_s
+        return {"CPU": max(self.pass_seconds - in_gpu, 0.0) + experts,
+                **{f"GPU {i}": max(t, 0.0) for i, t in gpu.items()},
+                "experts": experts, "overlap": max(experts - waited, 0.0)}
+
+    def time_line(self) -> str:
+        """The measured split: time per device per forward pass."""
+        from .plan import processor_split
+
+        t, n = self.times(), max(self.host_calls, 1)
+        gpus = [k for k in t if k.startswith("GPU ")]
+        split = processor_split(int(1e9 * t["CPU"]), int(1e9 * sum(t[k] for k in gpus)))
+        per = ", ".join(f"{k} {1e3 * t[k] / n:.2f} ms" for k in ["CPU", *gpus])
+        exp = (f"; routed experts on the CPU {1e3 * t['experts'] / n:.2f} ms, "
+               f"{1e3 * t['overlap'] / n:.2f} ms of it beside GPU work" if t["experts"] else "")
+        return f"time {split} ({per} per pass, measured{exp})"
+
     def summary(self, model) -> str:
-        """Lines for chat /stats and the CLI: PROCESSOR, where layers ran, predicted vs actual."""
+        """Lines for chat /stats and the CLI: PROCESSOR (bytes where they are and measured time
+        per device), where layers ran, predicted vs actual bytes."""
         if not self.applied:
             return f"PROCESSOR  100% CPU ({self.reason or 'no GPU offload requested'})"
-        lines = [f"PROCESSOR  {self.processor(model)}", f"layers: {self.where_line()}"]
+        lines = [f"PROCESSOR  {self.processor(model)} (bytes); {self.time_line()}",
+                 f"layers: {self.where_line()}"]
         for row in self.compare():
             g = self.gpus[row["gpu"]]
             p, a = row["predicted"], row["actual"]
@@ -263,14 +335,22 @@ class Offload:
             what = " + ".join(x for x in (f"blk.{_ranges(blks)}" if blks else "",
                                           "output" if "output" in units else "") if x)
             kv = f", + KV {use.kv / 2**20:.1f} MiB per session" if use.kv else ""
+            kept = [lp.index for lp in self.plan.layers if lp.device == i and lp.host_tensors]
+            if kept:
+                what += f" (routed experts of blk.{_ranges(kept)} on the CPU)"
             parts.append(f"{what} on GPU {i} ({(g.bytes['weights'] + g.bytes['buffers']) / 2**20:.1f} MiB "
                          f"allocated, {(use.weights + use.buffers) / 2**20:.1f} MiB planned{kv})")
         return f"GPU offload: {'; '.join(parts)}"
 
 
-def _device_tensors(block, gpu: Gpu) -> dict[str, object]:
-    """attr -> device version of each tensor `block` declares (type(block).TENSORS): matrices as
-    DeviceLinear, vectors as DeviceTensor; absent optional ones stay None."""
+def _on_device(v) -> bool:
+    return isinstance(v, (DeviceLinear, DeviceExperts)) or type(v).__name__ == "DeviceTensor"
+
+
+def _device_tensors(block, gpu: Gpu, keep: frozenset[str]) -> dict[str, object]:
+    """attr -> device version of each tensor `block` declares (type(block).TENSORS) but those
+    the plan keeps on the host (`keep`: GGUF names under the block): matrices as DeviceLinear,
+    routed experts as DeviceExperts, vectors as DeviceTensor; absent optional ones stay None."""
     from .cuda_kernels import SUPPORTED
 
     out = {}
@@ -278,11 +358,13 @@ def _device_tensors(block, gpu: Gpu) -> dict[str, object]:
         value = getattr(block, spec.attr)
         if value is None:
             out[spec.attr] = None
-        elif spec.kind == "matrix":
+        elif spec.name in keep:
+            continue
+        elif spec.kind in ("matrix", "experts"):
             if value.qtype not in SUPPORTED:
                 raise OffloadFailed(f"{value.name} is {value.qtype.name}, which the GPU kernels do not "
                                     f"compute")
-            out[spec.attr] = DeviceLinear(value, gpu)
+            out[spec.attr] = (DeviceLinear if spec.kind == "matrix" else DeviceExperts)(value, gpu)
         else:
             out[spec.attr] = vector(gpu, value)
     return out
@@ -304,7 +386,8 @@ def apply(model, plan: OffloadPlan, n_ctx: int, launch=None) -> Offload:
             g = off.gpus[i] = Gpu(cuda, use.device, launch, _ordinal(cuda, use.device))
             with g.active():
                 g.mark_start()
-                bufs = device_buffers(model.args, n_ctx, plan.n_batch, output=plan.output.device == i)
+                bufs = device_buffers(model.args, n_ctx, plan.n_batch, output=plan.output.device == i,
+                                      experts=use.experts)
                 for name, (shape, dtype) in bufs.items():
                     if len(shape) == 3:               # (count, rows, width) activation slots
                         g.slots.reserve(*shape)
@@ -312,8 +395,9 @@ def apply(model, plan: OffloadPlan, n_ctx: int, launch=None) -> Offload:
         for lp, blk in zip(plan.layers, model.blk):
             if lp.device is not None:
                 g = off.gpus[lp.device]
+                keep = frozenset(n.split(".", 2)[2] for n in lp.host_tensors)
                 with g.active():
-                    moved[lp.index] = _device_tensors(blk, g)
+                    moved[lp.index] = _device_tensors(blk, g, keep)
         head = None
         if plan.output.device is not None:
             g = off.gpus[plan.output.device]
@@ -331,7 +415,8 @@ def apply(model, plan: OffloadPlan, n_ctx: int, launch=None) -> Offload:
         blk = model.blk[lp.index]
         for attr, value in moved[lp.index].items():
             setattr(blk, attr, value)
-        off.layers.append(GpuLayer(lp.index, blk, off.gpus[lp.device]))
+        nxt = plan.layers[lp.index + 1].device if lp.index + 1 < len(plan.layers) else None
+        off.layers.append(GpuLayer(lp.index, blk, off.gpus[lp.device], host_out=nxt is None))
         model.blk[lp.index] = off.layers[-1]
     if head is not None:
         model.output = off.head = head

@@ -6,7 +6,10 @@ node then holds. Pure arithmetic over a GGUF's tensor sizes and a GPU inventory 
     plan.layers[i].device        # None = CPU, else a GPU index
     plan.devices[g].total        # weights + KV + buffers on GPU g (bytes)
 
-Offload unit: one whole block (blk.N.*: its attention with its KV cache, and its FFN). The output
+Offload unit: one block (blk.N.*: its attention with its KV cache, and its FFN). The routed
+experts of a MoE block may stay on the CPU while the rest of it runs on a GPU (--cpu-moe,
+--n-cpu-moe N, -ot REGEX=CPU, and -ngl auto when the whole model does not fit): LayerPlan.tensors
+is then what the GPU holds and LayerPlan.host_tensors what stays. The output
 head (output.weight, or token_embd when the embeddings are tied) is one more unit, offloaded
 only with "all", -ngl > n_layer, or an --offload pattern naming it; token_embd (a row lookup per
 token) always stays on the host.
@@ -23,19 +26,25 @@ GPU part is one contiguous run after the CPU part (one hand-over each way per to
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
 
 from ..gguf_file import GGMLQuantizationType as QT
 
 from .inventory import MIN_COMPUTE_CAPABILITY, GpuDevice, GpuError
+from .policy import _size, assign, select
+from .sizes import (DEFAULT_N_BATCH, KV_ELEM_BYTES, MIB, declared_kinds, device_buffer_bytes,
+                    layer_kv_bytes, model_args)
+from .traffic import pcie_per_token
 
-MIB = 1 << 20
-GIB = 1 << 30
 DEFAULT_RESERVE = 512 * MIB     # left free on every GPU: the CUDA context and other processes
-DEFAULT_N_BATCH = 512           # tokens per forward pass (engine.PREFILL_CHUNK)
-KV_ELEM_BYTES = {"f16": 2, "f32": 4}
 SCHEMA = "numallm.gpuplan/1"
+# Architectures whose blocks the GPU executor cannot run (their forward uses host-only array
+# code), with the reason the plan gives; their output head may still go to a GPU.
+HOST_ONLY_ARCHS = {"deepseek2": "deepseek2's MLA attention has no GPU version yet (numallm.gpu runs "
+                                "llama-family attention only)"}
+DEVICES = re.compile(r"CPU|CUDA\d+")      # -ot REGEX=DEVICE: llama.cpp's buffer type names
 
 # GGML types the GPU kernels compute; a block with any other type stays on the CPU (with a note).
 # gpuexec edits this one constant as kernels land.
@@ -55,6 +64,9 @@ class OffloadRequest:
     reserve_bytes: int = DEFAULT_RESERVE       # left free on each GPU
     min_compute_capability: tuple[int, int] = MIN_COMPUTE_CAPABILITY
     kv_dtype: str = "f16"                      # KV cache element type on the GPU
+    tensor_overrides: tuple[tuple[str, str], ...] = ()   # -ot (REGEX, "CPU" | "CUDA<n>"), in order
+    cpu_moe: bool = False                      # --cpu-moe: every block's routed experts on the CPU
+    n_cpu_moe: int = 0                         # --n-cpu-moe N: those of blk.0..N-1 on the CPU
 
     def __post_init__(self):
         g = self.gpu_layers
@@ -70,28 +82,42 @@ class OffloadRequest:
                 raise GpuError(f"--offload {p!r} is not a regular expression ({e})") from None
         if self.kv_dtype not in KV_ELEM_BYTES:
             raise GpuError(f"GPU KV type {self.kv_dtype!r}: choose one of {', '.join(KV_ELEM_BYTES)}")
+        for p, dev in self.tensor_overrides:
+            try:
+                re.compile(p)
+            except re.error as e:
+                raise GpuError(f"-ot {p}={dev}: {p!r} is not a regular expression ({e})") from None
+            if not DEVICES.fullmatch(dev):
+                raise GpuError(f"-ot {p}={dev}: the device is CPU or CUDA0, CUDA1, ... (llama.cpp's names)")
+        if isinstance(self.n_cpu_moe, bool) or not isinstance(self.n_cpu_moe, int) or self.n_cpu_moe < 0:
+            raise GpuError(f"--n-cpu-moe {self.n_cpu_moe!r}: give a number of layers (0 or more)")
         if self.reserve_bytes < 0:
             raise GpuError(f"--gpu-reserve {self.reserve_bytes}: give a size of 0 or more")
 
     @property
     def wants_gpu(self) -> bool:
-        return bool(self.offload) or self.gpu_layers not in (None, 0)
+        return (bool(self.offload) or self.gpu_layers not in (None, 0)
+                or any(dev != "CPU" for _, dev in self.tensor_overrides))
 
     def to_dict(self) -> dict:
         return {"gpu_layers": self.gpu_layers, "offload": list(self.offload),
                 "gpus": None if self.gpus is None else list(self.gpus),
                 "exclude_gpus": list(self.exclude_gpus), "reserve_bytes": self.reserve_bytes,
                 "min_compute_capability": "%d.%d" % self.min_compute_capability,
-                "kv_dtype": self.kv_dtype}
+                "kv_dtype": self.kv_dtype,
+                "tensor_overrides": [f"{p}={d}" for p, d in self.tensor_overrides],
+                "cpu_moe": self.cpu_moe, "n_cpu_moe": self.n_cpu_moe}
 
 
 @dataclass(frozen=True)
 class LayerPlan:
     index: int                     # block number; n_layer for the output head
     device: int | None             # GPU index, None = CPU
-    tensors: tuple[str, ...]       # GGUF names of the unit's tensors
-    weight_bytes: int              # as stored in the GGUF
+    tensors: tuple[str, ...]       # GGUF names of the unit's tensors where it runs (`device`)
+    weight_bytes: int              # their bytes as stored in the GGUF
     kv_bytes: int                  # its KV cache where it runs (GPU kv_dtype, or float32 on the CPU)
+    host_tensors: tuple[str, ...] = ()   # a GPU block's tensors kept on the CPU (routed experts)
+    host_bytes: int = 0
 
     @property
     def name(self) -> str:
@@ -106,6 +132,7 @@ class DeviceUse:
     buffers: int
     reserve: int
     layers: tuple[int, ...] = ()   # block indices it runs (n_layer = the output head)
+    experts: bool = False          # it runs routed experts (its buffers include theirs)
 
     @property
     def total(self) -> int:
@@ -132,6 +159,7 @@ class OffloadPlan:
     host_weights: int = 0
     host_kv: int = 0
     no_gpu: str | None = None                     # why no GPU could be used at all, if so
+    pcie: object = None                           # traffic.Traffic: what crosses PCIe per token
 
     def device_of(self, tensor: str) -> int | None:
         """The GPU that holds `tensor` (GGUF name), None for the host."""
@@ -157,19 +185,22 @@ class OffloadPlan:
     def to_json(self) -> dict:
         def unit(u: LayerPlan) -> dict:
             return {"index": u.index, "name": u.name, "device": u.device, "weight_bytes": u.weight_bytes,
-                    "kv_bytes": u.kv_bytes, "tensors": list(u.tensors)}
+                    "kv_bytes": u.kv_bytes, "tensors": list(u.tensors),
+                    "host_tensors": list(u.host_tensors), "host_bytes": u.host_bytes}
 
         return {
             "schema": SCHEMA, "model": self.model, "n_ctx": self.n_ctx, "n_batch": self.n_batch,
             "request": self.request.to_dict(),
             "devices": [{**d.device.to_dict(), "reserve": d.reserve, "usable": d.usable,
                          "weights": d.weights, "kv": d.kv, "buffers": d.buffers, "total": d.total,
-                         "layers": list(d.layers)} for _, d in sorted(self.devices.items())],
+                         "layers": list(d.layers), "experts": d.experts}
+                        for _, d in sorted(self.devices.items())],
             "layers": [unit(u) for u in self.layers], "output": unit(self.output),
             "host": {"weights": self.host_weights, "kv": self.host_kv, "total": self.host_bytes},
             "skipped": [{"index": i, "reason": why} for i, why in self.skipped],
             "notes": list(self.notes), "no_gpu": self.no_gpu,
             "gpu_share": round(self.gpu_share(), 4), "processor": self.processor(),
+            "pcie_per_token": None if self.pcie is None else self.pcie.to_dict(),
         }
 
 
@@ -183,73 +214,23 @@ def processor_split(cpu_bytes: int, gpu_bytes: int) -> str:
     return f"{100 - gpu}%/{gpu}% CPU/GPU"
 
 
-# -- byte formulas (planner and loader) --------------------------------------------------------
-
-def layer_kv_bytes(args, n_ctx: int, kv_dtype: str) -> int:
-    """K and V of one block for n_ctx positions in `kv_dtype`: the config's one KV formula
-    (models.base.BaseArgs.layer_kv_bytes; 2 * n_ctx * n_head_kv * head_dim * elem bytes)."""
-    return args.layer_kv_bytes(n_ctx, KV_ELEM_BYTES[kv_dtype])
-
-
-# Activations a device holds at once, by row width, while a block's forward (models/base.py and
-# the architectures' overrides, run by numallm.gpu.device) goes through it: every op makes a new
-# tensor, freed when the forward drops it. Counted for the forward as written:
-#   n_embd: the layer's input (its caller keeps it), x after attention, the normed x, an update;
-#   q_dim:  q (before and after a bias or norm), then q and the attention output;
-#   kv_dim: k and v, each before and after a bias or norm (qwen2, qwen3);
-#   n_ff:   gate, up and silu(gate) * up.
-ACTIVATIONS = {"n_embd": 4, "q_dim": 2, "kv_dim": 4, "n_ff": 3}
-
-
-def device_buffers(args, n_ctx: int, n_batch: int = DEFAULT_N_BATCH,
-                   output: bool = False) -> dict[str, tuple[tuple[int, ...], str]]:
-    """The scratch a device allocates once, shared by its blocks, sized from the config for a
-    pass of T = min(n_batch, n_ctx) tokens: width name -> ((count, T, width), dtype) activation
-    slots (ACTIVATIONS), and the RoPE table. The executor (numallm.gpu.device) allocates exactly
-    these, so the plan's buffer bytes are the loader's; a forward that needed more would allocate
-    more and the load report would show it. Attention keeps no score matrix (online softmax over
-    the cache, numallm.gpu.cuda_ops), so nothing here grows with the context; the KV cache does,
-    per block. output: the device also runs the output head (its logits)."""
-    t = min(n_batch, n_ctx)
-    bufs = {name: ((count, t, getattr(args, name)), "f32") for name, count in ACTIVATIONS.items()}
-    bufs["rope_inv_freq"] = ((args.rope_dim // 2,), "f64")   # RoPE angles in float64, as ops.Rope
-    if output:
-        bufs["n_vocab"] = ((1, t, args.n_vocab), "f32")
-    return bufs
-
-
-DTYPE_BYTES = {"f16": 2, "f32": 4, "f64": 8}
-
-
-def device_buffer_bytes(args, n_ctx: int, n_batch: int = DEFAULT_N_BATCH, output: bool = False) -> int:
-    """Bytes of device_buffers: the activations and scratch each device holds."""
-    total = 0
-    for shape, dtype in device_buffers(args, n_ctx, n_batch, output).values():
-        n = DTYPE_BYTES[dtype]
-        for d in shape:
-            n *= d
-        total += n
-    return total
-
-
-def model_args(gguf):
-    """The model's BaseArgs (validated metadata), as the model classes read it."""
-    from ..models import get_module
-
-    return get_module(gguf.architecture).Model.Args.from_gguf(gguf)
-
 
 # -- units -----------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class _Unit:
     index: int
-    tensors: tuple[str, ...]
+    tensors: tuple[str, ...]       # what goes to the GPU with the unit
     weight_bytes: int
     unsupported: tuple[str, ...]   # "name (TYPE)" of tensors the GPU kernels cannot compute
+    host: tuple[str, ...] = ()     # tensors of the block kept on the CPU when it is on a GPU
+    host_bytes: int = 0
+    experts: bool = False          # it takes routed expert tensors to the GPU
 
 
-def _units(gguf, n_layer: int) -> tuple[list[_Unit], _Unit]:
+def _units(gguf, n_layer: int, experts: frozenset[str], keep: frozenset[str]
+           ) -> tuple[list[_Unit], list[_Unit], _Unit]:
+    """(whole blocks less `keep`, the same blocks less their routed experts too, the head)."""
     per_block: list[list[str]] = [[] for _ in range(n_layer)]
     for name in gguf.tensors:
         m = _BLOCK.match(name)
@@ -258,125 +239,80 @@ def _units(gguf, n_layer: int) -> tuple[list[_Unit], _Unit]:
     # output_norm stays a host vector: the model applies it before calling the head
     head = ["output.weight" if "output.weight" in gguf.tensors else "token_embd.weight"]
 
-    def unit(i: int, names: list[str]) -> _Unit:
-        ts = [gguf.tensors[n] for n in names]
-        bad = tuple(f"{t.name} ({t.qtype.name})" for t in ts if t.qtype not in GPU_TYPES)
-        return _Unit(i, tuple(names), sum(t.nbytes for t in ts), bad)
+    def unit(i: int, names: list[str], host: frozenset[str]) -> _Unit:
+        on = [gguf.tensors[n] for n in names if n not in host]
+        off = tuple(n for n in names if n in host)
+        bad = tuple(f"{t.name} ({t.qtype.name})" for t in on if t.qtype not in GPU_TYPES)
+        return _Unit(i, tuple(t.name for t in on), sum(t.nbytes for t in on), bad, off,
+                     sum(gguf.tensors[n].nbytes for n in off), any(t.name in experts for t in on))
 
-    return [unit(i, names) for i, names in enumerate(per_block)], unit(n_layer, head)
-
-
-# -- device policy -----------------------------------------------------------------------------
-
-def _size(n: int) -> str:
-    return f"{n / GIB:.2f} GiB" if n >= GIB else f"{n / MIB:.0f} MiB"
+    whole = [unit(i, names, keep) for i, names in enumerate(per_block)]
+    dense = [unit(i, names, keep | experts) for i, names in enumerate(per_block)]
+    return whole, dense, unit(n_layer, head, frozenset())
 
 
-def _select(devices: list[GpuDevice], req: OffloadRequest,
-            host_gbps: tuple[float, str] | None) -> tuple[list[GpuDevice], list[tuple[int, str]]]:
-    """Devices the policy allows, fastest first, and (index, why) for the others."""
-    known = {d.index for d in devices}
-    for flag, ids in (("--gpus", req.gpus or ()), ("--exclude-gpus", req.exclude_gpus)):
-        bad = [i for i in ids if i not in known]
-        if bad and devices:
-            raise GpuError(f"{flag} {','.join(map(str, ids))}: no GPU {','.join(map(str, bad))} here "
-                           f"(GPUs: {','.join(map(str, sorted(known)))}; see `numallm topo`)")
-    mcc = req.min_compute_capability
-    ok, skipped = [], []
-    for d in devices:
-        if req.gpus is not None and d.index not in req.gpus:
-            why = f"not in --gpus {','.join(map(str, req.gpus))}"
-        elif d.index in req.exclude_gpus:
-            why = "excluded by --exclude-gpus"
-        elif d.compute_capability < mcc:
-            why = (f"compute capability {d.cc} < {mcc[0]}.{mcc[1]}, the minimum for numallm's GPU path "
-                   f"(--gpu-min-cc {d.cc} to try it anyway)")
-        elif d.mem_free - req.reserve_bytes <= 0:
-            why = f"{_size(d.mem_free)} free, not more than the {_size(req.reserve_bytes)} reserve"
-        elif (host_gbps and d.bandwidth_gbps and d.bandwidth_gbps < host_gbps[0]
-              and not (req.gpus and d.index in req.gpus)):
-            why = (f"{d.bandwidth_gbps:.0f} GB/s is below the CPU's {host_gbps[0]:.0f} GB/s "
-                   f"({host_gbps[1]}): its layers would run slower than on the CPU (name it in "
-                   f"--gpus to use it anyway)")
-        else:
-            ok.append(d)
-            continue
-        skipped.append((d.index, why))
-    # fastest first; devices of unknown bandwidth after the listed ones, by index
-    ok.sort(key=lambda d: (-(d.bandwidth_gbps or 0.0), d.index))
-    return ok, skipped
+def _kept_on_host(gguf, request: OffloadRequest, experts: frozenset[str], notes: list[str]) -> frozenset[str]:
+    """Tensors that stay on the CPU even in a block on a GPU: routed experts under --cpu-moe /
+    --n-cpu-moe N, and what -ot REGEX=CPU names (the first pattern that matches a tensor decides,
+    as llama.cpp's). The three expert tensors of a block move as a set (one expert product runs
+    where its gate, up and down are)."""
+    keep, by_ot, ignored = set(), set(), set()
+    for name in gguf.tensors:
+        hit = next((dev for pat, dev in request.tensor_overrides if re.search(pat, name)), None)
+        m = _BLOCK.match(name)
+        if hit == "CPU":
+            if name in experts:
+                by_ot.add(name)
+            elif m:
+                ignored.add(name)
+        if name in experts and (request.cpu_moe or int(m.group(1)) < request.n_cpu_moe):
+            keep.add(name)
+    sets = {}
+    for name in experts:
+        sets.setdefault(_BLOCK.match(name).group(1), set()).add(name)
+    whole = {n for layer in sets.values() if layer & by_ot for n in layer}
+    if whole - by_ot:
+        notes.append("-ot: a block's routed expert tensors stay together (gate, up and down of an "
+                     "expert run on one device): the pattern's blocks keep all three on the CPU")
+    if by_ot:
+        notes.append(f"-ot: the routed experts of {len({_BLOCK.match(n).group(1) for n in by_ot})} "
+                     f"block(s) stay on the CPU")
+    if ignored:
+        sample = sorted(ignored)[:2]
+        notes.append(f"-ot ...=CPU matched {len(ignored)} tensor(s) that are not routed experts "
+                     f"({', '.join(sample)}{', ...' if len(ignored) > 2 else ''}): they follow their "
+                     f"block (only routed experts can stay on the CPU inside a GPU block)")
+    if request.cpu_moe and experts:
+        notes.append("--cpu-moe: the routed experts of every block stay on the CPU")
+    elif request.n_cpu_moe and experts:
+        n = min(request.n_cpu_moe, len(sets))
+        notes.append(f"--n-cpu-moe {request.n_cpu_moe}: the routed experts of blk.0-{n - 1} stay on the CPU")
+    # experts of a type the GPU kernels do not compute stay on the CPU (the rest of the block
+    # can still go): the hybrid path runs them with the CPU kernels
+    bad = {b for b, layer in sets.items() if any(gguf.tensors[n].qtype not in GPU_TYPES for n in layer)}
+    if bad:
+        types = sorted({gguf.tensors[n].qtype.name for b in bad for n in sets[b]
+                        if gguf.tensors[n].qtype not in GPU_TYPES})
+        notes.append(f"the routed experts of {len(bad)} block(s) stay on the CPU: {', '.join(types)} is "
+                     f"not a GPU type (the rest of those blocks can go to a GPU)")
+        whole |= {n for b in bad for n in sets[b]}
+    if (request.cpu_moe or request.n_cpu_moe or by_ot) and not experts:
+        notes.append("this model has no routed experts: --cpu-moe / --n-cpu-moe / -ot ...=CPU change nothing")
+    return frozenset(keep | whole)
 
 
-# -- assignment ------------------------------------------------------------------------------------
-
-@dataclass
-class _Fill:
-    device: GpuDevice
-    usable: int
-    units: list[_Unit] = field(default_factory=list)
-    weights: int = 0
-    kv: int = 0
-    buffers: int = 0
-
-    @property
-    def total(self) -> int:
-        return self.weights + self.kv + self.buffers
-
-
-def _assign(queue: list[_Unit], head: _Unit | None, order: list[GpuDevice], args, n_ctx: int,
-            n_batch: int, kv: int, reserve: int
-            ) -> tuple[dict[int, _Fill], list[_Unit], bool, list[tuple[int, str]]]:
-    """Place the head (when given) and then `queue` (blocks, last first) on `order`, moving to the
-    next device when one is full and never back, so each device holds one contiguous run.
-    Returns (fills, blocks placed, head placed, (GPU index, why) for devices nothing fitted on)."""
-    fills = {d.index: _Fill(d, d.mem_free - reserve) for d in order}
-    base = device_buffer_bytes(args, n_ctx, n_batch)
-    with_head = device_buffer_bytes(args, n_ctx, n_batch, output=True)
-
-    def cost(f: _Fill, u: _Unit, is_head: bool) -> tuple[int, int]:
-        """(weight + kv bytes, new buffer total) if u were added to f."""
-        has_head = is_head or any(x is head for x in f.units)
-        buf = with_head if has_head else base
-        return u.weight_bytes + (0 if is_head else kv), buf
-
-    def fits(f: _Fill, u: _Unit, is_head: bool) -> bool:
-        add, buf = cost(f, u, is_head)
-        return f.weights + f.kv + add + buf <= f.usable
-
-    def put(f: _Fill, u: _Unit, is_head: bool) -> None:
-        add, buf = cost(f, u, is_head)
-        f.units.append(u)
-        f.weights += u.weight_bytes
-        f.kv += 0 if is_head else kv
-        f.buffers = buf
-
-    head_placed = False
-    if head is not None:
-        for d in order:
-            if fits(fills[d.index], head, True):
-                put(fills[d.index], head, True)
-                head_placed = True
-                break
-    placed: list[_Unit] = []
-    k = 0
-    # blocks go after the head's device in the order (it holds the last blocks)
-    start = next((i for i, d in enumerate(order) if fills[d.index].units), 0)
-    devs = order[start:] + order[:start]
-    misses: list[tuple[int, str]] = []
-    for u in queue:
-        while k < len(devs) and not fits(fills[devs[k].index], u, False):
-            f = fills[devs[k].index]
-            if not f.units:
-                one = u.weight_bytes + kv + base
-                misses.append((f.device.index, f"not even one layer fits: {_size(one)} needed (weights "
-                               f"{_size(u.weight_bytes)} + KV {_size(kv)} + buffers {_size(base)}), "
-                               f"{_size(f.usable)} usable after the reserve"))
-            k += 1
-        if k == len(devs):
-            break
-        put(fills[devs[k].index], u, False)
-        placed.append(u)
-    return {i: f for i, f in fills.items() if f.units}, placed, head_placed, misses
+def _gpu_pin(request: OffloadRequest, gguf) -> tuple[set[str], int | None]:
+    """Tensors -ot REGEX=CUDAn sends to a GPU (their blocks are offloaded) and that GPU."""
+    hits, devs = set(), set()
+    for name in gguf.tensors:
+        dev = next((d for pat, d in request.tensor_overrides if re.search(pat, name)), None)
+        if dev is not None and dev != "CPU":
+            hits.add(name)
+            devs.add(int(dev[4:]))
+    if len(devs) > 1:
+        raise GpuError(f"-ot: blocks for more than one GPU ({', '.join(f'CUDA{d}' for d in sorted(devs))}) "
+                       f"are not supported yet; name one GPU per run (or use -ngl with --gpus)")
+    return hits, (devs.pop() if devs else None)
 
 
 def make_plan(gguf, n_ctx: int, request: OffloadRequest, devices: list[GpuDevice],
@@ -392,30 +328,42 @@ def make_plan(gguf, n_ctx: int, request: OffloadRequest, devices: list[GpuDevice
     if n_batch < 1:
         raise GpuError(f"batch size {n_batch}: give a positive number of tokens")
     args = model_args(gguf)
-    blocks, head = _units(gguf, args.n_layer)
+    notes: list[str] = []
+    kinds = declared_kinds(gguf.architecture, args)
+    experts = frozenset(n for n, k in kinds.items() if k == "experts" and n in gguf.tensors)
+    keep = _kept_on_host(gguf, request, experts, notes)
+    pinned, pin_dev = _gpu_pin(request, gguf)
+    whole, dense, head = _units(gguf, args.n_layer, experts, keep)
     kv_gpu = layer_kv_bytes(args, n_ctx, request.kv_dtype)
     kv_cpu = layer_kv_bytes(args, n_ctx, "f32")
-    notes: list[str] = []
-    order, skipped = _select(list(devices), request, host_bandwidth)
+    if pin_dev is not None and request.gpus is None:
+        request_sel = dataclasses.replace(request, gpus=(pin_dev,))
+    else:
+        request_sel = request
+    order, skipped = select(list(devices), request_sel, host_bandwidth)
 
     # what the request wants offloaded: blocks (last first) and whether the head is wanted
     g = request.gpu_layers
+    auto_moe = g == "auto" and bool(experts)        # dense parts first, then experts while they fit
+    blocks = dense if auto_moe else whole
     all_blocks = list(reversed(blocks))
     want_head, fill_all = False, False
-    if request.offload:
-        hits = {n for n in gguf.tensors if any(re.search(p, n) for p in request.offload)}
+    patterns = request.offload
+    if patterns or (pinned and g in (None, 0)):
+        hits = {n for n in gguf.tensors if any(re.search(p, n) for p in patterns)} | pinned
         queue = [u for u in all_blocks if hits.intersection(u.tensors)]
         want_head = bool(hits.intersection(head.tensors))
         partial = [u for u in queue if not hits.issuperset(u.tensors)]
+        flag = "--offload" if patterns else "-ot"
         if partial:
-            notes.append(f"--offload matched only some tensors of {len(partial)} block(s) "
+            notes.append(f"{flag} matched only some tensors of {len(partial)} block(s) "
                          f"({', '.join(f'blk.{u.index}' for u in sorted(partial, key=lambda u: u.index)[:4])}"
                          f"{', ...' if len(partial) > 4 else ''}): whole blocks are offloaded")
         if "token_embd.weight" in hits and "token_embd.weight" not in head.tensors:
             notes.append("token_embd stays on the CPU (a row lookup per token; GPU memory is better "
                          "spent on blocks)")
         if not hits:
-            notes.append(f"--offload {' '.join(request.offload)} matches no tensor of this model")
+            notes.append(f"{flag} {' '.join(patterns) or 'patterns'} matches no tensor of this model")
     elif g in (None, 0):
         queue = []
     elif g == "auto":
@@ -424,6 +372,13 @@ def make_plan(gguf, n_ctx: int, request: OffloadRequest, devices: list[GpuDevice
         queue, want_head, fill_all = all_blocks, True, True
     else:
         queue = all_blocks
+    if pinned and not (patterns or g in (None, 0)):
+        notes.append(f"-ot ...=CUDA{pin_dev} with --gpu-layers: --gpu-layers chooses the blocks, "
+                     f"-ot the GPU (CUDA{pin_dev})")
+    why_host = HOST_ONLY_ARCHS.get(gguf.architecture)
+    if why_host and queue:
+        notes.append(f"{len(queue)} block(s) stay on the CPU: {why_host}")
+        queue = []
     unsupported = [u for u in queue if u.unsupported]
     if unsupported:
         types = sorted({t.split(" (")[1][:-1] for u in unsupported for t in u.unsupported})
@@ -448,19 +403,21 @@ def make_plan(gguf, n_ctx: int, request: OffloadRequest, devices: list[GpuDevice
             notes.append(f"{'no GPU (' + no_gpu + ')' if no_gpu else 'the GPU inventory is empty'}: "
                          f"every layer runs on the CPU")
         else:
-            fills, placed, head_placed, misses = _assign(queue, head if want_head else None, order, args,
-                                                         n_ctx, n_batch, kv_gpu, request.reserve_bytes)
+            fit = (order, args, n_ctx, n_batch, kv_gpu, request.reserve_bytes)
+            fills, placed, head_placed, misses = assign(queue, head if want_head else None, *fit)
             if want_head and fill_all and len(placed) < len(queue):
                 # auto/all: the head is the lowest priority; redo without it so blocks get its room
-                fills, placed, head_placed, misses = _assign(queue, None, order, args, n_ctx, n_batch,
-                                                             kv_gpu, request.reserve_bytes)
+                fills, placed, head_placed, misses = assign(queue, None, *fit)
                 notes.append("the output head stays on the CPU: not every block fits on the GPUs")
             elif want_head and not head_placed:
                 notes.append(f"the output head ({_size(head.weight_bytes)}) fits on no selected GPU; "
                              f"it stays on the CPU")
+            if auto_moe and placed and len(placed) == len(queue):
+                notes.append(_upgrade(fills, placed, whole, *fit[1:]))
     skipped += misses
 
     where = {u.index: d for d, f in fills.items() for u in f.units if u is not head}
+    units = {u.index: u for f in fills.values() for u in f.units if u is not head}
     n_asked = len(queue)
     if n_asked and len(placed) < n_asked and order:
         nxt = queue[len(placed)]
@@ -469,19 +426,28 @@ def make_plan(gguf, n_ctx: int, request: OffloadRequest, devices: list[GpuDevice
                      f"({_size(nxt.weight_bytes)} + KV {_size(kv_gpu)}), fits on no selected GPU "
                      f"under the reserve; the rest run on the CPU")
     elif g == "auto" and placed:
-        notes.append(f"auto: all {len(placed)} layers fit on the GPUs")
+        notes.append(f"auto: all {len(placed)} layers fit on the GPUs"
+                     + (" (their dense parts at least)" if auto_moe else ""))
     used = ",".join(str(d) for d in fills)
     for d in order:
         if d.index not in fills and placed and not any(i == d.index for i, _ in skipped):
             notes.append(f"GPU {d.index} ({d.name}) is not needed: the layers fit on GPU {used}, "
                          f"which come first (fastest first, then by number)")
 
-    layers = [LayerPlan(u.index, where.get(u.index), u.tensors, u.weight_bytes,
-                        kv_gpu if u.index in where else kv_cpu) for u in blocks]
+    layers = []
+    for u in whole:
+        if u.index in where:
+            v = units[u.index]
+            layers.append(LayerPlan(u.index, where[u.index], v.tensors, v.weight_bytes, kv_gpu,
+                                    v.host, v.host_bytes))
+        else:
+            layers.append(LayerPlan(u.index, None, u.tensors + u.host, u.weight_bytes + u.host_bytes,
+                                    kv_cpu))
     head_dev = next((d for d, f in fills.items() if head in f.units), None) if head_placed else None
     output = LayerPlan(head.index, head_dev, head.tensors, head.weight_bytes, 0)
     devs = {d: DeviceUse(f.device, f.weights, f.kv, f.buffers, request.reserve_bytes,
-                         tuple(sorted(u.index for u in f.units))) for d, f in sorted(fills.items())}
+                         tuple(sorted(u.index for u in f.units)), any(u.experts for u in f.units))
+            for d, f in sorted(fills.items())}
 
     # host: every tensor not on a GPU (token_embd always), and the KV cache of CPU blocks
     on_gpu = {n for u in (*layers, output) if u.device is not None for n in u.tensors}
@@ -490,6 +456,39 @@ def make_plan(gguf, n_ctx: int, request: OffloadRequest, devices: list[GpuDevice
         host_weights += gguf.tensors["token_embd.weight"].nbytes   # tied: lookup copy stays too
     host_kv = sum(u.kv_bytes for u in layers if u.device is None)
     host = host_weights + host_kv
-    return OffloadPlan(layers, output, devs, host, skipped,
+    plan = OffloadPlan(layers, output, devs, host, skipped,
                        notes, n_ctx, n_batch, request, str(getattr(gguf, "path", "")), host_weights,
                        host_kv, (no_gpu or "the GPU inventory is empty") if not devices else None)
+    plan.pcie = pcie_per_token(plan, args)
+    return plan
+
+
+def _upgrade(fills: dict, placed: list[_Unit], whole: list[_Unit], args, n_ctx: int, n_batch: int,
+             kv: int, reserve: int) -> str:
+    """-ngl auto on a MoE model, once every block's dense part is on a GPU: give the blocks their
+    routed experts too, from the last block back, while the device holding each block has room
+    (experts of the first blocks stay on the CPU, as llama.cpp's --n-cpu-moe N). One line."""
+    by_index = {u.index: u for u in whole}
+    moved = []
+    for u in placed:                                  # last block first
+        full = by_index[u.index]
+        if not full.experts or full.unsupported:
+            break
+        f = next(f for f in fills.values() if u in f.units)
+        buf = device_buffer_bytes(args, n_ctx, n_batch, output=any(x.index == len(whole) for x in f.units),
+                                  experts=True)
+        if f.weights - u.weight_bytes + full.weight_bytes + f.kv + buf > f.usable:
+            break
+        f.units[f.units.index(u)] = full
+        f.weights += full.weight_bytes - u.weight_bytes
+        f.buffers = buf
+        moved.append(u.index)
+    if not moved:
+        return ("auto (MoE): the dense parts of every block are on the GPUs; no block's routed "
+                "experts fit besides, so all experts stay on the CPU")
+    first = min(moved)
+    if first == 0:
+        return "auto (MoE): every block fits whole (routed experts included)"
+    return (f"auto (MoE): dense parts (attention, KV cache, router, shared experts) of every block "
+            f"first, then the routed experts of blk.{first}-{max(moved)}; the experts of blk.0-{first - 1} "
+            f"stay on the CPU (as --n-cpu-moe {first})")

@@ -32,11 +32,11 @@ class Qwen2MoEBlock(MoEBlock, QwenBlock):
         h = ops.rms_norm(x, self.ffn_norm, self.a.norm_eps)
         # the router and the shared expert read the same input: one dispatch
         logits, g, u = ops.matmuls(h, self.ffn_gate_inp, self.ffn_gate_shexp, self.ffn_up_shexp)
+        # routed first: where the experts run elsewhere (the CPU, for a block on a GPU) the
+        # shared expert is computed meanwhile
+        routed = self.routed(h, logits)
         shared = self.ffn_down_shexp(ops.swiglu(g, u))                    # (T, n_embd)
-        z = h @ self.ffn_gate_inp_shexp                                   # (T,)
-        shared *= (1.0 / (1.0 + np.exp(-z)))[:, None].astype(np.float32)
-        return self.routed(h, logits) + shared
-
+        return routed + ops.sigmoid_gate(shared, h, self.ffn_gate_inp_shexp)
 
 class Model(Transformer):
     Args = ModelArgs

@@ -8,7 +8,7 @@ from typing import Callable
 from .. import numa_mem, ops, threads
 from ..placement_check import pct
 from .plan import ModelSpec, Plan, Request, make_plan, split_units
-from .experts import replicate_experts
+from .experts import replicate_experts, shard_experts
 from .sharded import Exchange, LocalLinear, ShardedBlock, ShardedLinear, _localize, _slice
 
 GiB = 2 ** 30
@@ -231,12 +231,38 @@ def apply(model, topo, strategy: str = "shard", nodes: list[int] | None = None,
     return apply_plan(model, plan, topo)
 
 
-def apply_plan(model, plan: Plan, topo, gpu_layers: frozenset[int] = frozenset()) -> Placement:
+def apply_plan(model, plan: Plan, topo, gpu_layers: frozenset[int] = frozenset(),
+               host_experts: list = ()) -> Placement:
     """Make `model` run as `plan` says: its matrices sliced (shard) or copied (replicate) into
     node memory, each sharded layer a ShardedBlock in model.blk. Layers in gpu_layers (the GPU
-    offload's) are left alone."""
+    offload's) are left alone, but for the routed experts they keep on the host (host_experts:
+    (layer, block, attr, ExpertLinear), numallm.gpu.offload.Offload.host_experts), which are
+    split over the nodes as a CPU block's are."""
     with numa_mem.packed():        # slices share per-node blocks (huge pages)
-        return _apply(model, plan, topo, gpu_layers)
+        placement = _apply(model, plan, topo, gpu_layers)
+        if host_experts and plan.strategy != "off":
+            _place_experts(host_experts, plan, placement)
+        return placement
+
+
+def _place_experts(host_experts: list, plan: Plan, placement: "Placement") -> None:
+    """Routed experts of GPU blocks, run on the CPU by numallm.gpu.hybrid: each node's share of
+    every expert in its memory (shard, isolate) or a copy per node (replicate), as for a block
+    on the CPU."""
+    groups, pool, exchange = placement.groups, placement.pool, placement.exchange
+    weights = [g.n_threads for g in groups]
+    for _, block, attr, value in host_experts:
+        spec = next(t for t in type(block).TENSORS if t.attr == attr)
+        if plan.strategy == "replicate":
+            step = value.unit.row_multiple
+            per = [(min(a * step, value.shape[1]), min(b * step, value.shape[1]))
+                   for a, b in split_units(-(-value.shape[1] // step), weights)]
+            rec = replicate_experts(value, per, groups, pool, exchange)
+        else:
+            axis, unit = spec.split
+            rec = shard_experts(value, axis, plan.splits[unit], groups, pool, exchange)
+        setattr(block, attr, rec)
+        placement.linears.append(rec)
 
 
 def _apply(model, plan: Plan, topo, gpu_layers: frozenset[int]) -> Placement:
