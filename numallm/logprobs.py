@@ -34,8 +34,16 @@ def completion_logprobs(tok, chunks: Sequence, offset: int = 0) -> dict:
         offsets.append(offset)
         offset += text_chars(tok, [c])
     return {"tokens": tokens, "token_logprobs": [c.logprob for c in chunks],
-            "top_logprobs": [{_text(tok, t)[0]: lp for t, lp in c.top_logprobs} for c in chunks],
+            "top_logprobs": [_by_text(tok, c.top_logprobs) for c in chunks],
             "text_offset": offsets}
+
+
+def _by_text(tok, top) -> dict[str, float]:
+    """{token text: logprob}; tokens with the same text keep the best (first) one's."""
+    out: dict[str, float] = {}
+    for t, lp in top:
+        out.setdefault(_text(tok, t)[0], lp)
+    return out
 
 
 def text_chars(tok, chunks: Sequence) -> int:
