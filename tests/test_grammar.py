@@ -6,6 +6,7 @@ are untrained (a synthetic one) or random logits, so any valid JSON is the mask'
 from __future__ import annotations
 
 import json
+import sys
 
 import jsonschema
 import numpy as np
@@ -178,3 +179,10 @@ def test_llama_compat_response_format_and_logprobs(tiny):
             llm.create_chat_completion(messages=msgs, response_format={"type": "yaml"})
     finally:
         llm.close()
+
+
+def test_without_llguidance_structured_output_says_what_to_install(tiny, monkeypatch):
+    monkeypatch.setitem(sys.modules, "llguidance", None)   # its import fails
+    assert Grammar.from_response_format(tiny.tokenizer, tiny.args.n_vocab, None) is None
+    with pytest.raises(GrammarError, match=r"needs llguidance: pip install 'numallm\[serve\]'"):
+        Grammar.from_response_format(tiny.tokenizer, tiny.args.n_vocab, {"type": "json_object"})

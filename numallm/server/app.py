@@ -174,8 +174,10 @@ def create_app(loaded, scheduler, model_name: str, api_key: str | None = None) -
         """The request's structured-output grammar (None for text), compiled off the event loop;
         one a grammar library rejects is a 400. n > 1 is refused here too, before any work."""
         if body.n != 1:
-            raise ApiError(400, f"n={body.n}: this server returns one choice per request; send "
-                           f"{body.n} requests (they decode together)", param="n")
+            stats.requests["invalid"] += 1
+            more = f"; send {body.n} requests instead (they decode together)" if body.n > 1 else ""
+            raise ApiError(400, f"n={body.n}: this server returns one choice per request (n must "
+                           f"be 1){more}", param="n")
         if body.response_format is None:
             return None
         try:
