@@ -27,7 +27,8 @@ from .errors import GrammarError, NumallmError
 # JSON without optional whitespace: an untrained or weak model cannot wander into endless blank
 # space, and the output is as short as the schema allows ("x-guidance" in a schema overrides it).
 JSON_DEFAULTS = {"whitespace_flexible": False}
-_VOCABS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()   # Tokenizer -> {n_vocab: LLTokenizer}
+# Tokenizer -> {n_vocab: LLTokenizer}, built once per vocabulary
+_VOCABS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def _llguidance():
@@ -113,7 +114,7 @@ class Grammar:
         llg = _llguidance()
         try:
             text = llg.LLMatcher.grammar_from_json_schema(
-                json.dumps(schema) if not isinstance(schema, str) else schema, defaults=JSON_DEFAULTS)
+                schema if isinstance(schema, str) else json.dumps(schema), defaults=JSON_DEFAULTS)
         except (ValueError, TypeError) as e:
             raise GrammarError(f"response_format schema: {_one_line(str(e))}") from None
         vocab = vocabulary(tok, n_vocab)
@@ -124,7 +125,8 @@ class Grammar:
         return cls(text, vocab, n_vocab)
 
     @classmethod
-    def from_response_format(cls, tok, n_vocab: int, response_format: dict | None) -> "Grammar | None":
+    def from_response_format(cls, tok, n_vocab: int,
+                             response_format: dict | None) -> "Grammar | None":
         """None for plain text; GrammarError (one line) for a format or schema it cannot compile."""
         schema = schema_of(response_format)
         return None if schema is None else cls.from_schema(tok, n_vocab, schema)

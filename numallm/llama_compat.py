@@ -12,8 +12,9 @@ The same constructor arguments (model_path, n_ctx, n_threads, n_gpu_layers, seed
 other llama.cpp tuning arguments are accepted and ignored), the same call signatures and
 defaults, and the same response / chunk dicts, with `logprobs` (completion: an int; chat:
 logprobs=True, top_logprobs=k) and chat's `response_format` ({"type": "json_object"} with an
-optional "schema", or OpenAI's {"type": "json_schema", ...}: numallm.grammar). One conversation's KV cache is kept between
-calls, as llama-cpp-python does: a prompt that extends the previous one only prefills the rest.
+optional "schema", or OpenAI's {"type": "json_schema", ...}: numallm.grammar). One
+conversation's KV cache is kept between calls, as llama-cpp-python does: a prompt that extends
+the previous one only prefills the rest.
 """
 from __future__ import annotations
 
@@ -114,6 +115,9 @@ class Llama:
                               repeat_penalty, stop, seed, logprobs or 0)
         rid, created = f"cmpl-{uuid.uuid4()}", int(time.time())
         head = prompt if echo and isinstance(prompt, str) else ""
+        # logprobs' text_offset counts from the start of the prompt, as llama-cpp-python's does
+        start = len(prompt if isinstance(prompt, str)
+                    else self.tokenizer_.decode(tokens, skip_special=True))
 
         def choice(text, finish, done=(), offset=0):
             lp = None if logprobs is None else completion_logprobs(self.tokenizer_, done, offset)
@@ -124,7 +128,7 @@ class Llama:
 
         if stream:
             def gen() -> Iterator[dict]:
-                offset, held = len(head), []      # tokens whose logprobs no chunk carried yet
+                offset, held = start, []          # tokens whose logprobs no chunk carried yet
                 if head:
                     yield choice(head, None)
                 for c in chunks:
@@ -139,7 +143,7 @@ class Llama:
             text.append(c.text)
             done.append(c)
         last = done[-1]
-        out = choice("".join(text), last.finish_reason, done, len(head))
+        out = choice("".join(text), last.finish_reason, done, start)
         out["usage"] = {"prompt_tokens": len(tokens), "completion_tokens": last.generation_tokens,
                         "total_tokens": len(tokens) + last.generation_tokens}
         return out

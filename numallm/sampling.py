@@ -145,7 +145,8 @@ class Sampler:
         logits = self.penalize(logits, history)
         if allowed is not None:
             if not allowed.any():
-                raise NumallmError("the grammar allows no token here (structured output cannot go on)")
+                raise NumallmError("the grammar allows no token here "
+                                   "(structured output cannot go on)")
             logits = np.where(allowed, logits, np.float32(-np.inf))
         if p.temperature <= 0:
             return int(np.argmax(logits))

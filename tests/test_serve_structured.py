@@ -151,7 +151,8 @@ def test_completion_logprobs_shape(server, oracle):
     ch = r.choices[0]
     lp = ch.logprobs
     assert "".join(lp.tokens) == ch.text and len(lp.token_logprobs) == 10
-    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(10)]
+    start = len("Hello world")                    # offsets count from the prompt's start
+    assert lp.text_offset == [start + sum(len(t) for t in lp.tokens[:i]) for i in range(10)]
     assert all(len(d) <= 2 and max(d.values()) == pytest.approx(l, abs=1e-6)
                for d, l in zip(lp.top_logprobs, lp.token_logprobs))       # greedy: the top one
     parts = list(c.completions.create(model="x", prompt="Hello world", max_tokens=10, temperature=0,
@@ -176,8 +177,9 @@ def _load_round(server, n: int, concurrency: int, rng: random.Random) -> dict:
                                          temperature=0.7, seed=i)
                 assert r.usage.completion_tokens <= max_tokens
             elif kind == "chat":
-                c.chat.completions.create(model="x", messages=[{"role": "user", "content": "hi " * (words // 2)}],
-                                          max_tokens=max_tokens, temperature=0)
+                msgs = [{"role": "user", "content": "hi " * (words // 2)}]
+                c.chat.completions.create(model="x", messages=msgs, max_tokens=max_tokens,
+                                          temperature=0)
             elif kind == "json":
                 r = c.chat.completions.create(model="x", messages=MSGS, max_tokens=100, seed=i,
                                               temperature=1.0, response_format=fmt(ITEM))

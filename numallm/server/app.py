@@ -131,9 +131,13 @@ def create_app(loaded, scheduler, model_name: str, api_key: str | None = None) -
             n_vocab = loaded.args.n_vocab
             if any(not 0 <= t < n_vocab for t in tokens):
                 raise ApiError(400, f"prompt token ids must be in 0..{n_vocab - 1}", param="prompt")
-        return await _complete(request, body, tokens, chat=False)
+        # logprobs' text_offset counts from the start of the prompt, as OpenAI and llama.cpp do
+        start = len(prompt if isinstance(prompt, str)
+                    else loaded.tokenizer.decode(tokens, skip_special=True))
+        return await _complete(request, body, tokens, chat=False, text_offset=start)
 
-    async def _complete(request: Request, body, tokens: list[int], chat: bool):
+    async def _complete(request: Request, body, tokens: list[int], chat: bool,
+                        text_offset: int = 0):
         if not tokens:
             raise ApiError(400, "the prompt is empty and the model adds no BOS token", param="prompt")
         n_ctx = loaded.n_ctx
@@ -158,7 +162,8 @@ def create_app(loaded, scheduler, model_name: str, api_key: str | None = None) -
         if body.stream:
             # on shutdown the scheduler ends every job with ShuttingDownError: the grace period
             # lets the stream send that as its last event before sse-starlette closes it
-            return EventSourceResponse(_sse(job, request, body, rid, first, len(tokens), chat),
+            return EventSourceResponse(_sse(job, request, body, rid, first, len(tokens), chat,
+                                            text_offset),
                                        ping=15, shutdown_grace_period=3)
         text, evs, n_gen, finish, ev = [], [], 0, "length", first
         while ev is not None:
@@ -168,7 +173,7 @@ def create_app(loaded, scheduler, model_name: str, api_key: str | None = None) -
             ev = await _next(job, request)
         make = P.chat_response if chat else P.completion_response
         return make(rid, model_name, "".join(text), finish, len(tokens), n_gen,
-                    _logprobs(body, chat, evs))
+                    _logprobs(body, chat, evs, text_offset))
 
     async def _grammar(body):
         """The request's structured-output grammar (None for text), compiled off the event loop;
@@ -213,10 +218,10 @@ def create_app(loaded, scheduler, model_name: str, api_key: str | None = None) -
                 raise ApiError(500, f"{type(ev).__name__}: {ev}", type_="server_error")
             return ev
 
-    async def _sse(job, request, body, rid, first, n_prompt, chat):
+    async def _sse(job, request, body, rid, first, n_prompt, chat, text_offset):
         created, obj = int(time.time()), "chat.completion.chunk" if chat else "text_completion"
 
-        held, offset = [], 0     # chunks whose logprobs no event carried yet; their text offset
+        held, offset = [], text_offset     # chunks no event carried the logprobs of; their offset
 
         def chunk(text, finish=None):
             """One event; it carries the logprobs of every token since the previous one."""

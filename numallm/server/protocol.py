@@ -115,7 +115,8 @@ def chat_response(rid: str, model: str, text: str, finish: str, n_prompt: int, n
 def chat_chunk(rid: str, model: str, created: int, delta: dict, finish: Optional[str] = None,
                logprobs: Optional[dict] = None) -> dict:
     return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-            "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]}
+            "choices": [{"index": 0, "delta": delta, "logprobs": logprobs,
+                         "finish_reason": finish}]}
 
 
 def completion_response(rid: str, model: str, text: str, finish: str, n_prompt: int,
