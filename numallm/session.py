@@ -143,10 +143,9 @@ class Session:
                                          repeat_last_n, seed))
         max_tokens = max_tokens_limit(max_tokens)   # None or -1: no limit; 0: prefill only
         stops = set(self.tokenizer.eot_ids if stop_tokens is None else stop_tokens)
-        g = Generation(self, tokens, max_tokens, sampler, stops, [s for s in stop if s])
-        g.constraint = None if grammar is None else grammar.matcher()
-        g.n_top = check("logprobs", logprobs)
-        return g
+        return Generation(self, tokens, max_tokens, sampler, stops, [s for s in stop if s],
+                          None if grammar is None else grammar.matcher(),
+                          check("logprobs", logprobs))
 
     def stream(self, prompt: str | Sequence[int], max_tokens: int | None = 256, **kw) -> Iterator[GenerationChunk]:
         """Generate from `prompt` (text, or token ids used as given), yielding one chunk per token.
@@ -199,7 +198,7 @@ class Generation:
     `Session.stream` is this loop over one sequence."""
 
     def __init__(self, session: Session, tokens: list[int], max_tokens: int, sampler: Sampler,
-                 stops: set[int], stop: list[str]):
+                 stops: set[int], stop: list[str], constraint=None, n_top: int = 0):
         self.session, self.tokens, self.max_tokens = session, tokens, max_tokens
         self.sampler, self.stops, self.stop = sampler, stops, stop
         self.hold = max((len(s) for s in stop), default=1) - 1
@@ -212,8 +211,8 @@ class Generation:
         self.token: int | None = None                  # the last emitted token
         self.finish_reason: str | None = None
         self.t_decode = 0.0                            # when the prompt was in
-        self.constraint = None                         # numallm.grammar.Constraint, if any
-        self.n_top = 0                                 # top_logprobs per chunk
+        self.constraint = constraint                   # numallm.grammar.Constraint, if any
+        self.n_top = n_top                             # top_logprobs per chunk
 
     @property
     def prefilled(self) -> bool:
