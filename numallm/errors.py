@@ -39,6 +39,11 @@ class OptionError(NumallmError, ValueError):
     exit_code = 2   # a usage error, like argparse's
 
 
+class GrammarError(NumallmError, ValueError):
+    """A response format or JSON schema the grammar library cannot compile (HTTP 400), or
+    structured output asked for without the grammar library installed."""
+
+
 def debug_enabled() -> bool:
     return os.environ.get("NUMALLM_DEBUG", "") not in ("", "0")
 

@@ -10,8 +10,11 @@ llama-cpp-python runs by changing its import:
 
 The same constructor arguments (model_path, n_ctx, n_threads, n_gpu_layers, seed, verbose;
 other llama.cpp tuning arguments are accepted and ignored), the same call signatures and
-defaults, and the same response / chunk dicts. One conversation's KV cache is kept between
-calls, as llama-cpp-python does: a prompt that extends the previous one only prefills the rest.
+defaults, and the same response / chunk dicts, with `logprobs` (completion: an int; chat:
+logprobs=True, top_logprobs=k) and chat's `response_format` ({"type": "json_object"} with an
+optional "schema", or OpenAI's {"type": "json_schema", ...}: numallm.grammar). One
+conversation's KV cache is kept between calls, as llama-cpp-python does: a prompt that extends
+the previous one only prefills the rest.
 """
 from __future__ import annotations
 
@@ -23,6 +26,8 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from .engine import LoadedModel
+from .grammar import Grammar
+from .logprobs import chat_logprobs, completion_logprobs, text_chars
 
 LLAMA_DEFAULT_SEED = 0xFFFFFFFF       # llama-cpp-python's "random seed"
 log = logging.getLogger("numallm")
@@ -87,47 +92,58 @@ class Llama:
 
     # -- generation ----------------------------------------------------------------------------------
     def _stream(self, tokens: list[int], max_tokens, temperature, top_p, top_k, min_p,
-                repeat_penalty, stop, seed):
+                repeat_penalty, stop, seed, logprobs: int = 0, response_format=None):
         if max_tokens is None or max_tokens <= 0:
             max_tokens = self._loaded.n_ctx   # until the context is full
         if seed is None:
             seed = int(self._rng.integers(0, 2**31))
         stop = [stop] if isinstance(stop, str) else list(stop or [])
+        grammar = Grammar.from_response_format(self.tokenizer_, self.n_vocab(), response_format)
         return self._session.stream(tokens, max_tokens, temperature=temperature, top_p=top_p,
                                     top_k=top_k, min_p=min_p, repeat_penalty=repeat_penalty,
-                                    seed=seed, stop=stop)
+                                    seed=seed, stop=stop, logprobs=logprobs, grammar=grammar)
 
     def create_completion(self, prompt: str | list[int], suffix: str | None = None,
                           max_tokens: int | None = 16, temperature: float = 0.8,
                           top_p: float = 0.95, min_p: float = 0.05, echo: bool = False,
                           stop: str | list[str] | None = None, repeat_penalty: float = 1.0,
                           top_k: int = 40, stream: bool = False, seed: int | None = None,
-                          **ignored):
+                          logprobs: int | None = None, **ignored):
         tokens = (self.tokenize(prompt.encode("utf-8")) if isinstance(prompt, str)
                   else [int(t) for t in prompt])
         chunks = self._stream(tokens, max_tokens, temperature, top_p, top_k, min_p,
-                              repeat_penalty, stop, seed)
+                              repeat_penalty, stop, seed, logprobs or 0)
         rid, created = f"cmpl-{uuid.uuid4()}", int(time.time())
         head = prompt if echo and isinstance(prompt, str) else ""
+        # logprobs' text_offset counts from the start of the prompt, as llama-cpp-python's does
+        start = len(prompt if isinstance(prompt, str)
+                    else self.tokenizer_.decode(tokens, skip_special=True))
 
-        def choice(text, finish):
+        def choice(text, finish, done=(), offset=0):
+            lp = None if logprobs is None else completion_logprobs(self.tokenizer_, done, offset)
             return {"id": rid, "object": "text_completion", "created": created,
                     "model": self.model_path,
-                    "choices": [{"text": text, "index": 0, "logprobs": None,
+                    "choices": [{"text": text, "index": 0, "logprobs": lp,
                                  "finish_reason": finish}]}
 
         if stream:
             def gen() -> Iterator[dict]:
+                offset, held = start, []          # tokens whose logprobs no chunk carried yet
                 if head:
                     yield choice(head, None)
                 for c in chunks:
+                    held.append(c)
                     if c.text or c.finish_reason:
-                        yield choice(c.text, c.finish_reason)
+                        yield choice(c.text, c.finish_reason, held, offset)
+                        offset += text_chars(self.tokenizer_, held)
+                        held = []
             return gen()
-        text, last = [head], None
-        for last in chunks:
-            text.append(last.text)
-        out = choice("".join(text), last.finish_reason)
+        text, done = [head], []
+        for c in chunks:
+            text.append(c.text)
+            done.append(c)
+        last = done[-1]
+        out = choice("".join(text), last.finish_reason, done, start)
         out["usage"] = {"prompt_tokens": len(tokens), "completion_tokens": last.generation_tokens,
                         "total_tokens": len(tokens) + last.generation_tokens}
         return out
@@ -138,32 +154,43 @@ class Llama:
                                top_p: float = 0.95, top_k: int = 40, min_p: float = 0.05,
                                stream: bool = False, stop: str | list[str] | None = None,
                                seed: int | None = None, max_tokens: int | None = None,
-                               repeat_penalty: float = 1.0, **ignored):
+                               repeat_penalty: float = 1.0, response_format: dict | None = None,
+                               logprobs: bool | None = None, top_logprobs: int | None = None,
+                               **ignored):
         tokens = self._loaded.chat_tokens(messages)
         chunks = self._stream(tokens, max_tokens, temperature, top_p, top_k, min_p,
-                              repeat_penalty, stop, seed)
+                              repeat_penalty, stop, seed, (top_logprobs or 0) if logprobs else 0,
+                              response_format)
         rid, created = f"chatcmpl-{uuid.uuid4()}", int(time.time())
 
-        def chunk(delta, finish):
+        def lp(done):
+            return chat_logprobs(self.tokenizer_, done) if logprobs else None
+
+        def chunk(delta, finish, done=()):
             return {"id": rid, "object": "chat.completion.chunk", "created": created,
                     "model": self.model_path,
-                    "choices": [{"index": 0, "delta": delta, "logprobs": None,
+                    "choices": [{"index": 0, "delta": delta, "logprobs": lp(done) if done else None,
                                  "finish_reason": finish}]}
 
         if stream:
             def gen() -> Iterator[dict]:
+                held = []                         # tokens whose logprobs no chunk carried yet
                 yield chunk({"role": "assistant"}, None)
                 for c in chunks:
+                    held.append(c)
                     if c.text:
-                        yield chunk({"content": c.text}, None)
+                        yield chunk({"content": c.text}, None, held)
+                        held = []
                     if c.finish_reason:
-                        yield chunk({}, c.finish_reason)
+                        yield chunk({}, c.finish_reason, held)
             return gen()
-        text, last = [], None
-        for last in chunks:
-            text.append(last.text)
+        text, done = [], []
+        for c in chunks:
+            text.append(c.text)
+            done.append(c)
+        last = done[-1]
         return {"id": rid, "object": "chat.completion", "created": created, "model": self.model_path,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(text)},
-                             "logprobs": None, "finish_reason": last.finish_reason}],
+                             "logprobs": lp(done), "finish_reason": last.finish_reason}],
                 "usage": {"prompt_tokens": len(tokens), "completion_tokens": last.generation_tokens,
                           "total_tokens": len(tokens) + last.generation_tokens}}

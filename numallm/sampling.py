@@ -1,7 +1,8 @@
-"""Token sampling: repetition penalty, temperature, top-k, top-p, min-p, seeded randomness.
+"""Token sampling: repetition penalty, temperature, top-k, top-p, min-p, seeded randomness, and
+a grammar's mask of allowed tokens (structured output, numallm.grammar).
 
-The order follows llama.cpp's default chain: penalties -> top-k -> top-p -> min-p -> temperature
--> draw. temperature 0 is greedy (argmax, ties to the lowest id).
+The order follows llama.cpp's default chain: penalties -> grammar mask -> top-k -> top-p ->
+min-p -> temperature -> draw. temperature 0 is greedy (argmax, ties to the lowest id).
 
 Every option's allowed range is in LIMITS, the one table both the library (SamplingParams,
 LLM.stream's max_tokens) and the CLI flags (numallm.commands.common.check_args) are checked
@@ -15,7 +16,7 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
-from .errors import OptionError
+from .errors import NumallmError, OptionError
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,7 @@ LIMITS = {
     "repeat_penalty": Limit(float, 0, note="1 = off", above=True),
     "repeat_last_n": Limit(int, -1, note="0 = off, -1 = the whole context"),
     "seed": Limit(int, 0, 2**64 - 1, note="None = random", none=True),   # numpy's seed range
+    "logprobs": Limit(int, 0, 20, note="most likely tokens listed per step; OpenAI's range"),
 }
 
 
@@ -106,6 +108,16 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum())
 
 
+def top_logprobs(logprobs: np.ndarray, k: int) -> tuple[tuple[int, float], ...]:
+    """The `k` most likely tokens of a log_softmax row, best first: ((id, logprob), ...)."""
+    k = min(k, logprobs.shape[0])
+    if k <= 0:
+        return ()
+    ids = np.argpartition(-logprobs, k - 1)[:k]
+    ids = ids[np.lexsort((ids, -logprobs[ids]))]               # best first, ties to the lowest id
+    return tuple((int(i), float(logprobs[i])) for i in ids)
+
+
 class Sampler:
     def __init__(self, params: SamplingParams):
         self.p = params
@@ -124,10 +136,18 @@ class Sampler:
         out[ids] = np.where(v > 0, v / p.repeat_penalty, v * p.repeat_penalty)
         return out
 
-    def __call__(self, logits: np.ndarray, history: list[int]) -> int:
-        """logits: float32 (n_vocab,) -> the chosen token id."""
+    def __call__(self, logits: np.ndarray, history: list[int],
+                 allowed: np.ndarray | None = None) -> int:
+        """logits: float32 (n_vocab,) -> the chosen token id. `allowed`: bool (n_vocab,), the
+        tokens a grammar permits (numallm.grammar); the others are out before any other step,
+        so top-k / top-p / min-p choose among permitted tokens only."""
         p = self.p
         logits = self.penalize(logits, history)
+        if allowed is not None:
+            if not allowed.any():
+                raise NumallmError("the grammar allows no token here "
+                                   "(structured output cannot go on)")
+            logits = np.where(allowed, logits, np.float32(-np.inf))
         if p.temperature <= 0:
             return int(np.argmax(logits))
         ids = np.argsort(-logits, kind="stable")                        # best first

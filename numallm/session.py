@@ -22,7 +22,7 @@ import numpy as np
 
 from .errors import ContextOverflowError, NumallmError
 from .placement import PREFILL_CHUNK
-from .sampling import Sampler, SamplingParams, log_softmax, max_tokens_limit
+from .sampling import Sampler, SamplingParams, check, log_softmax, max_tokens_limit, top_logprobs
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,9 @@ class GenerationChunk:
       log-probability under the model (before sampling filters); prompt_tokens / prompt_tps: size
       and speed of the prefill; generation_tokens / generation_tps: tokens so far and decode
       speed; finish_reason: None while generating, else "stop" (EOS, end-of-turn or stop string)
-      or "length" (max_tokens or the context is full).
+      or "length" (max_tokens or the context is full); top_logprobs: the `logprobs` most likely
+      tokens at this step, ((id, logprob), ...) best first, under the model like `logprob`
+      (empty unless asked for).
     """
 
     text: str
@@ -45,6 +47,7 @@ class GenerationChunk:
     generation_tokens: int
     generation_tps: float
     finish_reason: str | None = None
+    top_logprobs: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -123,11 +126,15 @@ class Session:
               top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05,
               repeat_penalty: float = 1.0, repeat_last_n: int = 64, seed: int | None = None,
               stop: Sequence[str] = (), stop_tokens: Sequence[int] | None = None,
-              add_special: bool = True, parse_special: bool = False) -> "Generation":
+              add_special: bool = True, parse_special: bool = False, grammar=None,
+              logprobs: int = 0) -> "Generation":
         """A generation from `prompt` (text, or token ids used as given) to drive step by step
         (see Generation; `stream` drives one to the end). Nothing runs yet.
         max_tokens: None or -1 = until end of text or the context is full; 0 = none (the prompt
-        is only processed). Out-of-range options raise OptionError (numallm.sampling.LIMITS)."""
+        is only processed). grammar: a numallm.grammar.Grammar the text must follow (structured
+        output; it ends with "stop" once complete). logprobs: how many of the most likely
+        tokens each chunk lists in top_logprobs. Out-of-range options raise OptionError
+        (numallm.sampling.LIMITS)."""
         tokens = (self.tokenize(prompt, add_special, parse_special) if isinstance(prompt, str)
                   else [int(t) for t in prompt])
         if not tokens:
@@ -136,7 +143,9 @@ class Session:
                                          repeat_last_n, seed))
         max_tokens = max_tokens_limit(max_tokens)   # None or -1: no limit; 0: prefill only
         stops = set(self.tokenizer.eot_ids if stop_tokens is None else stop_tokens)
-        return Generation(self, tokens, max_tokens, sampler, stops, [s for s in stop if s])
+        return Generation(self, tokens, max_tokens, sampler, stops, [s for s in stop if s],
+                          None if grammar is None else grammar.matcher(),
+                          check("logprobs", logprobs))
 
     def stream(self, prompt: str | Sequence[int], max_tokens: int | None = 256, **kw) -> Iterator[GenerationChunk]:
         """Generate from `prompt` (text, or token ids used as given), yielding one chunk per token.
@@ -189,7 +198,7 @@ class Generation:
     `Session.stream` is this loop over one sequence."""
 
     def __init__(self, session: Session, tokens: list[int], max_tokens: int, sampler: Sampler,
-                 stops: set[int], stop: list[str]):
+                 stops: set[int], stop: list[str], constraint=None, n_top: int = 0):
         self.session, self.tokens, self.max_tokens = session, tokens, max_tokens
         self.sampler, self.stops, self.stop = sampler, stops, stop
         self.hold = max((len(s) for s in stop), default=1) - 1
@@ -202,6 +211,8 @@ class Generation:
         self.token: int | None = None                  # the last emitted token
         self.finish_reason: str | None = None
         self.t_decode = 0.0                            # when the prompt was in
+        self.constraint = constraint                   # numallm.grammar.Constraint, if any
+        self.n_top = n_top                             # top_logprobs per chunk
 
     @property
     def prefilled(self) -> bool:
@@ -234,8 +245,10 @@ class Generation:
             raise NumallmError("emit() needs the prompt prefilled, or fed() after the last emit, "
                                "and a generation that has not finished")
         logits, self.logits = self.logits, None
-        tok = self.sampler(logits, self.history)
-        logprob = float(log_softmax(logits)[tok])
+        allowed = None if self.constraint is None else self.constraint.allowed()
+        tok = self.sampler(logits, self.history, allowed)
+        lps = log_softmax(logits)
+        logprob = float(lps[tok])
         self.n_gen += 1
         self.history.append(tok)
         self.token = tok
@@ -248,6 +261,10 @@ class Generation:
         hit = min((i for i in (pending.find(s) for s in self.stop) if i >= 0), default=-1)
         if hit >= 0:
             pending, finish = pending[:hit], "stop"
+        if self.constraint is not None and finish is None:
+            self.constraint.accept(tok)
+            if self.constraint.done:                   # the grammar is complete
+                finish = "stop"
         if finish is None and (self.n_gen >= self.max_tokens or len(self.history) >= self.session.n_ctx):
             finish = "length"
         if finish is not None:
@@ -259,7 +276,7 @@ class Generation:
         gen_tps = self.n_gen / max(time.perf_counter() - self.t_decode, 1e-9)
         prompt_tps = self.session.n_prefilled / max(self.prefill_seconds, 1e-9)
         return GenerationChunk(text, tok, logprob, len(self.tokens), prompt_tps, self.n_gen,
-                               gen_tps, finish)
+                               gen_tps, finish, top_logprobs(lps, self.n_top))
 
     def fed(self, logits: np.ndarray) -> None:
         """`token` went through a forward at `position`: its logits (n_vocab,) are next."""

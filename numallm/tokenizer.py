@@ -408,6 +408,19 @@ class Tokenizer:
             self._pieces[tid] = p
         return p
 
+    def is_control(self, id: int) -> bool:
+        """A control or unknown token (BOS, EOS, <|im_end|>...): no text of its own."""
+        return self._types[int(id)] in (CONTROL, UNKNOWN)
+
+    def encode_continuation(self, text: str) -> list[int]:
+        """Tokens of `text` as it goes on after earlier text: no BOS/EOS and no SentencePiece
+        space prefix (what a grammar matcher needs to turn forced bytes into tokens)."""
+        if self.kind != "llama":
+            return self.encode(text, add_special=False)
+        out: list[int] = []
+        self._spm(text.replace(" ", _WS_ESC), out)
+        return out
+
     def token_to_piece(self, id: int) -> bytes:
         """Raw bytes of one token; control tokens give their text, byte tokens their byte."""
         return self._piece(int(id), True)

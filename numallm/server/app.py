@@ -1,7 +1,8 @@
 """The HTTP layer: FastAPI routes over a Scheduler. Here errors become responses in OpenAI's
 error shape ({"error": {"message", "type", "param", "code"}}); the library below only raises.
 
-Status codes: 400 malformed JSON, a prompt that does not fit (with the numbers) or a bad value;
+Status codes: 400 malformed JSON, a prompt that does not fit (with the numbers), a bad value, a
+response_format the grammar library rejects, n > 1;
 422 a well-formed body with a wrong field; 401 a missing or wrong API key; 503 + Retry-After when
 every slot is busy and the queue is full, or while shutting down.
 """
@@ -18,7 +19,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from sse_starlette.sse import EventSourceResponse
 
-from ..errors import NumallmError
+from ..errors import GrammarError, NumallmError
+from ..grammar import Grammar
+from ..logprobs import chat_logprobs, completion_logprobs, text_chars
 from . import protocol as P
 from .metrics import prometheus_text
 from .scheduler import OverloadedError, ShuttingDownError
@@ -128,9 +131,13 @@ def create_app(loaded, scheduler, model_name: str, api_key: str | None = None) -
             n_vocab = loaded.args.n_vocab
             if any(not 0 <= t < n_vocab for t in tokens):
                 raise ApiError(400, f"prompt token ids must be in 0..{n_vocab - 1}", param="prompt")
-        return await _complete(request, body, tokens, chat=False)
+        # logprobs' text_offset counts from the start of the prompt, as OpenAI and llama.cpp do
+        start = len(prompt if isinstance(prompt, str)
+                    else loaded.tokenizer.decode(tokens, skip_special=True))
+        return await _complete(request, body, tokens, chat=False, text_offset=start)
 
-    async def _complete(request: Request, body, tokens: list[int], chat: bool):
+    async def _complete(request: Request, body, tokens: list[int], chat: bool,
+                        text_offset: int = 0):
         if not tokens:
             raise ApiError(400, "the prompt is empty and the model adds no BOS token", param="prompt")
         n_ctx = loaded.n_ctx
@@ -140,8 +147,9 @@ def create_app(loaded, scheduler, model_name: str, api_key: str | None = None) -
                            f"(server started with -c {n_ctx}); shorten the prompt",
                            code="context_length_exceeded", param="messages" if chat else "prompt")
         limit = body.limit() or n_ctx       # Session.stream stops at a full context anyway
+        sampling = dict(body.sampling(), grammar=await _grammar(body))
         try:
-            job = scheduler.submit(tokens, limit, body.sampling(), asyncio.get_running_loop())
+            job = scheduler.submit(tokens, limit, sampling, asyncio.get_running_loop())
         except OverloadedError as e:
             raise ApiError(503, str(e), type_="server_busy", code="overloaded",
                            headers={"Retry-After": str(e.retry_after)}) from None
@@ -154,15 +162,42 @@ def create_app(loaded, scheduler, model_name: str, api_key: str | None = None) -
         if body.stream:
             # on shutdown the scheduler ends every job with ShuttingDownError: the grace period
             # lets the stream send that as its last event before sse-starlette closes it
-            return EventSourceResponse(_sse(job, request, body, rid, first, len(tokens), chat),
+            return EventSourceResponse(_sse(job, request, body, rid, first, len(tokens), chat,
+                                            text_offset),
                                        ping=15, shutdown_grace_period=3)
-        text, n_gen, finish, ev = [], 0, "length", first
+        text, evs, n_gen, finish, ev = [], [], 0, "length", first
         while ev is not None:
             text.append(ev.text)
+            evs.append(ev)
             n_gen, finish = ev.generation_tokens, ev.finish_reason or finish
             ev = await _next(job, request)
         make = P.chat_response if chat else P.completion_response
-        return make(rid, model_name, "".join(text), finish, len(tokens), n_gen)
+        return make(rid, model_name, "".join(text), finish, len(tokens), n_gen,
+                    _logprobs(body, chat, evs, text_offset))
+
+    async def _grammar(body):
+        """The request's structured-output grammar (None for text), compiled off the event loop;
+        one a grammar library rejects is a 400. n > 1 is refused here too, before any work."""
+        if body.n != 1:
+            stats.requests["invalid"] += 1
+            more = f"; send {body.n} requests instead (they decode together)" if body.n > 1 else ""
+            raise ApiError(400, f"n={body.n}: this server returns one choice per request (n must "
+                           f"be 1){more}", param="n")
+        if body.response_format is None:
+            return None
+        try:
+            return await asyncio.to_thread(Grammar.from_response_format, loaded.tokenizer,
+                                           loaded.args.n_vocab, body.response_format)
+        except GrammarError as e:
+            stats.requests["invalid"] += 1
+            raise ApiError(400, str(e), param="response_format") from None
+
+    def _logprobs(body, chat: bool, evs: list, offset: int = 0):
+        """OpenAI's logprobs object for the chunks `evs`, or None when not asked for."""
+        if not body.wants_logprobs():
+            return None
+        tok = loaded.tokenizer
+        return chat_logprobs(tok, evs) if chat else completion_logprobs(tok, evs, offset)
 
     async def _next(job, request: Request):
         """The job's next chunk; None at its end or when the client went away (job cancelled)."""
@@ -183,14 +218,21 @@ def create_app(loaded, scheduler, model_name: str, api_key: str | None = None) -
                 raise ApiError(500, f"{type(ev).__name__}: {ev}", type_="server_error")
             return ev
 
-    async def _sse(job, request, body, rid, first, n_prompt, chat):
+    async def _sse(job, request, body, rid, first, n_prompt, chat, text_offset):
         created, obj = int(time.time()), "chat.completion.chunk" if chat else "text_completion"
 
+        held, offset = [], text_offset     # chunks no event carried the logprobs of; their offset
+
         def chunk(text, finish=None):
+            """One event; it carries the logprobs of every token since the previous one."""
+            nonlocal offset
+            lp = _logprobs(body, chat, held, offset)
+            offset += text_chars(loaded.tokenizer, held)
+            held.clear()
             if chat:
                 delta = {"content": text} if text or finish is None else {}
-                return P.chat_chunk(rid, model_name, created, delta, finish)
-            return P.completion_chunk(rid, model_name, created, text, finish)
+                return P.chat_chunk(rid, model_name, created, delta, finish, lp)
+            return P.completion_chunk(rid, model_name, created, text, finish, lp)
 
         ev, n_gen = first, 0
         try:
@@ -199,6 +241,7 @@ def create_app(loaded, scheduler, model_name: str, api_key: str | None = None) -
                                               {"role": "assistant", "content": ""}))
             while ev is not None:
                 n_gen = ev.generation_tokens
+                held.append(ev)
                 if ev.finish_reason is not None:
                     if ev.text:
                         yield json.dumps(chunk(ev.text))
