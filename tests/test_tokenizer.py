@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import functools
 import re
-import time
 from pathlib import Path
 
 import pytest
@@ -254,10 +253,7 @@ def test_bpe_skips_merges_outside_vocab():
 
 
 # -- 5: load speed sanity ----------------------------------------------------------------------
-def test_load_102k_vocab_fast():
+def test_load_102k_vocab():
+    # its start-up time is measured in benchmarks/bench_tokenizer.py, not asserted here
     meta = GGUFFile(need(VOCAB / "ggml-vocab-deepseek-llm.gguf")).metadata
-    t0 = time.perf_counter()
-    tok = Tokenizer.from_metadata(meta)
-    elapsed = time.perf_counter() - t0
-    assert tok.vocab_size == 102400
-    assert elapsed < 2.0, f"from_metadata took {elapsed:.2f} s"
+    assert Tokenizer.from_metadata(meta).vocab_size == 102400
