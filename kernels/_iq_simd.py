@@ -213,3 +213,27 @@ def load8(typingctx, arr, off):
         return builder.load(builder.bitcast(p, _V8F.as_pointer()), align=1)
 
     return sig, codegen
+
+
+def _raw_load(bits: int):
+    def impl(typingctx, arr, off):
+        """The unsigned little-endian integer of `bits` bits at byte `off` of a uint8 array, as
+        int64: one plain load, without Numba's negative-index wraparound (offsets are >= 0)."""
+        _need("arr", arr, types.uint8)
+        sig = types.int64(arr, off)
+
+        def codegen(context, builder, sig, args):
+            p = _ptr(context, builder, sig.args[0], args[0], args[1])
+            ity = ir.IntType(bits)
+            v = builder.load(builder.bitcast(p, ity.as_pointer()), align=1)
+            return v if bits == 64 else builder.zext(v, _I64)
+
+        return sig, codegen
+
+    return intrinsic(impl)
+
+
+ld8 = _raw_load(8)
+ld16 = _raw_load(16)
+ld32 = _raw_load(32)
+ld64 = _raw_load(64)

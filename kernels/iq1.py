@@ -20,7 +20,7 @@ from numba import njit
 
 from ._iq_common import IQUnit, half_to_f32, u16_at
 from ._iq_grids import IQ1_DELTA, IQ1S_GRID, IQ1S_U64, MINUS1_64, PLUS1_64
-from ._iq_simd import grid8_plus
+from ._iq_simd import grid8_plus, ld16, ld32, ld64
 from ._simd import load_f16
 from .base import register
 from .interleaved import f16_at
@@ -49,11 +49,11 @@ def _deq_iq1_s(q, o, dst, c):
 
 @njit(nogil=True, cache=True, inline="always")
 def _sub_iq1_s(q, o, j):
-    p = o + 2 + 4 * j
-    qh = u16_at(q, o + 34 + 2 * j)
+    lo = ld32(q, o + 2 + 4 * j)
+    qh = ld16(q, o + 34 + 2 * j)
     a = MINUS1_64 if qh & 0x8000 else PLUS1_64
-    w = grid8_plus(IQ1S_U64, np.int64(q[p]) | ((qh & 7) << 8), np.int64(q[p + 1]) | (((qh >> 3) & 7) << 8),
-                   np.int64(q[p + 2]) | (((qh >> 6) & 7) << 8), np.int64(q[p + 3]) | (((qh >> 9) & 7) << 8),
+    w = grid8_plus(IQ1S_U64, (lo & 255) | ((qh & 7) << 8), ((lo >> 8) & 255) | ((qh & 0x38) << 5),
+                   ((lo >> 16) & 255) | ((qh & 0x1C0) << 2), (lo >> 24) | ((qh & 0xE00) >> 1),
                    a, a, a, a)
     s = 2 * ((qh >> 12) & 7) + 1
     return w, s, s
@@ -66,11 +66,9 @@ def _scale_iq1_s(q, o):
 
 @njit(nogil=True, cache=True, inline="always")
 def _d_iq1_m(q, o):
-    s0 = u16_at(q, o + 48)
-    s1 = u16_at(q, o + 50)
-    s2 = u16_at(q, o + 52)
-    s3 = u16_at(q, o + 54)
-    return half_to_f32((s0 >> 12) | ((s1 >> 8) & 0xF0) | ((s2 >> 4) & 0xF00) | (s3 & 0xF000))
+    s = ld64(q, o + 48)
+    return half_to_f32(((s >> 12) & 0xF) | ((s >> 24) & 0xF0) | ((s >> 36) & 0xF00)
+                       | ((s >> 48) & 0xF000))
 
 
 @njit(nogil=True, cache=True, inline="always")
@@ -96,17 +94,19 @@ def _deq_iq1_m(q, o, dst, c):
 
 
 @njit(nogil=True, cache=True, inline="always")
+def _plus(nib):
+    return MINUS1_64 if nib & 8 else PLUS1_64
+
+
+@njit(nogil=True, cache=True, inline="always")
 def _sub_iq1_m(q, o, j):
-    g = 4 * j
-    n0 = _nib_iq1_m(q, o, g)
-    n1 = _nib_iq1_m(q, o, g + 1)
-    n2 = _nib_iq1_m(q, o, g + 2)
-    n3 = _nib_iq1_m(q, o, g + 3)
-    w = grid8_plus(IQ1S_U64, np.int64(q[o + g]) | ((n0 & 7) << 8), np.int64(q[o + g + 1]) | ((n1 & 7) << 8),
-                   np.int64(q[o + g + 2]) | ((n2 & 7) << 8), np.int64(q[o + g + 3]) | ((n3 & 7) << 8),
-                   MINUS1_64 if n0 & 8 else PLUS1_64, MINUS1_64 if n1 & 8 else PLUS1_64,
-                   MINUS1_64 if n2 & 8 else PLUS1_64, MINUS1_64 if n3 & 8 else PLUS1_64)
-    return w, _s_iq1_m(q, o, 2 * j), _s_iq1_m(q, o, 2 * j + 1)
+    lo = ld32(q, o + 4 * j)
+    h = ld16(q, o + 32 + 2 * j)              # the 4 nibbles of groups 4j..4j + 3
+    w = grid8_plus(IQ1S_U64, (lo & 255) | ((h & 7) << 8), ((lo >> 8) & 255) | ((h & 0x70) << 4),
+                   ((lo >> 16) & 255) | (h & 0x700), (lo >> 24) | ((h & 0x7000) >> 4),
+                   _plus(h), _plus(h >> 4), _plus(h >> 8), _plus(h >> 12))
+    sc = ld16(q, o + 48 + 2 * (j // 2)) >> (6 * (j % 2))
+    return w, 2 * (sc & 7) + 1, 2 * ((sc >> 3) & 7) + 1
 
 
 @njit(nogil=True, cache=True, inline="always")

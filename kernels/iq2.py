@@ -20,7 +20,7 @@ from numba import njit
 from ._iq_common import IQUnit, u16_at, u32_at
 from ._iq_grids import (IQ2S_GRID, IQ2S_U64, IQ2XS_GRID, IQ2XS_U64, IQ2XXS_GRID, IQ2XXS_U64,
                         KSIGNS, KSIGNS64, SIGNS64)
-from ._iq_simd import grid8_signed
+from ._iq_simd import grid8_signed, ld8, ld16, ld32, ld64
 from ._simd import load_f16
 from .base import register
 from .interleaved import f16_at
@@ -56,10 +56,10 @@ def _deq_iq2_xxs(q, o, dst, c):
 
 @njit(nogil=True, cache=True, inline="always")
 def _sub_iq2_xxs(q, o, j):
-    p = o + 2 + 8 * j
-    aux = u32_at(q, p + 4)
-    w = grid8_signed(IQ2XXS_U64, q[p], q[p + 1], q[p + 2], q[p + 3], KSIGNS64, aux & 127,
-                     (aux >> 7) & 127, (aux >> 14) & 127, (aux >> 21) & 127)
+    v = ld64(q, o + 2 + 8 * j)
+    aux = (v >> 32) & 0xFFFFFFFF
+    w = grid8_signed(IQ2XXS_U64, v & 255, (v >> 8) & 255, (v >> 16) & 255, (v >> 24) & 255,
+                     KSIGNS64, aux & 127, (aux >> 7) & 127, (aux >> 14) & 127, (aux >> 21) & 127)
     s = 2 * (aux >> 28) + 1
     return w, s, s
 
@@ -80,14 +80,14 @@ def _deq_iq2_xs(q, o, dst, c):
 
 @njit(nogil=True, cache=True, inline="always")
 def _sub_iq2_xs(q, o, j):
-    p = o + 2 + 8 * j
-    v0 = u16_at(q, p)
-    v1 = u16_at(q, p + 2)
-    v2 = u16_at(q, p + 4)
-    v3 = u16_at(q, p + 6)
+    v = ld64(q, o + 2 + 8 * j)
+    v0 = v & 0xFFFF
+    v1 = (v >> 16) & 0xFFFF
+    v2 = (v >> 32) & 0xFFFF
+    v3 = (v >> 48) & 0xFFFF
     w = grid8_signed(IQ2XS_U64, v0 & 511, v1 & 511, v2 & 511, v3 & 511, KSIGNS64, v0 >> 9,
                      v1 >> 9, v2 >> 9, v3 >> 9)
-    sc = np.int64(q[o + 66 + j])
+    sc = ld8(q, o + 66 + j)
     return w, 2 * (sc & 15) + 1, 2 * (sc >> 4) + 1
 
 
@@ -109,14 +109,13 @@ def _deq_iq2_s(q, o, dst, c):
 
 @njit(nogil=True, cache=True, inline="always")
 def _sub_iq2_s(q, o, j):
-    p = o + 2 + 4 * j
-    qh = np.int64(q[o + 66 + j])
-    w = grid8_signed(IQ2S_U64, np.int64(q[p]) | ((qh & 3) << 8),
-                     np.int64(q[p + 1]) | (((qh >> 2) & 3) << 8),
-                     np.int64(q[p + 2]) | (((qh >> 4) & 3) << 8),
-                     np.int64(q[p + 3]) | (((qh >> 6) & 3) << 8),
-                     SIGNS64, q[p + 32], q[p + 33], q[p + 34], q[p + 35])
-    sc = np.int64(q[o + 74 + j])
+    lo = ld32(q, o + 2 + 4 * j)
+    sg = ld32(q, o + 34 + 4 * j)
+    qh = ld8(q, o + 66 + j)
+    w = grid8_signed(IQ2S_U64, (lo & 255) | ((qh & 3) << 8), ((lo >> 8) & 255) | ((qh & 12) << 6),
+                     ((lo >> 16) & 255) | ((qh & 48) << 4), (lo >> 24) | ((qh & 192) << 2),
+                     SIGNS64, sg & 255, (sg >> 8) & 255, (sg >> 16) & 255, sg >> 24)
+    sc = ld8(q, o + 74 + j)
     return w, 2 * (sc & 15) + 1, 2 * (sc >> 4) + 1
 
 

@@ -18,7 +18,7 @@ from numba import njit
 
 from ._iq_common import IQUnit, u32_at
 from ._iq_grids import IQ3S_GRID, IQ3S_U32, IQ3XXS_GRID, IQ3XXS_U32, KSIGNS, KSIGNS64, SIGNS64
-from ._iq_simd import grid4_signed
+from ._iq_simd import grid4_signed, ld8, ld32, ld64
 from ._simd import load_f16
 from .base import register
 from .interleaved import f16_at
@@ -49,11 +49,11 @@ def _deq_iq3_xxs(q, o, dst, c):
 
 @njit(nogil=True, cache=True, inline="always")
 def _sub_iq3_xxs(q, o, j):
-    p = o + 2 + 8 * j
-    aux = u32_at(q, o + 66 + 4 * j)
-    w = grid4_signed(IQ3XXS_U32, q[p], q[p + 1], q[p + 2], q[p + 3], q[p + 4], q[p + 5], q[p + 6],
-                     q[p + 7], KSIGNS64, aux & 127, (aux >> 7) & 127, (aux >> 14) & 127,
-                     (aux >> 21) & 127)
+    v = ld64(q, o + 2 + 8 * j)
+    aux = ld32(q, o + 66 + 4 * j)
+    w = grid4_signed(IQ3XXS_U32, v & 255, (v >> 8) & 255, (v >> 16) & 255, (v >> 24) & 255,
+                     (v >> 32) & 255, (v >> 40) & 255, (v >> 48) & 255, (v >> 56) & 255, KSIGNS64,
+                     aux & 127, (aux >> 7) & 127, (aux >> 14) & 127, (aux >> 21) & 127)
     s = 2 * (aux >> 28) + 1
     return w, s, s
 
@@ -82,19 +82,15 @@ def _deq_iq3_s(q, o, dst, c):
 
 @njit(nogil=True, cache=True, inline="always")
 def _sub_iq3_s(q, o, j):
-    p = o + 2 + 8 * j
-    qh = np.int64(q[o + 66 + j])
-    s = o + 74 + 4 * j
-    w = grid4_signed(IQ3S_U32, np.int64(q[p]) | ((qh & 1) << 8),
-                     np.int64(q[p + 1]) | (((qh >> 1) & 1) << 8),
-                     np.int64(q[p + 2]) | (((qh >> 2) & 1) << 8),
-                     np.int64(q[p + 3]) | (((qh >> 3) & 1) << 8),
-                     np.int64(q[p + 4]) | (((qh >> 4) & 1) << 8),
-                     np.int64(q[p + 5]) | (((qh >> 5) & 1) << 8),
-                     np.int64(q[p + 6]) | (((qh >> 6) & 1) << 8),
-                     np.int64(q[p + 7]) | (((qh >> 7) & 1) << 8),
-                     SIGNS64, q[s], q[s + 1], q[s + 2], q[s + 3])
-    sc = 1 + 2 * _s_iq3_s(q, o, j)
+    v = ld64(q, o + 2 + 8 * j)
+    qh = ld8(q, o + 66 + j)
+    sg = ld32(q, o + 74 + 4 * j)
+    w = grid4_signed(IQ3S_U32, (v & 255) | ((qh & 1) << 8), ((v >> 8) & 255) | ((qh & 2) << 7),
+                     ((v >> 16) & 255) | ((qh & 4) << 6), ((v >> 24) & 255) | ((qh & 8) << 5),
+                     ((v >> 32) & 255) | ((qh & 16) << 4), ((v >> 40) & 255) | ((qh & 32) << 3),
+                     ((v >> 48) & 255) | ((qh & 64) << 2), ((v >> 56) & 255) | ((qh & 128) << 1),
+                     SIGNS64, sg & 255, (sg >> 8) & 255, (sg >> 16) & 255, sg >> 24)
+    sc = 1 + 2 * ((ld8(q, o + 106 + j // 2) >> (4 * (j % 2))) & 15)
     return w, sc, sc
 
 
