@@ -183,12 +183,13 @@ class IQUnit(CalibratedUnit):
             return None
         return (self.native_slot, w, *self._x(acts), out, r0, r1)
 
-    def synthetic(self, n: int, k: int, rng: np.random.Generator) -> np.ndarray:
+    def synthetic(self, n: int, k: int, rng: np.random.Generator,
+                  d_range: tuple[float, float] = (1e-4, 1e-2)) -> np.ndarray:
         """Random raw rows (N, row_bytes): every bit pattern of indices, signs and sub-block
-        scales is a valid block; the f16 scale is set to a sane positive value."""
+        scales is a valid block; the f16 scale d is drawn uniformly from d_range."""
         nb = k // QK
         raw = rng.integers(0, 256, (n, nb, self.type_size), dtype=np.uint8)
-        d = rng.uniform(1e-4, 1e-2, (n, nb, 1)).astype(np.float16).view(np.uint8)
+        d = rng.uniform(*d_range, (n, nb, 1)).astype(np.float16).view(np.uint8)
         for off in self.f16_fields:
             raw[:, :, off:off + 2] = d
         return raw.reshape(n, nb * self.type_size)

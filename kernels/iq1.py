@@ -125,11 +125,12 @@ class IQ1_M(IQUnit):
     qtype = T.IQ1_M
     deq, scale, sub = _deq_iq1_m, _scale_iq1_m, _sub_iq1_m
 
-    def synthetic(self, n: int, k: int, rng: np.random.Generator) -> np.ndarray:
-        """As IQUnit's, with the f16 d (sane, positive) spread over the scales' top nibbles."""
+    def synthetic(self, n: int, k: int, rng: np.random.Generator,
+                  d_range: tuple[float, float] = (1e-4, 1e-2)) -> np.ndarray:
+        """As IQUnit's, with the f16 d spread over the scales' top nibbles."""
         nb = k // 256
         raw = rng.integers(0, 256, (n, nb, self.type_size), dtype=np.uint8)
-        d = rng.uniform(1e-4, 1e-2, (n, nb)).astype(np.float16).view(np.uint16).astype(np.int64)
+        d = rng.uniform(*d_range, (n, nb)).astype(np.float16).view(np.uint16).astype(np.int64)
         for i in range(4):
             nib = (d >> (4 * i)) & 15
             raw[:, :, 49 + 2 * i] = (raw[:, :, 49 + 2 * i] & 0x0F) | (nib << 4).astype(np.uint8)
