@@ -237,3 +237,15 @@ ld8 = _raw_load(8)
 ld16 = _raw_load(16)
 ld32 = _raw_load(32)
 ld64 = _raw_load(64)
+
+
+@intrinsic
+def half_bits(typingctx, h):
+    """The IEEE half whose bits are the low 16 of integer h, as float32 (vcvtph2ps with F16C)."""
+    sig = types.float32(h)
+
+    def codegen(context, builder, sig, args):
+        v = builder.trunc(context.cast(builder, args[0], sig.args[0], types.int64), _I16)
+        return builder.fpext(builder.bitcast(v, ir.HalfType()), ir.FloatType())
+
+    return sig, codegen

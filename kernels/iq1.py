@@ -20,7 +20,7 @@ from numba import njit
 
 from ._iq_common import IQUnit, half_to_f32, u16_at
 from ._iq_grids import IQ1_DELTA, IQ1S_GRID, IQ1S_U64, MINUS1_64, PLUS1_64
-from ._iq_simd import grid8_plus, ld16, ld32, ld64
+from ._iq_simd import grid8_plus, half_bits, ld16, ld32, ld64
 from ._simd import load_f16
 from .base import register
 from .interleaved import f16_at
@@ -65,10 +65,9 @@ def _scale_iq1_s(q, o):
 
 
 @njit(nogil=True, cache=True, inline="always")
-def _d_iq1_m(q, o):
+def _d_bits_iq1_m(q, o):
     s = ld64(q, o + 48)
-    return half_to_f32(((s >> 12) & 0xF) | ((s >> 24) & 0xF0) | ((s >> 36) & 0xF00)
-                       | ((s >> 48) & 0xF000))
+    return ((s >> 12) & 0xF) | ((s >> 24) & 0xF0) | ((s >> 36) & 0xF00) | ((s >> 48) & 0xF000)
 
 
 @njit(nogil=True, cache=True, inline="always")
@@ -84,7 +83,7 @@ def _nib_iq1_m(q, o, g):
 
 @njit(nogil=True, cache=True, inline="always")
 def _deq_iq1_m(q, o, dst, c):
-    d = _d_iq1_m(q, o)
+    d = half_to_f32(_d_bits_iq1_m(q, o))
     for i in range(16):
         dl = d * np.float32(_s_iq1_m(q, o, i))
         for l in range(2):
@@ -111,7 +110,7 @@ def _sub_iq1_m(q, o, j):
 
 @njit(nogil=True, cache=True, inline="always")
 def _scale_iq1_m(q, o):
-    return _d_iq1_m(q, o) * _EIGHTH
+    return half_bits(_d_bits_iq1_m(q, o)) * _EIGHTH
 
 
 @register
