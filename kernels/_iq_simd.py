@@ -68,10 +68,6 @@ def _entries(context, builder, tabty, tab, idx_types, idxs, ety, n):
     return builder.bitcast(vec, _V32B)
 
 
-def _check_tab(name, tab, dtype):
-    _need(name, tab, dtype)
-
-
 @intrinsic
 def izero(typingctx):
     """<8 x i32> zero."""
@@ -85,8 +81,8 @@ def izero(typingctx):
 def grid8_signed(typingctx, gtab, i0, i1, i2, i3, stab, s0, s1, s2, s3):
     """32 int8 weights: entries gtab[i0..i3] (uint64: 8 unsigned bytes each) with the signs of
     stab[s0..s3] (uint64: 8 bytes of +1 / -1) applied (vpsignb)."""
-    _check_tab("gtab", gtab, types.uint64)
-    _check_tab("stab", stab, types.uint64)
+    _need("gtab", gtab, types.uint64)
+    _need("stab", stab, types.uint64)
     sig = i8x32(gtab, i0, i1, i2, i3, stab, s0, s1, s2, s3)
 
     def codegen(context, builder, sig, args):
@@ -102,8 +98,8 @@ def grid8_signed(typingctx, gtab, i0, i1, i2, i3, stab, s0, s1, s2, s3):
 def grid4_signed(typingctx, gtab, i0, i1, i2, i3, i4, i5, i6, i7, stab, s0, s1, s2, s3):
     """32 int8 weights: entries gtab[i0..i7] (uint32: 4 unsigned bytes each) with the signs of
     stab[s0..s3] (uint64: 8 bytes of +1 / -1, each covering two entries) applied."""
-    _check_tab("gtab", gtab, types.uint32)
-    _check_tab("stab", stab, types.uint64)
+    _need("gtab", gtab, types.uint32)
+    _need("stab", stab, types.uint64)
     sig = i8x32(gtab, i0, i1, i2, i3, i4, i5, i6, i7, stab, s0, s1, s2, s3)
 
     def codegen(context, builder, sig, args):
@@ -119,7 +115,7 @@ def grid4_signed(typingctx, gtab, i0, i1, i2, i3, i4, i5, i6, i7, stab, s0, s1, 
 def grid8_plus(typingctx, gtab, i0, i1, i2, i3, a0, a1, a2, a3):
     """32 int8 weights: entries gtab[i0..i3] (uint64: 8 signed bytes each) plus, bytewise, the
     int64 scalars a0..a3 (each 8 bytes, e.g. all +1 or all -1)."""
-    _check_tab("gtab", gtab, types.uint64)
+    _need("gtab", gtab, types.uint64)
     sig = i8x32(gtab, i0, i1, i2, i3, a0, a1, a2, a3)
 
     def codegen(context, builder, sig, args):

@@ -20,7 +20,7 @@ from numba import njit
 from ._iq_common import IQUnit, u16_at, u32_at
 from ._iq_grids import (IQ2S_GRID, IQ2S_U64, IQ2XS_GRID, IQ2XS_U64, IQ2XXS_GRID, IQ2XXS_U64,
                         KSIGNS, KSIGNS64, SIGNS64)
-from ._iq_simd import grid8_signed, ld8, ld16, ld32, ld64
+from ._iq_simd import grid8_signed, ld8, ld32, ld64
 from ._simd import load_f16
 from .base import register
 from .interleaved import f16_at
