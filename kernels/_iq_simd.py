@@ -10,8 +10,10 @@ pair: vpsignb, vpmaddubsw (pairs <= 2 * 62 * 127 = 15748 < 32767, no saturation)
 with the sub-block's integer scales (one per 16 weights: low and high half of the register),
 exact in int32: per 256 weights |sum| <= 256 * 62 * 127 * 31 < 2^27.
 
-Types (Numba): `i8x32` (<32 x i8>, 32 decoded weights) and `i32x8` (<8 x i32>, integer sums),
-both carried in registers through the kernel loops.
+Types (Numba): `i8x32` (32 decoded weights, as a <64 x i8> pair: the magnitudes |w| in bytes
+0..31, a vector with the signs of w (+-1 or w itself) in bytes 32..63, so the dot needs one
+vpsignb, on x; the pair is two ymm registers) and `i32x8` (<8 x i32>, integer sums), both carried
+in registers through the kernel loops.
 """
 from __future__ import annotations
 
@@ -42,10 +44,23 @@ i8x32 = I8x32Type()
 i32x8 = I32x8Type()
 
 
+_V64B = ir.VectorType(_I8, 64)
+
+
 @register_model(I8x32Type)
 class _I8x32Model(models.PrimitiveModel):
     def __init__(self, dmm, fe_type):
-        super().__init__(dmm, fe_type, _V32B)
+        super().__init__(dmm, fe_type, _V64B)
+
+
+def _pair(builder, mag, sgn):
+    """<64 x i8>: mag (|w|) then sgn (a vector whose byte signs are w's)."""
+    return builder.shuffle_vector(mag, sgn, ir.Constant(ir.VectorType(_I32, 64), list(range(64))))
+
+
+def _half(builder, pair, k):
+    return builder.shuffle_vector(pair, pair, ir.Constant(ir.VectorType(_I32, 32),
+                                                          list(range(32 * k, 32 * k + 32))))
 
 
 @register_model(I32x8Type)
@@ -80,7 +95,7 @@ def izero(typingctx):
 @intrinsic
 def grid8_signed(typingctx, gtab, i0, i1, i2, i3, stab, s0, s1, s2, s3):
     """32 int8 weights: entries gtab[i0..i3] (uint64: 8 unsigned bytes each) with the signs of
-    stab[s0..s3] (uint64: 8 bytes of +1 / -1) applied (vpsignb)."""
+    stab[s0..s3] (uint64: 8 bytes of +1 / -1), as a (magnitudes, signs) pair."""
     _need("gtab", gtab, types.uint64)
     _need("stab", stab, types.uint64)
     sig = i8x32(gtab, i0, i1, i2, i3, stab, s0, s1, s2, s3)
@@ -89,7 +104,7 @@ def grid8_signed(typingctx, gtab, i0, i1, i2, i3, stab, s0, s1, s2, s3):
         a = sig.args
         g = _entries(context, builder, a[0], args[0], a[1:5], args[1:5], _I64, 4)
         s = _entries(context, builder, a[5], args[5], a[6:10], args[6:10], _I64, 4)
-        return _psign(builder, g, s)
+        return _pair(builder, g, s)
 
     return sig, codegen
 
@@ -97,7 +112,7 @@ def grid8_signed(typingctx, gtab, i0, i1, i2, i3, stab, s0, s1, s2, s3):
 @intrinsic
 def grid4_signed(typingctx, gtab, i0, i1, i2, i3, i4, i5, i6, i7, stab, s0, s1, s2, s3):
     """32 int8 weights: entries gtab[i0..i7] (uint32: 4 unsigned bytes each) with the signs of
-    stab[s0..s3] (uint64: 8 bytes of +1 / -1, each covering two entries) applied."""
+    stab[s0..s3] (uint64: 8 bytes of +1 / -1, each covering two entries), as a pair."""
     _need("gtab", gtab, types.uint32)
     _need("stab", stab, types.uint64)
     sig = i8x32(gtab, i0, i1, i2, i3, i4, i5, i6, i7, stab, s0, s1, s2, s3)
@@ -106,7 +121,7 @@ def grid4_signed(typingctx, gtab, i0, i1, i2, i3, i4, i5, i6, i7, stab, s0, s1, 
         a = sig.args
         g = _entries(context, builder, a[0], args[0], a[1:9], args[1:9], _I32, 8)
         s = _entries(context, builder, a[9], args[9], a[10:14], args[10:14], _I64, 4)
-        return _psign(builder, g, s)
+        return _pair(builder, g, s)
 
     return sig, codegen
 
@@ -114,7 +129,7 @@ def grid4_signed(typingctx, gtab, i0, i1, i2, i3, i4, i5, i6, i7, stab, s0, s1, 
 @intrinsic
 def grid8_plus(typingctx, gtab, i0, i1, i2, i3, a0, a1, a2, a3):
     """32 int8 weights: entries gtab[i0..i3] (uint64: 8 signed bytes each) plus, bytewise, the
-    int64 scalars a0..a3 (each 8 bytes, e.g. all +1 or all -1)."""
+    int64 scalars a0..a3 (each 8 bytes, e.g. all +1 or all -1), as a (|w|, w) pair."""
     _need("gtab", gtab, types.uint64)
     sig = i8x32(gtab, i0, i1, i2, i3, a0, a1, a2, a3)
 
@@ -125,7 +140,8 @@ def grid8_plus(typingctx, gtab, i0, i1, i2, i3, a0, a1, a2, a3):
         for k in range(4):
             v = context.cast(builder, args[5 + k], a[5 + k], types.int64)
             add = builder.insert_element(add, v, ir.Constant(_I32, k))
-        return builder.add(g, builder.bitcast(add, _V32B))
+        w = builder.add(g, builder.bitcast(add, _V32B))
+        return _pair(builder, _psign(builder, w, w), w)
 
     return sig, codegen
 
@@ -142,8 +158,8 @@ def dot32(typingctx, acc, w, xq, xoff, sc_lo, sc_hi):
         acc_v, w_v, xq_v, xo, lo, hi = args
         x = builder.load(builder.bitcast(_ptr(context, builder, sig.args[2], xq_v, xo),
                                          _V32B.as_pointer()), align=1)
-        u = _psign(builder, w_v, w_v)                       # |w|
-        xs = _psign(builder, x, w_v)                        # sign(w) * x (0 where w = 0)
+        u = _half(builder, w_v, 0)                          # |w|
+        xs = _psign(builder, x, _half(builder, w_v, 1))     # sign(w) * x (0 where w = 0)
         pm = _fn(builder, "llvm.x86.avx2.pmadd.ub.sw", _V16W, [_V32B, _V32B])
         wd = _fn(builder, "llvm.x86.avx2.pmadd.wd", _V8D, [_V16W, _V16W])
         p = builder.call(pm, [u, xs])
@@ -173,13 +189,14 @@ def fma_sum(typingctx, acc, isum, f):
 
 @intrinsic
 def store_w(typingctx, w, arr, off):
-    """arr[off:off + 32] = the 32 int8 of w (arr: C-contiguous 1-D int8)."""
+    """arr[off:off + 32] = the 32 int8 weights of w (arr: C-contiguous 1-D int8)."""
     _need("arr", arr, types.int8)
     sig = types.none(i8x32, arr, off)
 
     def codegen(context, builder, sig, args):
         p = _ptr(context, builder, sig.args[1], args[1], args[2])
-        builder.store(args[0], builder.bitcast(p, _V32B.as_pointer()), align=1)
+        w = _psign(builder, _half(builder, args[0], 0), _half(builder, args[0], 1))
+        builder.store(w, builder.bitcast(p, _V32B.as_pointer()), align=1)
         return context.get_dummy_value()
 
     return sig, codegen
@@ -187,13 +204,14 @@ def store_w(typingctx, w, arr, off):
 
 @intrinsic
 def load_w(typingctx, arr, off):
-    """The 32 int8 at arr[off:] as i8x32."""
+    """The 32 int8 weights at arr[off:] as i8x32."""
     _need("arr", arr, types.int8)
     sig = i8x32(arr, off)
 
     def codegen(context, builder, sig, args):
         p = _ptr(context, builder, sig.args[0], args[0], args[1])
-        return builder.load(builder.bitcast(p, _V32B.as_pointer()), align=1)
+        w = builder.load(builder.bitcast(p, _V32B.as_pointer()), align=1)
+        return _pair(builder, _psign(builder, w, w), w)
 
     return sig, codegen
 
