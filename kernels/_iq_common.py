@@ -134,7 +134,10 @@ class IQUnit(CalibratedUnit):
         self.native_slot = None
         if self._avx2():
             self._mm = specialize(_matmul_t, f"iq_matmul_{name}", **consts)
-            self.native_slot = _native.register_kernel(self._mm, True)
+            try:
+                self.native_slot = _native.register_kernel(self._mm, True)
+            except RuntimeError:    # the native table is full: the pools call matmul_x instead
+                self.native_slot = None
 
     @staticmethod
     def _avx2() -> bool:
