@@ -45,11 +45,14 @@ def make_weights(qtype, nbytes=TARGET_BYTES, seed=0):
     n = -(-nbytes // (nb * ts))
     n = -(-n // 8) * 8
     rng = np.random.default_rng(seed)
-    raw = rng.integers(0, 256, (n, nb, ts), dtype=np.uint8)
-    for off in F16_FIELDS[qtype]:
-        f = rng.uniform(1e-4, 1e-2, (n, nb, 1)).astype(np.float16)
-        raw[:, :, off:off + 2] = f.view(np.uint8)
-    raw = raw.reshape(n, nb * ts)
+    if qtype in F16_FIELDS:
+        raw = rng.integers(0, 256, (n, nb, ts), dtype=np.uint8)
+        for off in F16_FIELDS[qtype]:
+            f = rng.uniform(1e-4, 1e-2, (n, nb, 1)).astype(np.float16)
+            raw[:, :, off:off + 2] = f.view(np.uint8)
+        raw = raw.reshape(n, nb * ts)
+    else:   # the other calibrated units know their own valid random blocks (the IQ types)
+        raw = nk.get(qtype).synthetic(n, K, rng)
     raw.flags.writeable = False  # like a GGUF memmap view
     return raw
 

@@ -25,7 +25,10 @@ mixed recipes (Q4_K_M, Q4_K_S, Q5_K_M, Q3_K_M, ...) go through llama.cpp's quant
 (`llama_cpp.llama_model_quantize`, from llama-cpp-python) applied to an F32 file written here;
 that runs in a subprocess so a ggml abort cannot take the caller down. As in real files,
 llama.cpp falls back per tensor where a width is not a multiple of 256 (qwen2.5-0.5b's 896:
-Q5_0 instead of Q4_K). Speed (2 busy cores): tinyllama-1.1b Q4_0 25 s, llama3-1b Q8_0 29 s,
+Q5_0 instead of Q4_K). The IQ codebook types (IQ1_S, IQ1_M, IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS,
+IQ3_S) are random valid blocks scaled to each tensor's spread (`_random_blocks`), not an
+approximation of the values: gguf-py cannot quantize them, llama.cpp not without an importance
+matrix. Speed (2 busy cores): tinyllama-1.1b Q4_0 25 s, llama3-1b Q8_0 29 s,
 qwen2.5-0.5b Q4_0 12 s, tinyllama-1.1b Q4_K_M 94 s (F32 intermediate + llama.cpp quantize).
 
 RoPE layout: HF llama checkpoints rotate half-split pairs (i, i + d/2); llama.cpp's converter
@@ -130,7 +133,12 @@ _FILE_TYPE = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q
 _LLAMA_PURE = {"Q2_K": 10, "Q3_K": 11, "Q4_K": 14, "Q5_K": 16, "Q6_K": 18}
 _LLAMA_MIXED = {"Q3_K_S": 11, "Q3_K_M": 12, "Q3_K_L": 13, "Q4_K_S": 14,
                 "Q4_K_M": 15, "Q5_K_S": 16, "Q5_K_M": 17}
-QTYPES = tuple(_GGUF_PY) + tuple(_LLAMA_PURE) + tuple(_LLAMA_MIXED)
+# The IQ codebook types: gguf-py cannot quantize them and llama.cpp will not without an importance
+# matrix (IQ1/IQ2), so their weights are random valid blocks (see _random_blocks); (type, ftype)
+_RANDOM_BLOCKS = {"IQ2_XXS": (QT.IQ2_XXS, 19), "IQ2_XS": (QT.IQ2_XS, 20), "IQ2_S": (QT.IQ2_S, 28),
+                  "IQ3_XXS": (QT.IQ3_XXS, 23), "IQ3_S": (QT.IQ3_S, 26), "IQ1_S": (QT.IQ1_S, 24),
+                  "IQ1_M": (QT.IQ1_M, 31)}
+QTYPES = tuple(_GGUF_PY) + tuple(_LLAMA_PURE) + tuple(_LLAMA_MIXED) + tuple(_RANDOM_BLOCKS)
 
 
 def _shape(shape: str | ModelShape | dict) -> ModelShape:
@@ -234,7 +242,27 @@ def _encode(values: np.ndarray, qtype: QT) -> np.ndarray:
         return values
     if qtype == QT.F16:
         return values.astype(np.float16)
+    if qtype in (t for t, _ in _RANDOM_BLOCKS.values()):
+        return _random_blocks(values, qtype)
     return gguf.quants.quantize(values, qtype)
+
+
+def _random_blocks(values: np.ndarray, qtype: QT) -> np.ndarray:
+    """Random valid blocks of `qtype` (random grid indices, signs and sub-block scales), the
+    block scales d in [0.5, 1.5] * c with c chosen so the weights' rms is `values`' (the same
+    activation scale as the quantized types); seeded by the values, so reproducible. The values
+    themselves are not approximated: a test compares engines on the file's own weights."""
+    import numallm_kernels
+
+    unit = numallm_kernels.get(qtype)
+    k = values.shape[-1]
+    n = values.size // k
+    seed = zlib.crc32(values.tobytes())
+    probe = unit.synthetic(n, k, np.random.default_rng(seed), d_range=(1.0, 1.0))
+    rms = float(np.sqrt(np.mean(gguf.quants.dequantize(probe, qtype).astype(np.float64) ** 2)))
+    c = float(np.sqrt(np.mean(values.astype(np.float64) ** 2))) / rms
+    raw = unit.synthetic(n, k, np.random.default_rng(seed), d_range=(0.5 * c, 1.5 * c))
+    return raw.reshape(values.shape[:-1] + (raw.shape[-1],))
 
 
 # -- writer ----------------------------------------------------------------------------------
@@ -389,6 +417,9 @@ def write_model(path: str | os.PathLike, arch: str = "llama", qtype: str = "Q4_0
               vocab=vocab)
     if qtype in _GGUF_PY:
         _write(path, wtype=_GGUF_PY[qtype], file_type=_FILE_TYPE[qtype], **kw)
+        return path
+    if qtype in _RANDOM_BLOCKS:
+        _write(path, wtype=_RANDOM_BLOCKS[qtype][0], file_type=_RANDOM_BLOCKS[qtype][1], **kw)
         return path
     if qtype not in _LLAMA_PURE and qtype not in _LLAMA_MIXED:
         raise UnsupportedError(f"synthetic qtype {qtype!r} is not supported; use one of {QTYPES}")

@@ -3,8 +3,8 @@
 Speed itself is measured in benchmarks/bench_kernels.py; this only guards against a change that
 silently turns a kernel scalar (e.g. a type promotion that defeats vectorization). Units expose
 their hot kernels through `KernelUnit.hot_kernels()`; types whose unit is missing or exposes none
-are skipped, except the 8-row record types (every quantized type), which must have one on an AVX2
-machine.
+are skipped, except the quantized types (the 8-row record types and the IQ codebook types), which
+must have one on an AVX2 machine.
 """
 from __future__ import annotations
 
@@ -17,15 +17,17 @@ from numallm.gguf_file import GGMLQuantizationType as T
 from numallm_kernels import _simd
 from numallm_kernels.base import fresh_asm, hot_kernels
 
+IQ = [T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ3_XXS, T.IQ3_S, T.IQ1_S, T.IQ1_M]
 REQUIRED = {T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.IQ4_NL, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K,
-            T.Q6_K, T.IQ4_XS}
+            T.Q6_K, T.IQ4_XS, *IQ}
 # packed integer dot steps and packed float multiply-adds: the work of a vectorized block dot
 PACKED = re.compile(r"^\s*(vpmaddubsw|vpmaddwd|vpdpbusd|vpdpwssd|vfmadd\w*ps|vpmulld|vmulps)"
                     r"\s[^\n]*%[yz]mm", re.M)
 
 
 @pytest.mark.parametrize("qt", [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.IQ4_NL, T.F16, T.Q2_K,
-                                T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_XS], ids=lambda q: q.name)
+                                T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_XS, *IQ],
+                         ids=lambda q: q.name)
 def test_hot_decode_kernel_is_vector_code(qt):
     if not _simd.has_avx2():
         pytest.skip("CPU lacks AVX2")
