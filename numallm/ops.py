@@ -415,3 +415,4 @@ def attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, cache: KVCache, pos0: in
 
 # Mixture-of-Experts ops (their own file; model files reach them here)
 from .experts import ExpertLinear, moe_ffn, moe_route  # noqa: E402,F401
+from .heads import HeadLinear, head_matmul, split_heads  # noqa: E402,F401

@@ -8,7 +8,9 @@ their values come from numallm.synth's generators (one per tensor name and seed)
 and a Q8_0 file of one seed hold the same model. Files use the attn_kv_b layout (what
 llama.cpp's converter wrote before the split attn_k_b / attn_v_b), which llama.cpp runs as
 plain multi-head attention: a parity test then compares numallm's absorbed latent attention
-with the decompressed form. Like synth.py, this module may import `gguf` (the writer).
+with the decompressed form. Shapes named *-kb write the split attn_k_b / attn_v_b
+layout of newer converters instead (the same model: the halves of the same attn_kv_b values), with
+the *_mla keys, which llama.cpp runs in the latent space as numallm does. Like synth.py, this module may import `gguf` (the writer).
 """
 from __future__ import annotations
 
@@ -20,13 +22,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import gguf
+import numpy as np
 
 from . import synth
 from .errors import UnsupportedError
 
 __all__ = ["DeepseekShape", "SHAPES", "write_deepseek", "cached_deepseek"]
 
-VERSION = 1
+VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,7 @@ class DeepseekShape:
     ctx: int = 4096
     rope_base: float = 10000.0
     rms_eps: float = 1e-6
+    split_kv_b: bool = False   # attn_k_b / attn_v_b (newer converters, absorbed MLA) for attn_kv_b
 
 
 SHAPES = {
@@ -65,6 +69,8 @@ SHAPES = {
                              gating=2, weights_norm=True, weights_scale=2.5, groups=4,
                              groups_used=2, yarn=(4.0, 32, 0.1)),
 }
+# the same configurations in the split attn_k_b / attn_v_b layout
+SHAPES.update({f"{k}-kb": dataclasses.replace(v, split_kv_b=True) for k, v in list(SHAPES.items())})
 
 
 def model_args(s: DeepseekShape):
@@ -81,7 +87,7 @@ def model_args(s: DeepseekShape):
         expert_weights_scale=s.weights_scale, expert_weights_norm=s.weights_norm,
         expert_gating_func=s.gating, n_expert_groups=s.groups, n_group_used=s.groups_used,
         rope_scaling_type="yarn" if s.yarn else "none", rope_scaling_factor=y[0],
-        rope_scaling_orig_ctx=y[1], rope_yarn_log_mul=y[2])
+        rope_scaling_orig_ctx=y[1], rope_yarn_log_mul=y[2], split_kv_b=s.split_kv_b)
 
 
 def _kind(name: str, t) -> str:
@@ -90,6 +96,18 @@ def _kind(name: str, t) -> str:
     if name.endswith("ffn_gate_inp.weight"):
         return "router"
     return "experts" if t.kind == "experts" else t.kind
+
+
+def _values(spec, a, seed: int):
+    """synth's values for a tensor; attn_k_b / attn_v_b are the key / value halves of the
+    attn_kv_b of the same seed (so both layouts hold one model): k_b[h] = W_UK[h]^T."""
+    layer, _, name = spec.name.partition(".")[2].partition(".")
+    if name not in ("attn_k_b.weight", "attn_v_b.weight"):
+        return synth._values(spec, seed)
+    kv = synth._values(synth._Spec(f"blk.{layer}.attn_kv_b.weight", (a.kv_b_dim, a.n_lora_kv), "matrix"),
+                       seed).reshape(a.n_head, a.nope_dim + a.v_head_dim, a.n_lora_kv)
+    part = kv[:, :a.nope_dim].transpose(0, 2, 1) if name == "attn_k_b.weight" else kv[:, a.nope_dim:]
+    return np.ascontiguousarray(part)
 
 
 def write_deepseek(path: str | os.PathLike, qtype: str = "F16", shape: str | DeepseekShape = "tiny-v2-lite",
@@ -118,12 +136,20 @@ def write_deepseek(path: str | os.PathLike, qtype: str = "F16", shape: str | Dee
     w.add_block_count(s.n_layers)
     w.add_feed_forward_length(s.n_ff)
     w.add_head_count(s.n_heads)
-    w.add_head_count_kv(s.n_heads)
+    # the split form is llama.cpp's absorbed MLA: one KV head of the latent, per-head sizes
+    # under *_mla keys
+    w.add_head_count_kv(1 if s.split_kv_b else s.n_heads)
     w.add_layer_norm_rms_eps(s.rms_eps)
     w.add_rope_freq_base(s.rope_base)
     w.add_rope_dimension_count(s.qk_rope)
-    w.add_key_length(s.qk_nope + s.qk_rope)
-    w.add_value_length(s.v_head)
+    if s.split_kv_b:
+        w.add_key_length(s.kv_lora + s.qk_rope)
+        w.add_value_length(s.kv_lora)
+        w.add_uint32(f"{arch}.attention.key_length_mla", s.qk_nope + s.qk_rope)
+        w.add_uint32(f"{arch}.attention.value_length_mla", s.v_head)
+    else:
+        w.add_key_length(s.qk_nope + s.qk_rope)
+        w.add_value_length(s.v_head)
     w.add_vocab_size(s.vocab)
     k = f"{arch}."
     w.add_uint32(k + "attention.q_lora_rank", s.q_lora)
@@ -147,8 +173,8 @@ def write_deepseek(path: str | os.PathLike, qtype: str = "F16", shape: str | Dee
     synth.add_tokenizer(w, synth._bpe_vocab(arch, s.vocab))
 
     dense = ("matrix", "embed", "experts")
-    synth.write_tensors(w, specs, wtype, (synth._encode(synth._values(spec, seed), wtype)
-                                          if spec.kind in dense else synth._values(spec, seed)
+    synth.write_tensors(w, specs, wtype, (synth._encode(_values(spec, a, seed), wtype)
+                                          if spec.kind in dense else _values(spec, a, seed)
                                           for spec in specs))
     return path
 
