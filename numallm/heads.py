@@ -54,6 +54,11 @@ class HeadLinear:
     def pool(self):
         return threads.current()
 
+    def thread_groups(self, pool) -> list[tuple[range, int, int]]:
+        """Which threads of `pool` compute which heads: (thread ids, h0, h1) per group. Here every
+        thread, every head; placement's node records give each node's threads its own heads."""
+        return [(range(pool.n_threads), 0, self.shape[0])]
+
 
 def split_heads(qt: QTensor, n_head: int, first: int) -> tuple[HeadLinear, HeadLinear]:
     """A matrix (H * (a + b), K) whose head h is `first` = a rows then b rows, as two per-head
@@ -99,6 +104,7 @@ def head_matmul(x: np.ndarray, w: HeadLinear) -> np.ndarray:
         prods.append((w, h, acts, out[h]))
         cost.append(t)
     jobs: list[list] = [[] for _ in range(pool.n_threads)]
-    _add_jobs(jobs, range(pool.n_threads), prods, cost, 0, w.shape[1])
+    for tids, h0, h1 in w.thread_groups(pool):
+        _add_jobs(jobs, tids, prods[h0:h1], cost[h0:h1], 0, w.shape[1])
     pool.run_tasks(jobs)
     return out

@@ -338,6 +338,15 @@ class KVCache:
     def attend(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, pos0: int) -> np.ndarray:
         return attend(q, k, v, self, pos0)
 
+    # every query head reads all of it (one latent row per token): a node running some of the
+    # heads needs a whole copy rather than a share of the KV heads (placement)
+    shared = False
+
+    def part(self, h0: int, h1: int, zeros) -> "KVCache":
+        """An empty cache of the same length for what KV heads [h0, h1) need: their own rows
+        here; a whole copy of a shared cache."""
+        return KVCache(self.k.shape[1], h1 - h0, self.k.shape[2], zeros)
+
 
 class BatchCaches:
     """One layer's caches of a batch of sequences decoding together (LoadedModel.forward_batch):

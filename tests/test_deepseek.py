@@ -161,20 +161,6 @@ def test_latent_kv_bytes(synth_dir):
     assert sum(c.nbytes for c in model.new_cache(256)) == 1920 * 256
 
 
-def test_shard_refuses_mla(synth_dir):
-    """NUMA shard cannot split MLA heads yet: one clear line, exit 1 (placement refuses the
-    unknown split unit)."""
-    import subprocess
-    import sys
-
-    path = synth_deepseek.cached_deepseek(synth_dir, "F16", "tiny-v2-lite", seed=0)
-    r = subprocess.run([sys.executable, "-m", "numallm", "run", str(path), "hi", "-n", "2",
-                        "--numa", "shard", "--virtual-nodes", "2"], capture_output=True, text=True,
-                       timeout=300)
-    lines = r.stderr.strip().splitlines()
-    assert r.returncode == 1 and len(lines) == 1 and "cannot split by 'mla_heads'" in lines[0], r.stderr
-
-
 @pytest.mark.slow
 def test_deepseek_rss_near_file_size(tmp_path):
     """Resident memory after a forward stays near the file's size: with float32 absorbed

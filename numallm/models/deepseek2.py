@@ -148,6 +148,11 @@ class LatentCache(ops.KVCache):
     def nbytes(self) -> int:
         return self.k.nbytes
 
+    shared = True
+
+    def part(self, h0: int, h1: int, zeros) -> "LatentCache":
+        return LatentCache(self.k.shape[1], self.k.shape[2], zeros)
+
 
 MLA_TENSORS = (
     T("attn_norm.weight", ("n_embd",)),
@@ -195,9 +200,9 @@ class MLABlock(Block):
 
     def __init__(self, a: ModelArgs, w, i: int, rope: ops.Rope):
         self.a, self.rope = a, rope
-        for spec in self.TENSORS:
-            if spec.name not in ABSORBED:
-                setattr(self, spec.attr, w.load(f"blk.{i}.{spec.name}", spec, a))
+        for spec in self.TENSORS:       # (the absorbed ones are read below, in per-head form)
+            setattr(self, spec.attr, None if spec.name in ABSORBED else
+                    w.load(f"blk.{i}.{spec.name}", spec, a))
         self.attn_uk, self.attn_uv = absorbed(a, w.file, i)   # (H, lat, nope), (H, v, lat)
 
     def attn(self, x: np.ndarray, cache: LatentCache, pos0: int) -> np.ndarray:

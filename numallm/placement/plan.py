@@ -149,6 +149,19 @@ def heads_per_unit(n_head: int, n_head_kv: int, head_dim: int, block_size: int) 
                  if n_head_kv % g == 0 and g * group * head_dim % block_size == 0), n_head_kv)
 
 
+def mla_heads(spec: "ModelSpec", weights: list[float]) -> list[tuple[int, int]] | None:
+    """Node shares of the MLA heads (whole heads in groups whose attn_output columns are whole
+    quant blocks), or None for a model that declares none."""
+    a = spec.args
+    cols = [a.dims(t.decl.shape)[1] // a.n_head for t in spec.tensors if t.decl.split == (1, MLA_HEADS)]
+    if not cols:
+        return None
+    bs = spec.block_size((1, MLA_HEADS))
+    per = next((g for g in range(1, a.n_head + 1) if a.n_head % g == 0 and g * cols[0] % bs == 0),
+               a.n_head)
+    return [(s * per, e * per) for s, e in split_units(a.n_head // per, weights)]
+
+
 def split_units(n_units: int, weights: list[float]) -> list[tuple[int, int]]:
     """[a, b) ranges of `n_units` indivisible units in proportion to weights (largest remainder)."""
     total = float(sum(weights))
@@ -439,8 +452,13 @@ def make_plan(spec: ModelSpec, topo, req: Request, gpus=None, gpu_why: str | Non
     share = {HEADS: [(h1 - h0) / a.n_head_kv for h0, h1 in heads],
              FF: [(f1 - f0) / a.n_ff for f0, f1 in ff],
              ROWS: [w / sum(weights_by) for w in weights_by]}
-    share[MLA_HEADS] = share[ROWS]             # MLA heads: by threads (sharded.py refuses them yet)
     splits = {HEADS: heads, FF: ff}
+    mla = mla_heads(spec, weights_by)
+    if mla is not None:                        # whole heads, attn_output columns whole blocks
+        splits[MLA_HEADS] = mla
+        share[MLA_HEADS] = [(h1 - h0) / a.n_head for h0, h1 in mla]
+    else:
+        share[MLA_HEADS] = share[ROWS]
     # every expert's ff rows (and the shared expert's), cut where the down matrices' column
     # quant blocks allow, like the dense ff, and at whole quant blocks of gate/up too (a multiple
     # of their kernels' 8-row groups)
@@ -474,7 +492,10 @@ def make_plan(spec: ModelSpec, topo, req: Request, gpus=None, gpu_why: str | Non
     layer_kv = a.kv_bytes(n_ctx) // max(a.n_layer, 1) * req.n_seq
     cpu_layers = a.n_layer - len([i for i in gpu_layers if i < a.n_layer])
     kv_host = layer_kv * cpu_layers
-    kv_node = [kv_host * share[HEADS][i] for i in range(n)] if strategy == "shard" else \
+    # shard: each node its KV heads' share; MLA heads all read the one latent, so every node
+    # with MLA heads keeps a whole copy of it
+    kv_share = share[HEADS] if mla is None else [1.0 if h1 > h0 else 0.0 for h0, h1 in mla]
+    kv_node = [kv_host * kv_share[i] for i in range(n)] if strategy == "shard" else \
         [kv_host] + [0] * (n - 1)
     scratch = scratch_bytes(a, n_ctx)
     # a copy per node is the costly strategy: it must fit in each node's free memory as it is
