@@ -69,6 +69,9 @@ SHAPES = {
                              gating=2, weights_norm=True, weights_scale=2.5, groups=4,
                              groups_used=2, yarn=(4.0, 32, 0.1)),
 }
+# V3's routing in one MoE layer (no dense lead): a routing near-tie then moves only its own
+# position's logits (quantized parity compares the decisive positions, as tests/test_moe.py)
+SHAPES["tiny-v3-1layer"] = dataclasses.replace(SHAPES["tiny-v3"], n_layers=1, dense_lead=0)
 # the same configurations in the split attn_k_b / attn_v_b layout
 SHAPES.update({f"{k}-kb": dataclasses.replace(v, split_kv_b=True) for k, v in list(SHAPES.items())})
 

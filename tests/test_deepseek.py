@@ -61,6 +61,55 @@ def test_deepseek2_matches_llamacpp(shape, qtype, synth_dir, tokens):
     assert fig.decisive >= N_TOKENS // 2
 
 
+# V3 routing with Q8_0: selection scores (sigmoid + bias, in groups) closer than this at a
+# position may pick other experts under either engine's 8-bit activations (router logits move
+# by up to ~0.1, a sigmoid by up to ~0.025)
+V3_ROUTE_MARGIN = 0.05
+
+
+def _selection_margin(logits, k, bias, groups) -> np.ndarray:
+    """(T,) the smaller of the gap between the last kept and the first dropped group score and
+    the gap between the k-th and (k+1)-th expert score inside the kept groups."""
+    n_group, n_used = groups
+    sel = 1 / (1 + np.exp(-logits.astype(np.float64))) + bias
+    score = np.sort(sel.reshape(len(sel), n_group, -1), -1)[..., -2:].sum(-1)       # (T, groups)
+    gs = np.sort(score, -1)
+    g_gap = gs[:, -n_used] - gs[:, -n_used - 1]
+    kept = np.argsort(-score, -1)[:, :n_used]
+    inside = np.take_along_axis(sel.reshape(len(sel), n_group, -1), kept[..., None], 1).reshape(len(sel), -1)
+    es = np.sort(inside, -1)
+    return np.minimum(g_gap, es[:, -k] - es[:, -k - 1])
+
+
+@pytest.mark.llamacpp
+def test_v3_q8_0_matches_llamacpp(synth_dir, tokens, monkeypatch):
+    """V3's full routing (q_lora, sigmoid + bias in groups, renormalised and scaled, YaRN) with
+    Q8_0 weights, one MoE layer: the positions whose routing is decisive by V3_ROUTE_MARGIN (at
+    least half) against llama.cpp, to the Q8_0 bound."""
+    pytest.importorskip("llama_cpp")
+    from numallm import load
+
+    path = synth_deepseek.cached_deepseek(synth_dir, "Q8_0", "tiny-v3-1layer", seed=0)
+    margins = []
+    route = ops.moe_route
+
+    def spy(logits, k, renorm, **kw):
+        margins.append(_selection_margin(logits, k, kw["bias"], kw["groups"]))
+        return route(logits, k, renorm, **kw)
+    monkeypatch.setattr(ops, "moe_route", spy)
+    got = np.asarray(load(path).logits(tokens))
+    assert len(margins) == 1
+    keep = margins[0] > V3_ROUTE_MARGIN                                          # (T,)
+    assert keep.mean() >= 0.5, f"only {keep.sum()} decisive positions"
+    ref = llamacpp_logits(path, tokens)[keep]
+    assert ref.std() > 1.0 and np.all(np.isfinite(ref))
+    fig = compare(got[keep], ref)
+    case = f"deepseek2-tiny-v3-1layer-Q8_0 ({keep.sum()} pos)"
+    print("\n" + fig.line("numallm", case))
+    check(fig, "Q8_0", "numallm", case)
+    assert fig.decisive >= keep.sum() // 2
+
+
 @pytest.mark.llamacpp
 def test_bounds_catch_deepseek_bugs(synth_dir, tokens, monkeypatch):
     """The comparison can fail: V3 without YaRN's score scale, or routing that ignores the
