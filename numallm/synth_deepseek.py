@@ -113,26 +113,11 @@ def _values(spec, a, seed: int):
     return np.ascontiguousarray(part)
 
 
-def write_deepseek(path: str | os.PathLike, qtype: str = "F16", shape: str | DeepseekShape = "tiny-v2-lite",
-                   seed: int = 0) -> Path:
-    """A random-weight deepseek2 GGUF at `path`: qtype F32, F16, BF16 or a gguf-py legacy quant
-    (Q8_0, Q4_0, ...) for every matrix; norms, biases and the router stay F32."""
-    s = SHAPES[shape] if isinstance(shape, str) else shape
-    if qtype not in synth._GGUF_PY:
-        raise UnsupportedError(f"synthetic deepseek2 qtype {qtype!r} is not supported; use one of "
-                               f"{', '.join(synth._GGUF_PY)}")
-    wtype = synth._GGUF_PY[qtype]
-    from .models.deepseek2 import Model
-
-    a = model_args(s)
-    specs = [synth._Spec(n, a.dims(t.shape), _kind(n, t)) for n, t in Model.declared(a)
-             if n != "rope_freqs.weight"]
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+def _add_metadata(w: gguf.GGUFWriter, s: DeepseekShape, name: str, file_type: int) -> None:
+    """The deepseek2 keys of shape `s` (everything but the tokenizer)."""
     arch = "deepseek2"
-    w = gguf.GGUFWriter(str(path), arch)
-    w.add_name(f"numallm synthetic deepseek2 seed {seed}")
-    w.add_file_type(synth._FILE_TYPE.get(qtype, 1))
+    w.add_name(name)
+    w.add_file_type(file_type)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     w.add_context_length(s.ctx)
     w.add_embedding_length(s.hidden)
@@ -173,6 +158,27 @@ def write_deepseek(path: str | os.PathLike, qtype: str = "F16", shape: str | Dee
         w.add_rope_scaling_factor(float(s.yarn[0]))
         w.add_rope_scaling_orig_ctx_len(int(s.yarn[1]))
         w.add_float32(k + "rope.scaling.yarn_log_multiplier", float(s.yarn[2]))
+
+
+def write_deepseek(path: str | os.PathLike, qtype: str = "F16", shape: str | DeepseekShape = "tiny-v2-lite",
+                   seed: int = 0) -> Path:
+    """A random-weight deepseek2 GGUF at `path`: qtype F32, F16, BF16 or a gguf-py legacy quant
+    (Q8_0, Q4_0, ...) for every matrix; norms, biases and the router stay F32."""
+    s = SHAPES[shape] if isinstance(shape, str) else shape
+    if qtype not in synth._GGUF_PY:
+        raise UnsupportedError(f"synthetic deepseek2 qtype {qtype!r} is not supported; use one of "
+                               f"{', '.join(synth._GGUF_PY)}")
+    wtype = synth._GGUF_PY[qtype]
+    from .models.deepseek2 import Model
+
+    a = model_args(s)
+    specs = [synth._Spec(n, a.dims(t.shape), _kind(n, t)) for n, t in Model.declared(a)
+             if n != "rope_freqs.weight"]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arch = "deepseek2"
+    w = gguf.GGUFWriter(str(path), arch)
+    _add_metadata(w, s, f"numallm synthetic deepseek2 seed {seed}", synth._FILE_TYPE.get(qtype, 1))
     synth.add_tokenizer(w, synth._bpe_vocab(arch, s.vocab))
 
     dense = ("matrix", "embed", "experts")
@@ -199,3 +205,63 @@ def cached_deepseek(cache_dir: str | os.PathLike, qtype: str = "F16",
     finally:
         tmp.unlink(missing_ok=True)
     return out
+
+
+# DeepSeek-R1 / V3 (671B): the config of the released model
+SHAPES["r1"] = DeepseekShape(vocab=129280, hidden=7168, n_layers=61, n_heads=128, n_ff=18432,
+                             q_lora=1536, kv_lora=512, qk_nope=128, qk_rope=64, v_head=128,
+                             n_expert=256, n_expert_used=8, n_ff_exp=2048, n_shared=1, dense_lead=3,
+                             gating=2, weights_norm=True, weights_scale=2.5, groups=8, groups_used=4,
+                             yarn=(40.0, 4096, 0.1), ctx=163840)
+
+
+def _q4_k_m(name: str, kind: str, n_layer: int) -> gguf.GGMLQuantizationType:
+    """The type llama.cpp's Q4_K_M recipe gives a deepseek2 tensor (llama_tensor_get_type, in
+    short): vectors and the router F32, output Q6_K, the ffn_down tensors Q6_K in the layers
+    its use_more_bits picks (the first and last eighth, every third between), the rest Q4_K."""
+    QT = gguf.GGMLQuantizationType
+    if kind not in ("matrix", "embed", "experts"):
+        return QT.F32
+    if name == "output.weight":
+        return QT.Q6_K
+    if ".ffn_down" in name:
+        i = int(name.split(".")[1])
+        if i < n_layer // 8 or i >= 7 * n_layer // 8 or (i - n_layer // 8) % 3 == 2:
+            return QT.Q6_K
+    return QT.Q4_K
+
+
+def write_header_only(path: str | os.PathLike, shape: str | DeepseekShape = "r1") -> Path:
+    """A Q4_K_M-shaped deepseek2 GGUF whose header is complete (every tensor with its real shape,
+    type and offset) and whose data region is a hole: a sparse file of the model's full size
+    that takes a few MB of disk. For planning (`numallm topo MODEL`, `plan`, `info`), which read
+    only the header; loading it would compute on zeros."""
+    s = SHAPES[shape] if isinstance(shape, str) else shape
+    from .models.deepseek2 import Model
+
+    a = model_args(s)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    w = gguf.GGUFWriter(str(path), "deepseek2")
+    _add_metadata(w, s, "numallm header-only deepseek2 (Q4_K_M-shaped)", 15)   # 15: MOSTLY_Q4_K_M
+    total = 0
+    for n, t in Model.declared(a):
+        if n == "rope_freqs.weight":
+            continue
+        shp, qt = a.dims(t.shape), _q4_k_m(n, _kind(n, t), s.n_layers)
+        if n.endswith("ffn_gate_inp.weight"):
+            qt = gguf.GGMLQuantizationType.F32
+        block, size = gguf.GGML_QUANT_SIZES[qt]
+        nbytes = int(np.prod(shp)) // block * size
+        w.add_tensor_info(n, shp, np.dtype(np.float32), nbytes, raw_dtype=qt)
+        total += -(-nbytes // w.data_alignment) * w.data_alignment
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    f = w.fout[0]
+    f.flush()
+    start = -(-f.tell() // w.data_alignment) * w.data_alignment
+    f.truncate(start + total)                  # the data: a hole
+    f.close()
+    w.fout = None
+    return path
