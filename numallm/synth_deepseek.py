@@ -163,11 +163,21 @@ def _add_metadata(w: gguf.GGUFWriter, s: DeepseekShape, name: str, file_type: in
 def write_deepseek(path: str | os.PathLike, qtype: str = "F16", shape: str | DeepseekShape = "tiny-v2-lite",
                    seed: int = 0) -> Path:
     """A random-weight deepseek2 GGUF at `path`: qtype F32, F16, BF16 or a gguf-py legacy quant
-    (Q8_0, Q4_0, ...) for every matrix; norms, biases and the router stay F32."""
+    (Q8_0, Q4_0, ...) for every matrix, norms, biases and the router F32; or a K-quant recipe
+    (Q4_K_M, ...) that llama.cpp's quantizer makes from the F16 file (llama-cpp-python)."""
     s = SHAPES[shape] if isinstance(shape, str) else shape
+    llama = {**synth._LLAMA_PURE, **synth._LLAMA_MIXED}
+    if qtype in llama:            # K-quants: an F16 file through llama.cpp's quantizer
+        src = Path(path).with_name(Path(path).name + ".f16.tmp")
+        try:
+            write_deepseek(src, "F16", s, seed)
+            synth._llama_quantize(src, Path(path), llama[qtype], qtype in synth._LLAMA_PURE)
+        finally:
+            src.unlink(missing_ok=True)
+        return Path(path)
     if qtype not in synth._GGUF_PY:
         raise UnsupportedError(f"synthetic deepseek2 qtype {qtype!r} is not supported; use one of "
-                               f"{', '.join(synth._GGUF_PY)}")
+                               f"{', '.join(synth._GGUF_PY)}, {', '.join(llama)}")
     wtype = synth._GGUF_PY[qtype]
     from .models.deepseek2 import Model
 
@@ -206,6 +216,14 @@ def cached_deepseek(cache_dir: str | os.PathLike, qtype: str = "F16",
         tmp.unlink(missing_ok=True)
     return out
 
+
+# DeepSeek-V2-Lite's layer shapes (16B, 27 layers), 4 layers of them (1 dense + 3 MoE): the
+# benchmark model (benchmarks/results/*-deepseek.md)
+SHAPES["v2-lite-4l"] = DeepseekShape(vocab=102400, hidden=2048, n_layers=4, n_heads=16, n_ff=10944,
+                                     q_lora=0, kv_lora=512, qk_nope=128, qk_rope=64, v_head=128,
+                                     n_expert=64, n_expert_used=6, n_ff_exp=1408, n_shared=2,
+                                     dense_lead=1, gating=1, weights_norm=False, weights_scale=1.0,
+                                     ctx=163840, yarn=(40.0, 4096, 0.0707))
 
 # DeepSeek-R1 / V3 (671B): the config of the released model
 SHAPES["r1"] = DeepseekShape(vocab=129280, hidden=7168, n_layers=61, n_heads=128, n_ff=18432,
