@@ -100,3 +100,19 @@ def test_topo_and_plan_commands_show_it(r1):
     assert "memory check: load would refuse: --numa replicate: node 0 needs 377.6 GiB" in p.stdout
     s = run("plan", str(r1), "--numa", "shard", "--topology", str(FIXTURE))
     assert "memory check: fits" in s.stdout and "node 1: 128 threads, weights 188.76 GiB" in s.stdout
+
+
+def test_auto_spreads_mla_by_its_heads(synth_dir):
+    """What auto weighs (Needs) counts MLA heads, not the one KV head a k_b/v_b file declares,
+    and shard over two virtual nodes gives each 2 of the 4 heads."""
+    from numallm.placement import Needs
+    from numallm.topology import discover, virtual_nodes
+
+    path = synth_deepseek.cached_deepseek(synth_dir, "F16", "tiny-v3-kb", seed=0)
+    spec = ModelSpec.from_gguf(GGUFFile(path))
+    assert spec.args.n_head_kv == 1
+    needs = Needs.of(spec)
+    assert (needs.n_head_kv, needs.heads_per_unit) == (4, 1)
+    topo = virtual_nodes(discover(), 2)
+    plan = make_plan(spec, topo, Request(numa="shard", n_ctx=64))
+    assert plan.splits["mla_heads"] == [(0, 2), (2, 4)]

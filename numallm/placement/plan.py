@@ -149,17 +149,24 @@ def heads_per_unit(n_head: int, n_head_kv: int, head_dim: int, block_size: int) 
                  if n_head_kv % g == 0 and g * group * head_dim % block_size == 0), n_head_kv)
 
 
-def mla_heads(spec: "ModelSpec", weights: list[float]) -> list[tuple[int, int]] | None:
-    """Node shares of the MLA heads (whole heads in groups whose attn_output columns are whole
-    quant blocks), or None for a model that declares none."""
+def mla_unit(spec: "ModelSpec") -> int | None:
+    """MLA heads a node must take together (so its attn_output columns are whole quant
+    blocks), or None for a model that declares no MLA heads."""
     a = spec.args
     cols = [a.dims(t.decl.shape)[1] // a.n_head for t in spec.tensors if t.decl.split == (1, MLA_HEADS)]
     if not cols:
         return None
     bs = spec.block_size((1, MLA_HEADS))
-    per = next((g for g in range(1, a.n_head + 1) if a.n_head % g == 0 and g * cols[0] % bs == 0),
-               a.n_head)
-    return [(s * per, e * per) for s, e in split_units(a.n_head // per, weights)]
+    return next((g for g in range(1, a.n_head + 1) if a.n_head % g == 0 and g * cols[0] % bs == 0),
+                a.n_head)
+
+
+def mla_heads(spec: "ModelSpec", weights: list[float]) -> list[tuple[int, int]] | None:
+    """Node shares of the MLA heads in whole units (mla_unit), or None without MLA heads."""
+    per = mla_unit(spec)
+    if per is None:
+        return None
+    return [(s * per, e * per) for s, e in split_units(spec.args.n_head // per, weights)]
 
 
 def split_units(n_units: int, weights: list[float]) -> list[tuple[int, int]]:
@@ -332,12 +339,15 @@ class Needs:
     weight_bytes: int
     kv_bytes_per_token: int
     n_layer: int
-    n_head_kv: int
+    n_head_kv: int            # attention heads shard spreads: KV heads (MLA: its heads)
     heads_per_unit: int       # KV heads a shard must keep together (heads_per_unit())
 
     @classmethod
     def of(cls, spec: ModelSpec) -> "Needs":
         a = spec.args
+        mla = mla_unit(spec)          # MLA: attention spreads by its heads (one shared latent)
+        if mla is not None:
+            return cls(spec.weight_bytes, a.kv_bytes_per_token(), a.n_layer, a.n_head, mla)
         per = heads_per_unit(a.n_head, a.n_head_kv, a.head_dim, spec.block_size((1, HEADS)))
         return cls(spec.weight_bytes, a.kv_bytes_per_token(), a.n_layer, a.n_head_kv, per)
 
