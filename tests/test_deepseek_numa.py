@@ -68,3 +68,27 @@ def test_mla_slices_and_latent_copies_are_local(synth_dir):
         plan = pl.plan
         assert max(n.weights for n in plan.nodes) < 0.62 * llm.weight_bytes
         assert [n.kv for n in plan.nodes] == [a.kv_bytes(32)] * 2
+
+
+@two_cores
+@pytest.mark.parametrize("numa", ["off", "shard"])
+def test_head_products_replay_matches_the_encoded_dispatch(synth_dir, numa, monkeypatch):
+    """A decode step's per-head product replayed from its encoded table (inputs refilled) equals
+    the dispatch encoded for the token, input after input, on one pool and over the nodes."""
+    from numallm import heads, ops, threads
+
+    path = synth_deepseek.cached_deepseek(synth_dir, "Q8_0", "tiny-v3", seed=0)
+    kw = {"n_threads": 2} if numa == "off" else {"numa": numa, "virtual_nodes": 2}
+    rng = np.random.default_rng(4)
+    with numallm.load(path, n_ctx=16, **kw) as llm:
+        blk = llm.model.blk[1]
+        with threads.activate(llm.pool):
+            for w in (blk.attn_uk, blk.attn_uv):
+                for _ in range(4):
+                    x = rng.standard_normal((w.shape[0], 1, w.shape[2])).astype(np.float32)
+                    got = ops.head_matmul(x, w)
+                    assert heads._replay(x, w, w.pool()) is not None
+                    with monkeypatch.context() as m:
+                        m.setattr(heads, "_replay", lambda *args: None)
+                        want = ops.head_matmul(x, w)
+                    np.testing.assert_array_equal(got, want)
