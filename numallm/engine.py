@@ -32,9 +32,12 @@ __all__ = ["DEFAULT_CTX", "PREFILL_CHUNK", "GenerationChunk", "GenerationResult"
 
 def plan_model(path: str, n_ctx: int | None = None, n_threads: int | None = None,
                numa: str = "off", virtual_nodes: int | None = None, nodes: list[int] | None = None,
-               threads_per_node: int | None = None, offload=None, n_seq: int = 1):
+               threads_per_node: int | None = None, offload=None, n_seq: int = 1,
+               topology: str | None = None):
     """(GGUFFile, ModelSpec, Plan, topology) for loading `path` with these options: reads only
-    the file's header and the machine. The plan `numallm plan`, `topo MODEL` and `info` print."""
+    the file's header and the machine (or, with `topology`, the machine a `topo --json` file
+    describes, its free memory as the file says). The plan `numallm plan`, `topo MODEL` and
+    `info` print."""
     if n_ctx is not None and n_ctx <= 0:
         raise NumallmError(f"context size {n_ctx} must be positive (-c N)")
     f = GGUFFile(path)
@@ -44,7 +47,13 @@ def plan_model(path: str, n_ctx: int | None = None, n_threads: int | None = None
         from .topology import discover
         from .topology import virtual_nodes as carve
 
-        topo = discover() if not virtual_nodes else carve(discover(), virtual_nodes)
+        if topology is not None:
+            from .topology.virtual import load_topology_file
+
+            topo = load_topology_file(topology)
+        else:
+            topo = discover()
+        topo = carve(topo, virtual_nodes) if virtual_nodes else topo
     gpus, why = [], None
     if offload is not None:
         from .gpu import discover_gpus
@@ -53,7 +62,8 @@ def plan_model(path: str, n_ctx: int | None = None, n_threads: int | None = None
     req = Request(numa=numa, n_ctx=n_ctx or 0, n_threads=n_threads,
                   nodes=None if nodes is None else tuple(nodes), threads_per_node=threads_per_node,
                   offload=offload, n_seq=n_seq)
-    plan = make_plan(spec, topo, req, gpus, why, available=psutil.virtual_memory().available)
+    plan = make_plan(spec, topo, req, gpus, why,
+                     available=None if topology is not None else psutil.virtual_memory().available)
     return f, spec, plan, topo
 
 

@@ -15,6 +15,7 @@ ne[0] is the innermost (contiguous) dimension, so a numpy shape is ne reversed.
 from __future__ import annotations
 
 import os
+import re
 import struct
 from dataclasses import dataclass
 from typing import Any
@@ -26,7 +27,7 @@ from gguf import quants as _gguf_quants
 from .errors import GGUFError, UnsupportedError
 
 __all__ = ["GGUFFile", "QTensor", "GGMLQuantizationType", "quant_sizes", "type_name",
-           "reference_dequantize", "reference_quantize"]
+           "reference_dequantize", "reference_quantize", "split_part_name"]
 
 # Limits far above any real model, far below what would exhaust memory or time.
 MAX_TENSORS = 1 << 20
@@ -35,6 +36,10 @@ MAX_DIMS = 4
 MAX_ELEMENTS = 1 << 42          # 4 T elements in one tensor
 MAX_ARRAY = 1 << 28             # elements in one metadata array
 MAX_STRING = 1 << 30
+MAX_SPLIT = 9999                # parts of one split model (llama.cpp's names have 5 digits)
+
+# llama.cpp's split naming (gguf-split, llama_split_path): PREFIX-00001-of-00003.gguf
+_SPLIT_NAME = re.compile(r"^(?P<prefix>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
 
 _SCALAR = {  # GGUFValueType -> (struct format, numpy dtype)
     0: ("<B", np.uint8), 1: ("<b", np.int8), 2: ("<H", np.uint16), 3: ("<h", np.int16),
@@ -150,14 +155,34 @@ class _Cursor:
         raise self.fail(f"metadata key {key} has unknown value type {vtype}")
 
 
+def split_part_name(first: str, no: int, count: int) -> str:
+    """The name of part `no` (0-based) of the split model whose first part is `first`."""
+    m = _SPLIT_NAME.match(first)
+    if m is None:
+        raise ValueError(f"{first} is not named PREFIX-00001-of-0000N.gguf")
+    return f"{m.group('prefix')}-{no + 1:05d}-of-{count:05d}.gguf"
+
+
+def _split_key(f: "GGUFFile", key: str, default: int, hi: int) -> int:
+    v = f.metadata.get(key, default)
+    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= hi:
+        raise GGUFError(f"{f.path}: {key} = {v!r} is not a valid split value; the file is corrupt")
+    return v
+
+
 class GGUFFile:
     """A parsed GGUF file: `metadata` (dict) and `tensors` (name -> QTensor), all validated.
 
     Numeric metadata arrays are read-only numpy arrays; string arrays are lists of str (bytes that
     are not UTF-8 survive as surrogate escapes).
+
+    A split model (llama.cpp's gguf-split: PREFIX-00001-of-0000N.gguf, keys split.no, split.count,
+    split.tensors.count; the first part holds the metadata, every part some tensors) opens from
+    its first part: `tensors` then holds every part's tensors, each a view of its own part's
+    memory map, and `parts` lists the parts (one GGUFFile each; a single file: just itself).
     """
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, *, _part: bool = False):
         self.path = str(path)
         if not os.path.isfile(self.path):   # stat only: a FIFO or device is never opened
             what = "not a regular file" if os.path.exists(self.path) else "no such file"
@@ -211,6 +236,64 @@ class GGUFFile:
         self.tensors: dict[str, QTensor] = {}
         for name, ne, qtype, offset in infos:
             self.tensors[name] = self._tensor(name, ne, qtype, offset)
+        self.own_tensors = len(infos)       # in this file itself (a split model's first part)
+        self.parts: tuple[GGUFFile, ...] = (self,)
+        if not _part:
+            self._join_parts()
+
+    def _join_parts(self) -> None:
+        """Open the other parts of a split model (this file must be its first) and take their
+        tensors; every mismatch is one line naming the part."""
+        count = _split_key(self, "split.count", 1, MAX_SPLIT)
+        no = _split_key(self, "split.no", 0, MAX_SPLIT)
+        if count <= 1 and no == 0:
+            return
+        name = os.path.basename(self.path)
+        m = _SPLIT_NAME.match(self.path)
+        if no != 0 or count < 1 or no >= count:
+            first = (split_part_name(self.path, 0, count) if m and count >= 1
+                     else "the file named ...-00001-of-....gguf")
+            raise GGUFError(f"{self.path}: this is part {no + 1} of {count} of a split model; "
+                            f"give its first part ({first})")
+        if m is None:
+            raise GGUFError(f"{self.path}: the first of {count} parts of a split model, but not named "
+                            f"PREFIX-00001-of-{count:05d}.gguf, so its other parts cannot be found; "
+                            f"restore the names gguf-split gave the parts")
+        total = _split_key(self, "split.tensors.count", 0, MAX_TENSORS)
+        parts = [self]
+        for i in range(1, count):
+            p = split_part_name(self.path, i, count)
+            if not os.path.isfile(p):
+                raise GGUFError(f"{self.path}: part {i + 1} of {count} ({os.path.basename(p)}) is "
+                                f"missing; download every part beside the first (numallm pull "
+                                f"fetches them all)")
+            part = GGUFFile(p, _part=True)
+            got = (_split_key(part, "split.no", -1, MAX_SPLIT), _split_key(part, "split.count", 0, MAX_SPLIT),
+                   _split_key(part, "split.tensors.count", 0, MAX_TENSORS))
+            if got != (i, count, total):
+                raise GGUFError(f"{p}: says it is part {got[0] + 1} of {got[1]} with {got[2]} tensors in "
+                                f"all, but {name} expects part {i + 1} of {count} with {total}; the "
+                                f"parts are of different models or downloads (get them again together)")
+            arch = part.metadata.get("general.architecture")
+            if arch is not None and arch != self.metadata.get("general.architecture"):
+                raise GGUFError(f"{p}: a {arch} part beside a {self.metadata.get('general.architecture')} "
+                                f"first part; the parts are of different models")
+            for tname, t in part.tensors.items():
+                if tname in self.tensors:
+                    raise GGUFError(f"{p}: tensor {tname} is also in an earlier part; the parts are "
+                                    f"of different models or downloads")
+                self.tensors[tname] = t
+            parts.append(part)
+        if len(self.tensors) != total:
+            raise GGUFError(f"{self.path}: the {count} parts hold {len(self.tensors)} tensors but "
+                            f"split.tensors.count says {total}; the parts are of different models "
+                            f"or downloads")
+        self.parts = tuple(parts)
+
+    @property
+    def total_size(self) -> int:
+        """Bytes of every part together (a single file: its size)."""
+        return sum(p.file_size for p in self.parts)
 
     def _tensor(self, name: str, ne: list[int], qtype_id: int, offset: int) -> QTensor:
         where = f"{self.path}: tensor {name}"

@@ -7,6 +7,9 @@ Reference forms (the hub part follows llama.cpp's `-hf`):
     owner/repo:Q8_0             the GGUF whose name carries that quant tag
     owner/repo:file.gguf        that file (may be in a sub-folder: owner/repo:dir/file.gguf)
 
+A split model (NAME-00001-of-0000N.gguf) counts as one file, by its first part; every part is
+downloaded and the first part's path returned (gguf_file.GGUFFile reads the rest beside it).
+
 Downloads go through huggingface_hub (its cache, HF_HOME / HF_HUB_CACHE, HF_TOKEN, HF_ENDPOINT,
 HF_HUB_OFFLINE and its progress bar). `resolve_model` prefers the cache so that starting a chat
 needs no network once a model is there; `pull` always asks the hub whether the file changed.
@@ -19,13 +22,13 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ModelNotFoundError, UnsupportedError
+from .errors import ModelNotFoundError
 
 # notices (a download starting, the cached copy used offline) go to the "numallm" logger; the
 # CLI shows them on stderr (cli.main), a script decides for itself
 log = logging.getLogger("numallm")
 
-__all__ = ["DEFAULT_CHAT_MODEL", "HubRef", "parse_ref", "pick_gguf", "resolve_model", "pull"]
+__all__ = ["DEFAULT_CHAT_MODEL", "HubRef", "parse_ref", "pick_gguf", "split_parts", "resolve_model", "pull"]
 
 # Small instruct model used when `numallm chat` gets no MODEL (pinned file, ~400 MB).
 DEFAULT_CHAT_MODEL = "Qwen/Qwen2.5-0.5B-Instruct-GGUF:qwen2.5-0.5b-instruct-q4_k_m.gguf"
@@ -104,12 +107,17 @@ def pick_gguf(ref: HubRef, files: list[str]) -> str:
                 what = f"several GGUF files and none is {quant}"
             raise ModelNotFoundError(
                 f"{ref.repo} has {what}: {_listing(tagged or ggufs)}; pick one as {ref.repo}:FILE.gguf")
-    m = _SPLIT.search(chosen)
-    if m is not None and int(m.group(2)) > 1:
-        raise UnsupportedError(
-            f"{ref.repo}:{chosen} is split into {int(m.group(2))} files; numallm reads single-file GGUFs "
-            f"(merge them with llama-gguf-split --merge, or pick another file)")
     return chosen
+
+
+def split_parts(filename: str) -> list[str]:
+    """Every part of the split model `filename` names (any of its parts), first part first, in
+    llama.cpp's naming PREFIX-00001-of-0000N.gguf; a single file: [filename]."""
+    m = _SPLIT.search(filename)
+    if m is None or int(m.group(2)) <= 1:
+        return [filename]
+    prefix, count = filename[:m.start()], int(m.group(2))
+    return [f"{prefix}-{i:05d}-of-{count:05d}.gguf" for i in range(1, count + 1)]
 
 
 class HubOfflineError(ModelNotFoundError):
@@ -246,15 +254,16 @@ def resolve_model(ref: str | None, *, download: bool = True) -> str:
     if not download and hub_ref.filename is None and not _cached_ggufs(hub_ref.repo):
         raise ModelNotFoundError(f"{hub_ref} is not downloaded; run: numallm pull {hub_ref}")
     online = download and not constants.is_offline_mode()
-    filename = _choose_file(hub_ref, online)
-    cached = _cached_path(hub_ref, filename)
-    if cached is not None:
-        return cached
+    names = split_parts(_choose_file(hub_ref, online))     # a split model: all its parts
+    cached = [_cached_path(hub_ref, n) for n in names]
+    missing = [n for n, c in zip(names, cached) if c is None]
+    if not missing:
+        return cached[0]
     if not download:
-        raise ModelNotFoundError(f"{hub_ref.repo}:{filename} is not downloaded; run: numallm pull {hub_ref}")
+        raise ModelNotFoundError(f"{hub_ref.repo}:{missing[0]} is not downloaded; run: numallm pull {hub_ref}")
     if not online:
-        raise _offline_error(HubRef(hub_ref.repo, filename=filename))
-    return _download(hub_ref, filename)
+        raise _offline_error(HubRef(hub_ref.repo, filename=missing[0]))
+    return [_download(hub_ref, n) for n in names][0]
 
 
 def pull(ref: str | None) -> str:
@@ -272,13 +281,15 @@ def pull(ref: str | None) -> str:
 
     if constants.is_offline_mode():
         return resolve_model(ref)  # cache only; the offline error when not there
-    filename = _choose_file(hub_ref, online=True)
-    try:
-        return _download(hub_ref, filename)
-    except HubOfflineError as err:
-        cached = _cached_path(hub_ref, filename)
-        if cached is None:
-            raise
-        log.warning("warning: hub unreachable (%s); using the cached copy",
-                    err.__cause__.__class__.__name__)
-        return cached
+    paths = []
+    for filename in split_parts(_choose_file(hub_ref, online=True)):   # every part of a split model
+        try:
+            paths.append(_download(hub_ref, filename))
+        except HubOfflineError as err:
+            cached = _cached_path(hub_ref, filename)
+            if cached is None:
+                raise
+            log.warning("warning: hub unreachable (%s); using the cached copy of %s",
+                        err.__cause__.__class__.__name__, filename)
+            paths.append(cached)
+    return paths[0]

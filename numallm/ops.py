@@ -348,6 +348,15 @@ class KVCache:
     def attend(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, pos0: int) -> np.ndarray:
         return attend(q, k, v, self, pos0)
 
+    # every query head reads all of it (one latent row per token): a node running some of the
+    # heads needs a whole copy rather than a share of the KV heads (placement)
+    shared = False
+
+    def part(self, h0: int, h1: int, zeros) -> "KVCache":
+        """An empty cache of the same length for what KV heads [h0, h1) need: their own rows
+        here; a whole copy of a shared cache."""
+        return KVCache(self.k.shape[1], h1 - h0, self.k.shape[2], zeros)
+
 
 class BatchCaches:
     """One layer's caches of a batch of sequences decoding together (LoadedModel.forward_batch):
@@ -423,7 +432,8 @@ def attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, cache: KVCache, pos0: in
     return out.transpose(1, 0, 2, 3).reshape(t, n_head * hd)
 
 
-# Mixture-of-Experts ops (their own file; model files reach them here)
+# per-head products (MLA) and Mixture-of-Experts ops (their own files; model files reach them here)
+from .heads import HeadLinear, head_matmul, split_heads  # noqa: E402,F401
 from . import experts as _experts  # noqa: E402
 from .experts import ExpertLinear, moe_route  # noqa: E402,F401
 

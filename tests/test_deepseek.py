@@ -7,9 +7,13 @@ Logits against llama.cpp at every position of 64 tokens, held to test_llamacpp_p
   tiny-v3:      q_lora 128, sigmoid routing + exp_probs_b in 4 groups (2 used), renormalised,
                 scaled 2.5, 1 shared expert, YaRN (factor 4 over an original context of 32, so
                 64 positions feel it; yarn_log_multiplier 0.1), 3 layers, 16 experts top-4
+  *-kb:         the same models in the split attn_k_b / attn_v_b layout (newer converters;
+                llama.cpp then attends in the latent space too)
 llama.cpp runs attn_kv_b files as plain multi-head attention over decompressed K/V; numallm
-attends in the latent space, so agreement also checks the absorption. Measured (llama.cpp
-0.3.36, seed 0): v2-lite F16 NMSE 8.9e-7, v3 F16 1.6e-6, v2-lite Q8_0 7.4e-4. The seed is fixed
+attends in the latent space, so agreement also checks the absorption. numallm's absorbed
+products run on the quantized kernels (the key half of attn_kv_b transposed once at load, as
+Q8_0 for quantized files). Measured (llama.cpp 0.3.36, seed 0): v2-lite F16 NMSE 8.9e-7, v3 F16
+1.6e-6, v3-kb F16 1.5e-6, v2-lite Q8_0 9.9e-4, v2-lite-kb Q8_0 8.1e-4. The seed is fixed
 and its F16 routings agree (argmax at every decisive position); a V3 Q8_0 file of these sizes
 flips near-tied sigmoid routings with 8-bit activations (position 5 of seed 0), so Q8_0 runs on
 the softmax config only (see tests/test_moe.py for the routing-margin approach).
@@ -27,7 +31,8 @@ from numallm.models import deepseek2, get_module
 
 from test_llamacpp_parity import N_TOKENS, check, compare, llamacpp_logits
 
-CASES = [("tiny-v2-lite", "F16"), ("tiny-v3", "F16"), ("tiny-v2-lite", "Q8_0")]
+CASES = [("tiny-v2-lite", "F16"), ("tiny-v3", "F16"), ("tiny-v2-lite", "Q8_0"), ("tiny-v3-kb", "F16"),
+         ("tiny-v2-lite-kb", "Q8_0")]
 YARN = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}
 
 
@@ -54,6 +59,55 @@ def test_deepseek2_matches_llamacpp(shape, qtype, synth_dir, tokens):
     print("\n" + fig.line("numallm", f"deepseek2-{shape}-{qtype}"))
     check(fig, qtype, "numallm", f"deepseek2-{shape}-{qtype}")
     assert fig.decisive >= N_TOKENS // 2
+
+
+# V3 routing with Q8_0: selection scores (sigmoid + bias, in groups) closer than this at a
+# position may pick other experts under either engine's 8-bit activations (router logits move
+# by up to ~0.1, a sigmoid by up to ~0.025)
+V3_ROUTE_MARGIN = 0.05
+
+
+def _selection_margin(logits, k, bias, groups) -> np.ndarray:
+    """(T,) the smaller of the gap between the last kept and the first dropped group score and
+    the gap between the k-th and (k+1)-th expert score inside the kept groups."""
+    n_group, n_used = groups
+    sel = 1 / (1 + np.exp(-logits.astype(np.float64))) + bias
+    score = np.sort(sel.reshape(len(sel), n_group, -1), -1)[..., -2:].sum(-1)       # (T, groups)
+    gs = np.sort(score, -1)
+    g_gap = gs[:, -n_used] - gs[:, -n_used - 1]
+    kept = np.argsort(-score, -1)[:, :n_used]
+    inside = np.take_along_axis(sel.reshape(len(sel), n_group, -1), kept[..., None], 1).reshape(len(sel), -1)
+    es = np.sort(inside, -1)
+    return np.minimum(g_gap, es[:, -k] - es[:, -k - 1])
+
+
+@pytest.mark.llamacpp
+def test_v3_q8_0_matches_llamacpp(synth_dir, tokens, monkeypatch):
+    """V3's full routing (q_lora, sigmoid + bias in groups, renormalised and scaled, YaRN) with
+    Q8_0 weights, one MoE layer: the positions whose routing is decisive by V3_ROUTE_MARGIN (at
+    least half) against llama.cpp, to the Q8_0 bound."""
+    pytest.importorskip("llama_cpp")
+    from numallm import load
+
+    path = synth_deepseek.cached_deepseek(synth_dir, "Q8_0", "tiny-v3-1layer", seed=0)
+    margins = []
+    route = ops.moe_route
+
+    def spy(logits, k, renorm, **kw):
+        margins.append(_selection_margin(logits, k, kw["bias"], kw["groups"]))
+        return route(logits, k, renorm, **kw)
+    monkeypatch.setattr(ops, "moe_route", spy)
+    got = np.asarray(load(path).logits(tokens))
+    assert len(margins) == 1
+    keep = margins[0] > V3_ROUTE_MARGIN                                          # (T,)
+    assert keep.mean() >= 0.5, f"only {keep.sum()} decisive positions"
+    ref = llamacpp_logits(path, tokens)[keep]
+    assert ref.std() > 1.0 and np.all(np.isfinite(ref))
+    fig = compare(got[keep], ref)
+    case = f"deepseek2-tiny-v3-1layer-Q8_0 ({keep.sum()} pos)"
+    print("\n" + fig.line("numallm", case))
+    check(fig, "Q8_0", "numallm", case)
+    assert fig.decisive >= keep.sum() // 2
 
 
 @pytest.mark.llamacpp
@@ -111,6 +165,38 @@ def test_decode_equals_prefill(shape, synth_dir):
     np.testing.assert_allclose(steps, full, rtol=0, atol=1e-4 * np.abs(full).max())
 
 
+@pytest.mark.parametrize("shape", ["tiny-v2-lite", "tiny-v2-lite-kb"])
+def test_absorbed_matrices_stay_quantized(shape, synth_dir):
+    """The absorbed per-head products are kernel operands in the file's encoding (Q8_0 here):
+    a layer holds as many bytes for them as the file's attn_kv_b (or attn_k_b + attn_v_b), and
+    no float32 copy of them."""
+    from numallm.gguf_file import GGMLQuantizationType as QT
+
+    path = synth_deepseek.cached_deepseek(synth_dir, "Q8_0", shape, seed=0)
+    f = GGUFFile(path)
+    model = get_module("deepseek2").Model(f)
+    a = model.args
+    for i, b in enumerate(model.blk):
+        names = deepseek2.ABSORBED[1:] if a.split_kv_b else deepseek2.ABSORBED[:1]
+        stored = sum(f.tensors[f"blk.{i}.{n}"].nbytes for n in names)
+        assert b.attn_uk.nbytes + b.attn_uv.nbytes == stored
+        assert b.attn_uk.qtype == b.attn_uv.qtype == QT.Q8_0
+        assert b.attn_uk.shape == (a.n_head, a.n_lora_kv, a.nope_dim)
+        assert b.attn_uv.shape == (a.n_head, a.v_head_dim, a.n_lora_kv)
+        assert not any(isinstance(v, np.ndarray) and v.size >= a.n_head * a.nope_dim * a.n_lora_kv
+                       for v in vars(b).values())
+
+
+def test_split_kv_b_layout_is_the_same_model(synth_dir):
+    """attn_k_b / attn_v_b hold the halves of the same seed's attn_kv_b: F16 logits agree."""
+    toks = [3, 99, 250, 7, 400, 64]
+    from numallm import load
+
+    a = np.asarray(load(synth_deepseek.cached_deepseek(synth_dir, "F16", "tiny-v3", seed=0)).logits(toks))
+    b = np.asarray(load(synth_deepseek.cached_deepseek(synth_dir, "F16", "tiny-v3-kb", seed=0)).logits(toks))
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-4 * np.abs(a).max())
+
+
 def test_latent_kv_bytes(synth_dir):
     """The cache holds kv_lora_rank + rope_dim floats per token per layer, and info/plan say so."""
     from numallm.commands.info import describe
@@ -124,15 +210,26 @@ def test_latent_kv_bytes(synth_dir):
     assert sum(c.nbytes for c in model.new_cache(256)) == 1920 * 256
 
 
-def test_shard_refuses_mla(synth_dir):
-    """NUMA shard cannot split MLA heads yet: one clear line, exit 1 (placement refuses the
-    unknown split unit)."""
+@pytest.mark.slow
+def test_deepseek_rss_near_file_size(tmp_path):
+    """Resident memory after a forward stays near the file's size: with float32 absorbed
+    matrices (16 heads x (128 + 128) x 512 per layer) this model would grow by ~60% more."""
+    import json
     import subprocess
     import sys
 
-    path = synth_deepseek.cached_deepseek(synth_dir, "F16", "tiny-v2-lite", seed=0)
-    r = subprocess.run([sys.executable, "-m", "numallm", "run", str(path), "hi", "-n", "2",
-                        "--numa", "shard", "--virtual-nodes", "2"], capture_output=True, text=True,
-                       timeout=300)
-    lines = r.stderr.strip().splitlines()
-    assert r.returncode == 1 and len(lines) == 1 and "cannot split by 'mla_heads'" in lines[0], r.stderr
+    from test_memory import PROBE
+
+    big = synth_deepseek.DeepseekShape(vocab=4096, hidden=1024, n_layers=4, n_heads=16, n_ff=2048,
+                                       kv_lora=512, qk_nope=128, qk_rope=64, v_head=128,
+                                       n_expert=8, n_ff_exp=512, n_shared=1)
+    path = synth_deepseek.write_deepseek(tmp_path / "big.gguf", "Q8_0", big)
+    small = synth_deepseek.write_deepseek(tmp_path / "small.gguf", "Q8_0", "tiny-v2-lite")
+    size = path.stat().st_size
+    r = subprocess.run([sys.executable, "-c", PROBE, str(path), str(small)], capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    m = json.loads(r.stdout)
+    grown = m["after"] - m["base"] - m["kv"]
+    print(f"deepseek2 Q8_0: file {size / 1e6:.1f} MB, RSS growth after a forward {grown / 1e6:.1f} MB")
+    assert grown < 1.15 * size + 24e6

@@ -161,6 +161,22 @@ def test_rope_matches_ops(neox):
     assert nmse(got, want) < 1e-13 and np.array_equal(got[..., 8:], x[..., 8:])
 
 
+def test_yarn_rope_matches_ops():
+    """YaRN (deepseek2's and the Qwen long-context GGUFs'): per-pair position scales from the
+    ramp, cos/sin times mscale; the device table is inv_freq * pos_scale, as the executor
+    uploads it (gpu.device.rope_table)."""
+    rng = np.random.default_rng(3)
+    lo, hi = ops.yarn_corr_dims(16, 32, 10000.0, 32.0, 1.0)
+    rope = ops.Rope(16, 10000.0, False, 0.25, ext_factor=1.0, corr_dims=(lo, hi), mscale=1.3)
+    assert len(set(rope.pos_scale.tolist())) > 2                        # a real ramp
+    x = rng.standard_normal((4, 3, 16)).astype(np.float32)
+    want = rope(x.copy(), 40)
+    dx = cuda.to_device(x)
+    co.rope(dx, 40, 4, cuda.to_device(rope.inv_freq * rope.pos_scale), 1.0, 16, False, LAUNCH,
+            rope.mscale)
+    assert nmse(dx.copy_to_host(), want) < 1e-13
+
+
 @pytest.mark.parametrize("kv_dtype", [np.float32, np.float16], ids=["f32", "f16"])
 def test_attention_prefill_then_decode_matches_ops(kv_dtype):
     """GQA 2:1, a 5-token prefill (causal mask, chunks of the 8 simulated threads) and two

@@ -149,6 +149,16 @@ def test_offloaded_generation_equals_cpu(synth_dir, gpus, float_cpu, arch, qtype
         assert llm.offload.head is not None and llm.offload.processor(llm.model).endswith("CPU/GPU")
 
 
+@pytest.mark.slow
+def test_yarn_model_offloaded_equals_cpu(synth_dir, gpus, float_cpu):
+    """YaRN RoPE runs on the GPU as on the CPU (per-pair position scales, mscale); an original
+    context of 8 so that the prompt's positions feel it."""
+    gpus([RTX3060])
+    path = cached_model(synth_dir, arch="qwen2", qtype="F16", shape=SHAPE, rope_scaling={
+        "type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8})
+    check_offload(path, OffloadRequest(gpu_layers="all", kv_dtype="f32"), n_tok=3)
+
+
 def test_no_layers_asked_leaves_the_cpu_engine(synth_dir, gpus):
     gpus([RTX3060])
     path = synth(synth_dir, "llama", "Q4_0")

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from numallm.errors import ModelNotFoundError, UnsupportedError
+from numallm.errors import ModelNotFoundError
 from numallm.gguf_file import GGUFFile
-from numallm.hub import HubRef, parse_ref, pick_gguf, resolve_model
+from numallm.hub import HubRef, parse_ref, pick_gguf, resolve_model, split_parts
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 REPO = "tiny/stories-GGUF"
@@ -41,7 +41,23 @@ def _gguf_bytes(name: str) -> bytes:
     return out
 
 
+def _split_part_bytes(no: int, count: int) -> bytes:
+    """Part `no` of a `count`-part split model without tensors: the first part carries the model's
+    keys, the others only gguf-split's split.* keys."""
+    def s(text: str) -> bytes:
+        b = text.encode()
+        return struct.pack("<Q", len(b)) + b
+
+    kv = ([s("general.architecture") + struct.pack("<I", 8) + s("llama"),
+           s("general.name") + struct.pack("<I", 8) + s("split")] if no == 0 else [])
+    kv += [s("split.no") + struct.pack("<IH", 2, no), s("split.count") + struct.pack("<IH", 2, count),
+           s("split.tensors.count") + struct.pack("<Ii", 5, 0)]
+    return b"GGUF" + struct.pack("<IQQ", 3, 0, len(kv)) + b"".join(kv)
+
+
+SPLIT = "tiny/split-GGUF"
 FILES = {
+    SPLIT: {f"big-Q4_K_M-{i:05d}-of-00003.gguf": _split_part_bytes(i - 1, 3) for i in (1, 2, 3)},
     REPO: {"stories.Q8_0.gguf": _gguf_bytes("q8"), "README.md": b"# tiny\n"},
     MULTI: {"m.Q8_0.gguf": _gguf_bytes("q8"), "m.Q4_K_M.gguf": _gguf_bytes("q4km"),
             "m.Q4_K_S.gguf": _gguf_bytes("q4ks"), "mmproj-m-f16.gguf": _gguf_bytes("proj")},
@@ -173,9 +189,29 @@ def test_pick_gguf_rules():
         pick_gguf(HubRef(MULTI), ["README.md"])
     with pytest.raises(ModelNotFoundError, match="no file nope.gguf; its GGUF files: m.Q4_K_M.gguf"):
         pick_gguf(HubRef(MULTI, filename="nope.gguf"), files)
-    split = ["big-Q4_K_M-00001-of-00002.gguf", "big-Q4_K_M-00002-of-00002.gguf"]
-    with pytest.raises(UnsupportedError, match="split into 2 files"):
-        pick_gguf(HubRef(MULTI), split)
+    split = ["big-Q4_K_M-00001-of-00002.gguf", "big-Q4_K_M-00002-of-00002.gguf", "a.Q8_0.gguf"]
+    assert pick_gguf(HubRef(MULTI), split) == split[0]          # a split model counts once
+    assert split_parts(split[1]) == split[:2] and split_parts("a.gguf") == ["a.gguf"]
+
+
+def test_pull_fetches_every_part_of_a_split_model(hub, tmp_path):
+    server, log = hub
+    env = _env(tmp_path, _url(server))
+    proc = _numallm(env, "pull", SPLIT)
+    assert proc.returncode == 0, proc.stderr
+    first = Path(proc.stdout.strip().splitlines()[-1])
+    assert first.name == "big-Q4_K_M-00001-of-00003.gguf"
+    for name in FILES[SPLIT]:
+        assert ("GET", f"/{SPLIT}/resolve/main/{name}") in log
+        assert (first.parent / name).read_bytes() == FILES[SPLIT][name]
+    f = GGUFFile(first)                                          # reads the parts beside it
+    assert len(f.parts) == 3 and f.metadata["general.name"] == "split"
+    log.clear()
+    again = _resolve(env, f"{SPLIT}:big-Q4_K_M-00002-of-00003.gguf")   # any part: the first one
+    assert again.returncode == 0 and again.stdout.strip() == str(first) and log == []
+    (first.parent / "big-Q4_K_M-00003-of-00003.gguf").unlink()    # a part gone from the cache
+    nope = _resolve(env, SPLIT, download=False)
+    _assert_one_line_error(nope, "big-Q4_K_M-00003-of-00003.gguf is not downloaded")
 
 
 def test_local_paths(tmp_path):

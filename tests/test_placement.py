@@ -127,7 +127,7 @@ def test_node_partials_add_up_to_the_layer(synth_dir, arch, qtype, shape, n_node
         x = np.random.default_rng(1).standard_normal((6, off.args.n_embd)).astype(np.float32)
         for blk, sb in zip(off.blk, pl.blocks):
             ref = ops.KVCache(16, off.args.n_head_kv, off.args.head_dim)
-            cache = sb.make_cache(16)
+            cache = sb.make_cache(ref)
             for pos0, xs in ((0, x[:5]), (5, x[5:])):
                 want_a, want_f = blk.attn(xs, ref, pos0), blk.ffn(xs)
                 with threads.activate(pl.pool):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
 
 from ..gguf_file import GGUFFile
@@ -39,6 +40,7 @@ def describe(path: str, n_ctx: int | None) -> dict:
         "total_bytes": weights + kv, "active_weights_bytes": spec.active_bytes,
         "shared_expert": "blk.0.ffn_up_shexp.weight" in f.tensors,
         "tokenizer": f.get("tokenizer.ggml.model"), "chat_template": "tokenizer.chat_template" in f.metadata,
+        "parts": [{"path": p.path, "bytes": p.file_size, "tensors": p.own_tensors} for p in f.parts],
         "tensors": [{"name": t.name, "type": t.qtype.name, "shape": list(t.shape), "bytes": t.nbytes}
                     for t in f.tensors.values()],
     }
@@ -58,6 +60,9 @@ def run(args) -> int:
     c = d["config"]
     print(f"{d['path']}\n  architecture  {d['architecture']}  {d['name']}")
     print(f"  parameters    {d['parameters'] / 1e6:.2f} M")
+    if len(d["parts"]) > 1:
+        print(f"  parts         {len(d['parts'])} files (split GGUF): " + ", ".join(
+            f"{os.path.basename(p['path'])} ({p['tensors']} tensors, {_gb(p['bytes'])})" for p in d["parts"]))
     print(f"  layers        {c['n_layer']}, embedding {c['n_embd']}, ffn {c['n_ff']}, heads "
           f"{c['n_head']} (kv {c['n_head_kv']}, dim {c['head_dim']}), vocab {c['n_vocab']}")
     if c.get("n_expert"):

@@ -17,6 +17,8 @@ def register(sub) -> None:
                                    "prints the all-CPU plan and why.")
     add_model_args(p)
     p.add_argument("--ctx", dest="ctx_size", type=int, help=argparse.SUPPRESS)  # alias of -c
+    p.add_argument("--topology", metavar="FILE",
+                   help="plan for the machine a `numallm topo --json` file describes (e.g. a fixture)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON (schema: docs/gpu.md)")
     p.set_defaults(func=run)
 
@@ -93,6 +95,7 @@ def render(full, arch: str, spec=None, topo=None) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     from ..engine import plan_model
     from ..hub import resolve_model
+    from ..placement import OutOfMemoryError
 
     request = offload_request(args)
     if args.ctx_size is not None and args.ctx_size < 1:
@@ -100,12 +103,20 @@ def run(args: argparse.Namespace) -> int:
     from ..gpu.traffic import predict_plan
 
     f, spec, plan, topo = plan_model(resolve_model(args.model, download=False), args.ctx_size,
-                                     args.threads, args.numa or "auto", args.virtual_nodes, args.nodes,
-                                     args.threads_per_node, request)
+                                     args.threads, args.numa or "auto", args.virtual_nodes,
+                                     args.nodes, args.threads_per_node, request,
+                                     topology=args.topology)
+    try:                              # what load would say before allocating anything
+        plan.check_fits()
+        fits = None
+    except OutOfMemoryError as e:
+        fits = str(e)
     if args.json:
         pred = predict_plan(plan, spec, topo) if plan.gpu.devices else None
-        print(dumps({**plan.gpu.to_json(), "placement": plan.to_dict(),
+        print(dumps({**plan.gpu.to_json(), "placement": {**plan.to_dict(), "refused": fits},
                      "predicted_decode": None if pred is None else pred.to_dict()}))
     else:
-        print("\n".join(render(plan, f.architecture, spec, topo)))
+        print("\n".join(render(plan, f.architecture, spec, topo) +
+                        plan.lines()[1 if plan.reason else 0:] +
+                        [f"memory check: {'fits' if fits is None else 'load would refuse: ' + fits}"]))
     return 0

@@ -113,20 +113,24 @@ def run(args: argparse.Namespace) -> int:
         n_ctx = args.context or default_ctx(spec.args.context_length)
         nodes = [topo.node(n) for n in advice.nodes]
         if bench is not None:
-            bw = bench.local()
+            bw, src, how = bench.local(), "measured", "measured"
         elif args.bandwidth is not None:
-            bw = {n.id: args.bandwidth for n in nodes}
+            bw, src, how = {n.id: args.bandwidth for n in nodes}, "given", "given (--bandwidth)"
         else:
             bw = {n.id: assumed_bandwidth(n) for n in nodes}
+            stated = all(n.mem_bandwidth_gbps for n in nodes)
+            src = "stated" if stated else "assumed"
+            how = ("stated by the topology file" if stated
+                   else "assumed (run with --bench to measure)")
         options = compare(spec, topo, n_ctx, list(advice.nodes), bw)
         a = spec.args
         out["model"] = {"path": args.model, "arch": a.arch, "weight_bytes": spec.weight_bytes,
                         "n_layer": a.n_layer, "n_head_kv": a.n_head_kv,
                         "kv_bytes_per_token": a.kv_bytes_per_token(),
                         "kv_bytes_per_1k_tokens": a.kv_bytes(1024), "kv_bytes": a.kv_bytes(n_ctx),
-                        "context": n_ctx, "bandwidth": "measured" if bench is not None else "assumed",
+                        "context": n_ctx, "bandwidth": src,
                         "placements": [p.to_dict() for p in options]}
-        lines += [""] + render_options(args.model, spec, n_ctx, options, bench is not None)
+        lines += [""] + render_options(args.model, spec, n_ctx, options, how)
 
     status = 0
     if args.verify:

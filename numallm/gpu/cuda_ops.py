@@ -50,8 +50,9 @@ def _rms_norm(x, w, out, n_rows, dim, eps):
 
 
 @cuda.jit
-def _rope(x, pos0, n_tok, n_head, inv_freq, freq_scale, dim, neox):
-    # x: float32 (T, n_head, head_dim) rotated in place; inv_freq: float64 (dim/2,)
+def _rope(x, pos0, n_tok, n_head, inv_freq, freq_scale, dim, neox, mscale):
+    # x: float32 (T, n_head, head_dim) rotated in place; inv_freq: float64 (dim/2,) per pair
+    # (YaRN: with its per-pair position scale folded in); cos/sin times mscale (YaRN's magnitude)
     half = dim // 2
     n = n_tok * n_head * half
     for i in range(cuda.grid(1), n, cuda.gridsize(1)):
@@ -59,8 +60,8 @@ def _rope(x, pos0, n_tok, n_head, inv_freq, freq_scale, dim, neox):
         h = (i // half) % n_head
         t = i // (half * n_head)
         ang = np.float64(pos0 + t) * freq_scale * inv_freq[p]
-        c = np.float32(math.cos(ang))
-        s = np.float32(math.sin(ang))
+        c = np.float32(math.cos(ang) * mscale)
+        s = np.float32(math.sin(ang) * mscale)
         if neox:
             ia = p
             ib = p + half
@@ -239,10 +240,12 @@ def rms_norm(x, w, out, n_rows: int, eps: float, launch: Launch) -> None:
 
 
 def rope(x, pos0: int, n_tok: int, inv_freq, freq_scale: float, dim: int, neox: bool,
-         launch: Launch) -> None:
-    """Rotate the first `dim` features of each head of x (T, n_head, hd) in place."""
+         launch: Launch, mscale: float = 1.0) -> None:
+    """Rotate the first `dim` features of each head of x (T, n_head, hd) in place: pair p by
+    position * freq_scale * inv_freq[p], cos and sin times mscale."""
     n = n_tok * x.shape[1] * (dim // 2)
-    _rope[_grid(n, launch)](x, pos0, n_tok, x.shape[1], inv_freq, freq_scale, dim, neox)
+    _rope[_grid(n, launch)](x, pos0, n_tok, x.shape[1], inv_freq, freq_scale, dim, neox,
+                            float(mscale))
 
 
 def kv_store(k, v, kc, vc, pos0: int, n_tok: int, launch: Launch) -> None:

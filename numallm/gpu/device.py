@@ -86,10 +86,13 @@ class Gpu:
         self.bytes[kind] -= nbytes
 
     def rope_table(self, rope: ops.Rope):
-        """rope.inv_freq float64 (dim/2,) on this GPU, copied once per Rope ("buffers")."""
+        """Each pair's angle per position, float64 (dim/2,): rope.inv_freq times its position
+        scale (freq_scale, or YaRN's per-pair blend), as ops.Rope.tables computes it; on this
+        GPU, copied once per Rope ("buffers")."""
         hit = self.rope_tables.get(id(rope))
         if hit is None:
-            hit = self.rope_tables[id(rope)] = (rope, self.put(rope.inv_freq.astype(np.float64), "buffers"))
+            table = (rope.inv_freq * rope.pos_scale).astype(np.float64)
+            hit = self.rope_tables[id(rope)] = (rope, self.put(table, "buffers"))
         return hit[1]
 
     def mark_start(self) -> None:
@@ -389,14 +392,10 @@ class Executor:
         """x: (T, H, head_dim) on its GPU, rotated in place as ops.Rope does on the host."""
         from . import cuda_ops as co
 
-        if rope.mscale != 1.0 or np.any(rope.pos_scale != rope.freq_scale):
-            from ..errors import UnsupportedError
-            raise UnsupportedError("YaRN RoPE scaling runs on the CPU only for now; offload no "
-                                   "layers of this model (--gpu-layers 0)")
         g = x.gpu
-        with g.active():
-            co.rope(x.data, pos0, x.shape[0], g.rope_table(rope), rope.freq_scale, rope.dim,
-                    rope.neox, g.launch)
+        with g.active():       # (the table holds the position scales: linear, YaRN's blend)
+            co.rope(x.data, pos0, x.shape[0], g.rope_table(rope), 1.0, rope.dim, rope.neox,
+                    g.launch, rope.mscale)
             g.launches += 1
         return x
 

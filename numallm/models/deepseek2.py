@@ -148,6 +148,11 @@ class LatentCache(ops.KVCache):
     def nbytes(self) -> int:
         return self.k.nbytes
 
+    shared = True
+
+    def part(self, h0: int, h1: int, zeros) -> "LatentCache":
+        return LatentCache(self.k.shape[1], self.k.shape[2], zeros)
+
 
 MLA_TENSORS = (
     T("attn_norm.weight", ("n_embd",)),
@@ -163,6 +168,29 @@ MLA_TENSORS = (
     T("attn_output.weight", ("n_embd", "o_dim"), (1, MLA_HEADS)),
 )
 DENSE_FFN = tuple(t for t in Block.TENSORS if t.name.startswith("ffn_"))
+# the declarations MLABlock reads as per-head operands (absorbed) rather than as matrices
+ABSORBED = ("attn_kv_b.weight", "attn_k_b.weight", "attn_v_b.weight")
+
+
+def absorbed(a: ModelArgs, f: GGUFFile, i: int) -> tuple[ops.HeadLinear, ops.HeadLinear]:
+    """Layer i's absorbed products as per-head kernel operands: uk (H, lat, nope), head h's
+    query mapped into the latent (W_UK[h]^T q_nope), and uv (H, v, lat), its latent output
+    mapped to values (W_UV[h] o). attn_k_b / attn_v_b files hold exactly these; from attn_kv_b
+    the value rows are its own bytes and the key rows are transposed once (ops.split_heads:
+    float files keep their type, quantized ones give Q8_0)."""
+    h, nope, v, lat = a.n_head, a.nope_dim, a.v_head_dim, a.n_lora_kv
+    if a.split_kv_b:
+        kb, vb = f.tensor(f"blk.{i}.attn_k_b.weight"), f.tensor(f"blk.{i}.attn_v_b.weight")
+        for t, want in ((kb, (h, lat, nope)), (vb, (h, v, lat))):
+            if tuple(t.shape) != want:
+                raise GGUFError(f"{f.path}: tensor {t.name} has shape {t.shape}, expected {want} "
+                                f"from the metadata; the file is corrupt")
+        return ops.HeadLinear(kb), ops.HeadLinear(vb)
+    kv = f.tensor(f"blk.{i}.attn_kv_b.weight")
+    if tuple(kv.shape) != (a.kv_b_dim, lat):
+        raise GGUFError(f"{f.path}: tensor {kv.name} has shape {kv.shape}, expected "
+                        f"{(a.kv_b_dim, lat)} from the metadata; the file is corrupt")
+    return ops.split_heads(kv, h, nope)
 
 
 class MLABlock(Block):
@@ -171,17 +199,11 @@ class MLABlock(Block):
     TENSORS = MLA_TENSORS + DENSE_FFN
 
     def __init__(self, a: ModelArgs, w, i: int, rope: ops.Rope):
-        super().__init__(a, w, i, rope)
-        h, nope, v, lat = a.n_head, a.nope_dim, a.v_head_dim, a.n_lora_kv
-        # the absorbed per-head products, float32 (dequantized once; later: kernel operands)
-        if a.split_kv_b:
-            wk = w.file.tensor(f"blk.{i}.attn_k_b.weight").dequantize().reshape(h, lat, nope)
-            wv = w.file.tensor(f"blk.{i}.attn_v_b.weight").dequantize().reshape(h, v, lat)
-        else:
-            kv = w.file.tensor(f"blk.{i}.attn_kv_b.weight").dequantize().reshape(h, nope + v, lat)
-            wk, wv = kv[:, :nope].transpose(0, 2, 1), kv[:, nope:]
-        self.uk_t = np.ascontiguousarray(wk.transpose(0, 2, 1), dtype=np.float32)  # (H, nope, lat)
-        self.uv_t = np.ascontiguousarray(wv.transpose(0, 2, 1), dtype=np.float32)  # (H, lat, v)
+        self.a, self.rope = a, rope
+        for spec in self.TENSORS:       # (the absorbed ones are read below, in per-head form)
+            setattr(self, spec.attr, None if spec.name in ABSORBED else
+                    w.load(f"blk.{i}.{spec.name}", spec, a))
+        self.attn_uk, self.attn_uv = absorbed(a, w.file, i)   # (H, lat, nope), (H, v, lat)
 
     def attn(self, x: np.ndarray, cache: LatentCache, pos0: int) -> np.ndarray:
         a, t = self.a, x.shape[0]
@@ -198,7 +220,7 @@ class MLABlock(Block):
         self.rope(q_pe, pos0)
         self.rope(k_pe, pos0)
         c = ops.rms_norm(kva[:, :lat], self.attn_kv_a_norm, a.norm_eps)       # (T, lat)
-        q_lat = np.matmul(q[..., :a.nope_dim].transpose(1, 0, 2), self.uk_t)  # (H, T, lat)
+        q_lat = ops.head_matmul(q[..., :a.nope_dim].transpose(1, 0, 2), self.attn_uk)  # (H, T, lat)
         width = a.kv_a_dim
         qc = np.empty((t, hn, width), dtype=np.float32)                       # (T, H, lat + rope)
         qc[..., :lat] = q_lat.transpose(1, 0, 2)
@@ -206,7 +228,7 @@ class MLABlock(Block):
         qc *= np.float32(a.kq_scale * math.sqrt(width))      # the kernels divide by sqrt(width)
         latent = np.concatenate([c, k_pe[:, 0]], axis=1)[:, None, :]          # (T, 1, lat + rope)
         o = ops.attention(qc, latent, latent, cache, pos0).reshape(t, hn, width)
-        out = np.matmul(o[..., :lat].transpose(1, 0, 2), self.uv_t)           # (H, T, v)
+        out = ops.head_matmul(o[..., :lat].transpose(1, 0, 2), self.attn_uv)  # (H, T, v)
         return self.attn_output(np.ascontiguousarray(out.transpose(1, 0, 2)).reshape(t, a.o_dim))
 
 

@@ -2,7 +2,8 @@
 bytes `load` would place), whether it fits, and its decode-speed ceiling.
 
 Decoding one token reads every weight once plus the KV cache, so tok/s <= bandwidth / bytes read
-per token. Sharded and replicated nodes each read their threads' share from local memory, so a
+per token. Sharded and replicated nodes each read their threads' share of the weights from local
+memory (shard: and the KV cache each node holds; MLA's latent is a whole copy per node), so a
 step takes as long as the slowest node; isolate reads everything on one node.
 """
 from __future__ import annotations
@@ -40,10 +41,15 @@ def compare(spec: ModelSpec, topo, n_ctx: int, node_ids: list[int],
     for strategy in COMPARED:
         ids = (best,) if strategy == "isolate" else tuple(node_ids)
         plan = make_plan(spec, topo, Request(numa=strategy, n_ctx=n_ctx, nodes=ids))
-        per_token = spec.active_bytes + plan.kv_bytes     # MoE: the used experts' share
         threads = sum(n.n_threads for n in plan.nodes) or 1
-        # each node reads its threads' share of the weights and KV per step
-        step_s = max(per_token * n.n_threads / threads / (bandwidth[n.node] * 1e9) for n in plan.nodes)
+        share = [n.n_threads / threads for n in plan.nodes]
+        # each node reads its threads' share of the weights (MoE: of the used experts) per step,
+        # and of the KV cache: shard, the cache it holds (MLA: a whole latent copy per node)
+        kv = [n.kv / plan.n_seq if strategy == "shard" else plan.kv_bytes * f
+              for n, f in zip(plan.nodes, share)]
+        per_token = spec.active_bytes + max(plan.kv_bytes, int(sum(kv)))
+        step_s = max((spec.active_bytes * f + k) / (bandwidth[n.node] * 1e9)
+                     for n, f, k in zip(plan.nodes, share, kv))
         need = {n.node: n.total for n in plan.nodes}
         fits = ("yes" if all(b <= by_id[i].mem_free_bytes for i, b in need.items()) else
                 "tight" if all(b <= by_id[i].mem_total_bytes for i, b in need.items()) else "no")
@@ -52,14 +58,13 @@ def compare(spec: ModelSpec, topo, n_ctx: int, node_ids: list[int],
     return out
 
 
-def render(path: str, spec: ModelSpec, n_ctx: int, options: list[Option], measured: bool) -> list[str]:
+def render(path: str, spec: ModelSpec, n_ctx: int, options: list[Option], how: str) -> list[str]:
     from ..topology.sysfs import format_cpulist
 
     def size(n: int) -> str:
         return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
     a = spec.args
-    how = "measured" if measured else "assumed (run with --bench to measure)"
     out = [f"model {path} ({a.arch}): weights {size(spec.weight_bytes)}, KV cache "
            f"{size(a.kv_bytes(1024))} per 1k tokens (float32), {n_ctx} tokens: {size(a.kv_bytes(n_ctx))}",
            f"decode ceiling: tok/s <= bandwidth / bytes read per token "

@@ -23,6 +23,7 @@ from ..errors import NumallmError
 from ..models import get_module
 from ..models.decl import FF, FF_EXP, FF_SHEXP, HEADS, MLA_HEADS, ROWS
 from ..topology.plan import assumed_bandwidth
+from .units import heads_per_unit, mla_heads, mla_unit, split_units  # noqa: F401 (re-exported)
 
 STRATEGIES = ("auto", "off", "shard", "replicate", "isolate")
 GiB = 2 ** 30
@@ -139,29 +140,6 @@ class ModelSpec:
 
 def _layer(name: str) -> int | None:
     return int(name.split(".")[1]) if name.startswith("blk.") else None
-
-
-def heads_per_unit(n_head: int, n_head_kv: int, head_dim: int, block_size: int) -> int:
-    """KV heads a node must take together so its attn_output columns are whole quant blocks
-    (all of them when no smaller group works)."""
-    group = n_head // n_head_kv
-    return next((g for g in range(1, n_head_kv + 1)
-                 if n_head_kv % g == 0 and g * group * head_dim % block_size == 0), n_head_kv)
-
-
-def split_units(n_units: int, weights: list[float]) -> list[tuple[int, int]]:
-    """[a, b) ranges of `n_units` indivisible units in proportion to weights (largest remainder)."""
-    total = float(sum(weights))
-    exact = [n_units * w / total for w in weights]
-    counts = [int(e) for e in exact]
-    by_rest = sorted(range(len(weights)), key=lambda i: exact[i] - counts[i], reverse=True)
-    for i in by_rest[: n_units - sum(counts)]:
-        counts[i] += 1
-    out, a = [], 0
-    for c in counts:
-        out.append((a, a + c))
-        a += c
-    return out
 
 
 # -- the request and the plan ----------------------------------------------------------------------
@@ -319,12 +297,15 @@ class Needs:
     weight_bytes: int
     kv_bytes_per_token: int
     n_layer: int
-    n_head_kv: int
+    n_head_kv: int            # attention heads shard spreads: KV heads (MLA: its heads)
     heads_per_unit: int       # KV heads a shard must keep together (heads_per_unit())
 
     @classmethod
     def of(cls, spec: ModelSpec) -> "Needs":
         a = spec.args
+        mla = mla_unit(spec)          # MLA: attention spreads by its heads (one shared latent)
+        if mla is not None:
+            return cls(spec.weight_bytes, a.kv_bytes_per_token(), a.n_layer, a.n_head, mla)
         per = heads_per_unit(a.n_head, a.n_head_kv, a.head_dim, spec.block_size((1, HEADS)))
         return cls(spec.weight_bytes, a.kv_bytes_per_token(), a.n_layer, a.n_head_kv, per)
 
@@ -439,8 +420,13 @@ def make_plan(spec: ModelSpec, topo, req: Request, gpus=None, gpu_why: str | Non
     share = {HEADS: [(h1 - h0) / a.n_head_kv for h0, h1 in heads],
              FF: [(f1 - f0) / a.n_ff for f0, f1 in ff],
              ROWS: [w / sum(weights_by) for w in weights_by]}
-    share[MLA_HEADS] = share[ROWS]             # MLA heads: by threads (sharded.py refuses them yet)
     splits = {HEADS: heads, FF: ff}
+    mla = mla_heads(spec, weights_by)
+    if mla is not None:                        # whole heads, attn_output columns whole blocks
+        splits[MLA_HEADS] = mla
+        share[MLA_HEADS] = [(h1 - h0) / a.n_head for h0, h1 in mla]
+    else:
+        share[MLA_HEADS] = share[ROWS]
     # every expert's ff rows (and the shared expert's), cut where the down matrices' column
     # quant blocks allow, like the dense ff, and at whole quant blocks of gate/up too (a multiple
     # of their kernels' 8-row groups)
@@ -474,7 +460,10 @@ def make_plan(spec: ModelSpec, topo, req: Request, gpus=None, gpu_why: str | Non
     layer_kv = a.kv_bytes(n_ctx) // max(a.n_layer, 1) * req.n_seq
     cpu_layers = a.n_layer - len([i for i in gpu_layers if i < a.n_layer])
     kv_host = layer_kv * cpu_layers
-    kv_node = [kv_host * share[HEADS][i] for i in range(n)] if strategy == "shard" else \
+    # shard: each node its KV heads' share; MLA heads all read the one latent, so every node
+    # with MLA heads keeps a whole copy of it
+    kv_share = share[HEADS] if mla is None else [1.0 if h1 > h0 else 0.0 for h0, h1 in mla]
+    kv_node = [kv_host * kv_share[i] for i in range(n)] if strategy == "shard" else \
         [kv_host] + [0] * (n - 1)
     scratch = scratch_bytes(a, n_ctx)
     # a copy per node is the costly strategy: it must fit in each node's free memory as it is

@@ -95,7 +95,7 @@ class Placement:
         """The engine's per-layer cache list with each sharded layer's entry replaced by its
         per-node caches (NodeCaches; the host arrays it replaces were never touched)."""
         by_layer = {b.layer: b for b in self.blocks}
-        return [by_layer[i].make_cache(c.k.shape[1]) if i in by_layer and isinstance(c, ops.KVCache)
+        return [by_layer[i].make_cache(c) if i in by_layer and isinstance(c, ops.KVCache)
                 else c for i, c in enumerate(cache)]
 
     def sync_stats(self) -> SyncStats | None:

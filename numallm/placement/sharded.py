@@ -17,7 +17,7 @@ from numallm_kernels.base import Activations
 from .. import numa_mem, ops, threads
 from ..errors import UnsupportedError
 from ..models.base import FF, HEADS
-from ..models.decl import FF_EXP, FF_SHEXP
+from ..models.decl import FF_EXP, FF_SHEXP, MLA_HEADS
 from .plan import split_units
 
 
@@ -199,8 +199,10 @@ class NodeCaches:
     has none). `attend` is ops.attention's step for it: each node's heads on its own threads."""
 
     def __init__(self, parts: list[ops.KVCache | None], heads: list[tuple[int, int]],
-                 nodes: threads.NodePools):
-        self.parts, self.heads, self.nodes = parts, heads, nodes
+                 nodes: threads.NodePools, shared: bool = False):
+        # shared (an MLA latent): heads[i] are node i's query heads and every node keeps a
+        # whole copy of the one KV row per token, written on each
+        self.parts, self.heads, self.nodes, self.shared = parts, heads, nodes, shared
         self._table = self._spans = self._q = self._out = None   # see _encode
 
     @property
@@ -222,8 +224,10 @@ class NodeCaches:
         np.copyto(self._q, q)
         for c, (h0, h1) in zip(self.parts, self.heads):
             if c is not None:
-                c.k[:, pos0] = k[0, h0:h1]
-                c.v[:, pos0] = v[0, h0:h1]
+                k0, k1 = (0, k.shape[1]) if self.shared else (h0, h1)
+                c.k[:, pos0] = k[0, k0:k1]
+                if c.v is not c.k:
+                    c.v[:, pos0] = v[0, k0:k1]
                 c.n = pos0 + 1
         self._table[:, _native.ATTN_POS0] = pos0
         self.nodes.run_encoded(self._table, self._spans)
@@ -234,7 +238,7 @@ class NodeCaches:
         score rows are buffers of this object (their addresses are in the table), a token only
         writes the position into it."""
         n_kv = sum(h1 - h0 for h0, h1 in self.heads)
-        group = n_head // n_kv
+        group = 1 if self.shared else n_head // n_kv
         n_ctx = next(c.k.shape[1] for c in self.parts if c is not None)
         self._q = np.empty((1, n_head, hd), dtype=np.float32)             # (1, n_head, hd)
         self._out = np.empty((1, n_head * hd), dtype=np.float32)          # (1, n_head * hd)
@@ -248,10 +252,11 @@ class NodeCaches:
                 if g1 == g0:
                     continue
                 a, b = (h0 + g0) * group, (h0 + g1) * group                 # its query heads
+                kv = slice(0, c.k.shape[0]) if self.shared else slice(g0, g1)
                 scores = np.empty((b - a, n_ctx), dtype=np.float32)
                 self._scores.append(scores)
                 shares[tids[j]].append(_native.attention_task(
-                    self._q[:, a:b], c.k[g0:g1], c.v[g0:g1], self._out[:, a * hd:b * hd], scores,
+                    self._q[:, a:b], c.k[kv], c.v[kv], self._out[:, a * hd:b * hd], scores,
                     0, 1.0 / np.sqrt(hd)))
         self._table, self._spans = self.nodes.encode(shares)
 
@@ -269,9 +274,13 @@ class ShardedBlock:
     def __init__(self, block, splits: dict, groups: list, nodes: threads.NodePools,
                  exchange: Exchange, layer: int):
         from .experts import shard_experts
+        from .heads import shard_heads
 
         a = block.a
-        heads, ff = splits[HEADS], splits[FF]
+        # attention splits by KV heads, or by MLA heads (every head reads the one latent cache)
+        # where the block declares those
+        self.mla = any(t.split is not None and t.split[1] == MLA_HEADS for t in type(block).TENSORS)
+        heads, ff = splits[MLA_HEADS if self.mla else HEADS], splits[FF]
         group, hd = a.n_head // a.n_head_kv, a.head_dim
         self.layer, self.heads, self.ff = layer, heads, ff
         self.head_dim, self.nodes, self.exchange = hd, nodes, exchange
@@ -279,9 +288,11 @@ class ShardedBlock:
         views = [copy.copy(block) for _ in groups]
         for i, v in enumerate(views):
             (h0, h1), (f0, f1) = heads[i], ff[i]
-            v.a = dataclasses.replace(a, n_head=(h1 - h0) * group, n_head_kv=h1 - h0, n_ff=f1 - f0)
+            v.a = dataclasses.replace(a, n_head=h1 - h0, n_ff=f1 - f0) if self.mla else \
+                dataclasses.replace(a, n_head=(h1 - h0) * group, n_head_kv=h1 - h0, n_ff=f1 - f0)
         # the block's own declaration says how each tensor splits (models.base.T)
         per_unit = {HEADS: lambda n: [(h0 * n // a.n_head_kv, h1 * n // a.n_head_kv) for h0, h1 in heads],
+                    MLA_HEADS: lambda n: [(h0 * n // a.n_head, h1 * n // a.n_head) for h0, h1 in heads],
                     FF: lambda n: ff, FF_EXP: lambda n: splits.get(FF_EXP),
                     FF_SHEXP: lambda n: splits.get(FF_SHEXP)}
         self.records: dict[str, ShardedLinear] = {}
@@ -326,6 +337,14 @@ class ShardedBlock:
             for p in parts:
                 setattr(views[p.group], spec.attr, p)
             self.records[spec.attr] = ShardedLinear(lin, parts, nodes, exchange, axis)
+        for k, value in list(vars(block).items()):   # per-head operands (MLA's absorbed products)
+            if isinstance(value, ops.HeadLinear):
+                rec = shard_heads(value, heads, groups, nodes)
+                for v in views:
+                    setattr(v, k, None)
+                for p in rec.parts:
+                    setattr(views[p.group], k, p)
+                self.records[k] = rec
         unknown = [k for k, v in vars(block).items() if isinstance(v, ops.Linear) and k not in self.records]
         if unknown:
             raise UnsupportedError(f"blk.{layer}: {', '.join(unknown)} not declared with a split; "
@@ -384,14 +403,15 @@ class ShardedBlock:
                               for i, active in enumerate(self.ff_nodes)])
         return self.exchange.allreduce(parts)
 
-    def make_cache(self, n_ctx: int) -> NodeCaches:
-        """Each node's KV heads in that node's memory. Fresh anonymous pages read as zeros and
-        take memory only when first written, as with np.zeros, so nothing is filled here."""
+    def make_cache(self, host: ops.KVCache) -> NodeCaches:
+        """Each node's KV heads (a shared cache: a whole copy) in that node's memory, shaped
+        after the layer's host cache `host` (never touched). Fresh anonymous pages read as zeros
+        and take memory only when first written, as with np.zeros, so nothing is filled here."""
         parts = []
         for (h0, h1), node in zip(self.heads, self.mem_nodes):
             zeros = np.zeros if node is None else (lambda s, d, node=node: numa_mem.empty_on_node(s, d, node))
-            parts.append(ops.KVCache(n_ctx, h1 - h0, self.head_dim, zeros) if h1 > h0 else None)
-        cache = NodeCaches(parts, self.heads, self.nodes)
+            parts.append(host.part(h0, h1, zeros) if h1 > h0 else None)
+        cache = NodeCaches(parts, self.heads, self.nodes, host.shared)
         self._last_cache = weakref.ref(cache)
         return cache
 

@@ -54,6 +54,9 @@ class Node:
     hugepages: tuple[HugePages, ...] = ()
     real_node: int | None = None               # virtual nodes: the real node they were carved from
     mem_estimated: bool = False                # virtual nodes: memory is the real node's / N
+    # read bandwidth stated by a --topology file (a fixture's platform figure), GB/s; None:
+    # not stated (assumed from the cores, or measured with --bench)
+    mem_bandwidth_gbps: float | None = None
 
     @property
     def physical_cores(self) -> int:
@@ -75,6 +78,7 @@ class Node:
             "mem_estimated": self.mem_estimated, "memory_only": self.memory_only,
             "distances": {str(k): v for k, v in self.distances},
             "hugepages": [h.to_dict() for h in self.hugepages], "real_node": self.real_node,
+            "mem_bandwidth_gbps": self.mem_bandwidth_gbps,
         }
 
 
@@ -240,6 +244,7 @@ def _node(d: dict, i: int) -> Node:
         mem_total_bytes=_int(d, "mem_total_bytes", what), mem_free_bytes=_int(d, "mem_free_bytes", what),
         distances=distances, hugepages=_hugepages(d.get("hugepages"), what),
         real_node=_int(d, "real_node", what, optional=True), mem_estimated=bool(d.get("mem_estimated")),
+        mem_bandwidth_gbps=_gbps(d.get("mem_bandwidth_gbps"), f"{what}.mem_bandwidth_gbps"),
     )
 
 
@@ -247,7 +252,7 @@ def _gbps(v: Any, what: str) -> float | None:
     if v is None:
         return None
     if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0:
-        raise ValueError(f"{what}.bandwidth_gbps must be a positive number or null")
+        raise ValueError(f"{what} must be a positive number or null")
     return float(v)
 
 
@@ -290,7 +295,7 @@ def topology_from_dict(data: Any, source: str) -> Topology:
                         mem_total_bytes=_int(g, "mem_total_bytes", f"gpus[{i}]", optional=True),
                         mem_free_bytes=_int(g, "mem_free_bytes", f"gpus[{i}]", optional=True),
                         source=str(g.get("source", "json")),
-                        bandwidth_gbps=_gbps(g.get("bandwidth_gbps"), f"gpus[{i}]")))
+                        bandwidth_gbps=_gbps(g.get("bandwidth_gbps"), f"gpus[{i}].bandwidth_gbps")))
     quota = proc.get("cpu_quota")
     if quota is not None and not isinstance(quota, (int, float)):
         raise ValueError("process.cpu_quota must be a number or null")

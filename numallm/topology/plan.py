@@ -15,4 +15,7 @@ ASSUMED_GBPS_NODE_CAP = 300.0
 
 
 def assumed_bandwidth(node: Node) -> float:
+    """GB/s: the node's stated figure (a --topology file's mem_bandwidth_gbps), else per core."""
+    if node.mem_bandwidth_gbps is not None:
+        return node.mem_bandwidth_gbps
     return min(node.physical_cores * ASSUMED_GBPS_PER_CORE, ASSUMED_GBPS_NODE_CAP)
