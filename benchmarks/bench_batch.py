@@ -11,7 +11,9 @@ Run:  python benchmarks/bench_batch.py MODEL.gguf [--streams 1 2 4 8] [--tokens 
 
 Library: that many sessions prefill a short prompt each, then `--tokens` batched decode steps
 (greedy, end-of-text ignored) are timed; tokens/s = streams x steps / seconds. Rounds interleave
-the stream counts, so a burst of other load hits them alike.
+the stream counts, so a burst of other load hits them alike. With --threads 1 --cpu-time the
+seconds are the calling thread's CPU time (it does all the work with one thread), which other
+processes on a busy machine inflate far less than wall time.
 
 Servers: N concurrent non-streaming completions of `--tokens` tokens; tokens/s = their
 completion tokens (usage) / the wall time from sending the first to the last answer (the
@@ -40,7 +42,7 @@ PROMPTS = ["Once upon a time", "The quick brown fox", "In a galaxy far away", "H
            "The meaning of life", "A long time ago", "My favourite food", "Rain in Spain"]
 
 
-def library(loaded, streams: int, tokens: int) -> float:
+def library(loaded, streams: int, tokens: int, clock=time.perf_counter) -> float:
     gens = []
     for i in range(streams):
         g = loaded.session().start(PROMPTS[i % len(PROMPTS)], tokens + 1, temperature=0,
@@ -52,12 +54,12 @@ def library(loaded, streams: int, tokens: int) -> float:
     loaded.decode(gens)                               # warm: the first batched step of this size
     for g in gens:
         g.emit()
-    t0 = time.perf_counter()
+    t0 = clock()
     for _ in range(tokens - 1):
         loaded.decode(gens)
         for g in gens:
             g.emit()
-    return streams * (tokens - 1) / (time.perf_counter() - t0)
+    return streams * (tokens - 1) / (clock() - t0)
 
 
 def long_prompts(loaded, n: int, tokens: int) -> list[str]:
@@ -180,12 +182,19 @@ def main() -> None:
     ap.add_argument("--llama-cpp-python", action="store_true",
                     help="compare with llama-cpp-python's server (one request at a time)")
     ap.add_argument("--no-library", action="store_true")
+    ap.add_argument("--cpu-time", action="store_true",
+                    help="library tok/s per second of the calling thread's CPU time (needs "
+                         "--threads 1, where it does all the work): robust to other load")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--markdown", default=None, help="append the table to this file")
     a = ap.parse_args()
+    if a.cpu_time and a.threads != 1:
+        ap.error("--cpu-time measures the calling thread only: use it with --threads 1")
+    clock = time.thread_time if a.cpu_time else time.perf_counter
     head = (f"{os.path.basename(a.model)}: {cpu_name()}, "
             f"cpus {os.cpu_count()}, threads {a.threads or 'default'}, {a.tokens} tokens per "
-            f"stream, load {os.getloadavg()[0]:.2f}")
+            f"stream{', library in thread CPU time' if a.cpu_time else ''}, "
+            f"load {os.getloadavg()[0]:.2f}")
     print(head, flush=True)
     rows = []
     loaded = numallm.LoadedModel(a.model, n_ctx=256, n_threads=a.threads, numa="off",
@@ -193,7 +202,7 @@ def main() -> None:
     rates: dict[int, list[float]] = {n: [] for n in a.streams}
     for _ in range(0 if a.no_library else a.repeat):
         for n in a.streams:
-            rates[n].append(library(loaded, n, a.tokens))
+            rates[n].append(library(loaded, n, a.tokens, clock))
     if not a.no_library:
         rows += report("library", rates)
     prompts = long_prompts(loaded, max(a.streams), a.tokens) \
