@@ -40,7 +40,7 @@ from numba import types
 from numba.extending import intrinsic
 
 from ._simd import _I32, _V8D, _V8F, _V16W, _V32B, _fn, _ptr, _splat8, dpbusd, f32x8, prefetch
-from ._x8_simd import _at, _bcast32, _need, _splat_f
+from ._x8_simd import _MANY, _at, _bcast32, _need, _splat_f, many_steps
 
 _I8 = ir.IntType(8)
 
@@ -407,7 +407,16 @@ def _step(body, record_bytes):
 
         return sig, codegen
 
-    return intrinsic(impl)
+    step = intrinsic(impl)
+    _MANY[step] = many_steps(body, record_bytes, types.int16, _token_k)
+    return step
+
+
+def _token_k(context, builder, sig, xd_v, xb_v, bi, body, acc, wp, xp):
+    dx = builder.load(_ptr(context, builder, sig.args[6], xd_v, bi))
+    b16 = builder.mul(bi, ir.Constant(bi.type, 16))
+    bp = builder.bitcast(_ptr(context, builder, sig.args[7], xb_v, b16), _I8.as_pointer())
+    return body(builder, acc, wp, xp, bp, dx)
 
 
 kx8_q4_k = _step(_q4_k, 1184)     # record bytes

@@ -215,7 +215,67 @@ def _step(body, record_bytes):
 
         return sig, codegen
 
-    return intrinsic(impl)
+    step = intrinsic(impl)
+    _MANY[step] = many_steps(body, record_bytes, types.int32, _token_32)
+    return step
+
+
+def _token_32(context, builder, sig, dx_v, xs_v, bi, body, acc, wp, xp):
+    d = builder.load(_ptr(context, builder, sig.args[6], dx_v, bi))
+    xs = builder.load(_ptr(context, builder, sig.args[7], xs_v, bi))
+    return body(builder, acc, wp, xp, d, xs)
+
+
+# single-token step -> {n: its n-token step} (`many`)
+_MANY: dict = {}
+MANY_N = (2, 4)
+
+
+def many(step, n: int):
+    """The n-token version of a record step (n in MANY_N): `f(accs, w, woff, xq, xoff, xstride,
+    dx, xaux, b, bstride)` -> accs, a tuple of n accumulators, token i's activations at
+    xoff + i * xstride (codes) and b + i * bstride (scales, sums); see `many_steps`."""
+    return _MANY[step][n]
+
+
+def many_steps(body, record_bytes, aux_dtype, token) -> dict:
+    """{n: the n-token step} of a step `body`: the body's code emitted once per token in one
+    basic block. Every token reads the same record with the same loads and the same unpacking
+    ops, which LLVM's value numbering merges, so the record is read and decoded once and only
+    the activation side (broadcasts, multiplies, sums) is repeated per token: decode once,
+    multiply n rows. Each token's arithmetic is the single step's, in the same order, so its
+    result is bit-identical. token(context, builder, sig, dx, xaux, bi, body, acc, wp, xp)
+    loads token-side scalars at block index bi and calls the body."""
+
+    def make(n):
+        def impl(typingctx, accs, w, woff, xq, xoff, xstride, dx, xaux, b, bstride):
+            _need("w", w, types.uint8), _need("xq", xq, types.int8)
+            _need("dx", dx, types.float32), _need("xaux", xaux, aux_dtype)
+            tup = types.UniTuple(f32x8, n)
+            sig = tup(tup, w, woff, xq, xoff, xstride, dx, xaux, b, bstride)
+
+            def codegen(context, builder, sig, args):
+                accs_v, w_v, woff_v, xq_v, xoff_v, xst_v, dx_v, xa_v, b_v, bst_v = args
+                xoff_v, xst_v, b_v, bst_v = (context.cast(builder, v, t, types.intp) for v, t in
+                                             ((xoff_v, sig.args[4]), (xst_v, sig.args[5]),
+                                              (b_v, sig.args[8]), (bst_v, sig.args[9])))
+                wp = _ptr(context, builder, sig.args[1], w_v, woff_v)
+                prefetch(builder, wp, record_bytes)
+                out = []
+                for i in range(n):
+                    c = ir.Constant(xoff_v.type, i)
+                    xp = _ptr(context, builder, sig.args[3], xq_v,
+                              builder.add(xoff_v, builder.mul(xst_v, c)))
+                    bi = builder.add(b_v, builder.mul(bst_v, c))
+                    out.append(token(context, builder, sig, dx_v, xa_v, bi, body,
+                                     builder.extract_value(accs_v, i), wp, xp))
+                return context.make_tuple(builder, sig.return_type, out)
+
+            return sig, codegen
+
+        return intrinsic(impl)
+
+    return {n: make(n) for n in MANY_N}
 
 
 def _with_min(builder, acc, wp, dx, xs):

@@ -46,7 +46,8 @@ from numba import njit
 
 from . import _native, _simd
 from ._simd import vzero
-from ._x8_simd import (store8, x8_iq4_nl, x8_q4_0, x8_q4_1, x8_q5_0, x8_q5_1, x8_q8_0,
+from ._tiles import _groups_t, put8 as _put8
+from ._x8_simd import (many, x8_iq4_nl, x8_q4_0, x8_q4_1, x8_q5_0, x8_q5_1, x8_q8_0,
                        x8v_iq4_nl, x8v_q4_0, x8v_q4_1, x8v_q5_0, x8v_q5_1, x8v_q8_0)
 from .base import CalibratedUnit, KernelUnit, XForm, register, specialize
 
@@ -265,19 +266,6 @@ def _unpack_iq4_nl(q, o, i, dst, c):
         dst[c + j + 16] = d * IQ4NL_VALUES[v >> 4]
 
 
-@njit(nogil=True, cache=True, inline="always")
-def _put8(acc, out, of, part, g, t, r0, r1):
-    """Rows of group g that lie in [r0, r1) of out[t] from the 8 lanes of acc."""
-    a = max(r0, g * GROUP)
-    e = min(r1, g * GROUP + GROUP)
-    if e - a == GROUP:
-        store8(acc, of, t * out.shape[1] + a)
-    else:
-        store8(acc, part, 0)
-        for r in range(a, e):
-            out[t, r] = part[r - g * GROUP]
-
-
 def _matmul_x8_t(q, xq, dx, xaux, out, r0, r1):
     # q: uint8 (G, nb * REC) records; xq: int8 (T, K) codes; dx float32 (T, nb) block scales;
     # xaux: the code sums STEP reads (q8_0: int32 (T, nb); q8_k: int16 (T, K/16)); out: float32
@@ -286,10 +274,9 @@ def _matmul_x8_t(q, xq, dx, xaux, out, r0, r1):
     # core then keeps two sequential streams in flight, each with its own hardware-prefetch
     # run-ahead. On the Xeon (AVX-512) VM this took one thread from 10.7-15 to 16-19 GB/s on
     # 256 MB (Q4_0, Q4_K, Q6_K; 4 streams were no better); every row still sees the same
-    # step sequence, so results are bit-identical to one stream. Prefill (T > 1) goes one
-    # group at a time: its records (a few KB per 8 rows) stay in L1 while every token passes.
+    # step sequence, so results are bit-identical to one stream. T > 1 (prefill, batched
+    # decode) goes one group at a time in token tiles (`_tiles`).
     n_t, nb = dx.shape
-    k = nb * BLOCK
     qf = q.reshape(-1)
     xf = xq.reshape(-1)
     of = out.reshape(-1)
@@ -315,16 +302,8 @@ def _matmul_x8_t(q, xq, dx, xaux, out, r0, r1):
             o, o2 = o2, o + REC  # noqa: F821
         _put8(acc, out, of, part, g0 + i, 0, r0, r1)
         _put8(acc2, out, of, part, g0 + i + per, 0, r0, r1)
-    for g in range(g0 + 2 * per, g1):
-        for t in range(n_t):
-            acc = vzero()
-            o = g * rs
-            xo = t * k
-            for b in range(t * nb, t * nb + nb):
-                acc = STEP(acc, qf, o, xf, xo, dxf, xaf, b)  # noqa: F821
-                o += REC  # noqa: F821
-                xo += BLOCK
-            _put8(acc, out, of, part, g, t, r0, r1)
+    # the rest (and every group when T > 1): token tiles, each record decoded once per tile
+    GROUPS(qf, rs, xf, dxf, xaf, n_t, nb, out, of, part, g0 + 2 * per, g1, r0, r1)  # noqa: F821
 
 
 def _matmul_f32_t(q, x, out, r0, r1):
@@ -374,13 +353,22 @@ class RecordUnit(CalibratedUnit):
         self._mm_f32 = specialize(_matmul_f32_t, f"x8_matmul_f32_{name}", DEQUANT=self._dequant)
         # the record kernels by variant (one loop, two steps), each with a slot in the native
         # task table (threads hand these calls over without the GIL); only those this CPU runs
-        self._mm = {AVX2: specialize(_matmul_x8_t, f"x8_matmul_{name}", **consts)}
+        self._mm = {AVX2: self._kernel(f"x8_matmul_{name}", consts)}
         if self.step_vnni is not None:
-            self._mm[VNNI] = specialize(_matmul_x8_t, f"x8v_matmul_{name}",
-                                        **dict(consts, STEP=self.step_vnni))
+            self._mm[VNNI] = self._kernel(f"x8v_matmul_{name}", dict(consts, STEP=self.step_vnni))
         self._mm_x8 = self._mm[AVX2]
         self.native_slots = {v: _native.register_kernel(k, self.block_size == 256)
                              for v, k in self._mm.items() if self._runs(v)}
+
+    @staticmethod
+    def _kernel(name: str, consts: dict):
+        """The record kernel of one step: decode's two-stream loop, and the token-tile loop
+        (`_tiles`) with the step's 2- and 4-token versions."""
+        step = consts["STEP"]
+        groups = specialize(_groups_t, name.replace("matmul", "groups"), STEP=step,
+                            STEP2=many(step, 2), STEP4=many(step, 4), REC=consts["REC"],
+                            BLOCK=consts["BLOCK"])
+        return specialize(_matmul_x8_t, name, **dict(consts, GROUPS=groups))
 
     @property
     def native_slot(self):
@@ -451,8 +439,14 @@ class RecordUnit(CalibratedUnit):
 
         w = self.prepare(np.zeros((GROUP, self.type_size), np.uint8))
         x = self.kernel_x(self.x_form[1](np.zeros((1, self.block_size), np.float32)))
-        args = tuple(typeof(a) for a in (w.q, *x, np.zeros((1, GROUP), np.float32), 0, GROUP))
-        return [(self._mm[v], args) for v in (VNNI, AVX2) if self._runs(v)]
+        out = np.zeros((1, GROUP), np.float32)
+        args = tuple(typeof(a) for a in (w.q, *x, out, 0, GROUP))
+        flat = tuple(typeof(a.reshape(-1)) for a in (w.q, *x))
+        # the token-tile loop (T > 1) of each: qf, rs, xf, dxf, xaf, n_t, nb, out, of, part, ...
+        tiles = (flat[0], typeof(0), *flat[1:], typeof(0), typeof(0), typeof(out),
+                 *(typeof(out.reshape(-1)),) * 2, *(typeof(0),) * 4)
+        return [(k, a) for v in (VNNI, AVX2) if self._runs(v)
+                for k, a in ((self._mm[v], args), (self._mm[v].py_func.__globals__["GROUPS"], tiles))]
 
 
 class _Block32Unit(RecordUnit):

@@ -155,9 +155,9 @@ class LoadedModel:
         """One decode step of several sequences: token i at position positions[i] over the cache
         caches[i] (a session's per-layer list) -> logits float32 (B, n_vocab), row i that
         sequence's. Every weight matrix sees the B rows in one product (one pass over the
-        weights); RoPE and attention run per row on its own position and cache. Where a layer's
-        cache is not a host KVCache (NUMA shard's per-node caches, GPU offload) each sequence
-        runs its own forward instead, with the same result."""
+        weights); RoPE and attention run per row on its own position and cache (under NUMA
+        shard each node's rows of each sequence's cache). With GPU offload each sequence runs
+        its own forward instead, with the same result."""
         tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)             # (B,)
         positions = np.asarray(positions, dtype=np.int64).reshape(-1)       # (B,)
         if not len(tokens) == len(positions) == len(caches) or not len(tokens):
@@ -186,11 +186,12 @@ class LoadedModel:
             g.fed(row)
 
     def batchable(self, caches: list[list]) -> bool:
-        """Whether forward_batch runs these sequences as one pass (host caches, no offload)."""
+        """Whether forward_batch runs these sequences as one pass (host caches, including NUMA
+        shard's per-node ones; no GPU offload)."""
         from . import ops
 
         return (self.offload is None and len(caches) > 1
-                and all(isinstance(c, ops.KVCache) for cache in caches for c in cache))
+                and all(isinstance(c, ops.HostCache) for cache in caches for c in cache))
 
     def chat_tokens(self, messages: list[dict]) -> list[int]:
         """The prompt tokens for `messages` with the model's chat template."""

@@ -329,7 +329,12 @@ def yarn_corr_dims(n_dims: int, n_ctx_orig: int, base: float, beta_fast: float,
     return max(0.0, math.floor(dim(beta_fast))), min(n_dims - 1.0, math.ceil(dim(beta_slow)))
 
 
-class KVCache:
+class HostCache:
+    """A layer cache in host memory whose `attend` takes one sequence's rows: a batch of them
+    can decode together (BatchCaches, LoadedModel.forward_batch)."""
+
+
+class KVCache(HostCache):
     """Keys and values of one layer for positions 0..n_ctx-1.
 
     k, v: float32 (n_head_kv, n_ctx, head_dim); `n` positions are filled. `zeros(shape, dtype)`

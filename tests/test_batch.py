@@ -98,13 +98,22 @@ def test_chunked_prefill_greedy_matches(loaded):
     assert _drive(loaded, jobs, chunk=4)[0] == alone
 
 
-def test_shard_falls_back_to_one_pass_per_sequence(synth_dir):
-    lm = _load(synth_dir, "llama", "tiny", numa="shard", virtual_nodes=2)
+@pytest.mark.parametrize("arch,shape", [("llama", "tiny"), ("qwen3moe", "tiny-moe")])
+def test_shard_batches_in_one_pass(synth_dir, arch, shape):
+    """Under NUMA shard (2 virtual nodes) a batch is one pass too: each node's views run every
+    sequence's rows, attending over that node's heads of each sequence's cache. The greedy tokens
+    are each sequence's alone (shard's partial sums reorder float additions, as alone)."""
+    lm = _load(synth_dir, arch, shape, numa="shard", virtual_nodes=2)
     try:
-        jobs = [(PROMPTS[0], 6, dict(temperature=0)), (PROMPTS[1], 6, dict(temperature=0))]
+        assert lm.batchable([lm.session().cache, lm.session().cache])
+        jobs = [(PROMPTS[0], 6, dict(temperature=0)), (PROMPTS[1], 6, dict(temperature=0)),
+                (PROMPTS[2], 4, dict(temperature=0))]
         alone = [lm.session().generate(p, n, **kw).tokens for p, n, kw in jobs]
-        assert _drive(lm, jobs)[0] == alone
-        assert not lm.batchable([lm.session().cache, lm.session().cache])
+        n0 = lm.passes
+        got, steps = _drive(lm, jobs)
+        assert got == alone
+        prefills = lm.passes - n0 - steps
+        assert prefills == len(jobs)           # one pass per prompt, then one per batched step
     finally:
         lm.close()
 

@@ -197,7 +197,7 @@ def test_record_variants_agree_bit_for_bit_and_decode_streams_match_prefill(qt):
     rng = np.random.default_rng(12)
     n = 77
     w = unit.prepare(weights(qt, rng, n=n))
-    x = rng.standard_normal((3, K)).astype(np.float32)
+    x = rng.standard_normal((7, K)).astype(np.float32)
     record_checks.decode_equals_prefill_rows(unit, w, x, n, have)
 
 

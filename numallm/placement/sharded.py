@@ -194,9 +194,11 @@ def _replicated(lin: ops.Linear, groups: list, nodes: threads.NodePools, exchang
 
 # -- sharded blocks ----------------------------------------------------------------------------------
 
-class NodeCaches:
+class NodeCaches(ops.HostCache):
     """The KV cache of one sharded layer: parts[i] holds node i's KV heads heads[i] (None: it
-    has none). `attend` is ops.attention's step for it: each node's heads on its own threads."""
+    has none). `attend` is ops.attention's step for it: each node's heads on its own threads.
+    A batch of sequences (ops.BatchCaches of these) goes to ShardedBlock.attn's per-node views,
+    node i attending over its parts of every sequence's cache."""
 
     def __init__(self, parts: list[ops.KVCache | None], heads: list[tuple[int, int]],
                  nodes: threads.NodePools, shared: bool = False):
@@ -379,7 +381,9 @@ class ShardedBlock:
         """The attention update (T, n_embd): each node's heads with its own KV cache, summed."""
         if x.shape[0] == 1 and _native.available():
             return self.flat.attn(x, cache, pos0)
-        views, kv = self.views, cache.parts
+        views, kv = self.views, cache.parts if isinstance(cache, NodeCaches) else \
+            [ops.BatchCaches([c.parts[i] for c in cache.caches]) if h1 > h0 else None
+             for i, (h0, h1) in enumerate(self.heads)]    # a batch: node i's part of each
         parts: list[np.ndarray | None] = [None] * len(views)
 
         def run(i: int) -> None:
