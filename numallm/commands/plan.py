@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..errors import NumallmError
-from .common import add_model_args, offload_request
+from .common import add_model_args, cache_options, offload_request
 from .topo import dumps
 
 
@@ -67,7 +67,7 @@ def render(full, arch: str) -> list[str]:
     out.append(f"    weights {_size(full.host_weights)} + KV {_size(full.host_kv)} = "
                f"{_size(full.host_weights + full.host_kv)}; {per}")
     out.append(f"model: weights {_size(full.weight_bytes)}, KV cache {_size(full.kv_bytes)} "
-               f"({full.n_ctx} tokens, f32 on the CPU)")
+               f"({full.n_ctx} tokens, {full.cache_label} on the CPU)")
     out.append(f"predicted split: {plan.processor()} (weights + KV cache; GPU buffers not counted)")
     out += [f"note: {n}" for n in plan.notes]
     return out
@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
         raise NumallmError(f"-c {args.ctx_size}: give a positive number of tokens")
     f, _, plan, _ = plan_model(resolve_model(args.model, download=False), args.ctx_size, args.threads,
                                args.numa or "auto", args.virtual_nodes, args.nodes,
-                               args.threads_per_node, request)
+                               args.threads_per_node, request, **cache_options(args))
     if args.json:
         print(dumps({**plan.gpu.to_json(), "placement": plan.to_dict()}))
     else:

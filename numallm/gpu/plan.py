@@ -26,6 +26,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from ..cache_types import DEFAULT_CACHE_TYPE
 from ..gguf_file import GGMLQuantizationType as QT
 
 from .inventory import MIN_COMPUTE_CAPABILITY, GpuDevice, GpuError
@@ -91,7 +92,7 @@ class LayerPlan:
     device: int | None             # GPU index, None = CPU
     tensors: tuple[str, ...]       # GGUF names of the unit's tensors
     weight_bytes: int              # as stored in the GGUF
-    kv_bytes: int                  # its KV cache where it runs (GPU kv_dtype, or float32 on the CPU)
+    kv_bytes: int                  # its KV cache where it runs (GPU kv_dtype, or the CPU's cache types)
 
     @property
     def name(self) -> str:
@@ -185,10 +186,11 @@ def processor_split(cpu_bytes: int, gpu_bytes: int) -> str:
 
 # -- byte formulas (planner and loader) --------------------------------------------------------
 
-def layer_kv_bytes(args, n_ctx: int, kv_dtype: str) -> int:
-    """K and V of one block for n_ctx positions in `kv_dtype`: the config's one KV formula
-    (models.base.BaseArgs.layer_kv_bytes; 2 * n_ctx * n_head_kv * head_dim * elem bytes)."""
-    return args.layer_kv_bytes(n_ctx, KV_ELEM_BYTES[kv_dtype])
+def layer_kv_bytes(args, n_ctx: int, kv_dtype: str, type_v: str | None = None) -> int:
+    """K and V of one block for n_ctx positions, keys in `kv_dtype` (a numallm.cache_types name)
+    and values in type_v (None: the same): the config's one KV formula
+    (models.base.BaseArgs.layer_kv_bytes)."""
+    return args.layer_kv_bytes(n_ctx, kv_dtype, type_v)
 
 
 # Activations a device holds at once, by row width, while a block's forward (models/base.py and
@@ -382,11 +384,13 @@ def _assign(queue: list[_Unit], head: _Unit | None, order: list[GpuDevice], args
 def make_plan(gguf, n_ctx: int, request: OffloadRequest, devices: list[GpuDevice],
               n_batch: int = DEFAULT_N_BATCH, *,
               host_bandwidth: tuple[float, str] | None = None,
-              no_gpu: str | None = None) -> OffloadPlan:
+              no_gpu: str | None = None,
+              host_kv: tuple[str, str] = (DEFAULT_CACHE_TYPE, DEFAULT_CACHE_TYPE)) -> OffloadPlan:
     """Plan `request` for the model in `gguf` (a numallm.gguf_file.GGUFFile) with an n_ctx-token
     context over `devices`: the GPU step of numallm.placement.make_plan, which splits the host's
     part over the NUMA nodes and checks it fits. host_bandwidth: (GB/s, "assumed"/"measured") of the
-    CPU side; a GPU slower than that is skipped unless named in --gpus. no_gpu: why `devices` is empty."""
+    CPU side; a GPU slower than that is skipped unless named in --gpus. no_gpu: why `devices` is empty.
+    host_kv: the KV cache types (K, V) of the layers left on the CPU."""
     if n_ctx < 1:
         raise GpuError(f"context size {n_ctx}: give a positive number of tokens")
     if n_batch < 1:
@@ -394,7 +398,7 @@ def make_plan(gguf, n_ctx: int, request: OffloadRequest, devices: list[GpuDevice
     args = model_args(gguf)
     blocks, head = _units(gguf, args.n_layer)
     kv_gpu = layer_kv_bytes(args, n_ctx, request.kv_dtype)
-    kv_cpu = layer_kv_bytes(args, n_ctx, "f32")
+    kv_cpu = layer_kv_bytes(args, n_ctx, *host_kv)
     notes: list[str] = []
     order, skipped = _select(list(devices), request, host_bandwidth)
 

@@ -95,7 +95,7 @@ class Placement:
         """The engine's per-layer cache list with each sharded layer's entry replaced by its
         per-node caches (NodeCaches; the host arrays it replaces were never touched)."""
         by_layer = {b.layer: b for b in self.blocks}
-        return [by_layer[i].make_cache(c.k.shape[1]) if i in by_layer and isinstance(c, ops.KVCache)
+        return [by_layer[i].make_cache(c.n_ctx, *c.types) if i in by_layer and isinstance(c, ops.KVCache)
                 else c for i, c in enumerate(cache)]
 
     def sync_stats(self) -> SyncStats | None:
@@ -135,7 +135,7 @@ class Placement:
                 node = self.groups[i].mem_node
                 local = None
                 if node is not None:
-                    counts = [numa_mem.where(c.k), numa_mem.where(c.v)]
+                    counts = [numa_mem.where(x) for x in c.arrays]
                     present = sum(v for cn in counts for k, v in cn.items() if k >= 0)
                     local = sum(cn.get(node, 0) for cn in counts) / present if present else None
                 out.append(KVReport(b.layer, self.groups[i].node, node, b.heads[i], c.nbytes, local))

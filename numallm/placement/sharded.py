@@ -222,9 +222,7 @@ class NodeCaches:
         np.copyto(self._q, q)
         for c, (h0, h1) in zip(self.parts, self.heads):
             if c is not None:
-                c.k[:, pos0] = k[0, h0:h1]
-                c.v[:, pos0] = v[0, h0:h1]
-                c.n = pos0 + 1
+                c.store(k[:, h0:h1], v[:, h0:h1], pos0)
         self._table[:, _native.ATTN_POS0] = pos0
         self.nodes.run_encoded(self._table, self._spans)
         return self._out.copy()
@@ -235,7 +233,7 @@ class NodeCaches:
         writes the position into it."""
         n_kv = sum(h1 - h0 for h0, h1 in self.heads)
         group = n_head // n_kv
-        n_ctx = next(c.k.shape[1] for c in self.parts if c is not None)
+        n_ctx = next(c.n_ctx for c in self.parts if c is not None)
         self._q = np.empty((1, n_head, hd), dtype=np.float32)             # (1, n_head, hd)
         self._out = np.empty((1, n_head * hd), dtype=np.float32)          # (1, n_head * hd)
         self._scores = []                                                 # (heads, n_ctx) per task
@@ -251,8 +249,8 @@ class NodeCaches:
                 scores = np.empty((b - a, n_ctx), dtype=np.float32)
                 self._scores.append(scores)
                 shares[tids[j]].append(_native.attention_task(
-                    self._q[:, a:b], c.k[g0:g1], c.v[g0:g1], self._out[:, a * hd:b * hd], scores,
-                    0, 1.0 / np.sqrt(hd)))
+                    self._q[:, a:b], *c.k.part(g0, g1), *c.v.part(g0, g1),
+                    self._out[:, a * hd:b * hd], scores, 0, 1.0 / np.sqrt(hd)))
         self._table, self._spans = self.nodes.encode(shares)
 
 
@@ -384,13 +382,14 @@ class ShardedBlock:
                               for i, active in enumerate(self.ff_nodes)])
         return self.exchange.allreduce(parts)
 
-    def make_cache(self, n_ctx: int) -> NodeCaches:
-        """Each node's KV heads in that node's memory. Fresh anonymous pages read as zeros and
+    def make_cache(self, n_ctx: int, type_k: str, type_v: str) -> NodeCaches:
+        """Each node's KV heads in that node's memory, in cache types type_k / type_v. Fresh anonymous pages read as zeros and
         take memory only when first written, as with np.zeros, so nothing is filled here."""
         parts = []
         for (h0, h1), node in zip(self.heads, self.mem_nodes):
             zeros = np.zeros if node is None else (lambda s, d, node=node: numa_mem.empty_on_node(s, d, node))
-            parts.append(ops.KVCache(n_ctx, h1 - h0, self.head_dim, zeros) if h1 > h0 else None)
+            parts.append(ops.KVCache(n_ctx, h1 - h0, self.head_dim, zeros, type_k, type_v)
+                         if h1 > h0 else None)
         cache = NodeCaches(parts, self.heads, self.nodes)
         self._last_cache = weakref.ref(cache)
         return cache
