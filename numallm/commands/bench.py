@@ -34,6 +34,9 @@ def register(sub) -> None:
                    help="prefill test size in tokens, 0 = skip (default 512)")
     p.add_argument("-n", "--n-gen", type=int, default=128, metavar="N",
                    help="decode test size in tokens, 0 = skip (default 128)")
+    p.add_argument("-d", "--n-depth", type=int, default=0, metavar="N",
+                   help="fill N context positions first (once, untimed) and run the tests there, "
+                   "as llama-bench's -d: decode speed at a long context (default 0)")
     p.add_argument("-t", "--threads", default=None, metavar="N[,N...]",
                    help="thread counts to test, comma separated (default: physical cores)")
     p.add_argument("-r", "--repetitions", type=int, default=5, metavar="N",
@@ -60,13 +63,16 @@ def run(args) -> int:
     if args.n_prompt < 0 or args.n_gen < 0 or args.n_prompt + args.n_gen == 0:
         raise NumallmError(f"nothing to measure with -p {args.n_prompt} -n {args.n_gen}; "
                            f"give a positive prefill (-p) or decode (-n) size")
+    if args.n_depth < 0:
+        raise NumallmError(f"-d {args.n_depth}: give a depth of 0 or more tokens")
     if args.repetitions < 1:
         raise NumallmError(f"-r {args.repetitions}: give at least 1 repetition")
     if args.bw_mib < 1:
         raise NumallmError(f"--bw-mib {args.bw_mib}: give a buffer size of at least 1 MiB")
     gpu = gpu_options(args)   # bad GPU flags fail, and a missing GPU is said, before measuring
     threads = bench.parse_threads(args.threads) if args.threads else [physical_cores()]
-    plan = bench.BenchPlan(args.n_prompt, args.n_gen, tuple(threads), args.repetitions, args.seed)
+    plan = bench.BenchPlan(args.n_prompt, args.n_gen, tuple(threads), args.repetitions, args.seed,
+                           args.n_depth)
     path = resolve_model(args.model)
     from ..engine import plan_model
 
