@@ -137,3 +137,13 @@ def test_q8_0_needs_whole_blocks_per_head():
                     "blocks of 32", "holds 8", "use f16 or f32")
     with numallm.load(str(path)) as llm:           # the default type fits any head size
         assert llm.loaded.plan.cache_types == ("f16", "f16")
+
+
+def test_llama_compat_takes_llama_cpp_type_k_type_v(synth_dir):
+    """numallm.Llama reads llama-cpp-python's type_k / type_v (ggml type numbers)."""
+    path = str(synth.cached_model(synth_dir, arch="llama", qtype="Q4_0", shape="tiny", seed=3))
+    llm = numallm.Llama(path, n_ctx=64, type_k=8, type_v=0, verbose=False)
+    assert llm._loaded.plan.cache_types == ("q8_0", "f32")
+    assert numallm.Llama(path, n_ctx=64, verbose=False)._loaded.plan.cache_types == ("f16", "f16")
+    with pytest.raises(OptionError, match="type_v=2"):
+        numallm.Llama(path, n_ctx=64, type_v=2, verbose=False)

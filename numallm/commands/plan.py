@@ -43,7 +43,7 @@ def render(full, arch: str) -> list[str]:
     n_layer = len(plan.layers)
     req = plan.request
     out = [f"plan for {plan.model} ({arch}, {n_layer} blocks), context {plan.n_ctx} tokens, "
-           f"KV cache {req.kv_dtype} on GPUs / f32 on the CPU"]
+           f"KV cache {req.kv_dtype} on GPUs / {full.cache_label} on the CPU"]
     if plan.no_gpu:
         out.append(f"no GPU: {plan.no_gpu}")
     for i, d in plan.devices.items():
