@@ -13,9 +13,8 @@ Task row (TASK_FIELDS int64): kernel slot, then for each array its address and s
     q (G, rec bytes) uint8 | xq (T, K) int8 | dx (T, nb) float32 | xaux (T, m) int32 or int16 |
     out (T, N) float32 | r0, r1
 Slots 0..15 take an int32 xaux (the 32-element block types' code sums), 16..31 an int16 one (the
-K-quants' per-16 sums). Slots ATTN.. ATTN + 8 are decode attention (numallm_kernels.attention.attend) over
-the KV heads a task is given, one slot per pair of cache types (ATTN + 3 * K's + V's, in
-CACHE_KINDS order), laid out as `encode_attention` writes it. The arrays must stay
+K-quants' per-16 sums). Slots ATTN..ATTN + 8 are decode attention over the KV heads a task is
+given, one slot per pair of KV cache types (_native_attention.py). The arrays must stay
 alive until the call that ran them returns (the pool's caller holds them).
 
 Control slot of thread i (CTL_STRIDE int64 at i * CTL_STRIDE, a cache line each):
@@ -43,7 +42,7 @@ from numba import carray, njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from . import _simd, attention
+from . import _simd
 from .base import specialize
 
 TASK_FIELDS = 16
@@ -51,9 +50,7 @@ CTL_STRIDE = 16                 # int64 per thread slot: 128 bytes (two cache li
 GO, KIND, LO, HI, DONE, SLEEP, WSLEEP, TABLE, BUSY = 0, 1, 2, 3, 4, 5, 6, 7, 8
 RUN, PY, EXIT = 1, 2, 3
 SLOTS_PER_GROUP = 16            # kernel slots per xaux dtype
-ATTN = 2 * SLOTS_PER_GROUP      # the attention tasks' first slot
-# cache array dtype -> its kind in an attention slot (numallm_kernels.kvcache: f32, f16, q8_0)
-CACHE_KINDS = {np.dtype(np.float32): 0, np.dtype(np.uint16): 1, np.dtype(np.int8): 2}
+ATTN = 2 * SLOTS_PER_GROUP      # the attention tasks' first slot (_native_attention)
 
 
 # -- intrinsics ----------------------------------------------------------------------------------
@@ -203,72 +200,6 @@ def encode(row: np.ndarray, slot: int, *args) -> None:
               address(out), out.shape[0], out.shape[1], r0, r1, 0)
 
 
-def attention_task(q, k, kd, v, vd, out, scores, pos0: int, scale: float) -> tuple:
-    """A task running attention.attend(q, k, kd, v, vd, pos0, scale, out, scores), every array
-    C-contiguous: q float32 (T, H, hd), k and v cache arrays (n_kv, n_ctx, hd) with their scale
-    arrays kd, vd (numallm_kernels.kvcache), out float32 (T, H * hd), scores float32
-    (H, >= pos0 + T). Only where `available()`."""
-    slot = ATTN + 3 * CACHE_KINDS[k.dtype] + CACHE_KINDS[v.dtype]
-    return (slot, q, k, kd, v, vd, out, scores, pos0, scale)
-
-
-ATTN_POS0 = 12      # the field of an attention row holding pos0 (a replayed table rewrites it)
-
-
-def _encode_attention(row, q, k, kd, v, vd, out, scores, pos0, scale) -> None:
-    slot = ATTN + 3 * CACHE_KINDS[k.dtype] + CACHE_KINDS[v.dtype]
-    row[:] = (slot, address(q), q.shape[0], q.shape[1], q.shape[2], address(k), address(v),
-              k.shape[0], k.shape[1], address(out), address(scores), scores.shape[1], pos0,
-              int(np.float32(scale).view(np.int32)), address(kd), address(vd))
-
-
-@njit(nogil=True, cache=True, inline="always")
-def _attn_scores(f, kind, q, t, n_s, scale, scores, tmp):
-    n_kv, n_ctx, hd = f[7], f[8], f[4]
-    if kind == 0:
-        k = carray(ptr_f32(f[5]), (n_kv, n_ctx, hd))
-        attention._scores(q, k, k, t, n_s, scale, scores, tmp)
-    elif kind == 1:
-        kh = carray(ptr_u16(f[5]), (n_kv, n_ctx, hd))
-        attention._scores(q, kh, kh, t, n_s, scale, scores, tmp)
-    else:
-        kq = carray(ptr_i8(f[5]), (n_kv, n_ctx, hd))
-        attention._scores(q, kq, carray(ptr_u16(f[14]), (n_kv, n_ctx, hd // 32)), t, n_s, scale,
-                          scores, tmp)
-
-
-@njit(nogil=True, cache=True, inline="always")
-def _attn_values(f, kind, scores, n_s, out, tmp):
-    n_kv, n_ctx, hd = f[7], f[8], f[4]
-    if kind == 0:
-        v = carray(ptr_f32(f[6]), (n_kv, n_ctx, hd))
-        attention._values(scores, v, v, n_s, out, tmp)
-    elif kind == 1:
-        vh = carray(ptr_u16(f[6]), (n_kv, n_ctx, hd))
-        attention._values(scores, vh, vh, n_s, out, tmp)
-    else:
-        vq = carray(ptr_i8(f[6]), (n_kv, n_ctx, hd))
-        attention._values(scores, vq, carray(ptr_u16(f[15]), (n_kv, n_ctx, hd // 32)), n_s, out, tmp)
-
-
-@njit(nogil=True, cache=True)
-def _run_attention(f):
-    # attention.attend with the cache types of the slot: each pass specialized per type (three
-    # of each, not nine of attend)
-    n_t, n_h, hd, pos0 = f[2], f[3], f[4], f[12]
-    kinds = f[0] - ATTN
-    q = carray(ptr_f32(f[1]), (n_t, n_h, hd))
-    out = carray(ptr_f32(f[9]), (n_t, n_h * hd))
-    scores = carray(ptr_f32(f[10]), (n_h, f[11]))
-    scale = f32_from_bits(f[13])
-    tmp = np.empty(hd, dtype=np.float32)                 # (hd,) a decoded cache row
-    for t in range(n_t):
-        n_s = pos0 + t + 1
-        _attn_scores(f, kinds // 3, q, t, n_s, scale, scores, tmp)
-        attention._softmax(scores, n_s)
-        _attn_values(f, kinds % 3, scores, n_s, out[t], tmp)
-
-
 @intrinsic
 def f32_from_bits(typingctx, b):
     """The float32 whose bits are the low 32 bits of int64 b."""
@@ -278,6 +209,11 @@ def f32_from_bits(typingctx, b):
         return builder.bitcast(builder.trunc(args[0], ir.IntType(32)), ir.FloatType())
 
     return sig, codegen
+
+
+# the attention tasks (their own file; they use the pointer intrinsics above)
+from ._native_attention import (ATTN_POS0, _encode_attention, _run_attention,  # noqa: E402,F401
+                                attention_task)
 
 
 @njit(nogil=True, cache=True)
