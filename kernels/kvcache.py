@@ -63,10 +63,13 @@ def _kv_row(a, d, g, s, tmp):
     elif a.dtype == types.int8:
         def impl(a, d, g, s, tmp):
             r, dr = a[g, s], d[g, s]
+            for j in range(r.shape[0]):          # codes to float32 first: one vectorized loop
+                tmp[j] = r[j]
             for b in range(dr.shape[0]):
                 sc = f16_to_f32(dr[b])
-                for j in range(b * QK8_0, (b + 1) * QK8_0):
-                    tmp[j] = sc * np.float32(r[j])
+                blk = tmp[b * QK8_0:(b + 1) * QK8_0]
+                for j in range(QK8_0):
+                    blk[j] *= sc
             return tmp
     else:
         return None
