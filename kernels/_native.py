@@ -13,8 +13,8 @@ Task row (TASK_FIELDS int64): kernel slot, then for each array its address and s
     q (G, rec bytes) uint8 | xq (T, K) int8 | dx (T, nb) float32 | xaux (T, m) int32 or int16 |
     out (T, N) float32 | r0, r1
 Slots 0..15 take an int32 xaux (the 32-element block types' code sums), 16..31 an int16 one (the
-K-quants' per-16 sums). Slot ATTN is decode attention (numallm_kernels.attention.attend) over
-the KV heads a task is given, laid out as `encode_attention` writes it. The arrays must stay
+K-quants' per-16 sums). Slots ATTN..ATTN + 8 are decode attention over the KV heads a task is
+given, one slot per pair of KV cache types (_native_attention.py). The arrays must stay
 alive until the call that ran them returns (the pool's caller holds them).
 
 Control slot of thread i (CTL_STRIDE int64 at i * CTL_STRIDE, a cache line each):
@@ -42,7 +42,7 @@ from numba import carray, njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from . import _simd, attention
+from . import _simd
 from .base import specialize
 
 TASK_FIELDS = 16
@@ -50,7 +50,7 @@ CTL_STRIDE = 16                 # int64 per thread slot: 128 bytes (two cache li
 GO, KIND, LO, HI, DONE, SLEEP, WSLEEP, TABLE, BUSY = 0, 1, 2, 3, 4, 5, 6, 7, 8
 RUN, PY, EXIT = 1, 2, 3
 SLOTS_PER_GROUP = 16            # kernel slots per xaux dtype
-ATTN = 2 * SLOTS_PER_GROUP      # the attention task's slot
+ATTN = 2 * SLOTS_PER_GROUP      # the attention tasks' first slot (_native_attention)
 
 
 # -- intrinsics ----------------------------------------------------------------------------------
@@ -176,6 +176,7 @@ def _ptr_intrinsic(dtype):
 ptr_u8 = _ptr_intrinsic(types.uint8)
 ptr_i8 = _ptr_intrinsic(types.int8)
 ptr_i16 = _ptr_intrinsic(types.int16)
+ptr_u16 = _ptr_intrinsic(types.uint16)
 ptr_i32 = _ptr_intrinsic(types.int32)
 ptr_f32 = _ptr_intrinsic(types.float32)
 ptr_i64 = _ptr_intrinsic(types.int64)
@@ -190,38 +191,13 @@ def address(a: np.ndarray) -> int:
 def encode(row: np.ndarray, slot: int, *args) -> None:
     """Write one task (a `KernelUnit.native_task` or `attention_task` tuple) into `row` (int64
     (TASK_FIELDS,))."""
-    if slot == ATTN:
+    if slot >= ATTN:
         _encode_attention(row, *args)
         return
     q, xq, dx, xaux, out, r0, r1 = args          # every array 2-D and C-contiguous
     row[:] = (slot, address(q), q.shape[0], q.shape[1], address(xq), xq.shape[1],
               address(dx), dx.shape[1], address(xaux), xaux.shape[1],
               address(out), out.shape[0], out.shape[1], r0, r1, 0)
-
-
-def attention_task(q, k, v, out, scores, pos0: int, scale: float) -> tuple:
-    """A task running attention.attend(q, k, v, pos0, scale, out, scores), every array
-    C-contiguous float32: q (T, H, hd), k and v (n_kv, n_ctx, hd), out (T, H * hd), scores
-    (H, >= pos0 + T). Only where `available()`."""
-    return (ATTN, q, k, v, out, scores, pos0, scale)
-
-
-ATTN_POS0 = 12      # the field of an attention row holding pos0 (a replayed table rewrites it)
-
-
-def _encode_attention(row, q, k, v, out, scores, pos0, scale) -> None:
-    row[:] = (ATTN, address(q), q.shape[0], q.shape[1], q.shape[2], address(k), address(v),
-              k.shape[0], k.shape[1], address(out), address(scores), scores.shape[1], pos0,
-              int(np.float32(scale).view(np.int32)), 0, 0)
-
-
-@njit(nogil=True, cache=True)
-def _run_attention(f):
-    n_t, n_h, hd, n_kv, n_ctx = f[2], f[3], f[4], f[7], f[8]
-    attention.attend(carray(ptr_f32(f[1]), (n_t, n_h, hd)),
-                     carray(ptr_f32(f[5]), (n_kv, n_ctx, hd)),
-                     carray(ptr_f32(f[6]), (n_kv, n_ctx, hd)), f[12], f32_from_bits(f[13]),
-                     carray(ptr_f32(f[9]), (n_t, n_h * hd)), carray(ptr_f32(f[10]), (n_h, f[11])))
 
 
 @intrinsic
@@ -235,18 +211,23 @@ def f32_from_bits(typingctx, b):
     return sig, codegen
 
 
+# the attention tasks (their own file; they use the pointer intrinsics above)
+from ._native_attention import (ATTN_POS0, _encode_attention, _run_attention,  # noqa: E402,F401
+                                attention_task)
+
+
 @njit(nogil=True, cache=True)
 def _no_kernel(q, xq, dx, xaux, out, r0, r1):  # an unused slot
     pass
 
 
 def _run_tasks_t(table, lo, hi):
-    # slots 0..15: K0..K15 (int32 xaux), 16..31: K16..K31 (int16 xaux), ATTN: attention; the
+    # slots 0..15: K0..K15 (int32 xaux), 16..31: K16..K31 (int16 xaux), ATTN..: attention; the
     # K constants are the registered kernels (template constants, see executors)
     for t in range(lo, hi):
         f = table[t]
         slot = f[0]
-        if slot == ATTN:
+        if slot >= ATTN:
             _run_attention(f)
             continue
         n_t = f[11]

@@ -12,6 +12,8 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
 
+from .kvcache import kv_row
+
 # reassociation lets LLVM vectorize the float reductions (sums of squares, dot products); the
 # other fast-math flags (no-NaN, no-inf) stay off: non-finite values must propagate
 _FM = {"reassoc", "contract", "nsz"}
@@ -57,17 +59,19 @@ def exp(x):
 
 
 @njit(nogil=True, cache=True, fastmath=_FM)
-def _scores(q, k, t, n_s, scale, scores):
-    # scores[h, s] = scale * q[t, h] . k[h // group, s]
+def _scores(q, k, kd, t, n_s, scale, scores, tmp):
+    # scores[h, s] = scale * q[t, h] . k[h // group, s]: each cached key row read (and decoded,
+    # kv_row) once for the query heads of its group
     n_h, hd = q.shape[1], q.shape[2]
     group = n_h // k.shape[0]
-    for h in range(n_h):
-        g = h // group
+    for g in range(k.shape[0]):
         for s in range(n_s):
-            acc = np.float32(0.0)
-            for j in range(hd):
-                acc += q[t, h, j] * k[g, s, j]
-            scores[h, s] = acc * scale
+            kr = kv_row(k, kd, g, s, tmp)
+            for h in range(g * group, (g + 1) * group):
+                acc = np.float32(0.0)
+                for j in range(hd):
+                    acc += q[t, h, j] * kr[j]
+                scores[h, s] = acc * scale
 
 
 @njit(nogil=True, cache=True, fastmath=_FM)
@@ -88,32 +92,35 @@ def _softmax(scores, n_s):
 
 
 @njit(nogil=True, cache=True, fastmath=_FM)
-def _values(scores, v, n_s, out):
+def _values(scores, v, vd, n_s, out, tmp):
     # out[h * hd:(h + 1) * hd] = sum_s scores[h, s] * v[h // group, s]
     n_h, hd = scores.shape[0], v.shape[2]
     group = n_h // v.shape[0]
-    for h in range(n_h):
-        g = h // group
-        o = out[h * hd:(h + 1) * hd]
-        o[:] = 0.0
+    out[:] = 0.0
+    for g in range(v.shape[0]):
         for s in range(n_s):
-            p = scores[h, s]
-            for j in range(hd):
-                o[j] += p * v[g, s, j]
+            vr = kv_row(v, vd, g, s, tmp)
+            for h in range(g * group, (g + 1) * group):
+                p = scores[h, s]
+                o = out[h * hd:(h + 1) * hd]
+                for j in range(hd):
+                    o[j] += p * vr[j]
 
 
 @njit(nogil=True, cache=True)
-def attend(q, k, v, pos0, scale, out, scores):
+def attend(q, k, kd, v, vd, pos0, scale, out, scores):
     """Causal grouped-query attention over a KV cache, for a few query positions (decode).
 
-    q: float32 (T, H, hd) at positions pos0..pos0+T-1; k, v: float32 (n_kv, n_ctx, hd) filled up
-    to pos0 + T; out: float32 (T, H * hd); scores: float32 scratch (H, >= pos0 + T). Query head
-    h reads KV head h // (H / n_kv). Three passes per position (scores, softmax, weighted sum of
-    values), each a loop LLVM vectorizes (kept as separate functions: fused into one, the
-    same loops measured 2-4x slower)."""
+    q: float32 (T, H, hd) at positions pos0..pos0+T-1; k, v: cache arrays (n_kv, n_ctx, hd) of
+    a kvcache.py type (float32, f16 bits, q8_0 codes) filled up to pos0 + T, kd, vd their scale
+    arrays (f32 / f16: k and v again); out: float32 (T, H * hd); scores: float32 scratch
+    (H, >= pos0 + T). Query head h reads KV head h // (H / n_kv). Three passes per position
+    (scores, softmax, weighted sum of values), each a loop LLVM vectorizes (kept as separate
+    functions: fused into one, the same loops measured 2-4x slower)."""
+    tmp = np.empty(k.shape[2], dtype=np.float32)     # (hd,) a decoded cache row
     for t in range(q.shape[0]):
         n_s = pos0 + t + 1
-        _scores(q, k, t, n_s, scale, scores)
+        _scores(q, k, kd, t, n_s, scale, scores, tmp)
         _softmax(scores, n_s)
-        _values(scores, v, n_s, out[t])
+        _values(scores, v, vd, n_s, out[t], tmp)
 

@@ -3,6 +3,9 @@
 Tests, per thread count:
     ppN  prefill of N random tokens into a fresh context, in forwards of PREFILL_CHUNK tokens;
     tgN  decode of N tokens one forward at a time, after an untimed TG_PROMPT-token prompt.
+With a depth D (llama-bench's -d), each runner first fills D positions of its context (untimed,
+once), and the tests run there, named "ppN @ dD" / "tgN @ dD": decode at a long context, where
+attention reads the KV cache of all D positions per token (what the KV cache type changes).
 Each test runs `reps` times; tokens/s is the mean over repetitions of N / seconds, with the
 sample standard deviation. GB/s counts the weight bytes one forward streams (every matrix once)
 times forwards per second, and % bw sets that against the machine's read bandwidth, measured
@@ -32,13 +35,15 @@ from typing import Callable, Sequence
 import numpy as np
 
 from . import ops
+from .cache_types import DEFAULT_CACHE_TYPE
 from .errors import NumallmError
+from .llamacpp import LlamaCppRunner
 
 TG_PROMPT = 8           # tokens prefilled (untimed) before a tg test, like a short prompt
 WARMUP_TOKENS = 8       # tokens of the untimed warm-up prefill (Numba compile, page cache)
 BW_BYTES = 1 << 30      # read-bandwidth buffer: much larger than any L3
 BW_REPEATS = 8          # bandwidth passes (~50 ms each); the best is kept, the rest is noise
-NUMALLM, LLAMA_CPP = "numallm", "llama.cpp"
+NUMALLM, LLAMA_CPP = "numallm", LlamaCppRunner.engine
 
 # llama.cpp's general.file_type values (llama.h, enum llama_ftype) for the model label
 _FTYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1",
@@ -275,26 +280,38 @@ class NumallmRunner:
         st = self.llm.placement.sync_stats()
         return None if st is None else st.sync_s
 
-    def prefill(self, tokens: np.ndarray) -> tuple[float, int]:
-        """Seconds and forward passes to prefill `tokens` from position 0 (a fresh context)."""
+    def prefill(self, tokens: np.ndarray, pos0: int = 0) -> tuple[float, int]:
+        """Seconds and forward passes to prefill `tokens` from position pos0 (0: a fresh context;
+        else after `prime`)."""
         from .threads import activate
 
         with activate(self.llm.pool):
             s0 = self._sync_s()
             t0 = time.perf_counter()
-            passes = self._forward(tokens, 0)
+            passes = self._forward(tokens, pos0)
             dt = time.perf_counter() - t0
         self.last_sync_s = None if s0 is None else self._sync_s() - s0
         return dt, passes
 
     def decode(self, prompt: np.ndarray, tokens: np.ndarray) -> float:
         """Seconds to decode `tokens` one at a time after an untimed prefill of `prompt`."""
+        self.prime(prompt)
+        return self.decode_at(len(prompt), tokens)
+
+    def prime(self, tokens: np.ndarray) -> None:
+        """Fill positions 0..len(tokens)-1 of the context (untimed; the depth of later tests)."""
         from .threads import activate
 
         with activate(self.llm.pool):
-            self._forward(prompt, 0)
+            self._forward(tokens, 0)
+
+    def decode_at(self, pos0: int, tokens: np.ndarray) -> float:
+        """Seconds to decode `tokens` one at a time from position pos0 (after `prime`)."""
+        from .threads import activate
+
+        with activate(self.llm.pool):
             s0 = self._sync_s()
-            dt = self._decode(len(prompt), tokens)
+            dt = self._decode(pos0, tokens)
         self.last_sync_s = None if s0 is None else self._sync_s() - s0
         return dt
 
@@ -304,61 +321,18 @@ class NumallmRunner:
             self.llm.model(tokens[i:i + 1], self.llm.cache, pos0 + i, last_only=True)
         return time.perf_counter() - t0
 
-    def non_kernel_s(self, prompt: np.ndarray, tokens: np.ndarray) -> float:
-        """Seconds of one more decode (as `decode`) during which no thread ran a matrix kernel."""
+    def non_kernel_s(self, prompt: np.ndarray | None, tokens: np.ndarray, pos0: int = 0) -> float:
+        """Seconds of one more decode (as `decode`; prompt None: as `decode_at(pos0)`) during
+        which no thread ran a matrix kernel."""
         from .threads import activate
 
         with activate(self.llm.pool):
-            self._forward(prompt, 0)
+            if prompt is not None:
+                self._forward(prompt, 0)
+                pos0 = len(prompt)
             with ops.timing([]) as spans:
-                wall = self._decode(len(prompt), tokens)
+                wall = self._decode(pos0, tokens)
         return wall - busy_s(spans)
-
-    def close(self) -> None:
-        self.llm.close()
-
-
-class LlamaCppRunner:
-    """The same tests through llama-cpp-python's Llama.eval on the same file."""
-
-    engine = LLAMA_CPP
-    N_BATCH = 512
-    numa = ""                # llama.cpp's own NUMA handling is not driven from here
-    last_sync_s = None
-
-    def __init__(self, path: str, n_threads: int, n_ctx: int):
-        from . import llamacpp
-
-        why = llamacpp.problem()
-        if why:
-            raise NumallmError(f"--vs-llama-cpp: {why}")
-        import llama_cpp
-
-        try:
-            self.llm = llama_cpp.Llama(path, n_ctx=n_ctx, n_threads=n_threads,
-                                       n_threads_batch=n_threads, n_batch=self.N_BATCH,
-                                       verbose=False)
-        except (ValueError, RuntimeError) as e:
-            raise NumallmError(f"llama.cpp cannot load {path} ({e}); run without --vs-llama-cpp") from e
-
-    def prefill(self, tokens: np.ndarray) -> tuple[float, int]:
-        self.llm.reset()   # n_tokens = 0: eval drops the KV cells from there on
-        # llama_decode on the CPU backend returns when the graph is computed: no sync needed
-        t0 = time.perf_counter()
-        self.llm.eval(tokens.tolist())
-        return time.perf_counter() - t0, -(-len(tokens) // self.N_BATCH)
-
-    def decode(self, prompt: np.ndarray, tokens: np.ndarray) -> float:
-        self.llm.reset()
-        self.llm.eval(prompt.tolist())
-        ids = tokens.tolist()
-        t0 = time.perf_counter()
-        for t in ids:
-            self.llm.eval([t])
-        return time.perf_counter() - t0
-
-    def non_kernel_s(self, prompt: np.ndarray, tokens: np.ndarray) -> None:
-        return None       # not measurable from outside llama.cpp
 
     def close(self) -> None:
         self.llm.close()
@@ -373,18 +347,25 @@ class BenchPlan:
     threads: tuple[int, ...]
     reps: int
     seed: int = 0
+    depth: int = 0         # positions filled before the tests (llama-bench's -d; 0: none)
 
     @property
     def n_ctx(self) -> int:
+        if self.depth:
+            return max(self.depth + self.n_prompt, self.depth + self.n_gen, WARMUP_TOKENS + 2)
         return max(self.n_prompt, TG_PROMPT + self.n_gen, WARMUP_TOKENS + 1)
+
+    def name(self, test: str) -> str:
+        """"tg128", or "tg128 @ d4096" at a depth (llama-bench's names)."""
+        return f"{test} @ d{self.depth}" if self.depth else test
 
 
 def plan_tokens(plan: BenchPlan, n_vocab: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Random ids below n_vocab (fixed seed), the same for every engine:
-    pp (n_prompt,), tg prompt (TG_PROMPT,), tg tokens (n_gen,), all int64."""
+    pp (n_prompt,), tg prompt (TG_PROMPT, or the depth's tokens), tg tokens (n_gen,), all int64."""
     rng = np.random.default_rng(plan.seed)
     return (rng.integers(0, n_vocab, plan.n_prompt, dtype=np.int64),
-            rng.integers(0, n_vocab, TG_PROMPT, dtype=np.int64),
+            rng.integers(0, n_vocab, plan.depth or TG_PROMPT, dtype=np.int64),
             rng.integers(0, n_vocab, plan.n_gen, dtype=np.int64))
 
 
@@ -398,6 +379,15 @@ def run_tests(runners: Sequence, plan: BenchPlan, n_threads: int, n_vocab: int,
     pp, prompt, gen = plan_tokens(plan, n_vocab)
     for r in runners:
         r.decode(prompt[:WARMUP_TOKENS], gen[:2])   # untimed: compile, page cache, pool start
+    d = plan.depth
+    if d:                                           # the depth, filled once per runner
+        for r in runners:
+            r.prime(prompt)
+        prefill, decode = (lambda r: r.prefill(pp, d)), (lambda r: r.decode_at(d, gen))
+        non_kernel = lambda r: r.non_kernel_s(None, gen, d)     # noqa: E731
+    else:
+        prefill, decode = (lambda r: r.prefill(pp)), (lambda r: r.decode(prompt, gen))
+        non_kernel = lambda r: r.non_kernel_s(prompt, gen)      # noqa: E731
     rows = []
 
     def timed(call, r):
@@ -409,15 +399,15 @@ def run_tests(runners: Sequence, plan: BenchPlan, n_threads: int, n_vocab: int,
         got = [rep[i][1] for rep in runs]
         return None if None in got else got
     if plan.n_prompt:
-        runs = [[timed(lambda r: r.prefill(pp), r) for r in runners] for _ in range(plan.reps)]
-        rows += [summarize(r.engine, f"pp{plan.n_prompt}", n_threads, plan.n_prompt,
+        runs = [[timed(prefill, r) for r in runners] for _ in range(plan.reps)]
+        rows += [summarize(r.engine, plan.name(f"pp{plan.n_prompt}"), n_threads, plan.n_prompt,
                            runs[0][i][0][1], [rep[i][0][0] for rep in runs], weight_bytes,
                            machine_gbps, r.numa, syncs(runs, i))
                  for i, r in enumerate(runners)]
     if plan.n_gen:
-        runs = [[timed(lambda r: r.decode(prompt, gen), r) for r in runners] for _ in range(plan.reps)]
-        other = [r.non_kernel_s(prompt, gen) for r in runners]
-        rows += [summarize(r.engine, f"tg{plan.n_gen}", n_threads, plan.n_gen, plan.n_gen,
+        runs = [[timed(decode, r) for r in runners] for _ in range(plan.reps)]
+        other = [non_kernel(r) for r in runners]
+        rows += [summarize(r.engine, plan.name(f"tg{plan.n_gen}"), n_threads, plan.n_gen, plan.n_gen,
                            [rep[i][0] for rep in runs], tg_bytes or weight_bytes, machine_gbps,
                            r.numa, syncs(runs, i), other[i])
                  for i, r in enumerate(runners)]
@@ -463,7 +453,9 @@ def run_benchmark(path: str, plan: BenchPlan, vs_llama_cpp: bool = False,
             for strategy in numa:
                 runners.append(NumallmRunner(path, t, plan.n_ctx, strategy, **load_options))
             if vs_llama_cpp:
-                runners.append(LlamaCppRunner(path, t, plan.n_ctx))
+                runners.append(LlamaCppRunner(path, t, plan.n_ctx, (
+                    load_options.get("cache_type_k", DEFAULT_CACHE_TYPE),
+                    load_options.get("cache_type_v", DEFAULT_CACHE_TYPE))))
             info, n_vocab = runners[0].info()
             rows += run_tests(runners, plan, t, n_vocab, info.weight_bytes, machine[t], log,
                               info.active_bytes or None)

@@ -23,6 +23,7 @@ import psutil
 from . import threads
 from .errors import NumallmError
 from .gguf_file import GGUFFile
+from .cache_types import DEFAULT_CACHE_TYPE, check_cache_type
 from .placement import DEFAULT_CTX, PREFILL_CHUNK, ModelSpec, Request, make_plan
 from .session import GenerationChunk, GenerationResult, Session
 
@@ -33,7 +34,8 @@ __all__ = ["DEFAULT_CTX", "PREFILL_CHUNK", "GenerationChunk", "GenerationResult"
 def plan_model(path: str, n_ctx: int | None = None, n_threads: int | None = None,
                numa: str = "off", virtual_nodes: int | None = None, nodes: list[int] | None = None,
                threads_per_node: int | None = None, offload=None, n_seq: int = 1,
-               topology: str | None = None):
+               topology: str | None = None, cache_type_k: str = DEFAULT_CACHE_TYPE,
+               cache_type_v: str = DEFAULT_CACHE_TYPE):
     """(GGUFFile, ModelSpec, Plan, topology) for loading `path` with these options: reads only
     the file's header and the machine (or, with `topology`, the machine a `topo --json` file
     describes, its free memory as the file says). The plan `numallm plan`, `topo MODEL` and
@@ -61,7 +63,8 @@ def plan_model(path: str, n_ctx: int | None = None, n_threads: int | None = None
         gpus, why = discover_gpus()
     req = Request(numa=numa, n_ctx=n_ctx or 0, n_threads=n_threads,
                   nodes=None if nodes is None else tuple(nodes), threads_per_node=threads_per_node,
-                  offload=offload, n_seq=n_seq)
+                  offload=offload, n_seq=n_seq, cache_type_k=cache_type_k,
+                  cache_type_v=cache_type_v)
     plan = make_plan(spec, topo, req, gpus, why,
                      available=None if topology is not None else psutil.virtual_memory().available)
     return f, spec, plan, topo
@@ -73,7 +76,8 @@ class LoadedModel:
     def __init__(self, path: str, n_ctx: int | None = None, n_threads: int | None = None,
                  chat_template: str | None = None, numa: str = "off", virtual_nodes: int | None = None,
                  nodes: list[int] | None = None, threads_per_node: int | None = None,
-                 offload=None, n_seq: int = 1, progress=None):
+                 offload=None, n_seq: int = 1, progress=None,
+                 cache_type_k: str = DEFAULT_CACHE_TYPE, cache_type_v: str = DEFAULT_CACHE_TYPE):
         from .chat_template import ChatTemplate
         from .placement.runtime import apply_plan
         from .tokenizer import Tokenizer
@@ -81,9 +85,12 @@ class LoadedModel:
         # options first, so a bad value fails before the file is read (ranges: numallm.sampling)
         n_threads, self.threads_note = threads.check_threads(n_threads, "n_threads")
         threads_per_node = threads.check_threads(threads_per_node, "threads_per_node")[0]
+        check_cache_type(cache_type_k, "cache_type_k")
+        check_cache_type(cache_type_v, "cache_type_v")
         self.path = str(path)
         self.file, self.spec, self.plan, topo = plan_model(
-            path, n_ctx, n_threads, numa, virtual_nodes, nodes, threads_per_node, offload, n_seq)
+            path, n_ctx, n_threads, numa, virtual_nodes, nodes, threads_per_node, offload, n_seq,
+            cache_type_k, cache_type_v)
         self.plan.check_fits()                 # before the first large allocation
         self.n_ctx = self.plan.n_ctx
         self.tokenizer = Tokenizer.from_metadata(self.file.metadata)
@@ -133,7 +140,7 @@ class LoadedModel:
 
     def new_cache(self) -> list:
         """A fresh KV cache (one entry per layer) where the plan puts each layer's cache."""
-        cache = self.model.new_cache(self.n_ctx)
+        cache = self.model.new_cache(self.n_ctx, *self.plan.cache_types)
         if self.offload is not None:
             cache = self.offload.adopt_cache(cache)
         return self.placement.adopt_cache(cache)
@@ -242,8 +249,10 @@ def load(path: str, **options) -> LLM:
     numa ("off" by default, "auto", "shard", "replicate", "isolate"), virtual_nodes (carve this
     machine into N nodes), nodes, threads_per_node (see numallm.placement); offload: a
     numallm.gpu.OffloadRequest (blocks to run on GPUs; see numallm.gpu.offload); n_seq: KV caches
-    to plan memory for; progress: a callable(done, total) called as the blocks are built.
-    Raises placement.OutOfMemoryError (with the numbers) before loading when the plan does not
-    fit. `llm.loaded.notices` holds one-line notices (GPU offload, numa auto)."""
+    to plan memory for; cache_type_k, cache_type_v: the KV cache's element types on the CPU
+    ("f16" by default, "f32", "q8_0"; llama.cpp's -ctk / -ctv); progress: a callable(done, total)
+    called as the blocks are built. Raises placement.OutOfMemoryError (with the numbers) before
+    loading when the plan does not fit. `llm.loaded.notices` holds one-line notices (GPU
+    offload, numa auto)."""
     return LLM(path, **options)
 

@@ -8,7 +8,8 @@ llama-cpp-python runs by changing its import:
     for chunk in llm.create_chat_completion(messages=[...], stream=True):
         print(chunk["choices"][0]["delta"].get("content", ""), end="")
 
-The same constructor arguments (model_path, n_ctx, n_threads, n_gpu_layers, seed, verbose;
+The same constructor arguments (model_path, n_ctx, n_threads, n_gpu_layers, seed, verbose, and
+type_k / type_v as ggml types 0 (f32), 1 (f16, the default), 8 (q8_0);
 other llama.cpp tuning arguments are accepted and ignored), the same call signatures and
 defaults, and the same response / chunk dicts, with `logprobs` (completion: an int; chat:
 logprobs=True, top_logprobs=k) and chat's `response_format` ({"type": "json_object"} with an
@@ -25,7 +26,9 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from .cache_types import DEFAULT_CACHE_TYPE
 from .engine import LoadedModel
+from .errors import OptionError
 from .grammar import Grammar
 from .logprobs import chat_logprobs, completion_logprobs, text_chars
 
@@ -33,10 +36,24 @@ LLAMA_DEFAULT_SEED = 0xFFFFFFFF       # llama-cpp-python's "random seed"
 log = logging.getLogger("numallm")
 
 
+# llama.cpp's ggml_type values of the KV cache types numallm has (llama-cpp-python's type_k / type_v)
+GGML_CACHE_TYPES = {0: "f32", 1: "f16", 8: "q8_0"}
+
+
+def _cache_type(ggml_type: int | None, name: str) -> str:
+    if ggml_type is None:
+        return DEFAULT_CACHE_TYPE
+    if ggml_type not in GGML_CACHE_TYPES:
+        raise OptionError(f"{name}={ggml_type!r}: numallm's KV cache takes the ggml types "
+                          f"{', '.join(f'{k} ({v})' for k, v in GGML_CACHE_TYPES.items())}")
+    return GGML_CACHE_TYPES[ggml_type]
+
+
 class Llama:
     def __init__(self, model_path: str, *, n_gpu_layers: int = 0, seed: int = LLAMA_DEFAULT_SEED,
                  n_ctx: int = 512, n_threads: int | None = None, verbose: bool = True,
-                 chat_format: str | None = None, **ignored):
+                 chat_format: str | None = None, type_k: int | None = None,
+                 type_v: int | None = None, **ignored):
         offload = None
         if n_gpu_layers:                    # -1: every layer, as llama-cpp-python reads it
             from .gpu import OffloadRequest
@@ -45,7 +62,9 @@ class Llama:
         self.model_path = str(model_path)
         self.verbose = verbose
         self._loaded = LoadedModel(self.model_path, n_ctx=n_ctx or None, n_threads=n_threads,
-                                   numa="auto", offload=offload)
+                                   numa="auto", offload=offload,
+                                   cache_type_k=_cache_type(type_k, "type_k"),
+                                   cache_type_v=_cache_type(type_v, "type_v"))
         self._session = self._loaded.session()
         self.tokenizer_ = self._loaded.tokenizer
         self._rng = np.random.default_rng(None if seed in (LLAMA_DEFAULT_SEED, -1) else seed)

@@ -329,40 +329,6 @@ def yarn_corr_dims(n_dims: int, n_ctx_orig: int, base: float, beta_fast: float,
     return max(0.0, math.floor(dim(beta_fast))), min(n_dims - 1.0, math.ceil(dim(beta_slow)))
 
 
-class HostCache:
-    """A layer cache in host memory whose `attend` takes one sequence's rows: a batch of them
-    can decode together (BatchCaches, LoadedModel.forward_batch)."""
-
-
-class KVCache(HostCache):
-    """Keys and values of one layer for positions 0..n_ctx-1.
-
-    k, v: float32 (n_head_kv, n_ctx, head_dim); `n` positions are filled. `zeros(shape, dtype)`
-    allocates them (placement passes one that puts the pages on a chosen node).
-    """
-
-    def __init__(self, n_ctx: int, n_head_kv: int, head_dim: int, zeros=np.zeros):
-        self.k = zeros((n_head_kv, n_ctx, head_dim), np.float32)
-        self.v = zeros((n_head_kv, n_ctx, head_dim), np.float32)
-        self.n = 0
-
-    @property
-    def nbytes(self) -> int:
-        return self.k.nbytes + self.v.nbytes
-
-    def attend(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, pos0: int) -> np.ndarray:
-        return attend(q, k, v, self, pos0)
-
-    # every query head reads all of it (one latent row per token): a node running some of the
-    # heads needs a whole copy rather than a share of the KV heads (placement)
-    shared = False
-
-    def part(self, h0: int, h1: int, zeros) -> "KVCache":
-        """An empty cache of the same length for what KV heads [h0, h1) need: their own rows
-        here; a whole copy of a shared cache."""
-        return KVCache(self.k.shape[1], h1 - h0, self.k.shape[2], zeros)
-
-
 class BatchCaches:
     """One layer's caches of a batch of sequences decoding together (LoadedModel.forward_batch):
     passed where the layer's cache goes, with pos0 an int array (B,) of each row's position.
@@ -384,13 +350,6 @@ class BatchCaches:
         return out
 
 
-# Up to this many query positions attention runs as one Numba pass per head (decode, short
-# chunks); longer prefills batch each KV head's queries into BLAS matmuls.
-FUSED_ATTENTION_MAX_T = 8
-# query positions per block of the batched path
-ATTENTION_BLOCK = 64
-
-
 def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, cache, pos0) -> np.ndarray:
     """Causal grouped-query attention with the KV cache: `cache.attend` (a KVCache here; NUMA
     placement's per-node caches run each node's heads on its own threads; BatchCaches, with pos0
@@ -401,43 +360,10 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, cache, pos0) -> np.nd
     return cache.attend(q, k, v, pos0)
 
 
-def attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, cache: KVCache, pos0: int) -> np.ndarray:
-    """KVCache.attend: store k, v at pos0.. in `cache`, then attention of q over positions 0..
-    (shapes as `attention`)."""
-    t, n_head, hd = q.shape
-    n_kv = k.shape[1]
-    group = n_head // n_kv
-    end = pos0 + t
-    cache.k[:, pos0:end] = k.transpose(1, 0, 2)
-    cache.v[:, pos0:end] = v.transpose(1, 0, 2)
-    cache.n = end
-    if t <= FUSED_ATTENTION_MAX_T:
-        out = np.empty((t, n_head * hd), dtype=np.float32)
-        fused.attend(np.ascontiguousarray(q, dtype=np.float32), cache.k, cache.v, pos0,
-                     np.float32(1.0 / np.sqrt(hd)), out, np.empty((n_head, end), dtype=np.float32))
-        return out
-    # query heads h = g*group + j share kv head g; blocks of queries see only the keys up to
-    # their last position (half the work of scoring every query against every key, causally)
-    qg = q.reshape(t, n_kv, group, hd).transpose(1, 0, 2, 3)                 # (n_kv, T, group, hd)
-    scale = np.float32(1.0 / np.sqrt(hd))
-    out = np.empty((n_kv, t, group, hd), dtype=np.float32)
-    for a in range(0, t, ATTENTION_BLOCK):
-        b = min(a + ATTENTION_BLOCK, t)
-        n_s = pos0 + b
-        qb = qg[:, a:b].reshape(n_kv, (b - a) * group, hd)                   # rows (i, j)
-        sc = np.matmul(qb, cache.k[:, :n_s].transpose(0, 2, 1))              # (n_kv, rows, S)
-        sc *= scale
-        # query pos0 + i (i in a..b) must not see keys past itself: the last b - a columns
-        tri = np.triu(np.full((b - a, b - a), -np.inf, np.float32), 1)       # (B, B)
-        sc.reshape(n_kv, b - a, group, n_s)[..., pos0 + a:] += tri[None, :, None, :]
-        sc -= sc.max(axis=-1, keepdims=True)
-        np.exp(sc, out=sc)
-        sc /= sc.sum(axis=-1, keepdims=True)
-        out[:, a:b] = np.matmul(sc, cache.v[:, :n_s]).reshape(n_kv, b - a, group, hd)
-    return out.transpose(1, 0, 2, 3).reshape(t, n_head * hd)
-
-
-# per-head products (MLA) and Mixture-of-Experts ops (their own files; model files reach them here)
+# the KV cache, per-head products (MLA) and Mixture-of-Experts ops (their own files; model files
+# reach them here)
+from .kvcache import (ATTENTION_BLOCK, FUSED_ATTENTION_MAX_T, HostCache, KVCache,  # noqa: E402,F401
+                      attend)
 from .heads import HeadLinear, head_matmul, split_heads  # noqa: E402,F401
 from . import experts as _experts  # noqa: E402
 from .experts import ExpertLinear, moe_route  # noqa: E402,F401

@@ -19,6 +19,10 @@ MODELS = [("llama", "tiny"), ("qwen2", "tiny"), ("qwen3", "tiny"), ("qwen3moe", 
 def _load(synth_dir, arch, shape, **kw):
     if arch == "deepseek2":                  # MLA: a latent cache per layer, routed experts
         path = cached_deepseek(synth_dir, "Q8_0", shape, seed=1)
+        # float32 latents: batched and lone rows differ by float32 rounding, which an f16 cache
+        # turns into whole f16 steps of some values; on this random model (top-2 gap 0.1 of 13
+        # at the 12th token, group-limited routing) that flips the 12th token
+        kw = dict(cache_type_k="f32", cache_type_v="f32", **kw)
     else:
         path = cached_model(synth_dir, arch=arch, qtype="Q4_0", shape=shape, seed=1)
     return numallm.LoadedModel(str(path), n_ctx=64, n_threads=1, **kw)

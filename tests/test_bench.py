@@ -229,6 +229,38 @@ def test_run_tests_interleaves_engines_repetition_by_repetition():
     assert bench.ratios(rows) == {("pp16", 1, "off"): 0.5}
 
 
+class DepthRunner(FakeRunner):
+    """A FakeRunner that can fill a depth first and run the tests there."""
+
+    def prime(self, tokens):
+        self.calls.append((self.engine, "prime", len(tokens)))
+
+    def prefill(self, tokens, pos0=0):
+        self.calls.append((self.engine, "prefill", len(tokens), pos0))
+        return self.pp_s, 1
+
+    def decode_at(self, pos0, tokens):
+        self.calls.append((self.engine, "decode_at", pos0, len(tokens)))
+        return 4.0
+
+    def non_kernel_s(self, prompt, tokens, pos0=0):
+        self.calls.append((self.engine, "non_kernel", prompt, pos0, len(tokens)))
+        return None
+
+
+def test_depth_fills_once_then_runs_the_tests_there():
+    """-d D (llama-bench's): the depth's tokens prefilled once per runner after the warm-up, the
+    tests at position D each repetition, named as llama-bench names them."""
+    calls = []
+    plan = BenchPlan(16, 8, (1,), 2, depth=40)
+    assert plan.n_ctx == 56 and len(bench.plan_tokens(plan, 100)[1]) == 40
+    rows = bench.run_tests([DepthRunner(NUMALLM, calls)], plan, 1, 100, 10**9, 1.0, lambda s: None)
+    assert calls == [(NUMALLM, "decode", bench.WARMUP_TOKENS, 2), (NUMALLM, "prime", 40)] + \
+        [(NUMALLM, "prefill", 16, 40)] * 2 + [(NUMALLM, "decode_at", 40, 8)] * 2 + \
+        [(NUMALLM, "non_kernel", None, 40, 8)]
+    assert [r.test for r in rows] == ["pp16 @ d40", "tg8 @ d40"]
+
+
 # -- CLI end to end ------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -270,6 +302,18 @@ def test_cli_vs_llama_cpp(tiny_model, capsys):
             by[(NUMALLM, t)]["tokens_per_s"] / by[(LLAMA_CPP, t)]["tokens_per_s"])
 
 
+def test_cli_depth_with_a_q8_0_cache_vs_llama_cpp(tiny_model, capsys):
+    """Both engines at a depth, each with a q8_0 KV cache (llama.cpp's needs flash attention)."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+    if llamacpp.problem():
+        pytest.skip(llamacpp.problem())
+    out = _bench_json(capsys, [tiny_model, "-p", "8", "-n", "4", "-d", "24", "-r", "1", "-t", "1",
+                               "-ctk", "q8_0", "-ctv", "q8_0", "--vs-llama-cpp"])
+    assert sorted((o["engine"], o["test"]) for o in out) == \
+        sorted((e, t) for e in (NUMALLM, LLAMA_CPP) for t in ("pp8 @ d24", "tg4 @ d24"))
+    assert all(o["tokens_per_s"] > 0 for o in out)
+
+
 def test_cli_table_with_repetitions(tiny_model, capsys):
     assert main(["bench", tiny_model, "-p", "8", "-n", "0", "-r", "2", "-t", "2",
                  "--bw-mib", "16"]) == 0
@@ -301,6 +345,7 @@ def test_cli_bad_numa_list_is_a_usage_error(tiny_model, capsys):
     (["-t", "0"], "thread list"),
     (["-p", "0", "-n", "0"], "nothing to measure"),
     (["-r", "0"], "repetition"),
+    (["-d", "-1"], "-d -1: give a depth"),
 ])
 def test_cli_bad_flags_are_one_line_errors(tiny_model, capsys, argv, msg):
     assert main(["bench", tiny_model, *argv]) == 1

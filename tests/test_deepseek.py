@@ -198,16 +198,20 @@ def test_split_kv_b_layout_is_the_same_model(synth_dir):
 
 
 def test_latent_kv_bytes(synth_dir):
-    """The cache holds kv_lora_rank + rope_dim floats per token per layer, and info/plan say so."""
+    """The cache holds kv_lora_rank + rope_dim values per token per layer in the key cache type
+    (f16 by default), and info/plan say so."""
     from numallm.commands.info import describe
 
     path = synth_deepseek.cached_deepseek(synth_dir, "F16", "tiny-v3", seed=0)
     a = get_module("deepseek2").Model.Args.from_gguf(GGUFFile(path))
-    assert a.kv_bytes_per_token() == 3 * (128 + 32) * 4
+    assert a.kv_bytes_per_token("f32") == 3 * (128 + 32) * 4
+    assert a.kv_bytes_per_token() == a.kv_bytes_per_token("f16", "f32") == 3 * (128 + 32) * 2
+    assert a.kv_bytes_per_token("q8_0") == 3 * (128 + 32) // 32 * 34
     d = describe(str(path), 256)
-    assert d["kv_bytes_per_token"] == 1920 and d["kv_cache_bytes"] == 1920 * 256
+    assert d["kv_bytes_per_token"] == 960 and d["kv_cache_bytes"] == 960 * 256
     model = get_module("deepseek2").Model(GGUFFile(path))
-    assert sum(c.nbytes for c in model.new_cache(256)) == 1920 * 256
+    assert sum(c.nbytes for c in model.new_cache(256)) == 960 * 256
+    assert sum(c.nbytes for c in model.new_cache(256, "q8_0", "f32")) == 510 * 256
 
 
 @pytest.mark.slow

@@ -55,12 +55,15 @@ def test_flat_dispatch_runs_every_share_and_counts_one_join():
 
 
 @native
+@pytest.mark.parametrize("types", [("f32", "f32"), ("f16", "q8_0"), ("q8_0", "f16")],
+                         ids=lambda ts: "-".join(ts))
 @pytest.mark.parametrize("pos0", [0, 37])
-def test_attention_task_equals_the_cache_attention(pos0):
-    """Attention as native tasks over KV head ranges on several threads == ops' attention."""
+def test_attention_task_equals_the_cache_attention(pos0, types):
+    """Attention as native tasks over KV head ranges on several threads == ops' attention, for
+    each cache type of K and V (the task's slot says which)."""
     rng = np.random.default_rng(1)
-    n_kv, group, hd, n_ctx = 4, 3, 16, 64
-    cache = ops.KVCache(n_ctx, n_kv, hd)
+    n_kv, group, hd, n_ctx = 4, 3, 32, 64
+    cache = ops.KVCache(n_ctx, n_kv, hd, type_k=types[0], type_v=types[1])
     for p in range(pos0):                                  # earlier positions
         k, v = rng.standard_normal((2, 1, n_kv, hd)).astype(np.float32)
         ops.attention(rng.standard_normal((1, n_kv * group, hd)).astype(np.float32), k, v, cache, p)
@@ -71,7 +74,7 @@ def test_attention_task_equals_the_cache_attention(pos0):
     shares = []
     for g0, g1 in ((0, 1), (1, 3), (3, 4)):                # uneven KV head ranges
         a, b = g0 * group, g1 * group
-        shares.append([_native.attention_task(q[:, a:b], cache.k[g0:g1], cache.v[g0:g1],
+        shares.append([_native.attention_task(q[:, a:b], *cache.k.part(g0, g1), *cache.v.part(g0, g1),
                                               out[:, a * hd:b * hd],
                                               np.empty((b - a, pos0 + 1), np.float32),
                                               pos0, 1 / np.sqrt(hd))])

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from numba import njit
 
-from numallm import ops
+from numallm import kvcache, ops
 from numallm_kernels import fused
 
 
@@ -73,10 +73,10 @@ def test_fused_attention_matches_the_batched_numpy_path(t, monkeypatch):
     k = rng.standard_normal((t, n_kv, hd)).astype(np.float32)
     v = rng.standard_normal((t, n_kv, hd)).astype(np.float32)
     outs = []
-    for max_t in (ops.FUSED_ATTENTION_MAX_T, 0):     # fused, then numpy/BLAS
-        monkeypatch.setattr(ops, "FUSED_ATTENTION_MAX_T", max_t)
-        cache = ops.KVCache(64, n_kv, hd)
-        cache.k[:, :pos0], cache.v[:, :pos0] = prefix_k.transpose(1, 0, 2), prefix_v.transpose(1, 0, 2)
+    for max_t in (kvcache.FUSED_ATTENTION_MAX_T, 0):     # fused, then numpy/BLAS
+        monkeypatch.setattr(kvcache, "FUSED_ATTENTION_MAX_T", max_t)
+        cache = ops.KVCache(64, n_kv, hd, type_k="f32", type_v="f32")
+        cache.store(prefix_k, prefix_v, 0)
         outs.append(ops.attention(q, k, v, cache, pos0))
     assert outs[0].shape == (t, n_head * hd)
     assert nmse(outs[0], outs[1]) < 1e-12
@@ -104,20 +104,24 @@ def _reference_attention(q, keys, vals, pos0):
     return out.reshape(t, n_h * hd)
 
 
+@pytest.mark.parametrize("types", [("f32", "f32"), ("f16", "f16"), ("q8_0", "q8_0"), ("q8_0", "f16")],
+                         ids=lambda ts: "-".join(ts))
 @pytest.mark.parametrize("t,pos0", [(3, 37), (70, 5), (130, 0)])
-def test_attention_paths_match_a_float64_reference(t, pos0):
+def test_attention_paths_match_a_float64_reference(t, pos0, types):
     """Both paths (fused for few positions, blocked BLAS for more, blocks of 64 with the
-    causal mask on the diagonal block) against a plain float64 loop."""
+    causal mask on the diagonal block) against a plain float64 loop over the values the cache
+    holds (its f16 / q8_0 rounding is the cache's, checked in test_kv_cache.py): the kernels
+    read every cache type as stored."""
     rng = np.random.default_rng(4)
-    n_head, n_kv, hd = 6, 2, 16
-    cache = ops.KVCache(256, n_kv, hd)
-    cache.k[:, :pos0] = rng.standard_normal((n_kv, pos0, hd))
-    cache.v[:, :pos0] = rng.standard_normal((n_kv, pos0, hd))
+    n_head, n_kv, hd = 6, 2, 32
+    cache = ops.KVCache(256, n_kv, hd, type_k=types[0], type_v=types[1])
+    cache.store(rng.standard_normal((pos0, n_kv, hd)).astype(np.float32),
+                rng.standard_normal((pos0, n_kv, hd)).astype(np.float32), 0)
     q = rng.standard_normal((t, n_head, hd)).astype(np.float32) * 2
     k = rng.standard_normal((t, n_kv, hd)).astype(np.float32)
     v = rng.standard_normal((t, n_kv, hd)).astype(np.float32)
     got = ops.attention(q, k, v, cache, pos0)
-    want = _reference_attention(q, cache.k[:, :pos0 + t], cache.v[:, :pos0 + t], pos0)
+    want = _reference_attention(q, cache.k.rows(pos0 + t), cache.v.rows(pos0 + t), pos0)
     assert nmse(got, want) < 1e-12
 
 

@@ -183,7 +183,7 @@ def test_attention_prefill_then_decode_matches_ops(kv_dtype):
     decode steps; the f16 cache adds its rounding (~1e-7 of error energy)."""
     rng = np.random.default_rng(3)
     n_head, n_kv, hd, n_ctx = 4, 2, 8, 16
-    cache = ops.KVCache(n_ctx, n_kv, hd)
+    cache = ops.KVCache(n_ctx, n_kv, hd, type_k="f32", type_v="f32")   # the host reference
     kc = cuda.to_device(np.zeros((n_kv, n_ctx, hd), kv_dtype))
     vc = cuda.to_device(np.zeros((n_kv, n_ctx, hd), kv_dtype))
     bound = 1e-12 if kv_dtype == np.float32 else 1e-6
@@ -204,13 +204,13 @@ def test_attention_prefill_then_decode_matches_ops(kv_dtype):
 def test_attention_spans_several_chunks():
     """More cached positions (19) than threads per block (8): the online softmax rescales."""
     rng = np.random.default_rng(4)
-    cache = ops.KVCache(24, 1, 8)
+    cache = ops.KVCache(24, 1, 8, type_k="f32", type_v="f32")
     q = rng.standard_normal((1, 2, 8)).astype(np.float32) * 3       # peaked scores
     k = rng.standard_normal((19, 1, 8)).astype(np.float32)
     v = rng.standard_normal((19, 1, 8)).astype(np.float32)
     ops.attention(rng.standard_normal((18, 2, 8)).astype(np.float32), k[:18], v[:18], cache, 0)
     want = ops.attention(q, k[18:], v[18:], cache, 18)
-    kc, vc = cuda.to_device(cache.k), cuda.to_device(cache.v)
+    kc, vc = cuda.to_device(cache.k.a), cuda.to_device(cache.v.a)
     out = cuda.device_array((1, 16), np.float32)
     co.attention(cuda.to_device(q), kc, vc, out, 18, 1, LAUNCH)
     assert nmse(out.copy_to_host(), want) < 1e-12

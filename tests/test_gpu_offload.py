@@ -78,10 +78,10 @@ def synth(synth_dir, arch, qtype, **shape):
     return cached_model(synth_dir, arch=arch, qtype=qtype, shape=s)
 
 
-def cpu_run(path, n_tok=4):
+def cpu_run(path, n_tok=4, kv="f16"):
     """CPU greedy tokens, the logits at every position of prompt + generated tokens, and the
-    model's weight-matrix bytes."""
-    with numallm.load(path, n_ctx=32, n_threads=1) as ref:
+    model's weight-matrix bytes; the KV cache in type `kv`."""
+    with numallm.load(path, n_ctx=32, n_threads=1, cache_type_k=kv, cache_type_v=kv) as ref:
         r = ref.generate(PROMPT, max_tokens=n_tok, temperature=0)
         seq = ref.tokenize(PROMPT) + r.tokens[:-1]
         return r.tokens, seq, ref.logits(seq), ref.weight_bytes
@@ -90,8 +90,10 @@ def cpu_run(path, n_tok=4):
 def check_offload(path, request, n_tok=4):
     """Generate on the CPU and offloaded; compare tokens, logits, bytes and where layers ran.
     Returns the offloaded LLM."""
-    want, seq, logits, weight_bytes = cpu_run(path, n_tok)
-    llm = numallm.load(path, n_ctx=32, n_threads=1, offload=request)
+    # the host layers' cache in the GPU's KV type, so the f32 case compares float32 with float32
+    kv = request.kv_dtype
+    want, seq, logits, weight_bytes = cpu_run(path, n_tok, kv)
+    llm = numallm.load(path, n_ctx=32, n_threads=1, offload=request, cache_type_k=kv, cache_type_v=kv)
     off = llm.offload
     assert off.applied, off.reason
     assert llm.weight_bytes == weight_bytes       # the same matrices, wherever they now are
@@ -332,7 +334,7 @@ def test_the_gpu_runs_the_block_class_own_forward(synth_dir, float_cpu):
     plain = llama.Model(GGUFFile(path))
     want_plain = plain(toks, plain.new_cache(32), 0, last_only=False)
     cpu = Model(GGUFFile(path))
-    want = cpu(toks, cpu.new_cache(32), 0, last_only=False)
+    want = cpu(toks, cpu.new_cache(32, "f32", "f32"), 0, last_only=False)   # the GPU's kv: f32
     model, off = offloaded(Model, path)
     cache = off.adopt_cache(model.new_cache(32))
     got = model(toks, cache, 0, last_only=False)

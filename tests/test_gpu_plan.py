@@ -163,7 +163,9 @@ def test_cpu_only_by_default_and_n_layers_from_the_end(tiny):
     assert d.kv == 2 * kv(256, 2, tiny_shape)
     all_weights = sum(stored(t) for t in tiny.tensors.values())
     assert p.host_weights == all_weights - d.weights             # nothing counted twice or lost
-    assert p.host_kv == 2 * kv(256, 4, tiny_shape)                # CPU blocks keep float32 K/V
+    assert p.host_kv == 2 * kv(256, 2, tiny_shape)                # CPU blocks: the default f16 K/V
+    p32 = make_plan(tiny, 256, OffloadRequest(gpu_layers=2), devs, host_kv=("f32", "f32"))
+    assert p32.host_kv == 2 * kv(256, 4, tiny_shape) and p32.devices[0].kv == d.kv
     assert p.gpu_share() == pytest.approx((d.weights + d.kv) / (d.weights + d.kv + p.host_bytes))
 
 
@@ -254,7 +256,7 @@ def test_four_8gb_cards_long_context_kv_per_device(nemo):
     assert p.output.device is None and any("output head stays on the CPU" in n for n in p.notes)
     assert any("auto: 24 of 40 layers fit" in n for n in p.notes)
     check_device_bytes(p, nemo, n_ctx, elem=4)
-    assert p.host_kv == 16 * kv(n_ctx, 4)
+    assert p.host_kv == 16 * kv(n_ctx, 2)                          # the CPU's default f16 K/V
 
 
 def test_reserve_is_respected(nemo):
@@ -441,10 +443,11 @@ def test_a_host_part_larger_than_free_memory_is_refused(nemo):
     topo = discover(str(FIXTURES / "vm_1node"), use_libs=False)        # one node, 27 GiB free
     devs = [gpu(0, "NVIDIA GeForce RTX 4090", (8, 9), 24, 23.5, 1008)]
     spec = ModelSpec.from_gguf(nemo)
-    p = place(spec, topo, Request(numa="off", n_ctx=131072, offload=OffloadRequest()), devs)
+    f32 = dict(cache_type_k="f32", cache_type_v="f32")   # 40 GiB of K/V: the host part cannot fit
+    p = place(spec, topo, Request(numa="off", n_ctx=131072, offload=OffloadRequest(), **f32), devs)
     assert p.host_weights + p.host_kv > 27 * GIB
     with pytest.raises(OutOfMemoryError, match=r"needs [\d.]+ GiB on this machine .*-ngl"):
         p.check_fits()
-    p = place(spec, topo, Request(numa="off", n_ctx=131072, offload=OffloadRequest(gpu_layers="auto")),
-              devs)
+    p = place(spec, topo, Request(numa="off", n_ctx=131072, offload=OffloadRequest(gpu_layers="auto"),
+                                  **f32), devs)
     p.check_fits()                       # the GPUs take enough of it

@@ -111,10 +111,11 @@ def check(fig: Figures, qtype: str, who: str, case: str) -> None:
 
 # -- llama.cpp side ----------------------------------------------------------------------------
 
-def llamacpp_logits(path: Path, tokens: list[int]) -> np.ndarray:
-    """float32 (T, vocab) logits of llama.cpp for `tokens` evaluated as one batch."""
+def llamacpp_logits(path: Path, tokens: list[int], **options) -> np.ndarray:
+    """float32 (T, vocab) logits of llama.cpp for `tokens` evaluated as one batch (options:
+    more Llama() arguments, e.g. the KV cache types)."""
     llm = llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=128, n_batch=128,
-                          n_threads=2, verbose=False, seed=0)
+                          n_threads=2, verbose=False, seed=0, **options)
     try:
         llm.eval(tokens)
         return np.array(llm.scores[:len(tokens)], dtype=np.float32)
@@ -149,11 +150,28 @@ def dense_ffn(W, b: str, h: np.ndarray, md: dict, arch: str) -> np.ndarray:
     return (gate / (1 + np.exp(-gate)) * up) @ W(b + "ffn_down.weight").T
 
 
-def reference_logits(path: Path, tokens: list[int], bug: str = "", ffn=dense_ffn) -> np.ndarray:
+def kv_rounded(x: np.ndarray, cache_type: str) -> np.ndarray:
+    """x (T, n_kv, hd) float64 as a KV cache of `cache_type` holds it: float32 first (what an
+    engine computes), then f16 (round to nearest even) or q8_0 blocks of 32 (gguf-py's quantizer:
+    an f16 scale amax / 127, codes rounded half to even, as ggml's x86 quantize_row_q8_0)."""
+    from gguf import GGMLQuantizationType as GT, quants
+
+    x32 = x.astype(np.float32)
+    if cache_type == "f16":
+        return x32.astype(np.float16).astype(np.float64)
+    if cache_type == "q8_0":
+        flat = x32.reshape(-1, x.shape[-1])
+        return quants.dequantize(quants.quantize(flat, GT.Q8_0), GT.Q8_0).reshape(x.shape).astype(np.float64)
+    return x32.astype(np.float64)
+
+
+def reference_logits(path: Path, tokens: list[int], bug: str = "", ffn=dense_ffn,
+                     kv_type: str | None = None) -> np.ndarray:
     """float64 (T, vocab) logits of an exact forward pass over the dequantized weights.
 
     bug: "" or one of BUGS, a deliberate engine mistake (to show the bounds catch it).
     ffn(W, prefix, h, metadata, arch): the feed-forward (tests/test_moe.py passes the experts').
+    kv_type: None (exact keys and values) or a KV cache type whose rounding they get (kv_rounded).
     """
     g = GGUFFile(path)
     arch, md = g.architecture, g.metadata
@@ -184,6 +202,8 @@ def reference_logits(path: Path, tokens: list[int], bug: str = "", ffn=dense_ffn
             q = _rms(q, W(b + "attn_q_norm.weight"), eps)
             k = _rms(k, W(b + "attn_k_norm.weight"), eps)
         q, k = _rope(q, pos, theta, neox), _rope(k, pos, theta, neox)
+        if kv_type is not None:
+            k, v = kv_rounded(k, kv_type), kv_rounded(v, kv_type)
         rep = nh // nkv  # GQA: q head h reads kv head h // rep (the bug: h % n_kv)
         k, v = ((np.concatenate([k] * rep, axis=1), np.concatenate([v] * rep, axis=1))
                 if bug == "gqa-modulo" else (np.repeat(k, rep, axis=1), np.repeat(v, rep, axis=1)))
@@ -289,3 +309,53 @@ def test_rope_scaling_is_visible(runs):
         plain = Case(scaled.arch, scaled.qtype)
         nmse = compare(runs(plain).llamacpp, runs(scaled).llamacpp).nmse
         assert nmse > 10 * NMSE_BOUND[scaled.qtype], f"{scaled.id}: scaling barely matters"
+
+
+# -- KV cache types ----------------------------------------------------------------------------
+# numallm's cache (f16 by default, as llama.cpp's) against the float64 forward whose keys and
+# values get the same rounding (F16 weights: numallm quantizes no activations there, so the
+# cache is the only rounding beyond float32). What remains is float32 arithmetic and the values
+# whose float32 error carries them across an f16 / q8_0 step. Measured (seed 7, llama and qwen3
+# F16, prefill and decode): f16 9.5e-9 .. 1.1e-8 (an f32 cache: 1.4e-12 against the exact
+# forward), q8_0 6.6e-6 .. 7.1e-6; against the exact forward they are 20x larger (f16 2e-7,
+# q8_0 1.5e-4). ~10x / ~4x margins.
+KV_REF_BOUND = {"f16": 1e-7, "q8_0": 3e-5}
+# q8_0 keys and values against llama.cpp with the same cache (which needs flash attention for a
+# quantized V): measured 3.6e-4 (F16 weights) .. 6.7e-4 (Q8_0 weights); the q8_0 rounding of the
+# cache adds ~1.5e-4 to either engine against exact math. 3x margin, as the weight bounds.
+Q8_0_KV_BOUND = 2e-3
+GGML_TYPE = {"f32": 0, "f16": 1, "q8_0": 8}     # llama.cpp's ggml_type values (type_k / type_v)
+
+
+@pytest.mark.parametrize("case", [Case("llama", "F16"), Case("qwen3", "F16")], ids=lambda c: c.id)
+@pytest.mark.parametrize("kv", ["f16", "q8_0"])
+def test_cache_type_matches_the_reference_with_its_rounding(case, kv, runs, tokens):
+    """numallm with a KV cache of type kv == the float64 forward over kv-rounded keys and values,
+    for the prefill (BLAS over the decoded prefix) and for decode (kernels reading the cache)."""
+    from numallm import load
+
+    run = runs(case)
+    want = reference_logits(run.path, tokens, kv_type=kv)
+    llm = load(run.path, n_ctx=N_TOKENS, cache_type_k=kv, cache_type_v=kv)
+    prefill = np.asarray(llm.logits(tokens))
+    cache = llm.loaded.new_cache()
+    decode = np.concatenate([llm.loaded.forward(np.array([t]), cache, i) for i, t in enumerate(tokens)])
+    for got in (prefill, decode):
+        fig = compare(got, want)
+        assert fig.nmse < KV_REF_BOUND[kv], f"{case.id} {kv}: NMSE {fig.nmse:.2e} vs the {kv}-rounded reference"
+        # and the rounding is what the reference models: the exact forward is 5x+ further away
+        assert compare(got, run.reference).nmse > 5 * fig.nmse
+
+
+@pytest.mark.parametrize("case", [Case("llama", "F16"), Case("qwen2", "Q8_0")], ids=lambda c: c.id)
+def test_q8_0_cache_matches_llamacpp(case, runs, tokens):
+    from numallm import load
+
+    run = runs(case)
+    ref = llamacpp_logits(run.path, tokens, type_k=GGML_TYPE["q8_0"], type_v=GGML_TYPE["q8_0"],
+                          flash_attn=True)
+    got = np.asarray(load(run.path, cache_type_k="q8_0", cache_type_v="q8_0").logits(tokens))
+    fig = compare(got, ref)
+    print("\n" + fig.line("q8_0 KV", case.id) + f"  (vs f64 ref NMSE {compare(got, run.reference).nmse:.2e})")
+    assert fig.nmse < Q8_0_KV_BOUND, f"{case.id}: q8_0 KV NMSE {fig.nmse:.3e} vs llama.cpp's q8_0 KV"
+    assert fig.agree == fig.decisive, f"{case.id}: argmax differs at {fig.decisive - fig.agree} positions"

@@ -12,7 +12,7 @@ import json
 import sys
 
 from ..errors import NumallmError
-from .common import STRATEGIES, add_numa_args, announce_first_run, gpu_options
+from .common import STRATEGIES, add_numa_args, announce_first_run, cache_options, gpu_options
 
 
 def _strategies(text: str) -> list[str]:
@@ -34,6 +34,9 @@ def register(sub) -> None:
                    help="prefill test size in tokens, 0 = skip (default 512)")
     p.add_argument("-n", "--n-gen", type=int, default=128, metavar="N",
                    help="decode test size in tokens, 0 = skip (default 128)")
+    p.add_argument("-d", "--n-depth", type=int, default=0, metavar="N",
+                   help="fill N context positions first (once, untimed) and run the tests there, "
+                   "as llama-bench's -d: decode speed at a long context (default 0)")
     p.add_argument("-t", "--threads", default=None, metavar="N[,N...]",
                    help="thread counts to test, comma separated (default: physical cores)")
     p.add_argument("-r", "--repetitions", type=int, default=5, metavar="N",
@@ -60,19 +63,22 @@ def run(args) -> int:
     if args.n_prompt < 0 or args.n_gen < 0 or args.n_prompt + args.n_gen == 0:
         raise NumallmError(f"nothing to measure with -p {args.n_prompt} -n {args.n_gen}; "
                            f"give a positive prefill (-p) or decode (-n) size")
+    if args.n_depth < 0:
+        raise NumallmError(f"-d {args.n_depth}: give a depth of 0 or more tokens")
     if args.repetitions < 1:
         raise NumallmError(f"-r {args.repetitions}: give at least 1 repetition")
     if args.bw_mib < 1:
         raise NumallmError(f"--bw-mib {args.bw_mib}: give a buffer size of at least 1 MiB")
     gpu = gpu_options(args)   # bad GPU flags fail, and a missing GPU is said, before measuring
     threads = bench.parse_threads(args.threads) if args.threads else [physical_cores()]
-    plan = bench.BenchPlan(args.n_prompt, args.n_gen, tuple(threads), args.repetitions, args.seed)
+    plan = bench.BenchPlan(args.n_prompt, args.n_gen, tuple(threads), args.repetitions, args.seed,
+                           args.n_depth)
     path = resolve_model(args.model)
     from ..engine import plan_model
 
     for strategy in args.numa or ["auto"]:       # refuse what cannot fit before measuring anything
         full = plan_model(path, plan.n_ctx, max(threads), strategy, args.virtual_nodes, args.nodes,
-                          args.threads_per_node, gpu.get("offload"))[2]
+                          args.threads_per_node, gpu.get("offload"), **cache_options(args))[2]
         full.check_fits()
     if full.gpu is not None and full.gpu.no_gpu:  # said before measuring, as run/chat say it
         print(f"numallm: no GPU ({full.gpu.no_gpu}): running every layer on the CPU", file=sys.stderr)
@@ -83,7 +89,7 @@ def run(args) -> int:
                                                      flush=True),
                                  numa=args.numa or ["auto"], nodes=args.nodes,
                                  threads_per_node=args.threads_per_node,
-                                 virtual_nodes=args.virtual_nodes, **gpu)
+                                 virtual_nodes=args.virtual_nodes, **gpu, **cache_options(args))
     if args.json:
         print(json.dumps(bench.to_json_rows(report.model, report.rows, report.machine_gbps),
                          indent=1))

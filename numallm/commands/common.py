@@ -41,7 +41,25 @@ def add_numa_args(p: argparse.ArgumentParser, numa_help: str = NUMA_HELP, numa_t
                    help="worker threads per node (default: its physical cores)")
     g.add_argument("--virtual-nodes", type=int, default=None, metavar="N",
                    help="carve this machine's cores into N virtual nodes (testing on one node)")
+    add_cache_args(p)
     add_gpu_args(p)
+
+
+def add_cache_args(p: argparse.ArgumentParser) -> None:
+    """-ctk / -ctv, llama.cpp's KV cache type flags (checked by check_args: one line when bad)."""
+    from ..cache_types import CACHE_TYPES, DEFAULT_CACHE_TYPE
+
+    g = p.add_argument_group("KV cache on the CPU (numallm.cache_types)")
+    types = ", ".join(CACHE_TYPES)
+    g.add_argument("-ctk", "--cache-type-k", default=DEFAULT_CACHE_TYPE, metavar="TYPE",
+                   help=f"KV cache type for K: {types} (default {DEFAULT_CACHE_TYPE})")
+    g.add_argument("-ctv", "--cache-type-v", default=DEFAULT_CACHE_TYPE, metavar="TYPE",
+                   help=f"KV cache type for V: {types} (default {DEFAULT_CACHE_TYPE})")
+
+
+def cache_options(args: argparse.Namespace) -> dict:
+    """load() / plan_model() keywords for -ctk / -ctv."""
+    return dict(cache_type_k=args.cache_type_k, cache_type_v=args.cache_type_v)
 
 
 def add_gpu_args(p: argparse.ArgumentParser) -> None:
@@ -75,7 +93,7 @@ def add_gpu_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--gpu-min-cc", type=_cc, default=None, metavar="X.Y",
                    help="oldest compute capability to use (default 6.0, Pascal)")
     g.add_argument("--gpu-kv-type", choices=("f16", "f32"), default="f16",
-                   help="KV cache element type on GPUs (default f16; the CPU keeps float32)")
+                   help="KV cache element type on GPUs (default f16; the CPU's is -ctk / -ctv)")
 
 
 def _gpu_layers(text: str) -> int | str:
@@ -178,6 +196,11 @@ def check_args(args: argparse.Namespace) -> list[str]:
             check(name, getattr(args, attr), flag, note=CLI_NOTES.get(name))
     if hasattr(args, "n_predict") and args.seed != -1:   # run and chat: -1 = random
         check("seed", args.seed, "--seed", note="-1 = random")
+    from ..cache_types import check_cache_type
+
+    for attr, flag in (("cache_type_k", "--cache-type-k"), ("cache_type_v", "--cache-type-v")):
+        if hasattr(args, attr):
+            check_cache_type(getattr(args, attr), flag)
     for attr, flag in (("ctx_size", "-c"), ("virtual_nodes", "--virtual-nodes")):
         v = getattr(args, attr, None)
         if v is not None and v < 1:
@@ -265,7 +288,8 @@ def load_model(args: argparse.Namespace, template_file: str | None = None, n_seq
     first = announce_first_run(args)
     opts = dict(n_ctx=args.ctx_size, n_threads=args.threads, chat_template=template,
                 numa=args.numa or "auto", virtual_nodes=args.virtual_nodes, nodes=args.nodes,
-                threads_per_node=args.threads_per_node, progress=progress_bar(args), **gpu)
+                threads_per_node=args.threads_per_node, progress=progress_bar(args), **gpu,
+                **cache_options(args))
     llm = load(path, **opts) if n_seq is None else LoadedModel(path, n_seq=n_seq, **opts)
     if first:   # said once per CPU, also where no calibrated type was used
         from numallm_kernels._calibrate import remember_cpu

@@ -5,7 +5,9 @@ import json
 import os
 from collections import Counter
 
+from ..cache_types import DEFAULT_CACHE_TYPE
 from ..gguf_file import GGUFFile
+from .common import add_cache_args
 
 
 def register(sub) -> None:
@@ -13,18 +15,21 @@ def register(sub) -> None:
     p.add_argument("model", help="GGUF path or Hugging Face repo[:file]")
     p.add_argument("-c", "--ctx-size", type=int, default=None, metavar="N",
                    help="context length to size the KV cache for (default: the model's, at most 4096)")
+    add_cache_args(p)
     p.add_argument("--tensors", action="store_true", help="list every tensor (default: the first 12)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=run)
 
 
-def describe(path: str, n_ctx: int | None) -> dict:
+def describe(path: str, n_ctx: int | None, cache_type_k: str = DEFAULT_CACHE_TYPE,
+             cache_type_v: str = DEFAULT_CACHE_TYPE) -> dict:
     from ..placement import ModelSpec, Request, make_plan
 
     f = GGUFFile(path)
     spec = ModelSpec.from_gguf(f)              # a missing required tensor raises here
     args = spec.args
-    plan = make_plan(spec, None, Request(numa="off", n_ctx=n_ctx or 0))   # the bytes load would place
+    plan = make_plan(spec, None, Request(numa="off", n_ctx=n_ctx or 0, cache_type_k=cache_type_k,
+                                         cache_type_v=cache_type_v))   # the bytes load would place
     n_ctx = plan.n_ctx
     weights, kv = plan.weight_bytes, plan.kv_bytes
     types: Counter = Counter()
@@ -36,7 +41,8 @@ def describe(path: str, n_ctx: int | None) -> dict:
         "config": {k: v for k, v in vars(args).items()},
         "quant_types": {k: v for k, v in types.most_common()},
         "weights_bytes": weights, "ctx": n_ctx, "kv_cache_bytes": kv,
-        "kv_bytes_per_token": args.kv_bytes_per_token(),       # the config's formula (MLA: latent)
+        "kv_bytes_per_token": args.kv_bytes_per_token(cache_type_k, cache_type_v),  # the config's formula (MLA: latent)
+        "cache_type_k": cache_type_k, "cache_type_v": cache_type_v, "cache_label": plan.cache_label,
         "total_bytes": weights + kv, "active_weights_bytes": spec.active_bytes,
         "shared_expert": "blk.0.ffn_up_shexp.weight" in f.tensors,
         "tokenizer": f.get("tokenizer.ggml.model"), "chat_template": "tokenizer.chat_template" in f.metadata,
@@ -53,7 +59,7 @@ def _gb(n: int) -> str:
 def run(args) -> int:
     from ..hub import resolve_model
 
-    d = describe(resolve_model(args.model), args.ctx_size)
+    d = describe(resolve_model(args.model), args.ctx_size, args.cache_type_k, args.cache_type_v)
     if args.json:
         print(json.dumps(d))
         return 0
@@ -74,7 +80,7 @@ def run(args) -> int:
     print("  quant types   " + ", ".join(f"{k} {_gb(v)}" for k, v in d["quant_types"].items()))
     print(f"  tokenizer     {d['tokenizer']}, chat template: {'yes' if d['chat_template'] else 'no'}")
     print(f"  memory        weights {_gb(d['weights_bytes'])} + KV cache {_gb(d['kv_cache_bytes'])} "
-          f"(f32, {d['ctx']} tokens, {d['kv_bytes_per_token']} bytes per token) = {_gb(d['total_bytes'])}")
+          f"({d['cache_label']}, {d['ctx']} tokens, {d['kv_bytes_per_token']} bytes per token) = {_gb(d['total_bytes'])}")
     rows = d["tensors"] if args.tensors else d["tensors"][:12]
     w = max(len(t["name"]) for t in rows)
     print(f"\n  {'tensor':<{w}}  {'type':<7} {'shape':<20} bytes")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..errors import NumallmError
-from .common import add_model_args, offload_request
+from .common import add_model_args, cache_options, offload_request
 from .topo import dumps
 
 
@@ -48,7 +48,7 @@ def render(full, arch: str, spec=None, topo=None) -> list[str]:
     n_layer = len(plan.layers)
     req = plan.request
     out = [f"plan for {plan.model} ({arch}, {n_layer} blocks), context {plan.n_ctx} tokens, "
-           f"KV cache {req.kv_dtype} on GPUs / f32 on the CPU"]
+           f"KV cache {req.kv_dtype} on GPUs / {full.cache_label} on the CPU"]
     if plan.no_gpu:
         out.append(f"no GPU: {plan.no_gpu}")
     for i, d in plan.devices.items():
@@ -77,7 +77,7 @@ def render(full, arch: str, spec=None, topo=None) -> list[str]:
     out.append(f"    weights {_size(full.host_weights)} + KV {_size(full.host_kv)} = "
                f"{_size(full.host_weights + full.host_kv)}; {per}")
     out.append(f"model: weights {_size(full.weight_bytes)}, KV cache {_size(full.kv_bytes)} "
-               f"({full.n_ctx} tokens, f32 on the CPU)")
+               f"({full.n_ctx} tokens, {full.cache_label} on the CPU)")
     out.append(f"predicted split: {plan.processor()} (weights + KV cache; GPU buffers not counted)")
     if plan.devices and plan.pcie is not None:
         t = plan.pcie
@@ -105,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
     f, spec, plan, topo = plan_model(resolve_model(args.model, download=False), args.ctx_size,
                                      args.threads, args.numa or "auto", args.virtual_nodes,
                                      args.nodes, args.threads_per_node, request,
-                                     topology=args.topology)
+                                     topology=args.topology, **cache_options(args))
     try:                              # what load would say before allocating anything
         plan.check_fits()
         fits = None

@@ -62,7 +62,7 @@ def serve(args) -> int:
     app = create_app(loaded, scheduler, name, args.api_key)
     plan = loaded.plan
     print(f"numallm: serving {name} on http://{args.host}:{args.port}/v1 | context {loaded.n_ctx} "
-          f"x {args.parallel} slots: KV cache {_mib(plan.kv_bytes)}, weights "
+          f"x {args.parallel} slots: KV cache {_mib(plan.kv_bytes)} ({plan.cache_label}), weights "
           f"{_mib(plan.weight_bytes)} | queue {args.max_queue}"
           f"{' | API key required' if args.api_key else ''}", file=sys.stderr, flush=True)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",

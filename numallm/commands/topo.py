@@ -11,7 +11,7 @@ import json
 import re
 
 from ..errors import NumallmError
-from .common import STRATEGIES, _node_list
+from .common import STRATEGIES, _node_list, add_cache_args
 
 
 def register(subparsers) -> None:
@@ -35,6 +35,7 @@ def register(subparsers) -> None:
                         "at most 4096, as run/chat/info/plan)")
     p.add_argument("--bandwidth", type=float, metavar="GBPS",
                    help="per-node read bandwidth to assume for the MODEL plan instead of a guess")
+    add_cache_args(p)
     p.add_argument("-v", "--verbose", action="store_true",
                    help="list every core by L3 group (with --verify: every slice)")
     g = p.add_argument_group("--verify: load MODEL as run/chat would and check where its pages are")
@@ -122,15 +123,17 @@ def run(args: argparse.Namespace) -> int:
             src = "stated" if stated else "assumed"
             how = ("stated by the topology file" if stated
                    else "assumed (run with --bench to measure)")
-        options = compare(spec, topo, n_ctx, list(advice.nodes), bw)
+        types = (args.cache_type_k, args.cache_type_v)
+        options = compare(spec, topo, n_ctx, list(advice.nodes), bw, types)
         a = spec.args
         out["model"] = {"path": args.model, "arch": a.arch, "weight_bytes": spec.weight_bytes,
                         "n_layer": a.n_layer, "n_head_kv": a.n_head_kv,
-                        "kv_bytes_per_token": a.kv_bytes_per_token(),
-                        "kv_bytes_per_1k_tokens": a.kv_bytes(1024), "kv_bytes": a.kv_bytes(n_ctx),
-                        "context": n_ctx, "bandwidth": src,
+                        "kv_bytes_per_token": a.kv_bytes_per_token(*types),
+                        "kv_bytes_per_1k_tokens": a.kv_bytes(1024, *types),
+                        "kv_bytes": a.kv_bytes(n_ctx, *types), "cache_type_k": types[0],
+                        "cache_type_v": types[1], "context": n_ctx, "bandwidth": src,
                         "placements": [p.to_dict() for p in options]}
-        lines += [""] + render_options(args.model, spec, n_ctx, options, how)
+        lines += [""] + render_options(args.model, spec, n_ctx, options, how, types)
 
     status = 0
     if args.verify:
@@ -158,6 +161,7 @@ def verify(args: argparse.Namespace):
     from ..placement_check import check
 
     with load_model(args.model, n_ctx=args.context, numa=args.numa or "auto",
+                    cache_type_k=args.cache_type_k, cache_type_v=args.cache_type_v,
                     virtual_nodes=args.virtual_nodes, nodes=args.nodes,
                     threads_per_node=args.threads_per_node) as llm:
         bos = llm.tokenizer.bos_id

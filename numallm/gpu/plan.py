@@ -30,6 +30,7 @@ import dataclasses
 import re
 from dataclasses import dataclass, field
 
+from ..cache_types import DEFAULT_CACHE_TYPE
 from ..gguf_file import GGMLQuantizationType as QT
 
 from .inventory import MIN_COMPUTE_CAPABILITY, GpuDevice, GpuError
@@ -115,7 +116,7 @@ class LayerPlan:
     device: int | None             # GPU index, None = CPU
     tensors: tuple[str, ...]       # GGUF names of the unit's tensors where it runs (`device`)
     weight_bytes: int              # their bytes as stored in the GGUF
-    kv_bytes: int                  # its KV cache where it runs (GPU kv_dtype, or float32 on the CPU)
+    kv_bytes: int                  # its KV cache where it runs (GPU kv_dtype, or the CPU's cache types)
     host_tensors: tuple[str, ...] = ()   # a GPU block's tensors kept on the CPU (routed experts)
     host_bytes: int = 0
 
@@ -318,11 +319,13 @@ def _gpu_pin(request: OffloadRequest, gguf) -> tuple[set[str], int | None]:
 def make_plan(gguf, n_ctx: int, request: OffloadRequest, devices: list[GpuDevice],
               n_batch: int = DEFAULT_N_BATCH, *,
               host_bandwidth: tuple[float, str] | None = None,
-              no_gpu: str | None = None) -> OffloadPlan:
+              no_gpu: str | None = None,
+              host_kv: tuple[str, str] = (DEFAULT_CACHE_TYPE, DEFAULT_CACHE_TYPE)) -> OffloadPlan:
     """Plan `request` for the model in `gguf` (a numallm.gguf_file.GGUFFile) with an n_ctx-token
     context over `devices`: the GPU step of numallm.placement.make_plan, which splits the host's
     part over the NUMA nodes and checks it fits. host_bandwidth: (GB/s, "assumed"/"measured") of the
-    CPU side; a GPU slower than that is skipped unless named in --gpus. no_gpu: why `devices` is empty."""
+    CPU side; a GPU slower than that is skipped unless named in --gpus. no_gpu: why `devices` is empty.
+    host_kv: the KV cache types (K, V) of the layers left on the CPU."""
     if n_ctx < 1:
         raise GpuError(f"context size {n_ctx}: give a positive number of tokens")
     if n_batch < 1:
@@ -335,7 +338,7 @@ def make_plan(gguf, n_ctx: int, request: OffloadRequest, devices: list[GpuDevice
     pinned, pin_dev = _gpu_pin(request, gguf)
     whole, dense, head = _units(gguf, args.n_layer, experts, keep)
     kv_gpu = layer_kv_bytes(args, n_ctx, request.kv_dtype)
-    kv_cpu = layer_kv_bytes(args, n_ctx, "f32")
+    kv_cpu = layer_kv_bytes(args, n_ctx, *host_kv)
     if pin_dev is not None and request.gpus is None:
         request_sel = dataclasses.replace(request, gpus=(pin_dev,))
     else:

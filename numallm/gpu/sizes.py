@@ -11,10 +11,11 @@ DEFAULT_N_BATCH = 512           # tokens per forward pass (engine.PREFILL_CHUNK)
 KV_ELEM_BYTES = {"f16": 2, "f32": 4}
 
 
-def layer_kv_bytes(args, n_ctx: int, kv_dtype: str) -> int:
-    """K and V of one block for n_ctx positions in `kv_dtype`: the config's one KV formula
-    (models.base.BaseArgs.layer_kv_bytes; 2 * n_ctx * n_head_kv * head_dim * elem bytes)."""
-    return args.layer_kv_bytes(n_ctx, KV_ELEM_BYTES[kv_dtype])
+def layer_kv_bytes(args, n_ctx: int, kv_dtype: str, type_v: str | None = None) -> int:
+    """K and V of one block for n_ctx positions, keys in `kv_dtype` (a numallm.cache_types name)
+    and values in type_v (None: the same): the config's one KV formula
+    (models.base.BaseArgs.layer_kv_bytes)."""
+    return args.layer_kv_bytes(n_ctx, kv_dtype, type_v)
 
 
 # Activations a device holds at once, by row width, while a block's forward (models/base.py and

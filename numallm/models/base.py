@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import ops
+from ..cache_types import DEFAULT_CACHE_TYPE, check_width, row_bytes
 from ..errors import GGUFError, UnsupportedError
 from ..gguf_file import GGUFFile
 from .decl import FF, FF_EXP, FF_SHEXP, HEADS, MLA_HEADS, ROWS, T  # noqa: F401 (the declaration vocabulary, re-exported)
@@ -120,18 +121,26 @@ class BaseArgs:
     def rope_pairs(self) -> int:
         return self.rope_dim // 2
 
-    def kv_bytes_per_token(self, elem_bytes: int = 4) -> int:
-        """K and V of every layer for one token (float32 on the CPU): the one KV-size formula.
-        An architecture with another cache layout (an MLA latent) overrides this."""
-        return 2 * self.n_layer * self.n_head_kv * self.head_dim * elem_bytes
+    def kv_bytes_per_token(self, type_k: str = DEFAULT_CACHE_TYPE, type_v: str | None = None) -> int:
+        """K and V of every layer for one token in cache types type_k / type_v (None: type_k's;
+        numallm.cache_types): the one KV-size formula. An architecture with another cache layout
+        (an MLA latent) overrides this."""
+        return self.n_layer * self.n_head_kv * (row_bytes(type_k, self.head_dim)
+                                                + row_bytes(type_v or type_k, self.head_dim))
 
-    def layer_kv_bytes(self, n_ctx: int, elem_bytes: int = 4) -> int:
+    def layer_kv_bytes(self, n_ctx: int, type_k: str = DEFAULT_CACHE_TYPE, type_v: str | None = None) -> int:
         """K and V of one layer for n_ctx positions."""
-        return self.kv_bytes_per_token(elem_bytes) // max(self.n_layer, 1) * n_ctx
+        return self.kv_bytes_per_token(type_k, type_v) // max(self.n_layer, 1) * n_ctx
 
-    def kv_bytes(self, n_ctx: int, elem_bytes: int = 4) -> int:
+    def kv_bytes(self, n_ctx: int, type_k: str = DEFAULT_CACHE_TYPE, type_v: str | None = None) -> int:
         """The whole KV cache for n_ctx positions."""
-        return self.kv_bytes_per_token(elem_bytes) * n_ctx
+        return self.kv_bytes_per_token(type_k, type_v) * n_ctx
+
+    def check_cache_types(self, type_k: str, type_v: str) -> None:
+        """A one-line OptionError when this config's cache rows cannot be stored in these types
+        (q8_0: head sizes in whole blocks of 32)."""
+        check_width(type_k, self.head_dim, "key heads", "--cache-type-k")
+        check_width(type_v, self.head_dim, "value heads", "--cache-type-v")
 
     def dims(self, shape: tuple[str, ...]) -> tuple[int, ...]:
         """A declared shape (field names) in numbers."""
@@ -322,9 +331,12 @@ class Transformer:
         1 + 0.1 ln(factor), the interpolation's entropy correction)."""
         return a.rope_attn_factor * (1.0 + 0.1 * math.log(max(a.rope_scaling_factor, 1.0)))
 
-    def new_cache(self, n_ctx: int) -> list[ops.KVCache]:
+    def new_cache(self, n_ctx: int, type_k: str = DEFAULT_CACHE_TYPE,
+                  type_v: str = DEFAULT_CACHE_TYPE) -> list[ops.KVCache]:
+        """Each layer's empty cache, keys and values in cache types type_k / type_v."""
         a = self.args
-        return [ops.KVCache(n_ctx, a.n_head_kv, a.head_dim) for _ in range(a.n_layer)]
+        return [ops.KVCache(n_ctx, a.n_head_kv, a.head_dim, type_k=type_k, type_v=type_v)
+                for _ in range(a.n_layer)]
 
     def linears(self) -> list[ops.Linear]:
         """Every weight matrix (placement walks these)."""

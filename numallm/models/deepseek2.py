@@ -26,7 +26,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .. import ops
+from .. import kvcache, ops
+from ..cache_types import DEFAULT_CACHE_TYPE, check_width, row_bytes
 from ..errors import GGUFError
 from ..gguf_file import GGUFFile
 from .base import FF_SHEXP, MLA_HEADS, Block, T, Transformer
@@ -114,8 +115,13 @@ class ModelArgs(MoEArgs):
     def o_dim(self) -> int:
         return self.n_head * self.v_head_dim
 
-    def kv_bytes_per_token(self, elem_bytes: int = 4) -> int:
-        return self.n_layer * self.kv_a_dim * elem_bytes
+    def kv_bytes_per_token(self, type_k: str = DEFAULT_CACHE_TYPE, type_v: str | None = None) -> int:
+        # one latent row per token and layer, in the key type (llama.cpp's MLA cache: V is a view of K)
+        return self.n_layer * row_bytes(type_k, self.kv_a_dim)
+
+    def check_cache_types(self, type_k: str, type_v: str) -> None:
+        check_width(type_k, self.kv_a_dim, "latent cache rows (kv_lora_rank + rope dims)",
+                    "--cache-type-k")
 
     @property
     def yarn_factor(self) -> float:
@@ -135,12 +141,12 @@ class ModelArgs(MoEArgs):
 
 
 class LatentCache(ops.KVCache):
-    """One layer's latent cache: k = v = float32 (1, n_ctx, kv_lora_rank + rope_dim), [c, k_pe]
-    per position. Attention reads it as one KV head whose values are the whole row (the k_pe
-    columns of the output are dropped), so the shared kernels run it."""
+    """One layer's latent cache: k = v = (1, n_ctx, kv_lora_rank + rope_dim), [c, k_pe] per
+    position, in the key cache type. Attention reads it as one KV head whose values are the
+    whole row (the k_pe columns of the output are dropped), so the shared kernels run it."""
 
-    def __init__(self, n_ctx: int, width: int, zeros=np.zeros):
-        self.k = zeros((1, n_ctx, width), np.float32)
+    def __init__(self, n_ctx: int, width: int, zeros=np.zeros, type_k: str = DEFAULT_CACHE_TYPE):
+        self.k = kvcache.KVArray(type_k, (1, n_ctx, width), zeros)
         self.v = self.k
         self.n = 0
 
@@ -151,7 +157,11 @@ class LatentCache(ops.KVCache):
     shared = True
 
     def part(self, h0: int, h1: int, zeros) -> "LatentCache":
-        return LatentCache(self.k.shape[1], self.k.shape[2], zeros)
+        return LatentCache(self.n_ctx, self.k.a.shape[2], zeros, self.k.type)
+
+    def store(self, k: np.ndarray, v: np.ndarray, pos0: int) -> None:
+        self.k.store(k, pos0)          # v is k: the one latent row
+        self.n = pos0 + k.shape[0]
 
 
 MLA_TENSORS = (
@@ -281,6 +291,7 @@ class Model(Transformer):
     def yarn_mscale(self, a: ModelArgs) -> float:
         return a.rope_mscale
 
-    def new_cache(self, n_ctx: int) -> list[LatentCache]:
-        a = self.args
-        return [LatentCache(n_ctx, a.kv_a_dim) for _ in range(a.n_layer)]
+    def new_cache(self, n_ctx: int, type_k: str = DEFAULT_CACHE_TYPE,
+                  type_v: str = DEFAULT_CACHE_TYPE) -> list[LatentCache]:
+        a = self.args          # (type_v unused: the latent is read as keys and as values)
+        return [LatentCache(n_ctx, a.kv_a_dim, type_k=type_k) for _ in range(a.n_layer)]

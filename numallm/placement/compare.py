@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..cache_types import DEFAULT_CACHE_TYPE
 from .plan import ModelSpec, Request, make_plan
 
 COMPARED = ("isolate", "shard", "replicate")
@@ -33,14 +34,17 @@ class Option:
 
 
 def compare(spec: ModelSpec, topo, n_ctx: int, node_ids: list[int],
-            bandwidth: dict[int, float]) -> list[Option]:
-    """One Option per strategy over `node_ids` (isolate: the one with most free memory)."""
+            bandwidth: dict[int, float], cache_types: tuple[str, str] = (DEFAULT_CACHE_TYPE,) * 2) -> list[Option]:
+    """One Option per strategy over `node_ids` (isolate: the one with most free memory), the KV
+    cache in cache_types (K, V)."""
     by_id = {n.id: n for n in topo.nodes}
     best = max(node_ids, key=lambda i: (by_id[i].mem_free_bytes, -i))
     out = []
     for strategy in COMPARED:
         ids = (best,) if strategy == "isolate" else tuple(node_ids)
-        plan = make_plan(spec, topo, Request(numa=strategy, n_ctx=n_ctx, nodes=ids))
+        plan = make_plan(spec, topo, Request(numa=strategy, n_ctx=n_ctx, nodes=ids,
+                                             cache_type_k=cache_types[0],
+                                             cache_type_v=cache_types[1]))
         threads = sum(n.n_threads for n in plan.nodes) or 1
         share = [n.n_threads / threads for n in plan.nodes]
         # each node reads its threads' share of the weights (MoE: of the used experts) per step,
@@ -58,7 +62,8 @@ def compare(spec: ModelSpec, topo, n_ctx: int, node_ids: list[int],
     return out
 
 
-def render(path: str, spec: ModelSpec, n_ctx: int, options: list[Option], how: str) -> list[str]:
+def render(path: str, spec: ModelSpec, n_ctx: int, options: list[Option], how: str,
+           cache_types: tuple[str, str] = (DEFAULT_CACHE_TYPE,) * 2) -> list[str]:
     from ..topology.sysfs import format_cpulist
 
     def size(n: int) -> str:
@@ -66,7 +71,8 @@ def render(path: str, spec: ModelSpec, n_ctx: int, options: list[Option], how: s
 
     a = spec.args
     out = [f"model {path} ({a.arch}): weights {size(spec.weight_bytes)}, KV cache "
-           f"{size(a.kv_bytes(1024))} per 1k tokens (float32), {n_ctx} tokens: {size(a.kv_bytes(n_ctx))}",
+           f"{size(a.kv_bytes(1024, *cache_types))} per 1k tokens ({'/'.join(dict.fromkeys(cache_types))}), "
+           f"{n_ctx} tokens: {size(a.kv_bytes(n_ctx, *cache_types))}",
            f"decode ceiling: tok/s <= bandwidth / bytes read per token "
            f"({size(options[0].bytes_per_token)}); bandwidth {how}"]
     for p in options:

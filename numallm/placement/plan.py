@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..cache_types import DEFAULT_CACHE_TYPE, check_cache_type
 from ..errors import NumallmError
 from ..models import get_module
 from ..models.decl import FF, FF_EXP, FF_SHEXP, HEADS, MLA_HEADS, ROWS
@@ -155,8 +156,12 @@ class Request:
     threads_per_node: int | None = None
     offload: object = None               # gpu.OffloadRequest, or None for CPU only
     n_seq: int = 1                       # KV caches planned (sessions / server slots)
+    cache_type_k: str = DEFAULT_CACHE_TYPE   # KV cache element types on the CPU (-ctk / -ctv)
+    cache_type_v: str = DEFAULT_CACHE_TYPE
 
     def __post_init__(self):
+        check_cache_type(self.cache_type_k, "--cache-type-k")
+        check_cache_type(self.cache_type_v, "--cache-type-v")
         if self.numa not in STRATEGIES:
             raise NumallmError(f"--numa {self.numa}: unknown strategy; use one of {', '.join(STRATEGIES)}")
         if self.n_ctx < 0:
@@ -188,10 +193,17 @@ class Plan:
     splits: dict = field(default_factory=dict)   # unit -> [(a, b) per node] in unit counts
     heads_per_unit: int = 1
     weight_bytes: int = 0                    # every tensor as stored
-    kv_bytes: int = 0                        # the whole KV cache (f32 on the CPU), n_seq sequences
+    kv_bytes: int = 0                        # the whole KV cache (host types), n_seq sequences
     gpu: object = None                       # gpu.OffloadPlan when GPUs were asked for
     virtual: bool = False
     notes: tuple[str, ...] = ()
+    cache_types: tuple[str, str] = (DEFAULT_CACHE_TYPE, DEFAULT_CACHE_TYPE)   # K, V on the CPU
+
+    @property
+    def cache_label(self) -> str:
+        """"f16", or "K q8_0, V f16" when they differ (the lines print it)."""
+        k, v = self.cache_types
+        return k if k == v else f"K {k}, V {v}"
 
     @property
     def host_weights(self) -> int:
@@ -232,7 +244,7 @@ class Plan:
                                                   f"{'virtual ' if self.virtual else ''}node(s)"
                                                   if self.strategy != "off" else "")]
         out.append(f"  weights {_size(self.weight_bytes)}, KV cache {_size(self.kv_bytes)} "
-                   f"({self.n_ctx} tokens x {self.n_seq} sequence(s), f32)")
+                   f"({self.n_ctx} tokens x {self.n_seq} sequence(s), {self.cache_label})")
         for n in self.nodes:
             where = "unplaced" if n.node < 0 else f"node {n.node}"
             free = f" of {_size(n.free)} available" if n.free is not None else ""
@@ -243,6 +255,7 @@ class Plan:
     def to_dict(self) -> dict:
         return {"strategy": self.strategy, "reason": self.reason, "n_ctx": self.n_ctx,
                 "n_seq": self.n_seq, "weight_bytes": self.weight_bytes, "kv_bytes": self.kv_bytes,
+                "cache_type_k": self.cache_types[0], "cache_type_v": self.cache_types[1],
                 "virtual": self.virtual, "notes": list(self.notes),
                 "nodes": [{"node": n.node, "cpus": list(n.cpus), "threads": n.n_threads,
                            "weights": n.weights, "kv": n.kv, "scratch": n.scratch, "total": n.total,
@@ -301,13 +314,13 @@ class Needs:
     heads_per_unit: int       # KV heads a shard must keep together (heads_per_unit())
 
     @classmethod
-    def of(cls, spec: ModelSpec) -> "Needs":
+    def of(cls, spec: ModelSpec, cache_types: tuple[str, str] = (DEFAULT_CACHE_TYPE,) * 2) -> "Needs":
         a = spec.args
         mla = mla_unit(spec)          # MLA: attention spreads by its heads (one shared latent)
         if mla is not None:
             return cls(spec.weight_bytes, a.kv_bytes_per_token(), a.n_layer, a.n_head, mla)
         per = heads_per_unit(a.n_head, a.n_head_kv, a.head_dim, spec.block_size((1, HEADS)))
-        return cls(spec.weight_bytes, a.kv_bytes_per_token(), a.n_layer, a.n_head_kv, per)
+        return cls(spec.weight_bytes, a.kv_bytes_per_token(*cache_types), a.n_layer, a.n_head_kv, per)
 
 
 def decide(needs: Needs, topo, n_ctx: int, nodes=None, threads_per_node: int | None = None,
@@ -364,12 +377,14 @@ def make_plan(spec: ModelSpec, topo, req: Request, gpus=None, gpu_why: str | Non
     available; None: not checked) spread over the nodes' free memory."""
     a = spec.args
     n_ctx = req.n_ctx or default_ctx(a.context_length)
+    types = (req.cache_type_k, req.cache_type_v)
+    a.check_cache_types(*types)
     strategy, reason = req.numa, None
     if strategy == "auto":
         if topo is None:
             strategy, reason = "off", "numa auto: off (no topology)"
         else:
-            strategy, reason = decide(Needs.of(spec), topo, n_ctx, req.nodes, req.threads_per_node,
+            strategy, reason = decide(Needs.of(spec, types), topo, n_ctx, req.nodes, req.threads_per_node,
                                       req.n_threads)
     if strategy != "off" and topo is None:
         raise NumallmError(f"--numa {strategy} needs the machine's topology, which could not be read")
@@ -385,7 +400,7 @@ def make_plan(spec: ModelSpec, topo, req: Request, gpus=None, gpu_why: str | Non
             if used:
                 host_bw = (sum(assumed_bandwidth(n) for n in used), "assumed from its cores")
         gplan = gpu_make_plan(spec.source, n_ctx, req.offload, list(gpus or []), PREFILL_CHUNK,
-                              host_bandwidth=host_bw, no_gpu=gpu_why)
+                              host_bandwidth=host_bw, no_gpu=gpu_why, host_kv=types)
     on_gpu = set()
     gpu_layers = set()
     if gplan is not None:
@@ -457,7 +472,7 @@ def make_plan(spec: ModelSpec, topo, req: Request, gpus=None, gpu_why: str | Non
         else:                                  # one node, or a small tensor held once
             w_node[0] += t.nbytes
     w_node[0] += spec.extra_bytes
-    layer_kv = a.kv_bytes(n_ctx) // max(a.n_layer, 1) * req.n_seq
+    layer_kv = a.layer_kv_bytes(n_ctx, *types) * req.n_seq
     cpu_layers = a.n_layer - len([i for i in gpu_layers if i < a.n_layer])
     kv_host = layer_kv * cpu_layers
     # shard: each node its KV heads' share; MLA heads all read the one latent, so every node
@@ -475,8 +490,8 @@ def make_plan(spec: ModelSpec, topo, req: Request, gpus=None, gpu_why: str | Non
     if topo is not None and topo.virtual and strategy != "off":
         notes.append("virtual nodes: slices are allocated on the real node each was carved from")
     return Plan(strategy, reason, n_ctx, req.n_seq, nodes, splits, per,
-                spec.weight_bytes, a.kv_bytes(n_ctx) * req.n_seq, gplan,
-                bool(topo is not None and topo.virtual), tuple(notes))
+                spec.weight_bytes, a.kv_bytes(n_ctx, *types) * req.n_seq, gplan,
+                bool(topo is not None and topo.virtual), tuple(notes), types)
 
 
 def _usable(topo, node_ids: list[int], available: int | None) -> list[int | None]:

@@ -135,7 +135,7 @@ class Placement:
                 node = self.groups[i].mem_node
                 local = None
                 if node is not None:
-                    counts = [numa_mem.where(c.k), numa_mem.where(c.v)]
+                    counts = [numa_mem.where(x) for x in c.arrays]
                     present = sum(v for cn in counts for k, v in cn.items() if k >= 0)
                     local = sum(cn.get(node, 0) for cn in counts) / present if present else None
                 out.append(KVReport(b.layer, self.groups[i].node, node, b.heads[i], c.nbytes, local))

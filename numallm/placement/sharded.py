@@ -227,10 +227,7 @@ class NodeCaches(ops.HostCache):
         for c, (h0, h1) in zip(self.parts, self.heads):
             if c is not None:
                 k0, k1 = (0, k.shape[1]) if self.shared else (h0, h1)
-                c.k[:, pos0] = k[0, k0:k1]
-                if c.v is not c.k:
-                    c.v[:, pos0] = v[0, k0:k1]
-                c.n = pos0 + 1
+                c.store(k[:, k0:k1], v[:, k0:k1], pos0)
         self._table[:, _native.ATTN_POS0] = pos0
         self.nodes.run_encoded(self._table, self._spans)
         return self._out.copy()
@@ -241,7 +238,7 @@ class NodeCaches(ops.HostCache):
         writes the position into it."""
         n_kv = sum(h1 - h0 for h0, h1 in self.heads)
         group = 1 if self.shared else n_head // n_kv
-        n_ctx = next(c.k.shape[1] for c in self.parts if c is not None)
+        n_ctx = next(c.n_ctx for c in self.parts if c is not None)
         self._q = np.empty((1, n_head, hd), dtype=np.float32)             # (1, n_head, hd)
         self._out = np.empty((1, n_head * hd), dtype=np.float32)          # (1, n_head * hd)
         self._scores = []                                                 # (heads, n_ctx) per task
@@ -254,12 +251,12 @@ class NodeCaches(ops.HostCache):
                 if g1 == g0:
                     continue
                 a, b = (h0 + g0) * group, (h0 + g1) * group                 # its query heads
-                kv = slice(0, c.k.shape[0]) if self.shared else slice(g0, g1)
+                k0, k1 = (0, c.k.a.shape[0]) if self.shared else (g0, g1)  # its KV heads
                 scores = np.empty((b - a, n_ctx), dtype=np.float32)
                 self._scores.append(scores)
                 shares[tids[j]].append(_native.attention_task(
-                    self._q[:, a:b], c.k[kv], c.v[kv], self._out[:, a * hd:b * hd], scores,
-                    0, 1.0 / np.sqrt(hd)))
+                    self._q[:, a:b], *c.k.part(k0, k1), *c.v.part(k0, k1),
+                    self._out[:, a * hd:b * hd], scores, 0, 1.0 / np.sqrt(hd)))
         self._table, self._spans = self.nodes.encode(shares)
 
 
@@ -408,8 +405,8 @@ class ShardedBlock:
         return self.exchange.allreduce(parts)
 
     def make_cache(self, host: ops.KVCache) -> NodeCaches:
-        """Each node's KV heads (a shared cache: a whole copy) in that node's memory, shaped
-        after the layer's host cache `host` (never touched). Fresh anonymous pages read as zeros
+        """Each node's KV heads (a shared cache: a whole copy) in that node's memory, shaped and
+        typed after the layer's host cache `host` (never touched). Fresh anonymous pages read as zeros
         and take memory only when first written, as with np.zeros, so nothing is filled here."""
         parts = []
         for (h0, h1), node in zip(self.heads, self.mem_nodes):

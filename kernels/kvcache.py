@@ -1,0 +1,113 @@
+"""KV cache element types: storing float32 keys/values into a cache, and reading one cached row
+back as float32, for the attention kernels (attention.py) to call per row.
+
+A cache array holds (n_kv, n_ctx, hd) values of one type, as llama.cpp's cache types:
+    f32:  float32 (n_kv, n_ctx, hd); its scale array is unused (any float32 array)
+    f16:  uint16 (n_kv, n_ctx, hd), IEEE half bits (round to nearest even, as F16C's vcvtps2ph
+          and numpy's astype(float16)); scale unused
+    q8_0: int8 (n_kv, n_ctx, hd) codes plus uint16 (n_kv, n_ctx, hd // 32) half scales: a block of
+          32 values is d * code, d = amax / 127 stored as half, code = round-half-even(x * 127 /
+          amax) (ggml's x86 quantize_row_q8_0; 34 bytes per 32 values as GGML's block_q8_0)
+The row loader `kv_row` is resolved at compile time by the array's dtype, so each kernel using it
+is specialized per cache type and reads the cache as stored (no float32 copy of the cache).
+"""
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic, overload
+
+QK8_0 = 32
+
+
+@intrinsic
+def f16_to_f32(typingctx, h):
+    """float32 of the half whose bits are the uint16 h (fpext: vcvtph2ps with F16C)."""
+    sig = types.float32(types.uint16)
+
+    def codegen(context, builder, sig, args):
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+
+    return sig, codegen
+
+
+@intrinsic
+def f32_to_f16(typingctx, x):
+    """The half bits (uint16) of float32 x, rounded to nearest even (fptrunc: vcvtps2ph)."""
+    sig = types.uint16(types.float32)
+
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
+
+    return sig, codegen
+
+
+def kv_row(a, d, g, s, tmp):
+    """Row (g, s) of cache array `a` (with its scale array `d`; f32 and f16 pass `a` again) as
+    float32 (hd,): a view for f32, else decoded into `tmp` (float32 (hd,)) and returned."""
+    raise NotImplementedError("kv_row is called from Numba code only")
+
+
+@overload(kv_row, inline="always")
+def _kv_row(a, d, g, s, tmp):
+    if a.dtype == types.float32:
+        def impl(a, d, g, s, tmp):
+            return a[g, s]
+    elif a.dtype == types.uint16:
+        def impl(a, d, g, s, tmp):
+            r = a[g, s]
+            for j in range(r.shape[0]):
+                tmp[j] = f16_to_f32(r[j])
+            return tmp
+    elif a.dtype == types.int8:
+        def impl(a, d, g, s, tmp):
+            r, dr = a[g, s], d[g, s]
+            for j in range(r.shape[0]):          # codes to float32 first: one vectorized loop
+                tmp[j] = r[j]
+            for b in range(dr.shape[0]):
+                sc = f16_to_f32(dr[b])
+                blk = tmp[b * QK8_0:(b + 1) * QK8_0]
+                for j in range(QK8_0):
+                    blk[j] *= sc
+            return tmp
+    else:
+        return None
+    return impl
+
+
+@njit(nogil=True, cache=True)
+def store_f16(x, dst, pos0):
+    """dst[:, pos0 + t] = half(x[t]) for x float32 (T, n_kv, hd), dst uint16 (n_kv, n_ctx, hd)."""
+    for t in range(x.shape[0]):
+        for g in range(x.shape[1]):
+            for j in range(x.shape[2]):
+                dst[g, pos0 + t, j] = f32_to_f16(x[t, g, j])
+
+
+@njit(nogil=True, cache=True)
+def store_q8_0(x, qs, d, pos0):
+    """qs/d[:, pos0 + t] = q8_0 blocks of x[t]: x float32 (T, n_kv, hd), qs int8 (n_kv, n_ctx,
+    hd), d uint16 (n_kv, n_ctx, hd // 32). hd must be a multiple of 32."""
+    for t in range(x.shape[0]):
+        for g in range(x.shape[1]):
+            for b in range(x.shape[2] // QK8_0):
+                amax = np.float32(0.0)
+                for j in range(b * QK8_0, (b + 1) * QK8_0):
+                    amax = max(amax, abs(x[t, g, j]))
+                d[g, pos0 + t, b] = f32_to_f16(amax / np.float32(127.0))
+                inv = np.float32(127.0) / amax if amax != np.float32(0.0) else np.float32(0.0)
+                for j in range(b * QK8_0, (b + 1) * QK8_0):
+                    qs[g, pos0 + t, j] = np.int8(np.rint(x[t, g, j] * inv))
+
+
+@njit(nogil=True, cache=True)
+def load_rows(a, d, end, out):
+    """out[g, s] = kv_row(a, d, g, s) for s < end: the prefix of a cache as float32, out
+    (n_kv, >= end, hd) (prefill converts it once per call, then multiplies with BLAS)."""
+    tmp = np.empty(a.shape[2], dtype=np.float32)
+    for g in range(a.shape[0]):
+        for s in range(end):
+            r = kv_row(a, d, g, s, tmp)
+            for j in range(r.shape[0]):
+                out[g, s, j] = r[j]

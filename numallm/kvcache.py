@@ -1,0 +1,153 @@
+"""One layer's KV cache in a chosen element type (numallm.cache_types: f32, f16, q8_0), and
+attention over it. Keys and values are converted once, when stored; the attention kernels
+(numallm_kernels.attention) read the cache as stored.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numallm_kernels import fused, kvcache as kv
+
+from .cache_types import DEFAULT_CACHE_TYPE, check_cache_type
+
+# Up to this many query positions attention runs as one Numba pass per head (decode, short
+# chunks); longer prefills batch each KV head's queries into BLAS matmuls.
+FUSED_ATTENTION_MAX_T = 8
+# query positions per block of the batched path
+ATTENTION_BLOCK = 64
+
+# cache type -> numpy dtype of its value array (numallm_kernels.kvcache's layouts)
+_DTYPES = {"f32": np.float32, "f16": np.uint16, "q8_0": np.int8}
+
+
+class KVArray:
+    """Cached keys (or values) of one layer: `a` (n_kv, n_ctx, hd) in the type's dtype, and `d`
+    its scales (q8_0: uint16 half bits (n_kv, n_ctx, hd // 32); other types: `a` itself, unused),
+    the pair the kernels take. `zeros(shape, dtype)` allocates (placement's puts the pages on a
+    node)."""
+
+    def __init__(self, cache_type: str, shape: tuple[int, int, int], zeros=np.zeros):
+        self.type = check_cache_type(cache_type)
+        if cache_type == "q8_0" and shape[2] % kv.QK8_0:
+            raise ValueError(f"q8_0 rows of {shape[2]} values: a multiple of {kv.QK8_0} is needed")
+        self.a = zeros(shape, _DTYPES[cache_type])
+        self.d = zeros((*shape[:2], shape[2] // kv.QK8_0), np.uint16) if cache_type == "q8_0" else self.a
+
+    @property
+    def nbytes(self) -> int:
+        return self.a.nbytes + (self.d.nbytes if self.d is not self.a else 0)
+
+    def store(self, x: np.ndarray, pos0: int) -> None:
+        """x: float32 (T, n_kv, hd) -> rows pos0..pos0+T-1, converted to the type."""
+        if self.type == "f32":
+            self.a[:, pos0:pos0 + x.shape[0]] = x.transpose(1, 0, 2)
+        elif self.type == "f16":
+            kv.store_f16(np.ascontiguousarray(x, dtype=np.float32), self.a, pos0)
+        else:
+            kv.store_q8_0(np.ascontiguousarray(x, dtype=np.float32), self.a, self.d, pos0)
+
+    def rows(self, end: int) -> np.ndarray:
+        """Positions 0..end-1 as float32 (n_kv, end, hd): a view for f32, else decoded once."""
+        if self.type == "f32":
+            return self.a[:, :end]
+        out = np.empty((self.a.shape[0], end, self.a.shape[2]), dtype=np.float32)
+        kv.load_rows(self.a, self.d, end, out)
+        return out
+
+    def part(self, g0: int, g1: int) -> tuple[np.ndarray, np.ndarray]:
+        """(a, d) of KV heads g0..g1-1 (C-contiguous views, for a kernel task)."""
+        return self.a[g0:g1], self.d[g0:g1]
+
+
+class HostCache:
+    """A layer cache in host memory whose `attend` takes one sequence's rows: a batch of them
+    can decode together (ops.BatchCaches, LoadedModel.forward_batch)."""
+
+
+class KVCache(HostCache):
+    """Keys and values of one layer for positions 0..n_ctx-1, in types type_k / type_v.
+
+    k, v: KVArray (n_head_kv, n_ctx, head_dim); `n` positions are filled. `zeros(shape, dtype)`
+    allocates them (placement passes one that puts the pages on a chosen node).
+    """
+
+    def __init__(self, n_ctx: int, n_head_kv: int, head_dim: int, zeros=np.zeros,
+                 type_k: str = DEFAULT_CACHE_TYPE, type_v: str = DEFAULT_CACHE_TYPE):
+        self.k = KVArray(type_k, (n_head_kv, n_ctx, head_dim), zeros)
+        self.v = KVArray(type_v, (n_head_kv, n_ctx, head_dim), zeros)
+        self.n = 0
+
+    @property
+    def n_ctx(self) -> int:
+        return self.k.a.shape[1]
+
+    @property
+    def types(self) -> tuple[str, str]:
+        return self.k.type, self.v.type
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+    @property
+    def arrays(self) -> list[np.ndarray]:
+        """The numpy arrays holding the cache (placement checks where their pages are)."""
+        out: list[np.ndarray] = []
+        for x in (self.k.a, self.k.d, self.v.a, self.v.d):
+            if not any(x is y for y in out):      # f32/f16 scales are the values; MLA's v is k
+                out.append(x)
+        return out
+
+    def store(self, k: np.ndarray, v: np.ndarray, pos0: int) -> None:
+        """k, v: float32 (T, n_head_kv, hd) at positions pos0.. into the cache."""
+        self.k.store(k, pos0)
+        self.v.store(v, pos0)
+        self.n = pos0 + k.shape[0]
+
+    def attend(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, pos0: int) -> np.ndarray:
+        return attend(q, k, v, self, pos0)
+
+    # every query head reads all of it (one latent row per token): a node running some of the
+    # heads needs a whole copy rather than a share of the KV heads (placement)
+    shared = False
+
+    def part(self, h0: int, h1: int, zeros) -> "KVCache":
+        """An empty cache of the same length and types for what KV heads [h0, h1) need: their
+        own rows here; a whole copy of a shared cache."""
+        return KVCache(self.n_ctx, h1 - h0, self.k.a.shape[2], zeros, *self.types)
+
+
+def attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, cache: KVCache, pos0: int) -> np.ndarray:
+    """KVCache.attend: store k, v at pos0.. in `cache`, then attention of q over positions 0..
+    (shapes as ops.attention)."""
+    t, n_head, hd = q.shape
+    n_kv = k.shape[1]
+    group = n_head // n_kv
+    end = pos0 + t
+    cache.store(k, v, pos0)
+    if t <= FUSED_ATTENTION_MAX_T:
+        out = np.empty((t, n_head * hd), dtype=np.float32)
+        ck, cv = cache.k, cache.v
+        fused.attend(np.ascontiguousarray(q, dtype=np.float32), ck.a, ck.d, cv.a, cv.d, pos0,
+                     np.float32(1.0 / np.sqrt(hd)), out, np.empty((n_head, end), dtype=np.float32))
+        return out
+    # query heads h = g*group + j share kv head g; blocks of queries see only the keys up to
+    # their last position (half the work of scoring every query against every key, causally).
+    # The cached prefix is decoded to float32 once per call (a prefill chunk's T queries share it)
+    keys, values = cache.k.rows(end), cache.v.rows(end)                      # (n_kv, end, hd)
+    qg = q.reshape(t, n_kv, group, hd).transpose(1, 0, 2, 3)                 # (n_kv, T, group, hd)
+    scale = np.float32(1.0 / np.sqrt(hd))
+    out = np.empty((n_kv, t, group, hd), dtype=np.float32)
+    for a in range(0, t, ATTENTION_BLOCK):
+        b = min(a + ATTENTION_BLOCK, t)
+        n_s = pos0 + b
+        qb = qg[:, a:b].reshape(n_kv, (b - a) * group, hd)                   # rows (i, j)
+        sc = np.matmul(qb, keys[:, :n_s].transpose(0, 2, 1))                 # (n_kv, rows, S)
+        sc *= scale
+        # query pos0 + i (i in a..b) must not see keys past itself: the last b - a columns
+        tri = np.triu(np.full((b - a, b - a), -np.inf, np.float32), 1)       # (B, B)
+        sc.reshape(n_kv, b - a, group, n_s)[..., pos0 + a:] += tri[None, :, None, :]
+        sc -= sc.max(axis=-1, keepdims=True)
+        np.exp(sc, out=sc)
+        sc /= sc.sum(axis=-1, keepdims=True)
+        out[:, a:b] = np.matmul(sc, values[:, :n_s]).reshape(n_kv, b - a, group, hd)
+    return out.transpose(1, 0, 2, 3).reshape(t, n_head * hd)
