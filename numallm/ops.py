@@ -15,7 +15,7 @@ import numpy as np
 import numallm_kernels
 from numallm_kernels.base import Activations
 
-from numallm_kernels import fused
+from numallm_kernels import _decode_timing, fused
 
 from . import numa_mem, threads
 from .errors import UnsupportedError
@@ -26,6 +26,11 @@ from .gguf_file import QTensor
 # runs that executor's version of the op, so a model's one forward runs unchanged wherever its
 # tensors are. The CPU path pays one dict lookup per op.
 _EXECUTORS: dict[type, object] = {}
+
+
+# kernel calibration times decode as it runs here: each product one dispatch to a RowPool, at
+# 1 thread and at the physical cores (the default thread count)
+_decode_timing.register_dispatch(threads.RowPool, lambda: (1, threads.physical_cores()))
 
 
 def register_executor(cls: type, impl) -> None:
