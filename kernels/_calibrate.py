@@ -12,8 +12,8 @@ timed, and the result is cached per CPU model and type in $NUMALLM_CACHE_DIR/ker
   thread count is smallest, so a variant that loses end to end is not chosen however fast it is
   from the cache. A variant whose from-cache speed (an upper bound of its end-to-end speed) is
   below the best end-to-end speed at every count cannot win and is not timed end to end.
-  Bounded: ~1-3 s per type on a 2-core machine (the cycle is at most 1 GiB; see
-  _decode_timing).
+  Bounded: the cycle is at most 1 GiB and each variant gets at most 7 passes per thread
+  count (see _decode_timing).
 
 NUMALLM_KERNEL forces a choice: `NUMALLM_KERNEL=blas-tile` (every type that offers it) or
 `NUMALLM_KERNEL=q4_0:numba-f32,q8_0:avx2-x8`. A forced variant the unit lacks, or this CPU
