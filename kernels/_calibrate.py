@@ -10,8 +10,8 @@ timed, and the result is cached per CPU model and type in $NUMALLM_CACHE_DIR/ker
   over twice the L3, one dispatch per matrix on the engine's pool, at 1 thread and at the
   physical core count. `pick_decode` then takes the variant whose worst loss to the best at any
   thread count is smallest, so a variant that loses end to end is not chosen however fast it is
-  from the cache. A variant whose from-cache speed (an upper bound of its end-to-end speed) is
-  below the best end-to-end speed at every count cannot win and is not timed end to end.
+  from the cache. Variants more than PRUNE_RATIO times slower than the fastest from the cache
+  (the portable float ones) are not timed end to end.
   Bounded: the cycle is at most 1 GiB and each variant gets at most 7 passes per thread
   count (see _decode_timing).
 
@@ -208,20 +208,22 @@ def measure(unit) -> Choice:
     return Choice(pick_decode(e2e, variants), tuple(prefill), gbs, "measured", e2e)
 
 
+# variants slower than the fastest from the cache by more than this factor are not timed end
+# to end (numba-f32 and blas-tile run 20-1000x slower than the SIMD variants): the from-cache
+# figure carries the per-call costs of a small matrix, so it is no strict bound of the
+# end-to-end speed, but a factor this large is beyond what those costs explain
+PRUNE_RATIO = 4.0
+
+
 def measure_decode(unit, cache_gbs: dict[str, float]) -> dict[str, dict[int, float]]:
-    """End-to-end decode GB/s of the variants that can win ({variant: {threads: GB/s}}): the
-    fastest from the cache first, then every variant whose from-cache GB/s times the thread
-    count reaches that one's end-to-end GB/s at some count, all of them again in turns."""
-    order = sorted(cache_gbs, key=cache_gbs.get, reverse=True)
-    counts = _decode_timing.thread_counts()
+    """End-to-end decode GB/s ({variant: {threads: GB/s}}) of every variant within PRUNE_RATIO
+    of the fastest from the cache, the variants taking turns."""
+    top = max(cache_gbs.values())
+    order = sorted((v for v, g in cache_gbs.items() if g * PRUNE_RATIO >= top),
+                   key=cache_gbs.get, reverse=True)
     cycle = _decode_timing.DecodeCycle(unit, _decode_timing.cycle_bytes(_decode_timing.l3_bytes()),
                                        np.random.default_rng(1))
-    first = _decode_timing.decode_gbs(cycle, order[:1], counts)
-    top = first[order[0]]
-    rivals = [v for v in order[1:] if any(cache_gbs[v] * n >= top[n] for n in counts)]
-    if not rivals:
-        return first
-    return _decode_timing.decode_gbs(cycle, order[:1] + rivals, counts)
+    return _decode_timing.decode_gbs(cycle, order, _decode_timing.thread_counts())
 
 
 def _load_cache() -> dict:
