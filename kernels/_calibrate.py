@@ -1,9 +1,19 @@
 """Pick each unit's variant by timing it on this machine, once, and remember the choice.
 
 On first use of a calibrated unit (`KernelUnit.calibrated`), every variant the CPU can run is
-timed on a synthetic weight for decode (T = 1) and for a few prefill lengths (T in
-PREFILL_TOKENS); the fastest wins in each case. The result is cached per CPU model and type in
-$NUMALLM_CACHE_DIR/kernels.json (default ~/.cache/numallm/), so later processes skip the timing.
+timed, and the result is cached per CPU model and type in $NUMALLM_CACHE_DIR/kernels.json
+(default ~/.cache/numallm/), so later processes skip the timing.
+
+- Prefill (T in PREFILL_TOKENS): a small weight that stays in the cache, one thread; the
+  fastest wins per T (prefill is compute-bound: each weight is reused T times).
+- Decode (T = 1) is timed as decode runs (`_decode_timing`): a cycle of decode-sized matrices
+  over twice the L3, one dispatch per matrix on the engine's pool, at 1 thread and at the
+  physical core count. `pick_decode` then takes the variant whose worst loss to the best at any
+  thread count is smallest, so a variant that loses end to end is not chosen however fast it is
+  from the cache. Variants more than PRUNE_RATIO times slower than the fastest from the cache
+  (the portable float ones) are not timed end to end.
+  Bounded: the cycle is at most 1 GiB and each variant gets at most 7 passes per thread
+  count (see _decode_timing).
 
 NUMALLM_KERNEL forces a choice: `NUMALLM_KERNEL=blas-tile` (every type that offers it) or
 `NUMALLM_KERNEL=q4_0:numba-f32,q8_0:avx2-x8`. A forced variant the unit lacks, or this CPU
@@ -21,12 +31,12 @@ from pathlib import Path
 
 import numpy as np
 
-from . import _simd
+from . import _decode_timing, _simd
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 PREFILL_TOKENS = (8, 32, 128)
-# Synthetic weight for timing: big enough that a call takes ~1 ms, small enough that all
-# variants together stay well under a second per type.
+# Synthetic weight for the from-cache timing: big enough that a call takes ~1 ms, small enough
+# that all variants together stay well under a second per type.
 CAL_ROWS, CAL_COLS = 512, 2048
 
 _file_lock = threading.Lock()
@@ -34,13 +44,16 @@ _file_lock = threading.Lock()
 
 @dataclass(frozen=True)
 class Choice:
-    """A unit's chosen variants. `prefill`: (min T, variant) ascending; `gbs`: decode GB/s of
-    each timed variant (weight bytes per second); `source`: measured / cached / forced."""
+    """A unit's chosen variants. `prefill`: (min T, variant) ascending; `gbs`: one-thread
+    matvec GB/s of each variant from the cache (weight bytes per second); `e2e`: decode GB/s
+    end to end ({variant: {threads: GB/s}}, the variants timed so); `source`: measured /
+    cached / forced."""
 
     matvec: str
     prefill: tuple[tuple[int, str], ...]
     gbs: dict[str, float] = field(default_factory=dict)
     source: str = "measured"
+    e2e: dict[str, dict[int, float]] = field(default_factory=dict)
 
     def for_tokens(self, n_tokens: int) -> str:
         if n_tokens <= 1:
@@ -161,6 +174,19 @@ def _time(fn, min_reps: int = 3, budget_s: float = 0.05) -> float:
     return best
 
 
+def pick_decode(e2e: dict[str, dict[int, float]], order: list[str]) -> str:
+    """The decode variant from end-to-end GB/s ({variant: {threads: GB/s}}): the one whose worst
+    ratio of the best GB/s at a thread count to its own is smallest (a variant not timed at a
+    count loses there), ties broken by the sum of those ratios, then by `order`."""
+    counts = sorted({n for g in e2e.values() for n in g})
+    best = {n: max(g.get(n, 0.0) for g in e2e.values()) for n in counts}
+
+    def losses(v):
+        r = [best[n] / e2e[v][n] if e2e[v].get(n, 0.0) > 0 else float("inf") for n in counts]
+        return (max(r), sum(r), order.index(v) if v in order else len(order))
+    return min(e2e, key=losses)
+
+
 def measure(unit) -> Choice:
     rng = np.random.default_rng(0)
     raw = unit.synthetic(CAL_ROWS, CAL_COLS, rng)
@@ -173,13 +199,31 @@ def measure(unit) -> Choice:
         return _time(lambda: unit.run(variant, w, x[:n_t], out[:n_t], 0, CAL_ROWS))
 
     dec = {v: timer(v, 1) for v in variants}
-    matvec = min(dec, key=dec.get)
     prefill = []
     for n_t in PREFILL_TOKENS:
         times = {v: timer(v, n_t) for v in variants}
         prefill.append((n_t, min(times, key=times.get)))
     gbs = {v: round(raw.nbytes / t / 1e9, 2) for v, t in dec.items()}
-    return Choice(matvec, tuple(prefill), gbs, "measured")
+    e2e = measure_decode(unit, gbs)
+    return Choice(pick_decode(e2e, variants), tuple(prefill), gbs, "measured", e2e)
+
+
+# variants slower than the fastest from the cache by more than this factor are not timed end
+# to end (numba-f32 and blas-tile run 20-1000x slower than the SIMD variants): the from-cache
+# figure carries the per-call costs of a small matrix, so it is no strict bound of the
+# end-to-end speed, but a factor this large is beyond what those costs explain
+PRUNE_RATIO = 4.0
+
+
+def measure_decode(unit, cache_gbs: dict[str, float]) -> dict[str, dict[int, float]]:
+    """End-to-end decode GB/s ({variant: {threads: GB/s}}) of every variant within PRUNE_RATIO
+    of the fastest from the cache, the variants taking turns."""
+    top = max(cache_gbs.values())
+    order = sorted((v for v, g in cache_gbs.items() if g * PRUNE_RATIO >= top),
+                   key=cache_gbs.get, reverse=True)
+    cycle = _decode_timing.DecodeCycle(unit, _decode_timing.cycle_bytes(_decode_timing.l3_bytes()),
+                                       np.random.default_rng(1))
+    return _decode_timing.decode_gbs(cycle, order, _decode_timing.thread_counts())
 
 
 def _load_cache() -> dict:
@@ -192,7 +236,8 @@ def _load_cache() -> dict:
 
 def _store(key: str, type_name: str, choice: Choice) -> None:
     entry = {"matvec": choice.matvec, "prefill": [list(p) for p in choice.prefill],
-             "gbs": choice.gbs}
+             "gbs": choice.gbs, "e2e": {v: {str(n): g for n, g in by.items()}
+                                        for v, by in choice.e2e.items()}}
     _write(lambda data: data.setdefault("cpus", {}).setdefault(key, {}).__setitem__(type_name, entry))
 
 
@@ -217,8 +262,10 @@ def _from_cache(unit, key: str) -> Choice | None:
         return None
     try:
         prefill = tuple((int(t), str(v)) for t, v in entry["prefill"])
+        e2e = {str(v): {int(n): float(g) for n, g in by.items()}
+               for v, by in entry.get("e2e", {}).items()}
         choice = Choice(str(entry["matvec"]), prefill,
-                        {str(k): float(v) for k, v in entry.get("gbs", {}).items()}, "cached")
+                        {str(k): float(v) for k, v in entry.get("gbs", {}).items()}, "cached", e2e)
     except (KeyError, TypeError, ValueError):
         return None
     usable = set(unit.variants())

@@ -210,6 +210,14 @@ class CalibratedUnit(KernelUnit):
     def synthetic(self, n: int, k: int, rng: np.random.Generator) -> np.ndarray:
         raise NotImplementedError
 
+    def variant_task(self, variant: str, w, acts: Activations, out, r0, r1):
+        """`native_task` for a given variant (after prepare_variant_x), or None where that
+        variant has no native kernel (the pool then calls run_x)."""
+        return None
+
+    def native_task(self, w, acts: Activations, out, r0, r1):
+        return self.variant_task(self.choice().for_tokens(acts.x.shape[0]), w, acts, out, r0, r1)
+
     def matvec(self, w, x, out, r0, r1):
         self.run(self.choice().matvec, w, x.reshape(1, -1), out.reshape(1, -1), r0, r1)
 
@@ -285,17 +293,20 @@ def _sources_digest() -> str:
 
 def describe(calibrate: bool = True) -> list[dict]:
     """One dict per registered type for `numallm kernels`: type, chosen decode variant, prefill
-    variants by token count, ISA features the decode variant needs, measured decode GB/s (None
-    when not measured). With calibrate=False, uncalibrated units report without timing."""
+    variants by token count, ISA features the decode variant needs, its decode GB/s end to end
+    by thread count (`e2e`, {threads: GB/s}; `gbs`: at the most threads timed; None when not
+    measured). With calibrate=False, uncalibrated units report without timing."""
     rows = []
     for qtype in registered_types():
         unit = get(qtype)
         row = {"type": qtype.name, "variant": unit.variant if not unit.calibrated else None,
-               "prefill": None, "features": [], "gbs": None, "source": "fixed"}
+               "prefill": None, "features": [], "gbs": None, "e2e": {}, "source": "fixed"}
         if unit.calibrated and (calibrate or unit._choice is not None):
             c = unit.choice()
+            e2e = c.e2e.get(c.matvec, {})
             row.update(variant=c.matvec, prefill=[list(p) for p in c.prefill],
-                       gbs=c.gbs.get(c.matvec), source=c.source)
+                       gbs=e2e[max(e2e)] if e2e else None, e2e=dict(sorted(e2e.items())),
+                       source=c.source)
         if row["variant"] is not None:
             row["features"] = list(unit.features.get(row["variant"], ()))
         rows.append(row)

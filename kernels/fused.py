@@ -50,12 +50,18 @@ def rope(x, cos, sin, dim, neox):
 
 @njit(nogil=True, cache=True, fastmath=_FM)
 def swiglu(gate, up, out):
-    """out = silu(gate) * up = gate / (1 + e^-gate) * up; all float32 (T, F)."""
+    """out = silu(gate) * up = gate / (1 + e^-gate) * up; all float32 (T, F). Three passes over
+    a row: LLVM vectorizes the exp and the products only when the division (which it keeps
+    scalar) sits in a loop of its own; one fused loop ran ~2.5x slower."""
     n, f = gate.shape
+    e = np.empty(f, np.float32)        # (F,) scratch: e^-gate, then the sigmoid
     for r in range(n):
         for j in range(f):
-            g = gate[r, j]
-            out[r, j] = g / (np.float32(1.0) + exp(-g)) * up[r, j]
+            e[j] = exp(-gate[r, j])
+        for j in range(f):
+            e[j] = np.float32(1.0) / (np.float32(1.0) + e[j])
+        for j in range(f):
+            out[r, j] = gate[r, j] * e[j] * up[r, j]
 
 
 @njit(nogil=True, cache=True)

@@ -423,11 +423,11 @@ class RecordUnit(CalibratedUnit):
         else:
             raise ValueError(f"unknown variant {variant!r} for {self.qtype.name}")
 
-    def native_task(self, w: X8Weights, acts, out, r0, r1):
-        """The chosen record variant's slot and arguments (None for the float variants)."""
+    def variant_task(self, variant: str, w: X8Weights, acts, out, r0, r1):
+        """The record variant's native slot and arguments (None for the float variants)."""
         if not out.flags.c_contiguous:
             return None
-        slot = self.native_slots.get(self.choice().for_tokens(acts.x.shape[0]))
+        slot = self.native_slots.get(variant)
         if slot is None:
             return None
         return (slot, w.q, *self.kernel_x(acts.form(*self.x_form)), out, r0, r1)

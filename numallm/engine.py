@@ -90,7 +90,7 @@ class LoadedModel:
         self.path = str(path)
         self.file, self.spec, self.plan, topo = plan_model(
             path, n_ctx, n_threads, numa, virtual_nodes, nodes, threads_per_node, offload, n_seq,
-            cache_type_k, cache_type_v)
+            cache_type_k=cache_type_k, cache_type_v=cache_type_v)
         self.plan.check_fits()                 # before the first large allocation
         self.n_ctx = self.plan.n_ctx
         self.tokenizer = Tokenizer.from_metadata(self.file.metadata)

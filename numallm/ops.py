@@ -15,7 +15,7 @@ import numpy as np
 import numallm_kernels
 from numallm_kernels.base import Activations
 
-from numallm_kernels import fused
+from numallm_kernels import _decode_timing, fused
 
 from . import numa_mem, threads
 from .errors import UnsupportedError
@@ -26,6 +26,11 @@ from .gguf_file import QTensor
 # runs that executor's version of the op, so a model's one forward runs unchanged wherever its
 # tensors are. The CPU path pays one dict lookup per op.
 _EXECUTORS: dict[type, object] = {}
+
+
+# kernel calibration times decode as it runs here: each product one dispatch to a RowPool, at
+# 1 thread and at the physical cores (the default thread count)
+_decode_timing.register_dispatch(threads.RowPool, lambda: (1, threads.physical_cores()))
 
 
 def register_executor(cls: type, impl) -> None:
@@ -136,11 +141,18 @@ class _Replay:
         enc = pool.encode(jobs) if self.acts.makers and self.acts.refillable else None
         self.ok = enc is not None
         self.table, self.spans = enc if self.ok else (None, None)
+        # per token: copy x in, refill each form, run the table (a call bound once, so the
+        # per-token Python is a few calls, not the pool's general path)
+        self.fills = [(make.fill, self.acts._forms[key]) for key, make in self.acts.makers.items()]
+        self.run = pool.bind_encoded(self.table, self.spans) if self.ok else None
 
     def __call__(self, pool: threads.RowPool, x: np.ndarray) -> list[np.ndarray]:
         t0 = time.perf_counter()
-        self.acts.refill(x)
-        pool.run_encoded(self.table, self.spans)
+        xa = self.acts.x
+        np.copyto(xa, x)
+        for fill, arrays in self.fills:
+            fill(xa, *arrays)
+        self.run()
         if _spans is not None:      # one span: encoding the input to the last thread's end
             _spans.append((t0, time.perf_counter()))
         for step in self.steps:
@@ -175,20 +187,19 @@ def timing(spans: list):
 
 
 def _replay(x: np.ndarray, lins: tuple[Linear, ...], pool) -> _Replay | None:
-    if x.shape[0] > REPLAY_MAX_T or not isinstance(pool, (threads.RowPool, threads.NodePools)) or \
-            not all(lin.replayable for lin in lins):
-        return None
     first = lins[0]
+    key = (lins, pool, x.shape)          # matrices and pools hash by identity
+    r = first._replays.get(key) if first._replays is not None else None
+    if r is not None and r.epoch == REPLAY_EPOCH and r.ws == tuple(lin.w for lin in lins):
+        return r if r.ok else None       # made under the checks below (same pool, same shape)
+    if x.shape[0] > REPLAY_MAX_T or not isinstance(pool, (threads.RowPool, threads.NodePools)) or \
+            not all(lin.replayable for lin in lins) or _spans is not None:
+        return None
     if first._replays is None:
         first._replays = {}
-    key = (lins, pool, x.shape)          # matrices and pools hash by identity
-    r = first._replays.get(key)
-    if r is None or r.ws != tuple(lin.w for lin in lins) or r.epoch != REPLAY_EPOCH:
-        if _spans is not None:
-            return None
-        if len(first._replays) >= _REPLAYS_PER_MATRIX:
-            first._replays.clear()
-        r = first._replays[key] = _Replay(x, lins, pool)
+    if len(first._replays) >= _REPLAYS_PER_MATRIX:
+        first._replays.clear()
+    r = first._replays[key] = _Replay(x, lins, pool)
     return r if r.ok else None
 
 

@@ -214,6 +214,27 @@ class RowPool:
         """Run what `encode` made: thread i the rows spans[i] of table."""
         self._run(table, [()] * len(spans), [True] * len(spans), spans)
 
+    def bind_encoded(self, table: np.ndarray, spans) -> Callable[[], None]:
+        """run_encoded(table, spans) as a call with everything but the run done now (a decode
+        replay makes ~90 such runs per token: their Python is time outside the kernels)."""
+        sp = np.ascontiguousarray(spans, dtype=np.int64).reshape(-1, 2)      # (threads, 2)
+        run_tasks, n = self._run_tasks, len(sp)
+        lo, hi = int(sp[0, 0]), int(sp[0, 1])
+        if n == 1:
+            return functools.partial(run_tasks, table, lo, hi)
+        nat, ctls, idx, gens = self._nat, self._ctls[:n], self._idx[:n], self._gens[:n]
+        post_all, wait_all, timespec = nat.post_all, nat.wait_all, self._timespec
+
+        def run() -> None:
+            if self._closed:
+                raise RuntimeError("this RowPool is closed")
+            post_all(ctls, idx, table, sp, gens)
+            run_tasks(table, lo, hi)
+            spin = WAIT_POLLS
+            while wait_all(ctls, idx, gens, spin, timespec) < 0:
+                spin = 0                                 # a long share (prefill): sleep
+        return run
+
     def _run(self, table, shares, native, spans) -> None:
         if len(spans) == 1:
             self._run_share(table, shares[0], native[0], spans[0])
@@ -375,6 +396,11 @@ class NodePools:
             return None
         table = np.zeros((max(1, sum(len(s) for s in shares)), self._nat.TASK_FIELDS), np.int64)
         return table, np.array(_encode(self._nat, table, shares), np.int64).reshape(-1, 2)
+
+    def bind_encoded(self, table: np.ndarray, spans) -> Callable[[], None]:
+        """As RowPool.bind_encoded (here each run also adds to the join statistics)."""
+        sp = np.ascontiguousarray(spans, dtype=np.int64).reshape(-1, 2)      # (threads, 2)
+        return functools.partial(self.run_encoded, table, sp)
 
     def run_encoded(self, table: np.ndarray, spans) -> None:
         """Thread t runs rows spans[t] of the task table (the caller its own), all at once: one

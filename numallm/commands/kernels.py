@@ -26,10 +26,12 @@ def run(args) -> int:
         print(json.dumps({"cpu": _calibrate.cpu_key(), "kernels": rows}))
         return 0
     print(f"cpu: {_calibrate.cpu_key()}  (force a variant with NUMALLM_KERNEL=type:variant)")
-    print(f"{'type':<8} {'decode variant':<18} {'GB/s':>6}  {'source':<10} {'needs':<22} prefill")
+    print("decode GB/s: the chosen variant end to end (weights from DRAM, the engine's pool), "
+          "by thread count")
+    print(f"{'type':<8} {'decode variant':<18} {'GB/s':>14}  {'source':<10} {'needs':<22} prefill")
     for r in rows:
-        gbs = f"{r['gbs']:.1f}" if r["gbs"] else "-"
+        gbs = " / ".join(f"{g:.1f} ({n}t)" for n, g in r["e2e"].items()) if r["e2e"] else "-"
         pre = ", ".join(f"T>={t}: {v}" for t, v in r["prefill"]) if r["prefill"] else "-"
-        print(f"{r['type']:<8} {r['variant'] or '(not measured)':<18} {gbs:>6}  {r['source']:<10} "
+        print(f"{r['type']:<8} {r['variant'] or '(not measured)':<18} {gbs:>14}  {r['source']:<10} "
               f"{','.join(r['features']) or '-':<22} {pre}")
     return 0
