@@ -179,10 +179,10 @@ class IQUnit(CalibratedUnit):
         else:
             raise ValueError(f"unknown variant {variant!r} for {self.qtype.name}")
 
-    def native_task(self, w, acts, out, r0, r1):
-        if self.native_slot is None or not out.flags.c_contiguous:
-            return None
-        if self.choice().for_tokens(acts.x.shape[0]) != AVX2:
+    def variant_task(self, variant: str, w, acts, out, r0, r1):
+        """The AVX2 variant's native slot and arguments (None for blas-tile: the pool calls
+        run_x), so decode and calibration's end-to-end timing dispatch it alike."""
+        if self.native_slot is None or not out.flags.c_contiguous or variant != AVX2:
             return None
         return (self.native_slot, w, *self._x(acts), out, r0, r1)
 
