@@ -114,7 +114,7 @@ class LoadedModel:
         out = self.weight_bytes
         if m.output is not m.token_embd:
             out -= m.token_embd.nbytes
-        if getattr(a, "n_expert", 0):
+        if a.n_expert:
             exp = sum(e.nbytes for e in m.experts())
             out -= exp - exp * a.n_expert_used // a.n_expert
         return out

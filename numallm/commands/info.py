@@ -32,6 +32,11 @@ def describe(path: str, n_ctx: int | None) -> dict:
     return {
         "path": path, "architecture": args.arch, "name": f.get("general.name", ""),
         "parameters": int(sum(t.n_elements for t in f.tensors.values())),
+        # per decoded token: every tensor, of the routed experts only k of n_expert
+        "active_parameters": int(sum(f.tensors[t.name].n_elements * (
+            args.n_expert_used / args.n_expert if t.decl.kind == "experts" else 1.0)
+            for t in spec.tensors)) + int(sum(t.n_elements for n, t in f.tensors.items()
+                                              if n not in {s.name for s in spec.tensors})),
         "config": {k: v for k, v in vars(args).items()},
         "quant_types": {k: v for k, v in types.most_common()},
         "weights_bytes": weights, "ctx": n_ctx, "kv_cache_bytes": kv,
@@ -57,7 +62,9 @@ def run(args) -> int:
         return 0
     c = d["config"]
     print(f"{d['path']}\n  architecture  {d['architecture']}  {d['name']}")
-    print(f"  parameters    {d['parameters'] / 1e6:.2f} M")
+    active = (f" ({d['active_parameters'] / 1e6:.2f} M active per token)"
+              if d["active_parameters"] != d["parameters"] else "")
+    print(f"  parameters    {d['parameters'] / 1e6:.2f} M{active}")
     print(f"  layers        {c['n_layer']}, embedding {c['n_embd']}, ffn {c['n_ff']}, heads "
           f"{c['n_head']} (kv {c['n_head_kv']}, dim {c['head_dim']}), vocab {c['n_vocab']}")
     if c.get("n_expert"):

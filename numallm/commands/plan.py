@@ -68,6 +68,9 @@ def render(full, arch: str) -> list[str]:
                f"{_size(full.host_weights + full.host_kv)}; {per}")
     out.append(f"model: weights {_size(full.weight_bytes)}, KV cache {_size(full.kv_bytes)} "
                f"({full.n_ctx} tokens, f32 on the CPU)")
+    if full.experts[1]:
+        out.append(f"experts: {full.experts[0]} of {full.experts[1]} per token; a decoded token "
+                   f"reads {_size(full.active_bytes)} of the weights")
     out.append(f"predicted split: {plan.processor()} (weights + KV cache; GPU buffers not counted)")
     out += [f"note: {n}" for n in plan.notes]
     return out

@@ -125,7 +125,7 @@ class ModelSpec:
         it, unless it is also the output matrix), and of the routed experts only the k of
         n_expert it uses (the expected share; which ones the router picks)."""
         a = self.args
-        frac = a.n_expert_used / a.n_expert if getattr(a, "n_expert", 0) else 1.0
+        frac = a.n_expert_used / a.n_expert if a.n_expert else 1.0
         untied = any(t.name == "output.weight" for t in self.tensors)
         return int(sum(t.nbytes * (frac if t.decl.kind == "experts" else 1.0) for t in self.tensors
                        if not (untied and t.name == "token_embd.weight")) + self.extra_bytes)
@@ -214,6 +214,8 @@ class Plan:
     gpu: object = None                       # gpu.OffloadPlan when GPUs were asked for
     virtual: bool = False
     notes: tuple[str, ...] = ()
+    active_bytes: int = 0                    # weight bytes a decoded token reads (MoE: k experts)
+    experts: tuple[int, int] = (0, 0)        # (used per token, per layer); (0, 0): dense
 
     @property
     def host_weights(self) -> int:
@@ -255,6 +257,9 @@ class Plan:
                                                   if self.strategy != "off" else "")]
         out.append(f"  weights {_size(self.weight_bytes)}, KV cache {_size(self.kv_bytes)} "
                    f"({self.n_ctx} tokens x {self.n_seq} sequence(s), f32)")
+        if self.experts[1]:
+            out.append(f"  experts: {self.experts[0]} of {self.experts[1]} per token; a decoded "
+                       f"token reads {_size(self.active_bytes)} of the weights")
         for n in self.nodes:
             where = "unplaced" if n.node < 0 else f"node {n.node}"
             free = f" of {_size(n.free)} available" if n.free is not None else ""
@@ -266,6 +271,7 @@ class Plan:
         return {"strategy": self.strategy, "reason": self.reason, "n_ctx": self.n_ctx,
                 "n_seq": self.n_seq, "weight_bytes": self.weight_bytes, "kv_bytes": self.kv_bytes,
                 "virtual": self.virtual, "notes": list(self.notes),
+                "active_bytes": self.active_bytes, "experts": list(self.experts),
                 "nodes": [{"node": n.node, "cpus": list(n.cpus), "threads": n.n_threads,
                            "weights": n.weights, "kv": n.kv, "scratch": n.scratch, "total": n.total,
                            "free": n.free} for n in self.nodes],
@@ -444,7 +450,7 @@ def make_plan(spec: ModelSpec, topo, req: Request, gpus=None, gpu_why: str | Non
     # every expert's ff rows (and the shared expert's), cut where the down matrices' column
     # quant blocks allow, like the dense ff, and at whole quant blocks of gate/up too (a multiple
     # of their kernels' 8-row groups)
-    for unit, width in ((FF_EXP, getattr(a, "n_ff_exp", 0)), (FF_SHEXP, getattr(a, "n_ff_shexp", 0))):
+    for unit, width in ((FF_EXP, a.n_ff_exp), (FF_SHEXP, a.n_ff_shexp)):
         col = 2 if unit == FF_EXP else 1
         bs = max(spec.block_size((col, unit)), spec.block_size((col - 1, unit)))
         if not width:
@@ -487,7 +493,8 @@ def make_plan(spec: ModelSpec, topo, req: Request, gpus=None, gpu_why: str | Non
         notes.append("virtual nodes: slices are allocated on the real node each was carved from")
     return Plan(strategy, reason, n_ctx, req.n_seq, nodes, splits, per,
                 spec.weight_bytes, a.kv_bytes(n_ctx) * req.n_seq, gplan,
-                bool(topo is not None and topo.virtual), tuple(notes))
+                bool(topo is not None and topo.virtual), tuple(notes), spec.active_bytes,
+                (a.n_expert_used, a.n_expert))
 
 
 def _usable(topo, node_ids: list[int], available: int | None) -> list[int | None]:
