@@ -35,12 +35,12 @@ from test_llamacpp_parity import (N_TOKENS, NMSE_BOUND, _rms, check, compare, ll
                                   reference_logits)
 
 ARCHS = ("qwen3moe", "qwen2moe", "llama")
-QTYPES = ("F16", "Q8_0")
+QTYPES = ("F16", "Q8_0", "Q4_K_M")     # Q4_K_M: llama.cpp's mixed recipe (Q4_K, Q6_K)
 # router logit gap between the k-th and (k+1)-th expert every decision must have (the fixture
 # picks a seed for it); llama.cpp's activation rounding moves router logits by ~1e-3 (F16) to
 # ~1e-2 (Q8_0)
-ROUTER_MARGIN = {"F16": 0.005, "Q8_0": 0.3}
-SHAPE = {"F16": "tiny-moe", "Q8_0": "tiny-moe-1layer"}
+ROUTER_MARGIN = {"F16": 0.005, "Q8_0": 0.3, "Q4_K_M": 0.3}
+SHAPE = {"F16": "tiny-moe", "Q8_0": "tiny-moe-1layer", "Q4_K_M": "tiny-moe-1layer"}
 SEEDS = range(7, 47)
 
 
