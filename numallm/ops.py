@@ -395,22 +395,39 @@ def attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, cache: KVCache, pos0: in
     # query heads h = g*group + j share kv head g; blocks of queries see only the keys up to
     # their last position (half the work of scoring every query against every key, causally)
     qg = q.reshape(t, n_kv, group, hd).transpose(1, 0, 2, 3)                 # (n_kv, T, group, hd)
-    scale = np.float32(1.0 / np.sqrt(hd))
     out = np.empty((n_kv, t, group, hd), dtype=np.float32)
+    # KV heads over the pool's threads (BLAS runs one thread per caller under activate; numpy
+    # releases the GIL in the products and the exp): each head's numbers are the same either way
+    pool = threads.current()
+    cuts = np.linspace(0, n_kv, min(pool.n_threads, n_kv) + 1).astype(int)
+    shares = [[(lambda a=a, b=b: _attend_heads(qg, cache, pos0, a, b, out))]
+              for a, b in zip(cuts, cuts[1:])]
+    if len(shares) == 1:
+        _attend_heads(qg, cache, pos0, 0, n_kv, out)
+    else:
+        pool.run_tasks(shares)
+    return out.transpose(1, 0, 2, 3).reshape(t, n_head * hd)
+
+
+def _attend_heads(qg: np.ndarray, cache: KVCache, pos0: int, h0: int, h1: int,
+                  out: np.ndarray) -> None:
+    """The batched causal attention of KV heads [h0, h1) (attend's prefill path) into out."""
+    n_kv, t, group, hd = qg.shape
+    n = h1 - h0
+    scale = np.float32(1.0 / np.sqrt(hd))
     for a in range(0, t, ATTENTION_BLOCK):
         b = min(a + ATTENTION_BLOCK, t)
         n_s = pos0 + b
-        qb = qg[:, a:b].reshape(n_kv, (b - a) * group, hd)                   # rows (i, j)
-        sc = np.matmul(qb, cache.k[:, :n_s].transpose(0, 2, 1))              # (n_kv, rows, S)
+        qb = qg[h0:h1, a:b].reshape(n, (b - a) * group, hd)                  # rows (i, j)
+        sc = np.matmul(qb, cache.k[h0:h1, :n_s].transpose(0, 2, 1))          # (n, rows, S)
         sc *= scale
         # query pos0 + i (i in a..b) must not see keys past itself: the last b - a columns
         tri = np.triu(np.full((b - a, b - a), -np.inf, np.float32), 1)       # (B, B)
-        sc.reshape(n_kv, b - a, group, n_s)[..., pos0 + a:] += tri[None, :, None, :]
+        sc.reshape(n, b - a, group, n_s)[..., pos0 + a:] += tri[None, :, None, :]
         sc -= sc.max(axis=-1, keepdims=True)
         np.exp(sc, out=sc)
         sc /= sc.sum(axis=-1, keepdims=True)
-        out[:, a:b] = np.matmul(sc, cache.v[:, :n_s]).reshape(n_kv, b - a, group, hd)
-    return out.transpose(1, 0, 2, 3).reshape(t, n_head * hd)
+        out[h0:h1, a:b] = np.matmul(sc, cache.v[h0:h1, :n_s]).reshape(n, b - a, group, hd)
 
 
 # Mixture-of-Experts ops (their own file; model files reach them here)
