@@ -31,7 +31,8 @@ __all__ = ["DEFAULT_CTX", "PREFILL_CHUNK", "GenerationChunk", "GenerationResult"
 
 def plan_model(path: str, n_ctx: int | None = None, n_threads: int | None = None,
                numa: str = "off", virtual_nodes: int | None = None, nodes: list[int] | None = None,
-               threads_per_node: int | None = None, offload=None, n_seq: int = 1):
+               threads_per_node: int | None = None, offload=None, n_seq: int = 1,
+               moe_split: str = "auto"):
     """(GGUFFile, ModelSpec, Plan, topology) for loading `path` with these options: reads only
     the file's header and the machine. The plan `numallm plan`, `topo MODEL` and `info` print."""
     if n_ctx is not None and n_ctx <= 0:
@@ -51,7 +52,7 @@ def plan_model(path: str, n_ctx: int | None = None, n_threads: int | None = None
         gpus, why = discover_gpus()
     req = Request(numa=numa, n_ctx=n_ctx or 0, n_threads=n_threads,
                   nodes=None if nodes is None else tuple(nodes), threads_per_node=threads_per_node,
-                  offload=offload, n_seq=n_seq)
+                  offload=offload, n_seq=n_seq, moe_split=moe_split)
     plan = make_plan(spec, topo, req, gpus, why, available=psutil.virtual_memory().available)
     return f, spec, plan, topo
 
@@ -62,7 +63,7 @@ class LoadedModel:
     def __init__(self, path: str, n_ctx: int | None = None, n_threads: int | None = None,
                  chat_template: str | None = None, numa: str = "off", virtual_nodes: int | None = None,
                  nodes: list[int] | None = None, threads_per_node: int | None = None,
-                 offload=None, n_seq: int = 1, progress=None):
+                 offload=None, n_seq: int = 1, progress=None, moe_split: str = "auto"):
         from .chat_template import ChatTemplate
         from .placement.runtime import apply_plan
         from .tokenizer import Tokenizer
@@ -72,7 +73,8 @@ class LoadedModel:
         threads_per_node = threads.check_threads(threads_per_node, "threads_per_node")[0]
         self.path = str(path)
         self.file, self.spec, self.plan, topo = plan_model(
-            path, n_ctx, n_threads, numa, virtual_nodes, nodes, threads_per_node, offload, n_seq)
+            path, n_ctx, n_threads, numa, virtual_nodes, nodes, threads_per_node, offload, n_seq,
+            moe_split)
         self.plan.check_fits()                 # before the first large allocation
         self.n_ctx = self.plan.n_ctx
         self.tokenizer = Tokenizer.from_metadata(self.file.metadata)

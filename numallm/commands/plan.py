@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
         raise NumallmError(f"-c {args.ctx_size}: give a positive number of tokens")
     f, _, plan, _ = plan_model(resolve_model(args.model, download=False), args.ctx_size, args.threads,
                                args.numa or "auto", args.virtual_nodes, args.nodes,
-                               args.threads_per_node, request)
+                               args.threads_per_node, request, moe_split=args.moe_split)
     if args.json:
         print(dumps({**plan.gpu.to_json(), "placement": plan.to_dict()}))
     else:

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from ..errors import NumallmError
 from ..models import get_module
 from ..models.decl import FF, FF_EXP, FF_SHEXP, HEADS, MLA_HEADS, ROWS
+from . import moe_split
+from .moe_split import EXPERTS, MOE_SPLITS
 from ..topology.plan import assumed_bandwidth
 
 STRATEGIES = ("auto", "off", "shard", "replicate", "isolate")
@@ -177,8 +179,12 @@ class Request:
     threads_per_node: int | None = None
     offload: object = None               # gpu.OffloadRequest, or None for CPU only
     n_seq: int = 1                       # KV caches planned (sessions / server slots)
+    moe_split: str = "auto"              # MoE experts under shard: ff, experts (moe_split.py)
 
     def __post_init__(self):
+        if self.moe_split not in MOE_SPLITS:
+            raise NumallmError(f"--moe-split {self.moe_split}: unknown split; use one of "
+                               f"{', '.join(MOE_SPLITS)}")
         if self.numa not in STRATEGIES:
             raise NumallmError(f"--numa {self.numa}: unknown strategy; use one of {', '.join(STRATEGIES)}")
         if self.n_ctx < 0:
@@ -460,6 +466,12 @@ def make_plan(spec: ModelSpec, topo, req: Request, gpus=None, gpu_why: str | Non
             if width % bs == 0 else [(0, width)] + [(width, width)] * (n - 1)
         splits[unit] = cut
         share[unit] = [(e - s) / width for s, e in cut]
+    moe, moe_why = moe_split.choose(a, req.moe_split, strategy, n)
+    if moe == "experts":                       # whole experts per node instead
+        splits[EXPERTS] = split_units(a.n_expert, weights_by)
+        share[FF_EXP] = [(e - s) / a.n_expert for s, e in splits[EXPERTS]]
+    if moe_why:
+        reason = f"{reason}; {moe_why}" if reason else moe_why
 
     w_node = [0.0] * n
     for t in spec.tensors:

@@ -268,7 +268,8 @@ class ShardedBlock:
 
     def __init__(self, block, splits: dict, groups: list, nodes: threads.NodePools,
                  exchange: Exchange, layer: int):
-        from .experts import shard_experts
+        from .experts import shard_experts, shard_whole_experts
+        from .moe_split import EXPERTS
 
         a = block.a
         heads, ff = splits[HEADS], splits[FF]
@@ -303,7 +304,9 @@ class ShardedBlock:
                 raise UnsupportedError(f"blk.{layer}.{spec.name}: --numa shard cannot split by "
                                        f"{unit!r}; use --numa replicate or off")
             if spec.kind == "experts":                 # every expert's rows / columns per node
-                rec = shard_experts(value, axis, per, groups, nodes, exchange)
+                rec = (shard_whole_experts(value, splits[EXPERTS], groups, nodes, exchange)
+                       if EXPERTS in splits else
+                       shard_experts(value, axis, per, groups, nodes, exchange))
                 for v in views:
                     setattr(v, spec.attr, None)
                 for p in rec.parts:
