@@ -283,3 +283,34 @@ def test_topo_verify_finds_every_expert_slice_on_its_node(synth_dir):
                        timeout=300)
     assert r.returncode == 0, r.stderr
     assert "ffn_gate_exps" in r.stdout and "ffn_down_exps" in r.stdout
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_K_M"])
+def test_prefill_groups_one_encoding_per_token(qtype, synth_dir):
+    """A prefill chunk encodes each token once and gathers the encodings by expert: the gathered
+    forms are the forms of the gathered rows bit for bit, and the chunk's routed feed-forward
+    equals each token's alone (8-bit activations on both paths; sums in another order only)."""
+    from numallm_kernels.base import Activations
+
+    path = synth.cached_model(synth_dir, arch="qwen3moe", qtype=qtype, shape="tiny-moe-1layer",
+                              seed=7)
+    blk = get_module("qwen3moe").Model(GGUFFile(path)).blk[0]
+    unit = blk.ffn_gate_exps.unit
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((40, blk.a.n_embd)).astype(np.float32)
+    idx = rng.integers(0, 40, 70)
+    whole = Activations(x)
+    unit.prepare_x_parts(whole, {5, 30})
+    fresh = Activations(x[idx][10:40])
+    unit.prepare_x(fresh)
+    got = whole.take(idx).rows(10, 40)
+    assert got._forms.keys() == fresh._forms.keys() and fresh._forms
+    for key, arrays in fresh._forms.items():
+        for a, b in zip(arrays, got._forms[key]):
+            assert b.flags.c_contiguous and np.array_equal(a, b), key
+    ids = np.stack([rng.permutation(8)[:2] for _ in range(40)])                     # (T, 2)
+    w = rng.random((40, 2)).astype(np.float32)
+    chunk = ops.moe_ffn(x, ids, w, blk.ffn_gate_exps, blk.ffn_up_exps, blk.ffn_down_exps)
+    alone = np.concatenate([ops.moe_ffn(x[i:i + 1], ids[i:i + 1], w[i:i + 1], blk.ffn_gate_exps,
+                                        blk.ffn_up_exps, blk.ffn_down_exps) for i in range(40)])
+    np.testing.assert_allclose(chunk, alone, rtol=0, atol=1e-5 * np.abs(alone).max())
