@@ -29,4 +29,4 @@ def choose(args, asked: str, strategy: str, n_nodes: int) -> tuple[str, str | No
     return "ff", (f"moe split auto: ff (each node a share of all {args.n_expert} experts: every "
                   f"token's {args.n_expert_used} picks split evenly over the {n_nodes} nodes; "
                   f"whole experts per node (--moe-split experts) leave a node idle when the picks "
-                  f"fall unevenly and measured slower here, see README)")
+                  f"fall unevenly, and build each decode step's dispatch anew)")
