@@ -206,6 +206,21 @@ def _dense_cvt(bf16: bool):
     return intrinsic(impl)
 
 
+@intrinsic
+def dot_f32x8(typingctx, acc, w, woff, x, xoff):
+    """acc + w[woff:woff+8] * x[xoff:xoff+8] (one FMA), w and x float32 arrays."""
+    sig = f32x8(f32x8, w, woff, x, xoff)
+
+    def codegen(context, builder, sig, args):
+        acc_v, w_v, woff_v, x_v, xoff_v = args
+        wv = _load(builder, _ptr(context, builder, sig.args[1], w_v, woff_v), _V8F)
+        xv = _load(builder, _ptr(context, builder, sig.args[3], x_v, xoff_v), _V8F)
+        fma = _fn(builder, "llvm.fma.v8f32", _V8F, [_V8F, _V8F, _V8F])
+        return builder.call(fma, [wv, xv, acc_v])
+
+    return sig, codegen
+
+
 dot_f16x8 = _dense_dot(False)
 dot_bf16x8 = _dense_dot(True)
 cvt_f16x8 = _dense_cvt(False)

@@ -73,6 +73,21 @@ class Activations:
         sub._forms = {key: tuple(a[j:j + 1] for a in arrays) for key, arrays in self._forms.items()}
         return sub
 
+    def rows(self, a: int, b: int) -> "Activations":
+        """Tokens [a, b) of this input sharing its memory: x and every form made so far, sliced
+        (each stays C-contiguous)."""
+        sub = Activations(self.x[a:b])
+        sub._forms = {key: tuple(arr[a:b] for arr in arrays) for key, arrays in self._forms.items()}
+        return sub
+
+    def take(self, idx: np.ndarray) -> "Activations":
+        """An input of the tokens idx (int (R,), repeats allowed): x and every form made so far,
+        their rows gathered (forms are per-token encodings, so a gathered form is the form of
+        the gathered rows, bit for bit)."""
+        sub = Activations(self.x[idx])
+        sub._forms = {key: tuple(arr[idx] for arr in arrays) for key, arrays in self._forms.items()}
+        return sub
+
     def columns(self, a: int, b: int) -> "Activations":
         """Input columns [a, b) of a one-token input, sharing this one's memory: x and every
         form made so far, sliced, so a matrix split by columns reads its part of one encoding
@@ -154,6 +169,11 @@ class KernelUnit:
     def prepare_x(self, acts: Activations) -> None:
         """Make (in `acts`) the encodings of x that matmul_x will read; default: none."""
 
+    def prepare_x_parts(self, acts: Activations, sizes) -> None:
+        """Make in `acts` the encodings that products over parts of its rows, of `sizes` rows
+        each, read (a MoE prefill encodes its tokens once, then groups them by expert)."""
+        self.prepare_x(acts)
+
     def matmul_x(self, w, acts: Activations, out: np.ndarray, r0: int, r1: int) -> None:
         """out[:, r0:r1] = acts.x @ W[r0:r1].T; out: float32 (T, N). Reads only what prepare_x
         made, so row ranges may run concurrently."""
@@ -226,6 +246,10 @@ class CalibratedUnit(KernelUnit):
 
     def prepare_x(self, acts: Activations) -> None:
         self.prepare_variant_x(self.choice().for_tokens(acts.x.shape[0]), acts)
+
+    def prepare_x_parts(self, acts: Activations, sizes) -> None:
+        for v in {self.choice().for_tokens(n) for n in sizes}:
+            self.prepare_variant_x(v, acts)
 
     def matmul_x(self, w, acts: Activations, out, r0, r1) -> None:
         self.run_x(self.choice().for_tokens(acts.x.shape[0]), w, acts, out, r0, r1)

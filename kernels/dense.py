@@ -22,10 +22,81 @@ from .base import CalibratedUnit, KernelUnit, register, specialize
 ROWWISE_MAX_T = 16
 
 
+def _f32_rows(w, x, out, r0, r1):
+    # w: float32 (N, K); x: float32 (T, K), both C-contiguous; out: float32 (T, N). Each token's
+    # dot products on their own (8 FMA lanes, then a pairwise sum), four rows per pass, so a
+    # token's result does not depend on the other tokens of the call.
+    n_t, k = x.shape
+    k8 = k - k % 8
+    wf = w.reshape(-1)
+    xf = x.reshape(-1)
+    r = r0
+    while r < r1:
+        n = min(4, r1 - r)
+        for t in range(n_t):
+            xo = t * k
+            for j in range(0, n - n % 4, 4):
+                o = (r + j) * k
+                a0 = vzero()
+                a1 = vzero()
+                a2 = vzero()
+                a3 = vzero()
+                for c in range(0, k8, 8):
+                    a0 = dot_f32x8(a0, wf, o + c, xf, xo + c)
+                    a1 = dot_f32x8(a1, wf, o + k + c, xf, xo + c)
+                    a2 = dot_f32x8(a2, wf, o + 2 * k + c, xf, xo + c)
+                    a3 = dot_f32x8(a3, wf, o + 3 * k + c, xf, xo + c)
+                s0 = hsum(a0)
+                s1 = hsum(a1)
+                s2 = hsum(a2)
+                s3 = hsum(a3)
+                for c in range(k8, k):
+                    xc = xf[xo + c]
+                    s0 += wf[o + c] * xc
+                    s1 += wf[o + k + c] * xc
+                    s2 += wf[o + 2 * k + c] * xc
+                    s3 += wf[o + 3 * k + c] * xc
+                out[t, r + j] = s0
+                out[t, r + j + 1] = s1
+                out[t, r + j + 2] = s2
+                out[t, r + j + 3] = s3
+            for j in range(n - n % 4, n):
+                o = (r + j) * k
+                a0 = vzero()
+                for c in range(0, k8, 8):
+                    a0 = dot_f32x8(a0, wf, o + c, xf, xo + c)
+                s0 = hsum(a0)
+                for c in range(k8, k):
+                    s0 += wf[o + c] * xf[xo + c]
+                out[t, r + j] = s0
+        r += n
+
+
+def _f32_task(q, xq, dx, xa, out, r0, r1):
+    # the native task form (_native's slot signature): q is the weights' bytes (N, 4K), xq the
+    # input's bytes (T, 4K); dx and xa are unused
+    ROWS(q.view(np.float32), xq.view(np.float32), out, r0, r1)  # noqa: F821 (template constant)
+
+
 @register
 class F32(KernelUnit):
+    """F32: on AVX2, up to ROWWISE_MAX_T tokens run in `_f32_rows` (a native task the pool runs
+    without the GIL: a MoE router is an F32 product on every token of every layer); larger
+    batches go to BLAS."""
+
     qtype = T.F32
     variant = "blas"
+
+    def __init__(self):
+        self._rows = self.native_slot = None
+        if _simd.has_avx2():
+            from . import _native
+
+            self._rows = specialize(_f32_rows, "dense_f32_rows", vzero=vzero, hsum=hsum,
+                                    dot_f32x8=_simd.dot_f32x8)
+            self.native_slot = _native.register_kernel(
+                specialize(_f32_task, "dense_f32_task", ROWS=self._rows), False)
+            self.variant = "avx2-f32"
 
     def prepare(self, raw):
         return raw.view(np.float32)  # (N, K)
@@ -41,10 +112,30 @@ class F32(KernelUnit):
             # a batch of decode tokens: one product per token, as each gets alone (BLAS sums a
             # matrix product in another order than a vector one, and a MoE router's top k can
             # flip on that last bit)
+            if self._rows is not None and x.flags.c_contiguous and w.flags.c_contiguous:
+                self._rows(w, x, out, r0, r1)
+                return
             for t in range(x.shape[0]):
                 out[t, r0:r1] = x[t] @ w[r0:r1].T
             return
         out[:, r0:r1] = x @ w[r0:r1].T
+
+    def native_task(self, w, acts, out, r0, r1):
+        x = acts.x
+        if (self.native_slot is None or x.shape[0] > ROWWISE_MAX_T or not out.flags.c_contiguous
+                or not x.flags.c_contiguous or not w.flags.c_contiguous):
+            return None
+        xb = x.view(np.int8)                 # (T, 4K) the input's bytes
+        return (self.native_slot, w.view(np.uint8), xb, x, x.view(np.int32), out, r0, r1)
+
+    def hot_kernels(self) -> list:
+        from numba import typeof
+
+        if self._rows is None:
+            return []
+        args = (np.zeros((4, 16), np.float32), np.zeros((1, 16), np.float32),
+                np.zeros((1, 4), np.float32), 0, 4)
+        return [(self._rows, tuple(typeof(a) for a in args))]
 
 
 # Templates specialized per type: CVT8 / DOT8 / LOAD1 are the _simd half-type intrinsics.

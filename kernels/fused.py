@@ -98,3 +98,20 @@ def moe_topk(logits, k, renorm, min_sum, ids, w):
             d = max(tot, min_sum)
             for j in range(k):
                 w[t, j] /= d
+
+
+@njit(nogil=True, cache=True)
+def moe_combine(d, pos, w, out, t0, t1):
+    """out[t] = sum_j w[t, j] * d[pos[t, j]] for tokens t in [t0, t1): the weighted sum of a
+    token's k expert outputs, read from d float32 (R, D) (rows grouped by expert) at pos int64
+    (T, k); w float32 (T, k); out float32 (T, D). Slot order j = 0..k-1, as a decode step sums."""
+    k = pos.shape[1]
+    n = d.shape[1]
+    for t in range(t0, t1):
+        for c in range(n):
+            out[t, c] = np.float32(0.0)
+        for j in range(k):
+            wj = w[t, j]
+            r = pos[t, j]
+            for c in range(n):
+                out[t, c] += wj * d[r, c]

@@ -35,7 +35,7 @@ def plan_model(path: str, n_ctx: int | None = None, n_threads: int | None = None
                numa: str = "off", virtual_nodes: int | None = None, nodes: list[int] | None = None,
                threads_per_node: int | None = None, offload=None, n_seq: int = 1,
                topology: str | None = None, cache_type_k: str = DEFAULT_CACHE_TYPE,
-               cache_type_v: str = DEFAULT_CACHE_TYPE):
+               cache_type_v: str = DEFAULT_CACHE_TYPE, moe_split: str = "auto"):
     """(GGUFFile, ModelSpec, Plan, topology) for loading `path` with these options: reads only
     the file's header and the machine (or, with `topology`, the machine a `topo --json` file
     describes, its free memory as the file says). The plan `numallm plan`, `topo MODEL` and
@@ -64,7 +64,7 @@ def plan_model(path: str, n_ctx: int | None = None, n_threads: int | None = None
     req = Request(numa=numa, n_ctx=n_ctx or 0, n_threads=n_threads,
                   nodes=None if nodes is None else tuple(nodes), threads_per_node=threads_per_node,
                   offload=offload, n_seq=n_seq, cache_type_k=cache_type_k,
-                  cache_type_v=cache_type_v)
+                  cache_type_v=cache_type_v, moe_split=moe_split)
     plan = make_plan(spec, topo, req, gpus, why,
                      available=None if topology is not None else psutil.virtual_memory().available)
     return f, spec, plan, topo
@@ -77,7 +77,7 @@ class LoadedModel:
                  chat_template: str | None = None, numa: str = "off", virtual_nodes: int | None = None,
                  nodes: list[int] | None = None, threads_per_node: int | None = None,
                  offload=None, n_seq: int = 1, progress=None,
-                 cache_type_k: str = DEFAULT_CACHE_TYPE, cache_type_v: str = DEFAULT_CACHE_TYPE):
+                 cache_type_k: str = DEFAULT_CACHE_TYPE, cache_type_v: str = DEFAULT_CACHE_TYPE, moe_split: str = "auto"):
         from .chat_template import ChatTemplate
         from .placement.runtime import apply_plan
         from .tokenizer import Tokenizer
@@ -90,7 +90,7 @@ class LoadedModel:
         self.path = str(path)
         self.file, self.spec, self.plan, topo = plan_model(
             path, n_ctx, n_threads, numa, virtual_nodes, nodes, threads_per_node, offload, n_seq,
-            cache_type_k=cache_type_k, cache_type_v=cache_type_v)
+            cache_type_k=cache_type_k, cache_type_v=cache_type_v, moe_split=moe_split)
         self.plan.check_fits()                 # before the first large allocation
         self.n_ctx = self.plan.n_ctx
         self.tokenizer = Tokenizer.from_metadata(self.file.metadata)
@@ -133,7 +133,7 @@ class LoadedModel:
         out = self.weight_bytes
         if m.output is not m.token_embd:
             out -= m.token_embd.nbytes
-        if getattr(a, "n_expert", 0):
+        if a.n_expert:
             exp = sum(e.nbytes for e in m.experts() + (self.offload.experts() if self.offload else []))
             out -= exp - exp * a.n_expert_used // a.n_expert
         return out

@@ -143,7 +143,9 @@ class ExpertPart:
     """One thread group's share of a routed feed-forward: threads `tids` of the pool compute rows
     `ff` of `gate`/`up` into the (T*k, width) buffers named `buf` (parts with one `buf` share
     them), SwiGLU, then rows `rows` of `down` over that buffer into the (T*k, n_embd) output
-    named `buf`; the outputs of distinct bufs are partial sums (`ExpertLinear.reduce`)."""
+    named `buf`; the outputs of distinct bufs are partial sums (`ExpertLinear.reduce`). A part
+    with `experts` [a, b) runs only those experts' tokens (whole experts per node); the rows of
+    other experts are left to the other parts, or zero in its outputs."""
 
     tids: Sequence[int]
     gate: "ExpertLinear"
@@ -153,6 +155,14 @@ class ExpertPart:
     width: int
     buf: int
     rows: tuple[int, int]
+    experts: tuple[int, int] = (0, 1 << 62)
+
+    def runs(self, e: int) -> bool:
+        return self.experts[0] <= e < self.experts[1]
+
+    @property
+    def some_experts(self) -> bool:
+        return self.experts[0] > 0 or self.experts[1] < self.gate.shape[0]
 
 
 def _add_jobs(jobs: list[list], tids: Sequence[int], prods: list[tuple], cost: list[float],
@@ -194,6 +204,8 @@ def moe_ffn(x: np.ndarray, ids: np.ndarray, weights: np.ndarray, gate: ExpertLin
             return replay(x, ids, weights)
     parts = gate.moe_parts(up, down, pool)
     units = {gate.unit, up.unit}
+    # parts of whole experts leave other experts' rows unwritten: zeros then, for the sums
+    alloc = np.zeros if any(p.some_experts for p in parts) else np.empty
 
     # gate and up of every selected expert over its tokens: one dispatch
     if t == 1:                                        # decode: every expert reads the one token
@@ -201,50 +213,69 @@ def moe_ffn(x: np.ndarray, ids: np.ndarray, weights: np.ndarray, gate: ExpertLin
         for u in units:
             u.prepare_x(shared)
         acts = [shared] * len(groups)
-    else:
-        acts = []
-        for e, a, b in groups:
-            acts.append(Activations(np.ascontiguousarray(x[tok[a:b]])))     # (n_e, K)
-            for u in units:
-                u.prepare_x(acts[-1])
-    gu = {p.buf: (np.empty((len(flat), p.width), dtype=np.float32),       # (T*k, width) grouped
-                  np.empty((len(flat), p.width), dtype=np.float32)) for p in parts}
+    else:                                             # each token encoded once, then gathered
+        acts = _grouped(Activations(x), tok, groups, units)                 # (n_e, K) each
+    gu = {p.buf: (alloc((len(flat), p.width), dtype=np.float32),          # (T*k, width) grouped
+                  alloc((len(flat), p.width), dtype=np.float32)) for p in parts}
     jobs: list[list] = [[] for _ in range(pool.n_threads)]
     for p in parts:
         g, u = gu[p.buf]
         prods, cost = [], []
         for (e, a, b), ac in zip(groups, acts):
-            prods += [(p.gate, e, ac, g[a:b]), (p.up, e, ac, u[a:b])]
-            cost += [b - a, b - a]
+            if p.runs(e):
+                prods += [(p.gate, e, ac, g[a:b]), (p.up, e, ac, u[a:b])]
+                cost += [b - a, b - a]
         _add_jobs(jobs, p.tids, prods, cost, *p.ff)
     pool.run_tasks(jobs)
 
-    hs = {}
-    for buf, (g, u) in gu.items():
-        hs[buf] = np.empty_like(g)                                        # (T*k, width)
-        fused.swiglu(g, u, hs[buf])
+    hs = {buf: np.empty_like(g) for buf, (g, u) in gu.items()}           # (T*k, width)
+    _rows_parallel(pool, len(flat), lambda a, b: [fused.swiglu(g[a:b], u[a:b], hs[buf][a:b])
+                                                  for buf, (g, u) in gu.items()])
 
     # down of every selected expert over its own inputs: one dispatch
-    ds = {p.buf: np.empty((len(flat), p.down.shape[1]), dtype=np.float32) for p in parts}
-    hacts: dict = {}
+    ds = {p.buf: alloc((len(flat), p.down.shape[1]), dtype=np.float32) for p in parts}
+    hacts = {buf: _grouped(Activations(h), None, groups, {p.down.unit for p in parts})
+             for buf, h in hs.items()}
     jobs = [[] for _ in range(pool.n_threads)]
     for p in parts:
         prods, cost = [], []
-        for e, a, b in groups:
-            ac = hacts.get((p.buf, e))
-            if ac is None:
-                ac = hacts[p.buf, e] = Activations(hs[p.buf][a:b])          # (n_e, width)
-                p.down.unit.prepare_x(ac)
-            prods.append((p.down, e, ac, ds[p.buf][a:b]))
-            cost.append(b - a)
+        for (e, a, b), ac in zip(groups, hacts[p.buf]):
+            if p.runs(e):
+                prods.append((p.down, e, ac, ds[p.buf][a:b]))
+                cost.append(b - a)
         _add_jobs(jobs, p.tids, prods, cost, *p.rows)
     pool.run_tasks(jobs)
     d = gate.reduce([ds[b] for b in sorted(ds)])     # (T*k, K) grouped by expert
 
-    # back to (token, slot) order, weighted sum over the k slots
-    per = np.empty_like(d)
-    per[order] = d
-    return np.einsum("tk,tkd->td", weights, per.reshape(t, k, -1)).astype(np.float32, copy=False)
+    # weighted sum over each token's k slots, read where its slots' rows went
+    pos = np.empty(len(flat), np.int64)
+    pos[order] = np.arange(len(flat))
+    pos = pos.reshape(t, k)                                                # (T, k) rows of d
+    out = np.empty((t, d.shape[1]), dtype=np.float32)                      # (T, K)
+    w = np.ascontiguousarray(weights, dtype=np.float32)
+    _rows_parallel(pool, t, lambda a, b: fused.moe_combine(d, pos, w, out, a, b))
+    return out
+
+
+def _grouped(acts: Activations, tok: np.ndarray | None, groups: list, units) -> list:
+    """Per expert group (e, a, b) its rows of `acts` (tok: the token of each grouped row, None
+    when acts is already grouped) as an input of its own, every unit's encodings made once for
+    all rows (for the group sizes' variants) and sliced, not once per group."""
+    for u in units:
+        u.prepare_x_parts(acts, {b - a for _, a, b in groups})
+    if tok is not None:
+        acts = acts.take(tok)                                               # (T*k, K)
+    return [acts.rows(a, b) for _, a, b in groups]
+
+
+def _rows_parallel(pool, n: int, fn) -> None:
+    """fn(a, b) over rows [a, b) of n, one range per thread of `pool` (Numba kernels that
+    release the GIL: the element-wise steps of a prefill run on every thread)."""
+    cuts = threads.split_rows(n, pool.n_threads, 1)
+    if len(cuts) == 1:
+        fn(0, n)
+        return
+    pool.run_tasks([[(lambda a=a, b=b: fn(a, b))] for a, b in cuts])
 
 
 # -- decode replay -------------------------------------------------------------------------------
@@ -263,6 +294,9 @@ class _MoEReplay:
 
         self.pool, self.gate, self.epoch = pool, gate, ops.REPLAY_EPOCH
         parts = gate.moe_parts(up, down, pool)
+        if any(p.some_experts for p in parts):   # which threads run a slot depends on its expert
+            self.ok = False
+            return
         self.acts = Activations(x.copy())                                   # (1, K)
         for u in {gate.unit, up.unit}:
             u.prepare_x(self.acts)

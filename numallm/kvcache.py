@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 from numallm_kernels import fused, kvcache as kv
 
+from . import threads
 from .cache_types import DEFAULT_CACHE_TYPE, check_cache_type
 
 # Up to this many query positions attention runs as one Numba pass per head (decode, short
@@ -135,19 +136,36 @@ def attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, cache: KVCache, pos0: in
     # The cached prefix is decoded to float32 once per call (a prefill chunk's T queries share it)
     keys, values = cache.k.rows(end), cache.v.rows(end)                      # (n_kv, end, hd)
     qg = q.reshape(t, n_kv, group, hd).transpose(1, 0, 2, 3)                 # (n_kv, T, group, hd)
-    scale = np.float32(1.0 / np.sqrt(hd))
     out = np.empty((n_kv, t, group, hd), dtype=np.float32)
+    # KV heads over the pool's threads (BLAS runs one thread per caller under activate; numpy
+    # releases the GIL in the products and the exp): each head's numbers are the same either way
+    pool = threads.current()
+    cuts = np.linspace(0, n_kv, min(pool.n_threads, n_kv) + 1).astype(int)
+    if len(cuts) == 2:
+        _attend_heads(qg, keys, values, pos0, 0, n_kv, out)
+    else:
+        pool.run_tasks([[(lambda a=a, b=b: _attend_heads(qg, keys, values, pos0, a, b, out))]
+                        for a, b in zip(cuts, cuts[1:])])
+    return out.transpose(1, 0, 2, 3).reshape(t, n_head * hd)
+
+
+def _attend_heads(qg: np.ndarray, keys: np.ndarray, values: np.ndarray, pos0: int, h0: int,
+                  h1: int, out: np.ndarray) -> None:
+    """The batched causal attention of KV heads [h0, h1) (attend's prefill path) into out;
+    keys/values: float32 (n_kv, >= pos0 + T, hd)."""
+    n_kv, t, group, hd = qg.shape
+    n = h1 - h0
+    scale = np.float32(1.0 / np.sqrt(hd))
     for a in range(0, t, ATTENTION_BLOCK):
         b = min(a + ATTENTION_BLOCK, t)
         n_s = pos0 + b
-        qb = qg[:, a:b].reshape(n_kv, (b - a) * group, hd)                   # rows (i, j)
-        sc = np.matmul(qb, keys[:, :n_s].transpose(0, 2, 1))                 # (n_kv, rows, S)
+        qb = qg[h0:h1, a:b].reshape(n, (b - a) * group, hd)                  # rows (i, j)
+        sc = np.matmul(qb, keys[h0:h1, :n_s].transpose(0, 2, 1))             # (n, rows, S)
         sc *= scale
         # query pos0 + i (i in a..b) must not see keys past itself: the last b - a columns
         tri = np.triu(np.full((b - a, b - a), -np.inf, np.float32), 1)       # (B, B)
-        sc.reshape(n_kv, b - a, group, n_s)[..., pos0 + a:] += tri[None, :, None, :]
+        sc.reshape(n, b - a, group, n_s)[..., pos0 + a:] += tri[None, :, None, :]
         sc -= sc.max(axis=-1, keepdims=True)
         np.exp(sc, out=sc)
         sc /= sc.sum(axis=-1, keepdims=True)
-        out[:, a:b] = np.matmul(sc, values[:, :n_s]).reshape(n_kv, b - a, group, hd)
-    return out.transpose(1, 0, 2, 3).reshape(t, n_head * hd)
+        out[h0:h1, a:b] = np.matmul(sc, values[h0:h1, :n_s]).reshape(n, b - a, group, hd)

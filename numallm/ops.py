@@ -138,7 +138,7 @@ class _Replay:
             if step is not None:
                 self.steps.append(step)
             self.outs.append(out)
-        enc = pool.encode(jobs) if self.acts.makers and self.acts.refillable else None
+        enc = pool.encode(jobs) if self.acts.refillable else None
         self.ok = enc is not None
         self.table, self.spans = enc if self.ok else (None, None)
         # per token: copy x in, refill each form, run the table (a call bound once, so the

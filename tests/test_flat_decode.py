@@ -145,3 +145,41 @@ def test_replayed_column_split_matches_one_matrix():
             assert any(r.ok and r.steps for r in sharded._replays.values())
     finally:
         pools.close()
+
+
+@native
+def test_f32_product_is_a_native_task_and_replays():
+    """An F32 matrix (a MoE router) runs as a native task, so its decode dispatch is encoded once
+    and replayed like the quantized ones: the same bits as the unit's matmul, each token's row as
+    it gets alone, within float32 rounding of float64."""
+    rng = np.random.default_rng(2)
+    unit = nk.get(T.F32)
+    n, k = 36, 520                                   # rows not a multiple of 4, K of 8
+    w = unit.prepare(rng.standard_normal((n, k)).astype(np.float32).view(np.uint8))
+    x = rng.standard_normal((5, k)).astype(np.float32)
+    acts = Activations(x)
+    unit.prepare_x(acts)
+    ref = np.zeros((5, n), np.float32)
+    unit.matmul_x(w, acts, ref, 0, n)
+    exact = x.astype(np.float64) @ w.T.astype(np.float64)
+    assert np.abs(ref - exact).max() < 1e-5 * np.abs(exact).max()
+    one = np.zeros((1, n), np.float32)
+    unit.matmul(w, x[3:4].copy(), one, 0, n)
+    np.testing.assert_array_equal(one[0], ref[3])               # a token's row as it gets alone
+    pools = _nodes()
+    try:
+        out = np.zeros_like(ref)
+        tasks = [ops.task(unit, w, acts, out, a, b) for a, b in threads.split_rows(n, 3, 1)]
+        assert all(type(t) is tuple for t in tasks)               # native, not Python calls
+        table, spans = pools.encode([[t] for t in tasks])
+        pools.run_encoded(table, spans)
+        np.testing.assert_array_equal(out, ref)
+        lin = ops.Linear.__new__(ops.Linear)                      # the router's decode dispatch
+        lin.unit, lin.w, lin.shape, lin.name = unit, w, (n, k), "router"
+        with threads.activate(pools):
+            for t in range(3):
+                got = ops.matmuls(x[t:t + 1], lin)[0]
+                np.testing.assert_array_equal(got[0], ref[t])
+        assert len(lin._replays) == 1 and next(iter(lin._replays.values())).ok
+    finally:
+        pools.close()

@@ -35,12 +35,12 @@ from test_llamacpp_parity import (N_TOKENS, NMSE_BOUND, _rms, check, compare, ll
                                   reference_logits)
 
 ARCHS = ("qwen3moe", "qwen2moe", "llama")
-QTYPES = ("F16", "Q8_0")
+QTYPES = ("F16", "Q8_0", "Q4_K_M")     # Q4_K_M: llama.cpp's mixed recipe (Q4_K, Q6_K)
 # router logit gap between the k-th and (k+1)-th expert every decision must have (the fixture
 # picks a seed for it); llama.cpp's activation rounding moves router logits by ~1e-3 (F16) to
 # ~1e-2 (Q8_0)
-ROUTER_MARGIN = {"F16": 0.005, "Q8_0": 0.3}
-SHAPE = {"F16": "tiny-moe", "Q8_0": "tiny-moe-1layer"}
+ROUTER_MARGIN = {"F16": 0.005, "Q8_0": 0.3, "Q4_K_M": 0.3}
+SHAPE = {"F16": "tiny-moe", "Q8_0": "tiny-moe-1layer", "Q4_K_M": "tiny-moe-1layer"}
 SEEDS = range(7, 47)
 
 
@@ -283,3 +283,34 @@ def test_topo_verify_finds_every_expert_slice_on_its_node(synth_dir):
                        timeout=300)
     assert r.returncode == 0, r.stderr
     assert "ffn_gate_exps" in r.stdout and "ffn_down_exps" in r.stdout
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_K_M"])
+def test_prefill_groups_one_encoding_per_token(qtype, synth_dir):
+    """A prefill chunk encodes each token once and gathers the encodings by expert: the gathered
+    forms are the forms of the gathered rows bit for bit, and the chunk's routed feed-forward
+    equals each token's alone (8-bit activations on both paths; sums in another order only)."""
+    from numallm_kernels.base import Activations
+
+    path = synth.cached_model(synth_dir, arch="qwen3moe", qtype=qtype, shape="tiny-moe-1layer",
+                              seed=7)
+    blk = get_module("qwen3moe").Model(GGUFFile(path)).blk[0]
+    unit = blk.ffn_gate_exps.unit
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((40, blk.a.n_embd)).astype(np.float32)
+    idx = rng.integers(0, 40, 70)
+    whole = Activations(x)
+    unit.prepare_x_parts(whole, {5, 30})
+    fresh = Activations(x[idx][10:40])
+    unit.prepare_x(fresh)
+    got = whole.take(idx).rows(10, 40)
+    assert got._forms.keys() == fresh._forms.keys() and fresh._forms
+    for key, arrays in fresh._forms.items():
+        for a, b in zip(arrays, got._forms[key]):
+            assert b.flags.c_contiguous and np.array_equal(a, b), key
+    ids = np.stack([rng.permutation(8)[:2] for _ in range(40)])                     # (T, 2)
+    w = rng.random((40, 2)).astype(np.float32)
+    chunk = ops.moe_ffn(x, ids, w, blk.ffn_gate_exps, blk.ffn_up_exps, blk.ffn_down_exps)
+    alone = np.concatenate([ops.moe_ffn(x[i:i + 1], ids[i:i + 1], w[i:i + 1], blk.ffn_gate_exps,
+                                        blk.ffn_up_exps, blk.ffn_down_exps) for i in range(40)])
+    np.testing.assert_allclose(chunk, alone, rtol=0, atol=1e-5 * np.abs(alone).max())

@@ -81,3 +81,33 @@ def test_prefill_gbps_on_all_weights_decode_on_active(moe):
     for row, nbytes in ((pp, rep.model.weight_bytes), (tg, rep.model.active_bytes)):
         assert math.isclose(row.gbps, nbytes * row.tokens_per_s * row.n_passes / row.n_tokens / 1e9,
                             rel_tol=1e-9), row.test
+
+
+def test_info_topo_plan_show_experts_and_active_share(moe):
+    """`info` counts active parameters (k of n_expert of each routed expert tensor, everything
+    else whole), `topo MODEL` and `plan` name the experts and the bytes a token reads."""
+    import contextlib
+    import io
+    import json
+
+    from numallm.cli import main
+
+    def cli(*argv) -> str:
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            assert main(list(argv)) == 0
+        return buf.getvalue()
+
+    f = GGUFFile(moe)
+    exps = sum(int(t.n_elements) for n, t in f.tensors.items() if "_exps." in n)
+    total = sum(int(t.n_elements) for t in f.tensors.values())
+    d = json.loads(cli("info", str(moe), "--json"))
+    assert d["parameters"] == total
+    assert d["active_parameters"] == total - exps + exps * 2 // 8         # top-2 of 8
+    assert f"({d['active_parameters'] / 1e6:.2f} M active per token)" in cli("info", str(moe))
+    active = ModelSpec.from_gguf(f).active_bytes / 2**20
+    assert f"experts: 2 of 8 per token; a token reads {active:.1f} MiB" in cli("topo", str(moe))
+    assert f"experts: 2 of 8 per token; a decoded token reads {active:.1f} MiB" in \
+        cli("plan", str(moe))
+    p = json.loads(cli("plan", str(moe), "--json"))["placement"]
+    assert p["experts"] == [2, 8] and p["active_bytes"] == ModelSpec.from_gguf(f).active_bytes

@@ -107,3 +107,40 @@ def test_decode_replay_matches_the_encoded_dispatch(synth_dir, numa, monkeypatch
                     m.setattr(experts, "_replay", lambda *args: None)
                     want = ops.moe_ffn(x, ids, w, gate, up, down)
                 np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
+
+
+@two_cores
+@pytest.mark.parametrize("arch,qtype", CASES, ids=[f"{a}-{q}" for a, q in CASES])
+def test_whole_experts_per_node_match_off(synth_dir, arch, qtype):
+    """--moe-split experts: node i holds experts [a, b) whole (its memory holds their bytes once,
+    the other node's none of them), prefill and decode give off's logits and greedy tokens."""
+    path = moe_path(synth_dir, arch, qtype)
+    with numallm.load(path, n_ctx=64) as off, \
+            numallm.load(path, n_ctx=64, numa="shard", virtual_nodes=2, moe_split="experts") as ep:
+        n_exp = ep.args.n_expert
+        assert ep.plan.splits["experts"] == [(0, n_exp // 2), (n_exp // 2, n_exp)]
+        sb = ep.placement.blocks[0]
+        for name in EXPERTS:
+            rec = getattr(sb, name)
+            assert [p.experts for p in rec.parts] == [(0, n_exp // 2), (n_exp // 2, n_exp)]
+            for p in rec.parts:
+                e0, e1 = p.experts
+                assert all((w is None) == (not e0 <= e < e1) for e, w in enumerate(p.ws))
+                assert p.shape == rec.shape and p.nbytes == rec.nbytes // 2
+        assert_same_up_to_rounding(off, ep, off.logits(TOKENS), ep.logits(TOKENS))
+        if qtype == "F16":
+            np.testing.assert_allclose(ep.logits(TOKENS), off.logits(TOKENS), rtol=0, atol=1e-4)
+
+
+def test_moe_split_auto_says_ff_and_why(synth_dir):
+    from numallm.engine import plan_model
+    from numallm.errors import NumallmError
+
+    path = moe_path(synth_dir, "llama", "Q8_0")
+    plan = plan_model(path, 64, None, "shard", 2)[2]
+    assert "experts" not in plan.splits and plan.reason.startswith("moe split auto: ff (")
+    plan = plan_model(path, 64, None, "shard", 2, moe_split="experts")[2]
+    assert plan.splits["experts"] == [(0, 4), (4, 8)] and plan.reason is None
+    assert plan_model(path, 64, None, "off", moe_split="experts")[2].reason is None   # one node
+    with pytest.raises(NumallmError, match="--moe-split tensor"):
+        plan_model(path, 64, None, "shard", 2, moe_split="tensor")

@@ -78,7 +78,8 @@ def run(args) -> int:
 
     for strategy in args.numa or ["auto"]:       # refuse what cannot fit before measuring anything
         full = plan_model(path, plan.n_ctx, max(threads), strategy, args.virtual_nodes, args.nodes,
-                          args.threads_per_node, gpu.get("offload"), **cache_options(args))[2]
+                          args.threads_per_node, gpu.get("offload"), moe_split=args.moe_split,
+                          **cache_options(args))[2]
         full.check_fits()
     if full.gpu is not None and full.gpu.no_gpu:  # said before measuring, as run/chat say it
         print(f"numallm: no GPU ({full.gpu.no_gpu}): running every layer on the CPU", file=sys.stderr)
@@ -89,7 +90,8 @@ def run(args) -> int:
                                                      flush=True),
                                  numa=args.numa or ["auto"], nodes=args.nodes,
                                  threads_per_node=args.threads_per_node,
-                                 virtual_nodes=args.virtual_nodes, **gpu, **cache_options(args))
+                                 virtual_nodes=args.virtual_nodes, moe_split=args.moe_split, **gpu,
+                                 **cache_options(args))
     if args.json:
         print(json.dumps(bench.to_json_rows(report.model, report.rows, report.machine_gbps),
                          indent=1))

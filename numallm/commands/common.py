@@ -42,6 +42,9 @@ def add_numa_args(p: argparse.ArgumentParser, numa_help: str = NUMA_HELP, numa_t
     g.add_argument("--virtual-nodes", type=int, default=None, metavar="N",
                    help="carve this machine's cores into N virtual nodes (testing on one node)")
     add_cache_args(p)
+    g.add_argument("--moe-split", choices=("auto", "ff", "experts"), default="auto",
+                   help="MoE experts under --numa shard: ff (each node a share of every expert), "
+                        "experts (whole experts per node); auto says which and why")
     add_gpu_args(p)
 
 
@@ -288,8 +291,8 @@ def load_model(args: argparse.Namespace, template_file: str | None = None, n_seq
     first = announce_first_run(args)
     opts = dict(n_ctx=args.ctx_size, n_threads=args.threads, chat_template=template,
                 numa=args.numa or "auto", virtual_nodes=args.virtual_nodes, nodes=args.nodes,
-                threads_per_node=args.threads_per_node, progress=progress_bar(args), **gpu,
-                **cache_options(args))
+                threads_per_node=args.threads_per_node, progress=progress_bar(args),
+                moe_split=args.moe_split, **gpu, **cache_options(args))
     llm = load(path, **opts) if n_seq is None else LoadedModel(path, n_seq=n_seq, **opts)
     if first:   # said once per CPU, also where no calibrated type was used
         from numallm_kernels._calibrate import remember_cpu

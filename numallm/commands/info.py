@@ -38,6 +38,11 @@ def describe(path: str, n_ctx: int | None, cache_type_k: str = DEFAULT_CACHE_TYP
     return {
         "path": path, "architecture": args.arch, "name": f.get("general.name", ""),
         "parameters": int(sum(t.n_elements for t in f.tensors.values())),
+        # per decoded token: every tensor, of the routed experts only k of n_expert
+        "active_parameters": int(sum(f.tensors[t.name].n_elements * (
+            args.n_expert_used / args.n_expert if t.decl.kind == "experts" else 1.0)
+            for t in spec.tensors)) + int(sum(t.n_elements for n, t in f.tensors.items()
+                                              if n not in {s.name for s in spec.tensors})),
         "config": {k: v for k, v in vars(args).items()},
         "quant_types": {k: v for k, v in types.most_common()},
         "weights_bytes": weights, "ctx": n_ctx, "kv_cache_bytes": kv,
@@ -65,7 +70,9 @@ def run(args) -> int:
         return 0
     c = d["config"]
     print(f"{d['path']}\n  architecture  {d['architecture']}  {d['name']}")
-    print(f"  parameters    {d['parameters'] / 1e6:.2f} M")
+    active = (f" ({d['active_parameters'] / 1e6:.2f} M active per token)"
+              if d["active_parameters"] != d["parameters"] else "")
+    print(f"  parameters    {d['parameters'] / 1e6:.2f} M{active}")
     if len(d["parts"]) > 1:
         print(f"  parts         {len(d['parts'])} files (split GGUF): " + ", ".join(
             f"{os.path.basename(p['path'])} ({p['tensors']} tensors, {_gb(p['bytes'])})" for p in d["parts"]))

@@ -78,6 +78,9 @@ def render(full, arch: str, spec=None, topo=None) -> list[str]:
                f"{_size(full.host_weights + full.host_kv)}; {per}")
     out.append(f"model: weights {_size(full.weight_bytes)}, KV cache {_size(full.kv_bytes)} "
                f"({full.n_ctx} tokens, {full.cache_label} on the CPU)")
+    if full.experts[1]:
+        out.append(f"experts: {full.experts[0]} of {full.experts[1]} per token; a decoded token "
+                   f"reads {_size(full.active_bytes)} of the weights")
     out.append(f"predicted split: {plan.processor()} (weights + KV cache; GPU buffers not counted)")
     if plan.devices and plan.pcie is not None:
         t = plan.pcie
@@ -105,7 +108,8 @@ def run(args: argparse.Namespace) -> int:
     f, spec, plan, topo = plan_model(resolve_model(args.model, download=False), args.ctx_size,
                                      args.threads, args.numa or "auto", args.virtual_nodes,
                                      args.nodes, args.threads_per_node, request,
-                                     topology=args.topology, **cache_options(args))
+                                     topology=args.topology, moe_split=args.moe_split,
+                                     **cache_options(args))
     try:                              # what load would say before allocating anything
         plan.check_fits()
         fits = None

@@ -69,6 +69,11 @@ class BaseArgs:
     rope_attn_factor: float = 1.0
     rope_yarn_beta_fast: float = 32.0
     rope_yarn_beta_slow: float = 1.0
+    # Mixture-of-Experts (models/moe.py reads and checks them; 0 in a dense model)
+    n_expert: int = 0          # routed experts per layer
+    n_expert_used: int = 0     # experts each token runs (top k)
+    n_ff_exp: int = 0          # one expert's feed-forward width
+    n_ff_shexp: int = 0        # the shared expert's width (qwen2moe, deepseek2)
 
     @classmethod
     def from_gguf(cls, f: GGUFFile) -> "BaseArgs":

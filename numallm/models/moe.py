@@ -20,10 +20,8 @@ from .base import FF_EXP, BaseArgs, Block, T
 
 @dataclass(frozen=True)
 class MoEArgs(BaseArgs):
-    n_expert: int = 0          # routed experts per layer
-    n_expert_used: int = 0     # experts each token runs (top k)
-    n_ff_exp: int = 0          # one expert's feed-forward width
-    n_ff_shexp: int = 0        # the shared expert's width (qwen2moe)
+    """BaseArgs' expert fields, read and checked (n_expert > 0 unless the architecture may be
+    dense)."""
 
     # the model is MoE only (qwen*moe) or dense unless expert_count > 0 (llama)
     MOE_ONLY = True

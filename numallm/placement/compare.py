@@ -75,6 +75,9 @@ def render(path: str, spec: ModelSpec, n_ctx: int, options: list[Option], how: s
            f"{n_ctx} tokens: {size(a.kv_bytes(n_ctx, *cache_types))}",
            f"decode ceiling: tok/s <= bandwidth / bytes read per token "
            f"({size(options[0].bytes_per_token)}); bandwidth {how}"]
+    if a.n_expert:
+        out.insert(1, f"experts: {a.n_expert_used} of {a.n_expert} per token; a token reads "
+                      f"{size(spec.active_bytes)} of the {size(spec.weight_bytes)} of weights, and the KV cache")
     for p in options:
         mem = ", ".join(f"node {n}: {size(b)}" for n, b in p.bytes_per_node)
         fit = {"yes": "fits in free memory", "tight": "fits only after freeing memory",

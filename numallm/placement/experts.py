@@ -6,6 +6,8 @@ feed-forward). `replicate` gives every node a whole copy instead and cuts the sa
 """
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from .. import numa_mem, threads
@@ -18,16 +20,20 @@ class LocalExperts(ExpertLinear):
     """One node's part of an ExpertLinear (E, N, K), in that node's memory: axis 0, rows [a, b)
     of every expert (gate/up: its ff rows); axis 1, whole-block columns [a, b) of every expert
     (down: its ff columns); `full`: every node holds the whole tensor (replicate) and computes
-    rows [a, b) of it. `arrays`: the node-memory arrays it holds (what the report checks)."""
+    rows [a, b) of it; `experts` (e0, e1): only those experts, whole (--moe-split experts; the
+    other entries of `ws` are None). `arrays`: the node-memory arrays it holds (what the report
+    checks)."""
 
     def __init__(self, src: ExpertLinear, group: int, axis: int, a: int, b: int,
-                 node: int | None, full: bool = False):
+                 node: int | None, full: bool = False, experts: tuple[int, int] | None = None):
         # not ExpertLinear.__init__: the weights come prepared from node memory
         self.unit, self.name, self.qtype = src.unit, src.name, src.qtype
         n_exp, n, k = src.shape
         self.group, self.axis, self.a, self.b, self.full = group, axis, a, b, full
+        self.experts = experts or (0, n_exp)
+        e0, e1 = self.experts
         unit, raw = src.unit, src.raw                  # (E * N, row_bytes)
-        if full:
+        if full or experts:
             lo, hi, cols = 0, n, slice(None)
         elif axis == 0:
             if a % unit.row_multiple or b % unit.row_multiple and b != n:
@@ -41,20 +47,29 @@ class LocalExperts(ExpertLinear):
             lo, hi, cols = 0, n, slice(a // bs * ts, b // bs * ts)
         self.ws, self.arrays = [], []              # filled expert by expert: `add`
         self._src, self._node, self._cut = src, node, (lo, hi, cols)
-        self.shape = src.shape if full else (n_exp, b - a, k) if axis == 0 else (n_exp, n, b - a)
+        self.shape = (src.shape if full or experts else (n_exp, b - a, k) if axis == 0
+                      else (n_exp, n, b - a))
         row_bytes = raw.shape[1]
-        self.nbytes = (n_exp * (hi - lo) * row_bytes if axis == 0 or full
-                       else n_exp * n * (b - a) * row_bytes // k)
+        self.nbytes = (e1 - e0) * ((hi - lo) * row_bytes if axis == 0 or full
+                                   else n * (b - a) * row_bytes // k)
         self.raw = None
 
     def add(self, e: int) -> None:
         """Expert e's part, prepared in node memory (experts are added in order)."""
         (lo, hi, cols), n = self._cut, self._src.shape[1]
-        w, arrays = _localize(self.unit, self._src.raw[e * n + lo:e * n + hi, cols], self._node)
-        self.ws.append(w)
-        self.arrays += arrays
+        if self.experts[0] <= e < self.experts[1]:
+            w, arrays = _localize(self.unit, self._src.raw[e * n + lo:e * n + hi, cols], self._node)
+            self.ws.append(w)
+            self.arrays += arrays
+        else:
+            self.ws.append(None)
         if e + 1 == self._src.shape[0]:
             self._src = None
+
+    def moe_parts(self, up: "LocalExperts", down: "LocalExperts", pool) -> list[ExpertPart]:
+        """As ExpertLinear's (one node leader's whole part), over this part's experts only."""
+        return [dataclasses.replace(p, experts=self.experts)
+                for p in super().moe_parts(up, down, pool)]
 
 
 def _fill(src: ExpertLinear, parts: list[LocalExperts]) -> None:
@@ -91,6 +106,9 @@ class ShardedExperts(ExpertLinear):
             tids = self.nodes.tids(g.group)
             if g.full:           # replicate: one shared buffer, node rows of every output
                 out.append(ExpertPart(tids, g, u, d, (g.a, g.b), self.shape[1], 0, (d.a, d.b)))
+            elif g.experts != (0, self.shape[0]):   # whole experts: their rows of one output
+                out.append(ExpertPart(tids, g, u, d, (0, self.shape[1]), self.shape[1], 0,
+                                      (0, d.shape[1]), g.experts))
             else:                # shard: the node's own ff columns, a partial sum of the output
                 out.append(ExpertPart(tids, g, u, d, (0, g.b - g.a), g.b - g.a, g.group,
                                       (0, d.shape[1])))
@@ -106,6 +124,16 @@ def shard_experts(src: ExpertLinear, axis: int, per: list[tuple[int, int]], grou
     per[i], each in node i's memory; the build's prepared copy is dropped."""
     _drop_copy(src)            # first: the slices are read from the file, not from it
     parts = [LocalExperts(src, i, axis - 1, s, e, g.mem_node)
+             for i, (g, (s, e)) in enumerate(zip(groups, per)) if e > s]
+    _fill(src, parts)
+    return ShardedExperts(src, parts, nodes, exchange)
+
+
+def shard_whole_experts(src: ExpertLinear, per: list[tuple[int, int]], groups: list,
+                        nodes: threads.NodePools, exchange: Exchange) -> ShardedExperts:
+    """`src` cut by experts: node i holds experts per[i] whole, in its memory."""
+    _drop_copy(src)
+    parts = [LocalExperts(src, i, 0, 0, src.shape[1], g.mem_node, experts=(s, e))
              for i, (g, (s, e)) in enumerate(zip(groups, per)) if e > s]
     _fill(src, parts)
     return ShardedExperts(src, parts, nodes, exchange)

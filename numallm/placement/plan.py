@@ -23,6 +23,8 @@ from ..cache_types import DEFAULT_CACHE_TYPE, check_cache_type
 from ..errors import NumallmError
 from ..models import get_module
 from ..models.decl import FF, FF_EXP, FF_SHEXP, HEADS, MLA_HEADS, ROWS
+from . import moe_split
+from .moe_split import EXPERTS, MOE_SPLITS
 from ..topology.plan import assumed_bandwidth
 from .units import heads_per_unit, mla_heads, mla_unit, split_units  # noqa: F401 (re-exported)
 
@@ -127,7 +129,7 @@ class ModelSpec:
         it, unless it is also the output matrix), and of the routed experts only the k of
         n_expert it uses (the expected share; which ones the router picks)."""
         a = self.args
-        frac = a.n_expert_used / a.n_expert if getattr(a, "n_expert", 0) else 1.0
+        frac = a.n_expert_used / a.n_expert if a.n_expert else 1.0
         untied = any(t.name == "output.weight" for t in self.tensors)
         return int(sum(t.nbytes * (frac if t.decl.kind == "experts" else 1.0) for t in self.tensors
                        if not (untied and t.name == "token_embd.weight")) + self.extra_bytes)
@@ -158,10 +160,14 @@ class Request:
     n_seq: int = 1                       # KV caches planned (sessions / server slots)
     cache_type_k: str = DEFAULT_CACHE_TYPE   # KV cache element types on the CPU (-ctk / -ctv)
     cache_type_v: str = DEFAULT_CACHE_TYPE
+    moe_split: str = "auto"              # MoE experts under shard: ff, experts (moe_split.py)
 
     def __post_init__(self):
         check_cache_type(self.cache_type_k, "--cache-type-k")
         check_cache_type(self.cache_type_v, "--cache-type-v")
+        if self.moe_split not in MOE_SPLITS:
+            raise NumallmError(f"--moe-split {self.moe_split}: unknown split; use one of "
+                               f"{', '.join(MOE_SPLITS)}")
         if self.numa not in STRATEGIES:
             raise NumallmError(f"--numa {self.numa}: unknown strategy; use one of {', '.join(STRATEGIES)}")
         if self.n_ctx < 0:
@@ -197,6 +203,8 @@ class Plan:
     gpu: object = None                       # gpu.OffloadPlan when GPUs were asked for
     virtual: bool = False
     notes: tuple[str, ...] = ()
+    active_bytes: int = 0                    # weight bytes a decoded token reads (MoE: k experts)
+    experts: tuple[int, int] = (0, 0)        # (used per token, per layer); (0, 0): dense
     cache_types: tuple[str, str] = (DEFAULT_CACHE_TYPE, DEFAULT_CACHE_TYPE)   # K, V on the CPU
 
     @property
@@ -245,6 +253,9 @@ class Plan:
                                                   if self.strategy != "off" else "")]
         out.append(f"  weights {_size(self.weight_bytes)}, KV cache {_size(self.kv_bytes)} "
                    f"({self.n_ctx} tokens x {self.n_seq} sequence(s), {self.cache_label})")
+        if self.experts[1]:
+            out.append(f"  experts: {self.experts[0]} of {self.experts[1]} per token; a decoded "
+                       f"token reads {_size(self.active_bytes)} of the weights")
         for n in self.nodes:
             where = "unplaced" if n.node < 0 else f"node {n.node}"
             free = f" of {_size(n.free)} available" if n.free is not None else ""
@@ -257,6 +268,7 @@ class Plan:
                 "n_seq": self.n_seq, "weight_bytes": self.weight_bytes, "kv_bytes": self.kv_bytes,
                 "cache_type_k": self.cache_types[0], "cache_type_v": self.cache_types[1],
                 "virtual": self.virtual, "notes": list(self.notes),
+                "active_bytes": self.active_bytes, "experts": list(self.experts),
                 "nodes": [{"node": n.node, "cpus": list(n.cpus), "threads": n.n_threads,
                            "weights": n.weights, "kv": n.kv, "scratch": n.scratch, "total": n.total,
                            "free": n.free} for n in self.nodes],
@@ -445,7 +457,7 @@ def make_plan(spec: ModelSpec, topo, req: Request, gpus=None, gpu_why: str | Non
     # every expert's ff rows (and the shared expert's), cut where the down matrices' column
     # quant blocks allow, like the dense ff, and at whole quant blocks of gate/up too (a multiple
     # of their kernels' 8-row groups)
-    for unit, width in ((FF_EXP, getattr(a, "n_ff_exp", 0)), (FF_SHEXP, getattr(a, "n_ff_shexp", 0))):
+    for unit, width in ((FF_EXP, a.n_ff_exp), (FF_SHEXP, a.n_ff_shexp)):
         col = 2 if unit == FF_EXP else 1
         bs = max(spec.block_size((col, unit)), spec.block_size((col - 1, unit)))
         if not width:
@@ -455,6 +467,12 @@ def make_plan(spec: ModelSpec, topo, req: Request, gpus=None, gpu_why: str | Non
             if width % bs == 0 else [(0, width)] + [(width, width)] * (n - 1)
         splits[unit] = cut
         share[unit] = [(e - s) / width for s, e in cut]
+    moe, moe_why = moe_split.choose(a, req.moe_split, strategy, n)
+    if moe == "experts":                       # whole experts per node instead
+        splits[EXPERTS] = split_units(a.n_expert, weights_by)
+        share[FF_EXP] = [(e - s) / a.n_expert for s, e in splits[EXPERTS]]
+    if moe_why:
+        reason = f"{reason}; {moe_why}" if reason else moe_why
 
     w_node = [0.0] * n
     for t in spec.tensors:
@@ -491,7 +509,8 @@ def make_plan(spec: ModelSpec, topo, req: Request, gpus=None, gpu_why: str | Non
         notes.append("virtual nodes: slices are allocated on the real node each was carved from")
     return Plan(strategy, reason, n_ctx, req.n_seq, nodes, splits, per,
                 spec.weight_bytes, a.kv_bytes(n_ctx, *types) * req.n_seq, gplan,
-                bool(topo is not None and topo.virtual), tuple(notes), types)
+                bool(topo is not None and topo.virtual), tuple(notes), spec.active_bytes,
+                (a.n_expert_used, a.n_expert), types)
 
 
 def _usable(topo, node_ids: list[int], available: int | None) -> list[int | None]:

@@ -272,8 +272,9 @@ class ShardedBlock:
 
     def __init__(self, block, splits: dict, groups: list, nodes: threads.NodePools,
                  exchange: Exchange, layer: int):
-        from .experts import shard_experts
+        from .experts import shard_experts, shard_whole_experts
         from .heads import shard_heads
+        from .moe_split import EXPERTS
 
         a = block.a
         # attention splits by KV heads, or by MLA heads (every head reads the one latent cache)
@@ -313,7 +314,9 @@ class ShardedBlock:
                 raise UnsupportedError(f"blk.{layer}.{spec.name}: --numa shard cannot split by "
                                        f"{unit!r}; use --numa replicate or off")
             if spec.kind == "experts":                 # every expert's rows / columns per node
-                rec = shard_experts(value, axis, per, groups, nodes, exchange)
+                rec = (shard_whole_experts(value, splits[EXPERTS], groups, nodes, exchange)
+                       if EXPERTS in splits else
+                       shard_experts(value, axis, per, groups, nodes, exchange))
                 for v in views:
                     setattr(v, spec.attr, None)
                 for p in rec.parts:

@@ -1,7 +1,8 @@
 """--numa shard on a machine with two real NUMA nodes: a VM booted by numa_vm.py (QEMU, this
 machine's kernel and filesystem, 2 nodes of 1 vCPU and 2 GiB each).
 
-One boot runs vm_payload.py over a small synthetic Q4_0 model and stories260K (when
+One boot runs vm_payload.py over a small synthetic Q4_0 model, a small Q4_0 MoE model (qwen3moe
+"tiny-moe": 8 experts, top-2, each node holding its share of every expert) and stories260K (when
 ../shared/models has it); the tests below judge what it recorded. Skips with the reason when the
 VM cannot boot here (not Linux x86_64, no virtme-ng, or QEMU/kernel/busybox missing and not root
 on apt to install them; NUMALLM_VM_INSTALL=0 forbids installing). NUMALLM_VM_ACCEL=kvm|tcg skips
@@ -34,7 +35,7 @@ REPO = HERE.parents[1]
 PAYLOAD = HERE / "vm_payload.py"
 STORIES = REPO.parent / "shared" / "models" / "stories260K.gguf"
 VM_TIMEOUT_S = 1500
-MODELS = ["synthetic", "stories260K"]
+MODELS = ["synthetic", "moe", "stories260K"]
 
 
 def numba_cache_dir() -> Path:
@@ -47,7 +48,8 @@ def vm(tmp_path_factory, synth_dir) -> dict:
     why = numa_vm.unavailable_reason(install=os.environ.get("NUMALLM_VM_INSTALL", "1") != "0")
     if why:
         pytest.skip(why)
-    models = {"synthetic": str(synth.cached_model(synth_dir, "llama", "Q4_0", "tiny"))}
+    models = {"synthetic": str(synth.cached_model(synth_dir, "llama", "Q4_0", "tiny")),
+              "moe": str(synth.cached_model(synth_dir, "qwen3moe", "Q4_0", "tiny-moe"))}
     if STORIES.exists():
         models["stories260K"] = str(STORIES)
     out = tmp_path_factory.mktemp("numa-vm")
@@ -103,6 +105,15 @@ def test_every_slice_and_kv_page_is_on_its_own_node(vm, name):
 @pytest.mark.parametrize("name", MODELS)
 def test_workers_run_only_on_their_nodes_cpus(vm, name):
     check_workers(model(vm, name))
+
+
+def test_moe_expert_slices_are_on_their_nodes(vm):
+    """Every expert tensor is cut over both nodes (each node its share of every expert), and the
+    page report (above) covers those slices."""
+    exps = [r for r in model(vm, "moe")["report"] if "_exps." in r["tensor"]]
+    names = {r["tensor"] for r in exps}
+    assert len(names) == 3 * 4 and all({r["node"] for r in exps if r["tensor"] == n} == {0, 1}
+                                       for n in names), exps[:6]
 
 
 def test_topo_verify_reports_every_slice_local_on_both_nodes(vm):

@@ -15,9 +15,11 @@ from numallm import numa_mem, synth
 pytestmark = pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 allowed CPUs")
 
 
-@pytest.fixture(scope="module")
-def record(synth_dir) -> dict:
-    return vm_payload.check_model(str(synth.cached_model(synth_dir, "llama", "Q4_0", "tiny")), 6,
+@pytest.fixture(scope="module", params=[("llama", "tiny"), ("qwen3moe", "tiny-moe")],
+                ids=["dense", "moe"])
+def record(synth_dir, request) -> dict:
+    arch, shape = request.param
+    return vm_payload.check_model(str(synth.cached_model(synth_dir, arch, "Q4_0", shape)), 6,
                                   virtual_nodes=2)
 
 

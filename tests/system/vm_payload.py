@@ -104,6 +104,14 @@ def record_kernel_calls(units, calls: list):
             del u.native_task
 
 
+def slice_weights(part) -> list:
+    """The prepared weights a slice hands the kernels: one matrix, or one per expert (a MoE
+    layer's LocalExperts)."""
+    from numallm.placement.experts import LocalExperts
+
+    return part.ws if isinstance(part, LocalExperts) else [part.w]
+
+
 def run_cli(argv: list[str]) -> tuple[int, str]:
     from numallm import cli
 
@@ -160,7 +168,8 @@ def check_model(path: str, n_tokens: int, virtual_nodes: int | None = None) -> d
     pl = shard.placement
     groups = [{"node": g.node, "cpus": list(g.cpus), "mem_node": g.mem_node, "n_threads": g.n_threads}
               for g in pl.groups]
-    node_of = {id(p.w): pl.groups[p.group].node for m in pl.linears for p in m.parts}
+    node_of = {id(w): pl.groups[p.group].node for m in pl.linears for p in m.parts
+               for w in slice_weights(p)}
     calls: list = []
     # the outer activate pins this thread (node 0's leader) for the whole sampled window
     with threads.activate(shard.pool), record_kernel_calls({m.unit for m in pl.linears}, calls), \
