@@ -57,12 +57,12 @@ def test_mla_slices_and_latent_copies_are_local(synth_dir):
                 assert all(r.local in (None, 1.0) for r in mine), rec.name
         kv = pl.kv_report()
         assert sorted((k.layer, k.node) for k in kv) == [(i, n) for i in range(a.n_layer) for n in (0, 1)]
-        assert all(k.nbytes == 32 * a.kv_a_dim * 4 for k in kv)     # a whole latent per node
+        assert all(k.nbytes == 32 * a.kv_bytes_per_token() // a.n_layer for k in kv)  # whole latents
         assert all(k.local in (None, 1.0) for k in kv)
         for sb in pl.blocks:                                        # every copy written alike
             nc = sb._last_cache()
             c0, c1 = nc.parts
-            assert c0.n == c1.n > len(TOKENS) and np.array_equal(c0.k[:, :c0.n], c1.k[:, :c1.n])
+            assert c0.n == c1.n > len(TOKENS) and np.array_equal(c0.k.rows(c0.n), c1.k.rows(c1.n))
             assert (nc._table is not None) == _native.available()   # decode: the flat native path
         # the plan: ~half the weights per node, the latent cache on both
         plan = pl.plan
