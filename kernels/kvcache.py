@@ -18,11 +18,13 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic, overload
 
+from ._simd import host_features
+
 QK8_0 = 32
 
 
 @intrinsic
-def f16_to_f32(typingctx, h):
+def _hw_f16_to_f32(typingctx, h):
     """float32 of the half whose bits are the uint16 h (fpext: vcvtph2ps with F16C)."""
     sig = types.float32(types.uint16)
 
@@ -33,7 +35,7 @@ def f16_to_f32(typingctx, h):
 
 
 @intrinsic
-def f32_to_f16(typingctx, x):
+def _hw_f32_to_f16(typingctx, x):
     """The half bits (uint16) of float32 x, rounded to nearest even (fptrunc: vcvtps2ph)."""
     sig = types.uint16(types.float32)
 
@@ -41,6 +43,85 @@ def f32_to_f16(typingctx, x):
         return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
 
     return sig, codegen
+
+
+@intrinsic
+def _bits_f32(typingctx, b):
+    """The float32 whose bits are the uint32 b."""
+    sig = types.float32(types.uint32)
+
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return sig, codegen
+
+
+@intrinsic
+def _f32_bits(typingctx, x):
+    """The bits (uint32) of float32 x."""
+    sig = types.uint32(types.float32)
+
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return sig, codegen
+
+
+@njit(nogil=True, cache=True)
+def _sw_f16_to_f32(h):
+    """_hw_f16_to_f32 in integer arithmetic: without F16C, LLVM lowers fpext from half to a
+    runtime-library call that Numba's JIT does not link (a crash)."""
+    b = np.uint32(h)
+    sign = (b & np.uint32(0x8000)) << np.uint32(16)
+    e = (b >> np.uint32(10)) & np.uint32(0x1F)
+    m = b & np.uint32(0x3FF)
+    if e == 0:
+        if m == 0:
+            return _bits_f32(sign)
+        e2 = np.uint32(113)                  # subnormal: normalise, one exponent step per shift
+        while (m & np.uint32(0x400)) == 0:
+            m <<= np.uint32(1)
+            e2 -= np.uint32(1)
+        return _bits_f32(sign | (e2 << np.uint32(23)) | ((m & np.uint32(0x3FF)) << np.uint32(13)))
+    if e == 31:
+        return _bits_f32(sign | np.uint32(0x7F800000) | (m << np.uint32(13)))
+    return _bits_f32(sign | ((e + np.uint32(112)) << np.uint32(23)) | (m << np.uint32(13)))
+
+
+@njit(nogil=True, cache=True)
+def _sw_f32_to_f16(x):
+    """_hw_f32_to_f16 in integer arithmetic (round to nearest even, as vcvtps2ph)."""
+    u = _f32_bits(x)
+    sign = (u >> np.uint32(16)) & np.uint32(0x8000)
+    u &= np.uint32(0x7FFFFFFF)
+    if u >= np.uint32(0x7F800000):                       # inf, nan (kept quiet)
+        nan = np.uint32(0x200) if u > np.uint32(0x7F800000) else np.uint32(0)
+        return np.uint16(sign | np.uint32(0x7C00) | nan)
+    if u >= np.uint32(0x477FF000):                       # >= 65520 rounds to inf
+        return np.uint16(sign | np.uint32(0x7C00))
+    if u < np.uint32(0x38800000):                        # below 2**-14: a subnormal half or 0
+        if u <= np.uint32(0x33000000):                   # <= 2**-25: 0 (a tie goes to even 0)
+            return np.uint16(sign)
+        shift = np.uint32(126) - (u >> np.uint32(23))
+        m = (u & np.uint32(0x7FFFFF)) | np.uint32(0x800000)
+        r = m >> shift
+        rem = m & ((np.uint32(1) << shift) - np.uint32(1))
+        half = np.uint32(1) << (shift - np.uint32(1))
+        if rem > half or (rem == half and (r & np.uint32(1))):
+            r += np.uint32(1)
+        return np.uint16(sign | r)
+    r = (u >> np.uint32(13)) - np.uint32(112 << 10)      # rebias the exponent 127 -> 15
+    rem = u & np.uint32(0x1FFF)
+    if rem > np.uint32(0x1000) or (rem == np.uint32(0x1000) and (r & np.uint32(1))):
+        r += np.uint32(1)                                # a carry rounds up into the exponent
+    return np.uint16(sign | r)
+
+
+# F16C (vcvtph2ps / vcvtps2ph) where Numba compiles for it; integer code for a generic target
+# (NUMBA_CPU_NAME=generic, e.g. a cache shared with other machines)
+_F16C = "f16c" in host_features()
+f16_to_f32 = _hw_f16_to_f32 if _F16C else _sw_f16_to_f32
+f32_to_f16 = _hw_f32_to_f16 if _F16C else _sw_f32_to_f16
 
 
 def kv_row(a, d, g, s, tmp):

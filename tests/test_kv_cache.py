@@ -147,3 +147,30 @@ def test_llama_compat_takes_llama_cpp_type_k_type_v(synth_dir):
     assert numallm.Llama(path, n_ctx=64, verbose=False)._loaded.plan.cache_types == ("f16", "f16")
     with pytest.raises(OptionError, match="type_v=2"):
         numallm.Llama(path, n_ctx=64, type_v=2, verbose=False)
+
+
+def test_half_conversions_without_f16c_match_numpy():
+    """The integer half conversions a generic target (NUMBA_CPU_NAME=generic: no F16C, where LLVM
+    would call a runtime library Numba does not link) uses: every half, and float32s around
+    every rounding boundary, as numpy converts them."""
+    from numallm_kernels import kvcache as kv
+
+    h = np.arange(65536, dtype=np.uint16)
+    ref = h.view(np.float16).astype(np.float32)
+    got = np.array([kv._sw_f16_to_f32(np.uint16(x)) for x in h], dtype=np.float32)
+    assert np.all((got.view(np.uint32) == ref.view(np.uint32)) | (np.isnan(got) & np.isnan(ref)))
+    rng = np.random.default_rng(0)
+    bits = np.concatenate([
+        rng.integers(0, 2 ** 32, 20000, dtype=np.uint64).astype(np.uint32),
+        np.arange(0x33000000 - 4, 0x33000000 + 4, dtype=np.uint32),      # 2**-25: rounds to 0
+        np.arange(0x387FE000 - 2, 0x38800000 + 2, dtype=np.uint32),      # subnormal -> normal
+        rng.integers(0x33000000, 0x38800000, 2000, dtype=np.uint64).astype(np.uint32),
+        np.arange(0x477FF000 - 4, 0x477FF000 + 4, dtype=np.uint32),      # 65520: rounds to inf
+        np.array([0, 0x80000000, 0x7F800000, 0xFF800000, 0x7FC00000], np.uint32)])
+    x = bits.view(np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):
+        ref16 = x.astype(np.float16)
+    got16 = np.array([kv._sw_f32_to_f16(np.float32(v)) for v in x], dtype=np.uint16)
+    nan = np.isnan(x)
+    assert np.array_equal(got16[~nan], ref16.view(np.uint16)[~nan])
+    assert np.all(np.isnan(got16[nan].view(np.float16)))
