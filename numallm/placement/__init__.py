@@ -55,9 +55,10 @@ block's __call__ adds them to the residual stream as always), and `adopt_cache` 
 engine's cache of each sharded layer for per-node caches (layers the GPU offload moved are left
 alone).
 """
-from .plan import (DECODE_JOINS_PER_LAYER, DEFAULT_CTX, JOIN_COST_S, PREFILL_CHUNK, STRATEGIES, ModelSpec,
+from .plan import (DECODE_JOINS_PER_LAYER, DEFAULT_CTX, JOIN_COST_S, PREFILL_CHUNK, STRATEGIES,
                    Needs, NodePlan, OutOfMemoryError, Plan, Request, assumed_bandwidth, decide,
                    default_ctx, heads_per_unit, make_plan, node_threads, split_units)
+from .spec import ModelSpec
 
 # execution (runtime.py, sharded.py) loads Numba: imported on first use, so planning stays light
 _LAZY = {"runtime": ("KVReport", "NodeGroup", "Placement", "SliceReport", "SyncStats", "apply", "apply_plan"),

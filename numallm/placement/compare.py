@@ -11,7 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..cache_types import DEFAULT_CACHE_TYPE
-from .plan import ModelSpec, Request, make_plan
+from .plan import Request, make_plan
+from .spec import ModelSpec
 
 COMPARED = ("isolate", "shard", "replicate")
 

@@ -7,7 +7,8 @@ from typing import Callable
 
 from .. import numa_mem, ops, threads
 from ..placement_check import pct
-from .plan import ModelSpec, Plan, Request, make_plan, split_units
+from .plan import Plan, Request, make_plan, split_units
+from .spec import ModelSpec
 from .experts import replicate_experts, shard_experts
 from .sharded import Exchange, LocalLinear, ShardedBlock, ShardedLinear, _localize, _slice
 

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from ..models.decl import MLA_HEADS
 
 if TYPE_CHECKING:
-    from .plan import ModelSpec
+    from .spec import ModelSpec
 
 
 def heads_per_unit(n_head: int, n_head_kv: int, head_dim: int, block_size: int) -> int:
