@@ -31,21 +31,17 @@ __all__ = ["DEFAULT_CTX", "PREFILL_CHUNK", "GenerationChunk", "GenerationResult"
            "LLM", "Session", "load", "plan_model"]
 
 
-def plan_model(path: str, n_ctx: int | None = None, n_threads: int | None = None,
-               numa: str = "off", virtual_nodes: int | None = None, nodes: list[int] | None = None,
-               threads_per_node: int | None = None, offload=None, n_seq: int = 1,
-               topology: str | None = None, cache_type_k: str = DEFAULT_CACHE_TYPE,
-               cache_type_v: str = DEFAULT_CACHE_TYPE, moe_split: str = "auto"):
-    """(GGUFFile, ModelSpec, Plan, topology) for loading `path` with these options: reads only
-    the file's header and the machine (or, with `topology`, the machine a `topo --json` file
-    describes, its free memory as the file says). The plan `numallm plan`, `topo MODEL` and
-    `info` print."""
-    if n_ctx is not None and n_ctx <= 0:
-        raise NumallmError(f"context size {n_ctx} must be positive (-c N)")
+def plan_model(path: str, req: Request | None = None, virtual_nodes: int | None = None,
+               topology: str | None = None):
+    """(GGUFFile, ModelSpec, Plan, topology) for loading `path` as `req` asks (placement.Request:
+    the CLI flags): reads only the file's header and the machine (or, with `topology`, the machine
+    a `topo --json` file describes, its free memory as the file says), carved into
+    `virtual_nodes` if given. The plan `numallm plan`, `topo MODEL` and `info` print."""
+    req = Request() if req is None else req
     f = GGUFFile(path)
     spec = ModelSpec.from_gguf(f)
     topo = None
-    if numa != "off":
+    if req.numa != "off":
         from .topology import discover
         from .topology import virtual_nodes as carve
 
@@ -57,14 +53,10 @@ def plan_model(path: str, n_ctx: int | None = None, n_threads: int | None = None
             topo = discover()
         topo = carve(topo, virtual_nodes) if virtual_nodes else topo
     gpus, why = [], None
-    if offload is not None:
+    if req.offload is not None:
         from .gpu import discover_gpus
 
         gpus, why = discover_gpus()
-    req = Request(numa=numa, n_ctx=n_ctx or 0, n_threads=n_threads,
-                  nodes=None if nodes is None else tuple(nodes), threads_per_node=threads_per_node,
-                  offload=offload, n_seq=n_seq, cache_type_k=cache_type_k,
-                  cache_type_v=cache_type_v, moe_split=moe_split)
     plan = make_plan(spec, topo, req, gpus, why,
                      available=None if topology is not None else psutil.virtual_memory().available)
     return f, spec, plan, topo
@@ -88,9 +80,13 @@ class LoadedModel:
         check_cache_type(cache_type_k, "cache_type_k")
         check_cache_type(cache_type_v, "cache_type_v")
         self.path = str(path)
-        self.file, self.spec, self.plan, topo = plan_model(
-            path, n_ctx, n_threads, numa, virtual_nodes, nodes, threads_per_node, offload, n_seq,
-            cache_type_k=cache_type_k, cache_type_v=cache_type_v, moe_split=moe_split)
+        if n_ctx is not None and n_ctx <= 0:
+            raise NumallmError(f"context size {n_ctx} must be positive (-c N)")
+        req = Request(numa=numa, n_ctx=n_ctx or 0, n_threads=n_threads,
+                      nodes=None if nodes is None else tuple(nodes),
+                      threads_per_node=threads_per_node, offload=offload, n_seq=n_seq,
+                      cache_type_k=cache_type_k, cache_type_v=cache_type_v, moe_split=moe_split)
+        self.file, self.spec, self.plan, topo = plan_model(path, req, virtual_nodes)
         self.plan.check_fits()                 # before the first large allocation
         self.n_ctx = self.plan.n_ctx
         self.tokenizer = Tokenizer.from_metadata(self.file.metadata)

@@ -139,12 +139,13 @@ def test_whole_experts_per_node_match_off(synth_dir, arch, qtype):
 def test_moe_split_auto_says_ff_and_why(synth_dir):
     from numallm.engine import plan_model
     from numallm.errors import NumallmError
+    from numallm.placement import Request
 
     path = moe_path(synth_dir, "llama", "Q8_0")
-    plan = plan_model(path, 64, None, "shard", 2)[2]
+    plan = plan_model(path, Request(numa="shard", n_ctx=64), 2)[2]
     assert "experts" not in plan.splits and plan.reason.startswith("moe split auto: ff (")
-    plan = plan_model(path, 64, None, "shard", 2, moe_split="experts")[2]
+    plan = plan_model(path, Request(numa="shard", n_ctx=64, moe_split="experts"), 2)[2]
     assert plan.splits["experts"] == [(0, 4), (4, 8)] and plan.reason is None
-    assert plan_model(path, 64, None, "off", moe_split="experts")[2].reason is None   # one node
+    assert plan_model(path, Request(numa="off", n_ctx=64, moe_split="experts"))[2].reason is None   # one node
     with pytest.raises(NumallmError, match="--moe-split tensor"):
-        plan_model(path, 64, None, "shard", 2, moe_split="tensor")
+        Request(numa="shard", n_ctx=64, moe_split="tensor")

@@ -12,7 +12,8 @@ import json
 import sys
 
 from ..errors import NumallmError
-from .common import STRATEGIES, add_numa_args, announce_first_run, cache_options, gpu_options
+from .common import (STRATEGIES, add_numa_args, announce_first_run, cache_options, gpu_options,
+                     plan_request)
 
 
 def _strategies(text: str) -> list[str]:
@@ -77,9 +78,8 @@ def run(args) -> int:
     from ..engine import plan_model
 
     for strategy in args.numa or ["auto"]:       # refuse what cannot fit before measuring anything
-        full = plan_model(path, plan.n_ctx, max(threads), strategy, args.virtual_nodes, args.nodes,
-                          args.threads_per_node, gpu.get("offload"), moe_split=args.moe_split,
-                          **cache_options(args))[2]
+        req = plan_request(args, strategy, plan.n_ctx, max(threads), gpu.get("offload"))
+        full = plan_model(path, req, args.virtual_nodes)[2]
         full.check_fits()
     if full.gpu is not None and full.gpu.no_gpu:  # said before measuring, as run/chat say it
         print(f"numallm: no GPU ({full.gpu.no_gpu}): running every layer on the CPU", file=sys.stderr)

@@ -61,8 +61,22 @@ def add_cache_args(p: argparse.ArgumentParser) -> None:
 
 
 def cache_options(args: argparse.Namespace) -> dict:
-    """load() / plan_model() keywords for -ctk / -ctv."""
+    """load() / placement.Request keywords for -ctk / -ctv."""
     return dict(cache_type_k=args.cache_type_k, cache_type_v=args.cache_type_v)
+
+
+def plan_request(args: argparse.Namespace, numa: str, n_ctx: int | None, n_threads: int | None,
+                 offload=None):
+    """The placement.Request these placement / cache flags ask for (plan, bench)."""
+    from ..errors import NumallmError
+    from ..placement import Request
+
+    if n_ctx is not None and n_ctx < 1:
+        raise NumallmError(f"-c {n_ctx}: give a positive number of tokens")
+    return Request(numa=numa, n_ctx=n_ctx or 0, n_threads=n_threads,
+                   nodes=None if args.nodes is None else tuple(args.nodes),
+                   threads_per_node=args.threads_per_node, offload=offload,
+                   moe_split=args.moe_split, **cache_options(args))
 
 
 def add_gpu_args(p: argparse.ArgumentParser) -> None:

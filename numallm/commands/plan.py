@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..errors import NumallmError
-from .common import add_model_args, cache_options, offload_request
+from .common import add_model_args, offload_request, plan_request
 from .topo import dumps
 
 
@@ -101,15 +100,11 @@ def run(args: argparse.Namespace) -> int:
     from ..placement import OutOfMemoryError
 
     request = offload_request(args)
-    if args.ctx_size is not None and args.ctx_size < 1:
-        raise NumallmError(f"-c {args.ctx_size}: give a positive number of tokens")
+    req = plan_request(args, args.numa or "auto", args.ctx_size, args.threads, request)
     from ..gpu.traffic import predict_plan
 
-    f, spec, plan, topo = plan_model(resolve_model(args.model, download=False), args.ctx_size,
-                                     args.threads, args.numa or "auto", args.virtual_nodes,
-                                     args.nodes, args.threads_per_node, request,
-                                     topology=args.topology, moe_split=args.moe_split,
-                                     **cache_options(args))
+    f, spec, plan, topo = plan_model(resolve_model(args.model, download=False), req,
+                                     args.virtual_nodes, args.topology)
     try:                              # what load would say before allocating anything
         plan.check_fits()
         fits = None
