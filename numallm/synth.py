@@ -291,6 +291,27 @@ def write_tensors(w: gguf.GGUFWriter, specs: list[_Spec], wtype: QT, data) -> No
     w.close()
 
 
+def write_sparse(w: gguf.GGUFWriter, tensors) -> None:
+    """Finish `w` (metadata already added) as a header-only GGUF: every (name, shape, qtype) of
+    `tensors` with its real size and offset, and the data region a hole (a sparse file of the
+    model's full size that takes a few KB of disk). For planning, which reads only the header."""
+    total = 0
+    for name, shape, qt in tensors:
+        block, size = gguf.GGML_QUANT_SIZES[qt]
+        nbytes = int(np.prod(shape)) // block * size
+        w.add_tensor_info(name, shape, np.dtype(np.float32), nbytes, raw_dtype=qt)
+        total += -(-nbytes // w.data_alignment) * w.data_alignment
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    f = w.fout[0]
+    f.flush()
+    start = -(-f.tell() // w.data_alignment) * w.data_alignment
+    f.truncate(start + total)                  # the data: a hole
+    f.close()
+    w.fout = None
+
+
 def add_tokenizer(w: gguf.GGUFWriter, tok: dict[str, Any]) -> None:
     """The tokenizer metadata of a vocab from _bpe_vocab / _spm_vocab."""
     w.add_tokenizer_model(tok["model"])

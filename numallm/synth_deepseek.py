@@ -262,24 +262,13 @@ def write_header_only(path: str | os.PathLike, shape: str | DeepseekShape = "r1"
     path.parent.mkdir(parents=True, exist_ok=True)
     w = gguf.GGUFWriter(str(path), "deepseek2")
     _add_metadata(w, s, "numallm header-only deepseek2 (Q4_K_M-shaped)", 15)   # 15: MOSTLY_Q4_K_M
-    total = 0
-    for n, t in Model.declared(a):
-        if n == "rope_freqs.weight":
-            continue
-        shp, qt = a.dims(t.shape), _q4_k_m(n, _kind(n, t), s.n_layers)
-        if n.endswith("ffn_gate_inp.weight"):
-            qt = gguf.GGMLQuantizationType.F32
-        block, size = gguf.GGML_QUANT_SIZES[qt]
-        nbytes = int(np.prod(shp)) // block * size
-        w.add_tensor_info(n, shp, np.dtype(np.float32), nbytes, raw_dtype=qt)
-        total += -(-nbytes // w.data_alignment) * w.data_alignment
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_ti_data_to_file()
-    f = w.fout[0]
-    f.flush()
-    start = -(-f.tell() // w.data_alignment) * w.data_alignment
-    f.truncate(start + total)                  # the data: a hole
-    f.close()
-    w.fout = None
+    def tensors():
+        for n, t in Model.declared(a):
+            if n == "rope_freqs.weight":
+                continue
+            qt = (gguf.GGMLQuantizationType.F32 if n.endswith("ffn_gate_inp.weight")
+                  else _q4_k_m(n, _kind(n, t), s.n_layers))
+            yield n, a.dims(t.shape), qt
+
+    synth.write_sparse(w, tensors())
     return path

@@ -19,6 +19,7 @@ import pytest
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as QT
 
+from numallm import synth
 from numallm.cli import main
 from numallm.commands.plan import render
 from numallm.gguf_file import GGUFFile
@@ -34,11 +35,6 @@ RTX4090 = GpuDevice(0, "NVIDIA GeForce RTX 4090", (8, 9), 24 * GIB, int(23.5 * G
 N_CTX = 4096
 
 
-def stored(shape, t) -> int:
-    block, size = GGML_QUANT_SIZES[t]
-    return int(np.prod(shape)) // block * size
-
-
 def write_header_only(path: Path, arch: str, args, meta, types=None) -> GGUFFile:
     """A GGUF of `arch` with `args`' shapes (Model.declared) and sparse data: matrices and
     experts Q4_K, the embedding and the output Q6_K, vectors and the router F32, but for the
@@ -46,26 +42,15 @@ def write_header_only(path: Path, arch: str, args, meta, types=None) -> GGUFFile
     model = get_module(arch).Model
     w = gguf.GGUFWriter(str(path), arch)
     meta(w)
-    data = 0
-    for name, t in model.declared(args):
-        if name == "rope_freqs.weight":
-            continue
-        shape = args.dims(t.shape)
-        qt = (QT.F32 if t.kind in ("norm", "bias") or name.endswith("ffn_gate_inp.weight")
-              else QT.Q6_K if name in ("token_embd.weight", "output.weight") else QT.Q4_K)
-        qt = (types or {}).get(name, qt)
-        nbytes = stored(shape, qt)
-        w.add_tensor_info(name, shape, np.dtype(np.float32), nbytes, raw_dtype=qt)
-        data += -(-nbytes // 32) * 32
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_ti_data_to_file()
-    fout = w.fout[0]
-    fout.flush()
-    end = fout.tell()
-    fout.close()
-    with open(path, "r+b") as fh:
-        fh.truncate(-(-end // 32) * 32 + data)
+    def tensors():
+        for name, t in model.declared(args):
+            if name == "rope_freqs.weight":
+                continue
+            qt = (QT.F32 if t.kind in ("norm", "bias") or name.endswith("ffn_gate_inp.weight")
+                  else QT.Q6_K if name in ("token_embd.weight", "output.weight") else QT.Q4_K)
+            yield name, args.dims(t.shape), (types or {}).get(name, qt)
+
+    synth.write_sparse(w, tensors())
     return GGUFFile(path)
 
 

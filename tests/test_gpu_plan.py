@@ -19,6 +19,7 @@ import pytest
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as QT
 
+from numallm import synth
 from numallm.cli import main
 from numallm.gguf_file import GGUFFile
 from numallm.gpu import GpuDevice, GpuError, OffloadRequest, make_plan
@@ -90,22 +91,7 @@ def write_shape_only(path, wtype=QT.Q4_K, output=QT.Q6_K, tied=False, overrides=
     w.add_value_length(s["head_dim"])
     w.add_rope_dimension_count(s["head_dim"])
     w.add_layer_norm_rms_eps(1e-5)
-    data = 0
-    for name, shape, t in specs:
-        t = overrides.get(name, t)
-        block, size = GGML_QUANT_SIZES[t]
-        nbytes = int(np.prod(shape)) // block * size
-        w.add_tensor_info(name, shape, np.dtype(np.float32), nbytes, raw_dtype=t)
-        data += -(-nbytes // 32) * 32
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_ti_data_to_file()
-    fout = w.fout[0]
-    fout.flush()
-    end = fout.tell()
-    fout.close()
-    with open(path, "r+b") as fh:
-        fh.truncate(-(-end // 32) * 32 + data)
+    synth.write_sparse(w, [(name, shape, overrides.get(name, t)) for name, shape, t in specs])
     return GGUFFile(path)
 
 
