@@ -14,9 +14,7 @@ import json
 from pathlib import Path
 
 import gguf
-import numpy as np
 import pytest
-from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as QT
 
 from numallm import synth
