@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from numallm import synth
+from rss_checks import check_growth
 
 PROBE = r"""
 import json, sys, psutil, numpy as np
@@ -90,14 +91,4 @@ def test_rss_of_a_sharded_1b_model_stays_near_weights_plus_kv(synth_dir):
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     m = json.loads(r.stdout)
-    base, budget = m["base"]["VmRSS"], 1.1 * (m["weights"] + m["kv"])
-    grown = {"load": m["loaded"]["VmRSS"] - base, "forward": m["after"]["VmRSS"] - base,
-             "peak": m["after"]["VmHWM"] - base}
-    mib = 2 ** 20
-    print(f"\nllama3-1b Q4_0, shard over 2 virtual nodes: weights {m['weights'] / mib:.0f} MiB, "
-          f"KV {m['kv'] / mib:.0f} MiB (2048 tokens); RSS growth at load {grown['load'] / mib:.0f} MiB, "
-          f"after a forward {grown['forward'] / mib:.0f} MiB, peak {grown['peak'] / mib:.0f} MiB "
-          f"(process RSS {m['after']['VmRSS'] / mib:.0f} MiB, peak {m['after']['VmHWM'] / mib:.0f} MiB)")
-    for what, n in grown.items():
-        assert n <= budget, f"RSS grew {n / mib:.0f} MiB ({what}), over 1.1x weights + KV ({budget / mib:.0f} MiB)"
-    assert grown["load"] >= 0.9 * m["weights"]     # the slices really are resident copies
+    check_growth(m, m["weights"], "llama3-1b Q4_0, shard over 2 virtual nodes (2048 tokens)", 0.9)

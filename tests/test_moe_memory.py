@@ -12,6 +12,7 @@ import sys
 import pytest
 
 from numallm import synth
+from rss_checks import check_growth
 
 # ~210 MB at Q8_0: 3 layers of 64 experts 512 wide (Qwen3-MoE layout), small vocabulary
 SHAPE = dict(vocab=4096, hidden=1024, n_layers=3, n_heads=16, n_kv_heads=4, n_ff=3072,
@@ -59,15 +60,4 @@ def test_moe_rss_within_file_size_plus_kv(synth_dir, moe_file, numa):
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr
     m = json.loads(r.stdout)
-    size = moe_file.stat().st_size
-    base, budget = m["base"]["VmRSS"], 1.1 * (size + m["kv"])
-    grown = {"load": m["loaded"]["VmRSS"] - base, "run": m["after"]["VmRSS"] - base,
-             "peak": m["after"]["VmHWM"] - base}
-    mib = 2 ** 20
-    print(f"\nqwen3moe Q8_0 {size / mib:.0f} MiB file, --numa {numa}: KV {m['kv'] / mib:.0f} MiB; "
-          f"RSS growth at load {grown['load'] / mib:.0f} MiB, after running "
-          f"{grown['run'] / mib:.0f} MiB, peak {grown['peak'] / mib:.0f} MiB "
-          f"(budget {budget / mib:.0f} MiB)")
-    for what, n in grown.items():
-        assert n <= budget, f"RSS grew {n / mib:.0f} MiB ({what}), over 1.1x file + KV ({budget / mib:.0f} MiB)"
-    assert grown["load"] >= 0.85 * m["weights"]     # the repacked weights really are resident
+    check_growth(m, moe_file.stat().st_size, f"qwen3moe Q8_0 file, --numa {numa}", 0.85)
