@@ -197,6 +197,10 @@ class DeviceTensor:
             raise TypeError(f"a DeviceTensor takes a row slice, not {rows!r}")
         return self._view(self.data[rows])
 
+    def astype(self, dtype) -> np.ndarray:
+        """A host copy in `dtype` (numpy's spelling, for host code given a device tensor)."""
+        return np.asarray(self, dtype=dtype)
+
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
         with self.gpu.active():
             host = self.data.copy_to_host()
@@ -225,9 +229,21 @@ def to_gpu(x, gpu: Gpu) -> DeviceTensor:
     return DeviceTensor.upload(gpu, x)
 
 
-def vector(gpu: Gpu, host: np.ndarray) -> DeviceTensor:
+class DeviceVector(DeviceTensor):
+    """A weight vector (norm, bias) on one GPU that keeps its host values: host code reading it
+    (deepseek2's routing bias, in ops.moe_route) gets them without a copy (weights never change)."""
+
+    def __init__(self, gpu: Gpu, host: np.ndarray):
+        self.host = np.array(host, dtype=np.float32)
+        super().__init__(gpu, gpu.put(self.host, "weights"))
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        return self.host if dtype is None else self.host.astype(dtype, copy=False)
+
+
+def vector(gpu: Gpu, host: np.ndarray) -> DeviceVector:
     """A weight vector (norm, bias) on `gpu`, counted as weights; never pooled."""
-    return DeviceTensor(gpu, gpu.put(np.asarray(host, dtype=np.float32), "weights"))
+    return DeviceVector(gpu, host)
 
 
 class DeviceLinear:
@@ -401,4 +417,5 @@ class Executor:
 
 
 ops.register_executor(DeviceTensor, Executor)
+ops.register_executor(DeviceVector, Executor)
 ops.register_executor(DeviceLinear, Executor)

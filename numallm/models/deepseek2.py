@@ -165,17 +165,17 @@ class LatentCache(ops.KVCache):
 
 
 MLA_TENSORS = (
-    T("attn_norm.weight", ("n_embd",)),
-    T("attn_q.weight", ("q_dim", "n_embd"), (0, MLA_HEADS), optional=True),
-    T("attn_q_a.weight", ("n_lora_q", "n_embd"), optional=True),
-    T("attn_q_a_norm.weight", ("n_lora_q",), optional=True),
-    T("attn_q_b.weight", ("q_dim", "n_lora_q"), (0, MLA_HEADS), optional=True),
-    T("attn_kv_a_mqa.weight", ("kv_a_dim", "n_embd")),
-    T("attn_kv_a_norm.weight", ("n_lora_kv",)),
-    T("attn_kv_b.weight", ("kv_b_dim", "n_lora_kv"), (0, MLA_HEADS), optional=True),
-    T("attn_k_b.weight", ("n_head", "n_lora_kv", "nope_dim"), (0, MLA_HEADS), optional=True),
-    T("attn_v_b.weight", ("n_head", "v_head_dim", "n_lora_kv"), (0, MLA_HEADS), optional=True),
-    T("attn_output.weight", ("n_embd", "o_dim"), (1, MLA_HEADS)),
+    T("attn_norm.weight", ("n_embd",), role="norm"),
+    T("attn_q.weight", ("q_dim", "n_embd"), (0, MLA_HEADS), optional=True, role="q"),
+    T("attn_q_a.weight", ("n_lora_q", "n_embd"), optional=True, role="q_a"),
+    T("attn_q_a_norm.weight", ("n_lora_q",), optional=True, role="q_a_norm"),
+    T("attn_q_b.weight", ("q_dim", "n_lora_q"), (0, MLA_HEADS), optional=True, role="q_b"),
+    T("attn_kv_a_mqa.weight", ("kv_a_dim", "n_embd"), role="kv_a"),
+    T("attn_kv_a_norm.weight", ("n_lora_kv",), role="kv_a_norm"),
+    T("attn_kv_b.weight", ("kv_b_dim", "n_lora_kv"), (0, MLA_HEADS), optional=True, role="kv_b"),
+    T("attn_k_b.weight", ("n_head", "n_lora_kv", "nope_dim"), (0, MLA_HEADS), optional=True, role="k_b"),
+    T("attn_v_b.weight", ("n_head", "v_head_dim", "n_lora_kv"), (0, MLA_HEADS), optional=True, role="v_b"),
+    T("attn_output.weight", ("n_embd", "o_dim"), (1, MLA_HEADS), role="out"),
 )
 DENSE_FFN = tuple(t for t in Block.TENSORS if t.name.startswith("ffn_"))
 # the declarations MLABlock reads as per-head operands (absorbed) rather than as matrices
