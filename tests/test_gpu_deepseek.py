@@ -109,3 +109,98 @@ def test_v3_hybrid_experts_on_the_cpu(synth_dir, gpus, float_cpu):
 
     assert hybrid.stats(off.gpus[0]).calls > 0
     assert "routed experts on the CPU" in off.summary(llm.model)
+
+
+def test_the_comparison_catches_mla_bugs(synth_dir, gpus, float_cpu, monkeypatch):
+    """The bound can fail: the GPU MLA without the query's rotated part, or with a wrong norm of
+    the latent, moves the logits far past LOGIT_TOL (and the GPU MLA is what ran)."""
+    from numallm.gpu import cuda_mla
+
+    path = cached_deepseek(synth_dir, "F16", V2)
+    with numallm.load(path, n_ctx=32, n_threads=1) as ref:
+        seq = ref.tokenize(PROMPT)
+        want = ref.logits(seq)
+    latent = cuda_mla.latent
+    for name, broken in (("query_rope", lambda *a, **k: None),                  # no rotated part
+                         ("latent", lambda kva, w, eps, *a: latent(kva, w, 1e3, *a))):  # eps 1e3
+        with monkeypatch.context() as m:
+            m.setattr(cuda_mla, name, broken)
+            with numallm.load(path, n_ctx=32, n_threads=1, offload=OffloadRequest(gpu_layers=1)) as llm:
+                assert type(llm.model.blk[1].block.attn).__name__ == "DeviceMLA"
+                got = llm.logits(seq)
+                assert llm.offload.layers[1].launches > 0
+        assert float(np.max(np.abs(got - want))) > 10 * LOGIT_TOL, name
+
+
+# -- the per-head kernels (numallm.gpu.cuda_mla) against numpy, every GPU type -------------------
+
+@pytest.mark.parametrize("qtype", ["F32", "F16", "Q4_0", "Q8_0", "Q4_K", "Q6_K"])
+def test_head_products_match_numpy(qtype):
+    """head_mm (out = W_h x_h) and head_mm_t (out = W_h^T x_h) over rows row0.. of each head's
+    block of a stored tensor, inputs and outputs at head strides and offsets, as the MLA uses
+    them; launch shapes with several blocks (grid-stride loops)."""
+    from numallm.gguf_file import GGMLQuantizationType as QT, reference_dequantize
+    from numallm.gpu import cuda_kernels as ck, cuda_mla as cm
+    from test_gpu_kernels import weights           # raw rows, K-quants as random valid blocks
+
+    qt = QT[qtype]
+    launch = ck.Launch.coverage()
+    rng = np.random.default_rng(7)
+    k = 256 if qt in (QT.Q4_K, QT.Q6_K) else 64
+    heads, per, row0, n, tok = 2, 5, 2, 3, 2      # 2 heads of 5 rows; rows 2..4 of each used
+    raw = weights(qt, heads * per, k, rng)
+    w = reference_dequantize(raw, qt).reshape(heads, per, k)[:, row0:row0 + n]   # (H, n, k)
+    m = cm.HeadMatrix(qt, cuda.to_device(ck.device_layout(qt, raw)), k, per, row0, n)
+    with ck.simulator_pace():
+        xs, xo = k + 3, 1                          # x: head h's k inputs at h * xs + 1
+        x = rng.standard_normal((tok, heads * xs)).astype(np.float32)
+        out = cuda.to_device(np.zeros((tok, heads * (n + 2)), np.float32))
+        m.apply(cuda.to_device(x), out, tok, heads, xs, xo, n + 2, 2, 0.5, launch)
+        got = out.copy_to_host().reshape(tok, heads, n + 2)[..., 2:]
+        want = 0.5 * np.einsum("hnk,thk->thn", w.astype(np.float64),
+                               x.reshape(tok, heads, xs)[..., xo:xo + k].astype(np.float64))
+        assert np.allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+        xt = rng.standard_normal((tok, heads * (n + 1))).astype(np.float32)       # n inputs at + 1
+        out = cuda.to_device(np.zeros((tok, heads * k), np.float32))
+        m.apply_t(cuda.to_device(xt), out, tok, heads, n + 1, 1, k, 0, 2.0, launch)
+        got = out.copy_to_host().reshape(tok, heads, k)
+        want = 2.0 * np.einsum("hnk,thn->thk", w.astype(np.float64),
+                               xt.reshape(tok, heads, n + 1)[..., 1:].astype(np.float64))
+        assert np.allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+def test_latent_and_query_rope_kernels_match_the_cpu_ops():
+    """The latent rows (rms_norm of the first lat values, RoPE of the rest, in an f16 cache) and
+    the query's rotated part against ops.rms_norm and ops.Rope (YaRN: position scales and
+    magnitude), at positions 5.. (T = 3)."""
+    from numallm import ops
+    from numallm.gpu import cuda_kernels as ck, cuda_mla as cm
+
+    launch = ck.Launch.coverage()
+    rng = np.random.default_rng(11)
+    lat, rope, t, pos0, hn, nope = 40, 8, 3, 5, 2, 6
+    corr = ops.yarn_corr_dims(rope, 32, 10000.0, 32.0, 1.0)
+    r = ops.Rope(rope, 10000.0, False, 0.25, ext_factor=1.0, corr_dims=corr, mscale=1.2)
+    table = cuda.to_device((r.inv_freq * r.pos_scale).astype(np.float64))
+    kva = rng.standard_normal((t, lat + rope)).astype(np.float32)
+    w = rng.standard_normal(lat).astype(np.float32)
+    kc = cuda.to_device(np.zeros((1, 16, lat + rope), np.float16))
+    with ck.simulator_pace():
+        cm.latent(cuda.to_device(kva), cuda.to_device(w), 1e-6, kc, pos0, t, lat, rope, table, False,
+                  r.mscale, launch)
+        got = kc.copy_to_host()[0]
+        k_pe = np.ascontiguousarray(kva[:, None, lat:])
+        r(k_pe, pos0)
+        want = np.concatenate([ops.rms_norm(kva[:, :lat], w, 1e-6), k_pe[:, 0]], axis=1)
+        assert not got[:pos0].any() and not got[pos0 + t:].any()
+        assert np.allclose(got[pos0:pos0 + t], want.astype(np.float16).astype(np.float32), rtol=2e-3, atol=2e-3)
+        hd = nope + rope
+        q = rng.standard_normal((t, hn * hd)).astype(np.float32)
+        qc = cuda.to_device(np.zeros((t, hn * (lat + rope)), np.float32))
+        cm.query_rope(cuda.to_device(q), qc, t, hn, hd, nope, lat, rope, pos0, table, False, r.mscale,
+                      3.0, launch)
+        got = qc.copy_to_host().reshape(t, hn, lat + rope)
+        q_pe = np.ascontiguousarray(q.reshape(t, hn, hd)[..., nope:])
+        r(q_pe, pos0)
+        assert not got[..., :lat].any()
+        assert np.allclose(got[..., lat:], q_pe * np.float32(3.0), rtol=1e-5, atol=1e-5)

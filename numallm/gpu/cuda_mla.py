@@ -219,3 +219,4 @@ def query_rope(q, qc, n_tok: int, n_head: int, hd: int, nope: int, lat: int, n_r
     n = n_tok * n_head * (n_rope // 2)
     _query_rope[_grid(n, launch)](q, qc, n_tok, n_head, hd, nope, lat, n_rope, pos0, inv_freq, neox,
                                   float(mscale), np.float32(scale))
+
