@@ -111,6 +111,50 @@ def test_v3_hybrid_experts_on_the_cpu(synth_dir, gpus, float_cpu):
     assert "routed experts on the CPU" in off.summary(llm.model)
 
 
+
+def test_v2_lite_one_gpu_layer(synth_dir, gpus, float_cpu):
+    """-ngl 1: the last block (MoE, experts included) on the GPU after the dense MLA block on the
+    CPU: the stream goes up once and comes down for output_norm; the head stays."""
+    llm = check(cached_deepseek(synth_dir, "F16", V2), OffloadRequest(gpu_layers=1))
+    off = llm.offload
+    assert off.gpu_layers() == [1] and off.head is None
+    assert off.plan.layers[0].device is None and off.plan.host_kv == llm.args.kv_bytes(32) // 2
+    assert type(llm.model.blk[1].block.attn).__name__ == "DeviceMLA"
+
+
+def test_v3_auto_on_a_small_gpu_mixes_gpu_and_cpu_experts(synth_dir, gpus, float_cpu, monkeypatch,
+                                                          tmp_path):
+    """-ngl auto with room for every block's dense part, the head and one block's experts:
+    blk.2's experts on the GPU, blk.1's on the CPU (blk.0 is dense), as test_gpu_hybrid's qwen3moe."""
+    from numallm.gguf_file import GGUFFile
+    from numallm.gpu import GpuDevice, make_plan
+
+    path = cached_deepseek(synth_dir, "F16", dataclasses.replace(V3, n_layers=3))
+    dev = GpuDevice(0, RTX3060["name"], (8, 6), 12 << 30, 12 << 30, 360.0, None, None)
+    f = GGUFFile(path)
+    whole = make_plan(f, 32, OffloadRequest(gpu_layers="all", reserve_bytes=0), [dev]).devices[0]
+    dense = make_plan(f, 32, OffloadRequest(gpu_layers="all", cpu_moe=True, reserve_bytes=0), [dev]).devices[0]
+    one_block = (whole.weights - dense.weights) // 2
+    inv = tmp_path / "small.json"
+    inv.write_text(json.dumps([dict(RTX3060, mem_free=dense.total + one_block + whole.buffers - dense.buffers
+                                    + 1024)]))
+    monkeypatch.setenv("NUMALLM_FAKE_GPUS", str(inv))
+    llm = check(path, OffloadRequest(gpu_layers="auto", reserve_bytes=0))
+    plan = llm.offload.plan
+    assert [len(u.host_tensors) for u in plan.layers] == [0, 3, 0] and plan.output.device == 0
+    assert type(llm.model.blk[2].block.ffn_up_exps).__name__ == "DeviceExperts"
+    assert type(llm.model.blk[1].block.ffn_up_exps).__name__ == "ExpertLinear"
+
+
+def test_run_ot_exps_cpu_verbose_says_where_it_ran(synth_dir, gpus, capsys):
+    from numallm.cli import main
+
+    path = str(cached_deepseek(synth_dir, "F16", V3))
+    assert main(["run", path, "hello", "-n", "2", "--temp", "0", "-ngl", "99", "-ot", "exps=CPU", "-v"]) == 0
+    err = capsys.readouterr().err
+    assert "blk.0-1 + output (routed experts of blk.1 on the CPU) on GPU 0" in err
+    assert "PROCESSOR  " in err and "routed experts on the CPU" in err
+
 def test_the_comparison_catches_mla_bugs(synth_dir, gpus, float_cpu, monkeypatch):
     """The bound can fail: the GPU MLA without the query's rotated part, or with a wrong norm of
     the latent, moves the logits far past LOGIT_TOL (and the GPU MLA is what ran)."""

@@ -62,9 +62,13 @@ class DeviceMLA:
         lat, nope, v = a.n_lora_kv, a.nope_dim, a.v_head_dim
         names = {t.role: f"blk.{index}.{t.name}" for t in type(block).TENSORS if t.role}
 
+        self.nbytes = 0                          # the absorbed matrices' bytes on the GPU
+
         def put(role: str):
             qt = gguf.tensor(names[role])
-            return qt.qtype, gpu.put(device_layout(qt.qtype, qt.data), "weights")
+            dev = gpu.put(device_layout(qt.qtype, qt.data), "weights")
+            self.nbytes += int(dev.nbytes)
+            return qt.qtype, dev
 
         if names["kv_b"] in gguf.tensors:       # (H * (nope + v), lat): head h's key rows, then its value rows
             qtype, dev = put("kv_b")

@@ -33,6 +33,7 @@ from time import perf_counter
 import numpy as np
 
 from ..experts import ExpertLinear
+from ..heads import HeadLinear
 from .device import DTYPES, DeviceKVCache, DeviceLinear, DeviceTensor, Gpu, to_gpu, vector
 from .experts import DeviceExperts
 from .mla import DeviceLatentCache, DeviceMLA, is_mla
@@ -212,6 +213,9 @@ class Offload:
                 v = getattr(block, spec.attr)
                 if layer is None or not _on_device(v):
                     count(v)
+            for v in vars(block).values():     # MLA's absorbed products, held per head
+                if isinstance(v, HeadLinear):
+                    count(v)
         count(model.token_embd)
         count(model.output_norm)
         if not isinstance(model.output, DeviceLinear):
@@ -224,7 +228,9 @@ class Offload:
         return sum(getattr(layer.block, spec.attr).nbytes for layer in self.layers if layer is not None
                    for spec in type(layer.block).TENSORS
                    if isinstance(getattr(layer.block, spec.attr),
-                                 (DeviceLinear, DeviceExperts, ExpertLinear)))
+                                 (DeviceLinear, DeviceExperts, ExpertLinear))) + \
+            sum(layer.attention.nbytes for layer in self.layers
+                if layer is not None and layer.attention is not None)
 
     def gpu_model_bytes(self) -> int:
         """Weights and KV cache allocated on the GPUs (scratch buffers are not model bytes)."""
@@ -433,6 +439,9 @@ def apply(model, plan: OffloadPlan, n_ctx: int, launch=None, gguf=None) -> Offlo
         mla = attention.get(lp.index)
         if mla is not None:
             blk.attn = mla                      # the block's own __call__ runs the device MLA
+            for k, v in list(vars(blk).items()):
+                if isinstance(v, HeadLinear):   # the CPU's copies of what the GPU now holds
+                    setattr(blk, k, None)
         nxt = plan.layers[lp.index + 1].device if lp.index + 1 < len(plan.layers) else None
         off.layers.append(GpuLayer(lp.index, blk, off.gpus[lp.device], host_out=nxt is None,
                                    attention=mla))
