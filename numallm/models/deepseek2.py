@@ -256,12 +256,15 @@ class MLAMoEBlock(MLABlock):
         a = self.a
         h = ops.rms_norm(x, self.ffn_norm, a.norm_eps)
         logits, g, u = ops.matmuls(h, self.ffn_gate_inp, self.ffn_gate_shexp, self.ffn_up_shexp)
-        shared = self.ffn_down_shexp(ops.swiglu(g, u))                       # (T, n_embd)
         ids, w = ops.moe_route(logits, a.n_expert_used, a.expert_weights_norm,
                                sigmoid=a.expert_gating_func == SIGMOID, bias=self.exp_probs_b_bias,
                                groups=(a.n_expert_groups, a.n_group_used),
                                scale=a.expert_weights_scale)
-        return ops.moe_ffn(h, ids, w, self.ffn_gate_exps, self.ffn_up_exps, self.ffn_down_exps) + shared
+        # routed first: where the experts run elsewhere (the CPU, for a block on a GPU) the
+        # shared experts are computed meanwhile
+        routed = ops.moe_ffn(h, ids, w, self.ffn_gate_exps, self.ffn_up_exps, self.ffn_down_exps)
+        shared = self.ffn_down_shexp(ops.swiglu(g, u))                       # (T, n_embd)
+        return routed + shared
 
 
 # the optional declarations a config does not use (its file lacks them)
