@@ -17,6 +17,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -251,3 +255,54 @@ def test_latent_and_query_rope_kernels_match_the_cpu_ops():
         r(q_pe, pos0)
         assert not got[..., :lat].any()
         assert np.allclose(got[..., lat:], q_pe * np.float32(3.0), rtol=1e-5, atol=1e-5)
+
+
+PTX_SCRIPT = textwrap.dedent("""
+    import sys, types
+    from numba import cuda, types as nt
+    if getattr(cuda, "implementation", "") != "NVIDIA":
+        print("SKIP the compile check needs NVIDIA's numba-cuda (the gpu extra)")
+        sys.exit(0)
+    cc, why = None, ""
+    for want in ((6, 1), (7, 5)):
+        try:
+            cuda.compile_ptx(lambda a: None, (nt.float32[::1],), cc=want)
+            cc = want
+            break
+        except Exception as e:
+            why = f"{type(e).__name__}: {e}".replace("\\\\n", " ")
+    if cc is None:
+        print("SKIP", why)
+        sys.exit(0)
+    import numba.cuda.dispatcher as disp
+    disp.get_current_device = lambda: types.SimpleNamespace(compute_capability=cc)
+    from numallm.gpu import cuda_mla as cm
+    f32, f64, i64, b = nt.float32, nt.float64, nt.int64, nt.boolean
+    a2 = f32[:, ::1]
+    sigs = []
+    for mm, mm_t, blocked in cm._HEAD.values():
+        for w in ((nt.uint8,) if blocked else (f32, nt.float16)):
+            sigs += [(k.py_func, (w[:, ::1], a2, a2) + (i64,) * 10 + (f32,)) for k in (mm, mm_t)]
+    for kv in (f32, nt.float16):
+        sigs.append((cm._latent.py_func, (a2, f32[::1], f64, kv[:, :, ::1], i64, i64, i64, i64,
+                                          f64[::1], b, f64)))
+    sigs.append((cm._query_rope.py_func, (a2, a2) + (i64,) * 7 + (f64[::1], b, f64, f32)))
+    seen = set()
+    for fn, sig in sigs:
+        if (fn, sig) not in seen:
+            seen.add((fn, sig))
+            cuda.compile_ptx(fn, sig, cc=cc)
+    print("OK", len(seen), "kernels for sm_%d%d" % cc)
+""")
+
+
+def test_mla_kernels_compile_for_a_real_gpu():
+    """Every MLA kernel, for every argument type numallm.gpu.mla passes, through NVVM to PTX (the
+    simulator checks no types); skips without numba-cuda (the gpu extra)."""
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="0")
+    r = subprocess.run([sys.executable, "-c", PTX_SCRIPT], capture_output=True, text=True, env=env,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    if r.stdout.startswith("SKIP"):
+        pytest.skip(r.stdout.strip()[5:300])
+    assert r.stdout.startswith("OK"), r.stdout
