@@ -14,7 +14,8 @@
 #    the tests run: a TinyLlama-1.1B-shape Q4_0 and the MoE bench shape, Qwen3-30B-A3B's layer
 #    (synth "qwen3-30b-a3b", 128 experts, top 8) with MOE_LAYERS layers (default 2), Q4_0; and
 #    DeepSeek-V2-Lite's layer shape (synth_deepseek "v2-lite-4l": MLA with a 512 + 64 latent, 64
-#    experts, top 6, 2 shared) with DS_LAYERS layers (default 2: the dense one and one MoE), Q4_0;
+#    experts, top 6, 2 shared; a 32000-token vocabulary) with DS_LAYERS layers (default 2: the dense
+#    one and one MoE), Q4_0;
 # 5. benchmarks decode (numallm bench -p 0 -n 16 -r 2) CPU-only against `-ngl all` (dense) and against
 #    `-ngl all --cpu-moe` (MoE and deepseek2: attention (MLA), router, shared experts and the KV
 #    cache on the GPU, routed experts on the CPU), and prints one table.
@@ -128,7 +129,9 @@ run 300 models-ds "$VPY" - "$MODELS" "$DS_LAYERS" >/dev/null <<'EOF' &
 import dataclasses, sys
 from numallm.synth_deepseek import SHAPES, cached_deepseek
 d, layers = sys.argv[1], int(sys.argv[2])
-print(cached_deepseek(d, "Q4_0", dataclasses.replace(SHAPES["v2-lite-4l"], n_layers=layers)), flush=True)
+# a 32000-token vocabulary: the layers are the case, and writing 102400 x 2048 twice costs minutes
+print(cached_deepseek(d, "Q4_0", dataclasses.replace(SHAPES["v2-lite-4l"], n_layers=layers, vocab=32000)),
+      flush=True)
 EOF
 DS_PID=$!
 
