@@ -129,7 +129,8 @@ run 300 models-ds "$VPY" - "$MODELS" "$DS_LAYERS" >/dev/null <<'EOF' &
 import dataclasses, sys
 from numallm.synth_deepseek import SHAPES, cached_deepseek
 d, layers = sys.argv[1], int(sys.argv[2])
-# a 32000-token vocabulary: the layers are the case, and writing 102400 x 2048 twice costs minutes
+# a 32000-token vocabulary: the layers are the case; V2-Lite's 102400 x 2048 embedding and head
+# would be 2 x 210M more values to write
 print(cached_deepseek(d, "Q4_0", dataclasses.replace(SHAPES["v2-lite-4l"], n_layers=layers, vocab=32000)),
       flush=True)
 EOF
