@@ -59,14 +59,14 @@ def float_cpu(monkeypatch):
             monkeypatch.setattr(unit, "_choice", None)
 
 
-def check(path, request, n_tok=3):
+def check(path, request, n_tok=3, n_threads=1, **load):
     """Generate on the CPU and with `request`; compare tokens, logits, bytes, the PROCESSOR
     split and one decode step's PCIe copies. Returns the offloaded LLM."""
     with numallm.load(path, n_ctx=32, n_threads=1) as ref:
         want = ref.generate(PROMPT, max_tokens=n_tok, temperature=0).tokens
         seq = ref.tokenize(PROMPT) + want[:-1]
         logits = ref.logits(seq)
-    llm = numallm.load(path, n_ctx=32, n_threads=1, offload=request)
+    llm = numallm.load(path, n_ctx=32, n_threads=n_threads, offload=request, **load)
     off = llm.offload
     assert off.applied, off.reason
     assert llm.generate(PROMPT, max_tokens=n_tok, temperature=0).tokens == want
@@ -161,6 +161,16 @@ def test_run_ot_exps_cpu_verbose_says_where_it_ran(synth_dir, gpus, capsys):
     err = capsys.readouterr().err
     assert "blk.0-1 + output (routed experts of blk.1 on the CPU) on GPU 0" in err
     assert "PROCESSOR  " in err and "routed experts on the CPU" in err
+
+
+def test_v3_hybrid_experts_are_node_sharded_under_numa_shard(synth_dir, gpus, float_cpu):
+    """--numa shard --virtual-nodes 2 with --cpu-moe: the GPU block's host experts are split over
+    the two nodes (one copy), and the tokens are still the CPU engine's."""
+    llm = check(cached_deepseek(synth_dir, "F16", V3), OffloadRequest(gpu_layers="all", cpu_moe=True),
+                numa="shard", virtual_nodes=2, n_threads=None)
+    assert len(llm.loaded.placement.groups) == 2
+    blk = llm.model.blk[1].block
+    assert type(blk.ffn_gate_exps).__name__ == "ShardedExperts" and len(blk.ffn_down_exps.parts) == 2
 
 def test_the_comparison_catches_mla_bugs(synth_dir, gpus, float_cpu, monkeypatch):
     """The bound can fail: the GPU MLA without the query's rotated part, or with a wrong norm of
