@@ -187,6 +187,8 @@ class HeadMatrix:
         self.qtype, self.dev = T(qtype), dev
         self.mm, self.mm_t, self.blocked = _HEAD[self.qtype]
         self.k, self.per_head, self.row0, self.n = k, per_head, row0, n
+        if self.blocked and k % UNIT:
+            raise ValueError(f"{self.qtype.name} rows of {k} values are not whole 32-value units")
 
     def apply(self, x, out, n_tok: int, n_head: int, xs: int, xo: int, os: int, oo: int,
               alpha: float, launch: Launch) -> None:
