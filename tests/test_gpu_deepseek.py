@@ -129,6 +129,7 @@ def test_v2_lite_one_gpu_layer(synth_dir, gpus, float_cpu):
     assert type(llm.model.blk[1].block.attn).__name__ == "DeviceMLA"
 
 
+@pytest.mark.slow
 def test_v3_auto_on_a_small_gpu_mixes_gpu_and_cpu_experts(synth_dir, gpus, float_cpu, monkeypatch,
                                                           tmp_path):
     """-ngl auto with room for every block's dense part, the head and one block's experts:
