@@ -12,10 +12,13 @@
 # 3. runs the GPU tests with the simulator off (NUMBA_ENABLE_CUDASIM=0): kernels, offload, hybrid MoE;
 # 4. writes two synthetic models (numallm.synth; nothing is downloaded), in the background while
 #    the tests run: a TinyLlama-1.1B-shape Q4_0 and the MoE bench shape, Qwen3-30B-A3B's layer
-#    (synth "qwen3-30b-a3b", 128 experts, top 8) with MOE_LAYERS layers (default 2), Q4_0;
+#    (synth "qwen3-30b-a3b", 128 experts, top 8) with MOE_LAYERS layers (default 2), Q4_0; and
+#    DeepSeek-V2-Lite's layer shape (synth_deepseek "v2-lite-4l": MLA with a 512 + 64 latent, 64
+#    experts, top 6, 2 shared; a 32000-token vocabulary) with DS_LAYERS layers (default 2: the dense
+#    one and one MoE), Q4_0;
 # 5. benchmarks decode (numallm bench -p 0 -n 16 -r 2) CPU-only against `-ngl all` (dense) and against
-#    `-ngl all --cpu-moe` (MoE: attention, router and KV cache on the GPU, experts on the CPU),
-#    and prints one table.
+#    `-ngl all --cpu-moe` (MoE and deepseek2: attention (MLA), router, shared experts and the KV
+#    cache on the GPU, routed experts on the CPU), and prints one table.
 #
 # Each step has its own time limit, all together under 10 minutes (run it with the device tool's
 # timeout_s=600); a step that fails or runs out says which and the script goes on where that
@@ -39,7 +42,7 @@ SHIM=${SHIM:-/tmp/numallm-gpu-check-path}
 SITE=${SITE:-/tmp/numallm-gpu-check-site}
 MODELS=${MODELS:-/tmp/numallm-gpu-check-models}
 THREADS=${THREADS:-$(nproc)}
-export MOE_LAYERS=${MOE_LAYERS:-2}
+export MOE_LAYERS=${MOE_LAYERS:-2} DS_LAYERS=${DS_LAYERS:-2}
 FAILED=()
 
 step() { printf '\n== %s (limit %ss)\n' "$1" "$2"; }
@@ -122,18 +125,30 @@ moe = dataclasses.replace(SHAPES["qwen3-30b-a3b"], n_layers=layers)
 print(cached_model(d, arch="qwen3moe", qtype="Q4_0", shape=moe), flush=True)
 EOF
 MODELS_PID=$!
+run 300 models-ds "$VPY" - "$MODELS" "$DS_LAYERS" >/dev/null <<'EOF' &
+import dataclasses, sys
+from numallm.synth_deepseek import SHAPES, cached_deepseek
+d, layers = sys.argv[1], int(sys.argv[2])
+# a 32000-token vocabulary: the layers are the case; V2-Lite's 102400 x 2048 embedding and head
+# would be 2 x 210M more values to write
+print(cached_deepseek(d, "Q4_0", dataclasses.replace(SHAPES["v2-lite-4l"], n_layers=layers, vocab=32000)),
+      flush=True)
+EOF
+DS_PID=$!
 
 step "3/5 GPU tests, simulator off" 240
 run 240 tests "$VPY" -m pytest -q -x -p no:cacheprovider tests/test_gpu_kernels.py \
-    tests/test_gpu_offload.py tests/test_gpu_hybrid.py
+    tests/test_gpu_offload.py tests/test_gpu_hybrid.py tests/test_gpu_deepseek.py
 
 step "4/5 synthetic models (started beside the tests)" 300
 wait "$MODELS_PID" || true
-cat "$OUT_DIR/models.log"
+wait "$DS_PID" || true
+cat "$OUT_DIR/models.log" "$OUT_DIR/models-ds.log"
 
 step "5/5 decode benchmarks, CPU-only vs offloaded" 240
 DENSE=$(sed -n 1p "$OUT_DIR/models.log" 2>/dev/null || true)
 MOE=$(sed -n 2p "$OUT_DIR/models.log" 2>/dev/null || true)
+DS=$(sed -n 1p "$OUT_DIR/models-ds.log" 2>/dev/null || true)
 bench() {   # bench NAME MODEL FLAGS...: one JSON result file per case
     local name=$1 model=$2
     shift 2
@@ -151,11 +166,14 @@ bench dense-cpu "$DENSE"
 bench dense-gpu "$DENSE" -ngl all
 bench moe-cpu "$MOE"
 bench moe-hybrid "$MOE" -ngl all --cpu-moe
+bench ds-cpu "$DS"
+bench ds-hybrid "$DS" -ngl all --cpu-moe
 "$VPY" - "$OUT_DIR" <<'EOF' | tee "$OUT_DIR/table.md"
 import json, os, sys
 from pathlib import Path
 out = Path(sys.argv[1])
 layers = os.environ.get("MOE_LAYERS", "2")
+ds_layers = os.environ.get("DS_LAYERS", "2")
 
 def tps(name):
     try:
@@ -167,7 +185,8 @@ def tps(name):
 print("| model | flags | CPU-only tok/s | offloaded tok/s | ratio |")
 print("|---|---|--:|--:|--:|")
 for label, flags, cpu, gpu in (("TinyLlama-1.1B-shape Q4_0", "-ngl all", "dense-cpu", "dense-gpu"),
-                               (f"Qwen3-30B-A3B layer x {layers} Q4_0", "-ngl all --cpu-moe", "moe-cpu", "moe-hybrid")):
+                               (f"Qwen3-30B-A3B layer x {layers} Q4_0", "-ngl all --cpu-moe", "moe-cpu", "moe-hybrid"),
+                               (f"DeepSeek-V2-Lite layer x {ds_layers} Q4_0", "-ngl all --cpu-moe", "ds-cpu", "ds-hybrid")):
     a, b = tps(cpu), tps(gpu)
     fmt = lambda v: "failed" if v is None else f"{v:.2f}"
     print(f"| {label} | {flags} | {fmt(a)} | {fmt(b)} | {fmt(b / a) if a and b else '-'} |")

@@ -103,7 +103,7 @@ class LoadedModel:
         if self.plan.gpu is not None and offload.wants_gpu:
             from .gpu import offload as gpu_offload
 
-            self.offload = gpu_offload.apply_plan(self.model, self.plan.gpu, self.n_ctx)
+            self.offload = gpu_offload.apply_plan(self.model, self.plan.gpu, self.n_ctx, self.file)
             self.notices.append(self.offload.announcement())
             gpu_layers = frozenset(self.offload.gpu_layers())
         self.placement = apply_plan(self.model, self.plan, topo, gpu_layers,

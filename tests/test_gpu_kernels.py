@@ -264,7 +264,7 @@ PTX_SCRIPT = textwrap.dedent("""
         sigs += [(co._kv_store.py_func, (a3, a3, kv[:, :, ::1], kv[:, :, ::1], i64, i64)),
                  (co._attention.py_func, (a3, kv[:, :, ::1], kv[:, :, ::1], a2, i64, i64, i64, f32))]
     sigs += [(co._rms_norm.py_func, (a2, f32[::1], a2, i64, i64, f64)),
-             (co._rope.py_func, (a3, i64, i64, i64, f64[::1], f64, i64, nt.boolean)),
+             (co._rope.py_func, (a3, i64, i64, i64, f64[::1], f64, i64, nt.boolean, f64)),
              (co._swiglu.py_func, (a2, a2, a2, i64)), (co._add.py_func, (a2, a2, a2, i64)),
              (co._sigmoid_gate.py_func, (a2, a2, f32[::1], a2, i64)),
              (co._axpy_row.py_func, (a2, a2, f32, i64)), (co._zero.py_func, (a2, i64))]

@@ -256,15 +256,28 @@ def test_pcie_traffic_and_predicted_speed_from_bandwidths(qwen235, two_nodes):
     assert p.tok_s == pytest.approx(1 / (gpu_s + max(p.node_s.values()) + pcie_s), rel=1e-9)
 
 
-# -- DeepSeek-V3: MLA has no GPU version ------------------------------------------------------------
+# -- DeepSeek-V3: MLA blocks on the GPU, routed experts on the CPU ------------------------------------
 
-def test_deepseek_v3_plan_keeps_mla_blocks_on_the_cpu_and_says_why(deepseek_v3, two_nodes):
+def test_deepseek_v3_auto_puts_mla_router_and_shared_experts_on_the_gpu(deepseek_v3, two_nodes):
     spec, full = plan_on(deepseek_v3, two_nodes, gpu_layers="auto")
     plan = full.gpu
-    assert all(u.device is None for u in plan.layers)
-    assert any("deepseek2's MLA attention has no GPU version yet" in n for n in plan.notes)
-    assert plan.output.device == 0                       # the head still goes
-    assert plan.devices[0].weights == deepseek_v3.tensors["output.weight"].nbytes
+    d = plan.devices[0]
+    exps = expert_names(deepseek_v3)
+    assert all(u.device == 0 for u in plan.layers) and plan.output.device == 0
+    kept = [u.index for u in plan.layers if u.host_tensors]
+    assert kept and kept == list(range(3, kept[-1] + 1)) and kept[-1] < 60    # blk.0-2 are dense
+    for u in plan.layers:
+        ts = tensors_of(deepseek_v3, u.index)
+        assert set(u.host_tensors) == ({n for n in ts if n in exps} if u.index in kept else set())
+    # the latent cache, f16: 61 layers x (kv_lora_rank 512 + rope 64) x 2 bytes per position
+    assert d.kv == 61 * N_CTX * (512 + 64) * 2
+    assert d.total <= d.usable
+    # PCIe per token: in once; the 58 MoE blocks' router logits down, the kept blocks' normed row
+    # down and experts' sum up; the last row down; the head: row up, logits down
+    row, t = 7168 * 4, plan.pcie
+    assert t.up == row + len(kept) * row + row
+    assert t.down == 58 * 256 * 4 + len(kept) * row + row + 129280 * 4
+    assert t.transfers == 1 + 58 + 2 * len(kept) + 1 + 2
     text = "\n".join(render(full, "deepseek2", spec, two_nodes))
     assert "predicted decode:" in text and "GPU 0 NVIDIA GeForce RTX 4090" in text
 

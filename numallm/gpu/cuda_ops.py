@@ -20,7 +20,7 @@ from numba import cuda
 
 from .cuda_kernels import MAX_THREADS, Launch
 
-MAX_HEAD_DIM = 256      # shared query vector per block
+MAX_HEAD_DIM = 576      # shared query vector per block (DeepSeek's latent rows: 512 + 64)
 DIMS_PER_THREAD = 8     # output dims one attention thread accumulates: threads >= head_dim / 8
 
 

@@ -143,10 +143,13 @@ class DeviceTensor:
     and every view are gone."""
 
     __array_ufunc__ = None          # ndarray + DeviceTensor -> DeviceTensor.__radd__
+    _host = None                    # (subclasses that skip __init__, hybrid.Pending)
 
-    def __init__(self, gpu: Gpu, data, base: "DeviceTensor | None" = None, slot=None):
+    def __init__(self, gpu: Gpu, data, base: "DeviceTensor | None" = None, slot=None,
+                 host: np.ndarray | None = None):
         self.gpu, self.data = gpu, data          # data: a device array of exactly `shape`
         self._base, self._slot = base, slot
+        self._host = host                        # a weight's host values (vector()), or None
 
     @classmethod
     def new(cls, gpu: Gpu, shape: tuple[int, ...]) -> "DeviceTensor":
@@ -197,7 +200,13 @@ class DeviceTensor:
             raise TypeError(f"a DeviceTensor takes a row slice, not {rows!r}")
         return self._view(self.data[rows])
 
+    def astype(self, dtype) -> np.ndarray:
+        """A host copy in `dtype` (numpy's spelling, for host code given a device tensor)."""
+        return np.asarray(self, dtype=dtype)
+
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        if self._host is not None:
+            return self._host if dtype is None else self._host.astype(dtype, copy=False)
         with self.gpu.active():
             host = self.data.copy_to_host()
         self.gpu.downloads += 1
@@ -226,8 +235,11 @@ def to_gpu(x, gpu: Gpu) -> DeviceTensor:
 
 
 def vector(gpu: Gpu, host: np.ndarray) -> DeviceTensor:
-    """A weight vector (norm, bias) on `gpu`, counted as weights; never pooled."""
-    return DeviceTensor(gpu, gpu.put(np.asarray(host, dtype=np.float32), "weights"))
+    """A weight vector (norm, bias) on `gpu`, counted as weights; never pooled. It keeps its host
+    values: host code reading it (deepseek2's routing bias, in ops.moe_route) gets them without a
+    copy (weights never change)."""
+    host = np.array(host, dtype=np.float32)
+    return DeviceTensor(gpu, gpu.put(host, "weights"), host=host)
 
 
 class DeviceLinear:

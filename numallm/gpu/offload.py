@@ -33,8 +33,10 @@ from time import perf_counter
 import numpy as np
 
 from ..experts import ExpertLinear
-from .device import DTYPES, DeviceKVCache, DeviceLinear, Gpu, to_gpu, vector
+from ..heads import HeadLinear
+from .device import DTYPES, DeviceKVCache, DeviceLinear, DeviceTensor, Gpu, to_gpu, vector
 from .experts import DeviceExperts
+from .mla import DeviceLatentCache, DeviceMLA, is_mla
 from .plan import OffloadPlan
 from .sizes import device_buffers
 
@@ -83,14 +85,22 @@ class GpuLayer:
     the host once when the next layer (or output_norm) runs there (`host_out`). cache must be
     this layer's DeviceKVCache (Offload.adopt_cache)."""
 
-    def __init__(self, index: int, block, gpu: Gpu, host_out: bool = False):
+    def __init__(self, index: int, block, gpu: Gpu, host_out: bool = False, attention=None):
         self.index, self.block, self.gpu, self.host_out = index, block, gpu, host_out
+        self.attention = attention         # mla.DeviceMLA for an MLA block (its cache is latent)
         self.calls = self.tokens = self.launches = 0
         self.seconds = 0.0
 
+    def new_cache(self, n_ctx: int, dtype):
+        """This layer's cache on its GPU: K and V, or MLA's latent rows."""
+        if self.attention is not None:
+            return self.attention.new_cache(n_ctx, dtype)
+        a = self.block.a
+        return DeviceKVCache(self.gpu, n_ctx, a.n_head_kv, a.head_dim, dtype)
+
     def __call__(self, x, cache, pos0: int):
         g = self.gpu
-        if not isinstance(cache, DeviceKVCache) or cache.gpu is not g:
+        if not isinstance(cache, (DeviceKVCache, DeviceLatentCache)) or cache.gpu is not g:
             raise RuntimeError(f"blk.{self.index} runs on GPU {g.index} but was given {type(cache).__name__}"
                                f"; make the cache list with Offload.adopt_cache")
         t0 = perf_counter()
@@ -137,9 +147,8 @@ class Offload:
             if layer is None:
                 out.append(c)
                 continue
-            a = layer.block.a
             with layer.gpu.active():
-                out.append(DeviceKVCache(layer.gpu, self.n_ctx, a.n_head_kv, a.head_dim, self.kv_dtype))
+                out.append(layer.new_cache(self.n_ctx, self.kv_dtype))
         self.host_kv = sum(int(c.nbytes) for layer, c in zip(self.layers, out) if layer is None)
         for g in self.gpus.values():
             with g.active():
@@ -204,6 +213,9 @@ class Offload:
                 v = getattr(block, spec.attr)
                 if layer is None or not _on_device(v):
                     count(v)
+            for v in vars(block).values():     # MLA's absorbed products, held per head
+                if isinstance(v, HeadLinear):
+                    count(v)
         count(model.token_embd)
         count(model.output_norm)
         if not isinstance(model.output, DeviceLinear):
@@ -216,7 +228,9 @@ class Offload:
         return sum(getattr(layer.block, spec.attr).nbytes for layer in self.layers if layer is not None
                    for spec in type(layer.block).TENSORS
                    if isinstance(getattr(layer.block, spec.attr),
-                                 (DeviceLinear, DeviceExperts, ExpertLinear)))
+                                 (DeviceLinear, DeviceExperts, ExpertLinear))) + \
+            sum(layer.attention.nbytes for layer in self.layers
+                if layer is not None and layer.attention is not None)
 
     def gpu_model_bytes(self) -> int:
         """Weights and KV cache allocated on the GPUs (scratch buffers are not model bytes)."""
@@ -344,7 +358,7 @@ class Offload:
 
 
 def _on_device(v) -> bool:
-    return isinstance(v, (DeviceLinear, DeviceExperts)) or type(v).__name__ == "DeviceTensor"
+    return isinstance(v, (DeviceLinear, DeviceExperts, DeviceTensor))
 
 
 def _device_tensors(block, gpu: Gpu, keep: frozenset[str]) -> dict[str, object]:
@@ -370,10 +384,11 @@ def _device_tensors(block, gpu: Gpu, keep: frozenset[str]) -> dict[str, object]:
     return out
 
 
-def apply(model, plan: OffloadPlan, n_ctx: int, launch=None) -> Offload:
+def apply(model, plan: OffloadPlan, n_ctx: int, launch=None, gguf=None) -> Offload:
     """Move the declared tensors of the blocks (and the head) `plan` puts on GPUs there. Raises
     OffloadFailed, with the model untouched, when the GPU library cannot: nothing is swapped in
-    until every copy is made."""
+    until every copy is made. gguf: the model's file (MLA blocks read their absorbed matrices'
+    stored bytes from it, numallm.gpu.mla)."""
     from .cuda_kernels import launch_config
 
     cuda = _cuda()
@@ -381,6 +396,7 @@ def apply(model, plan: OffloadPlan, n_ctx: int, launch=None) -> Offload:
     off = Offload(plan)
     off.n_ctx, off.kv_dtype = n_ctx, DTYPES[plan.request.kv_dtype]
     moved: dict[int, dict[str, object]] = {}
+    attention: dict[int, DeviceMLA] = {}
     try:
         for i, use in plan.devices.items():
             g = off.gpus[i] = Gpu(cuda, use.device, launch, _ordinal(cuda, use.device))
@@ -398,6 +414,11 @@ def apply(model, plan: OffloadPlan, n_ctx: int, launch=None) -> Offload:
                 keep = frozenset(n.split(".", 2)[2] for n in lp.host_tensors)
                 with g.active():
                     moved[lp.index] = _device_tensors(blk, g, keep)
+                    if is_mla(type(blk)):
+                        if gguf is None:
+                            raise OffloadFailed(f"blk.{lp.index}: an MLA block needs the model file "
+                                                f"for its absorbed matrices")
+                        attention[lp.index] = DeviceMLA(blk, lp.index, g, gguf)
         head = None
         if plan.output.device is not None:
             g = off.gpus[plan.output.device]
@@ -415,15 +436,22 @@ def apply(model, plan: OffloadPlan, n_ctx: int, launch=None) -> Offload:
         blk = model.blk[lp.index]
         for attr, value in moved[lp.index].items():
             setattr(blk, attr, value)
+        mla = attention.get(lp.index)
+        if mla is not None:
+            blk.attn = mla                      # the block's own __call__ runs the device MLA
+            for k, v in list(vars(blk).items()):
+                if isinstance(v, HeadLinear):   # the CPU's copies of what the GPU now holds
+                    setattr(blk, k, None)
         nxt = plan.layers[lp.index + 1].device if lp.index + 1 < len(plan.layers) else None
-        off.layers.append(GpuLayer(lp.index, blk, off.gpus[lp.device], host_out=nxt is None))
+        off.layers.append(GpuLayer(lp.index, blk, off.gpus[lp.device], host_out=nxt is None,
+                                   attention=mla))
         model.blk[lp.index] = off.layers[-1]
     if head is not None:
         model.output = off.head = head
     return off
 
 
-def apply_plan(model, plan: OffloadPlan, n_ctx: int) -> Offload:
+def apply_plan(model, plan: OffloadPlan, n_ctx: int, gguf=None) -> Offload:
     """Apply the GPU part of a placement plan (numallm.placement.make_plan: the plan `numallm
     plan` shows). Never raises for a GPU problem: the Offload's `reason` then says why all runs
     on the CPU."""
@@ -436,7 +464,7 @@ def apply_plan(model, plan: OffloadPlan, n_ctx: int) -> Offload:
             why = plan.notes[-1] if plan.notes else "the plan puts no layer on a GPU"
         return Offload(plan, why)
     try:
-        return apply(model, plan, n_ctx)
+        return apply(model, plan, n_ctx, gguf=gguf)
     except OffloadFailed as e:
         return Offload(plan, str(e))
 

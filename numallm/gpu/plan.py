@@ -41,10 +41,6 @@ from .traffic import pcie_per_token
 
 DEFAULT_RESERVE = 512 * MIB     # left free on every GPU: the CUDA context and other processes
 SCHEMA = "numallm.gpuplan/1"
-# Architectures whose blocks the GPU executor cannot run (their forward uses host-only array
-# code), with the reason the plan gives; their output head may still go to a GPU.
-HOST_ONLY_ARCHS = {"deepseek2": "deepseek2's MLA attention has no GPU version yet (numallm.gpu runs "
-                                "llama-family attention only)"}
 DEVICES = re.compile(r"CPU|CUDA\d+")      # -ot REGEX=DEVICE: llama.cpp's buffer type names
 
 # GGML types the GPU kernels compute; a block with any other type stays on the CPU (with a note).
@@ -378,10 +374,6 @@ def make_plan(gguf, n_ctx: int, request: OffloadRequest, devices: list[GpuDevice
     if pinned and not (patterns or g in (None, 0)):
         notes.append(f"-ot ...=CUDA{pin_dev} with --gpu-layers: --gpu-layers chooses the blocks, "
                      f"-ot the GPU (CUDA{pin_dev})")
-    why_host = HOST_ONLY_ARCHS.get(gguf.architecture)
-    if why_host and queue:
-        notes.append(f"{len(queue)} block(s) stay on the CPU: {why_host}")
-        queue = []
     unsupported = [u for u in queue if u.unsupported]
     if unsupported:
         types = sorted({t.split(" (")[1][:-1] for u in unsupported for t in u.unsupported})

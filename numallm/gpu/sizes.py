@@ -3,7 +3,7 @@ device.py): one source of truth for what a device holds. Pure arithmetic over a 
 """
 from __future__ import annotations
 
-from ..models.decl import FF, FF_EXP, FF_SHEXP
+from ..models.decl import FF, FF_EXP, FF_SHEXP, MLA_HEADS
 
 MIB = 1 << 20
 GIB = 1 << 30
@@ -32,15 +32,23 @@ ACTIVATIONS = {"n_embd": 4, "q_dim": 2, "kv_dim": 4, "n_ff": 3}
 #   n_embd:     2 more: the routed experts' sum coming back and the shared expert's output;
 #   n_ff_exp:   one routed expert's gate, up and silu(gate) * up (a device that runs experts).
 MOE_ACTIVATIONS = {"n_expert": 1, "n_ff_shexp": 3, "n_embd": 2}
+# MLA attention (deepseek2, as numallm.gpu.mla runs it) in place of q_dim / kv_dim's:
+#   q_dim, kv_a_dim: q and the latent with its rope key; n_lora_q: q_a and its norm (V3);
+#   n_head*kv_a_dim: each head's query in the latent space, then its attention output;
+#   o_dim: the heads' values, attn_output's input.
+MLA_ACTIVATIONS = {"q_dim": 1, "kv_a_dim": 1, "n_lora_q": 2, "n_head*kv_a_dim": 2, "o_dim": 1}
 EXPERT_ACTIVATIONS = {"n_ff_exp": 3}
 
 
 def declared_kinds(arch: str, args) -> dict[str, str]:
     """GGUF name -> declared kind ("matrix", "experts", "norm", "bias") of every tensor the
-    architecture reads (models: Model.declared), the one place tensor roles come from."""
+    architecture reads (models: Model.declared), the one place tensor roles come from. "experts"
+    means routed experts (T.routed): MLA's per-head 3-D tensors count as matrices (every token
+    reads all of them; they never stay on the CPU with --cpu-moe)."""
     from ..models import get_module
 
-    return {name: t.kind for name, t in get_module(arch).Model.declared(args)}
+    return {name: "experts" if t.routed else "matrix" if t.kind == "experts" else t.kind
+            for name, t in get_module(arch).Model.declared(args)}
 
 
 def _ffn_units(args) -> set[str]:
@@ -49,11 +57,22 @@ def _ffn_units(args) -> set[str]:
     return {t.split[1] for _, t in get_module(args.arch).Model.declared(args) if t.split}
 
 
+def width(args, name: str) -> int:
+    """A slot width named by config fields, or their product ("n_head*kv_a_dim")."""
+    out = 1
+    for field in name.split("*"):
+        out *= int(getattr(args, field))
+    return out
+
+
 def activations(args, experts: bool = False) -> dict[str, int]:
     """Activation slots by width name for this model's blocks (ACTIVATIONS, with the MoE
     feed-forward's where its blocks have routed experts); experts: the device runs them."""
     units = _ffn_units(args)
     out = {k: v for k, v in ACTIVATIONS.items() if k != "n_ff" or FF in units}
+    if MLA_HEADS in units:
+        out = {k: v for k, v in out.items() if k not in ("q_dim", "kv_dim")}
+        out.update({k: v for k, v in MLA_ACTIVATIONS.items() if width(args, k)})
     if FF_EXP in units:
         for k, v in MOE_ACTIVATIONS.items():
             if k != "n_ff_shexp" or FF_SHEXP in units:
@@ -74,7 +93,7 @@ def device_buffers(args, n_ctx: int, n_batch: int = DEFAULT_N_BATCH, output: boo
     per block. output: the device also runs the output head (its logits); experts: it runs
     routed experts (MoE blocks offloaded whole)."""
     t = min(n_batch, n_ctx)
-    bufs = {name: ((count, t, getattr(args, name)), "f32")
+    bufs = {name: ((count, t, width(args, name)), "f32")
             for name, count in activations(args, experts).items()}
     bufs["rope_inv_freq"] = ((args.rope_dim // 2,), "f64")   # RoPE angles in float64, as ops.Rope
     if output:

@@ -47,6 +47,9 @@ class Traffic:
 
 def pcie_per_token(plan, args) -> Traffic:
     """The copies of one decode step (T = 1) under `plan` (an OffloadPlan)."""
+    from .sizes import declared_kinds
+
+    kinds = declared_kinds(args.arch, args)
     row = args.n_embd * F32
     down = up = n = 0
     where = None                                   # None: the stream is on the host
@@ -57,8 +60,8 @@ def pcie_per_token(plan, args) -> Traffic:
             if lp.device is not None:              # enters one
                 up, n = up + row, n + 1
             where = lp.device
-        if lp.device is None or not getattr(args, "n_expert", 0):
-            continue
+        if lp.device is None or not any(kinds.get(t) == "experts" for t in lp.tensors + lp.host_tensors):
+            continue                                            # on the CPU, or no router (dense)
         down, n = down + args.n_expert * F32, n + 1            # router logits: the CPU routes
         if lp.host_tensors:                                     # experts on the CPU
             down, up, n = down + row, up + row, n + 2
@@ -131,7 +134,8 @@ def predict_plan(full, spec, topo) -> Prediction | None:
     if full.gpu is None or topo is None:
         return None
     sizes = {t.name: t.nbytes for t in spec.tensors}
-    kinds = {t.name: t.decl.kind for t in spec.tensors}
+    kinds = {t.name: "experts" if t.decl.routed else "matrix" if t.decl.kind == "experts" else t.decl.kind
+             for t in spec.tensors}
     gbps = {n.id: assumed_bandwidth(n) for n in topo.cpu_nodes}
     gbps[-1] = sum(gbps.values())
     return predict(full, sizes, kinds, spec.args, gbps)

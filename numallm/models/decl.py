@@ -25,12 +25,15 @@ MLA_HEADS = "mla_heads"
 @dataclass(frozen=True)
 class T:
     """One declared tensor: `name` under `blk.N.` (or the model's top level), `shape` as config
-    fields in numallm's (rows, cols) order, `split` as above, `optional`: the file may omit it."""
+    fields in numallm's (rows, cols) order, `split` as above, `optional`: the file may omit it,
+    `role`: what it is to an executor that runs the block's attention with its own kernels
+    (numallm.gpu.mla reads MLA's tensors by role, never by name; "" for the rest)."""
 
     name: str
     shape: tuple[str, ...]
     split: tuple[int, str] | None = None
     optional: bool = False
+    role: str = ""
 
     @property
     def attr(self) -> str:
@@ -47,3 +50,9 @@ class T:
         if len(self.shape) == 2:
             return "matrix"
         return "bias" if self.name.endswith(".bias") else "norm"
+
+    @property
+    def routed(self) -> bool:
+        """A routed expert tensor (3-D, split by the experts' rows); MLA's per-head 3-D tensors
+        (attn_k_b, attn_v_b) are read every token and are not."""
+        return self.kind == "experts" and self.split is not None and self.split[1] == FF_EXP

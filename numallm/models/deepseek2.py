@@ -165,17 +165,17 @@ class LatentCache(ops.KVCache):
 
 
 MLA_TENSORS = (
-    T("attn_norm.weight", ("n_embd",)),
-    T("attn_q.weight", ("q_dim", "n_embd"), (0, MLA_HEADS), optional=True),
-    T("attn_q_a.weight", ("n_lora_q", "n_embd"), optional=True),
-    T("attn_q_a_norm.weight", ("n_lora_q",), optional=True),
-    T("attn_q_b.weight", ("q_dim", "n_lora_q"), (0, MLA_HEADS), optional=True),
-    T("attn_kv_a_mqa.weight", ("kv_a_dim", "n_embd")),
-    T("attn_kv_a_norm.weight", ("n_lora_kv",)),
-    T("attn_kv_b.weight", ("kv_b_dim", "n_lora_kv"), (0, MLA_HEADS), optional=True),
-    T("attn_k_b.weight", ("n_head", "n_lora_kv", "nope_dim"), (0, MLA_HEADS), optional=True),
-    T("attn_v_b.weight", ("n_head", "v_head_dim", "n_lora_kv"), (0, MLA_HEADS), optional=True),
-    T("attn_output.weight", ("n_embd", "o_dim"), (1, MLA_HEADS)),
+    T("attn_norm.weight", ("n_embd",), role="norm"),
+    T("attn_q.weight", ("q_dim", "n_embd"), (0, MLA_HEADS), optional=True, role="q"),
+    T("attn_q_a.weight", ("n_lora_q", "n_embd"), optional=True, role="q_a"),
+    T("attn_q_a_norm.weight", ("n_lora_q",), optional=True, role="q_a_norm"),
+    T("attn_q_b.weight", ("q_dim", "n_lora_q"), (0, MLA_HEADS), optional=True, role="q_b"),
+    T("attn_kv_a_mqa.weight", ("kv_a_dim", "n_embd"), role="kv_a"),
+    T("attn_kv_a_norm.weight", ("n_lora_kv",), role="kv_a_norm"),
+    T("attn_kv_b.weight", ("kv_b_dim", "n_lora_kv"), (0, MLA_HEADS), optional=True, role="kv_b"),
+    T("attn_k_b.weight", ("n_head", "n_lora_kv", "nope_dim"), (0, MLA_HEADS), optional=True, role="k_b"),
+    T("attn_v_b.weight", ("n_head", "v_head_dim", "n_lora_kv"), (0, MLA_HEADS), optional=True, role="v_b"),
+    T("attn_output.weight", ("n_embd", "o_dim"), (1, MLA_HEADS), role="out"),
 )
 DENSE_FFN = tuple(t for t in Block.TENSORS if t.name.startswith("ffn_"))
 # the declarations MLABlock reads as per-head operands (absorbed) rather than as matrices
@@ -256,12 +256,15 @@ class MLAMoEBlock(MLABlock):
         a = self.a
         h = ops.rms_norm(x, self.ffn_norm, a.norm_eps)
         logits, g, u = ops.matmuls(h, self.ffn_gate_inp, self.ffn_gate_shexp, self.ffn_up_shexp)
-        shared = self.ffn_down_shexp(ops.swiglu(g, u))                       # (T, n_embd)
         ids, w = ops.moe_route(logits, a.n_expert_used, a.expert_weights_norm,
                                sigmoid=a.expert_gating_func == SIGMOID, bias=self.exp_probs_b_bias,
                                groups=(a.n_expert_groups, a.n_group_used),
                                scale=a.expert_weights_scale)
-        return ops.moe_ffn(h, ids, w, self.ffn_gate_exps, self.ffn_up_exps, self.ffn_down_exps) + shared
+        # routed first: where the experts run elsewhere (the CPU, for a block on a GPU) the
+        # shared experts are computed meanwhile
+        routed = ops.moe_ffn(h, ids, w, self.ffn_gate_exps, self.ffn_up_exps, self.ffn_down_exps)
+        shared = self.ffn_down_shexp(ops.swiglu(g, u))                       # (T, n_embd)
+        return routed + shared
 
 
 # the optional declarations a config does not use (its file lacks them)
