@@ -126,7 +126,7 @@ def test_v2_lite_one_gpu_layer(synth_dir, gpus, float_cpu):
     off = llm.offload
     assert off.gpu_layers() == [1] and off.head is None
     assert off.plan.layers[0].device is None and off.plan.host_kv == llm.args.kv_bytes(32) // 2
-    assert type(llm.model.blk[1].block.attn).__name__ == "DeviceMLA"
+    assert type(llm.model.blk[1].attention).__name__ == "DeviceMLA"
 
 
 @pytest.mark.slow
@@ -188,7 +188,7 @@ def test_the_comparison_catches_mla_bugs(synth_dir, gpus, float_cpu, monkeypatch
         with monkeypatch.context() as m:
             m.setattr(cuda_mla, name, broken)
             with numallm.load(path, n_ctx=32, n_threads=1, offload=OffloadRequest(gpu_layers=1)) as llm:
-                assert type(llm.model.blk[1].block.attn).__name__ == "DeviceMLA"
+                assert type(llm.model.blk[1].attention).__name__ == "DeviceMLA"
                 got = llm.logits(seq)
                 assert llm.offload.layers[1].launches > 0
         assert float(np.max(np.abs(got - want))) > 10 * LOGIT_TOL, name

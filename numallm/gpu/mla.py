@@ -1,7 +1,7 @@
 """DeepSeek's Multi-head Latent Attention on a GPU: the device version of the attention of a block
-whose declaration has MLA's per-head split (models/deepseek2.py, MLABlock.attn), set on the block
-by numallm.gpu.offload for the blocks the plan puts on a GPU; the block's own __call__ and
-feed-forward run as for every other architecture (ops dispatch on the device tensors).
+whose declaration has MLA's per-head split (models/deepseek2.py, MLABlock.attn): for the blocks the
+plan puts on a GPU, numallm.gpu.offload's GpuLayer runs it in place of the block's attn, and the
+block's feed-forward as for every other architecture (ops dispatch on the device tensors).
 
 MLABlock.attn is host array code (per-head slices, concatenations, the absorbed products on the
 CPU's kernel records), so its steps cannot dispatch to the executor one by one; this is the
@@ -49,7 +49,7 @@ class DeviceLatentCache:
 
 
 class DeviceMLA:
-    """block.attn for an MLA block on `gpu`: (x, cache, pos0) -> the attention update (T, n_embd)
+    """The attention of an MLA block on `gpu` (GpuLayer runs it in place of block.attn): (x, cache, pos0) -> the attention update (T, n_embd)
     on the GPU. `gguf`: the model's file, for the absorbed matrices' stored bytes."""
 
     def __init__(self, block, index: int, gpu: Gpu, gguf):

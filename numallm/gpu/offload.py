@@ -106,7 +106,12 @@ class GpuLayer:
         t0 = perf_counter()
         with g.active():
             before = g.launches
-            y = self.block(to_gpu(x, g), cache, pos0)
+            xg = to_gpu(x, g)
+            if self.attention is None:
+                y = self.block(xg, cache, pos0)
+            else:               # MLA: the device attention in place of the block's host one
+                y = xg + self.attention(xg, cache, pos0)
+                y = y + self.block.ffn(y)
             self.launches += g.launches - before
             if self.host_out:
                 y = np.asarray(y)
@@ -438,7 +443,6 @@ def apply(model, plan: OffloadPlan, n_ctx: int, launch=None, gguf=None) -> Offlo
             setattr(blk, attr, value)
         mla = attention.get(lp.index)
         if mla is not None:
-            blk.attn = mla                      # the block's own __call__ runs the device MLA
             for k, v in list(vars(blk).items()):
                 if isinstance(v, HeadLinear):   # the CPU's copies of what the GPU now holds
                     setattr(blk, k, None)
