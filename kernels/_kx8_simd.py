@@ -159,17 +159,22 @@ def _q45_k_vnni(builder, acc, wp, xp, bp, dx, qs_at, qh_at):
 
 
 def _q6_codes(builder, wp, step):
-    """The 4 chunks of Q6_K codes u = q + 32 (0..63) of one record step (qh chunk at `step`, the
-    two ql chunks after it), for g = 0..3."""
-    low, top = _splat8(builder, 0x0F, 32), _splat8(builder, 0x30, 32)
-    four, two = _splat8(builder, 4, 32), _splat8(builder, 2, 32)
-    qh = _at(builder, wp, step, _V32B)
-    ql0 = _at(builder, wp, step + 32, _V32B)
-    ql1 = _at(builder, wp, step + 64, _V32B)
-    return [builder.or_(builder.and_(ql0, low), builder.and_(builder.shl(qh, four), top)),
-            builder.or_(builder.and_(ql1, low), builder.and_(builder.shl(qh, two), top)),
-            builder.or_(builder.lshr(ql0, four), builder.and_(qh, top)),
-            builder.or_(builder.lshr(ql1, four), builder.and_(builder.lshr(qh, two), top))]
+    """The 4 chunks of Q6_K codes u = q + 32 (0..63) of one record step, g = 0..3, from its 3
+    chunks X, Y, Z: u0, u1, u2 are the low 6 bits of X, Y, Z, and u3's bits 0-1, 2-3, 4-5 are
+    their top 2 bits (`kquant_x8._pack_q6_k`). u3 gathers them with three 2-bit right shifts
+    (vpsrlw: within each byte here, as every byte shifted holds only bits the mask kept), 11
+    vector ops per step where the GGUF's ql/qh split took 17."""
+    low6, top2 = _splat8(builder, 0x3F, 32), _splat8(builder, 0xC0, 32)
+    two = ir.Constant(_V16W, [2] * 16)
+
+    def shr2(v):   # a 16-bit shift (no byte mask after it: nothing crosses between bytes)
+        return builder.bitcast(builder.lshr(builder.bitcast(v, _V16W), two), _V32B)
+
+    x, y, z = (_at(builder, wp, step + 32 * k, _V32B) for k in range(3))
+    u3 = shr2(builder.and_(x, top2))
+    u3 = shr2(builder.or_(u3, builder.and_(y, top2)))
+    u3 = shr2(builder.or_(u3, builder.and_(z, top2)))
+    return [builder.and_(x, low6), builder.and_(y, low6), builder.and_(z, low6), u3]
 
 
 def _q6_scales(builder, wp, k):
@@ -232,10 +237,9 @@ def _q5_k(builder, acc, wp, xp, bp, dx):
 
 def _q6_k(builder, acc, wp, xp, bp, dx):
     """Record: d[8] f16 | scale pairs: for k = 0..7, 8 rows x (sc_2k, sc_2k+1) int8 | 16 steps of
-    3 chunks in the order the loop reads them (chunk = bytes 4c..4c+3 of each row's ql or qh):
-    step 8h + lc = qh chunk 8h + lc, ql chunks 16h + lc and 16h + 8 + lc. Weight 128h + 32g + l:
-    low 4 bits in nibble g // 2 of ql byte 64h + 32(g % 2) + l, high 2 bits at bit 2g of qh byte
-    32h + l; sub-block s = e // 16 = 8h + 2g + l // 16."""
+    3 chunks X, Y, Z in the order the loop reads them (`_q6_codes`; chunk = 4 bytes of each of
+    the 8 rows): byte 4i + b of step 8h + lc's chunks holds row i's codes u_g (g = 0..3) of
+    weights 128h + 32g + l, l = 4lc + b; sub-block s = e // 16 = 8h + 2g + l // 16."""
     pairs = []  # (sc_{i,2k}, sc_{i,2k+1}) as int16 in lane i, and each scale repeated
     for k in range(8):
         v = _q6_scales(builder, wp, k)

@@ -217,7 +217,41 @@ def _step(body, record_bytes):
 
     step = intrinsic(impl)
     _MANY[step] = many_steps(body, record_bytes, types.int32, _token_32)
+    PAIRS[step] = _pair_step(body, record_bytes)
     return step
+
+
+# single-token step of a 32-weight block type -> its two-record step (`_pair_step`)
+PAIRS: dict = {}
+
+
+def _pair_step(body, record_bytes):
+    """`f(acc0, acc1, w, woff0, woff1, xq, xoff, dx, xsum, b)` -> (acc0, acc1) + the dots of
+    the records at woff0 and woff1 (two groups of rows, decode's two streams) with block b: the
+    body emitted for both records in one basic block, so LLVM's value numbering loads the
+    activation broadcasts, dx and xsum once for the pair, and the loop keeps one index update
+    per pair. Each record's arithmetic is the single step's, so results are bit-identical."""
+
+    def impl(typingctx, acc0, acc1, w, woff0, woff1, xq, xoff, dx, xsum, b):
+        _need("w", w, types.uint8), _need("xq", xq, types.int8)
+        _need("dx", dx, types.float32), _need("xsum", xsum, types.int32)
+        sig = types.UniTuple(f32x8, 2)(f32x8, f32x8, w, woff0, woff1, xq, xoff, dx, xsum, b)
+
+        def codegen(context, builder, sig, args):
+            a0, a1, w_v, o0_v, o1_v, xq_v, xoff_v, dx_v, xs_v, b_v = args
+            wp0 = _ptr(context, builder, sig.args[2], w_v, o0_v)
+            wp1 = _ptr(context, builder, sig.args[2], w_v, o1_v)
+            prefetch(builder, wp0, record_bytes)
+            prefetch(builder, wp1, record_bytes)
+            xp = _ptr(context, builder, sig.args[5], xq_v, xoff_v)
+            d = builder.load(_ptr(context, builder, sig.args[7], dx_v, b_v))
+            xs = builder.load(_ptr(context, builder, sig.args[8], xs_v, b_v))
+            out = [body(builder, a0, wp0, xp, d, xs), body(builder, a1, wp1, xp, d, xs)]
+            return context.make_tuple(builder, sig.return_type, out)
+
+        return sig, codegen
+
+    return intrinsic(impl)
 
 
 def _token_32(context, builder, sig, dx_v, xs_v, bi, body, acc, wp, xp):

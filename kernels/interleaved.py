@@ -45,9 +45,9 @@ from gguf import GGMLQuantizationType as T
 from numba import njit
 
 from . import _native, _simd
-from ._simd import vzero
-from ._tiles import _groups_t, put8 as _put8
-from ._x8_simd import (many, x8_iq4_nl, x8_q4_0, x8_q4_1, x8_q5_0, x8_q5_1, x8_q8_0,
+from ._tiles import _groups_t
+from ._x8_loops import _matmul_x8_pair_t, _matmul_x8_t
+from ._x8_simd import (PAIRS, many, x8_iq4_nl, x8_q4_0, x8_q4_1, x8_q5_0, x8_q5_1, x8_q8_0,
                        x8v_iq4_nl, x8v_q4_0, x8v_q4_1, x8v_q5_0, x8v_q5_1, x8v_q8_0)
 from .base import CalibratedUnit, KernelUnit, XForm, register, specialize
 
@@ -266,46 +266,6 @@ def _unpack_iq4_nl(q, o, i, dst, c):
         dst[c + j + 16] = d * IQ4NL_VALUES[v >> 4]
 
 
-def _matmul_x8_t(q, xq, dx, xaux, out, r0, r1):
-    # q: uint8 (G, nb * REC) records; xq: int8 (T, K) codes; dx float32 (T, nb) block scales;
-    # xaux: the code sums STEP reads (q8_0: int32 (T, nb); q8_k: int16 (T, K/16)); out: float32
-    # (T, N) C-contiguous.
-    # Decode (T = 1) walks the two halves of the group range at once, alternating records: one
-    # core then keeps two sequential streams in flight, each with its own hardware-prefetch
-    # run-ahead. On the Xeon (AVX-512) VM this took one thread from 10.7-15 to 16-19 GB/s on
-    # 256 MB (Q4_0, Q4_K, Q6_K; 4 streams were no better); every row still sees the same
-    # step sequence, so results are bit-identical to one stream. T > 1 (prefill, batched
-    # decode) goes one group at a time in token tiles (`_tiles`).
-    n_t, nb = dx.shape
-    qf = q.reshape(-1)
-    xf = xq.reshape(-1)
-    of = out.reshape(-1)
-    dxf = dx.reshape(-1)
-    xaf = xaux.reshape(-1)
-    rs = q.shape[1]
-    part = np.empty(GROUP, np.float32)   # (8,) a group whose rows are not all in [r0, r1)
-    g0 = r0 // GROUP
-    g1 = (r1 + GROUP - 1) // GROUP
-    per = (g1 - g0) // 2 if n_t == 1 else 0     # groups per stream
-    for i in range(per):
-        # one STEP call site for both streams (two inlined copies of a K-quant step spill
-        # registers): step j is stream j % 2's record j // 2; acc holds the current stream's
-        # sum, acc2 the other's, swapped after every step
-        o = (g0 + i) * rs
-        o2 = o + per * rs
-        acc = vzero()
-        acc2 = vzero()
-        for j in range(2 * nb):
-            nxt = STEP(acc, qf, o, xf, (j >> 1) * BLOCK, dxf, xaf, j >> 1)  # noqa: F821
-            acc = acc2
-            acc2 = nxt
-            o, o2 = o2, o + REC  # noqa: F821
-        _put8(acc, out, of, part, g0 + i, 0, r0, r1)
-        _put8(acc2, out, of, part, g0 + i + per, 0, r0, r1)
-    # the rest (and every group when T > 1): token tiles, each record decoded once per tile
-    GROUPS(qf, rs, xf, dxf, xaf, n_t, nb, out, of, part, g0 + 2 * per, g1, r0, r1)  # noqa: F821
-
-
 def _matmul_f32_t(q, x, out, r0, r1):
     # x: float32 (T, K); out: float32 (T, N). A float reduction does not vectorize without
     # fast-math, so the dot keeps 32 independent partial sums (an elementwise, vectorizable loop).
@@ -368,6 +328,9 @@ class RecordUnit(CalibratedUnit):
         groups = specialize(_groups_t, name.replace("matmul", "groups"), STEP=step,
                             STEP2=many(step, 2), STEP4=many(step, 4), REC=consts["REC"],
                             BLOCK=consts["BLOCK"])
+        if step in PAIRS:   # the 32-weight types (a K-quant pair would spill registers)
+            return specialize(_matmul_x8_pair_t, name,
+                              **dict(consts, GROUPS=groups, STEP_PAIR=PAIRS[step]))
         return specialize(_matmul_x8_t, name, **dict(consts, GROUPS=groups))
 
     @property
