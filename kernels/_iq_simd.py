@@ -263,3 +263,84 @@ def half_bits(typingctx, h):
         return builder.fpext(builder.bitcast(v, ir.HalfType()), ir.FloatType())
 
     return sig, codegen
+
+
+def _ld16(context, builder, aryty, ary, off):
+    p = _ptr(context, builder, aryty, ary, off)
+    return builder.load(builder.bitcast(p, ir.VectorType(_I8, 16).as_pointer()), align=1)
+
+
+def _signed_pair(builder, w):
+    """(|w|, w) of a <32 x i8> w, the i8x32 pair."""
+    return _pair(builder, _psign(builder, w, w), w)
+
+
+@intrinsic
+def crumbs32(typingctx, q, off, shift):
+    """32 ternary weights of TQ2_0: ((q[off + m] >> shift) & 3) - 1 for m = 0..31."""
+    _need("q", q, types.uint8)
+    sig = i8x32(q, off, shift)
+
+    def codegen(context, builder, sig, args):
+        p = _ptr(context, builder, sig.args[0], args[0], args[1])
+        b = builder.load(builder.bitcast(p, _V32B.as_pointer()), align=1)
+        sh = builder.trunc(context.cast(builder, args[2], sig.args[2], types.int64), _I8)
+        shv = builder.shuffle_vector(builder.insert_element(ir.Constant(_V32B, ir.Undefined), sh,
+                                                            ir.Constant(_I32, 0)),
+                                     ir.Constant(_V32B, ir.Undefined),
+                                     ir.Constant(ir.VectorType(_I32, 32), [0] * 32))
+        v = builder.and_(builder.lshr(b, shv), ir.Constant(_V32B, [3] * 32))
+        return _signed_pair(builder, builder.sub(v, ir.Constant(_V32B, [1] * 32)))
+
+    return sig, codegen
+
+
+def _trits(builder, b, mul):
+    """TQ1_0's base-3 digit: ((uint8(b * mul) * 3) >> 8) - 1, bytewise (<32 x i8> b, mul)."""
+    _V32W = ir.VectorType(_I16, 32)
+    x = builder.zext(builder.mul(b, mul), _V32W)
+    t = builder.lshr(builder.mul(x, ir.Constant(_V32W, [3] * 32)), ir.Constant(_V32W, [8] * 32))
+    return builder.sub(builder.trunc(t, _V32B), ir.Constant(_V32B, [1] * 32))
+
+
+def _trits_impl(quad: bool):
+    def impl(typingctx, q, oa, ob, mlo, mhi):
+        _need("q", q, types.uint8)
+        sig = i8x32(q, oa, ob, mlo, mhi)
+
+        def codegen(context, builder, sig, args):
+            lo = _ld16(context, builder, sig.args[0], args[0], args[1])
+            if quad:            # 4 bytes at ob, repeated 4 times
+                p = _ptr(context, builder, sig.args[0], args[0], args[2])
+                u = builder.load(builder.bitcast(p, _I32.as_pointer()), align=1)
+                v4 = ir.VectorType(_I32, 4)
+                hi = builder.insert_element(ir.Constant(v4, ir.Undefined), u, ir.Constant(_I32, 0))
+                hi = builder.shuffle_vector(hi, hi, ir.Constant(v4, [0] * 4))
+                hi = builder.bitcast(hi, ir.VectorType(_I8, 16))
+            else:
+                hi = _ld16(context, builder, sig.args[0], args[0], args[2])
+            b = builder.shuffle_vector(lo, hi, ir.Constant(ir.VectorType(_I32, 32), list(range(32))))
+            m = []
+            for a, t in ((args[3], sig.args[3]), (args[4], sig.args[4])):
+                m.append(builder.trunc(context.cast(builder, a, t, types.int64), _I64))
+            mul = ir.Constant(ir.VectorType(_I64, 4), ir.Undefined)
+            for k in range(4 if not quad else 2):
+                mul = builder.insert_element(mul, m[k // 2], ir.Constant(_I32, k))
+            mul = builder.bitcast(mul, _V32B)
+            if quad:            # the repeated 4 bytes times 1, 3, 9, 27 (qh's digits)
+                hi_mul = ir.Constant(_V32B, [0] * 16 + [1] * 4 + [3] * 4 + [9] * 4 + [27] * 4)
+                mul = builder.shuffle_vector(mul, hi_mul, ir.Constant(
+                    ir.VectorType(_I32, 32), list(range(16)) + list(range(48, 64))))
+            return _signed_pair(builder, _trits(builder, b, mul))
+
+        return sig, codegen
+
+    return intrinsic(impl)
+
+
+# trits32(q, oa, ob, mlo, mhi): 32 TQ1_0 weights from q[oa:oa + 16] and q[ob:ob + 16], the bytes
+# multiplied bytewise by the 8 bytes of int64 mlo (low half) / mhi (high half) before the digit
+trits32 = _trits_impl(False)
+# trits32q: the high half is the 4 bytes q[ob:ob + 4] repeated 4 times, times 1, 3, 9, 27 (mhi
+# unused)
+trits32q = _trits_impl(True)
