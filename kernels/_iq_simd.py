@@ -344,3 +344,70 @@ trits32 = _trits_impl(False)
 # trits32q: the high half is the 4 bytes q[ob:ob + 4] repeated 4 times, times 1, 3, 9, 27 (mhi
 # unused)
 trits32q = _trits_impl(True)
+
+
+@intrinsic
+def ld_idx(typingctx, arr, off):
+    """arr[off] of a C-contiguous int32 array, as int64 (one load, no wraparound check)."""
+    _need("arr", arr, types.int32)
+    sig = types.int64(arr, off)
+
+    def codegen(context, builder, sig, args):
+        data = context.make_array(sig.args[0])(context, builder, args[0]).data
+        at = builder.gep(data, [args[1]])
+        return builder.sext(builder.load(at, align=4), _I64)
+
+    return sig, codegen
+
+
+def _indices(n: int, qs_at: int, qh_at: int, qh_bits: int, per: int, step: int, mask: int):
+    """An intrinsic f(q, o, ibuf) writing the n grid indices of the block at byte o into
+    ibuf[0:n] (int32): index g = q[o + qs_at + g] | ((qh[g // per] >> step * (g % per)) & mask)
+    << 8, qh the qh_bits-bit little-endian elements at byte o + qh_at. Vector shifts and masks
+    per block in place of scalar bit arithmetic per index."""
+    def impl(typingctx, q, o, ibuf):
+        _need("q", q, types.uint8)
+        _need("ibuf", ibuf, types.int32)
+        sig = types.none(q, o, ibuf)
+
+        def codegen(context, builder, sig, args):
+            vn = ir.VectorType(_I32, n)
+            nqh = n // per
+            qs = builder.load(builder.bitcast(
+                _ptr(context, builder, sig.args[0], args[0],
+                     builder.add(args[1], ir.Constant(args[1].type, qs_at))),
+                ir.VectorType(_I8, n).as_pointer()), align=1)
+            qh = builder.load(builder.bitcast(
+                _ptr(context, builder, sig.args[0], args[0],
+                     builder.add(args[1], ir.Constant(args[1].type, qh_at))),
+                ir.VectorType(ir.IntType(qh_bits), nqh).as_pointer()), align=1)
+            h = builder.zext(builder.shuffle_vector(qh, qh, ir.Constant(
+                ir.VectorType(_I32, n), [g // per for g in range(n)])), vn)
+            h = builder.lshr(h, ir.Constant(vn, [step * (g % per) for g in range(n)]))
+            h = builder.shl(builder.and_(h, ir.Constant(vn, [mask] * n)), ir.Constant(vn, [8] * n))
+            idx = builder.or_(builder.zext(qs, vn), h)
+            data = context.make_array(sig.args[2])(context, builder, args[2]).data
+            builder.store(idx, builder.bitcast(data, vn.as_pointer()), align=4)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return intrinsic(impl)
+
+
+# the grid indices of a whole block (per type's layout, see iq1.py, iq2.py, iq3.py)
+iq1s_indices = _indices(32, 2, 34, 16, 4, 3, 7)
+iq1m_indices = _indices(32, 0, 32, 8, 2, 4, 7)
+iq2s_indices = _indices(32, 2, 66, 8, 4, 2, 3)
+iq3s_indices = _indices(64, 2, 66, 8, 8, 1, 1)
+
+
+@intrinsic
+def no_indices(typingctx, q, o, ibuf):
+    """The types whose SUB needs no precomputed indices."""
+    sig = types.none(q, o, ibuf)
+
+    def codegen(context, builder, sig, args):
+        return context.get_dummy_value()
+
+    return sig, codegen

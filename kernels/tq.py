@@ -38,7 +38,7 @@ def _deq_tq2_0(q, o, dst, c):
 
 
 @njit(nogil=True, cache=True, inline="always")
-def _sub_tq2_0(q, o, j):
+def _sub_tq2_0(q, o, j, ib):
     return crumbs32(q, o + 32 * (j // 4), 2 * (j % 4)), 1, 1
 
 
@@ -66,7 +66,7 @@ def _deq_tq1_0(q, o, dst, c):
 
 
 @njit(nogil=True, cache=True, inline="always")
-def _sub_tq1_0(q, o, j):
+def _sub_tq1_0(q, o, j, ib):
     if j < 5:
         p = _POW3[j] * _REP
         w = trits32(q, o, o + 16, p, p)
