@@ -21,9 +21,9 @@ gate vector N(0, 1/hidden).
 Quantization: types gguf-py can quantize (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, and the
 ternary TQ1_0, TQ2_0) are quantized here, every 2-D weight (token_embd and output included) to
 the one type. gguf-py cannot quantize K-quants, so Q2_K..Q6_K (every weight one type, llama.cpp's
-"pure" mode) and the mixed recipes (Q4_K_M, Q4_K_S, Q5_K_M, Q3_K_M, ...) go through llama.cpp's quantizer
-(`llama_cpp.llama_model_quantize`, from llama-cpp-python) applied to an F32 file written here;
-that runs in a subprocess so a ggml abort cannot take the caller down. As in real files,
+"pure" mode) and the mixed recipes (Q4_K_M, Q4_K_S, Q5_K_M, Q3_K_M, ...) go through llama.cpp's
+quantizer (`llama_cpp.llama_model_quantize`, from llama-cpp-python) applied to an F32 file written
+here; that runs in a subprocess so a ggml abort cannot take the caller down. As in real files,
 llama.cpp falls back per tensor where a width is not a multiple of 256 (qwen2.5-0.5b's 896:
 Q5_0 instead of Q4_K). The IQ codebook types (IQ1_S, IQ1_M, IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS,
 IQ3_S) are random valid blocks scaled to each tensor's spread (`_random_blocks`), not an
