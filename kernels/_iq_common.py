@@ -5,7 +5,9 @@ Each type module gives, per 256-weight block (TS bytes at byte o of a row):
   DEQ(q, o, dst, c)     dst[c:c + 256] = the block's weights as float32, in gguf-py's operation
                         order (bit-exact against `gguf.quants.dequantize`);
   SCALE(q, o)           the block's float factor f (e.g. d / 8), and
-  SUB(q, o, j)          sub-block j (weights 32j..32j + 31) as (w i8x32, s_lo, s_hi): integers
+  PREP(q, o, ib)        once per block, before its SUBs: the block's grid indices into the int32
+                        scratch ib (vector arithmetic, `_iq_simd._indices`), or nothing;
+  SUB(q, o, j, ib)      sub-block j (weights 32j..32j + 31) as (w i8x32, s_lo, s_hi): integers
                         with weight = f * s * w, s_lo for weights 0..15 and s_hi for 16..31.
 
 Variants (picked per CPU by `_calibrate`, forced with NUMALLM_KERNEL):
@@ -27,7 +29,7 @@ import numpy as np
 from numba import njit
 
 from . import _native, _simd
-from ._iq_simd import dot32, fma_sum, izero, load8, load_w, store_w
+from ._iq_simd import dot32, fma_sum, izero, load8, load_w, no_indices, store_w
 from ._kquant_common import q8_k_form
 from ._simd import hsum, vzero
 from ._x8_simd import store8
@@ -80,14 +82,16 @@ def _matmul_t(q, xq, dx, xb, out, r0, r1):
     qf = q.reshape(-1)
     xf = xq.reshape(-1)
     rb = q.shape[1]
+    ib = np.empty(64, np.int32)                # (64,) one block's grid indices (PREP)
     if n_t == 1:
         for r in range(r0, r1):
             acc = vzero()
             for b in range(nb):
                 o = r * rb + b * TS  # noqa: F821
                 isum = izero()
+                PREP(qf, o, ib)  # noqa: F821
                 for j in range(8):
-                    w, s0, s1 = SUB(qf, o, j)  # noqa: F821
+                    w, s0, s1 = SUB(qf, o, j, ib)  # noqa: F821
                     isum = dot32(isum, w, xf, b * QK + 32 * j, s0, s1)
                 acc = fma_sum(acc, isum, SCALE(qf, o) * dx[0, b])  # noqa: F821
             out[0, r] = hsum(acc)
@@ -99,8 +103,9 @@ def _matmul_t(q, xq, dx, xb, out, r0, r1):
         accs[:] = 0.0
         for b in range(nb):
             o = r * rb + b * TS  # noqa: F821
+            PREP(qf, o, ib)  # noqa: F821
             for j in range(8):
-                w, s0, s1 = SUB(qf, o, j)  # noqa: F821
+                w, s0, s1 = SUB(qf, o, j, ib)  # noqa: F821
                 store_w(w, wbuf, 32 * j)
                 sbuf[2 * j] = s0
                 sbuf[2 * j + 1] = s1
@@ -116,19 +121,21 @@ def _matmul_t(q, xq, dx, xb, out, r0, r1):
 
 
 class IQUnit(CalibratedUnit):
-    """An IQ type: subclasses set `qtype`, `deq`, `scale`, `sub` (njit, see the module
-    docstring) and `f16_fields` (byte offsets of the f16 scale, for `synthetic`)."""
+    """An IQ type: subclasses set `qtype`, `deq`, `scale`, `sub`, optionally `prep` (njit, see
+    the module docstring) and `f16_fields` (byte offsets of the f16 scale, for `synthetic`)."""
 
     deq: object
     scale: object
     sub: object
+    prep: object = no_indices
     f16_fields: tuple[int, ...] = (0,)
     features = {AVX2: _simd.AVX2_FEATURES, "blas-tile": ()}
 
     def __init__(self):
         super().__init__()
         name = self.qtype.name.lower()
-        consts = dict(TS=self.type_size, QK=QK, DEQ=self.deq, SCALE=self.scale, SUB=self.sub)
+        consts = dict(TS=self.type_size, QK=QK, DEQ=self.deq, SCALE=self.scale, SUB=self.sub,
+                      PREP=self.prep)
         self._dequant = specialize(_dequant_t, f"iq_dequant_{name}", **consts)
         self._mm = None
         self.native_slot = None

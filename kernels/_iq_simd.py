@@ -263,3 +263,151 @@ def half_bits(typingctx, h):
         return builder.fpext(builder.bitcast(v, ir.HalfType()), ir.FloatType())
 
     return sig, codegen
+
+
+def _ld16(context, builder, aryty, ary, off):
+    p = _ptr(context, builder, aryty, ary, off)
+    return builder.load(builder.bitcast(p, ir.VectorType(_I8, 16).as_pointer()), align=1)
+
+
+def _signed_pair(builder, w):
+    """(|w|, w) of a <32 x i8> w, the i8x32 pair."""
+    return _pair(builder, _psign(builder, w, w), w)
+
+
+@intrinsic
+def crumbs32(typingctx, q, off, shift):
+    """32 ternary weights of TQ2_0: ((q[off + m] >> shift) & 3) - 1 for m = 0..31."""
+    _need("q", q, types.uint8)
+    sig = i8x32(q, off, shift)
+
+    def codegen(context, builder, sig, args):
+        p = _ptr(context, builder, sig.args[0], args[0], args[1])
+        b = builder.load(builder.bitcast(p, _V32B.as_pointer()), align=1)
+        sh = builder.trunc(context.cast(builder, args[2], sig.args[2], types.int64), _I8)
+        shv = builder.shuffle_vector(builder.insert_element(ir.Constant(_V32B, ir.Undefined), sh,
+                                                            ir.Constant(_I32, 0)),
+                                     ir.Constant(_V32B, ir.Undefined),
+                                     ir.Constant(ir.VectorType(_I32, 32), [0] * 32))
+        v = builder.and_(builder.lshr(b, shv), ir.Constant(_V32B, [3] * 32))
+        return _signed_pair(builder, builder.sub(v, ir.Constant(_V32B, [1] * 32)))
+
+    return sig, codegen
+
+
+def _trits(builder, b, mul):
+    """TQ1_0's base-3 digit: ((uint8(b * mul) * 3) >> 8) - 1, bytewise (<32 x i8> b, mul)."""
+    _V32W = ir.VectorType(_I16, 32)
+    x = builder.zext(builder.mul(b, mul), _V32W)
+    t = builder.lshr(builder.mul(x, ir.Constant(_V32W, [3] * 32)), ir.Constant(_V32W, [8] * 32))
+    return builder.sub(builder.trunc(t, _V32B), ir.Constant(_V32B, [1] * 32))
+
+
+def _trits_impl(quad: bool):
+    def impl(typingctx, q, oa, ob, mlo, mhi):
+        _need("q", q, types.uint8)
+        sig = i8x32(q, oa, ob, mlo, mhi)
+
+        def codegen(context, builder, sig, args):
+            lo = _ld16(context, builder, sig.args[0], args[0], args[1])
+            if quad:            # 4 bytes at ob, repeated 4 times
+                p = _ptr(context, builder, sig.args[0], args[0], args[2])
+                u = builder.load(builder.bitcast(p, _I32.as_pointer()), align=1)
+                v4 = ir.VectorType(_I32, 4)
+                hi = builder.insert_element(ir.Constant(v4, ir.Undefined), u, ir.Constant(_I32, 0))
+                hi = builder.shuffle_vector(hi, hi, ir.Constant(v4, [0] * 4))
+                hi = builder.bitcast(hi, ir.VectorType(_I8, 16))
+            else:
+                hi = _ld16(context, builder, sig.args[0], args[0], args[2])
+            b = builder.shuffle_vector(lo, hi, ir.Constant(ir.VectorType(_I32, 32), list(range(32))))
+            m = []
+            for a, t in ((args[3], sig.args[3]), (args[4], sig.args[4])):
+                m.append(builder.trunc(context.cast(builder, a, t, types.int64), _I64))
+            mul = ir.Constant(ir.VectorType(_I64, 4), ir.Undefined)
+            for k in range(4 if not quad else 2):
+                mul = builder.insert_element(mul, m[k // 2], ir.Constant(_I32, k))
+            mul = builder.bitcast(mul, _V32B)
+            if quad:            # the repeated 4 bytes times 1, 3, 9, 27 (qh's digits)
+                hi_mul = ir.Constant(_V32B, [0] * 16 + [1] * 4 + [3] * 4 + [9] * 4 + [27] * 4)
+                mul = builder.shuffle_vector(mul, hi_mul, ir.Constant(
+                    ir.VectorType(_I32, 32), list(range(16)) + list(range(48, 64))))
+            return _signed_pair(builder, _trits(builder, b, mul))
+
+        return sig, codegen
+
+    return intrinsic(impl)
+
+
+# trits32(q, oa, ob, mlo, mhi): 32 TQ1_0 weights from q[oa:oa + 16] and q[ob:ob + 16], the bytes
+# multiplied bytewise by the 8 bytes of int64 mlo (low half) / mhi (high half) before the digit
+trits32 = _trits_impl(False)
+# trits32q: the high half is the 4 bytes q[ob:ob + 4] repeated 4 times, times 1, 3, 9, 27 (mhi
+# unused)
+trits32q = _trits_impl(True)
+
+
+@intrinsic
+def ld_idx(typingctx, arr, off):
+    """arr[off] of a C-contiguous int32 array, as int64 (one load, no wraparound check)."""
+    _need("arr", arr, types.int32)
+    sig = types.int64(arr, off)
+
+    def codegen(context, builder, sig, args):
+        data = context.make_array(sig.args[0])(context, builder, args[0]).data
+        at = builder.gep(data, [args[1]])
+        return builder.sext(builder.load(at, align=4), _I64)
+
+    return sig, codegen
+
+
+def _indices(n: int, qs_at: int, qh_at: int, qh_bits: int, per: int, step: int, mask: int):
+    """An intrinsic f(q, o, ibuf) writing the n grid indices of the block at byte o into
+    ibuf[0:n] (int32): index g = q[o + qs_at + g] | ((qh[g // per] >> step * (g % per)) & mask)
+    << 8, qh the qh_bits-bit little-endian elements at byte o + qh_at. Vector shifts and masks
+    per block in place of scalar bit arithmetic per index."""
+    def impl(typingctx, q, o, ibuf):
+        _need("q", q, types.uint8)
+        _need("ibuf", ibuf, types.int32)
+        sig = types.none(q, o, ibuf)
+
+        def codegen(context, builder, sig, args):
+            vn = ir.VectorType(_I32, n)
+            nqh = n // per
+            qs = builder.load(builder.bitcast(
+                _ptr(context, builder, sig.args[0], args[0],
+                     builder.add(args[1], ir.Constant(args[1].type, qs_at))),
+                ir.VectorType(_I8, n).as_pointer()), align=1)
+            qh = builder.load(builder.bitcast(
+                _ptr(context, builder, sig.args[0], args[0],
+                     builder.add(args[1], ir.Constant(args[1].type, qh_at))),
+                ir.VectorType(ir.IntType(qh_bits), nqh).as_pointer()), align=1)
+            h = builder.zext(builder.shuffle_vector(qh, qh, ir.Constant(
+                ir.VectorType(_I32, n), [g // per for g in range(n)])), vn)
+            h = builder.lshr(h, ir.Constant(vn, [step * (g % per) for g in range(n)]))
+            h = builder.shl(builder.and_(h, ir.Constant(vn, [mask] * n)), ir.Constant(vn, [8] * n))
+            idx = builder.or_(builder.zext(qs, vn), h)
+            data = context.make_array(sig.args[2])(context, builder, args[2]).data
+            builder.store(idx, builder.bitcast(data, vn.as_pointer()), align=4)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return intrinsic(impl)
+
+
+# the grid indices of a whole block (per type's layout, see iq1.py, iq2.py, iq3.py)
+iq1s_indices = _indices(32, 2, 34, 16, 4, 3, 7)
+iq1m_indices = _indices(32, 0, 32, 8, 2, 4, 7)
+iq2s_indices = _indices(32, 2, 66, 8, 4, 2, 3)
+iq3s_indices = _indices(64, 2, 66, 8, 8, 1, 1)
+
+
+@intrinsic
+def no_indices(typingctx, q, o, ibuf):
+    """The types whose SUB needs no precomputed indices."""
+    sig = types.none(q, o, ibuf)
+
+    def codegen(context, builder, sig, args):
+        return context.get_dummy_value()
+
+    return sig, codegen

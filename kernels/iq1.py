@@ -20,7 +20,7 @@ from numba import njit
 
 from ._iq_common import IQUnit, half_to_f32, u16_at
 from ._iq_grids import IQ1_DELTA, IQ1S_GRID, IQ1S_U64, MINUS1_64, PLUS1_64
-from ._iq_simd import grid8_plus, half_bits, ld16, ld32, ld64
+from ._iq_simd import grid8_plus, half_bits, iq1m_indices, iq1s_indices, ld16, ld64, ld_idx
 from ._simd import load_f16
 from .base import register
 from .interleaved import f16_at
@@ -48,13 +48,11 @@ def _deq_iq1_s(q, o, dst, c):
 
 
 @njit(nogil=True, cache=True, inline="always")
-def _sub_iq1_s(q, o, j):
-    lo = ld32(q, o + 2 + 4 * j)
+def _sub_iq1_s(q, o, j, ib):
     qh = ld16(q, o + 34 + 2 * j)
     a = MINUS1_64 if qh & 0x8000 else PLUS1_64
-    w = grid8_plus(IQ1S_U64, (lo & 255) | ((qh & 7) << 8), ((lo >> 8) & 255) | ((qh & 0x38) << 5),
-                   ((lo >> 16) & 255) | ((qh & 0x1C0) << 2), (lo >> 24) | ((qh & 0xE00) >> 1),
-                   a, a, a, a)
+    w = grid8_plus(IQ1S_U64, ld_idx(ib, 4 * j), ld_idx(ib, 4 * j + 1), ld_idx(ib, 4 * j + 2),
+                   ld_idx(ib, 4 * j + 3), a, a, a, a)
     s = 2 * ((qh >> 12) & 7) + 1
     return w, s, s
 
@@ -98,12 +96,10 @@ def _plus(nib):
 
 
 @njit(nogil=True, cache=True, inline="always")
-def _sub_iq1_m(q, o, j):
-    lo = ld32(q, o + 4 * j)
+def _sub_iq1_m(q, o, j, ib):
     h = ld16(q, o + 32 + 2 * j)              # the 4 nibbles of groups 4j..4j + 3
-    w = grid8_plus(IQ1S_U64, (lo & 255) | ((h & 7) << 8), ((lo >> 8) & 255) | ((h & 0x70) << 4),
-                   ((lo >> 16) & 255) | (h & 0x700), (lo >> 24) | ((h & 0x7000) >> 4),
-                   _plus(h), _plus(h >> 4), _plus(h >> 8), _plus(h >> 12))
+    w = grid8_plus(IQ1S_U64, ld_idx(ib, 4 * j), ld_idx(ib, 4 * j + 1), ld_idx(ib, 4 * j + 2),
+                   ld_idx(ib, 4 * j + 3), _plus(h), _plus(h >> 4), _plus(h >> 8), _plus(h >> 12))
     sc = ld16(q, o + 48 + 2 * (j // 2)) >> (6 * (j % 2))
     return w, 2 * (sc & 7) + 1, 2 * ((sc >> 3) & 7) + 1
 
@@ -116,13 +112,13 @@ def _scale_iq1_m(q, o):
 @register
 class IQ1_S(IQUnit):
     qtype = T.IQ1_S
-    deq, scale, sub = _deq_iq1_s, _scale_iq1_s, _sub_iq1_s
+    deq, scale, sub, prep = _deq_iq1_s, _scale_iq1_s, _sub_iq1_s, iq1s_indices
 
 
 @register
 class IQ1_M(IQUnit):
     qtype = T.IQ1_M
-    deq, scale, sub = _deq_iq1_m, _scale_iq1_m, _sub_iq1_m
+    deq, scale, sub, prep = _deq_iq1_m, _scale_iq1_m, _sub_iq1_m, iq1m_indices
 
     def synthetic(self, n: int, k: int, rng: np.random.Generator,
                   d_range: tuple[float, float] = (1e-4, 1e-2)) -> np.ndarray:

@@ -20,7 +20,7 @@ from numba import njit
 from ._iq_common import IQUnit, u16_at, u32_at
 from ._iq_grids import (IQ2S_GRID, IQ2S_U64, IQ2XS_GRID, IQ2XS_U64, IQ2XXS_GRID, IQ2XXS_U64,
                         KSIGNS, KSIGNS64, SIGNS64)
-from ._iq_simd import grid8_signed, ld8, ld32, ld64
+from ._iq_simd import grid8_signed, iq2s_indices, ld8, ld32, ld64, ld_idx
 from ._simd import load_f16
 from .base import register
 from .interleaved import f16_at
@@ -55,7 +55,7 @@ def _deq_iq2_xxs(q, o, dst, c):
 
 
 @njit(nogil=True, cache=True, inline="always")
-def _sub_iq2_xxs(q, o, j):
+def _sub_iq2_xxs(q, o, j, ib):
     v = ld64(q, o + 2 + 8 * j)
     aux = (v >> 32) & 0xFFFFFFFF
     w = grid8_signed(IQ2XXS_U64, v & 255, (v >> 8) & 255, (v >> 16) & 255, (v >> 24) & 255,
@@ -79,7 +79,7 @@ def _deq_iq2_xs(q, o, dst, c):
 
 
 @njit(nogil=True, cache=True, inline="always")
-def _sub_iq2_xs(q, o, j):
+def _sub_iq2_xs(q, o, j, ib):
     v = ld64(q, o + 2 + 8 * j)
     v0 = v & 0xFFFF
     v1 = (v >> 16) & 0xFFFF
@@ -108,13 +108,11 @@ def _deq_iq2_s(q, o, dst, c):
 
 
 @njit(nogil=True, cache=True, inline="always")
-def _sub_iq2_s(q, o, j):
-    lo = ld32(q, o + 2 + 4 * j)
+def _sub_iq2_s(q, o, j, ib):
     sg = ld32(q, o + 34 + 4 * j)
-    qh = ld8(q, o + 66 + j)
-    w = grid8_signed(IQ2S_U64, (lo & 255) | ((qh & 3) << 8), ((lo >> 8) & 255) | ((qh & 12) << 6),
-                     ((lo >> 16) & 255) | ((qh & 48) << 4), (lo >> 24) | ((qh & 192) << 2),
-                     SIGNS64, sg & 255, (sg >> 8) & 255, (sg >> 16) & 255, sg >> 24)
+    w = grid8_signed(IQ2S_U64, ld_idx(ib, 4 * j), ld_idx(ib, 4 * j + 1), ld_idx(ib, 4 * j + 2),
+                     ld_idx(ib, 4 * j + 3), SIGNS64, sg & 255, (sg >> 8) & 255, (sg >> 16) & 255,
+                     sg >> 24)
     sc = ld8(q, o + 74 + j)
     return w, 2 * (sc & 15) + 1, 2 * (sc >> 4) + 1
 
@@ -134,4 +132,4 @@ class IQ2_XS(IQUnit):
 @register
 class IQ2_S(IQUnit):
     qtype = T.IQ2_S
-    deq, scale, sub = _deq_iq2_s, _scale8, _sub_iq2_s
+    deq, scale, sub, prep = _deq_iq2_s, _scale8, _sub_iq2_s, iq2s_indices

@@ -18,7 +18,7 @@ from numba import njit
 
 from ._iq_common import IQUnit, u32_at
 from ._iq_grids import IQ3S_GRID, IQ3S_U32, IQ3XXS_GRID, IQ3XXS_U32, KSIGNS, KSIGNS64, SIGNS64
-from ._iq_simd import grid4_signed, ld8, ld32, ld64
+from ._iq_simd import grid4_signed, iq3s_indices, ld8, ld32, ld64, ld_idx
 from ._simd import load_f16
 from .base import register
 from .interleaved import f16_at
@@ -48,7 +48,7 @@ def _deq_iq3_xxs(q, o, dst, c):
 
 
 @njit(nogil=True, cache=True, inline="always")
-def _sub_iq3_xxs(q, o, j):
+def _sub_iq3_xxs(q, o, j, ib):
     v = ld64(q, o + 2 + 8 * j)
     aux = ld32(q, o + 66 + 4 * j)
     w = grid4_signed(IQ3XXS_U32, v & 255, (v >> 8) & 255, (v >> 16) & 255, (v >> 24) & 255,
@@ -81,15 +81,13 @@ def _deq_iq3_s(q, o, dst, c):
 
 
 @njit(nogil=True, cache=True, inline="always")
-def _sub_iq3_s(q, o, j):
-    v = ld64(q, o + 2 + 8 * j)
-    qh = ld8(q, o + 66 + j)
+def _sub_iq3_s(q, o, j, ib):
     sg = ld32(q, o + 74 + 4 * j)
-    w = grid4_signed(IQ3S_U32, (v & 255) | ((qh & 1) << 8), ((v >> 8) & 255) | ((qh & 2) << 7),
-                     ((v >> 16) & 255) | ((qh & 4) << 6), ((v >> 24) & 255) | ((qh & 8) << 5),
-                     ((v >> 32) & 255) | ((qh & 16) << 4), ((v >> 40) & 255) | ((qh & 32) << 3),
-                     ((v >> 48) & 255) | ((qh & 64) << 2), ((v >> 56) & 255) | ((qh & 128) << 1),
-                     SIGNS64, sg & 255, (sg >> 8) & 255, (sg >> 16) & 255, sg >> 24)
+    i = 8 * j
+    w = grid4_signed(IQ3S_U32, ld_idx(ib, i), ld_idx(ib, i + 1), ld_idx(ib, i + 2),
+                     ld_idx(ib, i + 3), ld_idx(ib, i + 4), ld_idx(ib, i + 5), ld_idx(ib, i + 6),
+                     ld_idx(ib, i + 7), SIGNS64, sg & 255, (sg >> 8) & 255, (sg >> 16) & 255,
+                     sg >> 24)
     sc = 1 + 2 * ((ld8(q, o + 106 + j // 2) >> (4 * (j % 2))) & 15)
     return w, sc, sc
 
@@ -108,4 +106,4 @@ class IQ3_XXS(IQUnit):
 @register
 class IQ3_S(IQUnit):
     qtype = T.IQ3_S
-    deq, scale, sub = _deq_iq3_s, _scale_iq3_s, _sub_iq3_s
+    deq, scale, sub, prep = _deq_iq3_s, _scale_iq3_s, _sub_iq3_s, iq3s_indices

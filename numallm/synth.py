@@ -18,12 +18,12 @@ MoE shapes (n_expert > 0; archs qwen3moe, qwen2moe, and llama = Mixtral) add the
 (expert, rows, cols) drawn like matrices, and for qwen2moe a shared expert `ffn_*_shexp` with its
 gate vector N(0, 1/hidden).
 
-Quantization: types gguf-py can quantize (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1) are
-quantized here, every 2-D weight (token_embd and output included) to the one type. gguf-py
-cannot quantize K-quants, so Q2_K..Q6_K (every weight one type, llama.cpp's "pure" mode) and the
-mixed recipes (Q4_K_M, Q4_K_S, Q5_K_M, Q3_K_M, ...) go through llama.cpp's quantizer
-(`llama_cpp.llama_model_quantize`, from llama-cpp-python) applied to an F32 file written here;
-that runs in a subprocess so a ggml abort cannot take the caller down. As in real files,
+Quantization: types gguf-py can quantize (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, and the
+ternary TQ1_0, TQ2_0) are quantized here, every 2-D weight (token_embd and output included) to
+the one type. gguf-py cannot quantize K-quants, so Q2_K..Q6_K (every weight one type, llama.cpp's
+"pure" mode) and the mixed recipes (Q4_K_M, Q4_K_S, Q5_K_M, Q3_K_M, ...) go through llama.cpp's
+quantizer (`llama_cpp.llama_model_quantize`, from llama-cpp-python) applied to an F32 file written
+here; that runs in a subprocess so a ggml abort cannot take the caller down. As in real files,
 llama.cpp falls back per tensor where a width is not a multiple of 256 (qwen2.5-0.5b's 896:
 Q5_0 instead of Q4_K). The IQ codebook types (IQ1_S, IQ1_M, IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS,
 IQ3_S) are random valid blocks scaled to each tensor's spread (`_random_blocks`), not an
@@ -129,9 +129,10 @@ MOE_ARCHS = ("qwen2moe", "qwen3moe")      # MoE shapes only; llama with one is M
 
 # qtype -> (GGML type of the weights, llama.cpp ftype or None when gguf-py quantizes it)
 _GGUF_PY = {"F32": QT.F32, "F16": QT.F16, "BF16": QT.BF16, "Q8_0": QT.Q8_0, "Q4_0": QT.Q4_0,
-            "Q4_1": QT.Q4_1, "Q5_0": QT.Q5_0, "Q5_1": QT.Q5_1}
+            "Q4_1": QT.Q4_1, "Q5_0": QT.Q5_0, "Q5_1": QT.Q5_1, "TQ1_0": QT.TQ1_0,
+            "TQ2_0": QT.TQ2_0}
 _FILE_TYPE = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9,
-              "BF16": 32}
+              "BF16": 32, "TQ1_0": 36, "TQ2_0": 37}
 # llama.cpp ftypes (llama.h); single-type K-quants use the *_S ftype in "pure" mode
 _LLAMA_PURE = {"Q2_K": 10, "Q3_K": 11, "Q4_K": 14, "Q5_K": 16, "Q6_K": 18}
 _LLAMA_MIXED = {"Q3_K_S": 11, "Q3_K_M": 12, "Q3_K_L": 13, "Q4_K_S": 14,

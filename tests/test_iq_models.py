@@ -31,7 +31,8 @@ def tokens() -> list[int]:
     return [int(t) for t in np.random.default_rng(1234).integers(0, 512, 64)]
 
 
-@pytest.mark.parametrize("qtype", TYPES)
+# the ternary types: gguf-py quantizes them (realistic weights, not random blocks)
+@pytest.mark.parametrize("qtype", TYPES + ["TQ1_0", "TQ2_0"])
 def test_iq_model_matches_llamacpp_and_reference(qtype, synth_dir, tokens):
     path = synth.cached_model(synth_dir, arch="llama", qtype=qtype, shape="tiny", seed=7)
     mats = [t for t in GGUFFile(path).tensors.values() if len(t.shape) == 2]

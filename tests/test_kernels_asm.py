@@ -17,7 +17,7 @@ from numallm.gguf_file import GGMLQuantizationType as T
 from numallm_kernels import _simd
 from numallm_kernels.base import fresh_asm, hot_kernels
 
-IQ = [T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ3_XXS, T.IQ3_S, T.IQ1_S, T.IQ1_M]
+IQ = [T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ3_XXS, T.IQ3_S, T.IQ1_S, T.IQ1_M, T.TQ1_0, T.TQ2_0]
 REQUIRED = {T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.IQ4_NL, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K,
             T.Q6_K, T.IQ4_XS, *IQ}
 # packed integer dot steps and packed float multiply-adds: the work of a vectorized block dot
