@@ -129,7 +129,9 @@ class _Replay:
         self.ws = tuple(lin.w for lin in lins)          # what the table's addresses point into
         self.epoch = REPLAY_EPOCH
         self.acts = Activations(x.copy())
-        jobs: list[list] = [[] for _ in range(pool.n_threads)]
+        # a RowPool of several threads claims the rows in smaller tasks (RowPool.bind_claimed)
+        claim = pool.claim_shares() if isinstance(pool, threads.RowPool) else 0
+        jobs: list[list] = [[] for _ in range(claim or pool.n_threads)]
         self.outs, self.steps = [], []
         for lin in lins:
             lin.unit.prepare_x(self.acts)
@@ -138,12 +140,16 @@ class _Replay:
             if step is not None:
                 self.steps.append(step)
             self.outs.append(out)
-        enc = pool.encode(jobs) if self.acts.refillable else None
-        self.ok = enc is not None
-        self.table, self.spans = enc if self.ok else (None, None)
         # per token: copy x in, refill each form, run the table (a call bound once, so the
         # per-token Python is a few calls, not the pool's general path)
         self.fills = [(make.fill, self.acts._forms[key]) for key, make in self.acts.makers.items()]
+        if claim:
+            self.run = pool.bind_claimed(jobs) if self.acts.refillable else None
+            self.ok = self.run is not None
+            return
+        enc = pool.encode(jobs) if self.acts.refillable else None
+        self.ok = enc is not None
+        self.table, self.spans = enc if self.ok else (None, None)
         self.run = pool.bind_encoded(self.table, self.spans) if self.ok else None
 
     def __call__(self, x: np.ndarray, norm: np.ndarray | None = None, eps: float = 0.0) -> list[np.ndarray]:

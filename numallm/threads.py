@@ -39,6 +39,12 @@ MIN_ROWS_PER_THREAD = 64
 IDLE_POLLS = 100_000
 WAIT_POLLS = 20_000
 WAIT_SLICE_S = 0.05
+# A replayed decode dispatch on a RowPool of several threads is claimed (bind_claimed): its
+# rows cut into CLAIM_CHUNKS tasks per thread, each taken by whichever thread is free, so a late
+# or descheduled thread costs at most the task it holds. CLAIM_SLEEP_S: the caller's sleep
+# between looks once a claimed task's thread has kept it past WAIT_POLLS polls.
+CLAIM_CHUNKS = 4
+CLAIM_SLEEP_S = 20e-6
 
 
 @functools.lru_cache(maxsize=4096)
@@ -115,6 +121,13 @@ class RowPool:
         self._errors: list[BaseException] = []
         self._closed = False
         self._timespec = np.array([0, int(WAIT_SLICE_S * 1e9)], np.int64)     # (s, ns)
+        # claimed dispatches (bind_claimed): the pool's one descriptor, the caller's short
+        # sleep, and whether workers may still be in a claimed dispatch (see _quiesce).
+        # NodePools turn `claimable` off for their pools (they post to these threads natively)
+        self.claimable = True
+        self._desc = np.zeros(_native.DESC_LEN, np.int64)
+        self._claim_sleep = np.array([0, int(CLAIM_SLEEP_S * 1e9)], np.int64)  # (s, ns)
+        self._claimed = False
         self._workers = [threading.Thread(target=self._loop, args=(i,), daemon=True,
                                           name=f"numallm-worker-{i}")
                          for i in range(1, self.n_threads)]
@@ -142,7 +155,46 @@ class RowPool:
             else:                                            # EXIT
                 return
 
+    def _quiesce(self) -> None:
+        """Wait until no worker is still in a claimed dispatch (one that arrived late may be):
+        every other command's fields must not change under a worker still reading them."""
+        if self._claimed:
+            n = self.n_threads
+            while self._nat.wait_all(self._ctls[:n], self._idx[:n], self._gens[:n], WAIT_POLLS,
+                                     self._timespec) < 0:
+                pass
+            self._claimed = False
+
+    def claim_shares(self) -> int:
+        """How many job lists a replayed dispatch cuts its rows into for `bind_claimed`: 0 when
+        this pool does not claim (one thread, no native tasks, or part of NodePools)."""
+        if self.n_threads == 1 or not self.claimable or not self._nat.available():
+            return 0
+        return self.n_threads * CLAIM_CHUNKS
+
+    def bind_claimed(self, jobs: Sequence[Sequence]) -> Callable[[], None] | None:
+        """Every task of `jobs` (kernel task tuples, from claim_shares() lists) in one table that
+        all threads take rows of, one at a time (numallm_kernels._native_claim), as a call run
+        again and again (the tasks' arrays must stay alive and in place); None if some job is
+        not a kernel task."""
+        tasks = [t for share in jobs for t in share]
+        if not tasks or not all(type(t) is tuple for t in tasks):
+            return None
+        table = np.zeros((len(tasks), self._nat.TASK_FIELDS), np.int64)       # (tasks, fields)
+        _encode(self._nat, table, [tasks])
+        dispatch = self._nat.claimed_dispatch()
+        n, desc, sleep = len(tasks), self._desc, self._claim_sleep
+        ctls, idx, gens = self._ctls, self._idx, self._gens
+
+        def run() -> None:
+            if self._closed:
+                raise RuntimeError("this RowPool is closed")
+            self._claimed = True
+            dispatch(desc, table, n, ctls, idx, gens, WAIT_POLLS, sleep)
+        return run
+
     def _send(self, i: int, kind: int, table: np.ndarray | None = None, lo: int = 0, hi: int = 0) -> None:
+        self._quiesce()
         # the next generation after the slot's last (NodePools may have posted to it natively)
         self._gen[i] = int(self._ctl[i * self._nat.CTL_STRIDE + self._nat.GO]) + 1
         table = self._table if table is None else table
@@ -228,6 +280,7 @@ class RowPool:
         def run() -> None:
             if self._closed:
                 raise RuntimeError("this RowPool is closed")
+            self._quiesce()
             post_all(ctls, idx, table, sp, gens)
             run_tasks(table, lo, hi)
             spin = WAIT_POLLS
@@ -242,6 +295,7 @@ class RowPool:
         if self._closed:
             raise RuntimeError("this RowPool is closed")
         if all(native):                  # one native call posts to all, one waits for all
+            self._quiesce()
             sp = np.asarray(spans, dtype=np.int64).reshape(-1, 2)      # (threads, 2)
             n = len(sp)
             ctls, idx, gens = self._ctls[:n], self._idx[:n], self._gens[:n]
@@ -315,6 +369,8 @@ class NodePools:
 
         self.pools = [RowPool(n, [tuple(c)] * n) for c, n in zip(node_cpus, n_threads)]
         self.leaders = RowPool(len(self.pools), [tuple(c) for c in node_cpus])
+        for p in [self.leaders, *self.pools]:   # flat dispatches post to their threads natively
+            p.claimable = False
         self.n_threads = sum(p.n_threads for p in self.pools)
         self.cpus = tuple(c for p in self.pools for c in p.cpus)
         # thread t (node by node) as (the RowPool that commands it, its index there); (., 0) of
