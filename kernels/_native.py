@@ -484,7 +484,7 @@ def executors():
                      else _no_tasks)
         _BUILT["run_tasks"] = run_tasks
         atomics = dict(load_acquire=load_acquire, store_release=store_release, cpu_relax=cpu_relax,
-                       futex=futex, ptr_i64=ptr_i64, TASK_FIELDS=TASK_FIELDS,
+                       futex=futex, fence=fence, ptr_i64=ptr_i64, TASK_FIELDS=TASK_FIELDS,
                        FUTEX_WAIT_PRIVATE=FUTEX_WAIT_PRIVATE)
         claimed = specialize(_native_claim._run_claimed_t, "native_run_claimed",
                              RUN_TASKS=run_tasks, **atomics)

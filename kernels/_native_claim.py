@@ -20,7 +20,6 @@ output is computed by one task, the same arithmetic whatever thread runs it).
 """
 from __future__ import annotations
 
-from llvmlite import ir
 from numba import carray, types
 from numba.extending import intrinsic
 
@@ -85,11 +84,12 @@ def _run_claimed_t(desc):
 
 def _claimed_dispatch_t(desc, table, n, ctls, idx, gens, spin, timespec):
     # the caller's side: publish (seqlock), wake the workers with a CLAIM command, take rows
-    # itself, then wait until every claimed row is done; RUN_CLAIMED, post_claim, fence,
+    # itself, then wait until every claimed row is done; RUN_CLAIMED, POST_CLAIM, fence,
     # cpu_relax, futex, store_release, load_acquire: template constants
     seq = (load_acquire(desc, CLAIM) >> 32) + 1  # noqa: F821
     seq += seq & 1                                # next even sequence
     store_release(desc, CLAIM, (seq - 1) << 32)  # noqa: F821
+    fence()                                       # noqa: F821 (the odd sequence first)
     desc[TABLE] = table.ctypes.data
     desc[N] = n
     desc[DONE] = 0
