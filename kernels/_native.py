@@ -48,7 +48,7 @@ from .base import specialize
 TASK_FIELDS = 16
 CTL_STRIDE = 16                 # int64 per thread slot: 128 bytes (two cache lines, as prefetched)
 GO, KIND, LO, HI, DONE, SLEEP, WSLEEP, TABLE, BUSY = 0, 1, 2, 3, 4, 5, 6, 7, 8
-RUN, PY, EXIT = 1, 2, 3
+RUN, PY, EXIT, CLAIM_RUN = 1, 2, 3, 4    # CLAIM_RUN: take rows of the pool's claimed dispatch
 SLOTS_PER_GROUP = 16            # kernel slots per xaux dtype
 ATTN = 2 * SLOTS_PER_GROUP      # the attention tasks' first slot (_native_attention)
 
@@ -214,6 +214,8 @@ def f32_from_bits(typingctx, b):
 # the attention tasks (their own file; they use the pointer intrinsics above)
 from ._native_attention import (ATTN_POS0, _encode_attention, _run_attention,  # noqa: E402,F401
                                 attention_task)
+from . import _native_claim  # noqa: E402
+from ._native_claim import DESC_LEN  # noqa: E402,F401
 
 
 @njit(nogil=True, cache=True)
@@ -343,6 +345,10 @@ def _worker_loop_t(ctl, me, seen, spin):
         polls = 0
         seen = gen
         kind = ctl[base + KIND]
+        if kind == CLAIM_RUN:            # TABLE: the pool's claim descriptor (_native_claim)
+            RUN_CLAIMED(carray(ptr_i64(ctl[base + TABLE]), (DESC_LEN,)))  # noqa: F821
+            finish(ctl, me, gen)
+            continue
         if kind != RUN:
             return kind, gen
         hi = ctl[base + HI]
@@ -427,6 +433,19 @@ def wait_all(ctls, idx, gens, spin, timespec):
     return slowest
 
 
+@njit(nogil=True, cache=True)
+def post_claim(ctls, idx, desc, gens):
+    """A CLAIM_RUN command (desc: _native_claim) to every thread t >= 1, as post_all's RUN."""
+    for t in range(1, len(ctls)):
+        base = idx[t] * CTL_STRIDE
+        ctl = carray(ptr_i64(ctls[t]), (base + CTL_STRIDE,))
+        gen = ctl[base + GO] + 1
+        ctl[base + KIND] = CLAIM_RUN
+        ctl[base + TABLE] = desc.ctypes.data
+        _publish(ctl, base + GO, gen, base + SLEEP)
+        gens[t] = gen
+
+
 _SLOTS: list[list] = [[], []]      # kernels by xaux dtype: [int32 ones, int16 ones]
 _BUILT: dict = {}
 
@@ -464,6 +483,20 @@ def executors():
         run_tasks = (specialize(_run_tasks_t, "native_run_tasks", **consts) if available()
                      else _no_tasks)
         _BUILT["run_tasks"] = run_tasks
+        atomics = dict(load_acquire=load_acquire, store_release=store_release, cpu_relax=cpu_relax,
+                       futex=futex, fence=fence, ptr_i64=ptr_i64, TASK_FIELDS=TASK_FIELDS,
+                       FUTEX_WAIT_PRIVATE=FUTEX_WAIT_PRIVATE)
+        claimed = specialize(_native_claim._run_claimed_t, "native_run_claimed",
+                             RUN_TASKS=run_tasks, **atomics)
+        _BUILT["claimed_dispatch"] = specialize(_native_claim._claimed_dispatch_t,
+                                                "native_claimed_dispatch", RUN_CLAIMED=claimed,
+                                                POST_CLAIM=post_claim, **atomics)
         _BUILT["worker_loop"] = specialize(_worker_loop_t, "native_worker_loop",
-                                           RUN_TASKS=run_tasks)
+                                           RUN_TASKS=run_tasks, RUN_CLAIMED=claimed)
     return _BUILT["run_tasks"], _BUILT["worker_loop"]
+
+
+def claimed_dispatch():
+    """(desc, table, n, ctls, idx, gens, spin, timespec) -> None: _native_claim's dispatch."""
+    executors()
+    return _BUILT["claimed_dispatch"]

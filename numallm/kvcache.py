@@ -5,7 +5,7 @@ attention over it. Keys and values are converted once, when stored; the attentio
 from __future__ import annotations
 
 import numpy as np
-from numallm_kernels import fused, kvcache as kv
+from numallm_kernels import fused, fused_decode, kvcache as kv
 
 from . import threads
 from .cache_types import DEFAULT_CACHE_TYPE, check_cache_type
@@ -147,6 +147,22 @@ def attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, cache: KVCache, pos0: in
         pool.run_tasks([[(lambda a=a, b=b: _attend_heads(qg, keys, values, pos0, a, b, out))]
                         for a, b in zip(cuts, cuts[1:])])
     return out.transpose(1, 0, 2, 3).reshape(t, n_head * hd)
+
+
+def rope_attend(rope, q: np.ndarray, k: np.ndarray, v: np.ndarray, cache: KVCache,
+                pos0: int) -> np.ndarray:
+    """RoPE on q and k, then `attend` (shapes as there), for a few positions (at most
+    FUSED_ATTENTION_MAX_T): one native call (numallm_kernels.fused_decode), the same arithmetic
+    as rope(q), rope(k) and attend one after the other. q, k are rotated in place."""
+    t, n_head, hd = q.shape
+    cos, sin = rope.tables(pos0 + t)
+    out = np.empty((t, n_head * hd), dtype=np.float32)                       # (T, H * hd)
+    ck, cv = cache.k, cache.v
+    fused_decode.rope_store_attend(q, k, v, cos[pos0:pos0 + t], sin[pos0:pos0 + t], rope.dim,
+                                   rope.neox, ck.a, ck.d, cv.a, cv.d, pos0,
+                                   np.float32(1.0 / np.sqrt(hd)), out)
+    cache.n = pos0 + t
+    return out
 
 
 def _attend_heads(qg: np.ndarray, keys: np.ndarray, values: np.ndarray, pos0: int, h0: int,

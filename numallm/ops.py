@@ -129,7 +129,9 @@ class _Replay:
         self.ws = tuple(lin.w for lin in lins)          # what the table's addresses point into
         self.epoch = REPLAY_EPOCH
         self.acts = Activations(x.copy())
-        jobs: list[list] = [[] for _ in range(pool.n_threads)]
+        # a RowPool of several threads claims the rows in smaller tasks (RowPool.bind_claimed)
+        claim = pool.claim_shares() if isinstance(pool, threads.RowPool) else 0
+        jobs: list[list] = [[] for _ in range(claim or pool.n_threads)]
         self.outs, self.steps = [], []
         for lin in lins:
             lin.unit.prepare_x(self.acts)
@@ -138,18 +140,27 @@ class _Replay:
             if step is not None:
                 self.steps.append(step)
             self.outs.append(out)
-        enc = pool.encode(jobs) if self.acts.refillable else None
-        self.ok = enc is not None
-        self.table, self.spans = enc if self.ok else (None, None)
         # per token: copy x in, refill each form, run the table (a call bound once, so the
         # per-token Python is a few calls, not the pool's general path)
         self.fills = [(make.fill, self.acts._forms[key]) for key, make in self.acts.makers.items()]
+        if claim:
+            self.run = pool.bind_claimed(jobs) if self.acts.refillable else None
+            self.ok = self.run is not None
+            return
+        enc = pool.encode(jobs) if self.acts.refillable else None
+        self.ok = enc is not None
+        self.table, self.spans = enc if self.ok else (None, None)
         self.run = pool.bind_encoded(self.table, self.spans) if self.ok else None
 
-    def __call__(self, pool: threads.RowPool, x: np.ndarray) -> list[np.ndarray]:
+    def __call__(self, x: np.ndarray, norm: np.ndarray | None = None, eps: float = 0.0) -> list[np.ndarray]:
+        """The outputs for input x (1, K); with `norm`, for rms_norm(x, norm, eps) written
+        straight into the activation buffer (no array of its own, no second pass)."""
         t0 = time.perf_counter()
         xa = self.acts.x
-        np.copyto(xa, x)
+        if norm is None:
+            np.copyto(xa, x)
+        else:
+            fused.rms_norm(x, norm, eps, xa)
         for fill, arrays in self.fills:
             fill(xa, *arrays)
         self.run()
@@ -190,7 +201,7 @@ def _replay(x: np.ndarray, lins: tuple[Linear, ...], pool) -> _Replay | None:
     first = lins[0]
     key = (lins, pool, x.shape)          # matrices and pools hash by identity
     r = first._replays.get(key) if first._replays is not None else None
-    if r is not None and r.epoch == REPLAY_EPOCH and r.ws == tuple(lin.w for lin in lins):
+    if r is not None and r.epoch == REPLAY_EPOCH and all(a is lin.w for a, lin in zip(r.ws, lins)):
         return r if r.ok else None       # made under the checks below (same pool, same shape)
     if x.shape[0] > REPLAY_MAX_T or not isinstance(pool, (threads.RowPool, threads.NodePools)) or \
             not all(lin.replayable for lin in lins) or _spans is not None:
@@ -203,6 +214,16 @@ def _replay(x: np.ndarray, lins: tuple[Linear, ...], pool) -> _Replay | None:
     return r if r.ok else None
 
 
+def _host_dispatch(x: np.ndarray, lins: tuple[Linear, ...]) -> tuple[_Replay | None, object]:
+    """(the replay of matmuls(x, *lins) or None, the pool it runs on; pool None: the matrices
+    run on different pools). x: float32 C-contiguous (T, K)."""
+    pool = lins[0].pool()
+    for lin in lins[1:]:
+        if lin.pool() is not pool:
+            return None, None
+    return _replay(x, lins, pool), pool
+
+
 def matmuls(x: np.ndarray, *lins: Linear) -> list[np.ndarray]:
     """[x @ W.T for each W in lins], x: float32 (T, K). x is encoded once per kernel form and all
     matrices go to the pool in one dispatch (each thread takes its rows of every matrix)."""
@@ -210,12 +231,11 @@ def matmuls(x: np.ndarray, *lins: Linear) -> list[np.ndarray]:
     if ex is not None:
         return ex.matmuls(x, *lins)
     x = np.ascontiguousarray(x, dtype=np.float32)
-    pool = lins[0].pool()
-    if any(lin.pool() is not pool for lin in lins[1:]):
-        return [matmuls(x, lin)[0] for lin in lins]
-    replay = _replay(x, lins, pool)
+    replay, pool = _host_dispatch(x, lins)
     if replay is not None:
-        return replay(pool, x)
+        return replay(x)
+    if pool is None:
+        return [matmuls(x, lin)[0] for lin in lins]
     acts = Activations(x)
     jobs: list[list] = [[] for _ in range(pool.n_threads)]
     outs, after = [], []
@@ -233,6 +253,18 @@ def matmuls(x: np.ndarray, *lins: Linear) -> list[np.ndarray]:
     for step in after:
         step()
     return outs
+
+
+def norm_matmuls(x: np.ndarray, weight: np.ndarray, eps: float, *lins: Linear) -> list[np.ndarray]:
+    """matmuls(rms_norm(x, weight, eps), *lins). A replayed decode dispatch takes the norm into
+    its input buffer: one kernel call, no array between the two."""
+    if type(x) is np.ndarray and type(weight) is np.ndarray and x.dtype == np.float32 and \
+            x.flags.c_contiguous and x.shape[0] <= REPLAY_MAX_T and \
+            _EXECUTORS.get(type(lins[0])) is None:
+        replay = _host_dispatch(x, lins)[0]
+        if replay is not None:
+            return replay(x, weight, float(eps))
+    return matmuls(rms_norm(x, weight, eps), *lins)
 
 
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
@@ -361,6 +393,19 @@ class BatchCaches:
         return out
 
 
+def rope_attention(rope: Rope, q: np.ndarray, k: np.ndarray, v: np.ndarray, cache, pos0) -> np.ndarray:
+    """rope(q, pos0), rope(k, pos0), then attention(q, k, v, cache, pos0) (shapes as there; q
+    and k are rotated in place). A decode step's host KVCache runs the three as one native call
+    (kvcache.rope_attend): RoPE, the KV store and attention between two products, without a
+    Python dispatch for each."""
+    if type(cache) is KVCache and type(q) is np.ndarray and type(pos0) is int \
+            and q.shape[0] <= FUSED_ATTENTION_MAX_T:
+        return _rope_attend(rope, q, k, v, cache, pos0)
+    rope(q, pos0)
+    rope(k, pos0)
+    return attention(q, k, v, cache, pos0)
+
+
 def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, cache, pos0) -> np.ndarray:
     """Causal grouped-query attention with the KV cache: `cache.attend` (a KVCache here; NUMA
     placement's per-node caches run each node's heads on its own threads; BatchCaches, with pos0
@@ -375,6 +420,7 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, cache, pos0) -> np.nd
 # reach them here)
 from .kvcache import (ATTENTION_BLOCK, FUSED_ATTENTION_MAX_T, HostCache, KVCache,  # noqa: E402,F401
                       attend)
+from .kvcache import rope_attend as _rope_attend  # noqa: E402
 from .heads import HeadLinear, head_matmul, split_heads  # noqa: E402,F401
 from . import experts as _experts  # noqa: E402
 from .experts import ExpertLinear, moe_route  # noqa: E402,F401

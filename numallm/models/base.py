@@ -236,10 +236,11 @@ class Block:
         for spec in self.TENSORS:
             setattr(self, spec.attr, w.load(f"blk.{i}.{spec.name}", spec, a))
 
-    def qkv(self, h: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """h: (T, n_embd) -> q (T, n_head, hd), k and v (T, n_head_kv, hd), before RoPE."""
-        a, t = self.a, h.shape[0]
-        q, k, v = ops.matmuls(h, self.attn_q, self.attn_k, self.attn_v)
+    def qkv(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """x: (T, n_embd) residual stream -> q (T, n_head, hd), k and v (T, n_head_kv, hd) of
+        its attn_norm, before RoPE."""
+        a, t = self.a, x.shape[0]
+        q, k, v = ops.norm_matmuls(x, self.attn_norm, a.norm_eps, self.attn_q, self.attn_k, self.attn_v)
         return (q.reshape(t, a.n_head, a.head_dim), k.reshape(t, a.n_head_kv, a.head_dim),
                 v.reshape(t, a.n_head_kv, a.head_dim))
 
@@ -248,15 +249,12 @@ class Block:
     # of attn_output (ffn_down): placement runs these halves on slices of the block.
     def attn(self, x: np.ndarray, cache: ops.KVCache, pos0: int) -> np.ndarray:
         """x: (T, n_embd) residual stream -> the attention update (T, n_embd)."""
-        q, k, v = self.qkv(ops.rms_norm(x, self.attn_norm, self.a.norm_eps))
-        self.rope(q, pos0)
-        self.rope(k, pos0)
-        return self.attn_output(ops.attention(q, k, v, cache, pos0))
+        q, k, v = self.qkv(x)
+        return self.attn_output(ops.rope_attention(self.rope, q, k, v, cache, pos0))
 
     def ffn(self, x: np.ndarray) -> np.ndarray:
         """x: (T, n_embd) residual stream -> the feed-forward update (T, n_embd)."""
-        h = ops.rms_norm(x, self.ffn_norm, self.a.norm_eps)
-        gate, up = ops.matmuls(h, self.ffn_gate, self.ffn_up)
+        gate, up = ops.norm_matmuls(x, self.ffn_norm, self.a.norm_eps, self.ffn_gate, self.ffn_up)
         return self.ffn_down(ops.swiglu(gate, up))
 
     def __call__(self, x: np.ndarray, cache: ops.KVCache, pos0: int) -> np.ndarray:

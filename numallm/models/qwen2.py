@@ -21,8 +21,8 @@ class QwenBlock(Block):
         T("attn_v.bias", ("kv_dim",), (0, HEADS)),
     )
 
-    def qkv(self, h: np.ndarray):
-        q, k, v = super().qkv(h)
+    def qkv(self, x: np.ndarray):
+        q, k, v = super().qkv(x)
         a = self.a
         return (q + self.attn_q_bias.reshape(a.n_head, a.head_dim),
                 k + self.attn_k_bias.reshape(a.n_head_kv, a.head_dim),

@@ -20,8 +20,8 @@ class Qwen3Block(Block):
         T("attn_k_norm.weight", ("head_dim",)),
     )
 
-    def qkv(self, h):
-        q, k, v = super().qkv(h)
+    def qkv(self, x):
+        q, k, v = super().qkv(x)
         return (ops.rms_norm(q, self.attn_q_norm, self.a.norm_eps),
                 ops.rms_norm(k, self.attn_k_norm, self.a.norm_eps), v)
 
