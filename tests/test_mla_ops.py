@@ -93,3 +93,21 @@ def test_moe_route_kernel_matches_the_steps(sigmoid, bias, groups, renorm, scale
     np.testing.assert_allclose(w, want_w, rtol=3e-6)
     if groups[0]:                     # every pick from the kept groups only
         assert all(len(set(row // (64 // groups[0]))) <= groups[1] for row in ids)
+
+
+class _Held(np.ndarray):
+    """An array type the fused path does not take (as an executor's tensors): the steps run."""
+
+
+def test_mla_split_steps_path_agrees():
+    rng = np.random.default_rng(3)
+    q = rng.standard_normal((2, 4, 24)).astype(np.float32)
+    kva = rng.standard_normal((2, 40)).astype(np.float32)
+    norm_w = rng.standard_normal(32).astype(np.float32)
+    rope = ops.Rope(8, 10000.0, False)
+    fused = ops.mla_split(q, kva, norm_w, 1e-6, rope, 5, 1.7)
+    steps = ops.mla_split(q.view(_Held), kva.view(_Held), norm_w, 1e-6, rope, 5, 1.7)
+    (qn, qc, lat), (qn2, qc2, lat2) = fused, [np.asarray(a) for a in steps]
+    np.testing.assert_array_equal(qn2, qn)
+    np.testing.assert_allclose(qc2[..., 32:], qc[..., 32:], rtol=1e-6, atol=1e-6)   # the rope part
+    np.testing.assert_allclose(lat2, lat, rtol=1e-6, atol=1e-6)
