@@ -8,6 +8,7 @@ the quantized kernels instead of being kept as float32 copies (a real V3 would n
 """
 from __future__ import annotations
 
+import operator
 import time
 
 import numpy as np
@@ -165,7 +166,7 @@ def _replay(x: np.ndarray, w: HeadLinear, pool) -> _Replay | None:
     cache = w.__dict__.setdefault("_replays", {})
     r = cache.get(pool)
     if r is None or r.epoch != ops.REPLAY_EPOCH or len(r.ws) != len(w.ws) or \
-            any(a is not b for a, b in zip(r.ws, w.ws)):       # the weights it points into
+            not all(map(operator.is_, r.ws, w.ws)):            # the weights it points into
         if ops._spans is not None:
             return None
         r = cache[pool] = _Replay(w, pool, x)
@@ -234,15 +235,47 @@ def mla_scores_q(q_lat: np.ndarray, scale: float, qc: np.ndarray) -> np.ndarray:
     return qc
 
 
+class _LatentAttend:
+    """One-token attention over a latent cache on one pool, encoded once (as the sharded
+    path's node caches do): q, out and the score rows are buffers of this object, the heads cut
+    over the threads, one native attention task each; a token copies q in and writes its
+    position into the table."""
+
+    def __init__(self, cache, pool, n_head: int, width: int):
+        from numallm_kernels import _native
+
+        from . import ops
+
+        self.epoch, self.k = ops.REPLAY_EPOCH, cache.k.a
+        self.q = np.empty((1, n_head, width), dtype=np.float32)               # (1, H, width)
+        self.out = np.empty((1, n_head * width), dtype=np.float32)            # (1, H * width)
+        self.scores = np.empty((n_head, cache.n_ctx), dtype=np.float32)       # (H, n_ctx)
+        k, n = cache.k, min(pool.n_threads, n_head)
+        cuts = [n_head * j // n for j in range(n + 1)]
+        jobs = [[_native.attention_task(self.q[:, a:b], k.a, k.d, k.a, k.d,
+                                        self.out[:, a * width:b * width], self.scores[a:b], 0,
+                                        1.0 / np.sqrt(width))] for a, b in zip(cuts, cuts[1:])]
+        self.table, spans = pool.encode(jobs)
+        self.run = pool.bind_encoded(self.table, spans)
+
+    def __call__(self, q: np.ndarray, pos0: int) -> np.ndarray:
+        from numallm_kernels import _native
+
+        np.copyto(self.q, q)
+        self.table[:, _native.ATTN_POS0] = pos0
+        self.run()
+        return self.out.copy()
+
+
 def attend_latent(q: np.ndarray, latent: np.ndarray, cache, pos0) -> np.ndarray:
     """LatentCache.attend: store `latent` (T, 1, width) at pos0.., then attention of q (T, H,
     width) over the latent rows (every head reads the one KV head). One query position on
     several threads: the heads are cut over the pool's threads, each range one native attention
-    task (the shared kernel splits by KV heads, of which there is one here); else
-    kvcache.attend."""
+    task (the shared kernel splits by KV heads, of which there is one here), encoded once per
+    cache and pool (_LatentAttend); else kvcache.attend."""
     from numallm_kernels import _native
 
-    from . import kvcache
+    from . import kvcache, ops
 
     t, n_head, width = q.shape
     pool = threads.current()
@@ -250,13 +283,8 @@ def attend_latent(q: np.ndarray, latent: np.ndarray, cache, pos0) -> np.ndarray:
             not isinstance(pool, threads.RowPool) or not _native.available():
         return kvcache.attend(q, latent, latent, cache, pos0)
     cache.store(latent, latent, pos0)
-    q = np.ascontiguousarray(q, dtype=np.float32)
-    out = np.empty((1, n_head * width), dtype=np.float32)                   # (1, H * width)
-    scores = np.empty((n_head, pos0 + 1), dtype=np.float32)                 # (H, positions)
-    k, scale = cache.k, 1.0 / np.sqrt(width)
-    n = min(pool.n_threads, n_head)
-    cuts = [n_head * j // n for j in range(n + 1)]
-    pool.run_tasks([[_native.attention_task(q[:, a:b], k.a, k.d, k.a, k.d, out[:, a * width:b * width],
-                                            scores[a:b], pos0, scale)]
-                    for a, b in zip(cuts, cuts[1:])])
-    return out
+    reps = cache.__dict__.setdefault("_attends", {})
+    r = reps.get(pool)
+    if r is None or r.epoch != ops.REPLAY_EPOCH or r.k is not cache.k.a or r.q.shape != q.shape:
+        r = reps[pool] = _LatentAttend(cache, pool, n_head, width)
+    return r(q, pos0)

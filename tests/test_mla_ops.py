@@ -111,3 +111,23 @@ def test_mla_split_steps_path_agrees():
     np.testing.assert_array_equal(qn2, qn)
     np.testing.assert_allclose(qc2[..., 32:], qc[..., 32:], rtol=1e-6, atol=1e-6)   # the rope part
     np.testing.assert_allclose(lat2, lat, rtol=1e-6, atol=1e-6)
+
+
+def test_two_thread_decode_is_the_one_thread_decode(synth_dir):
+    """A decode step on two threads (latent attention cut by heads, per-head products and
+    routed experts replayed) gives the one-thread step's logits bit for bit: every head and row
+    is computed by the same kernel either way."""
+    import numallm
+    from numallm import synth_deepseek, threads
+    from numallm_kernels import _native
+
+    path = synth_deepseek.cached_deepseek(synth_dir, "Q8_0", "tiny-v3", seed=0)
+    toks = np.random.default_rng(6).integers(0, 512, 12)
+    got = []
+    for n in (1, 2):
+        with numallm.load(path, n_ctx=32, n_threads=n) as llm, threads.activate(llm.pool):
+            llm.model(toks[:4], llm.cache, 0)
+            got.append(np.concatenate([llm.model(toks[i:i + 1], llm.cache, i) for i in range(4, 12)]))
+            if n == 2:        # the cut attention ran (where tasks run natively)
+                assert all(bool(c.__dict__.get("_attends")) == _native.available() for c in llm.cache)
+    np.testing.assert_array_equal(got[1], got[0])
