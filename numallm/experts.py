@@ -16,7 +16,7 @@ from typing import Sequence
 
 import numpy as np
 from numallm_kernels.base import Activations
-from numallm_kernels import fused
+from numallm_kernels import fused, moe_select
 
 from . import numa_mem, threads
 from .errors import UnsupportedError
@@ -24,6 +24,7 @@ from .gguf_file import QTensor
 
 # llama.cpp's floor for the sum of the renormalised top-k weights
 _MIN_WEIGHT_SUM = 6.103515625e-5
+_NO_BIAS = np.empty(0, np.float32)
 
 
 class ExpertLinear:
@@ -78,41 +79,22 @@ def moe_route(logits: np.ndarray, k: int, renorm: bool, sigmoid: bool = False,
     As llama.cpp's build_moe_ffn: `bias` (E,) is added for the choice only (V3's exp_probs_b),
     the weights stay the unbiased probabilities; groups = (n_group, n_group_used) keeps, per
     token, the n_group_used groups of E / n_group experts whose two best scores sum highest.
-    Plain softmax routing (qwen*moe, Mixtral, V2) takes one Numba pass (fused.moe_topk)."""
+    One Numba pass per token: fused.moe_topk for plain softmax routing (qwen*moe, Mixtral, V2),
+    moe_select.moe_select for the rest."""
     n_group, n_used = groups
+    logits = np.ascontiguousarray(logits, dtype=np.float32)
+    t = logits.shape[0]
+    ids = np.empty((t, k), dtype=np.int64)                                 # (T, k)
+    w = np.empty((t, k), dtype=np.float32)                                 # (T, k)
     if not sigmoid and bias is None and not (n_group > 1 and n_used < n_group):
-        logits = np.ascontiguousarray(logits, dtype=np.float32)
-        t = logits.shape[0]
-        ids = np.empty((t, k), dtype=np.int64)                             # (T, k)
-        w = np.empty((t, k), dtype=np.float32)                             # (T, k)
         fused.moe_topk(logits, k, renorm, np.float32(_MIN_WEIGHT_SUM), ids, w)
         if scale:
             w *= np.float32(scale)
         return ids, w
-    x = logits.astype(np.float32)
-    if sigmoid:
-        p = 1.0 / (1.0 + np.exp(-x))
-    else:
-        p = np.exp(x - x.max(axis=-1, keepdims=True))
-        p /= p.sum(axis=-1, keepdims=True)
-    sel = p if bias is None else p + bias.astype(np.float32)
-    if n_group > 1 and n_used < n_group:
-        t = sel.shape[0]
-        g = sel.reshape(t, n_group, -1)                                     # (T, groups, E/groups)
-        score = np.sort(g, axis=-1)[..., -2:].sum(axis=-1)                  # (T, groups)
-        keep = np.argsort(-score, axis=-1, kind="stable")[:, :n_used]
-        mask = np.full(score.shape, -np.inf, dtype=np.float32)
-        np.put_along_axis(mask, keep, 0.0, axis=-1)
-        sel = (g + mask[..., None]).reshape(t, -1)
-    ids = np.argpartition(-sel, k - 1, axis=-1)[:, :k]
-    best = np.argsort(-np.take_along_axis(sel, ids, -1), axis=-1, kind="stable")
-    ids = np.take_along_axis(ids, best, -1)
-    w = np.take_along_axis(p, ids, axis=-1)
-    if renorm:
-        w /= np.maximum(w.sum(axis=-1, keepdims=True), np.float32(_MIN_WEIGHT_SUM))
-    if scale:
-        w *= np.float32(scale)
-    return ids.astype(np.int64), w.astype(np.float32)
+    b = _NO_BIAS if bias is None else np.ascontiguousarray(bias, dtype=np.float32)
+    moe_select.moe_select(logits, k, sigmoid, b, n_group, n_used, renorm,
+                          np.float32(_MIN_WEIGHT_SUM), np.float32(scale), ids, w)
+    return ids, w
 
 
 def balance(items: list[tuple[int, float]], n_threads: int, multiple: int) -> list[list]:

@@ -8,7 +8,11 @@ the quantized kernels instead of being kept as float32 copies (a real V3 would n
 """
 from __future__ import annotations
 
+import operator
+import time
+
 import numpy as np
+from numallm_kernels import mla
 from numallm_kernels.base import Activations
 
 from . import numa_mem, threads
@@ -106,36 +110,65 @@ def _jobs(x: np.ndarray, w: HeadLinear, pool, out: np.ndarray):
 
 
 class _Replay:
-    """A one-token head_matmul on one pool, encoded once (as ops' decode replays): per token,
-    each head's input is refilled into its forms and the task table runs again; encoding the
-    tasks was most of a decode step's time outside the kernels of an MLA layer."""
+    """A one-token head_matmul on one pool, encoded once (as ops' decode replays): the heads'
+    inputs are the rows of one (H, K) input, so a token is one copy, one fill of each of its
+    forms and one run of the task table (head h's tasks read row h); encoding the tasks was most
+    of a decode step's time outside the kernels of an MLA layer, then refilling each head's own
+    input (H Python calls per product)."""
 
     def __init__(self, w: HeadLinear, pool, x: np.ndarray):
         from . import ops
+        from .experts import _add_jobs
 
         self.epoch, self.ws = ops.REPLAY_EPOCH, list(w.ws)
-        self.out = np.empty((x.shape[0], 1, w.shape[1]), dtype=np.float32)   # (H, 1, N)
-        jobs, self.acts = _jobs(x, w, pool, self.out)
-        ok = all(a.makers and a.refillable for a in self.acts)
+        n_head, _, k = x.shape
+        self.out = np.empty((n_head, 1, w.shape[1]), dtype=np.float32)       # (H, 1, N)
+        self.acts = Activations(np.array(x.reshape(n_head, k), dtype=np.float32))   # (H, K)
+        # the forms a one-token product reads (its variant's), made over all H rows: forms are
+        # per-token encodings, so row h of each is head h's own
+        probe = Activations(self.acts.x[:1].copy())
+        w.unit.prepare_x(probe)
+        for key, make in probe.makers.items():
+            self.acts.form(key, make)
+        rows = [self.acts.row(h) for h in range(n_head)]
+        prods = [(w, h, rows[h], self.out[h]) for h in range(n_head)]
+        jobs: list[list] = [[] for _ in range(pool.n_threads)]
+        for tids, h0, h1 in w.thread_groups(pool):
+            _add_jobs(jobs, tids, prods[h0:h1], [1.0] * (h1 - h0), 0, w.shape[1])
+        # a row that had to make a form of its own would not see the refills: no replay then
+        ok = bool(probe.makers) and self.acts.refillable and not any(r.makers for r in rows)
         enc = pool.encode(jobs) if ok else None
         self.table, self.spans = enc if enc is not None else (None, None)
+        self.fills = [(make.fill, self.acts._forms[key]) for key, make in self.acts.makers.items()]
+        self.run = pool.bind_encoded(self.table, self.spans) if enc is not None else None
 
-    def __call__(self, pool, x: np.ndarray) -> np.ndarray:
-        for h, acts in enumerate(self.acts):
-            acts.refill(x[h])
-        pool.run_encoded(self.table, self.spans)
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        from . import ops
+
+        t0 = time.perf_counter()
+        xa = self.acts.x
+        np.copyto(xa, x.reshape(xa.shape))
+        for fill, arrays in self.fills:
+            fill(xa, *arrays)
+        self.run()
+        if ops._spans is not None:      # one span: the input's encoding to the last thread's end
+            ops._spans.append((t0, time.perf_counter()))
         return self.out.copy()
 
 
 def _replay(x: np.ndarray, w: HeadLinear, pool) -> _Replay | None:
+    """The replay of w's one-token product on `pool`: made on first use (not while ops.timing
+    is on: it would encode timed calls), used while the weights it points into are w's."""
     from . import ops, threads as th
 
-    if x.shape[1] != 1 or ops._spans is not None or not isinstance(pool, (th.RowPool, th.NodePools)):
+    if x.shape[1] != 1 or not isinstance(pool, (th.RowPool, th.NodePools)):
         return None
     cache = w.__dict__.setdefault("_replays", {})
     r = cache.get(pool)
     if r is None or r.epoch != ops.REPLAY_EPOCH or len(r.ws) != len(w.ws) or \
-            any(a is not b for a, b in zip(r.ws, w.ws)):       # the weights it points into
+            not all(map(operator.is_, r.ws, w.ws)):            # the weights it points into
+        if ops._spans is not None:
+            return None
         r = cache[pool] = _Replay(w, pool, x)
     return r if r.table is not None else None
 
@@ -149,8 +182,109 @@ def head_matmul(x: np.ndarray, w: HeadLinear) -> np.ndarray:
     pool = w.pool()
     replay = _replay(x, w, pool)
     if replay is not None:
-        return replay(pool, x)
+        return replay(x)
     out = np.empty((n_head, t, w.shape[1]), dtype=np.float32)                 # (H, T, N)
     jobs, _ = _jobs(x, w, pool, out)
     pool.run_tasks(jobs)
     return out
+
+
+def mla_split(q: np.ndarray, kva: np.ndarray, norm_w: np.ndarray, eps: float, rope, pos0,
+              scale: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """MLA's element-wise steps before its per-head products: q float32 (T, H, nope + rope) and
+    kva (T, lat + rope) (attn_kv_a_mqa's product) at positions pos0.. (or pos0 (T,) per row) ->
+    qn (H, T, nope) the queries' nope parts, qc (T, H, lat + rope) with qc[..., lat:] =
+    rope(q_pe) * scale (the caller fills the rest, `mla_scores_q`), latent (T, 1, lat + rope) =
+    [rms_norm(c) * norm_w, rope(k_pe)]. One Numba pass on the CPU; an input an executor holds
+    goes through the ops it registered."""
+    from . import ops
+
+    t, n_head, hd = q.shape
+    lat = norm_w.shape[0]
+    n_rope = kva.shape[1] - lat
+    if type(q) is not np.ndarray or type(kva) is not np.ndarray:
+        q_pe = rope(np.ascontiguousarray(q[..., hd - n_rope:]), pos0)       # (T, H, rope)
+        k_pe = rope(np.ascontiguousarray(kva[:, None, lat:]), pos0)         # (T, 1, rope)
+        c = ops.rms_norm(kva[:, :lat], norm_w, eps)                         # (T, lat)
+        qc = np.empty((t, n_head, lat + n_rope), dtype=np.float32)
+        qc[..., lat:] = q_pe * np.float32(scale)
+        latent = np.concatenate([c, k_pe[:, 0]], axis=1)[:, None, :]
+        return np.ascontiguousarray(q[..., :hd - n_rope].transpose(1, 0, 2)), qc, latent
+    if isinstance(pos0, np.ndarray):
+        cos, sin = rope.tables(int(pos0.max()) + 1)
+        cos, sin = cos[pos0], sin[pos0]                                     # (T, rope / 2)
+    else:
+        cos, sin = rope.tables(pos0 + t)
+        cos, sin = cos[pos0:pos0 + t], sin[pos0:pos0 + t]
+    qn = np.empty((n_head, t, hd - n_rope), dtype=np.float32)               # (H, T, nope)
+    qc = np.empty((t, n_head, lat + n_rope), dtype=np.float32)              # (T, H, lat + rope)
+    latent = np.empty((t, 1, lat + n_rope), dtype=np.float32)               # (T, 1, lat + rope)
+    mla.mla_prep(np.ascontiguousarray(q, dtype=np.float32), np.ascontiguousarray(kva),
+                 norm_w, np.float64(eps), cos, sin, np.float32(scale), qn, qc, latent[:, 0])
+    return qn, qc, latent
+
+
+def mla_scores_q(q_lat: np.ndarray, scale: float, qc: np.ndarray) -> np.ndarray:
+    """qc[t, h, :lat] = q_lat[h, t] * scale (q_lat float32 (H, T, lat), the absorbed key
+    product's output); returns qc."""
+    lat = q_lat.shape[2]
+    if type(q_lat) is not np.ndarray:
+        qc[..., :lat] = q_lat.transpose(1, 0, 2) * np.float32(scale)
+        return qc
+    mla.mla_scores_q(q_lat, np.float32(scale), qc)
+    return qc
+
+
+class _LatentAttend:
+    """One-token attention over a latent cache on one pool, encoded once (as the sharded
+    path's node caches do): q, out and the score rows are buffers of this object, the heads cut
+    over the threads, one native attention task each; a token copies q in and writes its
+    position into the table."""
+
+    def __init__(self, cache, pool, n_head: int, width: int):
+        from numallm_kernels import _native
+
+        from . import ops
+
+        self.epoch, self.k = ops.REPLAY_EPOCH, cache.k.a
+        self.q = np.empty((1, n_head, width), dtype=np.float32)               # (1, H, width)
+        self.out = np.empty((1, n_head * width), dtype=np.float32)            # (1, H * width)
+        self.scores = np.empty((n_head, cache.n_ctx), dtype=np.float32)       # (H, n_ctx)
+        k, n = cache.k, min(pool.n_threads, n_head)
+        cuts = [n_head * j // n for j in range(n + 1)]
+        jobs = [[_native.attention_task(self.q[:, a:b], k.a, k.d, k.a, k.d,
+                                        self.out[:, a * width:b * width], self.scores[a:b], 0,
+                                        1.0 / np.sqrt(width))] for a, b in zip(cuts, cuts[1:])]
+        self.table, spans = pool.encode(jobs)
+        self.run = pool.bind_encoded(self.table, spans)
+
+    def __call__(self, q: np.ndarray, pos0: int) -> np.ndarray:
+        from numallm_kernels import _native
+
+        np.copyto(self.q, q)
+        self.table[:, _native.ATTN_POS0] = pos0
+        self.run()
+        return self.out.copy()
+
+
+def attend_latent(q: np.ndarray, latent: np.ndarray, cache, pos0) -> np.ndarray:
+    """LatentCache.attend: store `latent` (T, 1, width) at pos0.., then attention of q (T, H,
+    width) over the latent rows (every head reads the one KV head). One query position on
+    several threads: the heads are cut over the pool's threads, each range one native attention
+    task (the shared kernel splits by KV heads, of which there is one here), encoded once per
+    cache and pool (_LatentAttend); else kvcache.attend."""
+    from numallm_kernels import _native
+
+    from . import kvcache, ops
+
+    t, n_head, width = q.shape
+    pool = threads.current()
+    if t != 1 or isinstance(pos0, np.ndarray) or pool.n_threads == 1 or \
+            not isinstance(pool, threads.RowPool) or not _native.available():
+        return kvcache.attend(q, latent, latent, cache, pos0)
+    cache.store(latent, latent, pos0)
+    reps = cache.__dict__.setdefault("_attends", {})
+    r = reps.get(pool)
+    if r is None or r.epoch != ops.REPLAY_EPOCH or r.k is not cache.k.a or r.q.shape != q.shape:
+        r = reps[pool] = _LatentAttend(cache, pool, n_head, width)
+    return r(q, pos0)

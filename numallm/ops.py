@@ -421,7 +421,8 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, cache, pos0) -> np.nd
 from .kvcache import (ATTENTION_BLOCK, FUSED_ATTENTION_MAX_T, HostCache, KVCache,  # noqa: E402,F401
                       attend)
 from .kvcache import rope_attend as _rope_attend  # noqa: E402
-from .heads import HeadLinear, head_matmul, split_heads  # noqa: E402,F401
+from .heads import (HeadLinear, attend_latent, head_matmul, mla_scores_q, mla_split,  # noqa: E402,F401
+                    split_heads)
 from . import experts as _experts  # noqa: E402
 from .experts import ExpertLinear, moe_route  # noqa: E402,F401
 

@@ -163,6 +163,9 @@ class LatentCache(ops.KVCache):
         self.k.store(k, pos0)          # v is k: the one latent row
         self.n = pos0 + k.shape[0]
 
+    def attend(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, pos0: int) -> np.ndarray:
+        return ops.attend_latent(q, k, self, pos0)     # (k is v: the latent rows)
+
 
 MLA_TENSORS = (
     T("attn_norm.weight", ("n_embd",), role="norm"),
@@ -224,19 +227,12 @@ class MLABlock(Block):
             q = self.attn_q_b(ops.rms_norm(qa, self.attn_q_a_norm, a.norm_eps))
         else:
             q, kva = ops.matmuls(h, self.attn_q, self.attn_kv_a_mqa)
-        q = q.reshape(t, hn, a.head_dim)                                      # (T, H, nope + rope)
-        q_pe = np.ascontiguousarray(q[..., a.nope_dim:])                      # (T, H, rope)
-        k_pe = np.ascontiguousarray(kva[:, None, lat:])                       # (T, 1, rope)
-        self.rope(q_pe, pos0)
-        self.rope(k_pe, pos0)
-        c = ops.rms_norm(kva[:, :lat], self.attn_kv_a_norm, a.norm_eps)       # (T, lat)
-        q_lat = ops.head_matmul(q[..., :a.nope_dim].transpose(1, 0, 2), self.attn_uk)  # (H, T, lat)
+        scale = a.kq_scale * math.sqrt(a.kv_a_dim)          # the kernels divide by sqrt(width)
+        qn, qc, latent = ops.mla_split(q.reshape(t, hn, a.head_dim), kva, self.attn_kv_a_norm,
+                                       a.norm_eps, self.rope, pos0, scale)
+        # qn (H, T, nope); qc (T, H, lat + rope), rope part filled; latent (T, 1, lat + rope)
+        qc = ops.mla_scores_q(ops.head_matmul(qn, self.attn_uk), scale, qc)
         width = a.kv_a_dim
-        qc = np.empty((t, hn, width), dtype=np.float32)                       # (T, H, lat + rope)
-        qc[..., :lat] = q_lat.transpose(1, 0, 2)
-        qc[..., lat:] = q_pe
-        qc *= np.float32(a.kq_scale * math.sqrt(width))      # the kernels divide by sqrt(width)
-        latent = np.concatenate([c, k_pe[:, 0]], axis=1)[:, None, :]          # (T, 1, lat + rope)
         o = ops.attention(qc, latent, latent, cache, pos0).reshape(t, hn, width)
         out = ops.head_matmul(o[..., :lat].transpose(1, 0, 2), self.attn_uv)  # (H, T, v)
         return self.attn_output(np.ascontiguousarray(out.transpose(1, 0, 2)).reshape(t, a.o_dim))
