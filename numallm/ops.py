@@ -161,10 +161,13 @@ class _Replay:
 
 
 # decode dispatches replayed per first matrix (keyed by the matrices, the pool and x's shape):
-# one row only. Multi-row replays (batched decode steps) gave wrong results on node views and
-# column-split products, whose multi-row jobs hold buffers and copies of x made when encoded.
+# one row, or up to REPLAY_BATCH_T rows (a batched decode step of that many sequences) when every
+# matrix is a plain Linear on a RowPool. Multi-row replays of node views and column-split
+# products gave wrong results (their multi-row jobs hold buffers and copies of x made when
+# encoded), so those replay one row only.
 REPLAY_MAX_T = 1
-_REPLAYS_PER_MATRIX = 8
+REPLAY_BATCH_T = 16
+_REPLAYS_PER_MATRIX = 2 * REPLAY_BATCH_T
 # bumped to drop every replay
 REPLAY_EPOCH = 0
 # (start, end) spans of kernel calls while `timing` is on, else None
@@ -192,8 +195,11 @@ def _replay(x: np.ndarray, lins: tuple[Linear, ...], pool) -> _Replay | None:
     r = first._replays.get(key) if first._replays is not None else None
     if r is not None and r.epoch == REPLAY_EPOCH and r.ws == tuple(lin.w for lin in lins):
         return r if r.ok else None       # made under the checks below (same pool, same shape)
-    if x.shape[0] > REPLAY_MAX_T or not isinstance(pool, (threads.RowPool, threads.NodePools)) or \
+    if not isinstance(pool, (threads.RowPool, threads.NodePools)) or \
             not all(lin.replayable for lin in lins) or _spans is not None:
+        return None
+    if x.shape[0] > REPLAY_MAX_T and (x.shape[0] > REPLAY_BATCH_T or type(pool) is not threads.RowPool
+                                      or any(type(lin) is not Linear for lin in lins)):
         return None
     if first._replays is None:
         first._replays = {}

@@ -16,7 +16,7 @@ MODELS = [("llama", "tiny"), ("qwen2", "tiny"), ("qwen3", "tiny"), ("qwen3moe", 
           ("qwen2moe", "tiny-moe"), ("deepseek2", "tiny-v3")]
 
 
-def _load(synth_dir, arch, shape, **kw):
+def _load(synth_dir, arch, shape, n_threads=1, **kw):
     if arch == "deepseek2":                  # MLA: a latent cache per layer, routed experts
         path = cached_deepseek(synth_dir, "Q8_0", shape, seed=1)
         # float32 latents: batched and lone rows differ by float32 rounding, which an f16 cache
@@ -25,7 +25,7 @@ def _load(synth_dir, arch, shape, **kw):
         kw = dict(cache_type_k="f32", cache_type_v="f32", **kw)
     else:
         path = cached_model(synth_dir, arch=arch, qtype="Q4_0", shape=shape, seed=1)
-    return numallm.LoadedModel(str(path), n_ctx=64, n_threads=1, **kw)
+    return numallm.LoadedModel(str(path), n_ctx=64, n_threads=n_threads, **kw)
 
 
 @pytest.fixture(scope="module", params=MODELS, ids=["-".join(m) for m in MODELS])
@@ -137,5 +137,29 @@ def test_batch_errors(synth_dir):
         g.emit()
         with pytest.raises(NumallmError, match="one generation per session"):
             lm.decode([g, g])
+    finally:
+        lm.close()
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_batched_step_replays_its_products_exactly(synth_dir, monkeypatch, threads):
+    """A batched step of B plain matrices replays its encoded dispatches (ops._Replay, keyed by
+    (B, K)) as one token does, with the same numbers as the step encoded afresh."""
+    lm = _load(synth_dir, "llama", "tiny", n_threads=threads)
+    try:
+        def step(replay_rows: int) -> np.ndarray:
+            monkeypatch.setattr(ops, "REPLAY_BATCH_T", replay_rows)
+            ss = [lm.session() for _ in PROMPTS]
+            for s, p in zip(ss, PROMPTS):
+                s._prefill(p)
+            return lm.forward_batch([42] * len(PROMPTS), [s.cache for s in ss],
+                                    [len(p) for p in PROMPTS])
+        fresh = step(1)
+        assert not any(k[2][0] == len(PROMPTS) for k in lm.model.blk[0].attn_q._replays or {})
+        first, again = step(16), step(16)
+        keys = lm.model.blk[0].attn_q._replays
+        assert any(k[2] == (len(PROMPTS), lm.args.n_embd) for k in keys)
+        np.testing.assert_array_equal(first, fresh)
+        np.testing.assert_array_equal(again, fresh)
     finally:
         lm.close()
