@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 import time
 from typing import Callable
 
@@ -161,13 +162,29 @@ class _Replay:
 
 
 # decode dispatches replayed per first matrix (keyed by the matrices, the pool and x's shape):
-# one row, or up to REPLAY_BATCH_T rows (a batched decode step of that many sequences) when every
-# matrix is a plain Linear on a RowPool. Multi-row replays of node views and column-split
-# products gave wrong results (their multi-row jobs hold buffers and copies of x made when
-# encoded), so those replay one row only.
+# one row, or, inside `batch_step` (a batched decode step of B sequences), up to REPLAY_BATCH_T
+# rows when every matrix is a plain Linear on a RowPool. Not prefill chunks: each would keep its
+# own buffers for every prompt length. Multi-row replays of node views and column-split products
+# gave wrong results (their multi-row jobs hold buffers and copies of x made when encoded), so
+# those replay one row only. A replay of B rows keeps B rows of its outputs, so the B = 2..8
+# replays of a server with 8 slots hold what ~35 rows of activations per layer take, within the
+# plan's scratch (one prefill chunk per sequence).
 REPLAY_MAX_T = 1
-REPLAY_BATCH_T = 16
+REPLAY_BATCH_T = 8
 _REPLAYS_PER_MATRIX = 2 * REPLAY_BATCH_T
+_step = threading.local()     # batch_step's flag, per calling thread
+
+
+@contextlib.contextmanager
+def batch_step():
+    """The products inside are a batched decode step's (LoadedModel.forward_batch): those of up
+    to REPLAY_BATCH_T rows replay their encoded dispatches as one token's do."""
+    prev = getattr(_step, "on", False)
+    _step.on = True
+    try:
+        yield
+    finally:
+        _step.on = prev
 # bumped to drop every replay
 REPLAY_EPOCH = 0
 # (start, end) spans of kernel calls while `timing` is on, else None
@@ -198,7 +215,8 @@ def _replay(x: np.ndarray, lins: tuple[Linear, ...], pool) -> _Replay | None:
     if not isinstance(pool, (threads.RowPool, threads.NodePools)) or \
             not all(lin.replayable for lin in lins) or _spans is not None:
         return None
-    if x.shape[0] > REPLAY_MAX_T and (x.shape[0] > REPLAY_BATCH_T or type(pool) is not threads.RowPool
+    if x.shape[0] > REPLAY_MAX_T and (x.shape[0] > REPLAY_BATCH_T or not getattr(_step, "on", False)
+                                      or type(pool) is not threads.RowPool
                                       or any(type(lin) is not Linear for lin in lins)):
         return None
     if first._replays is None:

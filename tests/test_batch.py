@@ -144,7 +144,8 @@ def test_batch_errors(synth_dir):
 @pytest.mark.parametrize("threads", [1, 2])
 def test_batched_step_replays_its_products_exactly(synth_dir, monkeypatch, threads):
     """A batched step of B plain matrices replays its encoded dispatches (ops._Replay, keyed by
-    (B, K)) as one token does, with the same numbers as the step encoded afresh."""
+    (B, K)) as one token does, with the same numbers as the step encoded afresh; a prefill chunk
+    of a few tokens keeps no replay."""
     lm = _load(synth_dir, "llama", "tiny", n_threads=threads)
     try:
         def step(replay_rows: int) -> np.ndarray:
@@ -159,6 +160,7 @@ def test_batched_step_replays_its_products_exactly(synth_dir, monkeypatch, threa
         first, again = step(16), step(16)
         keys = lm.model.blk[0].attn_q._replays
         assert any(k[2] == (len(PROMPTS), lm.args.n_embd) for k in keys)
+        assert {k[2][0] for k in keys} <= {1, len(PROMPTS)}    # not the prompts' 5, 3, 11, 2
         np.testing.assert_array_equal(first, fresh)
         np.testing.assert_array_equal(again, fresh)
     finally:
