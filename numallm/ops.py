@@ -206,6 +206,11 @@ def timing(spans: list):
         _spans = prev
 
 
+def in_batch_step() -> bool:
+    """Whether this thread is inside `batch_step`."""
+    return getattr(_step, "on", False)
+
+
 def _replay(x: np.ndarray, lins: tuple[Linear, ...], pool) -> _Replay | None:
     first = lins[0]
     key = (lins, pool, x.shape)          # matrices and pools hash by identity
@@ -215,7 +220,7 @@ def _replay(x: np.ndarray, lins: tuple[Linear, ...], pool) -> _Replay | None:
     if not isinstance(pool, (threads.RowPool, threads.NodePools)) or \
             not all(lin.replayable for lin in lins) or _spans is not None:
         return None
-    if x.shape[0] > REPLAY_MAX_T and (x.shape[0] > REPLAY_BATCH_T or not getattr(_step, "on", False)
+    if x.shape[0] > REPLAY_MAX_T and (x.shape[0] > REPLAY_BATCH_T or not in_batch_step()
                                       or type(pool) is not threads.RowPool
                                       or any(type(lin) is not Linear for lin in lins)):
         return None

@@ -165,3 +165,25 @@ def test_batched_step_replays_its_products_exactly(synth_dir, monkeypatch, threa
         np.testing.assert_array_equal(again, fresh)
     finally:
         lm.close()
+
+
+def test_batched_moe_step_replays_each_token_as_alone(synth_dir):
+    """A batched step's routed feed-forward replays one-token products per (token, slot)
+    (experts._MoEReplay over T*k slots): each row's logits are its lone decode's, bit for bit,
+    and the step encodes no tasks afresh after the first."""
+    lm = _load(synth_dir, "qwen3moe", "tiny-moe")
+    try:
+        alone, sessions = [], []
+        for p in PROMPTS:
+            s = lm.session()
+            s._prefill(p)
+            alone.append(lm.forward(np.array([42]), s.cache, len(p))[-1])
+            sessions.append(lm.session())
+            sessions[-1]._prefill(p)
+        got = lm.forward_batch([42] * len(PROMPTS), [s.cache for s in sessions],
+                               [len(p) for p in PROMPTS])
+        np.testing.assert_array_equal(got, np.stack(alone))
+        blk = lm.model.blk[0]
+        assert {key[-1] for key in blk.ffn_gate_exps._moe_replays} == {1, len(PROMPTS)}
+    finally:
+        lm.close()
