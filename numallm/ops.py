@@ -166,25 +166,37 @@ class _Replay:
 # rows when every matrix is a plain Linear on a RowPool. Not prefill chunks: each would keep its
 # own buffers for every prompt length. Multi-row replays of node views and column-split products
 # gave wrong results (their multi-row jobs hold buffers and copies of x made when encoded), so
-# those replay one row only. A replay of B rows keeps B rows of its outputs, so the B = 2..8
-# replays of a server with 8 slots hold what ~35 rows of activations per layer take, within the
-# plan's scratch (one prefill chunk per sequence).
+# those replay one row only. A replay of B rows keeps B rows of its inputs and outputs, so the
+# B = 2..8 replays of a server with 8 slots hold ~50 rows of activations per layer, within the
+# plan's scratch (one prefill chunk per sequence) for models up to ~80 layers.
 REPLAY_MAX_T = 1
 REPLAY_BATCH_T = 8
 _REPLAYS_PER_MATRIX = 2 * REPLAY_BATCH_T
-_step = threading.local()     # batch_step's flag, per calling thread
+
+
+class _StepFlag(threading.local):
+    on = False                # inside batch_step, on this thread
+
+
+_step = _StepFlag()
 
 
 @contextlib.contextmanager
 def batch_step():
     """The products inside are a batched decode step's (LoadedModel.forward_batch): those of up
     to REPLAY_BATCH_T rows replay their encoded dispatches as one token's do."""
-    prev = getattr(_step, "on", False)
-    _step.on = True
+    prev, _step.on = _step.on, True
     try:
         yield
     finally:
         _step.on = prev
+
+
+def in_batch_step() -> bool:
+    """Whether this thread is inside `batch_step`."""
+    return _step.on
+
+
 # bumped to drop every replay
 REPLAY_EPOCH = 0
 # (start, end) spans of kernel calls while `timing` is on, else None
@@ -204,11 +216,6 @@ def timing(spans: list):
         yield spans
     finally:
         _spans = prev
-
-
-def in_batch_step() -> bool:
-    """Whether this thread is inside `batch_step`."""
-    return getattr(_step, "on", False)
 
 
 def _replay(x: np.ndarray, lins: tuple[Linear, ...], pool) -> _Replay | None:

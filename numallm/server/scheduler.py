@@ -4,8 +4,8 @@ thread, continuous batching.
 Requests (`Job`) wait in a bounded queue; between steps the worker moves them into free slots
 (each slot is a Session with its own KV cache, planned up front as `n_seq=parallel`). A step is:
 up to `prefill_chunk` tokens of new requests' prompts (one chunk of a long prompt, or several
-short prompts whole), so a long prompt never stalls the running streams for long; every generation with fresh logits samples and streams its token;
-then one batched forward (LoadedModel.decode) over every generation that needs its next logits:
+short prompts whole), so a long prompt never stalls the running streams for long; every
+generation with fresh logits samples and streams its token; then one batched forward (LoadedModel.decode) over every generation that needs its next logits:
 all of them through each weight matrix at once, which on a memory-bound CPU costs little more
 than one. A job that finished, or whose client went away (`cancel`), leaves and frees its slot
 before the next step. One worker thread keeps sessions single-threaded.
@@ -227,14 +227,13 @@ class Scheduler:
             if budget <= 0:
                 return
             job, gen = self.active[slot]
-            n = min(budget, len(gen.tokens) - gen.next_prompt)
-            t0 = time.monotonic()
+            start, t0 = gen.next_prompt, time.monotonic()
             try:
-                gen.prefill(n)
+                gen.prefill(budget)
             except Exception as exc:  # noqa: BLE001
                 self._fail([slot], exc)
                 continue
-            budget -= n
+            budget -= gen.next_prompt - start
             with self._cv:
                 self.stats.busy_seconds += time.monotonic() - t0
                 self.stats.prefill_chunks += 1
