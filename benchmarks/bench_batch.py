@@ -7,11 +7,13 @@ llama-server was built, llama-cpp-python's server, which answers one request at 
 
 Run:  python benchmarks/bench_batch.py MODEL.gguf [--streams 1 2 4 8] [--tokens 32] [--threads N]
       [--repeat 3] [--server] [--llama-server PATH] [--llama-cpp-python] [--no-library]
-      [--markdown FILE]
+      [--slots N] [--markdown FILE]
 
-Library: that many sessions prefill a short prompt each, then `--tokens` batched decode steps
-(greedy, end-of-text ignored) are timed; tokens/s = streams x steps / seconds. Rounds interleave
-the stream counts, so a burst of other load hits them alike. With --threads 1 --cpu-time the
+Library: that many sessions prefill a short prompt each and sample their first token, then
+`--tokens` - 1 batched decode steps (greedy, end-of-text ignored): "library" is the decode rate
+(streams x steps / their seconds), "library e2e" every token over the time from the first
+prefill on (the servers' definition, less HTTP). Rounds interleave the stream counts, so a burst
+of other load hits them alike. With --threads 1 --cpu-time the
 seconds are the calling thread's CPU time (it does all the work with one thread), which other
 processes on a busy machine inflate far less than wall time.
 
@@ -42,24 +44,26 @@ PROMPTS = ["Once upon a time", "The quick brown fox", "In a galaxy far away", "H
            "The meaning of life", "A long time ago", "My favourite food", "Rain in Spain"]
 
 
-def library(loaded, streams: int, tokens: int, clock=time.perf_counter) -> float:
+def library(loaded, streams: int, tokens: int, clock=time.perf_counter) -> tuple[float, float]:
+    """(decode tok/s, end-to-end tok/s) of `streams` sequences of `tokens` tokens each: decode
+    counts the batched steps after every first token; end to end counts every token from the
+    first prefill on, as the servers' rates do (less HTTP)."""
+    t0 = clock()
     gens = []
     for i in range(streams):
-        g = loaded.session().start(PROMPTS[i % len(PROMPTS)], tokens + 1, temperature=0,
+        g = loaded.session().start(PROMPTS[i % len(PROMPTS)], tokens, temperature=0,
                                    stop_tokens=[])
         while not g.prefill():
             pass
         g.emit()
         gens.append(g)
-    loaded.decode(gens)                               # warm: the first batched step of this size
-    for g in gens:
-        g.emit()
-    t0 = clock()
+    t1 = clock()
     for _ in range(tokens - 1):
         loaded.decode(gens)
         for g in gens:
             g.emit()
-    return streams * (tokens - 1) / (clock() - t0)
+    t2 = clock()
+    return streams * (tokens - 1) / (t2 - t1), streams * tokens / (t2 - t0)
 
 
 def long_prompts(loaded, n: int, tokens: int) -> list[str]:
@@ -186,25 +190,37 @@ def main() -> None:
                     help="library tok/s per second of the calling thread's CPU time (needs "
                          "--threads 1, where it does all the work): robust to other load")
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--slots", type=int, default=None,
+                    help="start each server once with this many slots (--parallel) and measure "
+                         "every stream count on it, rather than one server per count (a large "
+                         "model's load time)")
     ap.add_argument("--markdown", default=None, help="append the table to this file")
     a = ap.parse_args()
+    if a.slots is not None and a.slots < max(a.streams):
+        ap.error(f"--slots {a.slots} is fewer than the {max(a.streams)} streams measured")
     if a.cpu_time and a.threads != 1:
         ap.error("--cpu-time measures the calling thread only: use it with --threads 1")
     clock = time.thread_time if a.cpu_time else time.perf_counter
     head = (f"{os.path.basename(a.model)}: {cpu_name()}, "
             f"cpus {os.cpu_count()}, threads {a.threads or 'default'}, {a.tokens} tokens per "
             f"stream{', library in thread CPU time' if a.cpu_time else ''}, "
+            f"server slots {a.slots or 'as streams'}, "
             f"load {os.getloadavg()[0]:.2f}")
     print(head, flush=True)
     rows = []
     loaded = numallm.LoadedModel(a.model, n_ctx=256, n_threads=a.threads, numa="off",
                                  n_seq=max(a.streams))
     rates: dict[int, list[float]] = {n: [] for n in a.streams}
+    e2e: dict[int, list[float]] = {n: [] for n in a.streams}
+    for n in [] if a.no_library else a.streams:
+        library(loaded, n, 3, clock)                  # warm: the first batched steps of this size
     for _ in range(0 if a.no_library else a.repeat):
         for n in a.streams:
-            rates[n].append(library(loaded, n, a.tokens, clock))
+            dec, whole = library(loaded, n, a.tokens, clock)
+            rates[n].append(dec)
+            e2e[n].append(whole)
     if not a.no_library:
-        rows += report("library", rates)
+        rows += report("library", rates) + report("library e2e", e2e)
     prompts = long_prompts(loaded, max(a.streams), a.tokens) \
         if a.server or a.llama_server or a.llama_cpp_python else []
     loaded.close()
@@ -216,9 +232,14 @@ def main() -> None:
            if a.llama_cpp_python else [])
     for label, start, extra in servers:
         got, lat = {}, {}
-        for n in a.streams:
-            with start(n) as c:
-                got[n], lat[n] = measure(c, prompts[:n], a.tokens, a.repeat, extra)
+        if a.slots:                       # one server with that many slots for every concurrency
+            with start(a.slots) as c:
+                for n in a.streams:
+                    got[n], lat[n] = measure(c, prompts[:n], a.tokens, a.repeat, extra)
+        else:
+            for n in a.streams:
+                with start(n) as c:
+                    got[n], lat[n] = measure(c, prompts[:n], a.tokens, a.repeat, extra)
         rows += report(label, got, lat)
     tail = f"load after: {os.getloadavg()[0]:.2f}"
     print(tail)

@@ -174,7 +174,7 @@ class LoadedModel:
         from . import ops     # here: importing numallm (topo, info) must not load Numba
 
         per_layer = [ops.BatchCaches([c[layer] for c in caches]) for layer in range(len(caches[0]))]
-        with self.lock, threads.activate(self.pool):
+        with self.lock, threads.activate(self.pool), ops.batch_step():
             self.passes += 1
             return self.model(tokens, per_layer, positions, last_only=False)
 

@@ -180,7 +180,7 @@ def moe_ffn(x: np.ndarray, ids: np.ndarray, weights: np.ndarray, gate: ExpertLin
     groups = list(zip(experts.tolist(), starts.tolist(), ends.tolist()))
     tok = order // k                                  # the token of each grouped assignment
     pool = gate.pool()
-    if t == 1:
+    if t == 1 or _batch_rows(t):
         replay = _replay(x, k, gate, up, down, pool)
         if replay is not None:
             return replay(x, ids, weights)
@@ -262,14 +262,25 @@ def _rows_parallel(pool, n: int, fn) -> None:
 
 # -- decode replay -------------------------------------------------------------------------------
 
+def _batch_rows(t: int) -> bool:
+    """Whether a moe_ffn of t > 1 rows is a batched decode step's that replays (ops.batch_step,
+    at most ops.REPLAY_BATCH_T rows; never a prefill chunk, which groups tokens by expert)."""
+    from . import ops
+
+    return t <= ops.REPLAY_BATCH_T and ops.in_batch_step()
+
+
 class _MoEReplay:
-    """The decode (one token) dispatches of moe_ffn over (gate, up, down) on one pool, encoded
-    once, as ops._Replay does for dense products: the token's activation forms, the k slots'
-    gate/up/SwiGLU/down buffers and both task tables stay allocated, and slot j's tasks are
-    written for expert 0; a token re-encodes x (one form fill), points each task's weight
-    address at the expert the router put in its slot (one numpy gather per table), and runs the
-    tables. Encoding ~25 tasks per layer per token in Python was most of the MoE decode's time
-    outside the kernels. None of it applies when a unit has no native kernel task."""
+    """The decode dispatches of moe_ffn over (gate, up, down) on one pool for T tokens (one, or
+    a batched decode step's), encoded once, as ops._Replay does for dense products: the tokens'
+    activation forms, the T*k slots' gate/up/SwiGLU/down buffers and both task tables stay
+    allocated, and slot j's tasks (token j // k) are written for expert 0; a step re-encodes x
+    (one form fill), points each task's weight address at the expert the router put in its slot
+    (one numpy gather per table), and runs the tables. Encoding ~25 tasks per layer per token in
+    Python was most of the MoE decode's time outside the kernels (and a batched step's grouped
+    path encodes every picked expert's tasks afresh). Each slot is a one-token product, so a
+    token's numbers do not depend on the batch; an expert two tokens picked is read twice. None
+    of it applies when a unit has no native kernel task."""
 
     def __init__(self, x: np.ndarray, k: int, gate, up, down, pool):
         from . import ops
@@ -279,28 +290,30 @@ class _MoEReplay:
         if any(p.some_experts for p in parts):   # which threads run a slot depends on its expert
             self.ok = False
             return
-        self.acts = Activations(x.copy())                                   # (1, K)
+        n = x.shape[0] * k                                                  # slots
+        self.acts = Activations(x.copy())                                   # (T, K)
         for u in {gate.unit, up.unit}:
             u.prepare_x(self.acts)
         widths = {p.buf: p.width for p in parts}
-        self.g = {b: np.zeros((k, w), np.float32) for b, w in widths.items()}   # (k, width) per slot
-        self.u = {b: np.zeros((k, w), np.float32) for b, w in widths.items()}
-        self.hacts = {b: Activations(np.zeros((k, w), np.float32)) for b, w in widths.items()}
+        self.g = {b: np.zeros((n, w), np.float32) for b, w in widths.items()}   # (T*k, width) per slot
+        self.u = {b: np.zeros((n, w), np.float32) for b, w in widths.items()}
+        self.hacts = {b: Activations(np.zeros((n, w), np.float32)) for b, w in widths.items()}
         for b in widths:
             down.unit.prepare_x(self.hacts[b])
-        self.d = {p.buf: np.zeros((k, p.down.shape[1]), np.float32) for p in parts}  # (k, K)
+        self.d = {p.buf: np.zeros((n, p.down.shape[1]), np.float32) for p in parts}  # (T*k, K)
         self.ok = self.acts.refillable and all(a.refillable for a in self.hacts.values())
         if self.ok:
             self.gu = self._encode(pool, k, [(p, m, self.acts, out[p.buf], p.ff) for p in parts
-                                             for m, out in ((p.gate, self.g), (p.up, self.u))])
-            self.dn = self._encode(pool, k, [(p, p.down, self.hacts[p.buf], self.d[p.buf], p.rows)
-                                             for p in parts])
+                                             for m, out in ((p.gate, self.g), (p.up, self.u))], n)
+            self.dn = self._encode(pool, 1, [(p, p.down, self.hacts[p.buf], self.d[p.buf], p.rows)
+                                             for p in parts], n)
             self.ok = self.gu is not None and self.dn is not None
 
     @staticmethod
-    def _encode(pool, k: int, prods: list[tuple]):
+    def _encode(pool, per_row: int, prods: list[tuple], n: int):
         """Table, spans, per row its tensor and slot, and per tensor its experts' weight
-        addresses (int64 (tensors, E)), for products (part, matrix, acts, out, rows) over k slots."""
+        addresses (int64 (tensors, E)), for products (part, matrix, acts, out, rows) over n slots,
+        slot j reading row j // per_row of acts."""
         from numallm_kernels._native import address
 
         jobs: list[list] = [[] for _ in range(pool.n_threads)]
@@ -312,9 +325,9 @@ class _MoEReplay:
             if any(t is None for t in one) or len({t[1].shape for t in one}) != 1:
                 return None
             addrs.append([address(t[1]) for t in one])
-            slots = [(m, 0, acts.row(j) if acts.x.shape[0] > 1 else acts, out[j:j + 1])
-                     for j in range(k)]
-            _add_jobs(jobs, p.tids, slots, [1.0] * k, r0, r1, tags, [(ti, j) for j in range(k)])
+            slots = [(m, 0, acts.row(j // per_row) if acts.x.shape[0] > 1 else acts, out[j:j + 1])
+                     for j in range(n)]
+            _add_jobs(jobs, p.tids, slots, [1.0] * n, r0, r1, tags, [(ti, j) for j in range(n)])
         enc = pool.encode(jobs)
         if enc is None:
             return None
@@ -327,7 +340,7 @@ class _MoEReplay:
         from . import ops
 
         t0 = time.perf_counter()
-        e = ids[0]                                                          # (k,) the slots' experts
+        e = ids.reshape(-1)                                                 # (T*k,) the slots' experts
         self.acts.refill(x)
         table, spans, ti, slot, addrs = self.gu
         table[:, 1] = addrs[ti, e[slot]]                                    # each task's expert
@@ -340,8 +353,12 @@ class _MoEReplay:
         self.pool.run_encoded(table, spans)
         if ops._spans is not None:      # one span: the token's encoding to the last thread's end
             ops._spans.append((t0, time.perf_counter()))
-        d = self.gate.reduce([self.d[b] for b in sorted(self.d)])        # (k, K)
-        return (weights[0] @ d)[None].astype(np.float32, copy=False)
+        d = self.gate.reduce([self.d[b] for b in sorted(self.d)])        # (T*k, K)
+        t, k = ids.shape
+        out = np.empty((t, d.shape[1]), np.float32)                         # (T, K)
+        for i in range(t):                  # each token as alone: its k slots' weighted sum
+            out[i] = weights[i] @ d[i * k:(i + 1) * k]
+        return out
 
 
 def _replay(x: np.ndarray, k: int, gate, up, down, pool) -> _MoEReplay | None:
@@ -352,7 +369,7 @@ def _replay(x: np.ndarray, k: int, gate, up, down, pool) -> _MoEReplay | None:
     cache = getattr(gate, "_moe_replays", None)
     if cache is None:
         cache = gate._moe_replays = {}
-    key = (up, down, pool, k)          # matrices and pools hash by identity
+    key = (up, down, pool, k, x.shape[0])  # matrices and pools hash by identity
     r = cache.get(key)
     if r is None or r.epoch != ops.REPLAY_EPOCH:
         if ops._spans is not None:     # (it would encode the timed calls)

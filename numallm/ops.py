@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 import time
 from typing import Callable
 
@@ -172,10 +173,41 @@ class _Replay:
 
 
 # decode dispatches replayed per first matrix (keyed by the matrices, the pool and x's shape):
-# one row only. Multi-row replays (batched decode steps) gave wrong results on node views and
-# column-split products, whose multi-row jobs hold buffers and copies of x made when encoded.
+# one row, or, inside `batch_step` (a batched decode step of B sequences), up to REPLAY_BATCH_T
+# rows when every matrix is a plain Linear on a RowPool. Not prefill chunks: each would keep its
+# own buffers for every prompt length. Multi-row replays of node views and column-split products
+# gave wrong results (their multi-row jobs hold buffers and copies of x made when encoded), so
+# those replay one row only. A replay of B rows keeps B rows of its inputs and outputs, so the
+# B = 2..8 replays of a server with 8 slots hold ~50 rows of activations per layer, within the
+# plan's scratch (one prefill chunk per sequence) for models up to ~80 layers.
 REPLAY_MAX_T = 1
-_REPLAYS_PER_MATRIX = 8
+REPLAY_BATCH_T = 8
+_REPLAYS_PER_MATRIX = 2 * REPLAY_BATCH_T
+
+
+class _StepFlag(threading.local):
+    on = False                # inside batch_step, on this thread
+
+
+_step = _StepFlag()
+
+
+@contextlib.contextmanager
+def batch_step():
+    """The products inside are a batched decode step's (LoadedModel.forward_batch): those of up
+    to REPLAY_BATCH_T rows replay their encoded dispatches as one token's do."""
+    prev, _step.on = _step.on, True
+    try:
+        yield
+    finally:
+        _step.on = prev
+
+
+def in_batch_step() -> bool:
+    """Whether this thread is inside `batch_step`."""
+    return _step.on
+
+
 # bumped to drop every replay
 REPLAY_EPOCH = 0
 # (start, end) spans of kernel calls while `timing` is on, else None
@@ -203,8 +235,12 @@ def _replay(x: np.ndarray, lins: tuple[Linear, ...], pool) -> _Replay | None:
     r = first._replays.get(key) if first._replays is not None else None
     if r is not None and r.epoch == REPLAY_EPOCH and all(a is lin.w for a, lin in zip(r.ws, lins)):
         return r if r.ok else None       # made under the checks below (same pool, same shape)
-    if x.shape[0] > REPLAY_MAX_T or not isinstance(pool, (threads.RowPool, threads.NodePools)) or \
+    if not isinstance(pool, (threads.RowPool, threads.NodePools)) or \
             not all(lin.replayable for lin in lins) or _spans is not None:
+        return None
+    if x.shape[0] > REPLAY_MAX_T and (x.shape[0] > REPLAY_BATCH_T or not in_batch_step()
+                                      or type(pool) is not threads.RowPool
+                                      or any(type(lin) is not Linear for lin in lins)):
         return None
     if first._replays is None:
         first._replays = {}

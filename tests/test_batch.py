@@ -16,7 +16,7 @@ MODELS = [("llama", "tiny"), ("qwen2", "tiny"), ("qwen3", "tiny"), ("qwen3moe", 
           ("qwen2moe", "tiny-moe"), ("deepseek2", "tiny-v3")]
 
 
-def _load(synth_dir, arch, shape, **kw):
+def _load(synth_dir, arch, shape, n_threads=1, **kw):
     if arch == "deepseek2":                  # MLA: a latent cache per layer, routed experts
         path = cached_deepseek(synth_dir, "Q8_0", shape, seed=1)
         # float32 latents: batched and lone rows differ by float32 rounding, which an f16 cache
@@ -25,7 +25,7 @@ def _load(synth_dir, arch, shape, **kw):
         kw = dict(cache_type_k="f32", cache_type_v="f32", **kw)
     else:
         path = cached_model(synth_dir, arch=arch, qtype="Q4_0", shape=shape, seed=1)
-    return numallm.LoadedModel(str(path), n_ctx=64, n_threads=1, **kw)
+    return numallm.LoadedModel(str(path), n_ctx=64, n_threads=n_threads, **kw)
 
 
 @pytest.fixture(scope="module", params=MODELS, ids=["-".join(m) for m in MODELS])
@@ -137,5 +137,53 @@ def test_batch_errors(synth_dir):
         g.emit()
         with pytest.raises(NumallmError, match="one generation per session"):
             lm.decode([g, g])
+    finally:
+        lm.close()
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_batched_step_replays_its_products_exactly(synth_dir, monkeypatch, threads):
+    """A batched step of B plain matrices replays its encoded dispatches (ops._Replay, keyed by
+    (B, K)) as one token does, with the same numbers as the step encoded afresh; a prefill chunk
+    of a few tokens keeps no replay."""
+    lm = _load(synth_dir, "llama", "tiny", n_threads=threads)
+    try:
+        def step(replay_rows: int) -> np.ndarray:
+            monkeypatch.setattr(ops, "REPLAY_BATCH_T", replay_rows)
+            ss = [lm.session() for _ in PROMPTS]
+            for s, p in zip(ss, PROMPTS):
+                s._prefill(p)
+            return lm.forward_batch([42] * len(PROMPTS), [s.cache for s in ss],
+                                    [len(p) for p in PROMPTS])
+        fresh = step(1)
+        assert not any(k[2][0] == len(PROMPTS) for k in lm.model.blk[0].attn_q._replays or {})
+        first, again = step(16), step(16)
+        keys = lm.model.blk[0].attn_q._replays
+        assert any(k[2] == (len(PROMPTS), lm.args.n_embd) for k in keys)
+        assert {k[2][0] for k in keys} <= {1, len(PROMPTS)}    # not the prompts' 5, 3, 11, 2
+        np.testing.assert_array_equal(first, fresh)
+        np.testing.assert_array_equal(again, fresh)
+    finally:
+        lm.close()
+
+
+def test_batched_moe_step_replays_each_token_as_alone(synth_dir):
+    """A batched step's routed feed-forward replays one-token products per (token, slot)
+    (experts._MoEReplay over T*k slots): each row's logits are its lone decode's, bit for bit,
+    and the step encodes no tasks afresh after the first."""
+    lm = _load(synth_dir, "qwen3moe", "tiny-moe")
+    try:
+        alone, sessions = [], []
+        for p in PROMPTS:
+            s = lm.session()
+            s._prefill(p)
+            alone.append(lm.forward(np.array([42]), s.cache, len(p))[-1])
+            sessions.append(lm.session())
+            sessions[-1]._prefill(p)
+        got = lm.forward_batch([42] * len(PROMPTS), [s.cache for s in sessions],
+                               [len(p) for p in PROMPTS])
+        np.testing.assert_array_equal(got, np.stack(alone))
+        blk = lm.model.blk[0]
+        assert {key[-1] for key in blk.ffn_gate_exps._moe_replays} == {1, len(PROMPTS)}
     finally:
         lm.close()

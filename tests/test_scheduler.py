@@ -14,7 +14,7 @@ from numallm.synth import cached_model
 @pytest.fixture(scope="module")
 def loaded(synth_dir):
     path = cached_model(synth_dir, arch="llama", qtype="Q8_0", shape="tiny", seed=3)
-    lm = numallm.LoadedModel(str(path), n_ctx=128, n_threads=1, n_seq=2)
+    lm = numallm.LoadedModel(str(path), n_ctx=128, n_threads=1, n_seq=3)
     yield lm
     lm.close()
 
@@ -68,3 +68,36 @@ def test_long_prefill_interleaves_with_running_stream(loaded):
     assert order.index("b") >= 10, order
     assert sched.stats.prefill_chunks == 1 + 12
     assert sched.stats.decode_steps < 59 + 3             # b's steps rode along with a's
+
+
+def test_burst_of_short_prompts_prefills_in_one_step(loaded):
+    """Requests that arrive together with short prompts are all prefilled in the first step
+    (within --prefill-chunk tokens): every first token comes before any stream's second."""
+    prompts = ([1, 5, 9, 200], [1, 700, 701], [1, 2, 3, 4, 5])
+    alone = [_alone(loaded, p, 5, 128) for p in prompts]
+    sched = Scheduler(loaded, parallel=3, prefill_chunk=128)
+    order: list[tuple[int, int]] = []
+
+    async def collect(i, job, out):
+        while (item := await job.events.get()) is not None:
+            assert not isinstance(item, Exception), item
+            order.append((i, item.generation_tokens))
+            out.append(item.token)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        with sched._cv:          # all three queued before the worker's next step admits them
+            jobs = [sched.submit(p, 5, dict(temperature=0, stop_tokens=[]), loop) for p in prompts]
+        outs: list[list[int]] = [[] for _ in prompts]
+        await asyncio.wait_for(asyncio.gather(*(collect(i, j, o) for i, (j, o)
+                                                in enumerate(zip(jobs, outs)))), 120)
+        return outs
+
+    try:
+        outs = asyncio.run(main())
+    finally:
+        sched.close()
+    assert outs == alone
+    assert sorted(order[:3]) == [(0, 1), (1, 1), (2, 1)], order
+    assert sched.stats.prefill_chunks == 3
+    assert sched.stats.decode_steps == 4                 # tokens 2..5 of all three together

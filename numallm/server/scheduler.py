@@ -3,9 +3,9 @@ thread, continuous batching.
 
 Requests (`Job`) wait in a bounded queue; between steps the worker moves them into free slots
 (each slot is a Session with its own KV cache, planned up front as `n_seq=parallel`). A step is:
-one chunk (`prefill_chunk` tokens) of one new request's prompt, so a long prompt never stalls
-the running streams for long; every generation with fresh logits samples and streams its token;
-then one batched forward (LoadedModel.decode) over every generation that needs its next logits:
+up to `prefill_chunk` tokens of new requests' prompts (one chunk of a long prompt, or several
+short prompts whole), so a long prompt never stalls the running streams for long; every
+generation with fresh logits samples and streams its token; then one batched forward (LoadedModel.decode) over every generation that needs its next logits:
 all of them through each weight matrix at once, which on a memory-bound CPU costs little more
 than one. A job that finished, or whose client went away (`cancel`), leaves and frees its slot
 before the next step. One worker thread keeps sessions single-threaded.
@@ -204,7 +204,7 @@ class Scheduler:
                 self._admit()
                 for slot in [s for s, (job, _) in self.active.items() if job.cancelled.is_set()]:
                     self._leave(slot, "cancelled")
-            self._prefill_one()
+            self._prefill()
             self._emit()
             self._decode()
         # stopping: every waiting client gets an error end, and every session its cache back
@@ -217,25 +217,29 @@ class Scheduler:
                 self.queue.popleft()._put(err)
                 self.stats.requests["cancelled"] += 1
 
-    def _prefill_one(self) -> None:
-        """One chunk of the prompt of the earliest admitted job still prefilling."""
-        waiting = [(job.id, slot) for slot, (job, g) in self.active.items() if not g.prefilled]
-        if not waiting:
-            return
-        slot = min(waiting)[1]
-        t0 = time.monotonic()
-        try:
-            self.active[slot][1].prefill(self.prefill_chunk)
-        except Exception as exc:  # noqa: BLE001
-            self._fail([slot], exc)
-            return
-        with self._cv:
-            self.stats.busy_seconds += time.monotonic() - t0
-            self.stats.prefill_chunks += 1
+    def _prefill(self) -> None:
+        """Prompt chunks of the jobs still prefilling, earliest admitted first, up to
+        `prefill_chunk` tokens in all: a long prompt gets one chunk per step, and a burst of
+        short ones goes in together, so none waits a decode step per request ahead of it."""
+        budget = self.prefill_chunk
+        for _, slot in sorted((job.id, slot) for slot, (job, g) in self.active.items()
+                              if not g.prefilled):
+            if budget <= 0:
+                return
             job, gen = self.active[slot]
-            if gen.finish_reason is not None:      # max_tokens=0: the prompt only
-                job._put(None)
-                self._leave(slot, "completed")
+            start, t0 = gen.next_prompt, time.monotonic()
+            try:
+                gen.prefill(budget)
+            except Exception as exc:  # noqa: BLE001
+                self._fail([slot], exc)
+                continue
+            budget -= gen.next_prompt - start
+            with self._cv:
+                self.stats.busy_seconds += time.monotonic() - t0
+                self.stats.prefill_chunks += 1
+                if gen.finish_reason is not None:      # max_tokens=0: the prompt only
+                    job._put(None)
+                    self._leave(slot, "completed")
 
     def _emit(self) -> None:
         """Every generation with fresh logits samples its token and streams it."""
