@@ -164,7 +164,7 @@ def test_bad_arguments(synth_dir):
     with pytest.raises(UnsupportedError):
         synth.write_model(synth_dir / "x.gguf", arch="gemma")
     with pytest.raises(UnsupportedError):
-        synth.write_model(synth_dir / "x.gguf", qtype="TQ2_0")
+        synth.write_model(synth_dir / "x.gguf", qtype="Q8_K")
     with pytest.raises(ValueError, match="shape"):
         synth.write_model(synth_dir / "x.gguf", shape="gpt5")
 
