@@ -4,8 +4,10 @@ On first use of a calibrated unit (`KernelUnit.calibrated`), every variant the C
 timed, and the result is cached per CPU model and type in $NUMALLM_CACHE_DIR/kernels.json
 (default ~/.cache/numallm/), so later processes skip the timing.
 
-- Prefill (T in PREFILL_TOKENS): a small weight that stays in the cache, one thread; the
-  fastest wins per T (prefill is compute-bound: each weight is reused T times).
+- Prefill (T in PREFILL_TOKENS): a small weight that stays in the cache, one thread, BLAS
+  capped at one thread as the engine's workers run it (uncapped, the blas-tile variant got
+  every core and won T=128 on a 2-core Xeon where it loses by 25% in the engine); the fastest
+  wins per T (prefill is compute-bound: each weight is reused T times).
 - Decode (T = 1) is timed as decode runs (`_decode_timing`): a cycle of decode-sized matrices
   over twice the L3, one dispatch per matrix on the engine's pool, at 1 thread and at the
   physical core count. `pick_decode` then takes the variant whose worst loss to the best at any
@@ -30,10 +32,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from . import _decode_timing, _simd
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3   # 3: prefill timed with BLAS capped at one thread
 PREFILL_TOKENS = (8, 32, 128)
 # Synthetic weight for the from-cache timing: big enough that a call takes ~1 ms, small enough
 # that all variants together stay well under a second per type.
@@ -200,9 +203,10 @@ def measure(unit) -> Choice:
 
     dec = {v: timer(v, 1) for v in variants}
     prefill = []
-    for n_t in PREFILL_TOKENS:
-        times = {v: timer(v, n_t) for v in variants}
-        prefill.append((n_t, min(times, key=times.get)))
+    with threadpool_limits(limits=1):
+        for n_t in PREFILL_TOKENS:
+            times = {v: timer(v, n_t) for v in variants}
+            prefill.append((n_t, min(times, key=times.get)))
     gbs = {v: round(raw.nbytes / t / 1e9, 2) for v, t in dec.items()}
     e2e = measure_decode(unit, gbs)
     return Choice(pick_decode(e2e, variants), tuple(prefill), gbs, "measured", e2e)

@@ -66,6 +66,27 @@ def test_end_to_end_figures_are_cached_and_shown(monkeypatch):
     assert row["e2e"] == {1: 9.5, 2: 17.25} and row["gbs"] == 17.25
 
 
+def test_prefill_is_timed_with_blas_on_one_thread(monkeypatch):
+    # the engine's workers run BLAS capped at one thread (threads.activate); timed uncapped, the
+    # blas-tile variant had every core and won prefill it loses in the engine
+    from threadpoolctl import threadpool_info
+
+    unit = nk.get(T.Q8_0)
+    seen = []
+    real_run = unit.run
+
+    def run(variant, w, x, out, r0, r1):
+        if variant == "blas-tile" and x.shape[0] > 1:
+            seen.append(max((i["num_threads"] for i in threadpool_info()
+                             if i["user_api"] == "blas"), default=1))
+        return real_run(variant, w, x, out, r0, r1)
+
+    monkeypatch.setattr(unit, "run", run)
+    monkeypatch.setattr(_calibrate, "measure_decode", lambda u, cache_gbs: {"avx2-x8": {1: 1.0}})
+    _calibrate.measure(unit)
+    assert seen and set(seen) == {1}
+
+
 def test_cycle_exceeds_the_l3_within_bounds(tmp_path):
     for idx, (level, size) in enumerate([(1, "32K"), (2, "512K"), (3, "96M")]):
         d = tmp_path / f"index{idx}"
