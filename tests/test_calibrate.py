@@ -120,3 +120,17 @@ def test_decode_timing_runs_on_the_engines_pool(monkeypatch):
     ref = np.empty_like(cycle.out)
     unit.run("numba-f32", cycle.ws[-1], cycle.x, ref, 0, ref.shape[1])
     np.testing.assert_allclose(cycle.out, ref, rtol=2e-2, atol=2e-2 * np.abs(ref).max())
+
+
+def test_kernels_command_times_decode_on_the_engines_pool(tmp_path):
+    # `numallm kernels` may be the first calibration on a machine: it must time decode at every
+    # thread count the engine uses, not only the 1-thread fallback of a bare numallm_kernels
+    import subprocess
+    import sys
+
+    probe = ("import sys; from numallm.cli import main; main(['kernels', '--no-calibrate', '--json']); "
+             "from numallm_kernels import _decode_timing; "
+             "sys.exit(0 if 'counts' in _decode_timing._dispatch else 3)")
+    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
+                       env={**__import__("os").environ, "NUMALLM_CACHE_DIR": str(tmp_path)})
+    assert r.returncode == 0, r.stderr[-2000:]

@@ -16,6 +16,7 @@ def run(args) -> int:
     import numallm_kernels
     from numallm_kernels import _calibrate
 
+    from .. import ops  # noqa: F401 - registers the engine's pool, so decode is timed at every count
     from .common import announce_first_run
 
     if not args.no_calibrate:
