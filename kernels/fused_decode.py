@@ -41,6 +41,16 @@ def _kv_store(x, a, d, pos0):
 
 
 @njit(nogil=True, cache=True)
+def rope_store(q, k, v, cos, sin, dim, neox, kc, kd, vc, vd, pos0):
+    """rope_store_attend without the attention (the caller then runs it over several threads):
+    q and k rotated in place, k and v stored into the cache arrays at pos0.."""
+    rope(q, cos, sin, dim, neox)
+    rope(k, cos, sin, dim, neox)
+    kv_store(k, kc, kd, pos0)
+    kv_store(v, vc, vd, pos0)
+
+
+@njit(nogil=True, cache=True)
 def rope_store_attend(q, k, v, cos, sin, dim, neox, kc, kd, vc, vd, pos0, scale, out):
     """q float32 (T, H, hd), k and v float32 (T, n_kv, hd) at positions pos0..pos0+T-1:
     q and k rotated in place (fused.rope; cos/sin float32 (T, dim/2) of those positions), k and

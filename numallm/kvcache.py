@@ -4,6 +4,8 @@ attention over it. Keys and values are converted once, when stored; the attentio
 """
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 from numallm_kernels import fused, fused_decode, kvcache as kv
 
@@ -15,6 +17,10 @@ from .cache_types import DEFAULT_CACHE_TYPE, check_cache_type
 FUSED_ATTENTION_MAX_T = 8
 # query positions per block of the batched path
 ATTENTION_BLOCK = 64
+# From this many cached positions on, one decode position's attention is cut over the pool's
+# threads by KV heads (_SplitAttend); below it the whole layer's attention takes less than
+# waking the other threads costs (~32 us at 64 positions for TinyLlama's 32 heads, one thread).
+SPLIT_ATTENTION_MIN = 64
 
 # cache type -> numpy dtype of its value array (numallm_kernels.kvcache's layouts)
 _DTYPES = {"f32": np.float32, "f16": np.uint16, "q8_0": np.int8}
@@ -124,6 +130,10 @@ def attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, cache: KVCache, pos0: in
     n_kv = k.shape[1]
     group = n_head // n_kv
     end = pos0 + t
+    split = _split_attend(cache, q, pos0)
+    if split is not None:
+        cache.store(k, v, pos0)
+        return split(q, pos0)
     cache.store(k, v, pos0)
     if t <= FUSED_ATTENTION_MAX_T:
         out = np.empty((t, n_head * hd), dtype=np.float32)
@@ -156,8 +166,14 @@ def rope_attend(rope, q: np.ndarray, k: np.ndarray, v: np.ndarray, cache: KVCach
     as rope(q), rope(k) and attend one after the other. q, k are rotated in place."""
     t, n_head, hd = q.shape
     cos, sin = rope.tables(pos0 + t)
-    out = np.empty((t, n_head * hd), dtype=np.float32)                       # (T, H * hd)
     ck, cv = cache.k, cache.v
+    split = _split_attend(cache, q, pos0)
+    if split is not None:
+        fused_decode.rope_store(q, k, v, cos[pos0:pos0 + t], sin[pos0:pos0 + t], rope.dim,
+                                rope.neox, ck.a, ck.d, cv.a, cv.d, pos0)
+        cache.n = pos0 + t
+        return split(q, pos0)
+    out = np.empty((t, n_head * hd), dtype=np.float32)                       # (T, H * hd)
     fused_decode.rope_store_attend(q, k, v, cos[pos0:pos0 + t], sin[pos0:pos0 + t], rope.dim,
                                    rope.neox, ck.a, ck.d, cv.a, cv.d, pos0,
                                    np.float32(1.0 / np.sqrt(hd)), out)
@@ -185,3 +201,76 @@ def _attend_heads(qg: np.ndarray, keys: np.ndarray, values: np.ndarray, pos0: in
         np.exp(sc, out=sc)
         sc /= sc.sum(axis=-1, keepdims=True)
         out[h0:h1, a:b] = np.matmul(sc, values[h0:h1, :n_s]).reshape(n, b - a, group, hd)
+
+
+class _SplitAttend:
+    """One decode position's attention over a KV cache on one pool, encoded once per cache and
+    pool (as heads._LatentAttend for a latent cache): q, out and the score rows are buffers of
+    this object; the KV heads are cut over the threads, each range one native attention task
+    (the same per-head arithmetic as fused.attend, so the result does not depend on the cut);
+    a token copies q in and writes its position into the table."""
+
+    def __init__(self, cache: KVCache, pool, n_head: int, hd: int):
+        from numallm_kernels import _native
+
+        from . import ops
+
+        self.epoch, self.k = ops.REPLAY_EPOCH, cache.k.a
+        n_kv = cache.k.a.shape[0]
+        group = n_head // n_kv
+        self.q = np.empty((1, n_head, hd), dtype=np.float32)                # (1, H, hd)
+        self.out = np.empty((1, n_head * hd), dtype=np.float32)             # (1, H * hd)
+        self.scores = _scores_scratch(pool, n_head, cache.n_ctx)              # (H, n_ctx)
+        n = min(pool.n_threads, n_kv)
+        cuts = [n_kv * j // n for j in range(n + 1)]                          # KV heads per task
+        jobs = [[_native.attention_task(self.q[:, g0 * group:g1 * group], *cache.k.part(g0, g1),
+                                        *cache.v.part(g0, g1),
+                                        self.out[:, g0 * group * hd:g1 * group * hd],
+                                        self.scores[g0 * group:g1 * group], 0,
+                                        1.0 / np.sqrt(hd))] for g0, g1 in zip(cuts, cuts[1:])]
+        self.table, spans = pool.encode(jobs)
+        self.run = pool.bind_encoded(self.table, spans)
+
+    def __call__(self, q: np.ndarray, pos0: int) -> np.ndarray:
+        from numallm_kernels import _native
+
+        np.copyto(self.q, q)
+        self.table[:, _native.ATTN_POS0] = pos0
+        self.run()
+        return self.out.copy()
+
+
+_SCORES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _scores_scratch(pool, n_head: int, n_ctx: int) -> np.ndarray:
+    """float32 (n_head, n_ctx) score rows shared by every layer's _SplitAttend on `pool`: the
+    layers attend one after another on it, and one per layer would cost n_layers x n_head x n_ctx
+    floats (GBs at a long context)."""
+    per_pool = _SCORES.setdefault(pool, {})
+    key = (n_head, n_ctx)
+    if key not in per_pool:
+        per_pool[key] = np.empty(key, dtype=np.float32)
+    return per_pool[key]
+
+
+def _split_attend(cache: KVCache, q: np.ndarray, pos0) -> "_SplitAttend | None":
+    """The split attention for this decode position (one query, SPLIT_ATTENTION_MIN or more
+    positions, a pool of several threads, native tasks on this CPU, several KV heads), made
+    on first use; else None."""
+    from numallm_kernels import _native
+
+    from . import ops
+
+    t, n_head, hd = q.shape
+    if t != 1 or type(pos0) is not int or pos0 + 1 < SPLIT_ATTENTION_MIN \
+            or type(q) is not np.ndarray or cache.k.a.shape[0] < 2:
+        return None
+    pool = threads.current()
+    if pool.n_threads == 1 or type(pool) is not threads.RowPool or not _native.available():
+        return None
+    reps = cache.__dict__.setdefault("_attends", {})
+    r = reps.get(pool)
+    if r is None or r.epoch != ops.REPLAY_EPOCH or r.k is not cache.k.a or r.q.shape != q.shape:
+        r = reps[pool] = _SplitAttend(cache, pool, n_head, hd)
+    return r

@@ -40,6 +40,42 @@ def test_rope_attention_is_rope_then_attention(cache_type, neox, t):
         np.testing.assert_array_equal(a, b)
 
 
+@native
+@pytest.mark.parametrize("cache_type", ["f32", "f16", "q8_0"])
+def test_split_attention_on_two_threads_equals_one_thread(cache_type):
+    # from SPLIT_ATTENTION_MIN positions on, a decode position's attention is cut over the
+    # pool's threads by KV heads (kvcache._SplitAttend): same bits as the one-thread fused call
+    from numallm import kvcache
+
+    rng = np.random.default_rng(2)
+    rope = ops.Rope(64, 10000.0, False)
+    one, two = (KVCache(160, 4, 64, type_k=cache_type, type_v=cache_type) for _ in range(2))
+    pool = threads.RowPool(2)
+    try:
+        for pos in range(150):
+            q = rng.standard_normal((1, 16, 64), dtype=np.float32)
+            k, v = (rng.standard_normal((1, 4, 64), dtype=np.float32) for _ in range(2))
+            want = ops.rope_attention(rope, q.copy(), k.copy(), v.copy(), one, pos)
+            with threads.activate(pool):
+                got = (ops.rope_attention if pos % 2 else ops.attention)(
+                    *((rope,) if pos % 2 else ()), q.copy() if pos % 2 else _roped(rope, q, pos),
+                    k.copy() if pos % 2 else _roped(rope, k, pos), v.copy(), two, pos)
+            np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
+        assert pool in two.__dict__.get("_attends", {})       # the split path ran
+        assert not one.__dict__.get("_attends")               # one thread: never split
+        assert kvcache.SPLIT_ATTENTION_MIN < 150
+        for a, b in zip(one.arrays, two.arrays):
+            np.testing.assert_array_equal(a, b)
+    finally:
+        pool.close()
+
+
+def _roped(rope, x, pos):
+    x = x.copy()
+    rope(x, pos)
+    return x
+
+
 def _decode(path, n_threads: int, n_tokens: int = 12) -> tuple[np.ndarray, list]:
     """Logits of an 8-token prefill and n_tokens decode steps, and the model's replays."""
     llm = numallm.load(str(path), n_ctx=64, n_threads=n_threads, numa="off")
@@ -56,7 +92,10 @@ def _decode(path, n_threads: int, n_tokens: int = 12) -> tuple[np.ndarray, list]
 
 @native
 @pytest.mark.parametrize("qtype", ["Q4_0", "Q4_K"])
-def test_decode_same_on_one_and_two_threads_with_claimed_rows(synth_dir, qtype):
+def test_decode_same_on_one_and_two_threads_with_claimed_rows(synth_dir, qtype, monkeypatch):
+    from numallm import kvcache
+
+    monkeypatch.setattr(kvcache, "SPLIT_ATTENTION_MIN", 12)   # the split attention runs too
     path = cached_model(synth_dir, "llama", qtype)
     one, _ = _decode(path, 1)
     two, replays = _decode(path, 2)
