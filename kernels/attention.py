@@ -74,21 +74,58 @@ def _scores(q, k, kd, t, n_s, scale, scores, tmp):
                 scores[h, s] = acc * scale
 
 
+@njit(nogil=True, cache=True, inline="always", fastmath=_FM)
+def _row_max(r, n_s):
+    # max of r[:n_s] in eight independent chains: one chain is a compare-select per element in
+    # series (LLVM does not vectorize a float max without no-NaNs); a NaN is skipped here and
+    # shows in the softmax anyway (exp(NaN - m))
+    m0 = m1 = m2 = m3 = m4 = m5 = m6 = m7 = np.float32(-np.inf)
+    s = 0
+    while s + 8 <= n_s:
+        v = r[s]
+        m0 = v if v > m0 else m0
+        v = r[s + 1]
+        m1 = v if v > m1 else m1
+        v = r[s + 2]
+        m2 = v if v > m2 else m2
+        v = r[s + 3]
+        m3 = v if v > m3 else m3
+        v = r[s + 4]
+        m4 = v if v > m4 else m4
+        v = r[s + 5]
+        m5 = v if v > m5 else m5
+        v = r[s + 6]
+        m6 = v if v > m6 else m6
+        v = r[s + 7]
+        m7 = v if v > m7 else m7
+        s += 8
+    for s in range(s, n_s):
+        v = r[s]
+        m0 = v if v > m0 else m0
+    m0 = m1 if m1 > m0 else m0
+    m2 = m3 if m3 > m2 else m2
+    m4 = m5 if m5 > m4 else m4
+    m6 = m7 if m7 > m6 else m6
+    m0 = m2 if m2 > m0 else m0
+    m4 = m6 if m6 > m4 else m4
+    return m4 if m4 > m0 else m0
+
+
 @njit(nogil=True, cache=True, fastmath=_FM)
 def _softmax(scores, n_s):
-    # each row's first n_s entries -> softmax (in place)
+    # each row's first n_s entries -> softmax (in place), in float32 throughout (a float64 max
+    # made the exp polynomial float64 and scalar)
     for h in range(scores.shape[0]):
-        m = -np.inf
-        for s in range(n_s):
-            m = max(m, scores[h, s])
+        r = scores[h]
+        m = _row_max(r, n_s)
         z = np.float32(0.0)
         for s in range(n_s):
-            e = exp(scores[h, s] - m)
-            scores[h, s] = e
+            e = exp(r[s] - m)
+            r[s] = e
             z += e
         inv = np.float32(1.0) / z
         for s in range(n_s):
-            scores[h, s] *= inv
+            r[s] *= inv
 
 
 @njit(nogil=True, cache=True, fastmath=_FM)
