@@ -237,19 +237,21 @@ def mla_scores_q(q_lat: np.ndarray, scale: float, qc: np.ndarray) -> np.ndarray:
 
 class _LatentAttend:
     """One-token attention over a latent cache on one pool, encoded once (as the sharded
-    path's node caches do): q, out and the score rows are buffers of this object, the heads cut
+    path's node caches do): q and out are buffers of this object, the score rows the pool's
+    scratch (kvcache.shared_scores), the heads cut
     over the threads, one native attention task each; a token copies q in and writes its
     position into the table."""
 
     def __init__(self, cache, pool, n_head: int, width: int):
         from numallm_kernels import _native
 
-        from . import ops
+        from . import kvcache, ops
 
         self.epoch, self.k = ops.REPLAY_EPOCH, cache.k.a
         self.q = np.empty((1, n_head, width), dtype=np.float32)               # (1, H, width)
         self.out = np.empty((1, n_head * width), dtype=np.float32)            # (1, H * width)
-        self.scores = np.empty((n_head, cache.n_ctx), dtype=np.float32)       # (H, n_ctx)
+        # (H, n_ctx), one per pool shared by the layers (each layer its own: GBs at long contexts)
+        self.scores = kvcache.shared_scores(pool, n_head, cache.n_ctx)
         k, n = cache.k, min(pool.n_threads, n_head)
         cuts = [n_head * j // n for j in range(n + 1)]
         jobs = [[_native.attention_task(self.q[:, a:b], k.a, k.d, k.a, k.d,

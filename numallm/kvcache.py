@@ -220,7 +220,7 @@ class _SplitAttend:
         group = n_head // n_kv
         self.q = np.empty((1, n_head, hd), dtype=np.float32)                # (1, H, hd)
         self.out = np.empty((1, n_head * hd), dtype=np.float32)             # (1, H * hd)
-        self.scores = _scores_scratch(pool, n_head, cache.n_ctx)              # (H, n_ctx)
+        self.scores = shared_scores(pool, n_head, cache.n_ctx)              # (H, n_ctx)
         n = min(pool.n_threads, n_kv)
         cuts = [n_kv * j // n for j in range(n + 1)]                          # KV heads per task
         jobs = [[_native.attention_task(self.q[:, g0 * group:g1 * group], *cache.k.part(g0, g1),
@@ -243,7 +243,7 @@ class _SplitAttend:
 _SCORES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def _scores_scratch(pool, n_head: int, n_ctx: int) -> np.ndarray:
+def shared_scores(pool, n_head: int, n_ctx: int) -> np.ndarray:
     """float32 (n_head, n_ctx) score rows shared by every layer's _SplitAttend on `pool`: the
     layers attend one after another on it, and one per layer would cost n_layers x n_head x n_ctx
     floats (GBs at a long context)."""

@@ -64,6 +64,9 @@ def test_split_attention_on_two_threads_equals_one_thread(cache_type):
         assert pool in two.__dict__.get("_attends", {})       # the split path ran
         assert not one.__dict__.get("_attends")               # one thread: never split
         assert kvcache.SPLIT_ATTENTION_MIN < 150
+        # every layer's replay on a pool shares one (H, n_ctx) score scratch, not one per layer
+        other = kvcache._SplitAttend(KVCache(160, 4, 64), pool, 16, 64)
+        assert other.scores is two.__dict__["_attends"][pool].scores
         for a, b in zip(one.arrays, two.arrays):
             np.testing.assert_array_equal(a, b)
     finally:
