@@ -205,8 +205,8 @@ def _attend_heads(qg: np.ndarray, keys: np.ndarray, values: np.ndarray, pos0: in
 
 class _SplitAttend:
     """One decode position's attention over a KV cache on one pool, encoded once per cache and
-    pool (as heads._LatentAttend for a latent cache): q, out and the score rows are buffers of
-    this object; the KV heads are cut over the threads, each range one native attention task
+    pool (as heads._LatentAttend for a latent cache): q and out are buffers of this object, the
+    score rows the pool's scratch (shared_scores); the KV heads are cut over the threads, each range one native attention task
     (the same per-head arithmetic as fused.attend, so the result does not depend on the cut);
     a token copies q in and writes its position into the table."""
 
