@@ -235,58 +235,23 @@ def mla_scores_q(q_lat: np.ndarray, scale: float, qc: np.ndarray) -> np.ndarray:
     return qc
 
 
-class _LatentAttend:
-    """One-token attention over a latent cache on one pool, encoded once (as the sharded
-    path's node caches do): q and out are buffers of this object, the score rows the pool's
-    scratch (kvcache.shared_scores), the heads cut
-    over the threads, one native attention task each; a token copies q in and writes its
-    position into the table."""
-
-    def __init__(self, cache, pool, n_head: int, width: int):
-        from numallm_kernels import _native
-
-        from . import kvcache, ops
-
-        self.epoch, self.k = ops.REPLAY_EPOCH, cache.k.a
-        self.q = np.empty((1, n_head, width), dtype=np.float32)               # (1, H, width)
-        self.out = np.empty((1, n_head * width), dtype=np.float32)            # (1, H * width)
-        # (H, n_ctx), one per pool shared by the layers (each layer its own: GBs at long contexts)
-        self.scores = kvcache.shared_scores(pool, n_head, cache.n_ctx)
-        k, n = cache.k, min(pool.n_threads, n_head)
-        cuts = [n_head * j // n for j in range(n + 1)]
-        jobs = [[_native.attention_task(self.q[:, a:b], k.a, k.d, k.a, k.d,
-                                        self.out[:, a * width:b * width], self.scores[a:b], 0,
-                                        1.0 / np.sqrt(width))] for a, b in zip(cuts, cuts[1:])]
-        self.table, spans = pool.encode(jobs)
-        self.run = pool.bind_encoded(self.table, spans)
-
-    def __call__(self, q: np.ndarray, pos0: int) -> np.ndarray:
-        from numallm_kernels import _native
-
-        np.copyto(self.q, q)
-        self.table[:, _native.ATTN_POS0] = pos0
-        self.run()
-        return self.out.copy()
-
-
 def attend_latent(q: np.ndarray, latent: np.ndarray, cache, pos0) -> np.ndarray:
     """LatentCache.attend: store `latent` (T, 1, width) at pos0.., then attention of q (T, H,
     width) over the latent rows (every head reads the one KV head). One query position on
     several threads: the heads are cut over the pool's threads, each range one native attention
     task (the shared kernel splits by KV heads, of which there is one here), encoded once per
-    cache and pool (_LatentAttend); else kvcache.attend."""
-    from numallm_kernels import _native
-
-    from . import kvcache, ops
+    cache and pool (kvcache.AttendReplay); else kvcache.attend."""
+    from . import kvcache
 
     t, n_head, width = q.shape
-    pool = threads.current()
-    if t != 1 or isinstance(pos0, np.ndarray) or pool.n_threads == 1 or \
-            not isinstance(pool, threads.RowPool) or not _native.available():
+    pool = kvcache.replay_pool()
+    if t != 1 or isinstance(pos0, np.ndarray) or pool is None:
         return kvcache.attend(q, latent, latent, cache, pos0)
     cache.store(latent, latent, pos0)
-    reps = cache.__dict__.setdefault("_attends", {})
-    r = reps.get(pool)
-    if r is None or r.epoch != ops.REPLAY_EPOCH or r.k is not cache.k.a or r.q.shape != q.shape:
-        r = reps[pool] = _LatentAttend(cache, pool, n_head, width)
+
+    def parts(n_threads):            # heads cut over the threads, every one reads the one KV head
+        n = min(n_threads, n_head)
+        cuts = [n_head * j // n for j in range(n + 1)]
+        return [(a, b, 0, 1) for a, b in zip(cuts, cuts[1:])]
+    r = kvcache.replayed_attend(cache, pool, q, cache.k, parts)
     return r(q, pos0)

@@ -18,7 +18,7 @@ FUSED_ATTENTION_MAX_T = 8
 # query positions per block of the batched path
 ATTENTION_BLOCK = 64
 # From this many cached positions on, one decode position's attention is cut over the pool's
-# threads by KV heads (_SplitAttend); below it the whole layer's attention takes less than
+# threads by KV heads (_split_attend); below it the whole layer's attention takes less than
 # waking the other threads costs (~32 us at 64 positions for TinyLlama's 32 heads, one thread).
 SPLIT_ATTENTION_MIN = 64
 
@@ -203,31 +203,26 @@ def _attend_heads(qg: np.ndarray, keys: np.ndarray, values: np.ndarray, pos0: in
         out[h0:h1, a:b] = np.matmul(sc, values[h0:h1, :n_s]).reshape(n, b - a, group, hd)
 
 
-class _SplitAttend:
-    """One decode position's attention over a KV cache on one pool, encoded once per cache and
-    pool (as heads._LatentAttend for a latent cache): q and out are buffers of this object, the
-    score rows the pool's scratch (shared_scores); the KV heads are cut over the threads, each range one native attention task
-    (the same per-head arithmetic as fused.attend, so the result does not depend on the cut);
-    a token copies q in and writes its position into the table."""
+class AttendReplay:
+    """One decode position's attention on one pool, encoded once per cache and pool: q and out
+    are buffers of this object, the score rows the pool's scratch (shared_scores); each part
+    (h0, h1, k0, k1), query heads [h0, h1) over KV heads [k0, k1) of `keys` / `values`, is one
+    native attention task (the per-head arithmetic of fused.attend, so the result does not
+    depend on the cut); a token copies q in and writes its position into the table. Made by
+    `replayed_attend`; used by the split attention below and heads.attend_latent."""
 
-    def __init__(self, cache: KVCache, pool, n_head: int, hd: int):
+    def __init__(self, keys: KVArray, values: KVArray, pool, n_head: int, width: int, parts):
         from numallm_kernels import _native
 
         from . import ops
 
-        self.epoch, self.k = ops.REPLAY_EPOCH, cache.k.a
-        n_kv = cache.k.a.shape[0]
-        group = n_head // n_kv
-        self.q = np.empty((1, n_head, hd), dtype=np.float32)                # (1, H, hd)
-        self.out = np.empty((1, n_head * hd), dtype=np.float32)             # (1, H * hd)
-        self.scores = shared_scores(pool, n_head, cache.n_ctx)              # (H, n_ctx)
-        n = min(pool.n_threads, n_kv)
-        cuts = [n_kv * j // n for j in range(n + 1)]                          # KV heads per task
-        jobs = [[_native.attention_task(self.q[:, g0 * group:g1 * group], *cache.k.part(g0, g1),
-                                        *cache.v.part(g0, g1),
-                                        self.out[:, g0 * group * hd:g1 * group * hd],
-                                        self.scores[g0 * group:g1 * group], 0,
-                                        1.0 / np.sqrt(hd))] for g0, g1 in zip(cuts, cuts[1:])]
+        self.epoch, self.k = ops.REPLAY_EPOCH, keys.a
+        self.q = np.empty((1, n_head, width), dtype=np.float32)             # (1, H, width)
+        self.out = np.empty((1, n_head * width), dtype=np.float32)          # (1, H * width)
+        self.scores = shared_scores(pool, n_head, keys.a.shape[1])          # (H, n_ctx)
+        jobs = [[_native.attention_task(self.q[:, h0:h1], *keys.part(k0, k1), *values.part(k0, k1),
+                                        self.out[:, h0 * width:h1 * width], self.scores[h0:h1], 0,
+                                        1.0 / np.sqrt(width))] for h0, h1, k0, k1 in parts]
         self.table, spans = pool.encode(jobs)
         self.run = pool.bind_encoded(self.table, spans)
 
@@ -240,11 +235,36 @@ class _SplitAttend:
         return self.out.copy()
 
 
+def replay_pool() -> "threads.RowPool | None":
+    """The current pool where a replayed one-position attention can run on it (several threads,
+    native tasks on this CPU), else None."""
+    from numallm_kernels import _native
+
+    pool = threads.current()
+    if pool.n_threads == 1 or type(pool) is not threads.RowPool or not _native.available():
+        return None
+    return pool
+
+
+def replayed_attend(cache, pool, q: np.ndarray, values: KVArray, parts) -> AttendReplay:
+    """The AttendReplay of `cache` (its keys, and `values`) on `pool` for q (1, H, width), made
+    on first use and again when the cache's arrays or the replay epoch changed; parts(n_threads)
+    gives the cut (see AttendReplay)."""
+    from . import ops
+
+    reps = cache.__dict__.setdefault("_attends", {})
+    r = reps.get(pool)
+    if r is None or r.epoch != ops.REPLAY_EPOCH or r.k is not cache.k.a or r.q.shape != q.shape:
+        r = reps[pool] = AttendReplay(cache.k, values, pool, q.shape[1], q.shape[2],
+                                      parts(pool.n_threads))
+    return r
+
+
 _SCORES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def shared_scores(pool, n_head: int, n_ctx: int) -> np.ndarray:
-    """float32 (n_head, n_ctx) score rows shared by every layer's _SplitAttend on `pool`: the
+    """float32 (n_head, n_ctx) score rows shared by every layer's AttendReplay on `pool`: the
     layers attend one after another on it, and one per layer would cost n_layers x n_head x n_ctx
     floats (GBs at a long context)."""
     per_pool = _SCORES.setdefault(pool, {})
@@ -254,23 +274,22 @@ def shared_scores(pool, n_head: int, n_ctx: int) -> np.ndarray:
     return per_pool[key]
 
 
-def _split_attend(cache: KVCache, q: np.ndarray, pos0) -> "_SplitAttend | None":
+def _split_attend(cache: KVCache, q: np.ndarray, pos0) -> "AttendReplay | None":
     """The split attention for this decode position (one query, SPLIT_ATTENTION_MIN or more
-    positions, a pool of several threads, native tasks on this CPU, several KV heads), made
-    on first use; else None."""
-    from numallm_kernels import _native
-
-    from . import ops
-
+    positions, several KV heads, a pool where replay_pool allows it): the KV heads cut over the
+    threads; else None."""
     t, n_head, hd = q.shape
+    n_kv = cache.k.a.shape[0]
     if t != 1 or type(pos0) is not int or pos0 + 1 < SPLIT_ATTENTION_MIN \
-            or type(q) is not np.ndarray or cache.k.a.shape[0] < 2:
+            or type(q) is not np.ndarray or n_kv < 2:
         return None
-    pool = threads.current()
-    if pool.n_threads == 1 or type(pool) is not threads.RowPool or not _native.available():
+    pool = replay_pool()
+    if pool is None:
         return None
-    reps = cache.__dict__.setdefault("_attends", {})
-    r = reps.get(pool)
-    if r is None or r.epoch != ops.REPLAY_EPOCH or r.k is not cache.k.a or r.q.shape != q.shape:
-        r = reps[pool] = _SplitAttend(cache, pool, n_head, hd)
-    return r
+    group = n_head // n_kv
+
+    def parts(n_threads):
+        n = min(n_threads, n_kv)
+        cuts = [n_kv * j // n for j in range(n + 1)]                          # KV heads per task
+        return [(g0 * group, g1 * group, g0, g1) for g0, g1 in zip(cuts, cuts[1:])]
+    return replayed_attend(cache, pool, q, cache.v, parts)

@@ -44,7 +44,7 @@ def test_rope_attention_is_rope_then_attention(cache_type, neox, t):
 @pytest.mark.parametrize("cache_type", ["f32", "f16", "q8_0"])
 def test_split_attention_on_two_threads_equals_one_thread(cache_type):
     # from SPLIT_ATTENTION_MIN positions on, a decode position's attention is cut over the
-    # pool's threads by KV heads (kvcache._SplitAttend): same bits as the one-thread fused call
+    # pool's threads by KV heads (kvcache._split_attend): same bits as the one-thread fused call
     from numallm import kvcache
 
     rng = np.random.default_rng(2)
@@ -65,7 +65,8 @@ def test_split_attention_on_two_threads_equals_one_thread(cache_type):
         assert not one.__dict__.get("_attends")               # one thread: never split
         assert kvcache.SPLIT_ATTENTION_MIN < 150
         # every layer's replay on a pool shares one (H, n_ctx) score scratch, not one per layer
-        other = kvcache._SplitAttend(KVCache(160, 4, 64), pool, 16, 64)
+        c = KVCache(160, 4, 64)
+        other = kvcache.AttendReplay(c.k, c.v, pool, 16, 64, [(0, 16, 0, 4)])
         assert other.scores is two.__dict__["_attends"][pool].scores
         for a, b in zip(one.arrays, two.arrays):
             np.testing.assert_array_equal(a, b)
