@@ -16,9 +16,14 @@ timed, and the result is cached per CPU model and type in $NUMALLM_CACHE_DIR/ker
   (the portable float ones) are not timed end to end.
   Bounded: the cycle is at most 1 GiB and each variant gets at most 7 passes per thread
   count (see _decode_timing).
+- Decode's software prefetch (units with `prefetches`): each record variant is timed end to end
+  twice, as "VARIANT" (no prefetch) and "VARIANT+pf" (lines `_simd.PREFETCH_AHEAD` bytes
+  ahead), and the pair that loses least wins: the same prefetches that gain 7-16% on a
+  Sapphire-Rapids-class Xeon cost AMD Zen 4 a third of its decode speed.
 
 NUMALLM_KERNEL forces a choice: `NUMALLM_KERNEL=blas-tile` (every type that offers it) or
-`NUMALLM_KERNEL=q4_0:numba-f32,q8_0:avx2-x8`. A forced variant the unit lacks, or this CPU
+`NUMALLM_KERNEL=q4_0:numba-f32,q8_0:avx2-x8` (add `+pf` to a record variant for decode's
+prefetch: `q4_k:avx2-x8+pf`). A forced variant the unit lacks, or this CPU
 cannot run, is an error (never a silent fallback).
 """
 from __future__ import annotations
@@ -36,7 +41,8 @@ from threadpoolctl import threadpool_limits
 
 from . import _decode_timing, _simd
 
-CACHE_VERSION = 3   # 3: prefill timed with BLAS capped at one thread
+CACHE_VERSION = 4   # 3: prefill timed with BLAS capped at one thread; 4: decode prefetch chosen
+PF = "+pf"          # suffix of a decode configuration with software prefetch
 PREFILL_TOKENS = (8, 32, 128)
 # Synthetic weight for the from-cache timing: big enough that a call takes ~1 ms, small enough
 # that all variants together stay well under a second per type.
@@ -50,13 +56,19 @@ class Choice:
     """A unit's chosen variants. `prefill`: (min T, variant) ascending; `gbs`: one-thread
     matvec GB/s of each variant from the cache (weight bytes per second); `e2e`: decode GB/s
     end to end ({variant: {threads: GB/s}}, the variants timed so); `source`: measured /
-    cached / forced."""
+    cached / forced; `prefetch`: decode's software prefetch distance in bytes (0: none)."""
 
     matvec: str
     prefill: tuple[tuple[int, str], ...]
     gbs: dict[str, float] = field(default_factory=dict)
     source: str = "measured"
     e2e: dict[str, dict[int, float]] = field(default_factory=dict)
+    prefetch: int = 0
+
+    @property
+    def decode(self) -> str:
+        """The decode configuration as calibration and NUMALLM_KERNEL name it ("avx2-x8+pf")."""
+        return self.matvec + (PF if self.prefetch else "")
 
     def for_tokens(self, n_tokens: int) -> str:
         if n_tokens <= 1:
@@ -151,7 +163,7 @@ def _check_spec(spec: str) -> None:
             raise KernelChoiceError(f"NUMALLM_KERNEL={spec}: {t!r} is not a GGML type (types with "
                                     f"selectable kernels: {', '.join(sorted(known))}); change or unset it")
         allowed = known.get(t.lower(), every) if colon else every
-        if (v if colon else t) not in allowed:
+        if split_config(v if colon else t)[0] not in allowed:
             raise KernelChoiceError(f"NUMALLM_KERNEL={spec}: no variant {(v if colon else t)!r}"
                                     f"{' for ' + t if colon else ''} (known: {', '.join(sorted(allowed))}); "
                                     f"`numallm kernels` lists them; change or unset it")
@@ -175,6 +187,13 @@ def _time(fn, min_reps: int = 3, budget_s: float = 0.05) -> float:
         best = min(best, time.perf_counter() - t)
         reps += 1
     return best
+
+
+def split_config(config: str) -> tuple[str, int]:
+    """"avx2-x8+pf" -> ("avx2-x8", PREFETCH_AHEAD); "avx2-x8" -> ("avx2-x8", 0)."""
+    if config.endswith(PF):
+        return config[:-len(PF)], _simd.PREFETCH_AHEAD
+    return config, 0
 
 
 def pick_decode(e2e: dict[str, dict[int, float]], order: list[str]) -> str:
@@ -209,7 +228,8 @@ def measure(unit) -> Choice:
             prefill.append((n_t, min(times, key=times.get)))
     gbs = {v: round(raw.nbytes / t / 1e9, 2) for v, t in dec.items()}
     e2e = measure_decode(unit, gbs)
-    return Choice(pick_decode(e2e, variants), tuple(prefill), gbs, "measured", e2e)
+    matvec, pf = split_config(pick_decode(e2e, variants))
+    return Choice(matvec, tuple(prefill), gbs, "measured", e2e, pf)
 
 
 # variants slower than the fastest from the cache by more than this factor are not timed end
@@ -220,11 +240,14 @@ PRUNE_RATIO = 4.0
 
 
 def measure_decode(unit, cache_gbs: dict[str, float]) -> dict[str, dict[int, float]]:
-    """End-to-end decode GB/s ({variant: {threads: GB/s}}) of every variant within PRUNE_RATIO
-    of the fastest from the cache, the variants taking turns."""
+    """End-to-end decode GB/s ({config: {threads: GB/s}}) of every variant within PRUNE_RATIO
+    of the fastest from the cache, the variants taking turns; a unit that `prefetches` has each
+    variant timed without and with decode's prefetch ("VARIANT", "VARIANT+pf")."""
     top = max(cache_gbs.values())
     order = sorted((v for v, g in cache_gbs.items() if g * PRUNE_RATIO >= top),
                    key=cache_gbs.get, reverse=True)
+    if unit.prefetches:
+        order = [c for v in order for c in (v, v + PF)]
     cycle = _decode_timing.DecodeCycle(unit, _decode_timing.cycle_bytes(_decode_timing.l3_bytes()),
                                        np.random.default_rng(1))
     return _decode_timing.decode_gbs(cycle, order, _decode_timing.thread_counts())
@@ -239,7 +262,8 @@ def _load_cache() -> dict:
 
 
 def _store(key: str, type_name: str, choice: Choice) -> None:
-    entry = {"matvec": choice.matvec, "prefill": [list(p) for p in choice.prefill],
+    entry = {"matvec": choice.matvec, "prefetch": choice.prefetch,
+             "prefill": [list(p) for p in choice.prefill],
              "gbs": choice.gbs, "e2e": {v: {str(n): g for n, g in by.items()}
                                         for v, by in choice.e2e.items()}}
     _write(lambda data: data.setdefault("cpus", {}).setdefault(key, {}).__setitem__(type_name, entry))
@@ -269,7 +293,8 @@ def _from_cache(unit, key: str) -> Choice | None:
         e2e = {str(v): {int(n): float(g) for n, g in by.items()}
                for v, by in entry.get("e2e", {}).items()}
         choice = Choice(str(entry["matvec"]), prefill,
-                        {str(k): float(v) for k, v in entry.get("gbs", {}).items()}, "cached", e2e)
+                        {str(k): float(v) for k, v in entry.get("gbs", {}).items()}, "cached", e2e,
+                        int(entry.get("prefetch", 0)))
     except (KeyError, TypeError, ValueError):
         return None
     usable = set(unit.variants())
@@ -286,9 +311,10 @@ def choose(unit) -> Choice:
     check_spec()
     forced = forced_variant(name)
     if forced is not None:
-        if forced not in unit.variants():
+        variant, pf = split_config(forced)
+        if variant not in unit.variants() or (pf and not unit.prefetches):
             raise _bad_force(unit, forced)
-        return Choice(forced, ((2, forced),), {}, "forced")
+        return Choice(variant, ((2, variant),), {}, "forced", prefetch=pf)
     key = cpu_key()
     choice = _from_cache(unit, key)
     if choice is None:

@@ -124,10 +124,13 @@ def _split(n_rows: int, n_threads: int, multiple: int) -> list[tuple[int, int]]:
     return [(a, min(a + step, n_rows)) for a in range(0, n_rows, step)]
 
 
-def _dispatches(cycle: DecodeCycle, variant: str, pool) -> list[Callable[[], None]]:
+def _dispatches(cycle: DecodeCycle, config: str, pool) -> list[Callable[[], None]]:
     """One callable per matrix of the cycle: refill the activation, run every thread's rows of
     that matrix on `pool` (a pre-encoded task table, as ops' decode replays, where the variant
-    has native tasks)."""
+    has native tasks). config: a variant, or "VARIANT+pf" for decode's software prefetch."""
+    from ._calibrate import split_config
+
+    variant, pf = split_config(config)
     unit = cycle.unit
     acts = Activations(cycle.x.copy())
     unit.prepare_variant_x(variant, acts)
@@ -136,7 +139,7 @@ def _dispatches(cycle: DecodeCycle, variant: str, pool) -> list[Callable[[], Non
     for w in cycle.ws:
         shares = []
         for a, b in ranges:
-            task = unit.variant_task(variant, w, acts, cycle.out, a, b)
+            task = unit.variant_task(variant, w, acts, cycle.out, a, b, pf)
             shares.append([task if task is not None else
                            (lambda w=w, a=a, b=b: unit.run_x(variant, w, acts, cycle.out, a, b))])
         enc = pool.encode(shares) if acts.refillable else None

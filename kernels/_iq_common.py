@@ -74,7 +74,7 @@ def _dequant_t(q, out, r0, r1):
             DEQ(q[r], b * TS, out[r - r0], b * QK)  # noqa: F821
 
 
-def _matmul_t(q, xq, dx, xb, out, r0, r1):
+def _matmul_t(q, xq, dx, xb, out, r0, r1, pf=0):
     # q: uint8 (N, nb * TS) GGUF rows; xq: int8 (T, K) codes; dx: float32 (T, nb) their scales;
     # xb: int16 (T, K/16) code sums (the "q8_k" form's; unused here); out: float32 (T, N)
     n_t, nb = dx.shape
@@ -186,7 +186,7 @@ class IQUnit(CalibratedUnit):
         else:
             raise ValueError(f"unknown variant {variant!r} for {self.qtype.name}")
 
-    def variant_task(self, variant: str, w, acts, out, r0, r1):
+    def variant_task(self, variant: str, w, acts, out, r0, r1, pf: int = 0):
         """The AVX2 variant's native slot and arguments (None for blas-tile: the pool calls
         run_x), so decode and calibration's end-to-end timing dispatch it alike."""
         if self.native_slot is None or not out.flags.c_contiguous or variant != AVX2:
@@ -211,7 +211,7 @@ class IQUnit(CalibratedUnit):
             return []
         w = np.zeros((1, self.type_size), np.uint8)
         xq, xd, xb = self._x_form_of(np.zeros((1, QK), np.float32))
-        args = tuple(typeof(a) for a in (w, xq, xd, xb, np.zeros((1, 1), np.float32), 0, 1))
+        args = tuple(typeof(a) for a in (w, xq, xd, xb, np.zeros((1, 1), np.float32), 0, 1, 0))
         return [(self._mm, args)]
 
     @staticmethod

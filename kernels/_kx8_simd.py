@@ -39,7 +39,7 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
-from ._simd import _I32, _V8D, _V8F, _V16W, _V32B, _fn, _ptr, _splat8, dpbusd, f32x8, prefetch
+from ._simd import _I32, _V8D, _V8F, _V16W, _V32B, _fn, _ptr, _splat8, dpbusd, f32x8
 from ._x8_simd import _MANY, _at, _bcast32, _need, _splat_f, many_steps
 
 _I8 = ir.IntType(8)
@@ -402,7 +402,6 @@ def _step(body, record_bytes):
         def codegen(context, builder, sig, args):
             acc_v, w_v, woff_v, xq_v, xoff_v, xd_v, xb_v, b_v = args
             wp = _ptr(context, builder, sig.args[1], w_v, woff_v)
-            prefetch(builder, wp, record_bytes)
             xp = _ptr(context, builder, sig.args[3], xq_v, xoff_v)
             dx = builder.load(_ptr(context, builder, sig.args[5], xd_v, b_v))
             b16 = builder.mul(b_v, ir.Constant(b_v.type, 16))

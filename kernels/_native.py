@@ -194,10 +194,10 @@ def encode(row: np.ndarray, slot: int, *args) -> None:
     if slot >= ATTN:
         _encode_attention(row, *args)
         return
-    q, xq, dx, xaux, out, r0, r1 = args          # every array 2-D and C-contiguous
+    q, xq, dx, xaux, out, r0, r1, *pf = args     # every array 2-D and C-contiguous
     row[:] = (slot, address(q), q.shape[0], q.shape[1], address(xq), xq.shape[1],
               address(dx), dx.shape[1], address(xaux), xaux.shape[1],
-              address(out), out.shape[0], out.shape[1], r0, r1, 0)
+              address(out), out.shape[0], out.shape[1], r0, r1, pf[0] if pf else 0)
 
 
 @intrinsic
@@ -219,7 +219,7 @@ from ._native_claim import DESC_LEN  # noqa: E402,F401
 
 
 @njit(nogil=True, cache=True)
-def _no_kernel(q, xq, dx, xaux, out, r0, r1):  # an unused slot
+def _no_kernel(q, xq, dx, xaux, out, r0, r1, pf):  # an unused slot
     pass
 
 
@@ -240,71 +240,71 @@ def _run_tasks_t(table, lo, hi):
         if slot < SLOTS_PER_GROUP:
             xa = carray(ptr_i32(f[8]), (n_t, f[9]))
             if slot == 0:
-                K0(q, xq, dx, xa, out, f[13], f[14])  # noqa: F821
+                K0(q, xq, dx, xa, out, f[13], f[14], f[15])  # noqa: F821
             elif slot == 1:
-                K1(q, xq, dx, xa, out, f[13], f[14])  # noqa: F821
+                K1(q, xq, dx, xa, out, f[13], f[14], f[15])  # noqa: F821
             elif slot == 2:
-                K2(q, xq, dx, xa, out, f[13], f[14])  # noqa: F821
+                K2(q, xq, dx, xa, out, f[13], f[14], f[15])  # noqa: F821
             elif slot == 3:
-                K3(q, xq, dx, xa, out, f[13], f[14])  # noqa: F821
+                K3(q, xq, dx, xa, out, f[13], f[14], f[15])  # noqa: F821
             elif slot == 4:
-                K4(q, xq, dx, xa, out, f[13], f[14])  # noqa: F821
+                K4(q, xq, dx, xa, out, f[13], f[14], f[15])  # noqa: F821
             elif slot == 5:
-                K5(q, xq, dx, xa, out, f[13], f[14])  # noqa: F821
+                K5(q, xq, dx, xa, out, f[13], f[14], f[15])  # noqa: F821
             elif slot == 6:
-                K6(q, xq, dx, xa, out, f[13], f[14])  # noqa: F821
+                K6(q, xq, dx, xa, out, f[13], f[14], f[15])  # noqa: F821
             elif slot == 7:
-                K7(q, xq, dx, xa, out, f[13], f[14])  # noqa: F821
+                K7(q, xq, dx, xa, out, f[13], f[14], f[15])  # noqa: F821
             elif slot == 8:
-                K8(q, xq, dx, xa, out, f[13], f[14])  # noqa: F821
+                K8(q, xq, dx, xa, out, f[13], f[14], f[15])  # noqa: F821
             elif slot == 9:
-                K9(q, xq, dx, xa, out, f[13], f[14])  # noqa: F821
+                K9(q, xq, dx, xa, out, f[13], f[14], f[15])  # noqa: F821
             elif slot == 10:
-                K10(q, xq, dx, xa, out, f[13], f[14])  # noqa: F821
+                K10(q, xq, dx, xa, out, f[13], f[14], f[15])  # noqa: F821
             elif slot == 11:
-                K11(q, xq, dx, xa, out, f[13], f[14])  # noqa: F821
+                K11(q, xq, dx, xa, out, f[13], f[14], f[15])  # noqa: F821
             elif slot == 12:
-                K12(q, xq, dx, xa, out, f[13], f[14])  # noqa: F821
+                K12(q, xq, dx, xa, out, f[13], f[14], f[15])  # noqa: F821
             elif slot == 13:
-                K13(q, xq, dx, xa, out, f[13], f[14])  # noqa: F821
+                K13(q, xq, dx, xa, out, f[13], f[14], f[15])  # noqa: F821
             elif slot == 14:
-                K14(q, xq, dx, xa, out, f[13], f[14])  # noqa: F821
+                K14(q, xq, dx, xa, out, f[13], f[14], f[15])  # noqa: F821
             else:
-                K15(q, xq, dx, xa, out, f[13], f[14])  # noqa: F821
+                K15(q, xq, dx, xa, out, f[13], f[14], f[15])  # noqa: F821
         else:
             xb = carray(ptr_i16(f[8]), (n_t, f[9]))
             if slot == 16:
-                K16(q, xq, dx, xb, out, f[13], f[14])  # noqa: F821
+                K16(q, xq, dx, xb, out, f[13], f[14], f[15])  # noqa: F821
             elif slot == 17:
-                K17(q, xq, dx, xb, out, f[13], f[14])  # noqa: F821
+                K17(q, xq, dx, xb, out, f[13], f[14], f[15])  # noqa: F821
             elif slot == 18:
-                K18(q, xq, dx, xb, out, f[13], f[14])  # noqa: F821
+                K18(q, xq, dx, xb, out, f[13], f[14], f[15])  # noqa: F821
             elif slot == 19:
-                K19(q, xq, dx, xb, out, f[13], f[14])  # noqa: F821
+                K19(q, xq, dx, xb, out, f[13], f[14], f[15])  # noqa: F821
             elif slot == 20:
-                K20(q, xq, dx, xb, out, f[13], f[14])  # noqa: F821
+                K20(q, xq, dx, xb, out, f[13], f[14], f[15])  # noqa: F821
             elif slot == 21:
-                K21(q, xq, dx, xb, out, f[13], f[14])  # noqa: F821
+                K21(q, xq, dx, xb, out, f[13], f[14], f[15])  # noqa: F821
             elif slot == 22:
-                K22(q, xq, dx, xb, out, f[13], f[14])  # noqa: F821
+                K22(q, xq, dx, xb, out, f[13], f[14], f[15])  # noqa: F821
             elif slot == 23:
-                K23(q, xq, dx, xb, out, f[13], f[14])  # noqa: F821
+                K23(q, xq, dx, xb, out, f[13], f[14], f[15])  # noqa: F821
             elif slot == 24:
-                K24(q, xq, dx, xb, out, f[13], f[14])  # noqa: F821
+                K24(q, xq, dx, xb, out, f[13], f[14], f[15])  # noqa: F821
             elif slot == 25:
-                K25(q, xq, dx, xb, out, f[13], f[14])  # noqa: F821
+                K25(q, xq, dx, xb, out, f[13], f[14], f[15])  # noqa: F821
             elif slot == 26:
-                K26(q, xq, dx, xb, out, f[13], f[14])  # noqa: F821
+                K26(q, xq, dx, xb, out, f[13], f[14], f[15])  # noqa: F821
             elif slot == 27:
-                K27(q, xq, dx, xb, out, f[13], f[14])  # noqa: F821
+                K27(q, xq, dx, xb, out, f[13], f[14], f[15])  # noqa: F821
             elif slot == 28:
-                K28(q, xq, dx, xb, out, f[13], f[14])  # noqa: F821
+                K28(q, xq, dx, xb, out, f[13], f[14], f[15])  # noqa: F821
             elif slot == 29:
-                K29(q, xq, dx, xb, out, f[13], f[14])  # noqa: F821
+                K29(q, xq, dx, xb, out, f[13], f[14], f[15])  # noqa: F821
             elif slot == 30:
-                K30(q, xq, dx, xb, out, f[13], f[14])  # noqa: F821
+                K30(q, xq, dx, xb, out, f[13], f[14], f[15])  # noqa: F821
             else:
-                K31(q, xq, dx, xb, out, f[13], f[14])  # noqa: F821
+                K31(q, xq, dx, xb, out, f[13], f[14], f[15])  # noqa: F821
 
 
 @njit(nogil=True, cache=True, inline="always")

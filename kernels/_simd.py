@@ -92,9 +92,11 @@ def _load(builder, ptr, vty):
 
 
 # Software prefetch distance of the record kernels, in bytes of the weight stream. Decode reads
-# each weight once, and one core alone keeps too few cache misses in flight for the 4-5 bit
-# types' compute rate; asking for the lines 2 KB ahead measured (2 threads, 256 MB, in-process
-# A/B, medians of 20) +9% for Q4_0, +16% Q4_K, +7% Q8_0 and no loss for Q6_K; 4 KB was worse.
+# each weight once, and one core alone may keep too few cache misses in flight for the 4-5 bit
+# types' compute rate: on a Sapphire-Rapids-class Xeon, asking for the lines 2 KB ahead measured
+# +7-16% (4 KB was worse), while on AMD Zen 4 the same prefetches cost a third of the decode
+# speed. So decode's loop takes the distance as an argument (0: none) and calibration times
+# both per CPU and type (`_calibrate`); the token tiles (prefill) always prefetch.
 PREFETCH_AHEAD = 2048
 
 
@@ -104,6 +106,26 @@ def prefetch(builder, p, nbytes: int) -> None:
     for k in range(0, nbytes, 64):
         at = builder.gep(p, [ir.Constant(_I32, PREFETCH_AHEAD + k)])
         builder.call(fn, [at, ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
+
+
+def record_prefetch(nbytes: int):
+    """An intrinsic f(w, off): prefetcht0 the cache lines of w's `nbytes` bytes from byte `off`
+    (w a uint8 array; never faults, so off may run past its end)."""
+
+    def impl(typingctx, w, off):
+        sig = types.void(w, off)
+
+        def codegen(context, builder, sig, args):
+            p = _ptr(context, builder, sig.args[0], args[0], args[1])
+            fn = _fn(builder, "llvm.prefetch.p0i8", ir.VoidType(), [p.type, _I32, _I32, _I32])
+            for k in range(0, nbytes, 64):
+                at = builder.gep(p, [ir.Constant(_I32, k)])
+                builder.call(fn, [at, ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return intrinsic(impl)
 
 
 def _splat8(builder, value: int, n: int):

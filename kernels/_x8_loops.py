@@ -2,7 +2,11 @@
 as `base.specialize` templates; T > 1 goes to the token tiles of `_tiles`.
 
 Template constants: STEP (the record step), STEP_PAIR (its two-record version, 32-weight block
-types only), GROUPS (the token-tile loop), REC (record bytes), BLOCK (weights per block).
+types only), GROUPS (the token-tile loop), REC (record bytes), BLOCK (weights per block),
+PREFETCH (`_simd.record_prefetch(REC)`).
+
+`pf`: decode's software prefetch distance in bytes (0: none), chosen per CPU and type by
+calibration (see `_simd.PREFETCH_AHEAD`); a branch the predictor never misses.
 """
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ from ._tiles import put8 as _put8
 GROUP = 8
 
 
-def _matmul_x8_t(q, xq, dx, xaux, out, r0, r1):
+def _matmul_x8_t(q, xq, dx, xaux, out, r0, r1, pf=0):
     # q: uint8 (G, nb * REC) records; xq: int8 (T, K) codes; dx float32 (T, nb) block scales;
     # xaux: the code sums STEP reads (q8_0: int32 (T, nb); q8_k: int16 (T, K/16)); out: float32
     # (T, N) C-contiguous.
@@ -44,6 +48,8 @@ def _matmul_x8_t(q, xq, dx, xaux, out, r0, r1):
         acc = vzero()
         acc2 = vzero()
         for j in range(2 * nb):
+            if pf > 0:
+                PREFETCH(qf, o + pf)  # noqa: F821
             nxt = STEP(acc, qf, o, xf, (j >> 1) * BLOCK, dxf, xaf, j >> 1)  # noqa: F821
             acc = acc2
             acc2 = nxt
@@ -54,7 +60,7 @@ def _matmul_x8_t(q, xq, dx, xaux, out, r0, r1):
     GROUPS(qf, rs, xf, dxf, xaf, n_t, nb, out, of, part, g0 + 2 * per, g1, r0, r1)  # noqa: F821
 
 
-def _matmul_x8_pair_t(q, xq, dx, xaux, out, r0, r1):
+def _matmul_x8_pair_t(q, xq, dx, xaux, out, r0, r1, pf=0):
     # _matmul_x8_t for the 32-weight block types: decode's two streams advance together through
     # a two-record step (STEP_PAIR), which loads each block's activations once for both records
     # and halves the loop's index work; the records are read in the same order as there
@@ -76,6 +82,9 @@ def _matmul_x8_pair_t(q, xq, dx, xaux, out, r0, r1):
         acc = vzero()
         acc2 = vzero()
         for b in range(nb):
+            if pf > 0:
+                PREFETCH(qf, o + pf)  # noqa: F821
+                PREFETCH(qf, o2 + pf)  # noqa: F821
             acc, acc2 = STEP_PAIR(acc, acc2, qf, o, o2, xf, b * BLOCK, dxf, xaf, b)  # noqa: F821
             o += REC  # noqa: F821
             o2 += REC  # noqa: F821

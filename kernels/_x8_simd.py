@@ -207,7 +207,6 @@ def _step(body, record_bytes):
         def codegen(context, builder, sig, args):
             acc_v, w_v, woff_v, xq_v, xoff_v, dx_v, xs_v, b_v = args
             wp = _ptr(context, builder, sig.args[1], w_v, woff_v)
-            prefetch(builder, wp, record_bytes)
             xp = _ptr(context, builder, sig.args[3], xq_v, xoff_v)
             d = builder.load(_ptr(context, builder, sig.args[5], dx_v, b_v))
             xs = builder.load(_ptr(context, builder, sig.args[6], xs_v, b_v))
@@ -241,8 +240,6 @@ def _pair_step(body, record_bytes):
             a0, a1, w_v, o0_v, o1_v, xq_v, xoff_v, dx_v, xs_v, b_v = args
             wp0 = _ptr(context, builder, sig.args[2], w_v, o0_v)
             wp1 = _ptr(context, builder, sig.args[2], w_v, o1_v)
-            prefetch(builder, wp0, record_bytes)
-            prefetch(builder, wp1, record_bytes)
             xp = _ptr(context, builder, sig.args[5], xq_v, xoff_v)
             d = builder.load(_ptr(context, builder, sig.args[7], dx_v, b_v))
             xs = builder.load(_ptr(context, builder, sig.args[8], xs_v, b_v))

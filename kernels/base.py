@@ -123,6 +123,9 @@ class KernelUnit:
     repacks = False
     # row ranges starting at multiples of this are computed without redoing a shared row group
     row_multiple = 1
+    # decode kernels take a software prefetch distance (variant_task's pf), which calibration
+    # times per CPU with and without (`_calibrate`)
+    prefetches = False
     # True for units that offer several variants and let `_calibrate` pick one by timing them
     # (they then implement `variants()`, `run(variant, ...)`, `synthetic(n, k, rng)`).
     calibrated = False
@@ -184,7 +187,7 @@ class KernelUnit:
 
     def native_task(self, w, acts: Activations, out: np.ndarray, r0: int, r1: int):
         """The same product as matmul_x as a task of `_native` (slot, q, xq, dx, xaux, out, r0,
-        r1) that a pool thread runs without the GIL, or None where the unit has none (then the
+        r1[, pf]) that a pool thread runs without the GIL, or None where the unit has none (then the
         pool calls matmul_x). Only after prepare_x."""
         return None
 
@@ -230,13 +233,16 @@ class CalibratedUnit(KernelUnit):
     def synthetic(self, n: int, k: int, rng: np.random.Generator) -> np.ndarray:
         raise NotImplementedError
 
-    def variant_task(self, variant: str, w, acts: Activations, out, r0, r1):
+    def variant_task(self, variant: str, w, acts: Activations, out, r0, r1, pf: int = 0):
         """`native_task` for a given variant (after prepare_variant_x), or None where that
-        variant has no native kernel (the pool then calls run_x)."""
+        variant has no native kernel (the pool then calls run_x). pf: decode's software
+        prefetch distance in bytes (0: none; units with `prefetches` use it)."""
         return None
 
     def native_task(self, w, acts: Activations, out, r0, r1):
-        return self.variant_task(self.choice().for_tokens(acts.x.shape[0]), w, acts, out, r0, r1)
+        choice, n_t = self.choice(), acts.x.shape[0]
+        return self.variant_task(choice.for_tokens(n_t), w, acts, out, r0, r1,
+                                 choice.prefetch if n_t == 1 else 0)
 
     def matvec(self, w, x, out, r0, r1):
         self.run(self.choice().matvec, w, x.reshape(1, -1), out.reshape(1, -1), r0, r1)
@@ -316,7 +322,8 @@ def _sources_digest() -> str:
 
 
 def describe(calibrate: bool = True) -> list[dict]:
-    """One dict per registered type for `numallm kernels`: type, chosen decode variant, prefill
+    """One dict per registered type for `numallm kernels`: type, chosen decode variant (`decode`:
+    with "+pf" where decode prefetches), prefill
     variants by token count, ISA features the decode variant needs, its decode GB/s end to end
     by thread count (`e2e`, {threads: GB/s}; `gbs`: at the most threads timed; None when not
     measured). With calibrate=False, uncalibrated units report without timing."""
@@ -324,11 +331,12 @@ def describe(calibrate: bool = True) -> list[dict]:
     for qtype in registered_types():
         unit = get(qtype)
         row = {"type": qtype.name, "variant": unit.variant if not unit.calibrated else None,
+               "decode": unit.variant if not unit.calibrated else None,
                "prefill": None, "features": [], "gbs": None, "e2e": {}, "source": "fixed"}
         if unit.calibrated and (calibrate or unit._choice is not None):
             c = unit.choice()
-            e2e = c.e2e.get(c.matvec, {})
-            row.update(variant=c.matvec, prefill=[list(p) for p in c.prefill],
+            e2e = c.e2e.get(c.decode, {})
+            row.update(variant=c.matvec, decode=c.decode, prefill=[list(p) for p in c.prefill],
                        gbs=e2e[max(e2e)] if e2e else None, e2e=dict(sorted(e2e.items())),
                        source=c.source)
         if row["variant"] is not None:

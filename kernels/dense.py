@@ -72,9 +72,9 @@ def _f32_rows(w, x, out, r0, r1):
         r += n
 
 
-def _f32_task(q, xq, dx, xa, out, r0, r1):
+def _f32_task(q, xq, dx, xa, out, r0, r1, pf):
     # the native task form (_native's slot signature): q is the weights' bytes (N, 4K), xq the
-    # input's bytes (T, 4K); dx and xa are unused
+    # input's bytes (T, 4K); dx, xa and pf (a prefetch distance) are unused
     ROWS(q.view(np.float32), xq.view(np.float32), out, r0, r1)  # noqa: F821 (template constant)
 
 

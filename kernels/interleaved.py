@@ -299,6 +299,7 @@ class RecordUnit(CalibratedUnit):
     step_vnni: object = None
     x_form: tuple[str, object]
     repacks = True
+    prefetches = True
     row_multiple = GROUP
     features = {VNNI: _simd.VNNI_FEATURES, AVX2: _simd.AVX2_FEATURES, "numba-f32": (),
                 "blas-tile": ()}
@@ -307,7 +308,8 @@ class RecordUnit(CalibratedUnit):
         super().__init__()
         name = self.qtype.name.lower()
         consts = dict(TYPE_SIZE=self.type_size, REC=self.record_bytes, BLOCK=self.block_size,
-                      PACK=self.pack, UNPACK=self.unpack, STEP=self.step, GROUP=GROUP)
+                      PACK=self.pack, UNPACK=self.unpack, STEP=self.step, GROUP=GROUP,
+                      PREFETCH=_simd.record_prefetch(self.record_bytes))
         self._repack = specialize(_repack_t, f"x8_repack_{name}", **consts)
         self._dequant = specialize(_dequant_t, f"x8_dequant_{name}", **consts)
         self._mm_f32 = specialize(_matmul_f32_t, f"x8_matmul_f32_{name}", DEQUANT=self._dequant)
@@ -386,14 +388,15 @@ class RecordUnit(CalibratedUnit):
         else:
             raise ValueError(f"unknown variant {variant!r} for {self.qtype.name}")
 
-    def variant_task(self, variant: str, w: X8Weights, acts, out, r0, r1):
-        """The record variant's native slot and arguments (None for the float variants)."""
+    def variant_task(self, variant: str, w: X8Weights, acts, out, r0, r1, pf: int = 0):
+        """The record variant's native slot and arguments (None for the float variants); pf:
+        decode's prefetch distance (bytes, 0: none)."""
         if not out.flags.c_contiguous:
             return None
         slot = self.native_slots.get(variant)
         if slot is None:
             return None
-        return (slot, w.q, *self.kernel_x(acts.form(*self.x_form)), out, r0, r1)
+        return (slot, w.q, *self.kernel_x(acts.form(*self.x_form)), out, r0, r1, pf)
 
     def hot_kernels(self) -> list:
         """(dispatcher, argument types) of each record kernel this CPU runs (VNNI first), for
@@ -403,7 +406,7 @@ class RecordUnit(CalibratedUnit):
         w = self.prepare(np.zeros((GROUP, self.type_size), np.uint8))
         x = self.kernel_x(self.x_form[1](np.zeros((1, self.block_size), np.float32)))
         out = np.zeros((1, GROUP), np.float32)
-        args = tuple(typeof(a) for a in (w.q, *x, out, 0, GROUP))
+        args = tuple(typeof(a) for a in (w.q, *x, out, 0, GROUP, 0))    # ..., r0, r1, pf
         flat = tuple(typeof(a.reshape(-1)) for a in (w.q, *x))
         # the token-tile loop (T > 1) of each: qf, rs, xf, dxf, xaf, n_t, nb, out, of, part, ...
         tiles = (flat[0], typeof(0), *flat[1:], typeof(0), typeof(0), typeof(out),

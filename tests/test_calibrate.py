@@ -3,6 +3,8 @@ anything it asserts on. The decode choice follows the end-to-end GB/s, never the
 speed; the end-to-end timing runs on the engine's pool over more than the L3."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 
@@ -47,7 +49,8 @@ def test_only_variants_that_can_win_are_timed_end_to_end(monkeypatch):
     monkeypatch.setattr(_decode_timing, "thread_counts", lambda: [1, 2])
     # from the cache "slow" is 10x behind "fast": never timed end to end; "close" (its from-cache
     # figure below fast's end-to-end one, as per-call costs can make it) still is, with "fast"
-    got = _calibrate.measure_decode(None, {"fast": 11.0, "close": 9.0, "slow": 1.1})
+    got = _calibrate.measure_decode(SimpleNamespace(prefetches=False),
+                                    {"fast": 11.0, "close": 9.0, "slow": 1.1})
     assert timed == [["fast", "close"]]
     assert set(got) == {"fast", "close"}
     assert _calibrate.pick_decode(got, ["fast", "close", "slow"]) == "fast"
@@ -134,3 +137,52 @@ def test_kernels_command_times_decode_on_the_engines_pool(tmp_path):
     r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
                        env={**__import__("os").environ, "NUMALLM_CACHE_DIR": str(tmp_path)})
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_decode_prefetch_is_timed_both_ways_and_chosen(monkeypatch):
+    # Zen 4 as measured: the record kernels' software prefetch costs a third end to end
+    timed = []
+
+    def fake(cycle, configs, counts):
+        timed.append(list(configs))
+        table = {"avx2-x8": {1: 23.5, 2: 35.3}, "avx2-x8+pf": {1: 21.8, 2: 32.2}}
+        return {c: dict(table[c]) for c in configs}
+
+    monkeypatch.setattr(_decode_timing, "decode_gbs", fake)
+    monkeypatch.setattr(_decode_timing, "DecodeCycle", lambda unit, nbytes, rng: None)
+    unit = nk.get(T.Q4_K)
+    assert unit.prefetches
+    got = _calibrate.measure_decode(unit, {"avx2-x8": 22.0, "numba-f32": 0.4})
+    assert timed == [["avx2-x8", "avx2-x8+pf"]] and set(got) == set(timed[0])
+    assert _calibrate.split_config(_calibrate.pick_decode(got, ["avx2-x8"])) == ("avx2-x8", 0)
+    assert _calibrate.split_config("avx2-x8+pf") == ("avx2-x8", _calibrate._simd.PREFETCH_AHEAD)
+    # a unit whose kernels take no distance is timed once per variant
+    timed.clear()
+    _calibrate.measure_decode(SimpleNamespace(prefetches=False), {"avx2-x8": 22.0})
+    assert timed == [["avx2-x8"]]
+
+
+def test_chosen_prefetch_is_cached_and_reaches_decode_tasks_only(monkeypatch):
+    if not nk._native.available():
+        pytest.skip("no native kernel tasks on this CPU (AVX2 missing)")
+    unit = nk.get(T.Q4_K)
+    e2e = {"avx2-x8": {1: 10.0, 2: 18.0}, "avx2-x8+pf": {1: 11.0, 2: 19.0}}
+    monkeypatch.setattr(_calibrate, "measure_decode", lambda u, cache_gbs: e2e)
+    first = _calibrate.choose(unit)
+    assert (first.matvec, first.prefetch, first.decode) == ("avx2-x8", 2048, "avx2-x8+pf")
+    again = _calibrate.choose(unit)
+    assert again.source == "cached" and again.prefetch == first.prefetch
+    monkeypatch.setattr(unit, "_choice", again)
+    w = unit.prepare(unit.synthetic(16, 256, np.random.default_rng(0)))
+    for n_t, pf in ((1, 2048), (4, 0)):
+        acts = nk.Activations(np.ones((n_t, 256), np.float32))
+        unit.prepare_x(acts)
+        task = unit.native_task(w, acts, np.empty((n_t, 16), np.float32), 0, 16)
+        row = np.zeros(nk._native.TASK_FIELDS, np.int64)
+        nk._native.encode(row, *task)
+        assert row[-1] == pf
+    monkeypatch.setenv("NUMALLM_KERNEL", "q4_k:avx2-x8+pf")
+    forced = _calibrate.choose(unit)
+    assert (forced.matvec, forced.prefetch, forced.source) == ("avx2-x8", 2048, "forced")
+    monkeypatch.setenv("NUMALLM_KERNEL", "q4_k:avx2-x8")
+    assert _calibrate.choose(unit).prefetch == 0

@@ -222,3 +222,33 @@ def test_decode_kernel_is_vector_code(qtype):
     for dispatcher, argtypes in hot:
         asm = fresh_asm(dispatcher, argtypes)
         assert ("vpmaddubsw" in asm or "vpdpbusd" in asm) and "ymm" in asm
+
+
+@pytest.mark.parametrize("qtype", [T.Q4_K, T.Q6_K, T.Q4_0, T.Q8_0])
+def test_decode_prefetch_leaves_results_bit_identical(qtype):
+    # decode's software prefetch distance (chosen per CPU by calibration) only asks for lines
+    # ahead: every record variant gives the same bits with and without it
+    from numallm_kernels import _native
+
+    if not _native.available():
+        pytest.skip("no native record kernels on this CPU")
+    unit = nk.get(qtype)
+    rng = np.random.default_rng(3)
+    n, k = 64, 512
+    w = unit.prepare(unit.synthetic(n, k, rng))
+    acts = nk.Activations(rng.standard_normal((1, k)).astype(np.float32))
+    run_tasks, _ = _native.executors()
+    for variant in unit.variants():
+        unit.prepare_variant_x(variant, acts)
+        outs = []
+        for pf in (0, 2048, 64):
+            out = np.zeros((1, n), np.float32)
+            task = unit.variant_task(variant, w, acts, out, 0, n, pf)
+            if task is None:
+                break
+            table = np.zeros((1, _native.TASK_FIELDS), np.int64)
+            _native.encode(table[0], *task)
+            run_tasks(table, 0, 1)
+            outs.append(out)
+        for out in outs[1:]:
+            np.testing.assert_array_equal(out, outs[0])

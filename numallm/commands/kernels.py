@@ -28,11 +28,11 @@ def run(args) -> int:
         return 0
     print(f"cpu: {_calibrate.cpu_key()}  (force a variant with NUMALLM_KERNEL=type:variant)")
     print("decode GB/s: the chosen variant end to end (weights from DRAM, the engine's pool), "
-          "by thread count")
+          "by thread count; +pf: decode prefetches the weights in software")
     print(f"{'type':<8} {'decode variant':<18} {'GB/s':>14}  {'source':<10} {'needs':<22} prefill")
     for r in rows:
         gbs = " / ".join(f"{g:.1f} ({n}t)" for n, g in r["e2e"].items()) if r["e2e"] else "-"
         pre = ", ".join(f"T>={t}: {v}" for t, v in r["prefill"]) if r["prefill"] else "-"
-        print(f"{r['type']:<8} {r['variant'] or '(not measured)':<18} {gbs:>14}  {r['source']:<10} "
+        print(f"{r['type']:<8} {r['decode'] or '(not measured)':<18} {gbs:>14}  {r['source']:<10} "
               f"{','.join(r['features']) or '-':<22} {pre}")
     return 0
