@@ -92,12 +92,14 @@ def _q45_k(builder, acc, wp, xp, bp, dx, qs_at, qh_at):
     per16 = 8 if qh_at is None else 4
     isum = None
     for p in range(4):
-        for t in range(2):                    # sub-block j = 2p + t
-            j = 2 * p + t
-            sc = _dup_u8(builder, wp, 32 + 8 * j)
-            acc16 = None
-            for k in range(8):
-                q = _at(builder, wp, qs_at + 32 * (8 * p + k), _V32B)
+        # each chunk's two nibbles at once (sub-blocks 2p and 2p + 1 side by side), so a chunk
+        # is dead after its step: few values live at once, fewer register spills (stack stores)
+        # in the decode loop (see `_x8_loops`)
+        acc16 = [None, None]
+        for k in range(8):
+            q = _at(builder, wp, qs_at + 32 * (8 * p + k), _V32B)
+            for t in range(2):                # sub-block j = 2p + t
+                j = 2 * p + t
                 v = builder.and_(q if t == 0 else builder.lshr(q, _splat8(builder, 4, 32)), low)
                 if qh_at is not None:         # bit j of the qh byte -> bit 4
                     h = _at(builder, wp, qh_at + 32 * k, _V32B)
@@ -105,11 +107,11 @@ def _q45_k(builder, acc, wp, xp, bp, dx, qs_at, qh_at):
                         builder.lshr(h, _splat8(builder, j - 4, 32))
                     v = builder.or_(v, builder.and_(h, bit4))
                 d = _maddubs(builder, v, _bcast32(builder, xp, 32 * j + 4 * k))
-                acc16 = d if acc16 is None else builder.add(acc16, d)
+                acc16[t] = d if acc16[t] is None else builder.add(acc16[t], d)
                 if (k + 1) % per16 == 0:
-                    part = _maddwd(builder, acc16, sc)
+                    part = _maddwd(builder, acc16[t], _dup_u8(builder, wp, 32 + 8 * j))
                     isum = part if isum is None else builder.add(isum, part)
-                    acc16 = None
+                    acc16[t] = None
     msum = None
     for j in range(8):  # m_j * (xb[2j] + xb[2j + 1]): the two int16 sums of sub-block j
         xbj = _pair16(builder, bp, j)
