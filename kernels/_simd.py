@@ -100,11 +100,11 @@ def _load(builder, ptr, vty):
 PREFETCH_AHEAD = 2048
 
 
-def prefetch(builder, p, nbytes: int) -> None:
-    """prefetcht0 the cache lines of the `nbytes` at p + PREFETCH_AHEAD (never faults)."""
+def prefetch(builder, p, nbytes: int, ahead: int = PREFETCH_AHEAD) -> None:
+    """prefetcht0 the cache lines of the `nbytes` at p + ahead (never faults)."""
     fn = _fn(builder, "llvm.prefetch.p0i8", ir.VoidType(), [p.type, _I32, _I32, _I32])
     for k in range(0, nbytes, 64):
-        at = builder.gep(p, [ir.Constant(_I32, PREFETCH_AHEAD + k)])
+        at = builder.gep(p, [ir.Constant(_I32, ahead + k)])
         builder.call(fn, [at, ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
 
 
@@ -116,11 +116,7 @@ def record_prefetch(nbytes: int):
         sig = types.void(w, off)
 
         def codegen(context, builder, sig, args):
-            p = _ptr(context, builder, sig.args[0], args[0], args[1])
-            fn = _fn(builder, "llvm.prefetch.p0i8", ir.VoidType(), [p.type, _I32, _I32, _I32])
-            for k in range(0, nbytes, 64):
-                at = builder.gep(p, [ir.Constant(_I32, k)])
-                builder.call(fn, [at, ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
+            prefetch(builder, _ptr(context, builder, sig.args[0], args[0], args[1]), nbytes, 0)
             return context.get_dummy_value()
 
         return sig, codegen

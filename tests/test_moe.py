@@ -200,7 +200,10 @@ def test_decode_equals_prefill(arch, synth_dir):
     full = model(toks, model.new_cache(32), 0, last_only=False)
     cache = model.new_cache(32)
     steps = np.concatenate([model(toks[i:i + 1], cache, i) for i in range(len(toks))])
-    np.testing.assert_allclose(steps, full, rtol=0, atol=1e-4 * np.abs(full).max())
+    # the two paths sum in float32 in different orders (one-row kernels and decode's float32
+    # softmax against prefill's tiles): up to 1.02e-4 of the largest logit on an AMD Zen 4, a
+    # smooth level at every position; a wrong cache position or expert is O(1) off
+    np.testing.assert_allclose(steps, full, rtol=0, atol=3e-4 * np.abs(full).max())
 
 
 # -- refusals ----------------------------------------------------------------------------------
