@@ -12,7 +12,7 @@ on a lock) after `spin` polls.
 Task row (TASK_FIELDS int64): kernel slot, then for each array its address and shape:
     q (G, rec bytes) uint8 | xq (T, K) int8 | dx (T, nb) float32 | xaux (T, m) int32 or int16 |
     out (T, N) float32 | r0, r1
-Slots 0..15 take an int32 xaux (the 32-element block types' code sums), 16..31 an int16 one (the
+Slots 0..23 take an int32 xaux (the 32-element block types' code sums), 24..47 an int16 one (the
 K-quants' per-16 sums). Slots ATTN..ATTN + 8 are decode attention over the KV heads a task is
 given, one slot per pair of KV cache types (_native_attention.py). The arrays must stay
 alive until the call that ran them returns (the pool's caller holds them).
@@ -49,7 +49,7 @@ TASK_FIELDS = 16
 CTL_STRIDE = 16                 # int64 per thread slot: 128 bytes (two cache lines, as prefetched)
 GO, KIND, LO, HI, DONE, SLEEP, WSLEEP, TABLE, BUSY = 0, 1, 2, 3, 4, 5, 6, 7, 8
 RUN, PY, EXIT, CLAIM_RUN = 1, 2, 3, 4    # CLAIM_RUN: take rows of the pool's claimed dispatch
-SLOTS_PER_GROUP = 16            # kernel slots per xaux dtype
+SLOTS_PER_GROUP = 24            # kernel slots per xaux dtype
 ATTN = 2 * SLOTS_PER_GROUP      # the attention tasks' first slot (_native_attention)
 
 
@@ -224,7 +224,7 @@ def _no_kernel(q, xq, dx, xaux, out, r0, r1, pf):  # an unused slot
 
 
 def _run_tasks_t(table, lo, hi):
-    # slots 0..15: K0..K15 (int32 xaux), 16..31: K16..K31 (int16 xaux), ATTN..: attention; the
+    # slots 0..23: K0..K23 (int32 xaux), 24..47: K24..K47 (int16 xaux), ATTN..: attention; the
     # K constants are the registered kernels (template constants, see executors)
     for t in range(lo, hi):
         f = table[t]
@@ -269,27 +269,27 @@ def _run_tasks_t(table, lo, hi):
                 K13(q, xq, dx, xa, out, f[13], f[14], f[15])  # noqa: F821
             elif slot == 14:
                 K14(q, xq, dx, xa, out, f[13], f[14], f[15])  # noqa: F821
-            else:
+            elif slot == 15:
                 K15(q, xq, dx, xa, out, f[13], f[14], f[15])  # noqa: F821
+            elif slot == 16:
+                K16(q, xq, dx, xa, out, f[13], f[14], f[15])  # noqa: F821
+            elif slot == 17:
+                K17(q, xq, dx, xa, out, f[13], f[14], f[15])  # noqa: F821
+            elif slot == 18:
+                K18(q, xq, dx, xa, out, f[13], f[14], f[15])  # noqa: F821
+            elif slot == 19:
+                K19(q, xq, dx, xa, out, f[13], f[14], f[15])  # noqa: F821
+            elif slot == 20:
+                K20(q, xq, dx, xa, out, f[13], f[14], f[15])  # noqa: F821
+            elif slot == 21:
+                K21(q, xq, dx, xa, out, f[13], f[14], f[15])  # noqa: F821
+            elif slot == 22:
+                K22(q, xq, dx, xa, out, f[13], f[14], f[15])  # noqa: F821
+            else:
+                K23(q, xq, dx, xa, out, f[13], f[14], f[15])  # noqa: F821
         else:
             xb = carray(ptr_i16(f[8]), (n_t, f[9]))
-            if slot == 16:
-                K16(q, xq, dx, xb, out, f[13], f[14], f[15])  # noqa: F821
-            elif slot == 17:
-                K17(q, xq, dx, xb, out, f[13], f[14], f[15])  # noqa: F821
-            elif slot == 18:
-                K18(q, xq, dx, xb, out, f[13], f[14], f[15])  # noqa: F821
-            elif slot == 19:
-                K19(q, xq, dx, xb, out, f[13], f[14], f[15])  # noqa: F821
-            elif slot == 20:
-                K20(q, xq, dx, xb, out, f[13], f[14], f[15])  # noqa: F821
-            elif slot == 21:
-                K21(q, xq, dx, xb, out, f[13], f[14], f[15])  # noqa: F821
-            elif slot == 22:
-                K22(q, xq, dx, xb, out, f[13], f[14], f[15])  # noqa: F821
-            elif slot == 23:
-                K23(q, xq, dx, xb, out, f[13], f[14], f[15])  # noqa: F821
-            elif slot == 24:
+            if slot == 24:
                 K24(q, xq, dx, xb, out, f[13], f[14], f[15])  # noqa: F821
             elif slot == 25:
                 K25(q, xq, dx, xb, out, f[13], f[14], f[15])  # noqa: F821
@@ -303,8 +303,40 @@ def _run_tasks_t(table, lo, hi):
                 K29(q, xq, dx, xb, out, f[13], f[14], f[15])  # noqa: F821
             elif slot == 30:
                 K30(q, xq, dx, xb, out, f[13], f[14], f[15])  # noqa: F821
-            else:
+            elif slot == 31:
                 K31(q, xq, dx, xb, out, f[13], f[14], f[15])  # noqa: F821
+            elif slot == 32:
+                K32(q, xq, dx, xb, out, f[13], f[14], f[15])  # noqa: F821
+            elif slot == 33:
+                K33(q, xq, dx, xb, out, f[13], f[14], f[15])  # noqa: F821
+            elif slot == 34:
+                K34(q, xq, dx, xb, out, f[13], f[14], f[15])  # noqa: F821
+            elif slot == 35:
+                K35(q, xq, dx, xb, out, f[13], f[14], f[15])  # noqa: F821
+            elif slot == 36:
+                K36(q, xq, dx, xb, out, f[13], f[14], f[15])  # noqa: F821
+            elif slot == 37:
+                K37(q, xq, dx, xb, out, f[13], f[14], f[15])  # noqa: F821
+            elif slot == 38:
+                K38(q, xq, dx, xb, out, f[13], f[14], f[15])  # noqa: F821
+            elif slot == 39:
+                K39(q, xq, dx, xb, out, f[13], f[14], f[15])  # noqa: F821
+            elif slot == 40:
+                K40(q, xq, dx, xb, out, f[13], f[14], f[15])  # noqa: F821
+            elif slot == 41:
+                K41(q, xq, dx, xb, out, f[13], f[14], f[15])  # noqa: F821
+            elif slot == 42:
+                K42(q, xq, dx, xb, out, f[13], f[14], f[15])  # noqa: F821
+            elif slot == 43:
+                K43(q, xq, dx, xb, out, f[13], f[14], f[15])  # noqa: F821
+            elif slot == 44:
+                K44(q, xq, dx, xb, out, f[13], f[14], f[15])  # noqa: F821
+            elif slot == 45:
+                K45(q, xq, dx, xb, out, f[13], f[14], f[15])  # noqa: F821
+            elif slot == 46:
+                K46(q, xq, dx, xb, out, f[13], f[14], f[15])  # noqa: F821
+            else:
+                K47(q, xq, dx, xb, out, f[13], f[14], f[15])  # noqa: F821
 
 
 @njit(nogil=True, cache=True, inline="always")

@@ -71,3 +71,44 @@ def _groups_t(qf, rs, xf, dxf, xaf, n_t, nb, out, of, part, ga, gb, r0, r1):
                 o += REC  # noqa: F821
                 xo += BLOCK  # noqa: F821
             put8(acc, out, of, part, g, t, r0, r1)
+
+
+def _groups_wide_t(qf, rs, xf, dxf, xaf, n_t, nb, out, of, part, ga, gb, r0, r1):
+    # _groups_t two groups at a time through the 16-row steps of `_kx16_simd` (template
+    # constants WIDE1, WIDE2, WIDE4: the 1-, 2- and 4-token steps; REC, BLOCK; GROUPS8: the 8-row
+    # tile loop, for an odd last group)
+    k = nb * BLOCK  # noqa: F821 (template constant)
+    g = ga
+    while g + 2 <= gb:
+        t = 0
+        while t + 4 <= n_t:
+            a = (vzero(), vzero(), vzero(), vzero(), vzero(), vzero(), vzero(), vzero())
+            o = g * rs
+            for b in range(nb):
+                a = WIDE4(a, qf, o, o + rs, xf, t * k + b * BLOCK, k, dxf, xaf, t * nb + b, nb)  # noqa: F821
+                o += REC  # noqa: F821
+            for i in range(4):
+                put8(a[2 * i], out, of, part, g, t + i, r0, r1)
+                put8(a[2 * i + 1], out, of, part, g + 1, t + i, r0, r1)
+            t += 4
+        if t + 2 <= n_t:
+            a2 = (vzero(), vzero(), vzero(), vzero())
+            o = g * rs
+            for b in range(nb):
+                a2 = WIDE2(a2, qf, o, o + rs, xf, t * k + b * BLOCK, k, dxf, xaf, t * nb + b, nb)  # noqa: F821
+                o += REC  # noqa: F821
+            for i in range(2):
+                put8(a2[2 * i], out, of, part, g, t + i, r0, r1)
+                put8(a2[2 * i + 1], out, of, part, g + 1, t + i, r0, r1)
+            t += 2
+        if t < n_t:
+            a1 = (vzero(), vzero())
+            o = g * rs
+            for b in range(nb):
+                a1 = WIDE1(a1, qf, o, o + rs, xf, t * k + b * BLOCK, k, dxf, xaf, t * nb + b, nb)  # noqa: F821
+                o += REC  # noqa: F821
+            put8(a1[0], out, of, part, g, t, r0, r1)
+            put8(a1[1], out, of, part, g + 1, t, r0, r1)
+        g += 2
+    if g < gb:
+        GROUPS8(qf, rs, xf, dxf, xaf, n_t, nb, out, of, part, g, gb, r0, r1)  # noqa: F821

@@ -45,7 +45,7 @@ from gguf import GGMLQuantizationType as T
 from numba import njit
 
 from . import _native, _simd
-from ._tiles import _groups_t
+from ._tiles import _groups_t, _groups_wide_t
 from ._x8_loops import _matmul_x8_pair_t, _matmul_x8_t
 from ._x8_simd import (PAIRS, many, x8_iq4_nl, x8_q4_0, x8_q4_1, x8_q5_0, x8_q5_1, x8_q8_0,
                        x8v_iq4_nl, x8v_q4_0, x8v_q4_1, x8v_q5_0, x8v_q5_1, x8v_q8_0)
@@ -54,6 +54,7 @@ from .base import CalibratedUnit, KernelUnit, XForm, register, specialize
 BLOCK = 32
 GROUP = 8
 AVX2, VNNI = "avx2-x8", "avx512vnni-x8"   # the record variants
+WIDE = "avx512vnni-x16"   # two groups of rows per zmm register (`_kx16_simd`)
 # IQ4_NL / IQ4_XS code -> value
 IQ4NL_VALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113],
                         dtype=np.float32)
@@ -297,12 +298,13 @@ class RecordUnit(CalibratedUnit):
     unpack: object
     step: object
     step_vnni: object = None
+    step_wide: dict | None = None
     x_form: tuple[str, object]
     repacks = True
     prefetches = True
     row_multiple = GROUP
-    features = {VNNI: _simd.VNNI_FEATURES, AVX2: _simd.AVX2_FEATURES, "numba-f32": (),
-                "blas-tile": ()}
+    features = {WIDE: _simd.VNNI_FEATURES + ("avx512bw",), VNNI: _simd.VNNI_FEATURES,
+                AVX2: _simd.AVX2_FEATURES, "numba-f32": (), "blas-tile": ()}
 
     def __init__(self):
         super().__init__()
@@ -318,19 +320,29 @@ class RecordUnit(CalibratedUnit):
         self._mm = {AVX2: self._kernel(f"x8_matmul_{name}", consts)}
         if self.step_vnni is not None:
             self._mm[VNNI] = self._kernel(f"x8v_matmul_{name}", dict(consts, STEP=self.step_vnni))
+        if self.step_wide is not None:
+            self._mm[WIDE] = self._kernel(f"x16v_matmul_{name}", dict(consts, STEP=self.step_vnni),
+                                          self.step_wide)
         self._mm_x8 = self._mm[AVX2]
         self.native_slots = {v: _native.register_kernel(k, self.block_size == 256)
                              for v, k in self._mm.items() if self._runs(v)}
 
     @staticmethod
-    def _kernel(name: str, consts: dict):
+    def _kernel(name: str, consts: dict, wide: dict | None = None):
         """The record kernel of one step: decode's two-stream loop, and the token-tile loop
-        (`_tiles`) with the step's 2- and 4-token versions."""
+        (`_tiles`) with the step's 2- and 4-token versions, or with `wide`'s 16-row steps."""
         step = consts["STEP"]
         groups = specialize(_groups_t, name.replace("matmul", "groups"), STEP=step,
                             STEP2=many(step, 2), STEP4=many(step, 4), REC=consts["REC"],
                             BLOCK=consts["BLOCK"])
-        if step in PAIRS:   # the 32-weight types (a K-quant pair would spill registers)
+        if wide is not None:
+            groups = specialize(_groups_wide_t, name.replace("matmul", "groups16"), WIDE1=wide[1],
+                                WIDE2=wide[2], WIDE4=wide[4], REC=consts["REC"],
+                                BLOCK=consts["BLOCK"], GROUPS8=groups)
+        if wide is not None:   # decode's two streams through one zmm
+            return specialize(_matmul_x8_pair_t, name,
+                              **dict(consts, GROUPS=groups, STEP_PAIR=wide["pair"]))
+        if step in PAIRS:   # the 32-weight types (a ymm K-quant pair would spill registers)
             return specialize(_matmul_x8_pair_t, name,
                               **dict(consts, GROUPS=groups, STEP_PAIR=PAIRS[step]))
         return specialize(_matmul_x8_t, name, **dict(consts, GROUPS=groups))
@@ -349,7 +361,7 @@ class RecordUnit(CalibratedUnit):
 
     def variants(self) -> list[str]:
         """The variants this CPU can run, fastest-expected first."""
-        return [v for v in (VNNI, AVX2) if self._runs(v)] + ["numba-f32", "blas-tile"]
+        return [v for v in (VNNI, WIDE, AVX2) if self._runs(v)] + ["numba-f32", "blas-tile"]
 
     def prepare(self, raw: np.ndarray) -> X8Weights:
         """raw uint8 (N, row_bytes) GGUF rows -> group records (a new array; raw is not kept)."""
@@ -411,7 +423,7 @@ class RecordUnit(CalibratedUnit):
         # the token-tile loop (T > 1) of each: qf, rs, xf, dxf, xaf, n_t, nb, out, of, part, ...
         tiles = (flat[0], typeof(0), *flat[1:], typeof(0), typeof(0), typeof(out),
                  *(typeof(out.reshape(-1)),) * 2, *(typeof(0),) * 4)
-        return [(k, a) for v in (VNNI, AVX2) if self._runs(v)
+        return [(k, a) for v in (VNNI, WIDE, AVX2) if self._runs(v)
                 for k, a in ((self._mm[v], args), (self._mm[v].py_func.__globals__["GROUPS"], tiles))]
 
 

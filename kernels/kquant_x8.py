@@ -44,6 +44,7 @@ from gguf import GGMLQuantizationType as T
 from numba import njit
 
 from ._kquant_common import q8_k_form
+from ._kx16_simd import kx16_q4_k, kx16_q5_k, kx16_q6_k
 from ._kx8_simd import (kx8_iq4_xs, kx8_q2_k, kx8_q3_k, kx8_q4_k, kx8_q5_k, kx8_q6_k, kx8v_q4_k,
                         kx8v_q5_k, kx8v_q6_k)
 from .base import register
@@ -283,6 +284,7 @@ class Q4_K(_KRecordUnit):
     unpack = _unpack_q4_k
     step = kx8_q4_k
     step_vnni = kx8v_q4_k
+    step_wide = kx16_q4_k
 
 
 @register
@@ -294,6 +296,7 @@ class Q5_K(_KRecordUnit):
     unpack = _unpack_q5_k
     step = kx8_q5_k
     step_vnni = kx8v_q5_k
+    step_wide = kx16_q5_k
 
 
 @register
@@ -305,6 +308,7 @@ class Q6_K(_KRecordUnit):
     unpack = _unpack_q6_k
     step = kx8_q6_k
     step_vnni = kx8v_q6_k
+    step_wide = kx16_q6_k
 
 
 @register

@@ -66,3 +66,18 @@ def test_vnni_kernel_uses_vpdpbusd(qt):
     assert len(dots) >= 8 and all("ymm" in d for d in dots), dots[:4]
     assert any("{1to8}" in d for d in dots)
     assert "vpmaddubsw" not in asm
+
+
+@pytest.mark.parametrize("qt", [T.Q4_K, T.Q5_K, T.Q6_K], ids=lambda q: q.name)
+def test_wide_token_tiles_use_zmm_vpdpbusd(qt):
+    """Where the CPU has AVX512-VNNI and -BW, the avx512vnni-x16 variant's token tiles run
+    vpdpbusd on zmm registers (16 rows) with the activations broadcast {1to16} from memory."""
+    unit = nk.get(qt)
+    if not (_simd.has_vnni() and "avx512bw" in _simd.host_features()):
+        assert "avx512vnni-x16" not in unit.variants()
+        pytest.skip("CPU lacks AVX512-VNNI/VL/BW")
+    tiles = unit._mm["avx512vnni-x16"].py_func.__globals__["GROUPS"]
+    argtypes = next(a for k, a in unit.hot_kernels() if k is tiles)
+    dots = re.findall(r"^\s*vpdpbusd\s[^\n]*", fresh_asm(tiles, argtypes), re.M)
+    wide = [d for d in dots if "zmm" in d]
+    assert len(wide) >= 64 and any("{1to16}" in d for d in wide), dots[:4]

@@ -33,7 +33,7 @@ MATVEC_NMSE = {T.Q2_K: 4e-4, T.Q3_K: 2e-4, T.Q4_K: 2e-4, T.Q5_K: 2e-4, T.Q6_K: 2
                T.IQ4_XS: 2e-4}
 # matmul's float variants (blas-tile, numba-f32) dequantize exactly: only float32 rounding.
 MATMUL_NMSE = 1e-10
-RECORD_VARIANTS = ("avx512vnni-x8", "avx2-x8")   # the int8 record kernels (x rounded as above)
+RECORD_VARIANTS = ("avx512vnni-x16", "avx512vnni-x8", "avx2-x8")   # the int8 record kernels (x rounded as above)
 
 
 def random_weights(qtype, n, k, seed=0):

@@ -1,0 +1,265 @@
+"""AVX-512 steps of the K-quant token tiles (prefill, batched decode) that take two groups of rows
+at once: 16 rows in one zmm register (the avx512vnni-x16 variant of Q4_K, Q5_K, Q6_K).
+
+The records and activations are those of the 8-row VNNI steps (`_kx8_simd`, `kquant_x8`): each
+32-byte chunk of group g's record and the same chunk of group g + 1's make one 64-byte vector
+(two loads, vinserti64x4), so every unpacking op and every vpdpbusd works on both groups, the
+activation bytes broadcast {1to16} from memory. Per token and 16 rows that is the instruction
+count the ymm steps spend on 8: on a core with full-width 512-bit units (AMD Zen 5, Intel Xeons
+with two FMA ports) the tile's work per weight halves; on AMD Zen 4, which splits 512-bit ops in
+two, it gains only the front end's share. Calibration times it per CPU like any variant.
+
+Each lane does exactly what the 8-row VNNI step does for its row (same integer sums, which are
+exact, then the same float ops in the same order), so results are bit-identical to it.
+"""
+from __future__ import annotations
+
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic
+
+from ._simd import _F32, _I8, _I16, _I32, _V32B, _fn, _ptr, f32x8, prefetch
+from ._x8_simd import _at, _need
+
+_V64B = ir.VectorType(_I8, 64)
+_V32W = ir.VectorType(_I16, 32)
+_V16D = ir.VectorType(_I32, 16)
+_V16F = ir.VectorType(_F32, 16)
+
+
+def _idx(values):
+    return ir.Constant(ir.VectorType(_I32, len(values)), list(values))
+
+
+def _cat(builder, a, b):
+    n = a.type.count
+    return builder.shuffle_vector(a, b, _idx(range(2 * n)))
+
+
+def _half(builder, v, hi: int):
+    n = v.type.count // 2
+    return builder.shuffle_vector(v, v, _idx(range(hi * n, hi * n + n)))
+
+
+def _at2(builder, wps, off, vty):
+    """The `vty` at wps[0] + off followed by the one at wps[1] + off (the two groups' records)."""
+    return _cat(builder, _at(builder, wps[0], off, vty), _at(builder, wps[1], off, vty))
+
+
+def _splat(vty, value):
+    return ir.Constant(vty, [value] * vty.count)
+
+
+def _bcast(builder, p, off):
+    """The 4 bytes at p + off in all 16 lanes (folded into vpdpbusd as {1to16})."""
+    v = builder.load(builder.bitcast(builder.gep(p, [ir.Constant(_I32, off)]), _I32.as_pointer()),
+                     align=1)
+    v = builder.insert_element(ir.Constant(_V16D, ir.Undefined), v, ir.Constant(_I32, 0))
+    return builder.shuffle_vector(v, v, _idx([0] * 16))
+
+
+def _dpbusd(builder, acc, u, s):
+    fn = _fn(builder, "llvm.x86.avx512.vpdpbusd.512", _V16D, [_V16D, _V16D, _V16D])
+    acc = _splat(_V16D, 0) if acc is None else acc
+    return builder.call(fn, [acc, builder.bitcast(u, _V16D), builder.bitcast(s, _V16D)])
+
+
+def _maddwd(builder, a, b):
+    fn = _fn(builder, "llvm.x86.avx512.pmaddw.d.512", _V16D, [_V32W, _V32W])
+    return builder.call(fn, [a, b])
+
+
+def _fma(builder, a, b, c):
+    return builder.call(_fn(builder, "llvm.fma.v16f32", _V16F, [_V16F] * 3), [a, b, c])
+
+
+def _f16(builder, wps, off):
+    """The 8 f16 at off of each record as 16 floats (vcvtph2ps)."""
+    h = _at2(builder, wps, off, ir.VectorType(ir.HalfType(), 8))
+    return builder.fpext(h, _V16F)
+
+
+def _bytes(builder, wps, off, signed):
+    """8 bytes at off of each record (one per row) as 16 int32."""
+    v = _at2(builder, wps, off, ir.VectorType(_I8, 8))
+    return builder.sext(v, _V16D) if signed else builder.zext(v, _V16D)
+
+
+def _dup_u8(builder, wps, off):
+    """_kx8_simd._dup_u8 of both records: row i's byte in int16 lanes 2i and 2i + 1."""
+    v = _bytes(builder, wps, off, False)
+    return builder.bitcast(builder.or_(v, builder.shl(v, _splat(_V16D, 16))), _V32W)
+
+
+def _pair16(builder, bp, k):
+    """int16 xb[2k], xb[2k + 1] in every int32 lane."""
+    return builder.bitcast(_bcast(builder, bp, 4 * k), _V32W)
+
+
+def _splat_f(builder, v):
+    vs = builder.insert_element(ir.Constant(_V16F, ir.Undefined), v, ir.Constant(_I32, 0))
+    return builder.shuffle_vector(vs, vs, _idx([0] * 16))
+
+
+def _q45_k(builder, accs, wps, xps, bps, dxs, qs_at, qh_at):
+    """_kx8_simd._q45_k_vnni on two records, for each token (xps, bps, dxs, accs: one each)."""
+    low, bit4 = _splat(_V64B, 0x0F), _splat(_V64B, 0x10)
+    n = len(accs)
+    isum = [None] * n
+    for p in range(4):
+        for t in range(2):                    # sub-block j = 2p + t
+            j = 2 * p + t
+            ch = [[None, None] for _ in range(n)]
+            for k in range(8):
+                q = _at2(builder, wps, qs_at + 32 * (8 * p + k), _V32B)
+                v = builder.and_(q if t == 0 else builder.lshr(q, _splat(_V64B, 4)), low)
+                if qh_at is not None:         # bit j of the qh byte -> bit 4
+                    h = _at2(builder, wps, qh_at + 32 * k, _V32B)
+                    h = builder.shl(h, _splat(_V64B, 4 - j)) if j <= 4 else \
+                        builder.lshr(h, _splat(_V64B, j - 4))
+                    v = builder.or_(v, builder.and_(h, bit4))
+                for i in range(n):
+                    ch[i][k % 2] = _dpbusd(builder, ch[i][k % 2], v,
+                                           _bcast(builder, xps[i], 32 * j + 4 * k))
+            sc = _bytes(builder, wps, 32 + 8 * j, False)
+            for i in range(n):
+                part = builder.mul(builder.add(ch[i][0], ch[i][1]), sc)
+                isum[i] = part if isum[i] is None else builder.add(isum[i], part)
+    d, dmin = _f16(builder, wps, 0), _f16(builder, wps, 16)
+    out = []
+    for i in range(n):
+        msum = None
+        for j in range(8):
+            m = _maddwd(builder, _dup_u8(builder, wps, 96 + 8 * j), _pair16(builder, bps[i], j))
+            msum = m if msum is None else builder.add(msum, m)
+        vdx = _splat_f(builder, dxs[i])
+        acc = _fma(builder, builder.sitofp(isum[i], _V16F), builder.fmul(d, vdx), accs[i])
+        neg = builder.fneg(builder.fmul(dmin, vdx))
+        out.append(_fma(builder, builder.sitofp(msum, _V16F), neg, acc))
+    return out
+
+
+def _q6_codes(builder, wps, step):
+    """_kx8_simd._q6_codes on two records."""
+    low6, top2, two = _splat(_V64B, 0x3F), _splat(_V64B, 0xC0), _splat(_V32W, 2)
+
+    def shr2(v):
+        return builder.bitcast(builder.lshr(builder.bitcast(v, _V32W), two), _V64B)
+
+    x, y, z = (_at2(builder, wps, step + 32 * k, _V32B) for k in range(3))
+    u3 = shr2(builder.and_(x, top2))
+    u3 = shr2(builder.or_(u3, builder.and_(y, top2)))
+    u3 = shr2(builder.or_(u3, builder.and_(z, top2)))
+    return [builder.and_(x, low6), builder.and_(y, low6), builder.and_(z, low6), u3]
+
+
+def _q6_k(builder, accs, wps, xps, bps, dxs):
+    """_kx8_simd._q6_k_v on two records, for each token; one chain per code chunk g and token
+    (the tokens' chains are independent enough to overlap)."""
+    n = len(accs)
+    isum = [None] * n
+    for h in range(2):
+        for half in range(2):
+            ch = [[None] * 4 for _ in range(n)]
+            for lc in range(4 * half, 4 * half + 4):
+                u = _q6_codes(builder, wps, 144 + 96 * (8 * h + lc))
+                for g in range(4):
+                    for i in range(n):
+                        ch[i][g] = _dpbusd(builder, ch[i][g], u[g],
+                                           _bcast(builder, xps[i], 128 * h + 32 * g + 4 * lc))
+            for g in range(4):
+                s = 8 * h + 2 * g + half
+                pairs = _at2(builder, wps, 16 + 16 * (s // 2), ir.VectorType(_I8, 16))
+                sc = builder.sext(builder.shuffle_vector(pairs, pairs, _idx(
+                    [16 * r + 2 * i + s % 2 for r in range(2) for i in range(8)])), _V16D)
+                for i in range(n):
+                    part = builder.mul(ch[i][g], sc)
+                    isum[i] = part if isum[i] is None else builder.add(isum[i], part)
+    d = _f16(builder, wps, 0)
+    out = []
+    for i in range(n):
+        off = None
+        for k in range(8):
+            scales = builder.sext(_at2(builder, wps, 16 + 16 * k, ir.VectorType(_I8, 16)), _V32W)
+            o = _maddwd(builder, scales, _pair16(builder, bps[i], k))
+            off = o if off is None else builder.add(off, o)
+        isum_i = builder.sub(isum[i], builder.shl(off, _splat(_V16D, 5)))
+        scale = builder.fmul(d, _splat_f(builder, dxs[i]))
+        out.append(_fma(builder, builder.sitofp(isum_i, _V16F), scale, accs[i]))
+    return out
+
+
+def _wide(body, record_bytes):
+    """{n: the n-token two-group step, "pair": decode's two-stream step}.
+
+    n-token step: `f(accs, w, woff0, woff1, xq, xoff, xstride, dx, xb, b, bstride)` -> accs, a
+    tuple of 2n f32x8 (token i's rows of the group at woff0 in 2i, of the group at woff1 in
+    2i + 1), token i's codes at xoff + i * xstride, its scale and sums at block b + i * bstride.
+    The body takes the tokens together: each chunk is loaded and unpacked once and goes straight
+    into every token's vpdpbusd, so only one unpacked chunk is live at a time (a body emitted
+    token after token leaves all 64 chunks live for the later tokens: the 8-row tiles spill so).
+    The token tiles prefetch the records 2 KB ahead.
+
+    "pair": `f(acc0, acc1, w, woff0, woff1, xq, xoff, dx, xb, b)` -> (acc0, acc1), the shape of
+    `_x8_simd`'s two-record steps, so decode's two streams (`_matmul_x8_pair_t`, which issues
+    the calibrated prefetch itself) go through one zmm: 16 rows per instruction for one token."""
+
+    def emit(context, builder, sig, w_a, xq_a, dx_a, xb_a, w_v, offs, xq_v, xoffs, dx_v, xb_v,
+             bs, accs_in, fetch):
+        wps = [_ptr(context, builder, w_a, w_v, o) for o in offs]
+        if fetch:
+            for wp in wps:
+                prefetch(builder, wp, record_bytes)
+        accs, xps, bps, dxs = [], [], [], []
+        for i, (xo, bi) in enumerate(zip(xoffs, bs)):
+            xps.append(_ptr(context, builder, xq_a, xq_v, xo))
+            dxs.append(builder.load(_ptr(context, builder, dx_a, dx_v, bi)))
+            b16 = builder.mul(bi, ir.Constant(bi.type, 16))
+            bps.append(builder.bitcast(_ptr(context, builder, xb_a, xb_v, b16), _I8.as_pointer()))
+            accs.append(_cat(builder, accs_in[2 * i], accs_in[2 * i + 1]))
+        out = []
+        for acc in body(builder, accs, wps, xps, bps, dxs):
+            out += [_half(builder, acc, 0), _half(builder, acc, 1)]
+        return context.make_tuple(builder, sig.return_type, out)
+
+    def make(n):
+        def impl(typingctx, accs, w, woff0, woff1, xq, xoff, xstride, dx, xb, b, bstride):
+            _need("w", w, types.uint8), _need("xq", xq, types.int8)
+            _need("dx", dx, types.float32), _need("xb", xb, types.int16)
+            tup = types.UniTuple(f32x8, 2 * n)
+            sig = tup(tup, w, woff0, woff1, xq, xoff, xstride, dx, xb, b, bstride)
+
+            def codegen(context, builder, sig, args):
+                accs_v, w_v, o0, o1, xq_v, xoff_v, xst_v, dx_v, xb_v, b_v, bst_v = args
+                xoff_v, xst_v, b_v, bst_v = (context.cast(builder, v, t, types.intp) for v, t in
+                                             ((xoff_v, sig.args[5]), (xst_v, sig.args[6]),
+                                              (b_v, sig.args[9]), (bst_v, sig.args[10])))
+                at = [ir.Constant(xoff_v.type, i) for i in range(n)]
+                return emit(context, builder, sig, sig.args[1], sig.args[4], sig.args[7],
+                            sig.args[8], w_v, (o0, o1), xq_v,
+                            [builder.add(xoff_v, builder.mul(xst_v, c)) for c in at],
+                            dx_v, xb_v, [builder.add(b_v, builder.mul(bst_v, c)) for c in at],
+                            [builder.extract_value(accs_v, i) for i in range(2 * n)], True)
+
+            return sig, codegen
+
+        return intrinsic(impl)
+
+    def pair(typingctx, acc0, acc1, w, woff0, woff1, xq, xoff, dx, xb, b):
+        _need("w", w, types.uint8), _need("xq", xq, types.int8)
+        _need("dx", dx, types.float32), _need("xb", xb, types.int16)
+        sig = types.UniTuple(f32x8, 2)(f32x8, f32x8, w, woff0, woff1, xq, xoff, dx, xb, b)
+
+        def codegen(context, builder, sig, args):
+            a0, a1, w_v, o0, o1, xq_v, xoff_v, dx_v, xb_v, b_v = args
+            return emit(context, builder, sig, sig.args[2], sig.args[5], sig.args[7], sig.args[8],
+                        w_v, (o0, o1), xq_v, [xoff_v], dx_v, xb_v, [b_v], [a0, a1], False)
+
+        return sig, codegen
+
+    return {**{n: make(n) for n in (1, 2, 4)}, "pair": intrinsic(pair)}
+
+
+kx16_q4_k = _wide(lambda *a: _q45_k(*a, 160, None), 1184)
+kx16_q5_k = _wide(lambda *a: _q45_k(*a, 416, 160), 1440)
+kx16_q6_k = _wide(_q6_k, 1680)
