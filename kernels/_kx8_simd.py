@@ -161,11 +161,12 @@ def _q45_k_vnni(builder, acc, wp, xp, bp, dx, qs_at, qh_at):
 
 
 def _q6_codes(builder, wp, step):
-    """The 4 chunks of Q6_K codes u = q + 32 (0..63) of one record step, g = 0..3, from its 3
-    chunks X, Y, Z: u0, u1, u2 are the low 6 bits of X, Y, Z, and u3's bits 0-1, 2-3, 4-5 are
-    their top 2 bits (`kquant_x8._pack_q6_k`). u3 gathers them with three 2-bit right shifts
-    (vpsrlw: within each byte here, as every byte shifted holds only bits the mask kept), 11
-    vector ops per step where the GGUF's ql/qh split took 17."""
+    """The 4 chunks of Q6_K codes u = q + 32 (0..63) of one record step (sub-block t: chunk j
+    holds weights 16t + 4j + b), j = 0..3, from its 3 chunks X, Y, Z: u0, u1, u2 are the low 6
+    bits of X, Y, Z, and u3's bits 0-1, 2-3, 4-5 are their top 2 bits (`kquant_x8._pack_q6_k`).
+    u3 gathers them with three 2-bit right shifts (vpsrlw: within each byte here, as every byte
+    shifted holds only bits the mask kept), 11 vector ops per step where the GGUF's ql/qh split
+    took 17."""
     low6, top2 = _splat8(builder, 0x3F, 32), _splat8(builder, 0xC0, 32)
     two = ir.Constant(_V16W, [2] * 16)
 
@@ -204,28 +205,21 @@ def _q5_k_v(builder, acc, wp, xp, bp, dx):
 
 
 def _q6_k_v(builder, acc, wp, xp, bp, dx):
-    """_q6_k with vpdpbusd: per 16-weight sub-block s = 8h + 2g + half, the 4 chunks of codes
-    u = q + 32 (0..63) give codes . x in int32 (two chains), times sc_s by vpmulld; the -32
-    comes off once per block as 32 * sum_s sc_s * xb_s, as in _q6_k."""
+    """_q6_k with vpdpbusd: step t's 4 chunks of codes u = q + 32 (0..63) give sub-block t's
+    codes . x in int32 (two chains), times sc_t by vpmulld; the -32 comes off once per block
+    as 32 * sum_s sc_s * xb_s, as in _q6_k."""
     isum = None
-    for h in range(2):
-        for half in range(2):
-            ch = [[None, None] for _ in range(4)]    # per g: two chains
-            for lc in range(4 * half, 4 * half + 4):
-                step = 144 + 96 * (8 * h + lc)
-                u = _q6_codes(builder, wp, step)
-                for g in range(4):
-                    c = ch[g]
-                    c[lc % 2] = dpbusd(builder, c[lc % 2], u[g],
-                                       _bcast32(builder, xp, 128 * h + 32 * g + 4 * lc))
-            for g in range(4):
-                s = 8 * h + 2 * g + half
-                # row i's sc_s: byte 16 (s // 2) + 2i + s % 2 of the scale pairs
-                pairs = _at(builder, wp, 16 + 16 * (s // 2), ir.VectorType(_I8, 16))
-                sc = builder.shuffle_vector(pairs, pairs, ir.Constant(
-                    ir.VectorType(_I32, 8), [2 * i + s % 2 for i in range(8)]))
-                part = builder.mul(builder.add(ch[g][0], ch[g][1]), builder.sext(sc, _V8D))
-                isum = part if isum is None else builder.add(isum, part)
+    for t in range(16):
+        u = _q6_codes(builder, wp, 144 + 96 * t)
+        ch = [None, None]
+        for j in range(4):
+            ch[j % 2] = dpbusd(builder, ch[j % 2], u[j], _bcast32(builder, xp, 16 * t + 4 * j))
+        # row i's sc_t: byte 16 (t // 2) + 2i + t % 2 of the scale pairs
+        pairs = _at(builder, wp, 16 + 16 * (t // 2), ir.VectorType(_I8, 16))
+        sc = builder.shuffle_vector(pairs, pairs, ir.Constant(
+            ir.VectorType(_I32, 8), [2 * i + t % 2 for i in range(8)]))
+        part = builder.mul(builder.add(ch[0], ch[1]), builder.sext(sc, _V8D))
+        isum = part if isum is None else builder.add(isum, part)
     return _q6_finish(builder, acc, isum, wp, bp, dx)
 
 
@@ -238,35 +232,20 @@ def _q5_k(builder, acc, wp, xp, bp, dx):
 
 
 def _q6_k(builder, acc, wp, xp, bp, dx):
-    """Record: d[8] f16 | scale pairs: for k = 0..7, 8 rows x (sc_2k, sc_2k+1) int8 | 16 steps of
-    3 chunks X, Y, Z in the order the loop reads them (`_q6_codes`; chunk = 4 bytes of each of
-    the 8 rows): byte 4i + b of step 8h + lc's chunks holds row i's codes u_g (g = 0..3) of
-    weights 128h + 32g + l, l = 4lc + b; sub-block s = e // 16 = 8h + 2g + l // 16."""
-    pairs = []  # (sc_{i,2k}, sc_{i,2k+1}) as int16 in lane i, and each scale repeated
-    for k in range(8):
-        v = _q6_scales(builder, wp, k)
-        lo = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, 16),
-                                                      [i - i % 2 for i in range(16)]))
-        hi = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, 16),
-                                                      [i - i % 2 + 1 for i in range(16)]))
-        pairs.append((v, lo, hi))
+    """Record: d[8] f16 | scale pairs: for k = 0..7, 8 rows x (sc_2k, sc_2k+1) int8 | 16 steps
+    of 3 chunks X, Y, Z, step t = sub-block t (`_q6_codes`; chunk = 4 bytes of each of the 8
+    rows): code chunk j of step t holds weights 16t + 4j + b, b = 0..3."""
     isum = None
-    for h in range(2):
-        for half in range(2):            # l in 0..15 (sub-blocks 8h + 2g) or 16..31 (8h + 2g + 1)
-            acc16 = [None] * 4           # per g: two chunks at a time in int16
-            for lc in range(4 * half, 4 * half + 4):
-                step = 144 + 96 * (8 * h + lc)
-                u = _q6_codes(builder, wp, step)
-                for g in range(4):
-                    d = _maddubs(builder, u[g], _bcast32(builder, xp, 128 * h + 32 * g + 4 * lc))
-                    if acc16[g] is None:
-                        acc16[g] = d
-                        continue
-                    s = 8 * h + 2 * g + half
-                    _, sc_lo, sc_hi = pairs[s // 2]
-                    part = _maddwd(builder, builder.add(acc16[g], d), sc_hi if s % 2 else sc_lo)
-                    isum = part if isum is None else builder.add(isum, part)
-                    acc16[g] = None
+    for t in range(16):
+        v = _q6_scales(builder, wp, t // 2)   # sc_t of row i in int16 lanes 2i, 2i + 1
+        sc = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, 16),
+                                                      [i - i % 2 + t % 2 for i in range(16)]))
+        u = _q6_codes(builder, wp, 144 + 96 * t)
+        for j in (0, 2):   # two chunks add in int16 (<= 2 * 16002), then times the scale
+            d = builder.add(_maddubs(builder, u[j], _bcast32(builder, xp, 16 * t + 4 * j)),
+                            _maddubs(builder, u[j + 1], _bcast32(builder, xp, 16 * t + 4 * j + 4)))
+            part = _maddwd(builder, d, sc)
+            isum = part if isum is None else builder.add(isum, part)
     return _q6_finish(builder, acc, isum, wp, bp, dx)
 
 

@@ -28,12 +28,13 @@ Records (group of rows 8g..8g+7, one super-block; "chunk" = 4 consecutive bytes 
   Q5_K (1440 = 8 x 180): Q4_K's first 160 bytes | 8 chunks of qh | 32 chunks of qs.
   IQ4_XS (1104 = 8 x 138): d[8] f16 | (scale - 32)[8 sub][8 rows] int8 | 32 chunks of qs.
   Q6_K (1680 = 8 x 210): d[8] f16 | for k = 0..7: (sc[2k], sc[2k + 1]) of each row (16 bytes) |
-        16 steps of 96 bytes (step 8h + lc, read front to back: reading ql and qh as two
-        separate streams measured 9 GB/s instead of 16 on a 256 MB matrix): chunks X, Y, Z,
-        whose byte 4i + b holds row i's 6-bit codes u_g = q + 32 of weights 128h + 32g + l
-        (l = 4lc + b) as X = u0 | (u3 & 3) << 6, Y = u1 | (u3 >> 2 & 3) << 6, Z = u2 |
+        16 steps of 96 bytes, step t = sub-block t (weights 16t..16t+15, one scale; read front to
+        back: reading ql and qh as two separate streams measured 9 GB/s instead of 16 on a 256
+        MB matrix): chunks X, Y, Z, whose byte 4i + b holds row i's 6-bit codes u_j = q + 32 of
+        weights 16t + 4j + b as X = u0 | (u3 & 3) << 6, Y = u1 | (u3 >> 2 & 3) << 6, Z = u2 |
         (u3 >> 4) << 6: the same 6 bits per weight as the GGUF's ql/qh, regrouped so the
-        kernel unpacks a step in 11 vector ops instead of 17.
+        kernel unpacks a step in 11 vector ops instead of 17, and all 4 chunks of a step share
+        one scale (one sum per sub-block and token: few accumulators live in a token tile).
 Dequantization follows gguf-py's float32 rounding order: D = d * sc rounded first, then D * q
 (minus M = dmin * m), bit for bit.
 """
@@ -120,9 +121,14 @@ def _unpack_q5_k(q, o, i, dst, c):
 
 
 @njit(nogil=True, cache=True, inline="always")
-def _q6_step(h, lc):
-    """Offset in a Q6_K record of step 8h + lc (its 3 chunks X, Y, Z)."""
-    return 144 + 96 * (8 * h + lc)
+def _q6_u(src, s, e):
+    """The 6-bit code u = q + 32 of weight e of the GGUF Q6_K block at src[s]: e = 128h + 32g + l
+    has its low 4 bits in nibble g // 2 of ql byte 64h + 32(g % 2) + l, its high 2 in bits 2g of
+    qh byte 32h + l."""
+    h, g, l = e // 128, (e // 32) % 4, e % 32
+    ql = (np.int32(src[s + 64 * h + 32 * (g % 2) + l]) >> (4 * (g // 2))) & 15
+    qh = (np.int32(src[s + 128 + 32 * h + l]) >> (2 * g)) & 3
+    return ql | (qh << 4)
 
 
 @njit(nogil=True, cache=True, inline="always")
@@ -132,26 +138,20 @@ def _pack_q6_k(src, s, dst, d, i):
     for k in range(8):
         dst[d + 16 + 16 * k + 2 * i] = src[s + 192 + 2 * k]
         dst[d + 16 + 16 * k + 2 * i + 1] = src[s + 192 + 2 * k + 1]
-    for h in range(2):
-        for l in range(32):   # the 4 codes of weights 128h + 32g + l, g = 0..3
-            ql0 = np.int32(src[s + 64 * h + l])
-            ql1 = np.int32(src[s + 64 * h + 32 + l])
-            qh = np.int32(src[s + 128 + 32 * h + l])
-            u0 = (ql0 & 15) | ((qh & 3) << 4)
-            u1 = (ql1 & 15) | (((qh >> 2) & 3) << 4)
-            u2 = (ql0 >> 4) | (((qh >> 4) & 3) << 4)
-            u3 = (ql1 >> 4) | ((qh >> 6) << 4)
-            at = d + _q6_step(h, l // 4) + 4 * i + l % 4
-            dst[at] = np.uint8(u0 | ((u3 & 3) << 6))
-            dst[at + 32] = np.uint8(u1 | (((u3 >> 2) & 3) << 6))
-            dst[at + 64] = np.uint8(u2 | ((u3 >> 4) << 6))
+    for t in range(16):       # step t: sub-block t's 4 chunks (weights 16t + 4j + b) in 3
+        for b in range(4):
+            u3 = _q6_u(src, s, 16 * t + 12 + b)
+            at = d + 144 + 96 * t + 4 * i + b
+            dst[at] = np.uint8(_q6_u(src, s, 16 * t + b) | ((u3 & 3) << 6))
+            dst[at + 32] = np.uint8(_q6_u(src, s, 16 * t + 4 + b) | (((u3 >> 2) & 3) << 6))
+            dst[at + 64] = np.uint8(_q6_u(src, s, 16 * t + 8 + b) | ((u3 >> 4) << 6))
 
 
 @njit(nogil=True, cache=True, inline="always")
-def _q6_code(q, at, g):
-    """Code g (0..3) of the record step bytes X = q[at], Y = q[at + 32], Z = q[at + 64]."""
-    if g < 3:
-        return np.int32(q[at + 32 * g]) & 63
+def _q6_code(q, at, j):
+    """Code j (0..3) of the record step bytes X = q[at], Y = q[at + 32], Z = q[at + 64]."""
+    if j < 3:
+        return np.int32(q[at + 32 * j]) & 63
     return ((np.int32(q[at]) >> 6) | ((np.int32(q[at + 32]) >> 6) << 2)
             | ((np.int32(q[at + 64]) >> 6) << 4))
 
@@ -159,16 +159,13 @@ def _q6_code(q, at, g):
 @njit(nogil=True, cache=True, inline="always")
 def _unpack_q6_k(q, o, i, dst, c):
     d = f16_at(q, o + 2 * i)
-    for h in range(2):
-        for g in range(4):
-            for l in range(32):
-                e = 128 * h + 32 * g + l
-                s = e // 16
-                sc = np.int32(q[o + 16 + 16 * (s // 2) + 2 * i + s % 2])
-                sc = sc - 256 if sc > 127 else sc
-                u = _q6_code(q, o + _q6_step(h, l // 4) + 4 * i + l % 4, g)
-                dd = d * np.float32(sc)
-                dst[c + e] = dd * np.float32(u - 32)
+    for e in range(256):
+        t = e // 16
+        sc = np.int32(q[o + 16 + 16 * (t // 2) + 2 * i + t % 2])
+        sc = sc - 256 if sc > 127 else sc
+        u = _q6_code(q, o + 144 + 96 * t + 4 * i + e % 4, (e % 16) // 4)
+        dd = d * np.float32(sc)
+        dst[c + e] = dd * np.float32(u - 32)
 
 
 @njit(nogil=True, cache=True, inline="always")
