@@ -125,12 +125,15 @@ def _q45_k(builder, accs, wps, xps, bps, dxs, qs_at, qh_at):
     """_kx8_simd._q45_k_vnni on two records, for each token (xps, bps, dxs, accs: one each)."""
     low, bit4 = _splat(_V64B, 0x0F), _splat(_V64B, 0x10)
     n = len(accs)
+    chains = 2 if n <= 4 else 1     # 8 tokens' chains overlap enough, and 2 each would spill
     isum = [None] * n
     for p in range(4):
-        if qh_at is not None:   # Q5_K's extra qh unpacking spills without (Q4_K: runs faster)
+        if qh_at is not None and n <= 4:   # Q5_K's qh unpacking spills without (Q4_K: faster)
             isum = _step_fence(builder, isum)     # per chunk row p: its bytes serve both nibbles
         for t in range(2):                    # sub-block j = 2p + t
             j = 2 * p + t
+            if n > 4:
+                isum = _step_fence(builder, isum)
             ch = [[None, None] for _ in range(n)]
             for k in range(8):
                 q = _at2(builder, wps, qs_at + 32 * (8 * p + k), _V32B)
@@ -141,11 +144,13 @@ def _q45_k(builder, accs, wps, xps, bps, dxs, qs_at, qh_at):
                         builder.lshr(h, _splat(_V64B, j - 4))
                     v = builder.or_(v, builder.and_(h, bit4))
                 for i in range(n):
-                    ch[i][k % 2] = _dpbusd(builder, ch[i][k % 2], v,
-                                           _bcast(builder, xps[i], 32 * j + 4 * k))
+                    c = ch[i]
+                    c[k % chains] = _dpbusd(builder, c[k % chains], v,
+                                            _bcast(builder, xps[i], 32 * j + 4 * k))
             sc = _bytes(builder, wps, 32 + 8 * j, False)
             for i in range(n):
-                part = builder.mul(builder.add(ch[i][0], ch[i][1]), sc)
+                c = ch[i]
+                part = builder.mul(c[0] if c[1] is None else builder.add(c[0], c[1]), sc)
                 isum[i] = part if isum[i] is None else builder.add(isum[i], part)
     d, dmin = _f16(builder, wps, 0), _f16(builder, wps, 16)
     out = []
@@ -274,7 +279,7 @@ def _wide(body, record_bytes):
 
         return sig, codegen
 
-    return {**{n: make(n) for n in (1, 2, 4)}, "pair": intrinsic(pair)}
+    return {**{n: make(n) for n in (1, 2, 4, 8)}, "pair": intrinsic(pair)}
 
 
 kx16_q4_k = _wide(lambda *a: _q45_k(*a, 160, None), 1184)

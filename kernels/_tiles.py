@@ -74,14 +74,25 @@ def _groups_t(qf, rs, xf, dxf, xaf, n_t, nb, out, of, part, ga, gb, r0, r1):
 
 
 def _groups_wide_t(qf, rs, xf, dxf, xaf, n_t, nb, out, of, part, ga, gb, r0, r1):
-    # _groups_t two groups at a time through the 16-row steps of `_kx16_simd` (template
-    # constants WIDE1, WIDE2, WIDE4: the 1-, 2- and 4-token steps; REC, BLOCK; GROUPS8: the 8-row
-    # tile loop, for an odd last group)
+    # _groups_t two groups at a time through the 16-row steps of `_kx16_simd`, tokens in tiles
+    # of 8, 4, 2, 1 (template constants WIDE1..WIDE8: the n-token steps; REC, BLOCK; GROUPS8:
+    # the 8-row tile loop, for an odd last group)
     k = nb * BLOCK  # noqa: F821 (template constant)
     g = ga
     while g + 2 <= gb:
         t = 0
-        while t + 4 <= n_t:
+        while t + 8 <= n_t:
+            a8 = (vzero(), vzero(), vzero(), vzero(), vzero(), vzero(), vzero(), vzero(),
+                  vzero(), vzero(), vzero(), vzero(), vzero(), vzero(), vzero(), vzero())
+            o = g * rs
+            for b in range(nb):
+                a8 = WIDE8(a8, qf, o, o + rs, xf, t * k + b * BLOCK, k, dxf, xaf, t * nb + b, nb)  # noqa: F821
+                o += REC  # noqa: F821
+            for i in range(8):
+                put8(a8[2 * i], out, of, part, g, t + i, r0, r1)
+                put8(a8[2 * i + 1], out, of, part, g + 1, t + i, r0, r1)
+            t += 8
+        if t + 4 <= n_t:
             a = (vzero(), vzero(), vzero(), vzero(), vzero(), vzero(), vzero(), vzero())
             o = g * rs
             for b in range(nb):

@@ -337,7 +337,7 @@ class RecordUnit(CalibratedUnit):
                             BLOCK=consts["BLOCK"])
         if wide is not None:
             groups = specialize(_groups_wide_t, name.replace("matmul", "groups16"), WIDE1=wide[1],
-                                WIDE2=wide[2], WIDE4=wide[4], REC=consts["REC"],
+                                WIDE2=wide[2], WIDE4=wide[4], WIDE8=wide[8], REC=consts["REC"],
                                 BLOCK=consts["BLOCK"], GROUPS8=groups)
         if wide is not None:   # decode's two streams through one zmm
             return specialize(_matmul_x8_pair_t, name,

@@ -9,7 +9,8 @@ def decode_equals_prefill_rows(unit, w, x: np.ndarray, n: int, variants: list[st
     group at a time, tokens in tiles of 4, 2, 1 that decode each record once per tile) equals
     the same rows computed token by token (decode, two record streams), bit for bit, for every
     T from 2 to len(x), over row ranges cut mid-group; and every variant gives the last one's
-    bits. len(x) = 7 covers every tile size (4 + 2 + 1)."""
+    bits. len(x) = 7 covers every tile size of the 8-row tiles (4 + 2 + 1), 15 those of the
+    16-row ones (8 + 4 + 2 + 1)."""
     results = {}
     for variant in variants:
         for r0, r1 in ((0, n), (3, 70), (13, 51), (8, 16), (5, 12)):

@@ -229,7 +229,7 @@ def test_deepseek_rss_near_file_size(tmp_path):
     import subprocess
     import sys
 
-    from test_memory import PROBE
+    from test_memory import PROBE, PROBE_ENV
 
     big = synth_deepseek.DeepseekShape(vocab=4096, hidden=1024, n_layers=4, n_heads=16, n_ff=2048,
                                        kv_lora=512, qk_nope=128, qk_rope=64, v_head=128,
@@ -238,7 +238,7 @@ def test_deepseek_rss_near_file_size(tmp_path):
     small = synth_deepseek.write_deepseek(tmp_path / "small.gguf", "Q8_0", "tiny-v2-lite")
     size = path.stat().st_size
     r = subprocess.run([sys.executable, "-c", PROBE, str(path), str(small)], capture_output=True,
-                       text=True, timeout=600)
+                       text=True, timeout=600, env=PROBE_ENV)
     assert r.returncode == 0, r.stderr
     m = json.loads(r.stdout)
     grown = m["after"] - m["base"] - m["kv"]

@@ -200,7 +200,7 @@ def test_record_variants_agree_bit_for_bit_and_decode_streams_match_prefill(qtyp
         pytest.skip("CPU lacks AVX2")
     n, k = 77, 512
     w = unit.prepare(random_weights(qtype, n, k, seed=13))
-    x = np.random.default_rng(14).standard_normal((7, k)).astype(np.float32)
+    x = np.random.default_rng(14).standard_normal((15, k)).astype(np.float32)   # 8 + 4 + 2 + 1
     record_checks.decode_equals_prefill_rows(unit, w, x, n, have)
 
 
