@@ -1,13 +1,15 @@
-"""AVX-512 steps of the K-quant token tiles (prefill, batched decode) that take two groups of rows
-at once: 16 rows in one zmm register (the avx512vnni-x16 variant of Q4_K, Q5_K, Q6_K).
+"""AVX-512 steps of the K-quant record kernels that take two groups of rows at once: 16 rows in
+one zmm register (the avx512vnni-x16 variant of Q4_K, Q5_K, Q6_K). Decode puts its two streams'
+records side by side; the token tiles (prefill, batched decode) take groups g and g + 1.
 
 The records and activations are those of the 8-row VNNI steps (`_kx8_simd`, `kquant_x8`): each
-32-byte chunk of group g's record and the same chunk of group g + 1's make one 64-byte vector
+32-byte chunk of one group's record and the same chunk of the other's make one 64-byte vector
 (two loads, vinserti64x4), so every unpacking op and every vpdpbusd works on both groups, the
 activation bytes broadcast {1to16} from memory. Per token and 16 rows that is the instruction
-count the ymm steps spend on 8: on a core with full-width 512-bit units (AMD Zen 5, Intel Xeons
-with two FMA ports) the tile's work per weight halves; on AMD Zen 4, which splits 512-bit ops in
-two, it gains only the front end's share. Calibration times it per CPU like any variant.
+count the ymm steps spend on 8: where 512-bit ops run at full width (measured on AMD Zen 5) the
+work per weight halves; AMD Zen 4 splits them in two, so there it can gain only the front end's
+share. Calibration times it per CPU like any variant. Each record step of a tile starts with
+`_step_fence` (see there: without it LLVM spilled the whole tile).
 
 Each lane does exactly what the 8-row VNNI step does for its row (same integer sums, which are
 exact, then the same float ops in the same order), so results are bit-identical to it.
