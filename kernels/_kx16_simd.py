@@ -21,6 +21,7 @@ from numba import types
 from numba.extending import intrinsic
 
 from ._simd import _F32, _I8, _I16, _I32, _V32B, _fn, _ptr, f32x8, prefetch
+from ._kx8_simd import q6_codes
 from ._x8_simd import _at, _need
 
 _V64B = ir.VectorType(_I8, 64)
@@ -169,17 +170,8 @@ def _q45_k(builder, accs, wps, xps, bps, dxs, qs_at, qh_at):
 
 
 def _q6_codes(builder, wps, step):
-    """_kx8_simd._q6_codes on two records."""
-    low6, top2, two = _splat(_V64B, 0x3F), _splat(_V64B, 0xC0), _splat(_V32W, 2)
-
-    def shr2(v):
-        return builder.bitcast(builder.lshr(builder.bitcast(v, _V32W), two), _V64B)
-
-    x, y, z = (_at2(builder, wps, step + 32 * k, _V32B) for k in range(3))
-    u3 = shr2(builder.and_(x, top2))
-    u3 = shr2(builder.or_(u3, builder.and_(y, top2)))
-    u3 = shr2(builder.or_(u3, builder.and_(z, top2)))
-    return [builder.and_(x, low6), builder.and_(y, low6), builder.and_(z, low6), u3]
+    """_kx8_simd.q6_codes on two records."""
+    return q6_codes(builder, lambda off: _at2(builder, wps, step + off, _V32B), 64)
 
 
 def _q6_k(builder, accs, wps, xps, bps, dxs):

@@ -160,24 +160,30 @@ def _q45_k_vnni(builder, acc, wp, xp, bp, dx, qs_at, qh_at):
     return _fma(builder, builder.sitofp(msum, _V8F), neg, acc)
 
 
-def _q6_codes(builder, wp, step):
+def q6_codes(builder, load, width: int):
     """The 4 chunks of Q6_K codes u = q + 32 (0..63) of one record step (sub-block t: chunk j
-    holds weights 16t + 4j + b), j = 0..3, from its 3 chunks X, Y, Z: u0, u1, u2 are the low 6
-    bits of X, Y, Z, and u3's bits 0-1, 2-3, 4-5 are their top 2 bits (`kquant_x8._pack_q6_k`).
-    u3 gathers them with three 2-bit right shifts (vpsrlw: within each byte here, as every byte
-    shifted holds only bits the mask kept), 11 vector ops per step where the GGUF's ql/qh split
-    took 17."""
-    low6, top2 = _splat8(builder, 0x3F, 32), _splat8(builder, 0xC0, 32)
-    two = ir.Constant(_V16W, [2] * 16)
+    holds weights 16t + 4j + b), j = 0..3, from its 3 chunks X, Y, Z (`load(off)`: the
+    `width`-byte vector at byte off of the step; 32 for one record, 64 for two side by side in
+    `_kx16_simd`): u0, u1, u2 are the low 6 bits of X, Y, Z, and u3's bits 0-1, 2-3, 4-5 are
+    their top 2 bits (`kquant_x8._pack_q6_k`). u3 gathers them with three 2-bit right shifts
+    (vpsrlw: within each byte here, as every byte shifted holds only bits the mask kept), 11
+    vector ops per step where the GGUF's ql/qh split took 17."""
+    low6, top2 = _splat8(builder, 0x3F, width), _splat8(builder, 0xC0, width)
+    words = ir.VectorType(ir.IntType(16), width // 2)
+    two = ir.Constant(words, [2] * (width // 2))
 
     def shr2(v):   # a 16-bit shift (no byte mask after it: nothing crosses between bytes)
-        return builder.bitcast(builder.lshr(builder.bitcast(v, _V16W), two), _V32B)
+        return builder.bitcast(builder.lshr(builder.bitcast(v, words), two), v.type)
 
-    x, y, z = (_at(builder, wp, step + 32 * k, _V32B) for k in range(3))
+    x, y, z = (load(32 * k) for k in range(3))
     u3 = shr2(builder.and_(x, top2))
     u3 = shr2(builder.or_(u3, builder.and_(y, top2)))
     u3 = shr2(builder.or_(u3, builder.and_(z, top2)))
     return [builder.and_(x, low6), builder.and_(y, low6), builder.and_(z, low6), u3]
+
+
+def _q6_codes(builder, wp, step):
+    return q6_codes(builder, lambda off: _at(builder, wp, step + off, _V32B), 32)
 
 
 def _q6_scales(builder, wp, k):
