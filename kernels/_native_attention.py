@@ -76,7 +76,7 @@ def _run_attention(f):
     out = carray(ptr_f32(f[9]), (n_t, n_h * hd))
     scores = carray(ptr_f32(f[10]), (n_h, f[11]))
     scale = f32_from_bits(f[13])
-    tmp = np.empty(hd, dtype=np.float32)                 # (hd,) a decoded cache row
+    tmp = attention.scratch(hd)
     for t in range(n_t):
         n_s = pos0 + t + 1
         _attn_scores(f, kinds // 3, q, t, n_s, scale, scores, tmp)

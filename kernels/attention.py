@@ -10,9 +10,11 @@ from __future__ import annotations
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
-from .kvcache import kv_row
+from ._attn_simd import (CHUNKS, HEADS, LANES, axpy_heads, axpy_rows, dot_rows,
+                         dot_rows2)
+from .kvcache import kv_block, kv_row
 
 # reassociation lets LLVM vectorize the float reductions (sums of squares, dot products); the
 # other fast-math flags (no-NaN, no-inf) stay off: non-finite values must propagate
@@ -58,8 +60,27 @@ def exp(x):
     return x if x != x else y
 
 
+def _c_layout(a):
+    """Whether a is typed C-contiguous (a constant of its type): the blocks address by flat
+    offsets."""
+    raise NotImplementedError("_c_layout is called from Numba code only")
+
+
+@overload(_c_layout, inline="always")
+def _c_layout_impl(a):
+    c = a.layout == "C"
+    return lambda a: c
+
+
+@njit(nogil=True, cache=True, inline="always")
+def scratch(hd):
+    """The float32 scratch of _scores / _values for head size hd: one block of decoded cache
+    rows and one block of scores (a row loop uses its first hd values)."""
+    return np.empty(max(LANES, 1) * hd + LANES, dtype=np.float32)
+
+
 @njit(nogil=True, cache=True, fastmath=_FM)
-def _scores(q, k, kd, t, n_s, scale, scores, tmp):
+def _scores_rows(q, k, kd, t, n_s, scale, scores, tmp):
     # scores[h, s] = scale * q[t, h] . k[h // group, s]: each cached key row read (and decoded,
     # kv_row) once for the query heads of its group
     n_h, hd = q.shape[1], q.shape[2]
@@ -72,6 +93,38 @@ def _scores(q, k, kd, t, n_s, scale, scores, tmp):
                 for j in range(hd):
                     acc += q[t, h, j] * kr[j]
                 scores[h, s] = acc * scale
+
+
+@njit(nogil=True, cache=True, fastmath=_FM)
+def _scores_blocks(q, k, kd, t, n_s, scale, scores, tmp):
+    # _scores_rows LANES rows at a time (_attn_simd), where the head size and layouts allow
+    n_h, hd = q.shape[1], q.shape[2]
+    group = n_h // k.shape[0]
+    if hd % LANES != 0 or not (_c_layout(q) and _c_layout(k) and _c_layout(scores)):
+        _scores_rows(q, k, kd, t, n_s, scale, scores, tmp)
+        return
+    tail = tmp[LANES * hd:LANES * hd + LANES]            # (LANES,) a last, partial block's scores
+    cols = scores.shape[1]
+    for g in range(k.shape[0]):
+        for s0 in range(0, n_s, LANES):
+            n = min(LANES, n_s - s0)
+            blk, off = kv_block(k, kd, g, s0, n, LANES, tmp)        # (LANES, hd) at off
+            h0 = g * group                   # two heads at a time, each key chunk loaded once
+            if n == LANES:
+                while h0 + 2 <= (g + 1) * group:
+                    for r in range(0, LANES, LANES // 2):
+                        dot_rows2(q, (t * n_h + h0) * hd, hd, blk, off + r * hd, hd, scores,
+                                  h0 * cols + s0 + r, cols, scale)
+                    h0 += 2
+            for h in range(h0, (g + 1) * group):
+                if n == LANES:
+                    dot_rows(q, (t * n_h + h) * hd, blk, off, hd, scores, h * cols + s0, scale)
+                else:
+                    dot_rows(q, (t * n_h + h) * hd, blk, off, hd, tail, 0, scale)
+                    scores[h, s0:s0 + n] = tail[:n]
+
+
+_scores = _scores_blocks if LANES else _scores_rows
 
 
 @njit(nogil=True, cache=True, inline="always", fastmath=_FM)
@@ -129,7 +182,7 @@ def _softmax(scores, n_s):
 
 
 @njit(nogil=True, cache=True, fastmath=_FM)
-def _values(scores, v, vd, n_s, out, tmp):
+def _values_rows(scores, v, vd, n_s, out, tmp):
     # out[h * hd:(h + 1) * hd] = sum_s scores[h, s] * v[h // group, s]
     n_h, hd = scores.shape[0], v.shape[2]
     group = n_h // v.shape[0]
@@ -144,6 +197,38 @@ def _values(scores, v, vd, n_s, out, tmp):
                     o[j] += p * vr[j]
 
 
+@njit(nogil=True, cache=True, fastmath=_FM)
+def _values_blocks(scores, v, vd, n_s, out, tmp):
+    # _values_rows LANES rows at a time (_attn_simd), where the head size and layouts allow
+    n_h, hd = scores.shape[0], v.shape[2]
+    group = n_h // v.shape[0]
+    if hd % LANES != 0 or not (_c_layout(scores) and _c_layout(v) and _c_layout(out)):
+        _values_rows(scores, v, vd, n_s, out, tmp)
+        return
+    out[:] = 0.0
+    tail = tmp[LANES * hd:LANES * hd + LANES]            # (LANES,) a partial block's weights
+    cols = scores.shape[1]
+    for g in range(v.shape[0]):
+        for s0 in range(0, n_s, LANES):
+            n = min(LANES, n_s - s0)
+            blk, off = kv_block(v, vd, g, s0, n, LANES, tmp)        # (LANES, hd) at off
+            h0 = g * group                   # HEADS heads at a time where whole tiles fit
+            if n == LANES and hd % (CHUNKS * LANES) == 0:
+                while h0 + HEADS <= (g + 1) * group:
+                    axpy_heads(scores, h0 * cols + s0, cols, blk, off, hd, out, h0 * hd)
+                    h0 += HEADS
+            for h in range(h0, (g + 1) * group):
+                if n == LANES:
+                    axpy_rows(scores, h * cols + s0, blk, off, hd, out, h * hd)
+                else:
+                    tail[:n] = scores[h, s0:s0 + n]
+                    tail[n:] = 0.0
+                    axpy_rows(tail, 0, blk, off, hd, out, h * hd)
+
+
+_values = _values_blocks if LANES else _values_rows
+
+
 @njit(nogil=True, cache=True)
 def attend(q, k, kd, v, vd, pos0, scale, out, scores):
     """Causal grouped-query attention over a KV cache, for a few query positions (decode).
@@ -154,7 +239,7 @@ def attend(q, k, kd, v, vd, pos0, scale, out, scores):
     (H, >= pos0 + T). Query head h reads KV head h // (H / n_kv). Three passes per position
     (scores, softmax, weighted sum of values), each a loop LLVM vectorizes (kept as separate
     functions: fused into one, the same loops measured 2-4x slower)."""
-    tmp = np.empty(k.shape[2], dtype=np.float32)     # (hd,) a decoded cache row
+    tmp = scratch(k.shape[2])
     for t in range(q.shape[0]):
         n_s = pos0 + t + 1
         _scores(q, k, kd, t, n_s, scale, scores, tmp)

@@ -157,6 +157,38 @@ def _kv_row(a, d, g, s, tmp):
     return impl
 
 
+def kv_block(a, d, g, s0, n, rows, buf):
+    """Rows s0..s0+n-1 (n <= rows) of KV head g of cache array `a` (scale array `d`) as a
+    float32 block of `rows` x hd values: (a flat float32 array, the block's offset in it). A
+    whole f32 block is the cache itself; otherwise the rows decoded into buf (float32,
+    >= rows * hd) and rows n.. zeroed (a zero row times a zero weight stays 0, where the cache's
+    unwritten memory could hold NaN bits)."""
+    raise NotImplementedError("kv_block is called from Numba code only")
+
+
+@overload(kv_block, inline="always")
+def _kv_block(a, d, g, s0, n, rows, buf):
+    if a.dtype == types.float32:
+        def impl(a, d, g, s0, n, rows, buf):
+            hd = a.shape[2]
+            if n == rows:
+                return a.reshape(a.size), (g * a.shape[1] + s0) * hd
+            for i in range(n):
+                buf[i * hd:(i + 1) * hd] = a[g, s0 + i]
+            buf[n * hd:rows * hd] = 0.0
+            return buf, 0
+    elif a.dtype in (types.uint16, types.int8):
+        def impl(a, d, g, s0, n, rows, buf):
+            hd = a.shape[2]
+            for i in range(n):                   # decoded in place (kv_row writes its tmp)
+                kv_row(a, d, g, s0 + i, buf[i * hd:(i + 1) * hd])
+            buf[n * hd:rows * hd] = 0.0
+            return buf, 0
+    else:
+        return None
+    return impl
+
+
 @njit(nogil=True, cache=True)
 def store_f16(x, dst, pos0):
     """dst[:, pos0 + t] = half(x[t]) for x float32 (T, n_kv, hd), dst uint16 (n_kv, n_ctx, hd)."""
