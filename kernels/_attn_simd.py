@@ -45,6 +45,16 @@ def _vload(builder, p):
     return builder.load(builder.bitcast(p, _vty().as_pointer()), align=4)
 
 
+def _vrow(context, builder, aryty, ary, off):
+    """LANES cache values at element `off` of a float32 array, or of a uint16 array of f16 bits
+    (converted as loaded: vcvtph2ps, so an f16 cache is read in place at half the bytes)."""
+    p = _ptr(context, builder, aryty, ary, off)
+    if aryty.dtype == types.uint16:
+        h = builder.load(builder.bitcast(p, ir.VectorType(ir.HalfType(), LANES).as_pointer()), align=2)
+        return builder.fpext(h, _vty())
+    return _vload(builder, p)
+
+
 def _vstore(builder, v, p):
     builder.store(v, builder.bitcast(p, _vty().as_pointer()), align=4)
 
@@ -91,7 +101,7 @@ def dot_rows(typingctx, q, qoff, k, koff, hd, out, ooff, scale):
             qv = _vload(builder, _ptr(context, builder, sig.args[0], q_v, builder.add(qoff_v, base)))
             for s, acc in enumerate(accs):
                 off = builder.add(koff_v, builder.add(builder.mul(ir.Constant(i64, s), hd_v), base))
-                kv = _vload(builder, _ptr(context, builder, sig.args[2], k_v, off))
+                kv = _vrow(context, builder, sig.args[2], k_v, off)
                 builder.store(_fma(builder, qv, kv, builder.load(acc)), acc)
         r = transpose_sum(builder, [builder.load(a) for a in accs])
         r = builder.fmul(r, _splat(builder, scale_v), flags=_EXACT)
@@ -120,7 +130,7 @@ def axpy_rows(typingctx, p, poff, v, voff, hd, out, ooff):
             acc = _vload(builder, op)
             for s in range(LANES):
                 off = builder.add(voff_v, builder.add(builder.mul(ir.Constant(i64, s), hd_v), base))
-                vrow = _vload(builder, _ptr(context, builder, sig.args[2], v_v, off))
+                vrow = _vrow(context, builder, sig.args[2], v_v, off)
                 acc = _fma(builder, ps[s], vrow, acc)
             _vstore(builder, acc, op)
         return context.get_dummy_value()
@@ -159,7 +169,8 @@ def axpy_heads(typingctx, p, poff, pstride, v, voff, hd, out, ooff):
             accs = [[_vload(builder, o) for o in row] for row in outs]
             for s in range(LANES):
                 row = builder.add(voff_v, builder.add(builder.mul(c(s), hd_v), base))
-                vs = [_vload(builder, at(3, v_v, builder.add(row, c(j * LANES)))) for j in range(CHUNKS)]
+                vs = [_vrow(context, builder, sig.args[3], v_v, builder.add(row, c(j * LANES)))
+                      for j in range(CHUNKS)]
                 for i in range(HEADS):
                     pi = builder.add(poff_v, builder.add(builder.mul(c(i), pstride_v), c(s)))
                     ps = _splat(builder, builder.load(at(0, p_v, pi)))
@@ -195,7 +206,7 @@ def dot_rows2(typingctx, q, qoff, qstride, k, koff, hd, out, ooff, ostride, scal
                 qoff_v, builder.add(builder.mul(c(i), qstride_v), base)))) for i in range(2)]
             for s in range(half):
                 off = builder.add(koff_v, builder.add(builder.mul(c(s), hd_v), base))
-                kv = _vload(builder, _ptr(context, builder, sig.args[3], k_v, off))
+                kv = _vrow(context, builder, sig.args[3], k_v, off)
                 for i in range(2):
                     acc = accs[i * half + s]
                     builder.store(_fma(builder, qs[i], kv, builder.load(acc)), acc)

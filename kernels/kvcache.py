@@ -159,8 +159,9 @@ def _kv_row(a, d, g, s, tmp):
 
 def kv_block(a, d, g, s0, n, rows, buf):
     """Rows s0..s0+n-1 (n <= rows) of KV head g of cache array `a` (scale array `d`) as a
-    float32 block of `rows` x hd values: (a flat float32 array, the block's offset in it). A
-    whole f32 block is the cache itself; otherwise the rows decoded into buf (float32,
+    block of `rows` x hd values: (a flat array, the block's offset in it), float32 or f16 bits
+    (the attention blocks convert those as they load them). A whole f32 or f16 block is the
+    cache itself; otherwise the rows copied (f16) or decoded (q8_0) into buf (float32,
     >= rows * hd) and rows n.. zeroed (a zero row times a zero weight stays 0, where the cache's
     unwritten memory could hold NaN bits)."""
     raise NotImplementedError("kv_block is called from Numba code only")
@@ -177,7 +178,17 @@ def _kv_block(a, d, g, s0, n, rows, buf):
                 buf[i * hd:(i + 1) * hd] = a[g, s0 + i]
             buf[n * hd:rows * hd] = 0.0
             return buf, 0
-    elif a.dtype in (types.uint16, types.int8):
+    elif a.dtype == types.uint16:
+        def impl(a, d, g, s0, n, rows, buf):
+            hd = a.shape[2]
+            if n == rows:
+                return a.reshape(a.size), (g * a.shape[1] + s0) * hd
+            b16 = buf.view(np.uint16)            # f16 bits, read as the cache's (+0.0 pads)
+            for i in range(n):
+                b16[i * hd:(i + 1) * hd] = a[g, s0 + i]
+            b16[n * hd:rows * hd] = 0
+            return b16, 0
+    elif a.dtype == types.int8:
         def impl(a, d, g, s0, n, rows, buf):
             hd = a.shape[2]
             for i in range(n):                   # decoded in place (kv_row writes its tmp)
