@@ -1,8 +1,9 @@
-"""AVX-512 steps of the K-quant record kernels that take two groups of rows at once: 16 rows in
-one zmm register (the avx512vnni-x16 variant of Q4_K, Q5_K, Q6_K). Decode puts its two streams'
+"""AVX-512 steps of the record kernels that take two groups of rows at once: 16 rows in one zmm
+register (the avx512vnni-x16 variant of Q4_K, Q5_K, Q6_K, and of Q4_0 and Q8_0). Decode puts its two streams'
 records side by side; the token tiles (prefill, batched decode) take groups g and g + 1.
 
-The records and activations are those of the 8-row VNNI steps (`_kx8_simd`, `kquant_x8`): each
+The records and activations are those of the 8-row VNNI steps (`_kx8_simd`, `kquant_x8`;
+`_x8_simd` for the 32-weight types): each
 32-byte chunk of one group's record and the same chunk of the other's make one 64-byte vector
 (two loads, vinserti64x4), so every unpacking op and every vpdpbusd works on both groups, the
 activation bytes broadcast {1to16} from memory. Per token and 16 rows that is the instruction
@@ -205,8 +206,27 @@ def _q6_k(builder, accs, wps, xps, bps, dxs):
     return out
 
 
-def _wide(body, record_bytes):
-    """{n: the n-token two-group step, "pair": decode's two-stream step}.
+def _kquant_token(context, builder, arys, vals, xo, bi):
+    """A K-quant token's side of block bi: (its codes' address, its 16-value sums' address as
+    bytes, its scale)."""
+    (xq_a, dx_a, xb_a), (xq_v, dx_v, xb_v) = arys, vals
+    b16 = builder.mul(bi, ir.Constant(bi.type, 16))
+    return (_ptr(context, builder, xq_a, xq_v, xo),
+            builder.bitcast(_ptr(context, builder, xb_a, xb_v, b16), _I8.as_pointer()),
+            builder.load(_ptr(context, builder, dx_a, dx_v, bi)))
+
+
+def _block32_token(context, builder, arys, vals, xo, bi):
+    """A 32-weight block type's token side of block bi: (codes' address, scale, code sum)."""
+    (xq_a, dx_a, xs_a), (xq_v, dx_v, xs_v) = arys, vals
+    return (_ptr(context, builder, xq_a, xq_v, xo), builder.load(_ptr(context, builder, dx_a, dx_v, bi)),
+            builder.load(_ptr(context, builder, xs_a, xs_v, bi)))
+
+
+def _wide(body, record_bytes, aux=types.int16, token=_kquant_token):
+    """{n: the n-token two-group step, "pair": decode's two-stream step}, for a body
+    `body(builder, accs, wps, *token sides)` (each token's side made by `token`, its sums array
+    of dtype `aux`).
 
     n-token step: `f(accs, w, woff0, woff1, xq, xoff, xstride, dx, xb, b, bstride)` -> accs, a
     tuple of 2n f32x8 (token i's rows of the group at woff0 in 2i, of the group at woff1 in
@@ -226,22 +246,18 @@ def _wide(body, record_bytes):
         if fetch:
             for wp in wps:
                 prefetch(builder, wp, record_bytes)
-        accs, xps, bps, dxs = [], [], [], []
-        for i, (xo, bi) in enumerate(zip(xoffs, bs)):
-            xps.append(_ptr(context, builder, xq_a, xq_v, xo))
-            dxs.append(builder.load(_ptr(context, builder, dx_a, dx_v, bi)))
-            b16 = builder.mul(bi, ir.Constant(bi.type, 16))
-            bps.append(builder.bitcast(_ptr(context, builder, xb_a, xb_v, b16), _I8.as_pointer()))
-            accs.append(_cat(builder, accs_in[2 * i], accs_in[2 * i + 1]))
+        toks = [token(context, builder, (xq_a, dx_a, xb_a), (xq_v, dx_v, xb_v), xo, bi)
+                for xo, bi in zip(xoffs, bs)]
+        accs = [_cat(builder, accs_in[2 * i], accs_in[2 * i + 1]) for i in range(len(toks))]
         out = []
-        for acc in body(builder, accs, wps, xps, bps, dxs):
+        for acc in body(builder, accs, wps, *zip(*toks)):
             out += [_half(builder, acc, 0), _half(builder, acc, 1)]
         return context.make_tuple(builder, sig.return_type, out)
 
     def make(n):
         def impl(typingctx, accs, w, woff0, woff1, xq, xoff, xstride, dx, xb, b, bstride):
             _need("w", w, types.uint8), _need("xq", xq, types.int8)
-            _need("dx", dx, types.float32), _need("xb", xb, types.int16)
+            _need("dx", dx, types.float32), _need("xb", xb, aux)
             tup = types.UniTuple(f32x8, 2 * n)
             sig = tup(tup, w, woff0, woff1, xq, xoff, xstride, dx, xb, b, bstride)
 
@@ -263,7 +279,7 @@ def _wide(body, record_bytes):
 
     def pair(typingctx, acc0, acc1, w, woff0, woff1, xq, xoff, dx, xb, b):
         _need("w", w, types.uint8), _need("xq", xq, types.int8)
-        _need("dx", dx, types.float32), _need("xb", xb, types.int16)
+        _need("dx", dx, types.float32), _need("xb", xb, aux)
         sig = types.UniTuple(f32x8, 2)(f32x8, f32x8, w, woff0, woff1, xq, xoff, dx, xb, b)
 
         def codegen(context, builder, sig, args):
@@ -279,3 +295,54 @@ def _wide(body, record_bytes):
 kx16_q4_k = _wide(lambda *a: _q45_k(*a, 160, None), 1184)
 kx16_q5_k = _wide(lambda *a: _q45_k(*a, 416, 160), 1440)
 kx16_q6_k = _wide(_q6_k, 1680)
+
+
+def _scaled16(builder, acc, sums, wps, dx):
+    """_x8_simd._scaled on two records: acc + float(sums) * (their 16 f16 scales) * dx."""
+    s = builder.fmul(_f16(builder, wps, 0), _splat_f(builder, dx))
+    return _fma(builder, builder.sitofp(sums, _V16F), s, acc)
+
+
+def _less_xsum(builder, sums, xs, shift: int):
+    """sums - (xs << shift) in every lane (the weights' offset times the token's code sum)."""
+    return builder.sub(sums, _bcast_i32(builder, builder.shl(xs, ir.Constant(_I32, shift))))
+
+
+def _bcast_i32(builder, v):
+    vs = builder.insert_element(ir.Constant(_V16D, ir.Undefined), v, ir.Constant(_I32, 0))
+    return builder.shuffle_vector(vs, vs, _idx([0] * 16))
+
+
+def _q4_0(builder, accs, wps, xps, dxs, xss):
+    """_x8_simd's VNNI Q4_0 step (_nibble_rows_vnni, then - 8 sum x) on two records, for each
+    token: each 64-byte chunk unpacked once, then every token's two vpdpbusd."""
+    low, four = _splat(_V64B, 0x0F), _splat(_V64B, 4)
+    n = len(accs)
+    lo, hi = [None] * n, [None] * n
+    lo = _step_fence(builder, lo)
+    for c in range(4):
+        q = _at2(builder, wps, 16 + 32 * c, _V32B)
+        ql, qh = builder.and_(q, low), builder.and_(builder.lshr(q, four), low)
+        for i in range(n):
+            lo[i] = _dpbusd(builder, lo[i], ql, _bcast(builder, xps[i], 4 * c))
+            hi[i] = _dpbusd(builder, hi[i], qh, _bcast(builder, xps[i], 16 + 4 * c))
+    return [_scaled16(builder, accs[i], _less_xsum(builder, builder.add(lo[i], hi[i]), xss[i], 3),
+                      wps, dxs[i]) for i in range(n)]
+
+
+def _q8_0(builder, accs, wps, xps, dxs, xss):
+    """_x8_simd's VNNI Q8_0 step (codes + 128 as u8, then - 128 sum x) on two records."""
+    bias = _splat(_V64B, 0x80)
+    n = len(accs)
+    ch = [[None, None] for _ in range(n)]
+    _step_fence(builder, [])
+    for c in range(8):
+        u = builder.xor(_at2(builder, wps, 16 + 32 * c, _V32B), bias)
+        for i in range(n):
+            ch[i][c % 2] = _dpbusd(builder, ch[i][c % 2], u, _bcast(builder, xps[i], 4 * c))
+    return [_scaled16(builder, accs[i], _less_xsum(builder, builder.add(*ch[i]), xss[i], 7),
+                      wps, dxs[i]) for i in range(n)]
+
+
+kx16_q4_0 = _wide(_q4_0, 144, types.int32, _block32_token)
+kx16_q8_0 = _wide(_q8_0, 272, types.int32, _block32_token)

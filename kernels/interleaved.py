@@ -45,6 +45,7 @@ from gguf import GGMLQuantizationType as T
 from numba import njit
 
 from . import _native, _simd
+from ._kx16_simd import kx16_q4_0, kx16_q8_0
 from ._tiles import _groups_t, _groups_wide_t
 from ._x8_loops import _matmul_x8_pair_t, _matmul_x8_t
 from ._x8_simd import (PAIRS, many, x8_iq4_nl, x8_q4_0, x8_q4_1, x8_q5_0, x8_q5_1, x8_q8_0,
@@ -449,15 +450,15 @@ class _Block32Unit(RecordUnit):
         return raw.reshape(n, nb * self.type_size)
 
 
-def _unit(qtype, pack, unpack, step, step_vnni):
+def _unit(qtype, pack, unpack, step, step_vnni, step_wide=None):
     return register(type(qtype.name, (_Block32Unit,),
                          {"qtype": qtype, "pack": pack, "unpack": unpack, "step": step,
-                          "step_vnni": step_vnni}))
+                          "step_vnni": step_vnni, "step_wide": step_wide}))
 
 
-Q4_0 = _unit(T.Q4_0, _pack_q4_0, _unpack_q4_0, x8_q4_0, x8v_q4_0)
+Q4_0 = _unit(T.Q4_0, _pack_q4_0, _unpack_q4_0, x8_q4_0, x8v_q4_0, kx16_q4_0)
 Q4_1 = _unit(T.Q4_1, _pack_q4_1, _unpack_q4_1, x8_q4_1, x8v_q4_1)
 Q5_0 = _unit(T.Q5_0, _pack_q5_0, _unpack_q5_0, x8_q5_0, x8v_q5_0)
 Q5_1 = _unit(T.Q5_1, _pack_q5_1, _unpack_q5_1, x8_q5_1, x8v_q5_1)
-Q8_0 = _unit(T.Q8_0, _pack_q8_0, _unpack_q8_0, x8_q8_0, x8v_q8_0)
+Q8_0 = _unit(T.Q8_0, _pack_q8_0, _unpack_q8_0, x8_q8_0, x8v_q8_0, kx16_q8_0)
 IQ4_NL = _unit(T.IQ4_NL, _pack_q4_0, _unpack_iq4_nl, x8_iq4_nl, x8v_iq4_nl)   # Q4_0's layout

@@ -68,7 +68,8 @@ def test_vnni_kernel_uses_vpdpbusd(qt):
     assert "vpmaddubsw" not in asm
 
 
-@pytest.mark.parametrize("qt", [T.Q4_K, T.Q5_K, T.Q6_K], ids=lambda q: q.name)
+@pytest.mark.parametrize("qt", [T.Q4_0, T.Q8_0, T.Q4_K, T.Q5_K, T.Q6_K],
+                         ids=lambda q: q.name)
 def test_wide_token_tiles_use_zmm_vpdpbusd(qt):
     """Where the CPU has AVX512-VNNI and -BW, the avx512vnni-x16 variant's token tiles run
     vpdpbusd on zmm registers (16 rows) with the activations broadcast {1to16} from memory."""
