@@ -24,8 +24,10 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from .base import Activations, KernelUnit, describe, get, register, registered_types
+from .base import (Activations, KernelUnit, describe, drop_stale_caches, get, register,
+                   registered_types)
 
+drop_stale_caches()     # before any cached kernel loads
 for _m in pkgutil.iter_modules(__path__):
     if not _m.name.startswith("_") and _m.name != "base":
         importlib.import_module(f"{__name__}.{_m.name}")

@@ -311,6 +311,43 @@ def specialize(template, name: str, **consts):
     return njit(nogil=True, cache=True)(fn)
 
 
+def drop_stale_caches() -> None:
+    """Delete this package's Numba cache files when any of its sources changed since they were
+    written. Numba checks a cached function only against its own file's time stamp, but a
+    kernel inlines code from other files (fused_decode's attention, every unit's steps): after a
+    `git pull` that edits attention.py and not fused_decode.py, the old attention would still
+    run (seen once as wrong bits in a test). `specialize` names its copies by the sources digest;
+    this covers the plain `@njit(cache=True)` functions, in the folder Numba writes them to
+    (`__pycache__` here, or under $NUMBA_CACHE_DIR). A cache it cannot write is left alone."""
+    import os
+
+    digest = _sources_digest()
+    here = Path(__file__).parent
+    dirs = [here / "__pycache__"]
+    if os.environ.get("NUMBA_CACHE_DIR"):
+        try:
+            from numba.core.caching import _CacheLocator
+            dirs = [Path(os.environ["NUMBA_CACHE_DIR"]) /
+                    _CacheLocator.get_suitable_cache_subpath(str(here / "base.py"))]
+        except (ImportError, AttributeError):    # another Numba's private layout: leave it
+            return
+    for d in dirs:
+        stamp = d / "numallm_kernels.sources"
+        try:
+            if stamp.is_file() and stamp.read_text() == digest:
+                continue
+            if d.is_dir():
+                for f in d.iterdir():
+                    if f.suffix in (".nbi", ".nbc"):
+                        f.unlink(missing_ok=True)
+            d.mkdir(parents=True, exist_ok=True)     # stamped before the first cache file
+            tmp = d / f"numallm_kernels.sources.{os.getpid()}"
+            tmp.write_text(digest)
+            tmp.replace(stamp)
+        except OSError:
+            continue
+
+
 @functools.lru_cache(maxsize=None)
 def _sources_digest() -> str:
     """A short hash of every .py file of this package (their bytes)."""
