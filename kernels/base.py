@@ -20,7 +20,9 @@ TILE_ROWS = 256
 class XForm:
     """An activation encoding: `fill` (njit, nogil) writes the encoding of x float32 (T, K) into
     arrays made by `alloc`; calling the form does both. Decode reuses the arrays token after
-    token (ops' cached dispatches), so filling must not depend on their old contents."""
+    token (ops' cached dispatches), so filling must not depend on their old contents. Each
+    array's first axis is the token, and each token is encoded on its own: filling rows
+    [a, b) of every array from x[a:b] gives those rows of the whole (Activations.split)."""
 
     def __init__(self, fill, parts: Callable[[int, int], list[tuple[tuple[int, ...], type]]]):
         self.fill, self.parts = fill, parts
@@ -45,12 +47,20 @@ class Activations:
         self.x = x            # float32 (T, K), C-contiguous
         self._forms: dict = {}
         self.makers: dict = {}   # key -> the maker of each form made
+        # split(fill, x, arrays), or None: fills an XForm's arrays from x over row ranges at
+        # once (a caller with several threads and many tokens sets it; see XForm)
+        self.split: Callable | None = None
 
     def form(self, key: str, make):
         """The encoding called `key`, made by make(x) on first request."""
         f = self._forms.get(key)
         if f is None:
-            f = self._forms[key] = make(self.x)
+            if self.split is not None and isinstance(make, XForm):
+                f = make.alloc(*self.x.shape)
+                self.split(make.fill, self.x, f)
+            else:
+                f = make(self.x)
+            self._forms[key] = f
             self.makers[key] = make
         return f
 

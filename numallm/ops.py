@@ -260,6 +260,23 @@ def _host_dispatch(x: np.ndarray, lins: tuple[Linear, ...]) -> tuple[_Replay | N
     return _replay(x, lins, pool), pool
 
 
+# a prefill's per-token ops with this many rows or more (the activation encoding of matmuls,
+# SwiGLU) run on every thread of the pool, each its share of the rows: on one thread, with the
+# others waiting, they were ~9% of a 2-thread prefill (benchmarks/results/2026-12-07-zen5-*)
+SPLIT_ROWS_MIN = 32
+
+
+def _splits_rows(pool, n: int) -> bool:
+    return n >= SPLIT_ROWS_MIN and type(pool) is threads.RowPool and pool.n_threads > 1
+
+
+def _on_rows(pool, n: int, fn: Callable[[int, int], None]) -> None:
+    """fn(a, b) over row ranges covering [0, n), one per thread of `pool`, at once (fn is a
+    nogil kernel call over rows a..b-1: the threads' ranges run concurrently)."""
+    cuts = [n * i // pool.n_threads for i in range(pool.n_threads + 1)]
+    pool.run_tasks([[lambda a=a, b=b: fn(a, b)] for a, b in zip(cuts, cuts[1:])])
+
+
 def matmuls(x: np.ndarray, *lins: Linear) -> list[np.ndarray]:
     """[x @ W.T for each W in lins], x: float32 (T, K). x is encoded once per kernel form and all
     matrices go to the pool in one dispatch (each thread takes its rows of every matrix)."""
@@ -273,6 +290,9 @@ def matmuls(x: np.ndarray, *lins: Linear) -> list[np.ndarray]:
     if pool is None:
         return [matmuls(x, lin)[0] for lin in lins]
     acts = Activations(x)
+    if _splits_rows(pool, x.shape[0]):
+        acts.split = lambda fill, x, arrays: _on_rows(
+            pool, x.shape[0], lambda a, b: fill(x[a:b], *(r[a:b] for r in arrays)))
     jobs: list[list] = [[] for _ in range(pool.n_threads)]
     outs, after = [], []
     for lin in lins:
@@ -335,7 +355,11 @@ def swiglu(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
     if ex is not None:
         return ex.swiglu(gate, up)
     out = np.empty_like(gate)
-    fused.swiglu(gate, up, out)
+    pool = threads.current()
+    if _splits_rows(pool, gate.shape[0]):
+        _on_rows(pool, gate.shape[0], lambda a, b: fused.swiglu(gate[a:b], up[a:b], out[a:b]))
+    else:
+        fused.swiglu(gate, up, out)
     return out
 
 

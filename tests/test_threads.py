@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import threading
 
+import numpy as np
 import pytest
 
-from numallm import threads
+from numallm import ops, threads
 
 
 def test_run_each_runs_every_call_on_its_own_thread_and_waits():
@@ -232,3 +233,32 @@ def matmul_fresh(np, lin, x):
     out = np.zeros((1, lin.shape[0]), np.float32)
     lin.unit.matmul_x(lin.w, acts, out, 0, lin.shape[0])
     return out
+
+
+def test_a_prefills_per_token_ops_split_over_threads_give_the_same_bits():
+    # from ops.SPLIT_ROWS_MIN tokens on, the activation encodings of matmuls and SwiGLU run on
+    # every thread of the pool, each its share of the token rows
+    from numallm_kernels._kquant_common import q8_k_form
+    from numallm_kernels.base import Activations
+    from numallm_kernels.interleaved import q8_0_form
+
+    rng = np.random.default_rng(3)
+    n = ops.SPLIT_ROWS_MIN + 7
+    x = rng.standard_normal((n, 512)).astype(np.float32)
+    x[3, 5] = np.inf
+    pool = threads.RowPool(2)
+    try:
+        assert ops._splits_rows(pool, n) and not ops._splits_rows(threads.RowPool(1), n)
+        for form in (q8_0_form, q8_k_form):
+            acts = Activations(x)
+            acts.split = lambda fill, x, arrays: ops._on_rows(
+                pool, n, lambda a, b: fill(x[a:b], *(r[a:b] for r in arrays)))
+            for got, want in zip(acts.form("f", form), form(x)):
+                np.testing.assert_array_equal(got.view(np.uint8), want.view(np.uint8))
+        gate, up = (rng.standard_normal((n, 300)).astype(np.float32) for _ in range(2))
+        one = ops.swiglu(gate, up)
+        with threads.activate(pool):
+            two = ops.swiglu(gate, up)
+        np.testing.assert_array_equal(two.view(np.uint32), one.view(np.uint32))
+    finally:
+        pool.close()
