@@ -85,57 +85,96 @@ def transpose_sum(builder, vs: list) -> ir.Value:
     return vs[0]
 
 
-@intrinsic
-def dot_rows(typingctx, q, qoff, k, koff, hd, out, ooff, scale):
-    """out[ooff + s] = scale * sum_j q[qoff + j] * k[koff + s * hd + j] for s < LANES."""
-    sig = types.void(q, qoff, k, koff, hd, out, ooff, scale)
+def _dots(heads: int):
+    """The intrinsic f(q, qoff, qstride, k, koff, hd, out, ooff, ostride, scale): for heads
+    i < `heads` and rows s < LANES / heads, out[ooff + i * ostride + s] = scale * sum_j
+    q[qoff + i * qstride + j] * k[koff + s * hd + j]. The LANES dots accumulate in LANES
+    registers (each key chunk loaded once for every head) and one transposing add tree sums
+    them, so a head's scores are the same bits whichever `heads` computed them."""
+    rows = LANES // heads
 
-    def codegen(context, builder, sig, args):
-        q_v, qoff_v, k_v, koff_v, hd_v, out_v, ooff_v, scale_v = args
-        i64 = hd_v.type
-        zero = ir.Constant(_vty(), [0.0] * LANES)
-        accs = [cgutils.alloca_once_value(builder, zero) for _ in range(LANES)]   # registers
-        n_chunks = builder.udiv(hd_v, ir.Constant(i64, LANES))
-        with cgutils.for_range(builder, n_chunks) as loop:
-            base = builder.mul(loop.index, ir.Constant(i64, LANES))
-            qv = _vload(builder, _ptr(context, builder, sig.args[0], q_v, builder.add(qoff_v, base)))
-            for s, acc in enumerate(accs):
-                off = builder.add(koff_v, builder.add(builder.mul(ir.Constant(i64, s), hd_v), base))
-                kv = _vrow(context, builder, sig.args[2], k_v, off)
-                builder.store(_fma(builder, qv, kv, builder.load(acc)), acc)
-        r = transpose_sum(builder, [builder.load(a) for a in accs])
-        r = builder.fmul(r, _splat(builder, scale_v), flags=_EXACT)
-        _vstore(builder, r, _ptr(context, builder, sig.args[5], out_v, ooff_v))
-        return context.get_dummy_value()
+    def impl(typingctx, q, qoff, qstride, k, koff, hd, out, ooff, ostride, scale):
+        sig = types.void(q, qoff, qstride, k, koff, hd, out, ooff, ostride, scale)
 
-    return sig, codegen
+        def codegen(context, builder, sig, args):
+            q_v, qoff_v, qstride_v, k_v, koff_v, hd_v, out_v, ooff_v, ostride_v, scale_v = args
+            i64 = hd_v.type
+
+            def c(x):
+                return ir.Constant(i64, x)
+            zero = ir.Constant(_vty(), [0.0] * LANES)
+            accs = [cgutils.alloca_once_value(builder, zero) for _ in range(LANES)]  # (head, row)
+            with cgutils.for_range(builder, builder.udiv(hd_v, c(LANES))) as loop:
+                base = builder.mul(loop.index, c(LANES))
+                qs = [_vload(builder, _ptr(context, builder, sig.args[0], q_v, builder.add(
+                    qoff_v, builder.add(builder.mul(c(i), qstride_v), base)))) for i in range(heads)]
+                for r in range(rows):
+                    off = builder.add(koff_v, builder.add(builder.mul(c(r), hd_v), base))
+                    kv = _vrow(context, builder, sig.args[3], k_v, off)
+                    for i in range(heads):
+                        acc = accs[i * rows + r]
+                        builder.store(_fma(builder, qs[i], kv, builder.load(acc)), acc)
+            sums = transpose_sum(builder, [builder.load(a) for a in accs])    # lanes (head, row)
+            sums = builder.fmul(sums, _splat(builder, scale_v), flags=_EXACT)
+            part_ty = ir.VectorType(_F32, rows)
+            for i in range(heads):
+                part = builder.shuffle_vector(sums, sums, _idx(range(i * rows, (i + 1) * rows)))
+                p = _ptr(context, builder, sig.args[6], out_v,
+                         builder.add(ooff_v, builder.mul(c(i), ostride_v)))
+                builder.store(part, builder.bitcast(p, part_ty.as_pointer()), align=4)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return intrinsic(impl)
 
 
-@intrinsic
-def axpy_rows(typingctx, p, poff, v, voff, hd, out, ooff):
-    """out[ooff + j] += sum_s p[poff + s] * v[voff + s * hd + j] for j < hd, rows s < LANES in
-    order (each output lane: ((out + p0 v0) + p1 v1) + ...)."""
-    sig = types.void(p, poff, v, voff, hd, out, ooff)
+def _axpys(heads: int, chunks: int):
+    """The intrinsic f(p, poff, pstride, v, voff, hd, out, ooff): for heads i < `heads`,
+    out[ooff + i * hd + j] += sum_s p[poff + i * pstride + s] * v[voff + s * hd + j] over rows
+    s < LANES in order (each lane ((out + p0 v0) + p1 v1) + ...), j < hd (a multiple of
+    chunks * LANES). The heads x chunks output vectors stay in registers across the block, so
+    a value row loaded serves every head and the output is loaded and stored once per block."""
+    hoist = heads == 1      # one head's LANES weights fit in registers for the whole call
 
-    def codegen(context, builder, sig, args):
-        p_v, poff_v, v_v, voff_v, hd_v, out_v, ooff_v = args
-        i64 = hd_v.type
-        ps = [_splat(builder, builder.load(_ptr(context, builder, sig.args[0], p_v,
-                                                builder.add(poff_v, ir.Constant(i64, s)))))
-              for s in range(LANES)]
-        n_chunks = builder.udiv(hd_v, ir.Constant(i64, LANES))
-        with cgutils.for_range(builder, n_chunks) as loop:
-            base = builder.mul(loop.index, ir.Constant(i64, LANES))
-            op = _ptr(context, builder, sig.args[5], out_v, builder.add(ooff_v, base))
-            acc = _vload(builder, op)
-            for s in range(LANES):
-                off = builder.add(voff_v, builder.add(builder.mul(ir.Constant(i64, s), hd_v), base))
-                vrow = _vrow(context, builder, sig.args[2], v_v, off)
-                acc = _fma(builder, ps[s], vrow, acc)
-            _vstore(builder, acc, op)
-        return context.get_dummy_value()
+    def impl(typingctx, p, poff, pstride, v, voff, hd, out, ooff):
+        sig = types.void(p, poff, pstride, v, voff, hd, out, ooff)
 
-    return sig, codegen
+        def codegen(context, builder, sig, args):
+            p_v, poff_v, pstride_v, v_v, voff_v, hd_v, out_v, ooff_v = args
+            i64 = hd_v.type
+
+            def c(x):
+                return ir.Constant(i64, x)
+
+            def at(argno, ary, off):
+                return _ptr(context, builder, sig.args[argno], ary, off)
+
+            def weight(i, s):
+                pi = builder.add(poff_v, builder.add(builder.mul(c(i), pstride_v), c(s)))
+                return _splat(builder, builder.load(at(0, p_v, pi)))
+            held = [[weight(i, s) for s in range(LANES)] for i in range(heads)] if hoist else None
+            with cgutils.for_range(builder, builder.udiv(hd_v, c(chunks * LANES))) as loop:
+                base = builder.mul(loop.index, c(chunks * LANES))
+                outs = [[at(6, out_v, builder.add(ooff_v, builder.add(builder.mul(c(i), hd_v),
+                                                                      builder.add(base, c(j * LANES)))))
+                         for j in range(chunks)] for i in range(heads)]
+                accs = [[_vload(builder, o) for o in row] for row in outs]
+                for s in range(LANES):
+                    row = builder.add(voff_v, builder.add(builder.mul(c(s), hd_v), base))
+                    vs = [_vrow(context, builder, sig.args[3], v_v, builder.add(row, c(j * LANES)))
+                          for j in range(chunks)]
+                    for i in range(heads):
+                        ps = held[i][s] if hoist else weight(i, s)
+                        accs[i] = [_fma(builder, ps, vj, a) for vj, a in zip(vs, accs[i])]
+                for orow, arow in zip(outs, accs):
+                    for o, a in zip(orow, arow):
+                        _vstore(builder, a, o)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return intrinsic(impl)
 
 
 # axpy_heads' tile: HEADS heads x CHUNKS vectors of each head's output in registers (16 of 32
@@ -143,80 +182,7 @@ def axpy_rows(typingctx, p, poff, v, voff, hd, out, ooff):
 HEADS = 4 if LANES == 16 else 2
 CHUNKS = 4
 
-
-@intrinsic
-def axpy_heads(typingctx, p, poff, pstride, v, voff, hd, out, ooff):
-    """axpy_rows for HEADS heads at once: out[ooff + i * hd + j] += sum_s p[poff + i * pstride
-    + s] * v[voff + s * hd + j] for i < HEADS, j < hd (a multiple of CHUNKS * LANES), s < LANES
-    in order (the same sums, in the same order, as axpy_rows per head)."""
-    sig = types.void(p, poff, pstride, v, voff, hd, out, ooff)
-
-    def codegen(context, builder, sig, args):
-        p_v, poff_v, pstride_v, v_v, voff_v, hd_v, out_v, ooff_v = args
-        i64 = hd_v.type
-
-        def at(argno, ary, off):
-            return _ptr(context, builder, sig.args[argno], ary, off)
-
-        def c(x):
-            return ir.Constant(i64, x)
-        n_tiles = builder.udiv(hd_v, c(CHUNKS * LANES))
-        with cgutils.for_range(builder, n_tiles) as loop:
-            base = builder.mul(loop.index, c(CHUNKS * LANES))
-            outs = [[at(6, out_v, builder.add(ooff_v, builder.add(builder.mul(c(i), hd_v),
-                                                                  builder.add(base, c(j * LANES)))))
-                     for j in range(CHUNKS)] for i in range(HEADS)]
-            accs = [[_vload(builder, o) for o in row] for row in outs]
-            for s in range(LANES):
-                row = builder.add(voff_v, builder.add(builder.mul(c(s), hd_v), base))
-                vs = [_vrow(context, builder, sig.args[3], v_v, builder.add(row, c(j * LANES)))
-                      for j in range(CHUNKS)]
-                for i in range(HEADS):
-                    pi = builder.add(poff_v, builder.add(builder.mul(c(i), pstride_v), c(s)))
-                    ps = _splat(builder, builder.load(at(0, p_v, pi)))
-                    accs[i] = [_fma(builder, ps, vj, a) for vj, a in zip(vs, accs[i])]
-            for orow, arow in zip(outs, accs):
-                for o, a in zip(orow, arow):
-                    _vstore(builder, a, o)
-        return context.get_dummy_value()
-
-    return sig, codegen
-
-
-@intrinsic
-def dot_rows2(typingctx, q, qoff, qstride, k, koff, hd, out, ooff, ostride, scale):
-    """dot_rows for two heads over LANES / 2 rows, each key chunk loaded once for both:
-    out[ooff + i * ostride + s] = scale * sum_j q[qoff + i * qstride + j] * k[koff + s * hd + j]
-    for heads i < 2, rows s < LANES / 2 (the same sums, in the same order, as dot_rows)."""
-    sig = types.void(q, qoff, qstride, k, koff, hd, out, ooff, ostride, scale)
-
-    def codegen(context, builder, sig, args):
-        q_v, qoff_v, qstride_v, k_v, koff_v, hd_v, out_v, ooff_v, ostride_v, scale_v = args
-        i64 = hd_v.type
-        half = LANES // 2
-
-        def c(x):
-            return ir.Constant(i64, x)
-        zero = ir.Constant(_vty(), [0.0] * LANES)
-        accs = [cgutils.alloca_once_value(builder, zero) for _ in range(LANES)]   # (head, row)
-        n_chunks = builder.udiv(hd_v, c(LANES))
-        with cgutils.for_range(builder, n_chunks) as loop:
-            base = builder.mul(loop.index, c(LANES))
-            qs = [_vload(builder, _ptr(context, builder, sig.args[0], q_v, builder.add(
-                qoff_v, builder.add(builder.mul(c(i), qstride_v), base)))) for i in range(2)]
-            for s in range(half):
-                off = builder.add(koff_v, builder.add(builder.mul(c(s), hd_v), base))
-                kv = _vrow(context, builder, sig.args[3], k_v, off)
-                for i in range(2):
-                    acc = accs[i * half + s]
-                    builder.store(_fma(builder, qs[i], kv, builder.load(acc)), acc)
-        r = transpose_sum(builder, [builder.load(a) for a in accs])     # lanes (head, row)
-        r = builder.fmul(r, _splat(builder, scale_v), flags=_EXACT)
-        hty = ir.VectorType(_F32, half)
-        for i in range(2):
-            part = builder.shuffle_vector(r, r, _idx(range(i * half, (i + 1) * half)))
-            p = _ptr(context, builder, sig.args[6], out_v, builder.add(ooff_v, builder.mul(c(i), ostride_v)))
-            builder.store(part, builder.bitcast(p, hty.as_pointer()), align=4)
-        return context.get_dummy_value()
-
-    return sig, codegen
+dot_rows = _dots(1)             # one head, LANES rows
+dot_rows2 = _dots(2)            # two heads of a group, LANES / 2 rows each
+axpy_rows = _axpys(1, 1)        # one head
+axpy_heads = _axpys(HEADS, CHUNKS)

@@ -118,9 +118,9 @@ def _scores_blocks(q, k, kd, t, n_s, scale, scores, tmp):
                     h0 += 2
             for h in range(h0, (g + 1) * group):
                 if n == LANES:
-                    dot_rows(q, (t * n_h + h) * hd, blk, off, hd, scores, h * cols + s0, scale)
+                    dot_rows(q, (t * n_h + h) * hd, 0, blk, off, hd, scores, h * cols + s0, 0, scale)
                 else:
-                    dot_rows(q, (t * n_h + h) * hd, blk, off, hd, tail, 0, scale)
+                    dot_rows(q, (t * n_h + h) * hd, 0, blk, off, hd, tail, 0, 0, scale)
                     scores[h, s0:s0 + n] = tail[:n]
 
 
@@ -219,11 +219,11 @@ def _values_blocks(scores, v, vd, n_s, out, tmp):
                     h0 += HEADS
             for h in range(h0, (g + 1) * group):
                 if n == LANES:
-                    axpy_rows(scores, h * cols + s0, blk, off, hd, out, h * hd)
+                    axpy_rows(scores, h * cols + s0, 0, blk, off, hd, out, h * hd)
                 else:
                     tail[:n] = scores[h, s0:s0 + n]
                     tail[n:] = 0.0
-                    axpy_rows(tail, 0, blk, off, hd, out, h * hd)
+                    axpy_rows(tail, 0, 0, blk, off, hd, out, h * hd)
 
 
 _values = _values_blocks if LANES else _values_rows

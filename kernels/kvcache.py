@@ -169,25 +169,18 @@ def kv_block(a, d, g, s0, n, rows, buf):
 
 @overload(kv_block, inline="always")
 def _kv_block(a, d, g, s0, n, rows, buf):
-    if a.dtype == types.float32:
+    if a.dtype in (types.float32, types.uint16):
+        as_cache = np.float32 if a.dtype == types.float32 else np.uint16   # f16 bits: +0.0 pads
+
         def impl(a, d, g, s0, n, rows, buf):
             hd = a.shape[2]
             if n == rows:
                 return a.reshape(a.size), (g * a.shape[1] + s0) * hd
+            b = buf.view(as_cache)
             for i in range(n):
-                buf[i * hd:(i + 1) * hd] = a[g, s0 + i]
-            buf[n * hd:rows * hd] = 0.0
-            return buf, 0
-    elif a.dtype == types.uint16:
-        def impl(a, d, g, s0, n, rows, buf):
-            hd = a.shape[2]
-            if n == rows:
-                return a.reshape(a.size), (g * a.shape[1] + s0) * hd
-            b16 = buf.view(np.uint16)            # f16 bits, read as the cache's (+0.0 pads)
-            for i in range(n):
-                b16[i * hd:(i + 1) * hd] = a[g, s0 + i]
-            b16[n * hd:rows * hd] = 0
-            return b16, 0
+                b[i * hd:(i + 1) * hd] = a[g, s0 + i]
+            b[n * hd:rows * hd] = 0
+            return b, 0
     elif a.dtype == types.int8:
         def impl(a, d, g, s0, n, rows, buf):
             hd = a.shape[2]
