@@ -181,6 +181,61 @@ def rope_attend(rope, q: np.ndarray, k: np.ndarray, v: np.ndarray, cache: KVCach
     return out
 
 
+class BatchCaches:
+    """One layer's caches of a batch of sequences decoding together (LoadedModel.forward_batch):
+    passed where the layer's cache goes, with pos0 an int array (B,) of each row's position.
+    The block's matrices see all B rows at once; attention splits them again, row i attending
+    over caches[i] (one token per sequence per step)."""
+
+    def __init__(self, caches: list):
+        self.caches = caches
+
+    def _check(self, q: np.ndarray, pos0) -> None:
+        if not isinstance(pos0, np.ndarray) or len(pos0) != q.shape[0] or len(self.caches) != q.shape[0]:
+            raise ValueError(f"a batch of {len(self.caches)} caches needs one query row and one "
+                             f"position per cache, got {q.shape[0]} rows and positions {pos0!r}")
+
+    def attend(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, pos0: np.ndarray) -> np.ndarray:
+        """q: (B, n_head, hd), k/v: (B, n_head_kv, hd), pos0: (B,) -> (B, n_head * hd)."""
+        self._check(q, pos0)
+        out = np.empty((q.shape[0], q.shape[1] * q.shape[2]), dtype=np.float32)   # (B, n_head*hd)
+        for i, c in enumerate(self.caches):
+            p = int(pos0[i])
+            out[i] = c.attend(q[i:i + 1], k[i:i + 1], v[i:i + 1], p)[0]
+        return out
+
+    def rope_attend(self, rope, q: np.ndarray, k: np.ndarray, v: np.ndarray,
+                    pos0: np.ndarray) -> np.ndarray:
+        """rope(q, pos0), rope(k, pos0), then attend (shapes as there). Each host KVCache's row
+        goes the way a single sequence's decode step goes (`rope_attend`: one native call, or
+        the split attention over the pool's threads from SPLIT_ATTENTION_MIN positions), so a
+        sequence gets the same bits alone or in a batch, without a Python attend per row."""
+        self._check(q, pos0)
+        if not all(type(c) is KVCache for c in self.caches):
+            rope(q, pos0)
+            rope(k, pos0)
+            return self.attend(q, k, v, pos0)
+        b, n_head, hd = q.shape
+        cos, sin = rope.tables(int(pos0.max()) + 1)
+        scale = np.float32(1.0 / np.sqrt(hd))
+        out = np.empty((b, n_head * hd), dtype=np.float32)                   # (B, H * hd)
+        for i, c in enumerate(self.caches):
+            p = int(pos0[i])
+            split = _split_attend(c, q[i:i + 1], p)
+            ck, cv = c.k, c.v
+            if split is None:
+                fused_decode.rope_store_attend(q[i:i + 1], k[i:i + 1], v[i:i + 1], cos[p:p + 1],
+                                               sin[p:p + 1], rope.dim, rope.neox, ck.a, ck.d,
+                                               cv.a, cv.d, p, scale, out[i:i + 1])
+                c.n = p + 1
+            else:
+                fused_decode.rope_store(q[i:i + 1], k[i:i + 1], v[i:i + 1], cos[p:p + 1],
+                                        sin[p:p + 1], rope.dim, rope.neox, ck.a, ck.d, cv.a, cv.d, p)
+                c.n = p + 1
+                out[i] = split(q[i:i + 1], p)[0]
+        return out
+
+
 def _attend_heads(qg: np.ndarray, keys: np.ndarray, values: np.ndarray, pos0: int, h0: int,
                   h1: int, out: np.ndarray) -> None:
     """The batched causal attention of KV heads [h0, h1) (attend's prefill path) into out;

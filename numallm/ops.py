@@ -432,27 +432,6 @@ def yarn_corr_dims(n_dims: int, n_ctx_orig: int, base: float, beta_fast: float,
     return max(0.0, math.floor(dim(beta_fast))), min(n_dims - 1.0, math.ceil(dim(beta_slow)))
 
 
-class BatchCaches:
-    """One layer's caches of a batch of sequences decoding together (LoadedModel.forward_batch):
-    passed where the layer's cache goes, with pos0 an int array (B,) of each row's position.
-    The block's matrices see all B rows at once; attention splits them again, row i attending
-    over caches[i] (one token per sequence per step)."""
-
-    def __init__(self, caches: list):
-        self.caches = caches
-
-    def attend(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, pos0: np.ndarray) -> np.ndarray:
-        """q: (B, n_head, hd), k/v: (B, n_head_kv, hd), pos0: (B,) -> (B, n_head * hd)."""
-        if not isinstance(pos0, np.ndarray) or len(pos0) != q.shape[0] or len(self.caches) != q.shape[0]:
-            raise ValueError(f"a batch of {len(self.caches)} caches needs one query row and one "
-                             f"position per cache, got {q.shape[0]} rows and positions {pos0!r}")
-        out = np.empty((q.shape[0], q.shape[1] * q.shape[2]), dtype=np.float32)   # (B, n_head*hd)
-        for i, c in enumerate(self.caches):
-            p = int(pos0[i])
-            out[i] = c.attend(q[i:i + 1], k[i:i + 1], v[i:i + 1], p)[0]
-        return out
-
-
 def rope_attention(rope: Rope, q: np.ndarray, k: np.ndarray, v: np.ndarray, cache, pos0) -> np.ndarray:
     """rope(q, pos0), rope(k, pos0), then attention(q, k, v, cache, pos0) (shapes as there; q
     and k are rotated in place). A decode step's host KVCache runs the three as one native call
@@ -461,6 +440,8 @@ def rope_attention(rope: Rope, q: np.ndarray, k: np.ndarray, v: np.ndarray, cach
     if type(cache) is KVCache and type(q) is np.ndarray and type(pos0) is int \
             and q.shape[0] <= FUSED_ATTENTION_MAX_T:
         return _rope_attend(rope, q, k, v, cache, pos0)
+    if type(cache) is BatchCaches and type(q) is np.ndarray:
+        return cache.rope_attend(rope, q, k, v, pos0)
     rope(q, pos0)
     rope(k, pos0)
     return attention(q, k, v, cache, pos0)
@@ -478,8 +459,8 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, cache, pos0) -> np.nd
 
 # the KV cache, per-head products (MLA) and Mixture-of-Experts ops (their own files; model files
 # reach them here)
-from .kvcache import (ATTENTION_BLOCK, FUSED_ATTENTION_MAX_T, HostCache, KVCache,  # noqa: E402,F401
-                      attend)
+from .kvcache import (ATTENTION_BLOCK, FUSED_ATTENTION_MAX_T, BatchCaches, HostCache,  # noqa: E402,F401
+                      KVCache, attend)
 from .kvcache import rope_attend as _rope_attend  # noqa: E402
 from .heads import (HeadLinear, attend_latent, head_matmul, mla_scores_q, mla_split,  # noqa: E402,F401
                     split_heads)

@@ -187,3 +187,49 @@ def test_batched_moe_step_replays_each_token_as_alone(synth_dir):
         assert {key[-1] for key in blk.ffn_gate_exps._moe_replays} == {1, len(PROMPTS)}
     finally:
         lm.close()
+
+
+@pytest.mark.parametrize("cache_type", ["f32", "f16", "q8_0"])
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_batched_rope_attention_is_each_sequence_alone(cache_type, n_threads):
+    """A batch's attention (BatchCaches.rope_attend) gives each row the bits its sequence's own
+    decode step gives (ops.rope_attention on its cache alone), below and past
+    SPLIT_ATTENTION_MIN positions (split over the pool's threads there), and fills the caches
+    alike."""
+    from numallm import kvcache, threads
+
+    rng = np.random.default_rng(3)
+    rope = ops.Rope(64, 10000.0, False)
+    starts = [0, 3, kvcache.SPLIT_ATTENTION_MIN + 5, 40]            # (B,) first positions
+    mk = lambda: [ops.KVCache(200, 4, 64, type_k=cache_type, type_v=cache_type) for _ in starts]
+    alone, batched = mk(), mk()
+    pool = threads.RowPool(n_threads)
+    try:
+        with threads.activate(pool):
+            for step in range(kvcache.SPLIT_ATTENTION_MIN):
+                pos = np.array(starts) + step                                # (B,)
+                if step == 0:        # earlier positions: each cache filled by one prefill
+                    for s, a, b in zip(starts, alone, batched):
+                        if s:
+                            k, v = (rng.standard_normal((s, 4, 64), dtype=np.float32)
+                                    for _ in range(2))
+                            a.store(k, v, 0)
+                            b.store(k, v, 0)
+                q = rng.standard_normal((len(starts), 16, 64), dtype=np.float32)
+                k, v = (rng.standard_normal((len(starts), 4, 64), dtype=np.float32)
+                        for _ in range(2))
+                want = np.concatenate([ops.rope_attention(rope, q[i:i + 1].copy(),
+                                                          k[i:i + 1].copy(), v[i:i + 1].copy(),
+                                                          alone[i], int(pos[i]))
+                                       for i in range(len(starts))])
+                got = ops.rope_attention(rope, q.copy(), k.copy(), v.copy(),
+                                         ops.BatchCaches(batched), pos)
+                np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
+        for a, b in zip(alone, batched):
+            assert a.n == b.n
+            for x, y in zip(a.arrays, b.arrays):
+                np.testing.assert_array_equal(x, y)
+        if n_threads == 2:      # the long sequence's attention ran split, as alone
+            assert pool in batched[2].__dict__.get("_attends", {})
+    finally:
+        pool.close()
