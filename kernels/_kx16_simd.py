@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from llvmlite import ir
 from numba import types
-from numba.extending import intrinsic
+from numba.extending import intrinsic, models, register_model
 
 from ._simd import _F32, _I8, _I16, _I32, _V32B, _fn, _ptr, f32x8, prefetch
 from ._kx8_simd import q6_codes
@@ -29,6 +29,41 @@ _V64B = ir.VectorType(_I8, 64)
 _V32W = ir.VectorType(_I16, 32)
 _V16D = ir.VectorType(_I32, 16)
 _V16F = ir.VectorType(_F32, 16)
+
+
+class F32x16Type(types.Type):
+    def __init__(self):
+        super().__init__(name="f32x16")
+
+
+f32x16 = F32x16Type()       # the token tiles' accumulators: 16 rows (two groups) in one zmm
+
+
+@register_model(F32x16Type)
+class _F32x16Model(models.PrimitiveModel):
+    def __init__(self, dmm, fe_type):
+        super().__init__(dmm, fe_type, _V16F)
+
+
+@intrinsic
+def vzero16(typingctx):
+    def codegen(context, builder, sig, args):
+        return ir.Constant(_V16F, [0.0] * 16)
+
+    return f32x16(), codegen
+
+
+def _half_of(hi: int):
+    def impl(typingctx, acc):
+        def codegen(context, builder, sig, args):
+            return _half(builder, args[0], hi)
+
+        return f32x8(f32x16), codegen
+
+    return intrinsic(impl)
+
+
+lo8, hi8 = _half_of(0), _half_of(1)     # the first group's 8 rows, the second's
 
 
 def _idx(values):
@@ -229,8 +264,10 @@ def _wide(body, record_bytes, aux=types.int16, token=_kquant_token):
     of dtype `aux`).
 
     n-token step: `f(accs, w, woff0, woff1, xq, xoff, xstride, dx, xb, b, bstride)` -> accs, a
-    tuple of 2n f32x8 (token i's rows of the group at woff0 in 2i, of the group at woff1 in
-    2i + 1), token i's codes at xoff + i * xstride, its scale and sums at block b + i * bstride.
+    tuple of n f32x16 (token i's rows of the group at woff0 in lanes 0-7 of accs[i], of the
+    group at woff1 in lanes 8-15: carried in zmm registers across the tile, not split into
+    halves per step), token i's codes at xoff + i * xstride, its scale and sums at block
+    b + i * bstride.
     The body takes the tokens together: each chunk is loaded and unpacked once and goes straight
     into every token's vpdpbusd, so only one unpacked chunk is live at a time (a body emitted
     token after token leaves all 64 chunks live for the later tokens: the 8-row tiles spill so).
@@ -248,6 +285,9 @@ def _wide(body, record_bytes, aux=types.int16, token=_kquant_token):
                 prefetch(builder, wp, record_bytes)
         toks = [token(context, builder, (xq_a, dx_a, xb_a), (xq_v, dx_v, xb_v), xo, bi)
                 for xo, bi in zip(xoffs, bs)]
+        if len(accs_in) == len(toks):      # f32x16 accumulators (the token tiles)
+            return context.make_tuple(builder, sig.return_type,
+                                      body(builder, accs_in, wps, *zip(*toks)))
         accs = [_cat(builder, accs_in[2 * i], accs_in[2 * i + 1]) for i in range(len(toks))]
         out = []
         for acc in body(builder, accs, wps, *zip(*toks)):
@@ -258,7 +298,7 @@ def _wide(body, record_bytes, aux=types.int16, token=_kquant_token):
         def impl(typingctx, accs, w, woff0, woff1, xq, xoff, xstride, dx, xb, b, bstride):
             _need("w", w, types.uint8), _need("xq", xq, types.int8)
             _need("dx", dx, types.float32), _need("xb", xb, aux)
-            tup = types.UniTuple(f32x8, 2 * n)
+            tup = types.UniTuple(f32x16, n)
             sig = tup(tup, w, woff0, woff1, xq, xoff, xstride, dx, xb, b, bstride)
 
             def codegen(context, builder, sig, args):
@@ -271,7 +311,7 @@ def _wide(body, record_bytes, aux=types.int16, token=_kquant_token):
                             sig.args[8], w_v, (o0, o1), xq_v,
                             [builder.add(xoff_v, builder.mul(xst_v, c)) for c in at],
                             dx_v, xb_v, [builder.add(b_v, builder.mul(bst_v, c)) for c in at],
-                            [builder.extract_value(accs_v, i) for i in range(2 * n)], True)
+                            [builder.extract_value(accs_v, i) for i in range(n)], True)
 
             return sig, codegen
 

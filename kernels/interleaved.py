@@ -46,7 +46,8 @@ from numba import njit
 
 from . import _native, _simd
 from ._kx16_simd import kx16_q4_0, kx16_q8_0
-from ._tiles import _groups_t, _groups_wide_t
+from ._kx32_simd import kx32_q4_0, kx32_q8_0
+from ._tiles import _groups_t, _groups_wide32_t, _groups_wide_t
 from ._x8_loops import _matmul_x8_pair_t, _matmul_x8_t
 from ._x8_simd import (PAIRS, many, x8_iq4_nl, x8_q4_0, x8_q4_1, x8_q5_0, x8_q5_1, x8_q8_0,
                        x8v_iq4_nl, x8v_q4_0, x8v_q4_1, x8v_q5_0, x8v_q5_1, x8v_q8_0)
@@ -340,6 +341,10 @@ class RecordUnit(CalibratedUnit):
             groups = specialize(_groups_wide_t, name.replace("matmul", "groups16"), WIDE1=wide[1],
                                 WIDE2=wide[2], WIDE4=wide[4], WIDE8=wide[8], REC=consts["REC"],
                                 BLOCK=consts["BLOCK"], GROUPS8=groups)
+            if 32 in wide:     # whole 4-token tiles over four groups (`_kx32_simd`)
+                groups = specialize(_groups_wide32_t, name.replace("matmul", "groups32"),
+                                    WIDE32=wide[32], REC=consts["REC"], BLOCK=consts["BLOCK"],
+                                    GROUPS16=groups)
         if wide is not None:   # decode's two streams through one zmm
             return specialize(_matmul_x8_pair_t, name,
                               **dict(consts, GROUPS=groups, STEP_PAIR=wide["pair"]))
@@ -456,9 +461,9 @@ def _unit(qtype, pack, unpack, step, step_vnni, step_wide=None):
                           "step_vnni": step_vnni, "step_wide": step_wide}))
 
 
-Q4_0 = _unit(T.Q4_0, _pack_q4_0, _unpack_q4_0, x8_q4_0, x8v_q4_0, kx16_q4_0)
+Q4_0 = _unit(T.Q4_0, _pack_q4_0, _unpack_q4_0, x8_q4_0, x8v_q4_0, {**kx16_q4_0, 32: kx32_q4_0})
 Q4_1 = _unit(T.Q4_1, _pack_q4_1, _unpack_q4_1, x8_q4_1, x8v_q4_1)
 Q5_0 = _unit(T.Q5_0, _pack_q5_0, _unpack_q5_0, x8_q5_0, x8v_q5_0)
 Q5_1 = _unit(T.Q5_1, _pack_q5_1, _unpack_q5_1, x8_q5_1, x8v_q5_1)
-Q8_0 = _unit(T.Q8_0, _pack_q8_0, _unpack_q8_0, x8_q8_0, x8v_q8_0, kx16_q8_0)
+Q8_0 = _unit(T.Q8_0, _pack_q8_0, _unpack_q8_0, x8_q8_0, x8v_q8_0, {**kx16_q8_0, 32: kx32_q8_0})
 IQ4_NL = _unit(T.IQ4_NL, _pack_q4_0, _unpack_iq4_nl, x8_iq4_nl, x8v_iq4_nl)   # Q4_0's layout
