@@ -17,15 +17,17 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 from numba import njit
 
-from ._iq_common import IQUnit, u16_at, u32_at
+from ._iq512_simd import grid_q_at, grid_q_bytes, grid_q_words, pext, with_signs
+from ._iq_common import IQUnit, ksigns8, sc4_32, sc4_nibbles, u16_at, u32_at
 from ._iq_grids import (IQ2S_GRID, IQ2S_U64, IQ2XS_GRID, IQ2XS_U64, IQ2XXS_GRID, IQ2XXS_U64,
                         KSIGNS, KSIGNS64, SIGNS64)
-from ._iq_simd import grid8_signed, iq2s_indices, ld8, ld32, ld64, ld_idx
+from ._iq_simd import grid8_signed, iq2s_indices, ld8, ld16, ld32, ld64, ld_idx
 from ._simd import load_f16
 from .base import register
 from .interleaved import f16_at
 
 _HALF, _QUARTER, _EIGHTH = np.float32(0.5), np.float32(0.25), np.float32(0.125)
+_SIGN9 = np.array([0xFE00FE00FE00FE00], np.uint64).view(np.int64)[0]   # bits 9..15 of 4 u16
 
 
 @njit(nogil=True, cache=True, inline="always")
@@ -64,6 +66,17 @@ def _sub_iq2_xxs(q, o, j, ib):
     return w, s, s
 
 
+@njit(nogil=True, cache=True, inline="always")
+def _sub64_iq2_xxs(q, o, p, ib):
+    v0 = ld64(q, o + 2 + 16 * p)
+    v1 = ld64(q, o + 10 + 16 * p)
+    g = grid_q_bytes(IQ2XXS_U64, (v0 & 0xFFFFFFFF) | (v1 << 32))
+    a0 = (v0 >> 32) & 0xFFFFFFFF
+    a1 = (v1 >> 32) & 0xFFFFFFFF
+    neg = ksigns8((a0 & 0xFFFFFFF) | ((a1 & 0xFFFFFFF) << 28))
+    return with_signs(g, neg), sc4_32(2 * (a0 >> 28) + 1, 2 * (a1 >> 28) + 1)
+
+
 # --- IQ2_XS -------------------------------------------------------------------------------------
 
 @njit(nogil=True, cache=True, inline="always")
@@ -89,6 +102,14 @@ def _sub_iq2_xs(q, o, j, ib):
                      v1 >> 9, v2 >> 9, v3 >> 9)
     sc = ld8(q, o + 66 + j)
     return w, 2 * (sc & 15) + 1, 2 * (sc >> 4) + 1
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _sub64_iq2_xs(q, o, p, ib):
+    g = grid_q_words(IQ2XS_U64, q, o + 2 + 16 * p, 511)
+    s0 = pext(ld64(q, o + 2 + 16 * p), _SIGN9)
+    s1 = pext(ld64(q, o + 10 + 16 * p), _SIGN9)
+    return with_signs(g, ksigns8(s0 | (s1 << 28))), sc4_nibbles(ld16(q, o + 66 + 2 * p))
 
 
 # --- IQ2_S --------------------------------------------------------------------------------------
@@ -117,19 +138,25 @@ def _sub_iq2_s(q, o, j, ib):
     return w, 2 * (sc & 15) + 1, 2 * (sc >> 4) + 1
 
 
+@njit(nogil=True, cache=True, inline="always")
+def _sub64_iq2_s(q, o, p, ib):
+    g = grid_q_at(IQ2S_U64, ib, 8 * p)
+    return with_signs(g, ld64(q, o + 34 + 8 * p)), sc4_nibbles(ld16(q, o + 74 + 2 * p))
+
+
 @register
 class IQ2_XXS(IQUnit):
     qtype = T.IQ2_XXS
-    deq, scale, sub = _deq_iq2_xxs, _scale8, _sub_iq2_xxs
+    deq, scale, sub, sub64 = _deq_iq2_xxs, _scale8, _sub_iq2_xxs, _sub64_iq2_xxs
 
 
 @register
 class IQ2_XS(IQUnit):
     qtype = T.IQ2_XS
-    deq, scale, sub = _deq_iq2_xs, _scale8, _sub_iq2_xs
+    deq, scale, sub, sub64 = _deq_iq2_xs, _scale8, _sub_iq2_xs, _sub64_iq2_xs
 
 
 @register
 class IQ2_S(IQUnit):
     qtype = T.IQ2_S
-    deq, scale, sub, prep = _deq_iq2_s, _scale8, _sub_iq2_s, iq2s_indices
+    deq, scale, sub, prep, sub64 = _deq_iq2_s, _scale8, _sub_iq2_s, iq2s_indices, _sub64_iq2_s

@@ -1,0 +1,343 @@
+"""AVX-512 steps of the IQ kernels (the avx512-iq variant of `_iq_common`), as Numba intrinsics.
+
+One step is 64 weights, two 32-weight sub-blocks side by side in one zmm register, as a `w64`:
+the magnitudes |w| (<64 x i8>) and the signs as a 64-bit mask (<64 x i1>, bit m set: weight m
+is negative). AVX-512 has no vpsignb: the dot negates the activations under that mask (one
+masked vpsubb), then vpmaddubsw (|w| u8 x sign-applied x s8; pairs <= 2 * 62 * 127 < 32767)
+and vpmaddwd with the integer scales, one per 16 weights (`sc4`: 4 words of an int64, weights
+0..15, 16..31, 32..47, 48..63), all exact in int32.
+
+Grid entries come with one gather per step (vpgatherdq: 8 entries of 8 bytes, vpgatherdd: 16
+of 4), the indices from a vector load (of the block's index scratch or of the bytes
+themselves). Sign bits that the types keep as 7-bit KSIGNS indices are expanded in scalar code
+(`ksigns8`: pdep, then the parity bit), 64 at a time, straight into the mask.
+
+Lane layout: int32 lane i < 8 of a step's sum holds weights 4i..4i + 3 of its first sub-block,
+lane 8 + i those of the second, so the low and high halves added at the end of a block (`fold`)
+are exactly the <8 x i32> sums the avx2-iq kernels form: same float operations after that, so
+the results are bit-identical to avx2-iq.
+"""
+from __future__ import annotations
+
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic, models, register_model
+
+from ._iq_simd import i8x32
+from ._simd import _F32, _I8, _I16, _I32, _V8D, _V8F, _fn, _ptr, f32x8
+from ._x8_simd import _need, _splat_f
+
+_I64 = ir.IntType(64)
+_B1 = ir.IntType(1)
+_V64B = ir.VectorType(_I8, 64)
+_V64K = ir.VectorType(_B1, 64)
+_V32W = ir.VectorType(_I16, 32)
+_V16D = ir.VectorType(_I32, 16)
+_V8Q = ir.VectorType(_I64, 8)
+_W64 = ir.LiteralStructType([_V64B, _V64K])
+
+# the AVX-512 subsets the steps compile to (BW: byte/word ops and masks; pdep/pext: BMI2)
+FEATURES = ("avx512f", "avx512bw", "avx512vl", "bmi2")
+
+
+class W64Type(types.Type):
+    def __init__(self):
+        super().__init__(name="iq_w64")
+
+
+class I32x16Type(types.Type):
+    def __init__(self):
+        super().__init__(name="i32x16")
+
+
+class U8x64Type(types.Type):
+    def __init__(self):
+        super().__init__(name="u8x64")
+
+
+w64 = W64Type()
+i32x16 = I32x16Type()
+u8x64 = U8x64Type()
+
+
+@register_model(W64Type)
+class _W64Model(models.PrimitiveModel):
+    def __init__(self, dmm, fe_type):
+        super().__init__(dmm, fe_type, _W64)
+
+
+@register_model(I32x16Type)
+class _I32x16Model(models.PrimitiveModel):
+    def __init__(self, dmm, fe_type):
+        super().__init__(dmm, fe_type, _V16D)
+
+
+@register_model(U8x64Type)
+class _U8x64Model(models.PrimitiveModel):
+    def __init__(self, dmm, fe_type):
+        super().__init__(dmm, fe_type, _V64B)
+
+
+def _idx(values):
+    return ir.Constant(ir.VectorType(_I32, len(values)), list(values))
+
+
+def _i64(context, builder, v, ty):
+    return context.cast(builder, v, ty, types.int64)
+
+
+def _make_w(builder, mag, neg):
+    w = builder.insert_value(ir.Constant(_W64, ir.Undefined), mag, 0)
+    return builder.insert_value(w, neg, 1)
+
+
+def _mask(builder, bits):
+    """An i64 as a <64 x i1> mask (kmovq)."""
+    return builder.bitcast(bits, _V64K)
+
+
+def _signed(builder, w):
+    """w64 of a signed <64 x i8> w: vpabsb, vpmovb2m."""
+    neg = builder.icmp_signed("<", w, ir.Constant(_V64B, [0] * 64))
+    mag = builder.select(neg, builder.sub(ir.Constant(_V64B, [0] * 64), w), w)
+    return _make_w(builder, mag, neg)
+
+
+def _load(context, builder, aryty, ary, off, vty):
+    p = _ptr(context, builder, aryty, ary, off)
+    return builder.load(builder.bitcast(p, vty.as_pointer()), align=1)
+
+
+def _gather(builder, context, tabty, tab, idx, n):
+    """tab[idx] for a <n x i32> idx: vpgatherdq (n = 8, 8-byte entries) or vpgatherdd (n = 16,
+    4-byte entries), as <64 x i8>."""
+    base = builder.bitcast(context.make_array(tabty)(context, builder, tab).data,
+                           ir.IntType(8).as_pointer())
+    ety, name, sc = (_I64, "llvm.x86.avx512.mask.gather.dpq.512", 8) if n == 8 else \
+        (_I32, "llvm.x86.avx512.mask.gather.dpi.512", 4)
+    vty = ir.VectorType(ety, n)
+    fn = _fn(builder, name, vty, [vty, base.type, ir.VectorType(_I32, n), ir.VectorType(_B1, n),
+                                  _I32])
+    ones = ir.Constant(ir.VectorType(_B1, n), [1] * n)
+    g = builder.call(fn, [ir.Constant(vty, [0] * n), base, idx, ones, ir.Constant(_I32, sc)])
+    return builder.bitcast(g, _V64B)
+
+
+@intrinsic
+def grid_q_at(typingctx, tab, ib, off):
+    """8 uint64 entries tab[ib[off..off + 7]] (ib: int32 index scratch) as 64 bytes."""
+    _need("tab", tab, types.uint64)
+    _need("ib", ib, types.int32)
+    sig = u8x64(tab, ib, off)
+
+    def codegen(context, builder, sig, args):
+        idx = _load(context, builder, sig.args[1], args[1], args[2], ir.VectorType(_I32, 8))
+        return _gather(builder, context, sig.args[0], args[0], idx, 8)
+
+    return sig, codegen
+
+
+@intrinsic
+def grid_d_at(typingctx, tab, ib, off):
+    """16 uint32 entries tab[ib[off..off + 15]] as 64 bytes."""
+    _need("tab", tab, types.uint32)
+    _need("ib", ib, types.int32)
+    sig = u8x64(tab, ib, off)
+
+    def codegen(context, builder, sig, args):
+        idx = _load(context, builder, sig.args[1], args[1], args[2], _V16D)
+        return _gather(builder, context, sig.args[0], args[0], idx, 16)
+
+    return sig, codegen
+
+
+@intrinsic
+def grid_q_bytes(typingctx, tab, iv):
+    """8 uint64 entries tab[byte k of the int64 iv], k = 0..7, as 64 bytes."""
+    _need("tab", tab, types.uint64)
+    sig = u8x64(tab, iv)
+
+    def codegen(context, builder, sig, args):
+        v = builder.bitcast(_i64(context, builder, args[1], sig.args[1]), ir.VectorType(_I8, 8))
+        idx = builder.zext(v, ir.VectorType(_I32, 8))
+        return _gather(builder, context, sig.args[0], args[0], idx, 8)
+
+    return sig, codegen
+
+
+@intrinsic
+def grid_q_words(typingctx, tab, q, off, m):
+    """8 uint64 entries tab[u16 k at byte off of q & m], k = 0..7, as 64 bytes."""
+    _need("tab", tab, types.uint64)
+    _need("q", q, types.uint8)
+    sig = u8x64(tab, q, off, m)
+
+    def codegen(context, builder, sig, args):
+        v = _load(context, builder, sig.args[1], args[1], args[2], ir.VectorType(_I16, 8))
+        v8 = ir.VectorType(_I32, 8)
+        mv = builder.trunc(_i64(context, builder, args[3], sig.args[3]), _I32)
+        mv = builder.shuffle_vector(builder.insert_element(ir.Constant(v8, ir.Undefined), mv,
+                                                           ir.Constant(_I32, 0)),
+                                    ir.Constant(v8, ir.Undefined), _idx([0] * 8))
+        idx = builder.and_(builder.zext(v, v8), mv)
+        return _gather(builder, context, sig.args[0], args[0], idx, 8)
+
+    return sig, codegen
+
+
+@intrinsic
+def grid_d_bytes(typingctx, tab, q, off):
+    """16 uint32 entries tab[q[off + k]], k = 0..15, as 64 bytes."""
+    _need("tab", tab, types.uint32)
+    _need("q", q, types.uint8)
+    sig = u8x64(tab, q, off)
+
+    def codegen(context, builder, sig, args):
+        v = _load(context, builder, sig.args[1], args[1], args[2], ir.VectorType(_I8, 16))
+        return _gather(builder, context, sig.args[0], args[0], builder.zext(v, _V16D), 16)
+
+    return sig, codegen
+
+
+@intrinsic
+def with_signs(typingctx, g, neg):
+    """w64 of magnitudes g and the sign mask given by the int64 neg (bit m: weight m < 0)."""
+    sig = w64(u8x64, neg)
+
+    def codegen(context, builder, sig, args):
+        return _make_w(builder, args[0], _mask(builder, _i64(context, builder, args[1],
+                                                              sig.args[1])))
+
+    return sig, codegen
+
+
+@intrinsic
+def plus_minus1(typingctx, g, minus):
+    """w64 of the signed bytes g + 1, or g - 1 where bit m of the int64 `minus` is set (IQ1's
+    +-1/8 delta, times 8)."""
+    sig = w64(u8x64, minus)
+
+    def codegen(context, builder, sig, args):
+        k = _mask(builder, _i64(context, builder, args[1], sig.args[1]))
+        one = ir.Constant(_V64B, [1] * 64)
+        w = builder.select(k, builder.sub(args[0], one), builder.add(args[0], one))
+        return _signed(builder, w)
+
+    return sig, codegen
+
+
+@intrinsic
+def join32(typingctx, a, b):
+    """w64 of two avx2-iq i8x32 pairs (weights 0..31 from a, 32..63 from b): the generic step
+    of the types without a dedicated one."""
+    sig = w64(i8x32, i8x32)
+
+    def codegen(context, builder, sig, args):
+        mag = builder.shuffle_vector(args[0], args[1], _idx(list(range(32)) + list(range(64, 96))))
+        sgn = builder.shuffle_vector(args[0], args[1], _idx(list(range(32, 64))
+                                                          + list(range(96, 128))))
+        return _make_w(builder, mag, builder.icmp_signed("<", sgn, ir.Constant(_V64B, [0] * 64)))
+
+    return sig, codegen
+
+
+@intrinsic
+def izero16(typingctx):
+    """<16 x i32> zero."""
+    def codegen(context, builder, sig, args):
+        return ir.Constant(_V16D, [0] * 16)
+
+    return i32x16(), codegen
+
+
+@intrinsic
+def dot64(typingctx, acc, w, xq, xoff, sc4):
+    """acc + the 16 int32 lanes of sum(w * x) over the 64 weights w and the int8 activations
+    xq[xoff:xoff + 64], weights 16h..16h + 15 times word h of the int64 sc4."""
+    _need("xq", xq, types.int8)
+    sig = i32x16(i32x16, w64, xq, xoff, sc4)
+
+    def codegen(context, builder, sig, args):
+        acc_v, w_v, xq_v, xo, sc = args
+        x = _load(context, builder, sig.args[2], xq_v, xo, _V64B)
+        mag = builder.extract_value(w_v, 0)
+        neg = builder.extract_value(w_v, 1)
+        xs = builder.select(neg, builder.sub(ir.Constant(_V64B, [0] * 64), x), x)
+        pm = _fn(builder, "llvm.x86.avx512.pmaddubs.w.512", _V32W, [_V64B, _V64B])
+        wd = _fn(builder, "llvm.x86.avx512.pmaddw.d.512", _V16D, [_V32W, _V32W])
+        s = builder.bitcast(_i64(context, builder, sc, sig.args[4]), ir.VectorType(_I16, 4))
+        s = builder.shuffle_vector(s, ir.Constant(ir.VectorType(_I16, 4), ir.Undefined),
+                                   _idx([h for h in range(4) for _ in range(8)]))
+        return builder.add(acc_v, builder.call(wd, [builder.call(pm, [mag, xs]), s]))
+
+    return sig, codegen
+
+
+@intrinsic
+def fold_fma(typingctx, acc, isum, f):
+    """acc + float(low 8 lanes + high 8 lanes of isum) * f: avx2-iq's `fma_sum` of the same
+    <8 x i32> block sums."""
+    sig = f32x8(f32x8, i32x16, types.float32)
+
+    def codegen(context, builder, sig, args):
+        acc_v, s, fv = args
+        lo = builder.shuffle_vector(s, s, _idx(range(8)))
+        hi = builder.shuffle_vector(s, s, _idx(range(8, 16)))
+        fma = _fn(builder, "llvm.fma.v8f32", _V8F, [_V8F, _V8F, _V8F])
+        return builder.call(fma, [builder.sitofp(builder.add(lo, hi), _V8F),
+                                  _splat_f(builder, fv), acc_v])
+
+    return sig, codegen
+
+
+@intrinsic
+def store_w64(typingctx, w, buf, off, negs, k):
+    """buf[off:off + 64] = w's magnitudes, negs[k] = its sign mask (prefill's decoded block)."""
+    _need("buf", buf, types.uint8)
+    _need("negs", negs, types.int64)
+    sig = types.none(w64, buf, off, negs, k)
+
+    def codegen(context, builder, sig, args):
+        p = _ptr(context, builder, sig.args[1], args[1], args[2])
+        builder.store(builder.extract_value(args[0], 0), builder.bitcast(p, _V64B.as_pointer()),
+                      align=1)
+        n = builder.bitcast(builder.extract_value(args[0], 1), _I64)
+        builder.store(n, _ptr(context, builder, sig.args[3], args[3], args[4]), align=8)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def load_w64(typingctx, buf, off, negs, k):
+    """The w64 `store_w64` put at buf[off:], negs[k]."""
+    _need("buf", buf, types.uint8)
+    _need("negs", negs, types.int64)
+    sig = w64(buf, off, negs, k)
+
+    def codegen(context, builder, sig, args):
+        mag = _load(context, builder, sig.args[0], args[0], args[1], _V64B)
+        n = builder.load(_ptr(context, builder, sig.args[2], args[2], args[3]), align=8)
+        return _make_w(builder, mag, _mask(builder, n))
+
+    return sig, codegen
+
+
+def _bmi(name):
+    def impl(typingctx, a, m):
+        sig = types.int64(a, m)
+
+        def codegen(context, builder, sig, args):
+            fn = _fn(builder, f"llvm.x86.bmi.{name}.64", _I64, [_I64, _I64])
+            return builder.call(fn, [_i64(context, builder, args[0], sig.args[0]),
+                                     _i64(context, builder, args[1], sig.args[1])])
+
+        return sig, codegen
+
+    return intrinsic(impl)
+
+
+# pdep(a, m): the low bits of a deposited at the set bits of m; pext(a, m): the bits of a at m's
+# set bits, packed low (BMI2)
+pdep = _bmi("pdep")
+pext = _bmi("pext")
