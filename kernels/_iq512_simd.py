@@ -55,9 +55,21 @@ class U8x64Type(types.Type):
         super().__init__(name="u8x64")
 
 
+class I16x32Type(types.Type):
+    def __init__(self):
+        super().__init__(name="i16x32")
+
+
 w64 = W64Type()
 i32x16 = I32x16Type()
 u8x64 = U8x64Type()
+i16x32 = I16x32Type()       # a step's scale words (weights 16h..16h + 15: words 8h..8h + 7)
+
+
+@register_model(I16x32Type)
+class _I16x32Model(models.PrimitiveModel):
+    def __init__(self, dmm, fe_type):
+        super().__init__(dmm, fe_type, _V32W)
 
 
 @register_model(W64Type)
@@ -108,19 +120,39 @@ def _load(context, builder, aryty, ary, off, vty):
     return builder.load(builder.bitcast(p, vty.as_pointer()), align=1)
 
 
+# Grid entries by one vpgatherdq / vpgatherdd (True) or by scalar loads inserted one by one
+# (False): measured on AMD Zen 5, the gathers were the slower
+GATHER = False
+
+
 def _gather(builder, context, tabty, tab, idx, n):
-    """tab[idx] for a <n x i32> idx: vpgatherdq (n = 8, 8-byte entries) or vpgatherdd (n = 16,
-    4-byte entries), as <64 x i8>."""
+    """tab[idx] for n indices (n = 8: 8-byte entries, n = 16: 4-byte entries), as <64 x i8>.
+    idx: a <n x i32> vector, or a list of n integer scalars."""
     base = builder.bitcast(context.make_array(tabty)(context, builder, tab).data,
                            ir.IntType(8).as_pointer())
     ety, name, sc = (_I64, "llvm.x86.avx512.mask.gather.dpq.512", 8) if n == 8 else \
         (_I32, "llvm.x86.avx512.mask.gather.dpi.512", 4)
     vty = ir.VectorType(ety, n)
+    if isinstance(idx, list):
+        data = context.make_array(tabty)(context, builder, tab).data
+        v = ir.Constant(vty, ir.Undefined)
+        for k in range(n):
+            e = builder.load(builder.gep(data, [idx[k]]), align=sc)
+            v = builder.insert_element(v, e, ir.Constant(_I32, k))
+        return builder.bitcast(v, _V64B)
     fn = _fn(builder, name, vty, [vty, base.type, ir.VectorType(_I32, n), ir.VectorType(_B1, n),
                                   _I32])
     ones = ir.Constant(ir.VectorType(_B1, n), [1] * n)
     g = builder.call(fn, [ir.Constant(vty, [0] * n), base, idx, ones, ir.Constant(_I32, sc)])
     return builder.bitcast(g, _V64B)
+
+
+def _scalars(context, builder, aryty, ary, off, ity, n):
+    """n integers of LLVM type ity at ary[off..] (element offsets), zero-extended to i64."""
+    p = builder.bitcast(_ptr(context, builder, aryty, ary, off), ity.as_pointer())
+    return [builder.zext(builder.load(builder.gep(p, [ir.Constant(_I32, k)]), align=1), _I64)
+            if ity.width < 64 else builder.load(builder.gep(p, [ir.Constant(_I32, k)]))
+            for k in range(n)]
 
 
 @intrinsic
@@ -131,7 +163,10 @@ def grid_q_at(typingctx, tab, ib, off):
     sig = u8x64(tab, ib, off)
 
     def codegen(context, builder, sig, args):
-        idx = _load(context, builder, sig.args[1], args[1], args[2], ir.VectorType(_I32, 8))
+        if GATHER:
+            idx = _load(context, builder, sig.args[1], args[1], args[2], ir.VectorType(_I32, 8))
+        else:
+            idx = _scalars(context, builder, sig.args[1], args[1], args[2], _I32, 8)
         return _gather(builder, context, sig.args[0], args[0], idx, 8)
 
     return sig, codegen
@@ -145,7 +180,10 @@ def grid_d_at(typingctx, tab, ib, off):
     sig = u8x64(tab, ib, off)
 
     def codegen(context, builder, sig, args):
-        idx = _load(context, builder, sig.args[1], args[1], args[2], _V16D)
+        if GATHER:
+            idx = _load(context, builder, sig.args[1], args[1], args[2], _V16D)
+        else:
+            idx = _scalars(context, builder, sig.args[1], args[1], args[2], _I32, 16)
         return _gather(builder, context, sig.args[0], args[0], idx, 16)
 
     return sig, codegen
@@ -158,8 +196,12 @@ def grid_q_bytes(typingctx, tab, iv):
     sig = u8x64(tab, iv)
 
     def codegen(context, builder, sig, args):
-        v = builder.bitcast(_i64(context, builder, args[1], sig.args[1]), ir.VectorType(_I8, 8))
-        idx = builder.zext(v, ir.VectorType(_I32, 8))
+        v = _i64(context, builder, args[1], sig.args[1])
+        if GATHER:
+            idx = builder.zext(builder.bitcast(v, ir.VectorType(_I8, 8)), ir.VectorType(_I32, 8))
+        else:
+            idx = [builder.and_(builder.lshr(v, ir.Constant(_I64, 8 * k)), ir.Constant(_I64, 255))
+                   for k in range(8)]
         return _gather(builder, context, sig.args[0], args[0], idx, 8)
 
     return sig, codegen
@@ -173,9 +215,14 @@ def grid_q_words(typingctx, tab, q, off, m):
     sig = u8x64(tab, q, off, m)
 
     def codegen(context, builder, sig, args):
+        m64 = _i64(context, builder, args[3], sig.args[3])
+        if not GATHER:
+            idx = [builder.and_(i, m64) for i in
+                   _scalars(context, builder, sig.args[1], args[1], args[2], _I16, 8)]
+            return _gather(builder, context, sig.args[0], args[0], idx, 8)
         v = _load(context, builder, sig.args[1], args[1], args[2], ir.VectorType(_I16, 8))
         v8 = ir.VectorType(_I32, 8)
-        mv = builder.trunc(_i64(context, builder, args[3], sig.args[3]), _I32)
+        mv = builder.trunc(m64, _I32)
         mv = builder.shuffle_vector(builder.insert_element(ir.Constant(v8, ir.Undefined), mv,
                                                            ir.Constant(_I32, 0)),
                                     ir.Constant(v8, ir.Undefined), _idx([0] * 8))
@@ -193,8 +240,12 @@ def grid_d_bytes(typingctx, tab, q, off):
     sig = u8x64(tab, q, off)
 
     def codegen(context, builder, sig, args):
-        v = _load(context, builder, sig.args[1], args[1], args[2], ir.VectorType(_I8, 16))
-        return _gather(builder, context, sig.args[0], args[0], builder.zext(v, _V16D), 16)
+        if GATHER:
+            v = _load(context, builder, sig.args[1], args[1], args[2], ir.VectorType(_I8, 16))
+            idx = builder.zext(v, _V16D)
+        else:
+            idx = _scalars(context, builder, sig.args[1], args[1], args[2], _I8, 16)
+        return _gather(builder, context, sig.args[0], args[0], idx, 16)
 
     return sig, codegen
 
@@ -250,12 +301,22 @@ def izero16(typingctx):
     return i32x16(), codegen
 
 
+def _scale_words(context, builder, ty, sc):
+    """The <32 x i16> scale words of a step: sc itself (i16x32) or from an int64 sc4 (word h of
+    it for weights 16h..16h + 15)."""
+    if ty == i16x32:
+        return sc
+    s = builder.bitcast(_i64(context, builder, sc, ty), ir.VectorType(_I16, 4))
+    return builder.shuffle_vector(s, ir.Constant(ir.VectorType(_I16, 4), ir.Undefined),
+                                  _idx([h for h in range(4) for _ in range(8)]))
+
+
 @intrinsic
-def dot64(typingctx, acc, w, xq, xoff, sc4):
+def dot64(typingctx, acc, w, xq, xoff, sc):
     """acc + the 16 int32 lanes of sum(w * x) over the 64 weights w and the int8 activations
-    xq[xoff:xoff + 64], weights 16h..16h + 15 times word h of the int64 sc4."""
+    xq[xoff:xoff + 64], times the step's scales sc (an int64 sc4 or i16x32 words)."""
     _need("xq", xq, types.int8)
-    sig = i32x16(i32x16, w64, xq, xoff, sc4)
+    sig = i32x16(i32x16, w64, xq, xoff, sc)
 
     def codegen(context, builder, sig, args):
         acc_v, w_v, xq_v, xo, sc = args
@@ -265,9 +326,7 @@ def dot64(typingctx, acc, w, xq, xoff, sc4):
         xs = builder.select(neg, builder.sub(ir.Constant(_V64B, [0] * 64), x), x)
         pm = _fn(builder, "llvm.x86.avx512.pmaddubs.w.512", _V32W, [_V64B, _V64B])
         wd = _fn(builder, "llvm.x86.avx512.pmaddw.d.512", _V16D, [_V32W, _V32W])
-        s = builder.bitcast(_i64(context, builder, sc, sig.args[4]), ir.VectorType(_I16, 4))
-        s = builder.shuffle_vector(s, ir.Constant(ir.VectorType(_I16, 4), ir.Undefined),
-                                   _idx([h for h in range(4) for _ in range(8)]))
+        s = _scale_words(context, builder, sig.args[4], sc)
         return builder.add(acc_v, builder.call(wd, [builder.call(pm, [mag, xs]), s]))
 
     return sig, codegen
@@ -319,6 +378,46 @@ def load_w64(typingctx, buf, off, negs, k):
         mag = _load(context, builder, sig.args[0], args[0], args[1], _V64B)
         n = builder.load(_ptr(context, builder, sig.args[2], args[2], args[3]), align=8)
         return _make_w(builder, mag, _mask(builder, n))
+
+    return sig, codegen
+
+
+@intrinsic
+def store_sc(typingctx, sc, buf, k):
+    """buf[32k:32k + 32] = the scale words of sc (int64 sc4 or i16x32; buf: int16)."""
+    _need("buf", buf, types.int16)
+    sig = types.none(sc, buf, k)
+
+    def codegen(context, builder, sig, args):
+        off = builder.mul(_i64(context, builder, args[2], sig.args[2]), ir.Constant(_I64, 32))
+        p = _ptr(context, builder, sig.args[1], args[1], off)
+        builder.store(_scale_words(context, builder, sig.args[0], args[0]),
+                      builder.bitcast(p, _V32W.as_pointer()), align=1)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def load_sc(typingctx, buf, k):
+    """The scale words store_sc put at buf[32k:]."""
+    _need("buf", buf, types.int16)
+    sig = i16x32(buf, k)
+
+    def codegen(context, builder, sig, args):
+        off = builder.mul(_i64(context, builder, args[1], sig.args[1]), ir.Constant(_I64, 32))
+        return _load(context, builder, sig.args[0], args[0], off, _V32W)
+
+    return sig, codegen
+
+
+@intrinsic
+def no_block(typingctx, q, o):
+    """The block state of the types whose steps need none."""
+    sig = types.int64(q, o)
+
+    def codegen(context, builder, sig, args):
+        return ir.Constant(_I64, 0)
 
     return sig, codegen
 

@@ -34,7 +34,8 @@ from numba import njit
 
 from . import _native, _simd
 from ._iq512_simd import FEATURES as _F512
-from ._iq512_simd import dot64, fold_fma, izero16, load_w64, pdep, store_w64
+from ._iq512_simd import (dot64, fold_fma, izero16, load_sc, load_w64, no_block, pdep, store_sc,
+                          store_w64)
 from ._iq_simd import dot32, fma_sum, izero, load8, load_w, no_indices, store_w
 from ._kquant_common import q8_k_form
 from ._simd import hsum, vzero
@@ -169,31 +170,33 @@ def _matmul512_t(q, xq, dx, xb, out, r0, r1, pf=0):
                 o = r * rb + b * TS  # noqa: F821
                 isum = izero16()
                 PREP(qf, o, ib)  # noqa: F821
+                st = BLOCK(qf, o)  # noqa: F821
                 for p in range(4):
-                    w, sc = SUB64(qf, o, p, ib)  # noqa: F821
+                    w, sc = SUB64(qf, o, p, ib, st)  # noqa: F821
                     isum = dot64(isum, w, xf, b * QK + 64 * p, sc)
                 acc = fold_fma(acc, isum, SCALE(qf, o) * dx[0, b])  # noqa: F821
             out[0, r] = hsum(acc)
         return
     wbuf = np.empty(QK, np.uint8)              # (256,) one block of a row: |w|
     nbuf = np.empty(4, np.int64)               # (4,) its sign masks per 64 weights
-    sbuf = np.empty(4, np.int64)               # (4,) its sc4 scales per 64 weights
+    sbuf = np.empty(4 * 32, np.int16)          # (4 * 32,) its scale words per 64 weights
     accs = np.empty(8 * n_t, np.float32)       # (T * 8,) each token's <8 x float> accumulator
     for r in range(r0, r1):
         accs[:] = 0.0
         for b in range(nb):
             o = r * rb + b * TS  # noqa: F821
             PREP(qf, o, ib)  # noqa: F821
+            st = BLOCK(qf, o)  # noqa: F821
             for p in range(4):
-                w, sc = SUB64(qf, o, p, ib)  # noqa: F821
+                w, sc = SUB64(qf, o, p, ib, st)  # noqa: F821
                 store_w64(w, wbuf, 64 * p, nbuf, p)
-                sbuf[p] = sc
+                store_sc(sc, sbuf, p)
             f = SCALE(qf, o)  # noqa: F821
             for t in range(n_t):
                 isum = izero16()
                 for p in range(4):
                     isum = dot64(isum, load_w64(wbuf, 64 * p, nbuf, p), xf,
-                                 t * k + b * QK + 64 * p, sbuf[p])
+                                 t * k + b * QK + 64 * p, load_sc(sbuf, p))
                 store8(fold_fma(load8(accs, 8 * t), isum, f * dx[t, b]), accs, 8 * t)
         for t in range(n_t):
             out[t, r] = hsum(load8(accs, 8 * t))
@@ -209,6 +212,7 @@ class IQUnit(CalibratedUnit):
     sub: object
     prep: object = no_indices
     sub64: object = None
+    block64: object = no_block
     f16_fields: tuple[int, ...] = (0,)
     features = {AVX512: _simd.AVX2_FEATURES + _F512, AVX2: _simd.AVX2_FEATURES, "blas-tile": ()}
 
@@ -222,7 +226,7 @@ class IQUnit(CalibratedUnit):
         self._slots = {}                       # native variant -> its native slot
         if self._has(AVX512) and self.sub64 is not None:
             self._kernels[AVX512] = specialize(_matmul512_t, f"iq512_matmul_{name}",
-                                               SUB64=self.sub64, **consts)
+                                               SUB64=self.sub64, BLOCK=self.block64, **consts)
         if self._has(AVX2):
             self._kernels[AVX2] = specialize(_matmul_t, f"iq_matmul_{name}", **consts)
         for v, kern in self._kernels.items():

@@ -59,7 +59,7 @@ def _sub_iq1_s(q, o, j, ib):
 
 
 @njit(nogil=True, cache=True, inline="always")
-def _sub64_iq1_s(q, o, p, ib):
+def _sub64_iq1_s(q, o, p, ib, st):
     qh = ld32(q, o + 34 + 4 * p)             # sub-blocks 2p (low u16) and 2p + 1
     minus = (((qh >> 15) & 1) * 0xFFFFFFFF) | ((((qh >> 31) & 1) * 0xFFFFFFFF) << 32)
     w = plus_minus1(grid_q_at(IQ1S_U64, ib, 8 * p), minus)
@@ -114,7 +114,7 @@ def _sub_iq1_m(q, o, j, ib):
 
 
 @njit(nogil=True, cache=True, inline="always")
-def _sub64_iq1_m(q, o, p, ib):
+def _sub64_iq1_m(q, o, p, ib, st):
     minus = pdep(pext(ld32(q, o + 32 + 4 * p), 0x88888888), _LOW) * 0xFF   # bit 3 per nibble
     w = plus_minus1(grid_q_at(IQ1S_U64, ib, 8 * p), minus)
     return w, (pdep(ld16(q, o + 48 + 2 * p), 0x0007000700070007) << 1) | 0x0001000100010001

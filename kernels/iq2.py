@@ -17,10 +17,11 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 from numba import njit
 
+from ._iq512_lut import iq2xxs_block, iq2xxs_step
 from ._iq512_simd import grid_q_at, grid_q_bytes, grid_q_words, pext, with_signs
 from ._iq_common import IQUnit, ksigns8, sc4_32, sc4_nibbles, u16_at, u32_at
-from ._iq_grids import (IQ2S_GRID, IQ2S_U64, IQ2XS_GRID, IQ2XS_U64, IQ2XXS_GRID, IQ2XXS_U64,
-                        KSIGNS, KSIGNS64, SIGNS64)
+from ._iq_grids import (IQ2_VALS, IQ2S_GRID, IQ2S_U64, IQ2XS_GRID, IQ2XS_U64, IQ2XXS_CODES,
+                        IQ2XXS_GRID, IQ2XXS_U64, KSIGNS, KSIGNS64, SIGNS64)
 from ._iq_simd import grid8_signed, iq2s_indices, ld8, ld16, ld32, ld64, ld_idx
 from ._simd import load_f16
 from .base import register
@@ -67,7 +68,7 @@ def _sub_iq2_xxs(q, o, j, ib):
 
 
 @njit(nogil=True, cache=True, inline="always")
-def _sub64_iq2_xxs(q, o, p, ib):
+def _sub64_iq2_xxs(q, o, p, ib, st):
     v0 = ld64(q, o + 2 + 16 * p)
     v1 = ld64(q, o + 10 + 16 * p)
     g = grid_q_bytes(IQ2XXS_U64, (v0 & 0xFFFFFFFF) | (v1 << 32))
@@ -75,6 +76,16 @@ def _sub64_iq2_xxs(q, o, p, ib):
     a1 = (v1 >> 32) & 0xFFFFFFFF
     neg = ksigns8((a0 & 0xFFFFFFF) | ((a1 & 0xFFFFFFF) << 28))
     return with_signs(g, neg), sc4_32(2 * (a0 >> 28) + 1, 2 * (a1 >> 28) + 1)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _block_iq2_xxs(q, o):
+    return iq2xxs_block(q, o, IQ2XXS_CODES, KSIGNS)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _lut64_iq2_xxs(q, o, p, ib, st):
+    return iq2xxs_step(st, p, IQ2_VALS)
 
 
 # --- IQ2_XS -------------------------------------------------------------------------------------
@@ -105,7 +116,7 @@ def _sub_iq2_xs(q, o, j, ib):
 
 
 @njit(nogil=True, cache=True, inline="always")
-def _sub64_iq2_xs(q, o, p, ib):
+def _sub64_iq2_xs(q, o, p, ib, st):
     g = grid_q_words(IQ2XS_U64, q, o + 2 + 16 * p, 511)
     s0 = pext(ld64(q, o + 2 + 16 * p), _SIGN9)
     s1 = pext(ld64(q, o + 10 + 16 * p), _SIGN9)
@@ -139,7 +150,7 @@ def _sub_iq2_s(q, o, j, ib):
 
 
 @njit(nogil=True, cache=True, inline="always")
-def _sub64_iq2_s(q, o, p, ib):
+def _sub64_iq2_s(q, o, p, ib, st):
     g = grid_q_at(IQ2S_U64, ib, 8 * p)
     return with_signs(g, ld64(q, o + 34 + 8 * p)), sc4_nibbles(ld16(q, o + 74 + 2 * p))
 
@@ -147,7 +158,8 @@ def _sub64_iq2_s(q, o, p, ib):
 @register
 class IQ2_XXS(IQUnit):
     qtype = T.IQ2_XXS
-    deq, scale, sub, sub64 = _deq_iq2_xxs, _scale8, _sub_iq2_xxs, _sub64_iq2_xxs
+    deq, scale, sub = _deq_iq2_xxs, _scale8, _sub_iq2_xxs
+    sub64, block64 = _lut64_iq2_xxs, _block_iq2_xxs
 
 
 @register

@@ -16,9 +16,11 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 from numba import njit
 
+from ._iq512_lut import iq3xxs_block, iq3xxs_step
 from ._iq512_simd import grid_d_at, grid_d_bytes, with_signs
 from ._iq_common import IQUnit, ksigns8, sc4_32, u32_at
-from ._iq_grids import IQ3S_GRID, IQ3S_U32, IQ3XXS_GRID, IQ3XXS_U32, KSIGNS, KSIGNS64, SIGNS64
+from ._iq_grids import (IQ3S_GRID, IQ3S_U32, IQ3XXS_CODES, IQ3XXS_GRID, IQ3XXS_U32, IQ3XXS_VALS,
+                        KSIGNS, KSIGNS64, SIGNS64)
 from ._iq_simd import grid4_signed, iq3s_indices, ld8, ld32, ld64, ld_idx
 from ._simd import load_f16
 from .base import register
@@ -60,12 +62,22 @@ def _sub_iq3_xxs(q, o, j, ib):
 
 
 @njit(nogil=True, cache=True, inline="always")
-def _sub64_iq3_xxs(q, o, p, ib):
+def _sub64_iq3_xxs(q, o, p, ib, st):
     g = grid_d_bytes(IQ3XXS_U32, q, o + 2 + 16 * p)
     a0 = ld32(q, o + 66 + 8 * p)
     a1 = ld32(q, o + 70 + 8 * p)
     neg = ksigns8((a0 & 0xFFFFFFF) | ((a1 & 0xFFFFFFF) << 28))
     return with_signs(g, neg), sc4_32(2 * (a0 >> 28) + 1, 2 * (a1 >> 28) + 1)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _block_iq3_xxs(q, o):
+    return iq3xxs_block(q, o, IQ3XXS_CODES, KSIGNS)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _lut64_iq3_xxs(q, o, p, ib, st):
+    return iq3xxs_step(st, p, IQ3XXS_VALS)
 
 
 @njit(nogil=True, cache=True, inline="always")
@@ -103,7 +115,7 @@ def _sub_iq3_s(q, o, j, ib):
 
 
 @njit(nogil=True, cache=True, inline="always")
-def _sub64_iq3_s(q, o, p, ib):
+def _sub64_iq3_s(q, o, p, ib, st):
     g = grid_d_at(IQ3S_U32, ib, 16 * p)
     s = ld8(q, o + 106 + p)
     return with_signs(g, ld64(q, o + 74 + 8 * p)), sc4_32(1 + 2 * (s & 15), 1 + 2 * (s >> 4))
@@ -117,7 +129,8 @@ def _scale_iq3_s(q, o):
 @register
 class IQ3_XXS(IQUnit):
     qtype = T.IQ3_XXS
-    deq, scale, sub, sub64 = _deq_iq3_xxs, _scale_iq3_xxs, _sub_iq3_xxs, _sub64_iq3_xxs
+    deq, scale, sub = _deq_iq3_xxs, _scale_iq3_xxs, _sub_iq3_xxs
+    sub64, block64 = _lut64_iq3_xxs, _block_iq3_xxs
 
 
 @register
