@@ -102,9 +102,10 @@ def _byte_words(builder, v, positions):
     return builder.bitcast(w, _V32W)
 
 
-def _ksigns(builder, data, bit0s, kslo, kshi):
-    """Byte k of each qword: KSIGNS[the 7 bits of data's qword from bit bit0s[k]]."""
-    ms = _multishift(builder, _c8(bit0s * 8), data)
+def _ksigns(builder, aux, kslo, kshi):
+    """Byte 8i + k: KSIGNS of the k-th 7-bit index of the u32 pair in qword i of aux (4 per
+    u32, at bits 0, 7, 14, 21 and 32, 39, 46, 53): the sign bytes of step i's 8 groups."""
+    ms = _multishift(builder, _c8([0, 7, 14, 21, 32, 39, 46, 53] * 8), aux)
     return _call(builder, "llvm.x86.avx512.vpermi2var.qi.512", _V64B, [kslo, ms, kshi])
 
 
@@ -122,27 +123,29 @@ def _block_impl(xxs3: bool):
             kslo, kshi = _tables(context, builder, sig.args[3], args[3], 2, _V64B)
             base = builder.add(_i64(context, builder, args[1], sig.args[1]), ir.Constant(_I64, 2))
             v = _load(context, builder, sig.args[0], args[0], base, _V64B)
+            # word 4q + r of a code vector: qword q, word r (see the step's vpmultishiftqb)
             if not xxs3:
-                # qword j = sub-block j: 4 index bytes, then a u32 of 4 7-bit sign indices and
-                # the scale in bits 28..31
-                ca = _lut256(builder, _byte_words(builder, v, [8 * (i // 4) + i % 4
-                                                               for i in range(32)]), tabs)
-                cb = ca
-                ks_b = _ksigns(builder, v, [32, 39, 46, 53, 32, 32, 32, 32], kslo, kshi)
-                s = builder.lshr(builder.bitcast(v, _V8Q), ir.Constant(_V8Q, [60] * 8))
+                # qword j = sub-block j: 4 index bytes (groups 4j..4j + 3), then a u32 of their
+                # 4 7-bit sign indices and the scale in bits 28..31; word 4q + r: group 8r + q
+                g = [8 * (i % 4) + i // 4 for i in range(32)]
+                ca = cb = _lut256(builder, _byte_words(builder, v, [8 * (e // 4) + e % 4
+                                                                    for e in g]), tabs)
+                a = builder.shuffle_vector(v, v, _idx([8 * (d // 4) + 4 + d % 4 for d in range(32)]
+                                                     + list(range(32))))
             else:
-                # 64 index bytes, then 8 u32 (at byte 66) as IQ2_XXS's
-                ca = _lut256(builder, _byte_words(builder, v, range(32)), tabs)
-                cb = _lut256(builder, _byte_words(builder, v, range(32, 64)), tabs)
+                # 64 index bytes (entries of 4 weights), then 8 u32 (at byte 66) as IQ2_XXS's;
+                # word 4q + r: entry 2q + r % 2 + 16 (r // 2), + 32 in the second vector
+                e = [2 * (i // 4) + (i % 4) % 2 + 16 * ((i % 4) // 2) for i in range(32)]
+                ca = _lut256(builder, _byte_words(builder, v, e), tabs)
+                cb = _lut256(builder, _byte_words(builder, v, [x + 32 for x in e]), tabs)
                 a = _load(context, builder, sig.args[0], args[0],
                           builder.add(base, ir.Constant(_I64, 64)), ir.VectorType(_I8, 32))
                 a = builder.shuffle_vector(a, ir.Constant(a.type, [0] * 32), _idx(range(64)))
-                ks_b = _ksigns(builder, a, [0, 7, 14, 21, 32, 39, 46, 53], kslo, kshi)
-                d16 = ir.VectorType(_I32, 16)
-                s = builder.lshr(builder.bitcast(a, d16), ir.Constant(d16, [28] * 16))
-            # 2s + 1 in the low word of each qword (IQ2) / dword (IQ3)
-            s = builder.or_(builder.shl(s, ir.Constant(s.type, [1] * s.type.count)),
-                            ir.Constant(s.type, [1] * s.type.count))
+            # a: u32 d = sub-block d's sign indices and scale
+            ks_b = _ksigns(builder, a, kslo, kshi)
+            d16 = ir.VectorType(_I32, 16)
+            s = builder.lshr(builder.bitcast(a, d16), ir.Constant(d16, [28] * 16))
+            s = builder.or_(builder.shl(s, ir.Constant(d16, [1] * 16)), ir.Constant(d16, [1] * 16))
             st = ir.Constant(_BLK, ir.Undefined)
             for i, val in enumerate((ca, ks_b, builder.bitcast(s, _V32W), cb)):
                 st = builder.insert_value(st, val, i)
@@ -167,40 +170,27 @@ def _step_impl(xxs3: bool):
         def codegen(context, builder, sig, args):
             st, pv = args[0], _i64(context, builder, args[1], sig.args[1])
             vtab = _tables(context, builder, sig.args[2], args[2], 1, _V64B)[0]
-            p16 = builder.trunc(pv, _I16)
             p8 = builder.trunc(pv, _I8)
+            p16 = builder.trunc(pv, _I16)
             if not xxs3:
+                # qword q: codes of groups q, 8 + q, 16 + q, 24 + q; step p's at bits 16p..
                 codes = builder.extract_value(st, 0)
-                # qword q: code of group 8p + q (IQ2: 8 values of 2 bits)
-                c = _permw(builder, codes, builder.add(
-                    _c16([i // 4 for i in range(32)]), _splat16(builder, builder.mul(p16, ir.Constant(_I16, 8)))))
                 spread = _c8([2 * (k % 8) for k in range(64)])
-                sctl = _c8([8 * (g // 4) + g % 4 for g in range(8) for _ in range(8)])
-                sstep = 16
-                scw = [8 * 0] * 16 + [4] * 16
-                sc_step = 8
+                shift = builder.mul(p8, ir.Constant(_I8, 16))
             else:
-                # codes of entries 0..31 (steps 0, 1) or 32..63 (steps 2, 3)
+                # codes of entries 0..31 (steps 0, 1) or 32..63 (steps 2, 3); qword q: entries
+                # 2q, 2q + 1 of step 0 (2), 16 + 2q, 17 + 2q of step 1 (3)
                 codes = builder.select(builder.icmp_signed(">=", pv, ir.Constant(_I64, 2)),
                                        builder.extract_value(st, 3), builder.extract_value(st, 0))
-                half = builder.trunc(builder.and_(pv, ir.Constant(_I64, 1)), _I16)
-                # qword q: entries 16(p % 2) + 2q (bits 0..11), + 1 (bits 16..27)
-                c = _permw(builder, codes, builder.add(
-                    _c16([2 * (i // 4) + (i % 2) for i in range(32)]),
-                    _splat16(builder, builder.mul(half, ir.Constant(_I16, 16)))))
                 spread = _c8([(3 * k if k < 4 else 16 + 3 * (k - 4)) for _ in range(8)
                               for k in range(8)])
-                sctl = _c8([g for g in range(8) for _ in range(8)])
-                sstep = 8
-                scw = [0] * 16 + [2] * 16
-                sc_step = 4
-            mag = _permb(builder, vtab, _multishift(builder, spread, builder.bitcast(c, _V64B)))
-            sb = _permb(builder, builder.extract_value(st, 1), builder.add(
-                sctl, _splat8(builder, builder.mul(p8, ir.Constant(_I8, sstep)))))
-            neg = builder.icmp_unsigned("!=", builder.and_(sb, _c8([1 << (m % 8) for m in range(64)])),
-                                        _c8([0] * 64))
+                shift = builder.mul(builder.and_(p8, ir.Constant(_I8, 1)), ir.Constant(_I8, 32))
+            ctl = builder.add(spread, _splat8(builder, shift))
+            mag = _permb(builder, vtab, _multishift(builder, ctl, builder.bitcast(codes, _V64B)))
+            ks = builder.bitcast(builder.extract_value(st, 1), _V8Q)
+            neg = builder.bitcast(builder.extract_element(ks, pv), ir.VectorType(ir.IntType(1), 64))
             sc = _permw(builder, builder.extract_value(st, 2), builder.add(
-                _c16(scw), _splat16(builder, builder.mul(p16, ir.Constant(_I16, sc_step)))))
+                _c16([0] * 16 + [2] * 16), _splat16(builder, builder.mul(p16, ir.Constant(_I16, 4)))))
             return context.make_tuple(builder, sig.return_type, [_make_w(builder, mag, neg), sc])
 
         return sig, codegen

@@ -24,7 +24,7 @@ from numba import types
 from numba.extending import intrinsic, models, register_model
 
 from ._iq_simd import i8x32
-from ._simd import _F32, _I8, _I16, _I32, _V8D, _V8F, _fn, _ptr, f32x8
+from ._simd import _I8, _I16, _I32, _V8F, _fn, _ptr, f32x8
 from ._x8_simd import _need, _splat_f
 
 _I64 = ir.IntType(64)
@@ -190,24 +190,6 @@ def grid_d_at(typingctx, tab, ib, off):
 
 
 @intrinsic
-def grid_q_bytes(typingctx, tab, iv):
-    """8 uint64 entries tab[byte k of the int64 iv], k = 0..7, as 64 bytes."""
-    _need("tab", tab, types.uint64)
-    sig = u8x64(tab, iv)
-
-    def codegen(context, builder, sig, args):
-        v = _i64(context, builder, args[1], sig.args[1])
-        if GATHER:
-            idx = builder.zext(builder.bitcast(v, ir.VectorType(_I8, 8)), ir.VectorType(_I32, 8))
-        else:
-            idx = [builder.and_(builder.lshr(v, ir.Constant(_I64, 8 * k)), ir.Constant(_I64, 255))
-                   for k in range(8)]
-        return _gather(builder, context, sig.args[0], args[0], idx, 8)
-
-    return sig, codegen
-
-
-@intrinsic
 def grid_q_words(typingctx, tab, q, off, m):
     """8 uint64 entries tab[u16 k at byte off of q & m], k = 0..7, as 64 bytes."""
     _need("tab", tab, types.uint64)
@@ -233,24 +215,6 @@ def grid_q_words(typingctx, tab, q, off, m):
 
 
 @intrinsic
-def grid_d_bytes(typingctx, tab, q, off):
-    """16 uint32 entries tab[q[off + k]], k = 0..15, as 64 bytes."""
-    _need("tab", tab, types.uint32)
-    _need("q", q, types.uint8)
-    sig = u8x64(tab, q, off)
-
-    def codegen(context, builder, sig, args):
-        if GATHER:
-            v = _load(context, builder, sig.args[1], args[1], args[2], ir.VectorType(_I8, 16))
-            idx = builder.zext(v, _V16D)
-        else:
-            idx = _scalars(context, builder, sig.args[1], args[1], args[2], _I8, 16)
-        return _gather(builder, context, sig.args[0], args[0], idx, 16)
-
-    return sig, codegen
-
-
-@intrinsic
 def with_signs(typingctx, g, neg):
     """w64 of magnitudes g and the sign mask given by the int64 neg (bit m: weight m < 0)."""
     sig = w64(u8x64, neg)
@@ -258,21 +222,6 @@ def with_signs(typingctx, g, neg):
     def codegen(context, builder, sig, args):
         return _make_w(builder, args[0], _mask(builder, _i64(context, builder, args[1],
                                                               sig.args[1])))
-
-    return sig, codegen
-
-
-@intrinsic
-def plus_minus1(typingctx, g, minus):
-    """w64 of the signed bytes g + 1, or g - 1 where bit m of the int64 `minus` is set (IQ1's
-    +-1/8 delta, times 8)."""
-    sig = w64(u8x64, minus)
-
-    def codegen(context, builder, sig, args):
-        k = _mask(builder, _i64(context, builder, args[1], sig.args[1]))
-        one = ir.Constant(_V64B, [1] * 64)
-        w = builder.select(k, builder.sub(args[0], one), builder.add(args[0], one))
-        return _signed(builder, w)
 
     return sig, codegen
 
@@ -288,6 +237,29 @@ def join32(typingctx, a, b):
         sgn = builder.shuffle_vector(args[0], args[1], _idx(list(range(32, 64))
                                                           + list(range(96, 128))))
         return _make_w(builder, mag, builder.icmp_signed("<", sgn, ir.Constant(_V64B, [0] * 64)))
+
+    return sig, codegen
+
+
+@intrinsic
+def crumbs64(typingctx, q, off, shift):
+    """64 ternary weights of TQ2_0: ((q[off + m % 32] >> (shift + 2 (m // 32))) & 3) - 1,
+    m = 0..63 (two sub-blocks from the same 32 bytes), as w64."""
+    _need("q", q, types.uint8)
+    sig = w64(q, off, shift)
+
+    def codegen(context, builder, sig, args):
+        b = _load(context, builder, sig.args[0], args[0], args[1], ir.VectorType(_I8, 32))
+        b = builder.shuffle_vector(b, b, _idx(list(range(32)) * 2))
+        # word shifts (vpsrlvw; x86 has no byte shift): the bits a byte gets from its
+        # neighbour land above the 2 kept
+        sh = builder.trunc(_i64(context, builder, args[2], sig.args[2]), _I16)
+        shv = builder.insert_element(ir.Constant(_V32W, ir.Undefined), sh, ir.Constant(_I32, 0))
+        shv = builder.add(builder.shuffle_vector(shv, shv, _idx([0] * 32)),
+                          ir.Constant(_V32W, [0] * 16 + [2] * 16))
+        v = builder.bitcast(builder.lshr(builder.bitcast(b, _V32W), shv), _V64B)
+        v = builder.and_(v, ir.Constant(_V64B, [3] * 64))
+        return _signed(builder, builder.sub(v, ir.Constant(_V64B, [1] * 64)))
 
     return sig, codegen
 

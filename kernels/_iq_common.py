@@ -213,6 +213,7 @@ class IQUnit(CalibratedUnit):
     prep: object = no_indices
     sub64: object = None
     block64: object = no_block
+    prep64: object = None                   # PREP of the avx512-iq kernel (None: prep)
     f16_fields: tuple[int, ...] = (0,)
     features = {AVX512: _simd.AVX2_FEATURES + _F512, AVX2: _simd.AVX2_FEATURES, "blas-tile": ()}
 
@@ -226,7 +227,8 @@ class IQUnit(CalibratedUnit):
         self._slots = {}                       # native variant -> its native slot
         if self._has(AVX512) and self.sub64 is not None:
             self._kernels[AVX512] = specialize(_matmul512_t, f"iq512_matmul_{name}",
-                                               SUB64=self.sub64, BLOCK=self.block64, **consts)
+                                               SUB64=self.sub64, BLOCK=self.block64,
+                                               **dict(consts, PREP=self.prep64 or self.prep))
         if self._has(AVX2):
             self._kernels[AVX2] = specialize(_matmul_t, f"iq_matmul_{name}", **consts)
         for v, kern in self._kernels.items():

@@ -18,10 +18,12 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 from numba import njit
 
-from ._iq512_simd import grid_q_at, pdep, pext, plus_minus1
-from ._iq_common import _LOW, IQUnit, half_to_f32, sc4_32, u16_at
+from ._iq512_iq1 import iq1m_block, iq1m_step, iq1s_block, iq1s_step
+
+from ._iq_common import IQUnit, half_to_f32, u16_at
 from ._iq_grids import IQ1_DELTA, IQ1S_GRID, IQ1S_U64, MINUS1_64, PLUS1_64
-from ._iq_simd import grid8_plus, half_bits, iq1m_indices, iq1s_indices, ld16, ld32, ld64, ld_idx
+from ._iq_simd import (grid8_plus, half_bits, iq1m_indices, iq1s_indices, ld16, ld64, ld_idx,
+                       no_indices)
 from ._simd import load_f16
 from .base import register
 from .interleaved import f16_at
@@ -59,11 +61,23 @@ def _sub_iq1_s(q, o, j, ib):
 
 
 @njit(nogil=True, cache=True, inline="always")
-def _sub64_iq1_s(q, o, p, ib, st):
-    qh = ld32(q, o + 34 + 4 * p)             # sub-blocks 2p (low u16) and 2p + 1
-    minus = (((qh >> 15) & 1) * 0xFFFFFFFF) | ((((qh >> 31) & 1) * 0xFFFFFFFF) << 32)
-    w = plus_minus1(grid_q_at(IQ1S_U64, ib, 8 * p), minus)
-    return w, sc4_32(2 * ((qh >> 12) & 7) + 1, 2 * ((qh >> 28) & 7) + 1)
+def _block_iq1_s(q, o):
+    return iq1s_block(q, o)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _block_iq1_m(q, o):
+    return iq1m_block(q, o)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _blk64_iq1_s(q, o, p, ib, st):
+    return iq1s_step(st, p, IQ1S_U64)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _blk64_iq1_m(q, o, p, ib, st):
+    return iq1m_step(st, p, IQ1S_U64)
 
 
 @njit(nogil=True, cache=True, inline="always")
@@ -114,13 +128,6 @@ def _sub_iq1_m(q, o, j, ib):
 
 
 @njit(nogil=True, cache=True, inline="always")
-def _sub64_iq1_m(q, o, p, ib, st):
-    minus = pdep(pext(ld32(q, o + 32 + 4 * p), 0x88888888), _LOW) * 0xFF   # bit 3 per nibble
-    w = plus_minus1(grid_q_at(IQ1S_U64, ib, 8 * p), minus)
-    return w, (pdep(ld16(q, o + 48 + 2 * p), 0x0007000700070007) << 1) | 0x0001000100010001
-
-
-@njit(nogil=True, cache=True, inline="always")
 def _scale_iq1_m(q, o):
     return half_bits(_d_bits_iq1_m(q, o)) * _EIGHTH
 
@@ -128,13 +135,15 @@ def _scale_iq1_m(q, o):
 @register
 class IQ1_S(IQUnit):
     qtype = T.IQ1_S
-    deq, scale, sub, prep, sub64 = _deq_iq1_s, _scale_iq1_s, _sub_iq1_s, iq1s_indices, _sub64_iq1_s
+    deq, scale, sub, prep = _deq_iq1_s, _scale_iq1_s, _sub_iq1_s, iq1s_indices
+    sub64, block64, prep64 = _blk64_iq1_s, _block_iq1_s, no_indices
 
 
 @register
 class IQ1_M(IQUnit):
     qtype = T.IQ1_M
-    deq, scale, sub, prep, sub64 = _deq_iq1_m, _scale_iq1_m, _sub_iq1_m, iq1m_indices, _sub64_iq1_m
+    deq, scale, sub, prep = _deq_iq1_m, _scale_iq1_m, _sub_iq1_m, iq1m_indices
+    sub64, block64, prep64 = _blk64_iq1_m, _block_iq1_m, no_indices
 
     def synthetic(self, n: int, k: int, rng: np.random.Generator,
                   d_range: tuple[float, float] = (1e-4, 1e-2)) -> np.ndarray:

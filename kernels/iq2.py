@@ -18,8 +18,8 @@ from gguf import GGMLQuantizationType as T
 from numba import njit
 
 from ._iq512_lut import iq2xxs_block, iq2xxs_step
-from ._iq512_simd import grid_q_at, grid_q_bytes, grid_q_words, pext, with_signs
-from ._iq_common import IQUnit, ksigns8, sc4_32, sc4_nibbles, u16_at, u32_at
+from ._iq512_simd import grid_q_at, grid_q_words, pext, with_signs
+from ._iq_common import IQUnit, ksigns8, sc4_nibbles, u16_at, u32_at
 from ._iq_grids import (IQ2_VALS, IQ2S_GRID, IQ2S_U64, IQ2XS_GRID, IQ2XS_U64, IQ2XXS_CODES,
                         IQ2XXS_GRID, IQ2XXS_U64, KSIGNS, KSIGNS64, SIGNS64)
 from ._iq_simd import grid8_signed, iq2s_indices, ld8, ld16, ld32, ld64, ld_idx
@@ -65,17 +65,6 @@ def _sub_iq2_xxs(q, o, j, ib):
                      KSIGNS64, aux & 127, (aux >> 7) & 127, (aux >> 14) & 127, (aux >> 21) & 127)
     s = 2 * (aux >> 28) + 1
     return w, s, s
-
-
-@njit(nogil=True, cache=True, inline="always")
-def _sub64_iq2_xxs(q, o, p, ib, st):
-    v0 = ld64(q, o + 2 + 16 * p)
-    v1 = ld64(q, o + 10 + 16 * p)
-    g = grid_q_bytes(IQ2XXS_U64, (v0 & 0xFFFFFFFF) | (v1 << 32))
-    a0 = (v0 >> 32) & 0xFFFFFFFF
-    a1 = (v1 >> 32) & 0xFFFFFFFF
-    neg = ksigns8((a0 & 0xFFFFFFF) | ((a1 & 0xFFFFFFF) << 28))
-    return with_signs(g, neg), sc4_32(2 * (a0 >> 28) + 1, 2 * (a1 >> 28) + 1)
 
 
 @njit(nogil=True, cache=True, inline="always")

@@ -17,8 +17,8 @@ from gguf import GGMLQuantizationType as T
 from numba import njit
 
 from ._iq512_lut import iq3xxs_block, iq3xxs_step
-from ._iq512_simd import grid_d_at, grid_d_bytes, with_signs
-from ._iq_common import IQUnit, ksigns8, sc4_32, u32_at
+from ._iq512_simd import grid_d_at, with_signs
+from ._iq_common import IQUnit, sc4_32, u32_at
 from ._iq_grids import (IQ3S_GRID, IQ3S_U32, IQ3XXS_CODES, IQ3XXS_GRID, IQ3XXS_U32, IQ3XXS_VALS,
                         KSIGNS, KSIGNS64, SIGNS64)
 from ._iq_simd import grid4_signed, iq3s_indices, ld8, ld32, ld64, ld_idx
@@ -59,15 +59,6 @@ def _sub_iq3_xxs(q, o, j, ib):
                      aux & 127, (aux >> 7) & 127, (aux >> 14) & 127, (aux >> 21) & 127)
     s = 2 * (aux >> 28) + 1
     return w, s, s
-
-
-@njit(nogil=True, cache=True, inline="always")
-def _sub64_iq3_xxs(q, o, p, ib, st):
-    g = grid_d_bytes(IQ3XXS_U32, q, o + 2 + 16 * p)
-    a0 = ld32(q, o + 66 + 8 * p)
-    a1 = ld32(q, o + 70 + 8 * p)
-    neg = ksigns8((a0 & 0xFFFFFFF) | ((a1 & 0xFFFFFFF) << 28))
-    return with_signs(g, neg), sc4_32(2 * (a0 >> 28) + 1, 2 * (a1 >> 28) + 1)
 
 
 @njit(nogil=True, cache=True, inline="always")
