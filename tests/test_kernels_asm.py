@@ -82,3 +82,32 @@ def test_wide_token_tiles_use_zmm_vpdpbusd(qt):
     dots = re.findall(r"^\s*vpdpbusd\s[^\n]*", fresh_asm(tiles, argtypes), re.M)
     wide = [d for d in dots if "zmm" in d]
     assert len(wide) >= 64 and any("{1to16}" in d for d in wide), dots[:4]
+
+
+# the in-register grid lookup of each avx512-iq type (`_iq512_lut`, `_iq512_iq1`)
+IQ512_LOOKUP = {T.IQ2_XXS: r"vperm[it]2w", T.IQ3_XXS: r"vperm[it]2w", T.IQ1_S: r"vpgatherdq",
+                T.IQ1_M: r"vpgatherdq"}
+
+
+@pytest.mark.parametrize("qt", IQ, ids=lambda q: q.name)
+def test_avx512_iq_kernel_uses_zmm(qt):
+    """Where the CPU has AVX-512 F/BW/VL and BMI2, the avx512-iq kernel is offered, listed first
+    among the hot kernels, and dots 64 weights per step on zmm registers (vpmaddubsw, then
+    vpmaddwd or its fused vpdpwssd) with the signs applied by a k-mask, not vpsignb; elsewhere
+    it is neither offered nor compiled."""
+    unit = nk.get(qt)
+    if not (_simd.has_avx2() and {"avx512f", "avx512bw", "avx512vl", "bmi2"}
+            <= _simd.host_features()):
+        assert "avx512-iq" not in unit.variants()
+        pytest.skip("CPU lacks AVX-512 F/BW/VL or BMI2")
+    assert unit.variants()[0] == "avx512-iq"
+    dispatcher, argtypes = hot_kernels(qt)[0]
+    asm = fresh_asm(dispatcher, argtypes)
+    zmm = lambda op: re.findall(rf"^\s*{op}\s[^\n]*%zmm", asm, re.M)  # noqa: E731
+    assert len(zmm("vpmaddubsw")) >= 4, "no zmm vpmaddubsw"
+    assert len(zmm("vpmaddwd") + zmm("vpdpwssd")) >= 4
+    assert re.search(r"^\s*vpsubb\s[^\n]*%zmm\d+\s*\{%k\d\}", asm, re.M), "no masked vpsubb"
+    if qt != T.TQ1_0:   # TQ1_0's step decodes its digits with avx2-iq's (|w| by vpsignb)
+        assert "vpsignb" not in asm
+    if qt in IQ512_LOOKUP:
+        assert re.search(rf"^\s*{IQ512_LOOKUP[qt]}\s[^\n]*%zmm", asm, re.M), IQ512_LOOKUP[qt]
