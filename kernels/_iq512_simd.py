@@ -4,13 +4,10 @@ One step is 64 weights, two 32-weight sub-blocks side by side in one zmm registe
 the magnitudes |w| (<64 x i8>) and the signs as a 64-bit mask (<64 x i1>, bit m set: weight m
 is negative). AVX-512 has no vpsignb: the dot negates the activations under that mask (one
 masked vpsubb), then vpmaddubsw (|w| u8 x sign-applied x s8; pairs <= 2 * 62 * 127 < 32767)
-and vpmaddwd with the integer scales, one per 16 weights (`sc4`: 4 words of an int64, weights
-0..15, 16..31, 32..47, 48..63), all exact in int32.
-
-Grid entries come with one gather per step (vpgatherdq: 8 entries of 8 bytes, vpgatherdd: 16
-of 4), the indices from a vector load (of the block's index scratch or of the bytes
-themselves). Sign bits that the types keep as 7-bit KSIGNS indices are expanded in scalar code
-(`ksigns8`: pdep, then the parity bit), 64 at a time, straight into the mask.
+and vpmaddwd with the integer scales, one per 16 weights (`i16x32` words 8h..8h + 7 for
+weights 16h..16h + 15, or `sc4`: word h of an int64), all exact in int32. How a type gets its
+steps: `_iq512_lut` (IQ2, IQ3 grids in registers), `_iq512_iq1` (IQ1, gathered), and here
+TQ2_0's `crumbs64` and the generic `join32` of two avx2-iq sub-blocks (TQ1_0).
 
 Lane layout: int32 lane i < 8 of a step's sum holds weights 4i..4i + 3 of its first sub-block,
 lane 8 + i those of the second, so the low and high halves added at the end of a block (`fold`)
@@ -36,8 +33,9 @@ _V16D = ir.VectorType(_I32, 16)
 _V8Q = ir.VectorType(_I64, 8)
 _W64 = ir.LiteralStructType([_V64B, _V64K])
 
-# the AVX-512 subsets the steps compile to (BW: byte/word ops and masks; pdep/pext: BMI2)
-FEATURES = ("avx512f", "avx512bw", "avx512vl", "bmi2")
+# the AVX-512 subsets the steps compile to (BW: byte/word ops and masks; VBMI: vpermb, vpermi2b,
+# vpmultishiftqb)
+FEATURES = ("avx512f", "avx512bw", "avx512vl", "avx512vbmi")
 
 
 class W64Type(types.Type):
@@ -50,11 +48,6 @@ class I32x16Type(types.Type):
         super().__init__(name="i32x16")
 
 
-class U8x64Type(types.Type):
-    def __init__(self):
-        super().__init__(name="u8x64")
-
-
 class I16x32Type(types.Type):
     def __init__(self):
         super().__init__(name="i16x32")
@@ -62,7 +55,6 @@ class I16x32Type(types.Type):
 
 w64 = W64Type()
 i32x16 = I32x16Type()
-u8x64 = U8x64Type()
 i16x32 = I16x32Type()       # a step's scale words (weights 16h..16h + 15: words 8h..8h + 7)
 
 
@@ -82,12 +74,6 @@ class _W64Model(models.PrimitiveModel):
 class _I32x16Model(models.PrimitiveModel):
     def __init__(self, dmm, fe_type):
         super().__init__(dmm, fe_type, _V16D)
-
-
-@register_model(U8x64Type)
-class _U8x64Model(models.PrimitiveModel):
-    def __init__(self, dmm, fe_type):
-        super().__init__(dmm, fe_type, _V64B)
 
 
 def _idx(values):
@@ -120,110 +106,19 @@ def _load(context, builder, aryty, ary, off, vty):
     return builder.load(builder.bitcast(p, vty.as_pointer()), align=1)
 
 
-# Grid entries by one vpgatherdq / vpgatherdd (True) or by scalar loads inserted one by one
-# (False): measured on AMD Zen 5, the gathers were the slower
-GATHER = False
-
-
 def _gather(builder, context, tabty, tab, idx, n):
-    """tab[idx] for n indices (n = 8: 8-byte entries, n = 16: 4-byte entries), as <64 x i8>.
-    idx: a <n x i32> vector, or a list of n integer scalars."""
+    """tab[idx] for the <n x i32> idx (n = 8: 8-byte entries, vpgatherdq; n = 16: 4-byte
+    entries, vpgatherdd), as <64 x i8>."""
     base = builder.bitcast(context.make_array(tabty)(context, builder, tab).data,
                            ir.IntType(8).as_pointer())
     ety, name, sc = (_I64, "llvm.x86.avx512.mask.gather.dpq.512", 8) if n == 8 else \
         (_I32, "llvm.x86.avx512.mask.gather.dpi.512", 4)
     vty = ir.VectorType(ety, n)
-    if isinstance(idx, list):
-        data = context.make_array(tabty)(context, builder, tab).data
-        v = ir.Constant(vty, ir.Undefined)
-        for k in range(n):
-            e = builder.load(builder.gep(data, [idx[k]]), align=sc)
-            v = builder.insert_element(v, e, ir.Constant(_I32, k))
-        return builder.bitcast(v, _V64B)
     fn = _fn(builder, name, vty, [vty, base.type, ir.VectorType(_I32, n), ir.VectorType(_B1, n),
                                   _I32])
     ones = ir.Constant(ir.VectorType(_B1, n), [1] * n)
     g = builder.call(fn, [ir.Constant(vty, [0] * n), base, idx, ones, ir.Constant(_I32, sc)])
     return builder.bitcast(g, _V64B)
-
-
-def _scalars(context, builder, aryty, ary, off, ity, n):
-    """n integers of LLVM type ity at ary[off..] (element offsets), zero-extended to i64."""
-    p = builder.bitcast(_ptr(context, builder, aryty, ary, off), ity.as_pointer())
-    return [builder.zext(builder.load(builder.gep(p, [ir.Constant(_I32, k)]), align=1), _I64)
-            if ity.width < 64 else builder.load(builder.gep(p, [ir.Constant(_I32, k)]))
-            for k in range(n)]
-
-
-@intrinsic
-def grid_q_at(typingctx, tab, ib, off):
-    """8 uint64 entries tab[ib[off..off + 7]] (ib: int32 index scratch) as 64 bytes."""
-    _need("tab", tab, types.uint64)
-    _need("ib", ib, types.int32)
-    sig = u8x64(tab, ib, off)
-
-    def codegen(context, builder, sig, args):
-        if GATHER:
-            idx = _load(context, builder, sig.args[1], args[1], args[2], ir.VectorType(_I32, 8))
-        else:
-            idx = _scalars(context, builder, sig.args[1], args[1], args[2], _I32, 8)
-        return _gather(builder, context, sig.args[0], args[0], idx, 8)
-
-    return sig, codegen
-
-
-@intrinsic
-def grid_d_at(typingctx, tab, ib, off):
-    """16 uint32 entries tab[ib[off..off + 15]] as 64 bytes."""
-    _need("tab", tab, types.uint32)
-    _need("ib", ib, types.int32)
-    sig = u8x64(tab, ib, off)
-
-    def codegen(context, builder, sig, args):
-        if GATHER:
-            idx = _load(context, builder, sig.args[1], args[1], args[2], _V16D)
-        else:
-            idx = _scalars(context, builder, sig.args[1], args[1], args[2], _I32, 16)
-        return _gather(builder, context, sig.args[0], args[0], idx, 16)
-
-    return sig, codegen
-
-
-@intrinsic
-def grid_q_words(typingctx, tab, q, off, m):
-    """8 uint64 entries tab[u16 k at byte off of q & m], k = 0..7, as 64 bytes."""
-    _need("tab", tab, types.uint64)
-    _need("q", q, types.uint8)
-    sig = u8x64(tab, q, off, m)
-
-    def codegen(context, builder, sig, args):
-        m64 = _i64(context, builder, args[3], sig.args[3])
-        if not GATHER:
-            idx = [builder.and_(i, m64) for i in
-                   _scalars(context, builder, sig.args[1], args[1], args[2], _I16, 8)]
-            return _gather(builder, context, sig.args[0], args[0], idx, 8)
-        v = _load(context, builder, sig.args[1], args[1], args[2], ir.VectorType(_I16, 8))
-        v8 = ir.VectorType(_I32, 8)
-        mv = builder.trunc(m64, _I32)
-        mv = builder.shuffle_vector(builder.insert_element(ir.Constant(v8, ir.Undefined), mv,
-                                                           ir.Constant(_I32, 0)),
-                                    ir.Constant(v8, ir.Undefined), _idx([0] * 8))
-        idx = builder.and_(builder.zext(v, v8), mv)
-        return _gather(builder, context, sig.args[0], args[0], idx, 8)
-
-    return sig, codegen
-
-
-@intrinsic
-def with_signs(typingctx, g, neg):
-    """w64 of magnitudes g and the sign mask given by the int64 neg (bit m: weight m < 0)."""
-    sig = w64(u8x64, neg)
-
-    def codegen(context, builder, sig, args):
-        return _make_w(builder, args[0], _mask(builder, _i64(context, builder, args[1],
-                                                              sig.args[1])))
-
-    return sig, codegen
 
 
 @intrinsic
@@ -392,23 +287,3 @@ def no_block(typingctx, q, o):
         return ir.Constant(_I64, 0)
 
     return sig, codegen
-
-
-def _bmi(name):
-    def impl(typingctx, a, m):
-        sig = types.int64(a, m)
-
-        def codegen(context, builder, sig, args):
-            fn = _fn(builder, f"llvm.x86.bmi.{name}.64", _I64, [_I64, _I64])
-            return builder.call(fn, [_i64(context, builder, args[0], sig.args[0]),
-                                     _i64(context, builder, args[1], sig.args[1])])
-
-        return sig, codegen
-
-    return intrinsic(impl)
-
-
-# pdep(a, m): the low bits of a deposited at the set bits of m; pext(a, m): the bits of a at m's
-# set bits, packed low (BMI2)
-pdep = _bmi("pdep")
-pext = _bmi("pext")

@@ -16,13 +16,17 @@ Variants (picked per CPU by `_calibrate`, forced with NUMALLM_KERNEL):
              block's sum times f * dx added to an <8 x float> accumulator per row. Decode (T = 1)
              decodes and dots at once; prefill decodes each block of a row once into 256 bytes
              of L1 scratch and dots it with every token. Needs AVX2+FMA+F16C.
-  avx512-iq  the same, 64 weights (two sub-blocks) per zmm step: the type's SUB64(q, o, p, ib)
-             gives weights 64p..64p + 63 as a (w64, sc4) pair (`_iq512_simd`: magnitudes, a
-             64-bit sign mask, four per-16 scales), grid entries gathered; its int32 sums fold to
-             avx2-iq's, so the results are bit-identical to it. Needs AVX-512 F/BW/VL and BMI2.
+  avx512-iq  the same activations and loops, 64 weights (two sub-blocks) per zmm step: once per
+             block BLOCK(q, o) (register state, e.g. all 32 grid codes looked up at once) and
+             PREP (prep64, else prep), then per step SUB64(q, o, p, ib, st) gives weights
+             64p..64p + 63 as (w64, scales): magnitudes, a 64-bit sign mask, the scale of each
+             16 weights (int64 sc4 or i16x32 words). `_iq512_simd` has the steps,
+             `_iq512_lut` the in-register grids (IQ2_XXS, IQ3_XXS), `_iq512_iq1` IQ1_S/IQ1_M.
+             Its int32 sums fold to avx2-iq's per block, so the results are bit-identical to
+             avx2-iq's. Needs AVX-512 F/BW/VL/VBMI.
   blas-tile  dequantize 256-row tiles (DEQ) and let numpy's BLAS multiply (any CPU; also
              what calibration picks for prefill where it measures faster).
-Both paths give a token the same bits whatever the number of tokens (same operations in the same
+Every path gives a token the same bits whatever the number of tokens (same operations in the same
 order), so decode equals prefill row by row.
 """
 from __future__ import annotations
@@ -34,7 +38,7 @@ from numba import njit
 
 from . import _native, _simd
 from ._iq512_simd import FEATURES as _F512
-from ._iq512_simd import (dot64, fold_fma, izero16, load_sc, load_w64, no_block, pdep, store_sc,
+from ._iq512_simd import (dot64, fold_fma, izero16, load_sc, load_w64, no_block, store_sc,
                           store_w64)
 from ._iq_simd import dot32, fma_sum, izero, load8, load_w, no_indices, store_w
 from ._kquant_common import q8_k_form
@@ -45,9 +49,6 @@ from .base import CalibratedUnit, KernelUnit, specialize
 QK = 256
 AVX2 = "avx2-iq"
 AVX512 = "avx512-iq"
-_K7 = 0x7F7F7F7F7F7F7F7F        # the low 7 bits of each byte
-_LOW = 0x0101010101010101       # bit 0 of each byte
-_ONES16 = 0x0001000100010001    # 1 in each of 4 words
 
 
 @njit(nogil=True, cache=True, inline="always")
@@ -73,30 +74,6 @@ def half_to_f32(h):
     else:
         v = math.ldexp(float(m | 0x400), e - 25)
     return np.float32(-v if h & 0x8000 else v)
-
-
-@njit(nogil=True, cache=True, inline="always")
-def ksigns8(bits):
-    """The sign bytes of 8 KSIGNS indices (7 bits each, index k at bits 7k..7k + 6 of bits) as
-    one int64, byte k = KSIGNS[index k]: the index and, as bit 7, its parity (even minus signs),
-    so byte k's bits are the signs of group k's 8 weights (a w64 sign mask)."""
-    b = pdep(bits, _K7)
-    t = b ^ (b >> 4)            # bits 0..3 of each byte: xor of its two nibbles (no carry-in)
-    t ^= t >> 2
-    t ^= t >> 1
-    return b | ((t & _LOW) << 7)
-
-
-@njit(nogil=True, cache=True, inline="always")
-def sc4_32(s0, s1):
-    """sc4 of two sub-blocks with one scale each (s0: weights 0..31, s1: 32..63)."""
-    return (s0 * 0x10001) | ((s1 * 0x10001) << 32)
-
-
-@njit(nogil=True, cache=True, inline="always")
-def sc4_nibbles(v):
-    """sc4 of 2n + 1 for the 4 nibbles of v (low first), one per 16 weights."""
-    return (pdep(v, 0x000F000F000F000F) << 1) | _ONES16
 
 
 # Templates, specialized per type (`base.specialize`): TS (block bytes), DEQ, SCALE, SUB.

@@ -85,4 +85,7 @@ def _codes(grid: np.ndarray, bits: int):
 
 
 IQ2XXS_CODES, IQ2_VALS = _codes(IQ2XXS_GRID, 2)     # (256,) uint16, (64,) uint8
+IQ2XS_CODES, _ = _codes(IQ2XS_GRID, 2)              # (512,) uint16 (same values)
+IQ2S_CODES, _ = _codes(IQ2S_GRID, 2)                # (1024,) uint16 (same values)
 IQ3XXS_CODES, IQ3XXS_VALS = _codes(IQ3XXS_GRID, 3)  # (256,) uint16, (64,) uint8
+IQ3S_CODES, IQ3S_VALS = _codes(IQ3S_GRID, 3)        # (512,) uint16, (64,) uint8

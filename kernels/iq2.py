@@ -17,18 +17,17 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 from numba import njit
 
-from ._iq512_lut import iq2xxs_block, iq2xxs_step
-from ._iq512_simd import grid_q_at, grid_q_words, pext, with_signs
-from ._iq_common import IQUnit, ksigns8, sc4_nibbles, u16_at, u32_at
-from ._iq_grids import (IQ2_VALS, IQ2S_GRID, IQ2S_U64, IQ2XS_GRID, IQ2XS_U64, IQ2XXS_CODES,
-                        IQ2XXS_GRID, IQ2XXS_U64, KSIGNS, KSIGNS64, SIGNS64)
-from ._iq_simd import grid8_signed, iq2s_indices, ld8, ld16, ld32, ld64, ld_idx
+from ._iq512_lut import iq2_step, iq2s_block, iq2xs_block, iq2xxs_block
+from ._iq_common import IQUnit, u16_at, u32_at
+from ._iq_grids import (IQ2_VALS, IQ2S_CODES, IQ2S_GRID, IQ2S_U64, IQ2XS_CODES, IQ2XS_GRID,
+                        IQ2XS_U64, IQ2XXS_CODES, IQ2XXS_GRID, IQ2XXS_U64, KSIGNS, KSIGNS64,
+                        SIGNS64)
+from ._iq_simd import grid8_signed, iq2s_indices, ld8, ld32, ld64, ld_idx, no_indices
 from ._simd import load_f16
 from .base import register
 from .interleaved import f16_at
 
 _HALF, _QUARTER, _EIGHTH = np.float32(0.5), np.float32(0.25), np.float32(0.125)
-_SIGN9 = np.array([0xFE00FE00FE00FE00], np.uint64).view(np.int64)[0]   # bits 9..15 of 4 u16
 
 
 @njit(nogil=True, cache=True, inline="always")
@@ -73,8 +72,18 @@ def _block_iq2_xxs(q, o):
 
 
 @njit(nogil=True, cache=True, inline="always")
-def _lut64_iq2_xxs(q, o, p, ib, st):
-    return iq2xxs_step(st, p, IQ2_VALS)
+def _lut64_iq2(q, o, p, ib, st):
+    return iq2_step(st, p, IQ2_VALS)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _block_iq2_xs(q, o):
+    return iq2xs_block(q, o, IQ2XS_CODES, KSIGNS)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _block_iq2_s(q, o):
+    return iq2s_block(q, o, IQ2S_CODES)
 
 
 # --- IQ2_XS -------------------------------------------------------------------------------------
@@ -104,14 +113,6 @@ def _sub_iq2_xs(q, o, j, ib):
     return w, 2 * (sc & 15) + 1, 2 * (sc >> 4) + 1
 
 
-@njit(nogil=True, cache=True, inline="always")
-def _sub64_iq2_xs(q, o, p, ib, st):
-    g = grid_q_words(IQ2XS_U64, q, o + 2 + 16 * p, 511)
-    s0 = pext(ld64(q, o + 2 + 16 * p), _SIGN9)
-    s1 = pext(ld64(q, o + 10 + 16 * p), _SIGN9)
-    return with_signs(g, ksigns8(s0 | (s1 << 28))), sc4_nibbles(ld16(q, o + 66 + 2 * p))
-
-
 # --- IQ2_S --------------------------------------------------------------------------------------
 
 @njit(nogil=True, cache=True, inline="always")
@@ -138,26 +139,22 @@ def _sub_iq2_s(q, o, j, ib):
     return w, 2 * (sc & 15) + 1, 2 * (sc >> 4) + 1
 
 
-@njit(nogil=True, cache=True, inline="always")
-def _sub64_iq2_s(q, o, p, ib, st):
-    g = grid_q_at(IQ2S_U64, ib, 8 * p)
-    return with_signs(g, ld64(q, o + 34 + 8 * p)), sc4_nibbles(ld16(q, o + 74 + 2 * p))
-
-
 @register
 class IQ2_XXS(IQUnit):
     qtype = T.IQ2_XXS
     deq, scale, sub = _deq_iq2_xxs, _scale8, _sub_iq2_xxs
-    sub64, block64 = _lut64_iq2_xxs, _block_iq2_xxs
+    sub64, block64 = _lut64_iq2, _block_iq2_xxs
 
 
 @register
 class IQ2_XS(IQUnit):
     qtype = T.IQ2_XS
-    deq, scale, sub, sub64 = _deq_iq2_xs, _scale8, _sub_iq2_xs, _sub64_iq2_xs
+    deq, scale, sub = _deq_iq2_xs, _scale8, _sub_iq2_xs
+    sub64, block64 = _lut64_iq2, _block_iq2_xs
 
 
 @register
 class IQ2_S(IQUnit):
     qtype = T.IQ2_S
-    deq, scale, sub, prep, sub64 = _deq_iq2_s, _scale8, _sub_iq2_s, iq2s_indices, _sub64_iq2_s
+    deq, scale, sub, prep = _deq_iq2_s, _scale8, _sub_iq2_s, iq2s_indices
+    sub64, block64, prep64 = _lut64_iq2, _block_iq2_s, no_indices

@@ -16,12 +16,11 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 from numba import njit
 
-from ._iq512_lut import iq3xxs_block, iq3xxs_step
-from ._iq512_simd import grid_d_at, with_signs
-from ._iq_common import IQUnit, sc4_32, u32_at
-from ._iq_grids import (IQ3S_GRID, IQ3S_U32, IQ3XXS_CODES, IQ3XXS_GRID, IQ3XXS_U32, IQ3XXS_VALS,
-                        KSIGNS, KSIGNS64, SIGNS64)
-from ._iq_simd import grid4_signed, iq3s_indices, ld8, ld32, ld64, ld_idx
+from ._iq512_lut import iq3_step, iq3s_block, iq3xxs_block
+from ._iq_common import IQUnit, u32_at
+from ._iq_grids import (IQ3S_CODES, IQ3S_GRID, IQ3S_U32, IQ3S_VALS, IQ3XXS_CODES, IQ3XXS_GRID,
+                        IQ3XXS_U32, IQ3XXS_VALS, KSIGNS, KSIGNS64, SIGNS64)
+from ._iq_simd import grid4_signed, iq3s_indices, ld8, ld32, ld64, ld_idx, no_indices
 from ._simd import load_f16
 from .base import register
 from .interleaved import f16_at
@@ -68,7 +67,17 @@ def _block_iq3_xxs(q, o):
 
 @njit(nogil=True, cache=True, inline="always")
 def _lut64_iq3_xxs(q, o, p, ib, st):
-    return iq3xxs_step(st, p, IQ3XXS_VALS)
+    return iq3_step(st, p, IQ3XXS_VALS)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _block_iq3_s(q, o):
+    return iq3s_block(q, o, IQ3S_CODES)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _lut64_iq3_s(q, o, p, ib, st):
+    return iq3_step(st, p, IQ3S_VALS)
 
 
 @njit(nogil=True, cache=True, inline="always")
@@ -106,13 +115,6 @@ def _sub_iq3_s(q, o, j, ib):
 
 
 @njit(nogil=True, cache=True, inline="always")
-def _sub64_iq3_s(q, o, p, ib, st):
-    g = grid_d_at(IQ3S_U32, ib, 16 * p)
-    s = ld8(q, o + 106 + p)
-    return with_signs(g, ld64(q, o + 74 + 8 * p)), sc4_32(1 + 2 * (s & 15), 1 + 2 * (s >> 4))
-
-
-@njit(nogil=True, cache=True, inline="always")
 def _scale_iq3_s(q, o):
     return load_f16(q, o)
 
@@ -128,4 +130,4 @@ class IQ3_XXS(IQUnit):
 class IQ3_S(IQUnit):
     qtype = T.IQ3_S
     deq, scale, sub, prep = _deq_iq3_s, _scale_iq3_s, _sub_iq3_s, iq3s_indices
-    sub64 = _sub64_iq3_s
+    sub64, block64, prep64 = _lut64_iq3_s, _block_iq3_s, no_indices

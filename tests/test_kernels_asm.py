@@ -15,6 +15,7 @@ import pytest
 import numallm_kernels as nk
 from numallm.gguf_file import GGMLQuantizationType as T
 from numallm_kernels import _simd
+from numallm_kernels._iq512_simd import FEATURES as IQ512_FEATURES
 from numallm_kernels.base import fresh_asm, hot_kernels
 
 IQ = [T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ3_XXS, T.IQ3_S, T.IQ1_S, T.IQ1_M, T.TQ1_0, T.TQ2_0]
@@ -85,21 +86,20 @@ def test_wide_token_tiles_use_zmm_vpdpbusd(qt):
 
 
 # the in-register grid lookup of each avx512-iq type (`_iq512_lut`, `_iq512_iq1`)
-IQ512_LOOKUP = {T.IQ2_XXS: r"vperm[it]2w", T.IQ3_XXS: r"vperm[it]2w", T.IQ1_S: r"vpgatherdq",
-                T.IQ1_M: r"vpgatherdq"}
+IQ512_LOOKUP = {**{t: r"vperm[it]2w" for t in (T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ3_XXS, T.IQ3_S)},
+                T.IQ1_S: r"vpgatherdq", T.IQ1_M: r"vpgatherdq"}
 
 
 @pytest.mark.parametrize("qt", IQ, ids=lambda q: q.name)
 def test_avx512_iq_kernel_uses_zmm(qt):
-    """Where the CPU has AVX-512 F/BW/VL and BMI2, the avx512-iq kernel is offered, listed first
+    """Where the CPU has AVX-512 F/BW/VL/VBMI, the avx512-iq kernel is offered, listed first
     among the hot kernels, and dots 64 weights per step on zmm registers (vpmaddubsw, then
     vpmaddwd or its fused vpdpwssd) with the signs applied by a k-mask, not vpsignb; elsewhere
     it is neither offered nor compiled."""
     unit = nk.get(qt)
-    if not (_simd.has_avx2() and {"avx512f", "avx512bw", "avx512vl", "bmi2"}
-            <= _simd.host_features()):
+    if not (_simd.has_avx2() and set(IQ512_FEATURES) <= _simd.host_features()):
         assert "avx512-iq" not in unit.variants()
-        pytest.skip("CPU lacks AVX-512 F/BW/VL or BMI2")
+        pytest.skip("CPU lacks AVX-512 F/BW/VL/VBMI")
     assert unit.variants()[0] == "avx512-iq"
     dispatcher, argtypes = hot_kernels(qt)[0]
     asm = fresh_asm(dispatcher, argtypes)
