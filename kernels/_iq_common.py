@@ -16,9 +16,17 @@ Variants (picked per CPU by `_calibrate`, forced with NUMALLM_KERNEL):
              block's sum times f * dx added to an <8 x float> accumulator per row. Decode (T = 1)
              decodes and dots at once; prefill decodes each block of a row once into 256 bytes
              of L1 scratch and dots it with every token. Needs AVX2+FMA+F16C.
+  avx512-iq  the same activations and loops, 64 weights (two sub-blocks) per zmm step: once per
+             block BLOCK(q, o) (register state, e.g. all 32 grid codes looked up at once) and
+             PREP (prep64, else prep), then per step SUB64(q, o, p, ib, st) gives weights
+             64p..64p + 63 as (w64, scales): magnitudes, a 64-bit sign mask, the scale of each
+             16 weights (int64 sc4 or i16x32 words). `_iq512_simd` has the steps,
+             `_iq512_lut` the in-register grids (IQ2_XXS, IQ3_XXS), `_iq512_iq1` IQ1_S/IQ1_M.
+             Its int32 sums fold to avx2-iq's per block, so the results are bit-identical to
+             avx2-iq's. Needs AVX-512 F/BW/VL/VBMI.
   blas-tile  dequantize 256-row tiles (DEQ) and let numpy's BLAS multiply (any CPU; also
              what calibration picks for prefill where it measures faster).
-Both paths give a token the same bits whatever the number of tokens (same operations in the same
+Every path gives a token the same bits whatever the number of tokens (same operations in the same
 order), so decode equals prefill row by row.
 """
 from __future__ import annotations
@@ -29,6 +37,9 @@ import numpy as np
 from numba import njit
 
 from . import _native, _simd
+from ._iq512_simd import FEATURES as _F512
+from ._iq512_simd import (dot64, fold_fma, izero16, load_sc, load_w64, no_block, store_sc,
+                          store_w64)
 from ._iq_simd import dot32, fma_sum, izero, load8, load_w, no_indices, store_w
 from ._kquant_common import q8_k_form
 from ._simd import hsum, vzero
@@ -37,6 +48,7 @@ from .base import CalibratedUnit, KernelUnit, specialize
 
 QK = 256
 AVX2 = "avx2-iq"
+AVX512 = "avx512-iq"
 
 
 @njit(nogil=True, cache=True, inline="always")
@@ -120,16 +132,67 @@ def _matmul_t(q, xq, dx, xb, out, r0, r1, pf=0):
             out[t, r] = hsum(load8(accs, 8 * t))
 
 
+def _matmul512_t(q, xq, dx, xb, out, r0, r1, pf=0):
+    # as _matmul_t, 64 weights per step (SUB64); arrays as there
+    n_t, nb = dx.shape
+    k = nb * QK
+    qf = q.reshape(-1)
+    xf = xq.reshape(-1)
+    rb = q.shape[1]
+    ib = np.empty(64, np.int32)                # (64,) one block's grid indices (PREP)
+    if n_t == 1:
+        for r in range(r0, r1):
+            acc = vzero()
+            for b in range(nb):
+                o = r * rb + b * TS  # noqa: F821
+                isum = izero16()
+                PREP(qf, o, ib)  # noqa: F821
+                st = BLOCK(qf, o)  # noqa: F821
+                for p in range(4):
+                    w, sc = SUB64(qf, o, p, ib, st)  # noqa: F821
+                    isum = dot64(isum, w, xf, b * QK + 64 * p, sc)
+                acc = fold_fma(acc, isum, SCALE(qf, o) * dx[0, b])  # noqa: F821
+            out[0, r] = hsum(acc)
+        return
+    wbuf = np.empty(QK, np.uint8)              # (256,) one block of a row: |w|
+    nbuf = np.empty(4, np.int64)               # (4,) its sign masks per 64 weights
+    sbuf = np.empty(4 * 32, np.int16)          # (4 * 32,) its scale words per 64 weights
+    accs = np.empty(8 * n_t, np.float32)       # (T * 8,) each token's <8 x float> accumulator
+    for r in range(r0, r1):
+        accs[:] = 0.0
+        for b in range(nb):
+            o = r * rb + b * TS  # noqa: F821
+            PREP(qf, o, ib)  # noqa: F821
+            st = BLOCK(qf, o)  # noqa: F821
+            for p in range(4):
+                w, sc = SUB64(qf, o, p, ib, st)  # noqa: F821
+                store_w64(w, wbuf, 64 * p, nbuf, p)
+                store_sc(sc, sbuf, p)
+            f = SCALE(qf, o)  # noqa: F821
+            for t in range(n_t):
+                isum = izero16()
+                for p in range(4):
+                    isum = dot64(isum, load_w64(wbuf, 64 * p, nbuf, p), xf,
+                                 t * k + b * QK + 64 * p, load_sc(sbuf, p))
+                store8(fold_fma(load8(accs, 8 * t), isum, f * dx[t, b]), accs, 8 * t)
+        for t in range(n_t):
+            out[t, r] = hsum(load8(accs, 8 * t))
+
+
 class IQUnit(CalibratedUnit):
-    """An IQ type: subclasses set `qtype`, `deq`, `scale`, `sub`, optionally `prep` (njit, see
-    the module docstring) and `f16_fields` (byte offsets of the f16 scale, for `synthetic`)."""
+    """An IQ type: subclasses set `qtype`, `deq`, `scale`, `sub`, optionally `prep` and `sub64`
+    (njit, see the module docstring; without sub64 no avx512-iq) and `f16_fields` (byte offsets
+    of the f16 scale, for `synthetic`)."""
 
     deq: object
     scale: object
     sub: object
     prep: object = no_indices
+    sub64: object = None
+    block64: object = no_block
+    prep64: object = None                   # PREP of the avx512-iq kernel (None: prep)
     f16_fields: tuple[int, ...] = (0,)
-    features = {AVX2: _simd.AVX2_FEATURES, "blas-tile": ()}
+    features = {AVX512: _simd.AVX2_FEATURES + _F512, AVX2: _simd.AVX2_FEATURES, "blas-tile": ()}
 
     def __init__(self):
         super().__init__()
@@ -137,21 +200,27 @@ class IQUnit(CalibratedUnit):
         consts = dict(TS=self.type_size, QK=QK, DEQ=self.deq, SCALE=self.scale, SUB=self.sub,
                       PREP=self.prep)
         self._dequant = specialize(_dequant_t, f"iq_dequant_{name}", **consts)
-        self._mm = None
-        self.native_slot = None
-        if self._avx2():
-            self._mm = specialize(_matmul_t, f"iq_matmul_{name}", **consts)
+        self._kernels = {}                     # native variant -> its njit kernel
+        self._slots = {}                       # native variant -> its native slot
+        if self._has(AVX512) and self.sub64 is not None:
+            self._kernels[AVX512] = specialize(_matmul512_t, f"iq512_matmul_{name}",
+                                               SUB64=self.sub64, BLOCK=self.block64,
+                                               **dict(consts, PREP=self.prep64 or self.prep))
+        if self._has(AVX2):
+            self._kernels[AVX2] = specialize(_matmul_t, f"iq_matmul_{name}", **consts)
+        for v, kern in self._kernels.items():
             try:
-                self.native_slot = _native.register_kernel(self._mm, True)
+                self._slots[v] = _native.register_kernel(kern, True)
             except RuntimeError:    # the native table is full: the pools call matmul_x instead
-                self.native_slot = None
+                pass
+        self._mm = self._kernels.get(AVX2)
+        self.native_slot = self._slots.get(AVX2)
 
-    @staticmethod
-    def _avx2() -> bool:
-        return all(f in _simd.host_features() for f in _simd.AVX2_FEATURES)
+    def _has(self, variant: str) -> bool:
+        return all(f in _simd.host_features() for f in self.features[variant])
 
     def variants(self) -> list[str]:
-        return ([AVX2] if self._mm is not None else []) + ["blas-tile"]
+        return list(self._kernels) + ["blas-tile"]
 
     def prepare(self, raw: np.ndarray) -> np.ndarray:
         """The GGUF rows themselves, uint8 (N, row_bytes) (a copy only if not C-contiguous)."""
@@ -164,7 +233,7 @@ class IQUnit(CalibratedUnit):
         self._dequant(w, out, r0, r1)
 
     def prepare_variant_x(self, variant: str, acts) -> None:
-        if variant == AVX2:
+        if variant in self._kernels:
             acts.form("q8_k", q8_k_form)
 
     def _x(self, acts):
@@ -172,14 +241,15 @@ class IQUnit(CalibratedUnit):
         return xq, xd, xb
 
     def run_x(self, variant: str, w, acts, out, r0, r1) -> None:
-        if variant == AVX2:
-            if self._mm is None:
+        if variant in (AVX2, AVX512):
+            mm = self._kernels.get(variant)
+            if mm is None:
                 raise ValueError(f"this CPU cannot run {variant!r}")
             if out.flags.c_contiguous:
-                self._mm(w, *self._x(acts), out, r0, r1)
+                mm(w, *self._x(acts), out, r0, r1)
             else:
                 tmp = np.empty(out.shape, np.float32)          # (T, N)
-                self._mm(w, *self._x(acts), tmp, r0, r1)
+                mm(w, *self._x(acts), tmp, r0, r1)
                 out[:, r0:r1] = tmp[:, r0:r1]
         elif variant == "blas-tile":
             KernelUnit.matmul(self, w, acts.x, out, r0, r1)
@@ -187,11 +257,12 @@ class IQUnit(CalibratedUnit):
             raise ValueError(f"unknown variant {variant!r} for {self.qtype.name}")
 
     def variant_task(self, variant: str, w, acts, out, r0, r1, pf: int = 0):
-        """The AVX2 variant's native slot and arguments (None for blas-tile: the pool calls
-        run_x), so decode and calibration's end-to-end timing dispatch it alike."""
-        if self.native_slot is None or not out.flags.c_contiguous or variant != AVX2:
+        """The native variants' slot and arguments (None for blas-tile: the pool calls run_x),
+        so decode and calibration's end-to-end timing dispatch them alike."""
+        slot = self._slots.get(variant)
+        if slot is None or not out.flags.c_contiguous:
             return None
-        return (self.native_slot, w, *self._x(acts), out, r0, r1)
+        return (slot, w, *self._x(acts), out, r0, r1)
 
     def synthetic(self, n: int, k: int, rng: np.random.Generator,
                   d_range: tuple[float, float] = (1e-4, 1e-2)) -> np.ndarray:
@@ -207,12 +278,10 @@ class IQUnit(CalibratedUnit):
     def hot_kernels(self) -> list:
         from numba import typeof
 
-        if self._mm is None:
-            return []
         w = np.zeros((1, self.type_size), np.uint8)
         xq, xd, xb = self._x_form_of(np.zeros((1, QK), np.float32))
         args = tuple(typeof(a) for a in (w, xq, xd, xb, np.zeros((1, 1), np.float32), 0, 1, 0))
-        return [(self._mm, args)]
+        return [(k, args) for k in self._kernels.values()]
 
     @staticmethod
     def _x_form_of(x):

@@ -68,3 +68,24 @@ SIGNS64 = _sign_bytes(np.arange(256, dtype=np.uint8))          # (256,)
 # IQ1's per-8 delta as a byte added to each 8 * g: +1 or -1 in all 8 bytes
 PLUS1_64 = np.int64(0x0101010101010101)
 MINUS1_64 = np.int64(-1)
+
+
+def _codes(grid: np.ndarray, bits: int):
+    """Each entry as one uint16 code (value k of the entry in bits bits * k..: its level's rank
+    among the grid's distinct values), and the 64-byte table code -> value (any 6-bit slice
+    whose low `bits` bits are a rank; the avx512-iq steps' vpermb)."""
+    levels = np.unique(grid)
+    rank = np.searchsorted(levels, grid).astype(np.uint32)
+    code = np.zeros(grid.shape[0], np.uint32)
+    for k in range(grid.shape[1]):
+        code |= rank[:, k] << (bits * k)
+    vals = np.zeros(1 << bits, np.uint8)
+    vals[:len(levels)] = levels.astype(np.uint8)
+    return code.astype(np.uint16), np.ascontiguousarray(np.tile(vals, 64 >> bits))
+
+
+IQ2XXS_CODES, IQ2_VALS = _codes(IQ2XXS_GRID, 2)     # (256,) uint16, (64,) uint8
+IQ2XS_CODES, _ = _codes(IQ2XS_GRID, 2)              # (512,) uint16 (same values)
+IQ2S_CODES, _ = _codes(IQ2S_GRID, 2)                # (1024,) uint16 (same values)
+IQ3XXS_CODES, IQ3XXS_VALS = _codes(IQ3XXS_GRID, 3)  # (256,) uint16, (64,) uint8
+IQ3S_CODES, IQ3S_VALS = _codes(IQ3S_GRID, 3)        # (512,) uint16, (64,) uint8

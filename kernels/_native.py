@@ -12,7 +12,7 @@ on a lock) after `spin` polls.
 Task row (TASK_FIELDS int64): kernel slot, then for each array its address and shape:
     q (G, rec bytes) uint8 | xq (T, K) int8 | dx (T, nb) float32 | xaux (T, m) int32 or int16 |
     out (T, N) float32 | r0, r1
-Slots 0..23 take an int32 xaux (the 32-element block types' code sums), 24..47 an int16 one (the
+Slots 0..31 take an int32 xaux (the 32-element block types' code sums), 32..63 an int16 one (the
 K-quants' per-16 sums). Slots ATTN..ATTN + 8 are decode attention over the KV heads a task is
 given, one slot per pair of KV cache types (_native_attention.py). The arrays must stay
 alive until the call that ran them returns (the pool's caller holds them).
@@ -49,7 +49,7 @@ TASK_FIELDS = 16
 CTL_STRIDE = 16                 # int64 per thread slot: 128 bytes (two cache lines, as prefetched)
 GO, KIND, LO, HI, DONE, SLEEP, WSLEEP, TABLE, BUSY = 0, 1, 2, 3, 4, 5, 6, 7, 8
 RUN, PY, EXIT, CLAIM_RUN = 1, 2, 3, 4    # CLAIM_RUN: take rows of the pool's claimed dispatch
-SLOTS_PER_GROUP = 24            # kernel slots per xaux dtype
+SLOTS_PER_GROUP = 32            # kernel slots per xaux dtype
 ATTN = 2 * SLOTS_PER_GROUP      # the attention tasks' first slot (_native_attention)
 
 

@@ -1,6 +1,6 @@
 """The task executor's kernel call: one int64 task row (`_native`'s TASK_FIELDS) -> the call of
 the record kernel in its slot, or of decode attention. A template: `_native.executors()` fills
-K0..K47 with the registered kernels (an if-ladder, as Numba cannot call through a table of
+K0..K63 with the registered kernels (an if-ladder, as Numba cannot call through a table of
 functions without the GIL)."""
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ def _no_kernel(q, xq, dx, xaux, out, r0, r1, pf):  # an unused slot
 
 
 def _run_tasks_t(table, lo, hi):
-    # slots 0..23: K0..K23 (int32 xaux), 24..47: K24..K47 (int16 xaux), ATTN..: attention; the
+    # slots 0..31: K0..K31 (int32 xaux), 32..63: K32..K63 (int16 xaux), ATTN..: attention; the
     # K constants are the registered kernels (template constants, see executors)
     for t in range(lo, hi):
         f = table[t]
@@ -77,27 +77,27 @@ def _run_tasks_t(table, lo, hi):
                 K21(q, xq, dx, xa, out, f[13], f[14], f[15])  # noqa: F821
             elif slot == 22:
                 K22(q, xq, dx, xa, out, f[13], f[14], f[15])  # noqa: F821
-            else:
+            elif slot == 23:
                 K23(q, xq, dx, xa, out, f[13], f[14], f[15])  # noqa: F821
+            elif slot == 24:
+                K24(q, xq, dx, xa, out, f[13], f[14], f[15])  # noqa: F821
+            elif slot == 25:
+                K25(q, xq, dx, xa, out, f[13], f[14], f[15])  # noqa: F821
+            elif slot == 26:
+                K26(q, xq, dx, xa, out, f[13], f[14], f[15])  # noqa: F821
+            elif slot == 27:
+                K27(q, xq, dx, xa, out, f[13], f[14], f[15])  # noqa: F821
+            elif slot == 28:
+                K28(q, xq, dx, xa, out, f[13], f[14], f[15])  # noqa: F821
+            elif slot == 29:
+                K29(q, xq, dx, xa, out, f[13], f[14], f[15])  # noqa: F821
+            elif slot == 30:
+                K30(q, xq, dx, xa, out, f[13], f[14], f[15])  # noqa: F821
+            else:
+                K31(q, xq, dx, xa, out, f[13], f[14], f[15])  # noqa: F821
         else:
             xb = carray(ptr_i16(f[8]), (n_t, f[9]))
-            if slot == 24:
-                K24(q, xq, dx, xb, out, f[13], f[14], f[15])  # noqa: F821
-            elif slot == 25:
-                K25(q, xq, dx, xb, out, f[13], f[14], f[15])  # noqa: F821
-            elif slot == 26:
-                K26(q, xq, dx, xb, out, f[13], f[14], f[15])  # noqa: F821
-            elif slot == 27:
-                K27(q, xq, dx, xb, out, f[13], f[14], f[15])  # noqa: F821
-            elif slot == 28:
-                K28(q, xq, dx, xb, out, f[13], f[14], f[15])  # noqa: F821
-            elif slot == 29:
-                K29(q, xq, dx, xb, out, f[13], f[14], f[15])  # noqa: F821
-            elif slot == 30:
-                K30(q, xq, dx, xb, out, f[13], f[14], f[15])  # noqa: F821
-            elif slot == 31:
-                K31(q, xq, dx, xb, out, f[13], f[14], f[15])  # noqa: F821
-            elif slot == 32:
+            if slot == 32:
                 K32(q, xq, dx, xb, out, f[13], f[14], f[15])  # noqa: F821
             elif slot == 33:
                 K33(q, xq, dx, xb, out, f[13], f[14], f[15])  # noqa: F821
@@ -127,5 +127,37 @@ def _run_tasks_t(table, lo, hi):
                 K45(q, xq, dx, xb, out, f[13], f[14], f[15])  # noqa: F821
             elif slot == 46:
                 K46(q, xq, dx, xb, out, f[13], f[14], f[15])  # noqa: F821
-            else:
+            elif slot == 47:
                 K47(q, xq, dx, xb, out, f[13], f[14], f[15])  # noqa: F821
+            elif slot == 48:
+                K48(q, xq, dx, xb, out, f[13], f[14], f[15])  # noqa: F821
+            elif slot == 49:
+                K49(q, xq, dx, xb, out, f[13], f[14], f[15])  # noqa: F821
+            elif slot == 50:
+                K50(q, xq, dx, xb, out, f[13], f[14], f[15])  # noqa: F821
+            elif slot == 51:
+                K51(q, xq, dx, xb, out, f[13], f[14], f[15])  # noqa: F821
+            elif slot == 52:
+                K52(q, xq, dx, xb, out, f[13], f[14], f[15])  # noqa: F821
+            elif slot == 53:
+                K53(q, xq, dx, xb, out, f[13], f[14], f[15])  # noqa: F821
+            elif slot == 54:
+                K54(q, xq, dx, xb, out, f[13], f[14], f[15])  # noqa: F821
+            elif slot == 55:
+                K55(q, xq, dx, xb, out, f[13], f[14], f[15])  # noqa: F821
+            elif slot == 56:
+                K56(q, xq, dx, xb, out, f[13], f[14], f[15])  # noqa: F821
+            elif slot == 57:
+                K57(q, xq, dx, xb, out, f[13], f[14], f[15])  # noqa: F821
+            elif slot == 58:
+                K58(q, xq, dx, xb, out, f[13], f[14], f[15])  # noqa: F821
+            elif slot == 59:
+                K59(q, xq, dx, xb, out, f[13], f[14], f[15])  # noqa: F821
+            elif slot == 60:
+                K60(q, xq, dx, xb, out, f[13], f[14], f[15])  # noqa: F821
+            elif slot == 61:
+                K61(q, xq, dx, xb, out, f[13], f[14], f[15])  # noqa: F821
+            elif slot == 62:
+                K62(q, xq, dx, xb, out, f[13], f[14], f[15])  # noqa: F821
+            else:
+                K63(q, xq, dx, xb, out, f[13], f[14], f[15])  # noqa: F821

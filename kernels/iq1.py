@@ -18,9 +18,12 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 from numba import njit
 
+from ._iq512_iq1 import iq1m_block, iq1m_step, iq1s_block, iq1s_step
+
 from ._iq_common import IQUnit, half_to_f32, u16_at
 from ._iq_grids import IQ1_DELTA, IQ1S_GRID, IQ1S_U64, MINUS1_64, PLUS1_64
-from ._iq_simd import grid8_plus, half_bits, iq1m_indices, iq1s_indices, ld16, ld64, ld_idx
+from ._iq_simd import (grid8_plus, half_bits, iq1m_indices, iq1s_indices, ld16, ld64, ld_idx,
+                       no_indices)
 from ._simd import load_f16
 from .base import register
 from .interleaved import f16_at
@@ -55,6 +58,26 @@ def _sub_iq1_s(q, o, j, ib):
                    ld_idx(ib, 4 * j + 3), a, a, a, a)
     s = 2 * ((qh >> 12) & 7) + 1
     return w, s, s
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _block_iq1_s(q, o):
+    return iq1s_block(q, o)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _block_iq1_m(q, o):
+    return iq1m_block(q, o)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _blk64_iq1_s(q, o, p, ib, st):
+    return iq1s_step(st, p, IQ1S_U64)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _blk64_iq1_m(q, o, p, ib, st):
+    return iq1m_step(st, p, IQ1S_U64)
 
 
 @njit(nogil=True, cache=True, inline="always")
@@ -113,12 +136,14 @@ def _scale_iq1_m(q, o):
 class IQ1_S(IQUnit):
     qtype = T.IQ1_S
     deq, scale, sub, prep = _deq_iq1_s, _scale_iq1_s, _sub_iq1_s, iq1s_indices
+    sub64, block64, prep64 = _blk64_iq1_s, _block_iq1_s, no_indices
 
 
 @register
 class IQ1_M(IQUnit):
     qtype = T.IQ1_M
     deq, scale, sub, prep = _deq_iq1_m, _scale_iq1_m, _sub_iq1_m, iq1m_indices
+    sub64, block64, prep64 = _blk64_iq1_m, _block_iq1_m, no_indices
 
     def synthetic(self, n: int, k: int, rng: np.random.Generator,
                   d_range: tuple[float, float] = (1e-4, 1e-2)) -> np.ndarray:

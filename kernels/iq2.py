@@ -17,10 +17,12 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 from numba import njit
 
+from ._iq512_lut import iq2_step, iq2s_block, iq2xs_block, iq2xxs_block
 from ._iq_common import IQUnit, u16_at, u32_at
-from ._iq_grids import (IQ2S_GRID, IQ2S_U64, IQ2XS_GRID, IQ2XS_U64, IQ2XXS_GRID, IQ2XXS_U64,
-                        KSIGNS, KSIGNS64, SIGNS64)
-from ._iq_simd import grid8_signed, iq2s_indices, ld8, ld32, ld64, ld_idx
+from ._iq_grids import (IQ2_VALS, IQ2S_CODES, IQ2S_GRID, IQ2S_U64, IQ2XS_CODES, IQ2XS_GRID,
+                        IQ2XS_U64, IQ2XXS_CODES, IQ2XXS_GRID, IQ2XXS_U64, KSIGNS, KSIGNS64,
+                        SIGNS64)
+from ._iq_simd import grid8_signed, iq2s_indices, ld8, ld32, ld64, ld_idx, no_indices
 from ._simd import load_f16
 from .base import register
 from .interleaved import f16_at
@@ -62,6 +64,26 @@ def _sub_iq2_xxs(q, o, j, ib):
                      KSIGNS64, aux & 127, (aux >> 7) & 127, (aux >> 14) & 127, (aux >> 21) & 127)
     s = 2 * (aux >> 28) + 1
     return w, s, s
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _block_iq2_xxs(q, o):
+    return iq2xxs_block(q, o, IQ2XXS_CODES, KSIGNS)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _lut64_iq2(q, o, p, ib, st):
+    return iq2_step(st, p, IQ2_VALS)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _block_iq2_xs(q, o):
+    return iq2xs_block(q, o, IQ2XS_CODES, KSIGNS)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _block_iq2_s(q, o):
+    return iq2s_block(q, o, IQ2S_CODES)
 
 
 # --- IQ2_XS -------------------------------------------------------------------------------------
@@ -121,15 +143,18 @@ def _sub_iq2_s(q, o, j, ib):
 class IQ2_XXS(IQUnit):
     qtype = T.IQ2_XXS
     deq, scale, sub = _deq_iq2_xxs, _scale8, _sub_iq2_xxs
+    sub64, block64 = _lut64_iq2, _block_iq2_xxs
 
 
 @register
 class IQ2_XS(IQUnit):
     qtype = T.IQ2_XS
     deq, scale, sub = _deq_iq2_xs, _scale8, _sub_iq2_xs
+    sub64, block64 = _lut64_iq2, _block_iq2_xs
 
 
 @register
 class IQ2_S(IQUnit):
     qtype = T.IQ2_S
     deq, scale, sub, prep = _deq_iq2_s, _scale8, _sub_iq2_s, iq2s_indices
+    sub64, block64, prep64 = _lut64_iq2, _block_iq2_s, no_indices

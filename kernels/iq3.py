@@ -16,9 +16,11 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 from numba import njit
 
+from ._iq512_lut import iq3_step, iq3s_block, iq3xxs_block
 from ._iq_common import IQUnit, u32_at
-from ._iq_grids import IQ3S_GRID, IQ3S_U32, IQ3XXS_GRID, IQ3XXS_U32, KSIGNS, KSIGNS64, SIGNS64
-from ._iq_simd import grid4_signed, iq3s_indices, ld8, ld32, ld64, ld_idx
+from ._iq_grids import (IQ3S_CODES, IQ3S_GRID, IQ3S_U32, IQ3S_VALS, IQ3XXS_CODES, IQ3XXS_GRID,
+                        IQ3XXS_U32, IQ3XXS_VALS, KSIGNS, KSIGNS64, SIGNS64)
+from ._iq_simd import grid4_signed, iq3s_indices, ld8, ld32, ld64, ld_idx, no_indices
 from ._simd import load_f16
 from .base import register
 from .interleaved import f16_at
@@ -56,6 +58,26 @@ def _sub_iq3_xxs(q, o, j, ib):
                      aux & 127, (aux >> 7) & 127, (aux >> 14) & 127, (aux >> 21) & 127)
     s = 2 * (aux >> 28) + 1
     return w, s, s
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _block_iq3_xxs(q, o):
+    return iq3xxs_block(q, o, IQ3XXS_CODES, KSIGNS)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _lut64_iq3_xxs(q, o, p, ib, st):
+    return iq3_step(st, p, IQ3XXS_VALS)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _block_iq3_s(q, o):
+    return iq3s_block(q, o, IQ3S_CODES)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _lut64_iq3_s(q, o, p, ib, st):
+    return iq3_step(st, p, IQ3S_VALS)
 
 
 @njit(nogil=True, cache=True, inline="always")
@@ -101,9 +123,11 @@ def _scale_iq3_s(q, o):
 class IQ3_XXS(IQUnit):
     qtype = T.IQ3_XXS
     deq, scale, sub = _deq_iq3_xxs, _scale_iq3_xxs, _sub_iq3_xxs
+    sub64, block64 = _lut64_iq3_xxs, _block_iq3_xxs
 
 
 @register
 class IQ3_S(IQUnit):
     qtype = T.IQ3_S
     deq, scale, sub, prep = _deq_iq3_s, _scale_iq3_s, _sub_iq3_s, iq3s_indices
+    sub64, block64, prep64 = _lut64_iq3_s, _block_iq3_s, no_indices

@@ -17,6 +17,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 from numba import njit
 
+from ._iq512_simd import crumbs64, join32
 from ._iq_common import IQUnit
 from ._iq_simd import crumbs32, trits32, trits32q
 from ._simd import load_f16
@@ -25,6 +26,7 @@ from .interleaved import f16_at
 
 _REP = 0x0101010101010101                       # a byte in all 8 bytes of an int64
 _POW3 = np.array([1, 3, 9, 27, 81], np.int64)   # (5,) the digit multipliers
+_ONES16 = 0x0001000100010001                    # sc4: scale 1 for every 16 weights
 
 
 @njit(nogil=True, cache=True, inline="always")
@@ -40,6 +42,11 @@ def _deq_tq2_0(q, o, dst, c):
 @njit(nogil=True, cache=True, inline="always")
 def _sub_tq2_0(q, o, j, ib):
     return crumbs32(q, o + 32 * (j // 4), 2 * (j % 4)), 1, 1
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _sub64_tq2_0(q, o, p, ib, st):
+    return crumbs64(q, o + 32 * (p // 2), 4 * (p % 2)), _ONES16
 
 
 @njit(nogil=True, cache=True, inline="always")
@@ -80,6 +87,13 @@ def _sub_tq1_0(q, o, j, ib):
 
 
 @njit(nogil=True, cache=True, inline="always")
+def _sub64_tq1_0(q, o, p, ib, st):
+    a, _, _ = _sub_tq1_0(q, o, 2 * p, ib)
+    b, _, _ = _sub_tq1_0(q, o, 2 * p + 1, ib)
+    return join32(a, b), _ONES16
+
+
+@njit(nogil=True, cache=True, inline="always")
 def _scale_tq1_0(q, o):
     return load_f16(q, o + 52)
 
@@ -87,12 +101,12 @@ def _scale_tq1_0(q, o):
 @register
 class TQ2_0(IQUnit):
     qtype = T.TQ2_0
-    deq, scale, sub = _deq_tq2_0, _scale_tq2_0, _sub_tq2_0
+    deq, scale, sub, sub64 = _deq_tq2_0, _scale_tq2_0, _sub_tq2_0, _sub64_tq2_0
     f16_fields = (64,)
 
 
 @register
 class TQ1_0(IQUnit):
     qtype = T.TQ1_0
-    deq, scale, sub = _deq_tq1_0, _scale_tq1_0, _sub_tq1_0
+    deq, scale, sub, sub64 = _deq_tq1_0, _scale_tq1_0, _sub_tq1_0, _sub64_tq1_0
     f16_fields = (52,)

@@ -15,6 +15,7 @@ import pytest
 import numallm_kernels as nk
 from numallm.gguf_file import GGMLQuantizationType as T
 from numallm_kernels import _simd
+from numallm_kernels._iq512_simd import FEATURES as IQ512_FEATURES
 from numallm_kernels.base import fresh_asm, hot_kernels
 
 IQ = [T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ3_XXS, T.IQ3_S, T.IQ1_S, T.IQ1_M, T.TQ1_0, T.TQ2_0]
@@ -82,3 +83,31 @@ def test_wide_token_tiles_use_zmm_vpdpbusd(qt):
     dots = re.findall(r"^\s*vpdpbusd\s[^\n]*", fresh_asm(tiles, argtypes), re.M)
     wide = [d for d in dots if "zmm" in d]
     assert len(wide) >= 64 and any("{1to16}" in d for d in wide), dots[:4]
+
+
+# the in-register grid lookup of each avx512-iq type (`_iq512_lut`, `_iq512_iq1`)
+IQ512_LOOKUP = {**{t: r"vperm[it]2w" for t in (T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ3_XXS, T.IQ3_S)},
+                T.IQ1_S: r"vpgatherdq", T.IQ1_M: r"vpgatherdq"}
+
+
+@pytest.mark.parametrize("qt", IQ, ids=lambda q: q.name)
+def test_avx512_iq_kernel_uses_zmm(qt):
+    """Where the CPU has AVX-512 F/BW/VL/VBMI, the avx512-iq kernel is offered, listed first
+    among the hot kernels, and dots 64 weights per step on zmm registers (vpmaddubsw, then
+    vpmaddwd or its fused vpdpwssd) with the signs applied by a k-mask, not vpsignb; elsewhere
+    it is neither offered nor compiled."""
+    unit = nk.get(qt)
+    if not (_simd.has_avx2() and set(IQ512_FEATURES) <= _simd.host_features()):
+        assert "avx512-iq" not in unit.variants()
+        pytest.skip("CPU lacks AVX-512 F/BW/VL/VBMI")
+    assert unit.variants()[0] == "avx512-iq"
+    dispatcher, argtypes = hot_kernels(qt)[0]
+    asm = fresh_asm(dispatcher, argtypes)
+    zmm = lambda op: re.findall(rf"^\s*{op}\s[^\n]*%zmm", asm, re.M)  # noqa: E731
+    assert len(zmm("vpmaddubsw")) >= 4, "no zmm vpmaddubsw"
+    assert len(zmm("vpmaddwd") + zmm("vpdpwssd")) >= 4
+    assert re.search(r"^\s*vpsubb\s[^\n]*%zmm\d+\s*\{%k\d\}", asm, re.M), "no masked vpsubb"
+    if qt != T.TQ1_0:   # TQ1_0's step decodes its digits with avx2-iq's (|w| by vpsignb)
+        assert "vpsignb" not in asm
+    if qt in IQ512_LOOKUP:
+        assert re.search(rf"^\s*{IQ512_LOOKUP[qt]}\s[^\n]*%zmm", asm, re.M), IQ512_LOOKUP[qt]

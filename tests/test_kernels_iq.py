@@ -14,7 +14,8 @@ import pytest
 
 import numallm_kernels as nk
 from numallm_kernels._kquant_common import q8_k_form
-from numallm_kernels._simd import has_avx2
+from numallm_kernels._iq512_simd import FEATURES as IQ512_FEATURES
+from numallm_kernels._simd import has_avx2, host_features
 from numallm.gguf_file import GGMLQuantizationType as T
 from numallm.gguf_file import reference_dequantize, reference_quantize
 import record_checks
@@ -25,7 +26,20 @@ TYPES = [T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ3_XXS, T.IQ3_S, T.IQ1_S, T.IQ1_M]
 MATVEC_NMSE = 3e-4
 MATMUL_NMSE = 1e-10     # blas-tile: exact weights, float32 rounding only
 AVX2 = "avx2-iq"
+AVX512 = "avx512-iq"
+NATIVE = (AVX2, AVX512)
 ids = [t.name for t in TYPES]
+HAS_512 = has_avx2() and set(IQ512_FEATURES) <= host_features()
+
+
+def native_variants(unit, variant):
+    """Skip (or, for avx512-iq, check it is not offered) where this CPU cannot run `variant`."""
+    if variant == AVX2 and not has_avx2():
+        pytest.skip("this CPU has no AVX2")
+    if variant == AVX512 and not HAS_512:
+        assert AVX512 not in unit.variants()
+        pytest.skip("this CPU has no AVX-512 F/BW/VL/VBMI")
+    assert variant in unit.variants()
 
 
 def random_weights(qtype, n, k, seed=0):
@@ -108,7 +122,7 @@ def test_matmul_every_variant(qtype):
     for variant in unit.variants():
         out = np.full((t, n), -7.0, np.float32)
         unit.run(variant, w, x, out, r0, r1)
-        bound = MATVEC_NMSE if variant == AVX2 else MATMUL_NMSE
+        bound = MATVEC_NMSE if variant in NATIVE else MATMUL_NMSE
         assert nmse(out[:, r0:r1], want[:, r0:r1]) < bound, variant
         assert np.all(out[:, :r0] == -7.0) and np.all(out[:, r1:] == -7.0)
     out = np.zeros((t, n), np.float32)
@@ -116,35 +130,56 @@ def test_matmul_every_variant(qtype):
     assert nmse(out, want) < MATVEC_NMSE
 
 
-@pytest.mark.skipif(not has_avx2(), reason="this CPU has no AVX2")
+@pytest.mark.parametrize("variant", NATIVE)
 @pytest.mark.parametrize("qtype", TYPES, ids=ids)
-def test_avx2_kernel_is_exact_on_the_quantized_activations(qtype):
+def test_native_kernel_is_exact_on_the_quantized_activations(qtype, variant):
     """The kernel's only approximation is x's int8 encoding: against the float64 product of the
     exactly dequantized weights with the decoded codes it agrees to float32 rounding (a wrong
-    grid entry, sign, delta or scale gives NMSE ~ 1e-3 or more). Decode (T = 1) and prefill."""
+    grid entry, sign, delta or scale gives NMSE ~ 1e-3 or more). Decode (T = 1) and prefill /
+    batched decode (T = 2, 3, 5, 8)."""
     n, k = 19, 1024
     unit = nk.get(qtype)
+    native_variants(unit, variant)
     raw = random_weights(qtype, n, k, seed=10)
     w = unit.prepare(raw)
-    for t in (1, 3):
+    for t in (1, 2, 3, 5, 8):
         x = np.random.default_rng(11).standard_normal((t, k)).astype(np.float32)
         xq, xd, _, _ = q8_k_form(x)
         xdec = (xq.reshape(t, -1, 256).astype(np.float64) * xd[:, :, None]).reshape(t, k)
         want = xdec @ ref_matrix(raw, qtype).astype(np.float64).T
         out = np.zeros((t, n), np.float32)
-        unit.run(AVX2, w, x, out, 2, n)
-        assert nmse(out[:, 2:], want[:, 2:]) < 1e-10
+        unit.run(variant, w, x, out, 2, n)
+        assert nmse(out[:, 2:], want[:, 2:]) < 1e-10, t
         assert np.all(out[:, :2] == 0)
 
 
-@pytest.mark.skipif(not has_avx2(), reason="this CPU has no AVX2")
+@pytest.mark.parametrize("variant", NATIVE)
 @pytest.mark.parametrize("qtype", TYPES, ids=ids)
-def test_decode_equals_prefill_bit_for_bit(qtype):
+def test_decode_equals_prefill_bit_for_bit(qtype, variant):
+    """Each row of a T-token call (T = 2..8) equals decode (T = 1) of that token, bit for bit."""
     unit = nk.get(qtype)
+    native_variants(unit, variant)
     n, k = 77, 512
     w = unit.prepare(random_weights(qtype, n, k, seed=13))
-    x = np.random.default_rng(14).standard_normal((3, k)).astype(np.float32)
-    record_checks.decode_equals_prefill_rows(unit, w, x, n, [AVX2])
+    x = np.random.default_rng(14).standard_normal((8, k)).astype(np.float32)
+    record_checks.decode_equals_prefill_rows(unit, w, x, n, [variant])
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=ids)
+def test_avx512_equals_avx2_bit_for_bit(qtype):
+    """avx512-iq forms avx2-iq's int32 sums per block and the same float operations after them,
+    so both give the same bits, decode and every T; 1024 blocks cover every code path."""
+    unit = nk.get(qtype)
+    native_variants(unit, AVX2)
+    native_variants(unit, AVX512)
+    n, k = 128, 2048
+    w = unit.prepare(random_weights(qtype, n, k, seed=15))
+    for t in (1, 2, 3, 5, 8):
+        x = np.random.default_rng(16 + t).standard_normal((t, k)).astype(np.float32)
+        a, b = (np.zeros((t, n), np.float32) for _ in range(2))
+        unit.run(AVX2, w, x, a, 0, n)
+        unit.run(AVX512, w, x, b, 0, n)
+        np.testing.assert_array_equal(a.view(np.uint32), b.view(np.uint32), err_msg=f"T={t}")
 
 
 @pytest.mark.parametrize("qtype", TYPES, ids=ids)

@@ -11,7 +11,8 @@ import pytest
 
 import numallm_kernels as nk
 from numallm_kernels._kquant_common import q8_k_form
-from numallm_kernels._simd import has_avx2
+from numallm_kernels._iq512_simd import FEATURES as IQ512_FEATURES
+from numallm_kernels._simd import has_avx2, host_features
 from numallm.gguf_file import GGMLQuantizationType as T
 from numallm.gguf_file import reference_dequantize, reference_quantize
 import record_checks
@@ -19,6 +20,8 @@ import record_checks
 TYPES = [T.TQ1_0, T.TQ2_0]
 ids = [t.name for t in TYPES]
 AVX2 = "avx2-iq"
+AVX512 = "avx512-iq"
+HAS_512 = has_avx2() and set(IQ512_FEATURES) <= host_features()
 
 
 def nmse(got, want):
@@ -70,25 +73,32 @@ def test_matvec_and_matmul(qtype):
         assert np.all(out[:, :4] == -7.0) and np.all(out[:, 30:] == -7.0)
 
 
-@pytest.mark.skipif(not has_avx2(), reason="this CPU has no AVX2")
+@pytest.mark.parametrize("variant", [AVX2, AVX512])
 @pytest.mark.parametrize("qtype", TYPES, ids=ids)
-def test_avx2_kernel_is_exact_on_the_quantized_activations(qtype):
-    """Against the float64 product with the decoded int8 codes of x the AVX2 kernel agrees to
-    float32 rounding, decode (T = 1) and prefill (T = 3), on every digit position (random bytes);
-    and prefill equals token-by-token decode bit for bit."""
+def test_native_kernel_is_exact_on_the_quantized_activations(qtype, variant):
+    """Against the float64 product with the decoded int8 codes of x the native kernels agree to
+    float32 rounding, decode (T = 1) and prefill (T = 2, 3, 5, 8), on every digit position
+    (random bytes); prefill equals token-by-token decode bit for bit (T = 2..8), and avx512-iq
+    gives avx2-iq's bits."""
     unit = nk.get(qtype)
+    if variant == AVX2 and not has_avx2():
+        pytest.skip("this CPU has no AVX2")
+    if variant == AVX512 and not HAS_512:
+        assert AVX512 not in unit.variants()
+        pytest.skip("this CPU has no AVX-512 F/BW/VL/VBMI")
     n, k = 19, 1024
     raw = weights(qtype, n, k, 10, False)
     w = unit.prepare(raw)
-    for t in (1, 3):
+    for t in (1, 2, 3, 5, 8):
         x = np.random.default_rng(11).standard_normal((t, k)).astype(np.float32)
         xq, xd, _, _ = q8_k_form(x)
         xdec = (xq.reshape(t, -1, 256).astype(np.float64) * xd[:, :, None]).reshape(t, k)
         want = xdec @ ref(raw, qtype).astype(np.float64).T
         out = np.zeros((t, n), np.float32)
-        unit.run(AVX2, w, x, out, 2, n)
-        assert nmse(out[:, 2:], want[:, 2:]) < 1e-10
+        unit.run(variant, w, x, out, 2, n)
+        assert nmse(out[:, 2:], want[:, 2:]) < 1e-10, t
         assert np.all(out[:, :2] == 0)
     big = unit.prepare(weights(qtype, 77, 512, 13, False))
-    x = np.random.default_rng(14).standard_normal((3, 512)).astype(np.float32)
-    record_checks.decode_equals_prefill_rows(unit, big, x, 77, [AVX2])
+    x = np.random.default_rng(14).standard_normal((8, 512)).astype(np.float32)
+    both = [AVX2, AVX512] if variant == AVX512 else [AVX2]
+    record_checks.decode_equals_prefill_rows(unit, big, x, 77, both)
