@@ -278,14 +278,15 @@ def _wide(body, record_bytes, aux=types.int16, token=_kquant_token):
     the calibrated prefetch itself) go through one zmm: 16 rows per instruction for one token."""
 
     def emit(context, builder, sig, w_a, xq_a, dx_a, xb_a, w_v, offs, xq_v, xoffs, dx_v, xb_v,
-             bs, accs_in, fetch):
+             bs, accs_in, tile):
+        # tile: a token tile's step (prefetches; one f32x16 per token), else decode's pair
+        # (its loop prefetches; two f32x8 halves per token, joined and split here)
         wps = [_ptr(context, builder, w_a, w_v, o) for o in offs]
-        if fetch:
-            for wp in wps:
-                prefetch(builder, wp, record_bytes)
         toks = [token(context, builder, (xq_a, dx_a, xb_a), (xq_v, dx_v, xb_v), xo, bi)
                 for xo, bi in zip(xoffs, bs)]
-        if len(accs_in) == len(toks):      # f32x16 accumulators (the token tiles)
+        if tile:
+            for wp in wps:
+                prefetch(builder, wp, record_bytes)
             return context.make_tuple(builder, sig.return_type,
                                       body(builder, accs_in, wps, *zip(*toks)))
         accs = [_cat(builder, accs_in[2 * i], accs_in[2 * i + 1]) for i in range(len(toks))]
