@@ -24,6 +24,11 @@ Variants (picked per CPU by `_calibrate`, forced with NUMALLM_KERNEL):
              `_iq512_lut` the in-register grids (IQ2_XXS, IQ3_XXS), `_iq512_iq1` IQ1_S/IQ1_M.
              Its int32 sums fold to avx2-iq's per block, so the results are bit-identical to
              avx2-iq's. Needs AVX-512 F/BW/VL/VBMI.
+  avx512-iq-t16  prefill and batched decode (`_iq_tile`): 16 tokens in a zmm's lanes, each row's
+             blocks decoded once per call (SUB) to int8, every 4 weights one broadcast operand
+             of a vpdpbusd; its float order is its own (one exact sum per block), so it is
+             chosen only where calibration times it fastest (T >= 32 on AMD Zen 5). Needs
+             AVX-512 F/BW/VL/VNNI.
   blas-tile  dequantize 256-row tiles (DEQ) and let numpy's BLAS multiply (any CPU; also
              what calibration picks for prefill where it measures faster).
 Every path gives a token the same bits whatever the number of tokens (same operations in the same
@@ -37,6 +42,7 @@ import numpy as np
 from numba import njit
 
 from . import _native, _simd
+from . import _iq_tile
 from ._iq512_simd import FEATURES as _F512
 from ._iq512_simd import (dot64, fold_fma, izero16, load_sc, load_w64, no_block, store_sc,
                           store_w64)
@@ -49,6 +55,7 @@ from .base import CalibratedUnit, KernelUnit, specialize
 QK = 256
 AVX2 = "avx2-iq"
 AVX512 = "avx512-iq"
+TILE16 = "avx512-iq-t16"
 
 
 @njit(nogil=True, cache=True, inline="always")
@@ -192,7 +199,8 @@ class IQUnit(CalibratedUnit):
     block64: object = no_block
     prep64: object = None                   # PREP of the avx512-iq kernel (None: prep)
     f16_fields: tuple[int, ...] = (0,)
-    features = {AVX512: _simd.AVX2_FEATURES + _F512, AVX2: _simd.AVX2_FEATURES, "blas-tile": ()}
+    features = {AVX512: _simd.AVX2_FEATURES + _F512, AVX2: _simd.AVX2_FEATURES,
+                TILE16: _simd.AVX2_FEATURES + _iq_tile.FEATURES, "blas-tile": ()}
 
     def __init__(self):
         super().__init__()
@@ -208,7 +216,13 @@ class IQUnit(CalibratedUnit):
                                                **dict(consts, PREP=self.prep64 or self.prep))
         if self._has(AVX2):
             self._kernels[AVX2] = specialize(_matmul_t, f"iq_matmul_{name}", **consts)
+        if self._has(TILE16):
+            decode = specialize(_iq_tile._decode_rows_t, f"iq_t16_decode_{name}", **consts)
+            self._kernels[TILE16] = specialize(_iq_tile._matmul_t16_t, f"iq_t16_matmul_{name}",
+                                               DECODE=decode, **consts)
         for v, kern in self._kernels.items():
+            if v == TILE16:     # prefill only: the pools call run_x (slots are few)
+                continue
             try:
                 self._slots[v] = _native.register_kernel(kern, True)
             except RuntimeError:    # the native table is full: the pools call matmul_x instead
@@ -241,7 +255,7 @@ class IQUnit(CalibratedUnit):
         return xq, xd, xb
 
     def run_x(self, variant: str, w, acts, out, r0, r1) -> None:
-        if variant in (AVX2, AVX512):
+        if variant in (AVX2, AVX512, TILE16):
             mm = self._kernels.get(variant)
             if mm is None:
                 raise ValueError(f"this CPU cannot run {variant!r}")

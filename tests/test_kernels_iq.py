@@ -15,6 +15,7 @@ import pytest
 import numallm_kernels as nk
 from numallm_kernels._kquant_common import q8_k_form
 from numallm_kernels._iq512_simd import FEATURES as IQ512_FEATURES
+from numallm_kernels._iq_tile import FEATURES as TILE16_FEATURES
 from numallm_kernels._simd import has_avx2, host_features
 from numallm.gguf_file import GGMLQuantizationType as T
 from numallm.gguf_file import reference_dequantize, reference_quantize
@@ -27,9 +28,11 @@ MATVEC_NMSE = 3e-4
 MATMUL_NMSE = 1e-10     # blas-tile: exact weights, float32 rounding only
 AVX2 = "avx2-iq"
 AVX512 = "avx512-iq"
-NATIVE = (AVX2, AVX512)
+TILE16 = "avx512-iq-t16"     # tests/test_kernels_iq_tile.py
+NATIVE = (AVX2, AVX512, TILE16)
 ids = [t.name for t in TYPES]
 HAS_512 = has_avx2() and set(IQ512_FEATURES) <= host_features()
+HAS_TILE16 = has_avx2() and set(TILE16_FEATURES) <= host_features()
 
 
 def native_variants(unit, variant):
@@ -39,6 +42,9 @@ def native_variants(unit, variant):
     if variant == AVX512 and not HAS_512:
         assert AVX512 not in unit.variants()
         pytest.skip("this CPU has no AVX-512 F/BW/VL/VBMI")
+    if variant == TILE16 and not HAS_TILE16:
+        assert TILE16 not in unit.variants()
+        pytest.skip("this CPU has no AVX-512 F/BW/VL/VNNI")
     assert variant in unit.variants()
 
 
