@@ -44,7 +44,7 @@ from . import _decode_timing, _simd
 CACHE_VERSION = 9   # 3: prefill timed with BLAS capped at one thread; 4: decode prefetch chosen;
                     # 5: the avx512vnni-x16 variant; 6: Q6_K records one sub-block per step;
                     # 7: avx512vnni-x16 for Q4_0 and Q8_0; 8: the avx512-iq variant;
-                    # 9: the IQ types' token tiles (avx512-iq-t16)
+                    # 9: token tiles for the IQ types and Q6_K (avx512vnni-t16)
 PF = "+pf"          # suffix of a decode configuration with software prefetch
 PREFILL_TOKENS = (8, 32, 128)
 # Synthetic weight for the from-cache timing: big enough that a call takes ~1 ms, small enough

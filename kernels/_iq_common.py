@@ -24,7 +24,7 @@ Variants (picked per CPU by `_calibrate`, forced with NUMALLM_KERNEL):
              `_iq512_lut` the in-register grids (IQ2_XXS, IQ3_XXS), `_iq512_iq1` IQ1_S/IQ1_M.
              Its int32 sums fold to avx2-iq's per block, so the results are bit-identical to
              avx2-iq's. Needs AVX-512 F/BW/VL/VBMI.
-  avx512-iq-t16  prefill and batched decode (`_iq_tile`): 16 tokens in a zmm's lanes, each row's
+  avx512vnni-t16  prefill and batched decode (`_iq_tile`): 16 tokens in a zmm's lanes, each row's
              blocks decoded once per call (SUB) to int8, every 4 weights one broadcast operand
              of a vpdpbusd; its float order is its own (one exact sum per block), so it is
              chosen only where calibration times it fastest (T >= 32 on AMD Zen 5). Needs
@@ -55,7 +55,7 @@ from .base import CalibratedUnit, KernelUnit, specialize
 QK = 256
 AVX2 = "avx2-iq"
 AVX512 = "avx512-iq"
-TILE16 = "avx512-iq-t16"
+TILE16 = "avx512vnni-t16"
 
 
 @njit(nogil=True, cache=True, inline="always")

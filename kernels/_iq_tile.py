@@ -1,4 +1,4 @@
-"""The IQ types' token tiles (variant avx512-iq-t16 of `_iq_common.IQUnit`): prefill and batched
+"""The IQ types' token tiles (variant avx512vnni-t16 of `_iq_common.IQUnit`): prefill and batched
 decode with 16 tokens in the lanes of one zmm register.
 
 The record types' tiles put rows in the lanes and broadcast the activations; an IQ row would
@@ -35,6 +35,7 @@ from ._kx16_simd import (_V16D, _V16F, _bcast, _dpbusd, _fma, _splat_f, _step_fe
                          vzero16)
 from ._simd import _I32, _fn, _ptr
 from ._x8_simd import _need
+from .base import specialize
 
 FEATURES = ("avx512f", "avx512bw", "avx512vl", "avx512vnni")
 LANES = 16
@@ -70,22 +71,25 @@ def tokens_in_lanes(xq, dx, xt, dxt):
                     dxt[(u * nb + b) * LANES + i] = 0.0
 
 
-def _tile(rows: int):
+def _tile(rows: int, rec: bool = False):
     """The step of `rows` rows over one block b of one 16-token tile u:
-    f(accs, wb, sc, cr, fr, xt, dxt, b, u, k) -> accs (a tuple of `rows` f32x16: row r's 16
-    tokens in accs[r])."""
+    f(accs, wb, sc, cr, fr, xt, dxt, b, u, k, r0) -> accs (a tuple of `rows` f32x16: row
+    r0 + r's 16 tokens in accs[r]). wb holds row i's weights 4q..4q + 3 of block b at
+    i * K + 256 b + 4 q, or with `rec` (one 8-row group, quads side by side as in the record
+    types) at 2048 b + 32 q + 4 i."""
+    qs = 32 if rec else 4                       # bytes from one quad of a row to the next
 
-    def impl(typingctx, accs, wb, sc, cr, fr, xt, dxt, b, u, k):
+    def impl(typingctx, accs, wb, sc, cr, fr, xt, dxt, b, u, k, r0):
         _need("wb", wb, types.int8), _need("sc", sc, types.int32), _need("cr", cr, types.int32)
         _need("fr", fr, types.float32), _need("xt", xt, types.uint8)
         _need("dxt", dxt, types.float32)
         tup = types.UniTuple(f32x16, rows)
-        sig = tup(tup, wb, sc, cr, fr, xt, dxt, b, u, k)
+        sig = tup(tup, wb, sc, cr, fr, xt, dxt, b, u, k, r0)
 
         def codegen(context, builder, sig, args):
             accs_v, wb_v, sc_v, cr_v, fr_v, xt_v, dxt_v = args[:7]
-            b_v, u_v, k_v = (context.cast(builder, v, t, types.intp)
-                             for v, t in zip(args[7:], sig.args[7:]))
+            b_v, u_v, k_v, r0_v = (context.cast(builder, v, t, types.intp)
+                                   for v, t in zip(args[7:], sig.args[7:]))
             c = lambda n: ir.Constant(b_v.type, n)      # noqa: E731
             nb = builder.sdiv(k_v, c(256))
             ub = builder.add(builder.mul(u_v, nb), b_v)     # this tile's block
@@ -96,12 +100,14 @@ def _tile(rows: int):
             i8p = ir.IntType(8).as_pointer()
             wps, sps, fo = [], [], []
             for r in range(rows):
-                wo = builder.add(builder.mul(c(r), k_v), builder.mul(b_v, c(256)))
+                ri = builder.add(r0_v, c(r))
+                wo = (builder.add(builder.mul(b_v, c(2048)), builder.mul(ri, c(4))) if rec else
+                      builder.add(builder.mul(ri, k_v), builder.mul(b_v, c(256))))
                 wps.append(builder.bitcast(_ptr(context, builder, sig.args[1], wb_v, wo), i8p))
-                so = builder.add(builder.mul(c(r), builder.sdiv(k_v, c(16))),
+                so = builder.add(builder.mul(ri, builder.sdiv(k_v, c(16))),
                                  builder.mul(b_v, c(16)))
                 sps.append(builder.bitcast(_ptr(context, builder, sig.args[2], sc_v, so), i8p))
-                fo.append(builder.add(builder.mul(c(r), nb), b_v))
+                fo.append(builder.add(builder.mul(ri, nb), b_v))
             isum = [None] * rows
             for s in range(16):                 # 16 weights: 4 vpdpbusd per row
                 isum = _step_fence(builder, isum)   # else LLVM hoists all 16 and spills
@@ -110,7 +116,7 @@ def _tile(rows: int):
                     x = builder.load(builder.bitcast(builder.gep(xp, [ir.Constant(_I32, 64 * q)]),
                                                      _V64B.as_pointer()), align=1)
                     for r in range(rows):
-                        d[r] = _dpbusd(builder, d[r], x, _bcast(builder, wps[r], 4 * q))
+                        d[r] = _dpbusd(builder, d[r], x, _bcast(builder, wps[r], qs * q))
                 for r in range(rows):
                     part = builder.mul(d[r], _bcast(builder, sps[r], 4 * s))
                     isum[r] = part if isum[r] is None else builder.add(isum[r], part)
@@ -153,8 +159,20 @@ def scaled_wsum(typingctx, w, s0, s1):
 
 
 ROWS = 4
-tile4 = _tile(ROWS)
-tile1 = _tile(1)
+
+
+def _four_rows_t(wb, sc, cr, fr, xt, dxt, k, n_t, ri, out, r, a0, e0, lanes):
+    # scratch rows ri..ri + 3 against every token, a 16-token tile at a time (two tiles per
+    # step, sharing each weight broadcast, measured 10-15% slower: more live registers); row
+    # ri + i's results to out[:, r + i] where a0 <= r + i < e0; template constant TILE: the
+    # 4-row step of one scratch layout
+    nb = k // 256
+    for u in range((n_t + LANES - 1) // LANES):
+        a = (vzero16(), vzero16(), vzero16(), vzero16())
+        for b in range(nb):
+            a = TILE(a, wb, sc, cr, fr, xt, dxt, b, u, k, ri)  # noqa: F821
+        for i in range(ROWS):
+            put16(a[i], lanes, out, u, r + i, a0, e0)
 
 
 @intrinsic
@@ -169,6 +187,20 @@ def store16(typingctx, acc, out, off):
         return context.get_dummy_value()
 
     return sig, codegen
+
+
+@njit(nogil=True, cache=True, inline="always")
+def put16(acc, lanes, out, u, r, a0, e0):
+    """out[t, r] = token t's lane of acc for the tokens of tile u, if a0 <= r < e0."""
+    if a0 <= r < e0:
+        store16(acc, lanes, 0)
+        for t in range(u * LANES, min(out.shape[0], u * LANES + LANES)):
+            out[t, r] = lanes[t - u * LANES]
+
+
+four_rows = specialize(_four_rows_t, "t16_four_rows", TILE=_tile(ROWS))
+four_rows_rec = specialize(_four_rows_t, "t16_four_rows_rec", TILE=_tile(ROWS, rec=True))
+tile1 = _tile(1)
 
 
 # Templates, specialized per type by `_iq_common.IQUnit` (TS, QK, SUB, PREP, SCALE as there).
@@ -211,22 +243,13 @@ def _matmul_t16_t(q, xq, dx, xb, out, r0, r1, pf=0):
     r = r0
     while r + ROWS <= r1:
         DECODE(qf, r * rb, rb, nb, ib, wb, sc, cr, fr, ROWS)  # noqa: F821
-        for u in range(n_u):
-            a = (vzero16(), vzero16(), vzero16(), vzero16())
-            for b in range(nb):
-                a = tile4(a, wb, sc, cr, fr, xt, dxt, b, u, k)
-            for i in range(ROWS):
-                store16(a[i], lanes, 0)
-                for t in range(u * LANES, min(n_t, u * LANES + LANES)):
-                    out[t, r + i] = lanes[t - u * LANES]
+        four_rows(wb, sc, cr, fr, xt, dxt, k, n_t, 0, out, r, r, r + ROWS, lanes)
         r += ROWS
     while r < r1:
         DECODE(qf, r * rb, rb, nb, ib, wb, sc, cr, fr, 1)  # noqa: F821
         for u in range(n_u):
             a1 = (vzero16(),)
             for b in range(nb):
-                a1 = tile1(a1, wb, sc, cr, fr, xt, dxt, b, u, k)
-            store16(a1[0], lanes, 0)
-            for t in range(u * LANES, min(n_t, u * LANES + LANES)):
-                out[t, r] = lanes[t - u * LANES]
+                a1 = tile1(a1, wb, sc, cr, fr, xt, dxt, b, u, k, 0)
+            put16(a1[0], lanes, out, u, r, r, r + 1)
         r += 1

@@ -57,6 +57,7 @@ BLOCK = 32
 GROUP = 8
 AVX2, VNNI = "avx2-x8", "avx512vnni-x8"   # the record variants
 WIDE = "avx512vnni-x16"   # two groups of rows per zmm register (`_kx16_simd`)
+TILE16 = "avx512vnni-t16"  # 16 tokens per zmm register, prefill only (`_q6_tile`)
 # IQ4_NL / IQ4_XS code -> value
 IQ4NL_VALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113],
                         dtype=np.float32)
@@ -301,12 +302,14 @@ class RecordUnit(CalibratedUnit):
     step: object
     step_vnni: object = None
     step_wide: dict | None = None
+    tile16: object = None      # the tokens-in-lanes kernel (`_q6_tile`), or None
     x_form: tuple[str, object]
     repacks = True
     prefetches = True
     row_multiple = GROUP
     features = {WIDE: _simd.VNNI_FEATURES + ("avx512bw",), VNNI: _simd.VNNI_FEATURES,
-                AVX2: _simd.AVX2_FEATURES, "numba-f32": (), "blas-tile": ()}
+                AVX2: _simd.AVX2_FEATURES, TILE16: _simd.VNNI_FEATURES + ("avx512bw",),
+                "numba-f32": (), "blas-tile": ()}
 
     def __init__(self):
         super().__init__()
@@ -328,6 +331,8 @@ class RecordUnit(CalibratedUnit):
         self._mm_x8 = self._mm[AVX2]
         self.native_slots = {v: _native.register_kernel(k, self.block_size == 256)
                              for v, k in self._mm.items() if self._runs(v)}
+        if self.tile16 is not None:     # prefill only: the pools call run_x (slots are few)
+            self._mm[TILE16] = self.tile16
 
     @staticmethod
     def _kernel(name: str, consts: dict, wide: dict | None = None):
@@ -367,7 +372,8 @@ class RecordUnit(CalibratedUnit):
 
     def variants(self) -> list[str]:
         """The variants this CPU can run, fastest-expected first."""
-        return [v for v in (VNNI, WIDE, AVX2) if self._runs(v)] + ["numba-f32", "blas-tile"]
+        return ([v for v in (VNNI, WIDE, AVX2, TILE16) if self._runs(v)]
+                + ["numba-f32", "blas-tile"])
 
     def prepare(self, raw: np.ndarray) -> X8Weights:
         """raw uint8 (N, row_bytes) GGUF rows -> group records (a new array; raw is not kept)."""

@@ -45,6 +45,7 @@ from gguf import GGMLQuantizationType as T
 from numba import njit
 
 from ._kquant_common import q8_k_form
+from ._q6_tile import matmul_t16 as q6_matmul_t16
 from ._kx16_simd import kx16_q4_k, kx16_q5_k, kx16_q6_k
 from ._kx8_simd import (kx8_iq4_xs, kx8_q2_k, kx8_q3_k, kx8_q4_k, kx8_q5_k, kx8_q6_k, kx8v_q4_k,
                         kx8v_q5_k, kx8v_q6_k)
@@ -306,6 +307,7 @@ class Q6_K(_KRecordUnit):
     step = kx8_q6_k
     step_vnni = kx8v_q6_k
     step_wide = kx16_q6_k
+    tile16 = staticmethod(q6_matmul_t16)
 
 
 @register

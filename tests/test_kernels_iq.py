@@ -28,7 +28,7 @@ MATVEC_NMSE = 3e-4
 MATMUL_NMSE = 1e-10     # blas-tile: exact weights, float32 rounding only
 AVX2 = "avx2-iq"
 AVX512 = "avx512-iq"
-TILE16 = "avx512-iq-t16"     # tests/test_kernels_iq_tile.py
+TILE16 = "avx512vnni-t16"     # tests/test_kernels_t16.py
 NATIVE = (AVX2, AVX512, TILE16)
 ids = [t.name for t in TYPES]
 HAS_512 = has_avx2() and set(IQ512_FEATURES) <= host_features()

@@ -1,10 +1,12 @@
-"""The IQ and ternary types' token tiles (variant avx512-iq-t16, `kernels/_iq_tile.py`): 16 tokens
-in the lanes of a zmm, 4 rows per activation load.
+"""The token tiles (variant avx512vnni-t16: `kernels/_iq_tile.py` for the IQ and ternary types,
+`kernels/_q6_tile.py` for Q6_K's records): 16 tokens in the lanes of a zmm, 4 rows per
+activation load.
 
-Its only approximation is x's int8 encoding (as avx2-iq's); its float order is its own (one exact
-int32 sum per block and row), so it is checked against the float64 product with the decoded codes,
-and against itself: any token of a T-token call equals that token alone, bit for bit, whatever
-T, the token's tile and lane, and the row range (rows go 4 at a time, then one by one).
+Their only approximation is x's int8 encoding (as the decode kernels'); their float order is their
+own (one exact int32 sum per block and row), so they are checked against the float64 product with
+the decoded codes, and against themselves: any token of a T-token call equals that token alone,
+bit for bit, whatever T, the token's tile and lane, and the row range (IQ rows go 4 at a time,
+then one by one; Q6_K in halves of its 8-row groups).
 """
 from __future__ import annotations
 
@@ -18,9 +20,10 @@ from numallm_kernels._simd import has_avx2, host_features
 from numallm.gguf_file import GGMLQuantizationType as T
 from numallm.gguf_file import reference_dequantize
 
-TYPES = [T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ3_XXS, T.IQ3_S, T.IQ1_S, T.IQ1_M, T.TQ1_0, T.TQ2_0]
+TYPES = [T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ3_XXS, T.IQ3_S, T.IQ1_S, T.IQ1_M, T.TQ1_0, T.TQ2_0,
+         T.Q6_K]
 ids = [t.name for t in TYPES]
-TILE16 = "avx512-iq-t16"
+TILE16 = "avx512vnni-t16"
 HAS = has_avx2() and set(FEATURES) <= host_features()
 
 
@@ -47,7 +50,7 @@ def test_exact_on_the_quantized_activations(qtype):
     raw = unit.synthetic(n, k, np.random.default_rng(1))
     w = unit.prepare(raw)
     ref = reference_dequantize(raw, qtype).reshape(n, -1).astype(np.float64)
-    r0, r1 = 2, n - 1                           # 5 groups of 4 rows and one row alone
+    r0, r1 = 2, n - 1       # IQ: 5 groups of 4 rows and one alone; Q6_K: groups cut at both ends
     for t in (1, 2, 5, 16, 17, 33):
         x = np.random.default_rng(t).standard_normal((t, k)).astype(np.float32)
         xq, xd, _, _ = q8_k_form(x)
@@ -77,7 +80,7 @@ def test_each_token_alone_gives_the_same_bits(qtype):
                                           err_msg=f"T={t} rows {r0}..{r1}")
 
 
-@pytest.mark.parametrize("qtype", [T.IQ2_XXS, T.IQ1_S, T.TQ2_0], ids=lambda q: q.name)
+@pytest.mark.parametrize("qtype", [T.IQ2_XXS, T.IQ1_S, T.TQ2_0, T.Q6_K], ids=lambda q: q.name)
 def test_special_inputs(qtype):
     """Zero input gives zeros; a non-finite input shows in its token's outputs only."""
     unit = unit_with_tiles(qtype)
@@ -90,3 +93,23 @@ def test_special_inputs(qtype):
     unit.run(TILE16, w, x, out, 0, n)
     np.testing.assert_array_equal(out[0], 0.0)
     assert np.all(np.isnan(out[1])) and np.all(np.isfinite(out[2]))
+
+
+@pytest.mark.parametrize("qtype", [T.IQ2_XXS, T.Q6_K], ids=lambda q: q.name)
+def test_tile_is_broadcast_vpdpbusd_on_zmm(qtype):
+    """The tile's inner product is vpdpbusd on zmm with the weights as a {1to16} broadcast
+    operand (no scalar fallback, no per-quad broadcast instruction)."""
+    import re
+
+    from numba import typeof
+
+    from numallm_kernels.base import fresh_asm
+    unit = unit_with_tiles(qtype)
+    kern = unit._mm[TILE16] if qtype == T.Q6_K else unit._kernels[TILE16]
+    w = unit.prepare(unit.synthetic(8, 256, np.random.default_rng(0)))
+    q = w.q if qtype == T.Q6_K else w
+    xq, xd, _, xb = q8_k_form(np.zeros((1, 256), np.float32))
+    args = tuple(typeof(a) for a in (q, xq, xd, xb, np.zeros((1, 8), np.float32), 0, 1, 0))
+    asm = fresh_asm(kern, args)
+    found = re.findall(r"vpdpbusd\s+[^\n]*\{1to16\}[^\n]*%zmm", asm)
+    assert len(found) >= 16, len(found)
