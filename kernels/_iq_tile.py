@@ -175,18 +175,24 @@ def _four_rows_t(wb, sc, cr, fr, xt, dxt, k, n_t, ri, out, r, a0, e0, lanes):
             put16(a[i], lanes, out, u, r + i, a0, e0)
 
 
-@intrinsic
-def store16(typingctx, acc, out, off):
-    """out[off:off + 16] = the 16 lanes of acc (out: C-contiguous 1-D float32)."""
-    _need("out", out, types.float32)
-    sig = types.none(f32x16, out, off)
+def vector_store(vtype, dtype, lty):
+    """An intrinsic f(v, out, off): out[off:off + n] = the n lanes of v (a register type
+    `vtype` of LLVM type `lty`; out: C-contiguous 1-D `dtype`)."""
+    def impl(typingctx, v, out, off):
+        _need("out", out, dtype)
+        sig = types.none(vtype, out, off)
 
-    def codegen(context, builder, sig, args):
-        p = _ptr(context, builder, sig.args[1], args[1], args[2])
-        builder.store(args[0], builder.bitcast(p, _V16F.as_pointer()), align=4)
-        return context.get_dummy_value()
+        def codegen(context, builder, sig, args):
+            p = _ptr(context, builder, sig.args[1], args[1], args[2])
+            builder.store(args[0], builder.bitcast(p, lty.as_pointer()), align=4)
+            return context.get_dummy_value()
 
-    return sig, codegen
+        return sig, codegen
+
+    return intrinsic(impl)
+
+
+store16 = vector_store(f32x16, types.float32, _V16F)
 
 
 @njit(nogil=True, cache=True, inline="always")

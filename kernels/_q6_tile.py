@@ -18,7 +18,7 @@ from numba import njit, types
 from numba.extending import intrinsic
 
 from ._iq_simd import i32x8, izero
-from ._iq_tile import LANES, four_rows_rec, tokens_in_lanes
+from ._iq_tile import LANES, four_rows_rec, tokens_in_lanes, vector_store
 from ._kx8_simd import q6_codes
 from ._simd import _I32, _V8D, _V32B, _ptr, dpbusd
 from ._x8_simd import _at, _need
@@ -68,18 +68,7 @@ def q6_step(typingctx, acc, q, o, t, wb, wo):
     return sig, codegen
 
 
-@intrinsic
-def store_i32x8(typingctx, v, out, off):
-    """out[off:off + 8] = the 8 lanes of v (out: C-contiguous 1-D int32)."""
-    _need("out", out, types.int32)
-    sig = types.none(i32x8, out, off)
-
-    def codegen(context, builder, sig, args):
-        p = _ptr(context, builder, sig.args[1], args[1], args[2])
-        builder.store(args[0], builder.bitcast(p, _V8D.as_pointer()), align=4)
-        return context.get_dummy_value()
-
-    return sig, codegen
+store_i32x8 = vector_store(i32x8, types.int32, _V8D)
 
 
 @njit(nogil=True, cache=True)
