@@ -44,9 +44,11 @@ from . import _decode_timing, _simd
 CACHE_VERSION = 9   # 3: prefill timed with BLAS capped at one thread; 4: decode prefetch chosen;
                     # 5: the avx512vnni-x16 variant; 6: Q6_K records one sub-block per step;
                     # 7: avx512vnni-x16 for Q4_0 and Q8_0; 8: the avx512-iq variant;
-                    # 9: token tiles for the IQ types and Q6_K (avx512vnni-t16)
+                    # 9: token tiles for the IQ types and Q6_K (avx512vnni-t16), T = 16 timed
 PF = "+pf"          # suffix of a decode configuration with software prefetch
-PREFILL_TOKENS = (8, 32, 128)
+PREFILL_TOKENS = (8, 16, 32, 128)   # 16: an MoE expert's share of a prefill chunk (e.g. 512
+                                    # tokens x top-8 / 256 experts), where the 16-token tiles
+                                    # (avx512vnni-t16) fill their lanes and 8 tokens do not
 # Synthetic weight for the from-cache timing: big enough that a call takes ~1 ms, small enough
 # that all variants together stay well under a second per type.
 CAL_ROWS, CAL_COLS = 512, 2048
