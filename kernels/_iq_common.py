@@ -24,11 +24,11 @@ Variants (picked per CPU by `_calibrate`, forced with NUMALLM_KERNEL):
              `_iq512_lut` the in-register grids (IQ2_XXS, IQ3_XXS), `_iq512_iq1` IQ1_S/IQ1_M.
              Its int32 sums fold to avx2-iq's per block, so the results are bit-identical to
              avx2-iq's. Needs AVX-512 F/BW/VL/VBMI.
-  avx512vnni-t16  prefill and batched decode (`_iq_tile`): 16 tokens in a zmm's lanes, each row's
-             blocks decoded once per call (SUB) to int8, every 4 weights one broadcast operand
-             of a vpdpbusd; its float order is its own (one exact sum per block), so it is
-             chosen only where calibration times it fastest (T >= 32 on AMD Zen 5). Needs
-             AVX-512 F/BW/VL/VNNI.
+  avx512vnni-t16  prefill and batched decode (`_iq_tile`): 16 tokens in a zmm's lanes, each
+             row's blocks decoded once per call (SUB) to int8, every 4 weights one broadcast
+             operand of a vpdpbusd; its float order is its own (one exact sum per block), so it
+             is chosen only where calibration times it fastest (from 16 or 32 tokens on AMD
+             Zen 5). Needs AVX-512 F/BW/VL/VNNI.
   blas-tile  dequantize 256-row tiles (DEQ) and let numpy's BLAS multiply (any CPU; also
              what calibration picks for prefill where it measures faster).
 Every path gives a token the same bits whatever the number of tokens (same operations in the same
@@ -251,8 +251,7 @@ class IQUnit(CalibratedUnit):
             acts.form("q8_k", q8_k_form)
 
     def _x(self, acts):
-        xq, xd, _, xb = acts.form("q8_k", q8_k_form)
-        return xq, xd, xb
+        return acts.form("q8_k", q8_k_form)     # (xq, xd, xb)
 
     def run_x(self, variant: str, w, acts, out, r0, r1) -> None:
         if variant in (AVX2, AVX512, TILE16):
@@ -299,5 +298,4 @@ class IQUnit(CalibratedUnit):
 
     @staticmethod
     def _x_form_of(x):
-        xq, xd, _, xb = q8_k_form(x)
-        return xq, xd, xb
+        return q8_k_form(x)

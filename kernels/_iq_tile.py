@@ -162,8 +162,8 @@ ROWS = 4
 
 
 def _four_rows_t(wb, sc, cr, fr, xt, dxt, k, n_t, ri, out, r, a0, e0, lanes):
-    # scratch rows ri..ri + 3 against every token, a 16-token tile at a time (two tiles per
-    # step, sharing each weight broadcast, measured 10-15% slower: more live registers); row
+    # scratch rows ri..ri + 3 against every token, one 16-token tile at a time (two tiles
+    # sharing each weight broadcast keep more values live than there are registers); row
     # ri + i's results to out[:, r + i] where a0 <= r + i < e0; template constant TILE: the
     # 4-row step of one scratch layout
     nb = k // 256

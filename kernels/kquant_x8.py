@@ -259,8 +259,7 @@ class _KRecordUnit(RecordUnit):
     x_form = ("q8_k", q8_k_form)
 
     def kernel_x(self, form):
-        xq, xd, xs, xb = form
-        return xq, xd, xb
+        return form     # (xq, xd, xb)
 
     def synthetic(self, n: int, k: int, rng: np.random.Generator) -> np.ndarray:
         """Random raw rows (N, row_bytes) with sane f16 super-scales (every other bit pattern is

@@ -150,7 +150,7 @@ def test_native_kernel_is_exact_on_the_quantized_activations(qtype, variant):
     w = unit.prepare(raw)
     for t in (1, 2, 3, 5, 8):
         x = np.random.default_rng(11).standard_normal((t, k)).astype(np.float32)
-        xq, xd, _, _ = q8_k_form(x)
+        xq, xd, _ = q8_k_form(x)
         xdec = (xq.reshape(t, -1, 256).astype(np.float64) * xd[:, :, None]).reshape(t, k)
         want = xdec @ ref_matrix(raw, qtype).astype(np.float64).T
         out = np.zeros((t, n), np.float32)

@@ -53,7 +53,7 @@ def test_exact_on_the_quantized_activations(qtype):
     r0, r1 = 2, n - 1       # IQ: 5 groups of 4 rows and one alone; Q6_K: groups cut at both ends
     for t in (1, 2, 5, 16, 17, 33):
         x = np.random.default_rng(t).standard_normal((t, k)).astype(np.float32)
-        xq, xd, _, _ = q8_k_form(x)
+        xq, xd, _ = q8_k_form(x)
         xdec = (xq.reshape(t, -1, 256).astype(np.float64) * xd[:, :, None]).reshape(t, k)
         want = xdec @ ref.T
         out = np.full((t, n), -7.0, np.float32)
@@ -108,7 +108,7 @@ def test_tile_is_broadcast_vpdpbusd_on_zmm(qtype):
     kern = unit._mm[TILE16] if qtype == T.Q6_K else unit._kernels[TILE16]
     w = unit.prepare(unit.synthetic(8, 256, np.random.default_rng(0)))
     q = w.q if qtype == T.Q6_K else w
-    xq, xd, _, xb = q8_k_form(np.zeros((1, 256), np.float32))
+    xq, xd, xb = q8_k_form(np.zeros((1, 256), np.float32))
     args = tuple(typeof(a) for a in (q, xq, xd, xb, np.zeros((1, 8), np.float32), 0, 1, 0))
     asm = fresh_asm(kern, args)
     found = re.findall(r"vpdpbusd\s+[^\n]*\{1to16\}[^\n]*%zmm", asm)
