@@ -84,27 +84,33 @@ def quantize_rows(x, xq, dx, xsum):
     (T, K/32) sums of each block's codes (for the min / offset terms).
 
     Symmetric round-to-nearest, |xq| <= 127 (the vpsignb trick needs no -128). A block holding
-    NaN/inf gets dx = NaN, so a non-finite input shows in the output instead of vanishing."""
+    NaN/inf gets dx = NaN, so a non-finite input shows in the output instead of vanishing. The
+    block's largest |x| is found on the float bits as integers, as in
+    `_kquant_common.quantize_x_q8k` (a vectorized max; an inf or NaN has all exponent bits set)."""
     n_t, k = x.shape
+    bits = np.empty(1, np.int32)
     for t in range(n_t):
+        xi = x[t].view(np.int32)
         for b in range(k // BLOCK):
             o = b * BLOCK
-            amax = np.float32(0.0)
-            finite = True
+            m = np.int32(0)
             for j in range(BLOCK):
-                v = abs(x[t, o + j])
-                if not np.isfinite(v):
-                    finite = False
-                elif v > amax:
-                    amax = v
+                m = max(m, xi[o + j] & np.int32(0x7FFFFFFF))
+            if m >= np.int32(0x7F800000):       # an inf or NaN in the block
+                xq[t, o:o + BLOCK] = 0
+                dx[t, b] = np.nan
+                xsum[t, b] = 0
+                continue
+            bits[0] = m
+            amax = bits.view(np.float32)[0]
             d = amax / np.float32(127.0)
             inv = np.float32(127.0) / amax if amax > 0 else np.float32(0.0)
             isum = 0
             for j in range(BLOCK):
-                q = np.int32(np.rint(x[t, o + j] * inv)) if finite else 0
+                q = np.int32(np.rint(x[t, o + j] * inv))
                 xq[t, o + j] = np.int8(q)
                 isum += q
-            dx[t, b] = d if finite else np.float32(np.nan)
+            dx[t, b] = d
             xsum[t, b] = isum
 
 
