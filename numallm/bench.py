@@ -41,6 +41,10 @@ from .llamacpp import LlamaCppRunner
 
 TG_PROMPT = 8           # tokens prefilled (untimed) before a tg test, like a short prompt
 WARMUP_TOKENS = 8       # tokens of the untimed warm-up prefill (Numba compile, page cache)
+# and of the untimed warm-up of the pp test (at most): the kernels calibration picked for the
+# largest prefill size it times (128) serve every size above, so their compile (or load from
+# Numba's cache) is not timed in the first repetition
+WARMUP_PREFILL = 128
 BW_BYTES = 1 << 30      # read-bandwidth buffer: much larger than any L3
 BW_REPEATS = 8          # bandwidth passes (~50 ms each); the best is kept, the rest is noise
 NUMALLM, LLAMA_CPP = "numallm", LlamaCppRunner.engine
@@ -379,6 +383,8 @@ def run_tests(runners: Sequence, plan: BenchPlan, n_threads: int, n_vocab: int,
     pp, prompt, gen = plan_tokens(plan, n_vocab)
     for r in runners:
         r.decode(prompt[:WARMUP_TOKENS], gen[:2])   # untimed: compile, page cache, pool start
+        if plan.n_prompt:
+            r.prefill(pp[:WARMUP_PREFILL])          # untimed: the prefill sizes' kernels
     d = plan.depth
     if d:                                           # the depth, filled once per runner
         for r in runners:

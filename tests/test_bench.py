@@ -207,7 +207,7 @@ def test_run_tests_warms_up_then_repeats_each_test():
     calls, log = [], []
     rows = bench.run_tests([FakeRunner(NUMALLM, calls)], BenchPlan(32, 8, (2,), 3), 2, 1000,
                            10**9, 4.0, log.append)
-    assert calls == [(NUMALLM, "decode", bench.WARMUP_TOKENS, 2)] + \
+    assert calls == [(NUMALLM, "decode", bench.WARMUP_TOKENS, 2), (NUMALLM, "prefill", 32)] + \
         [(NUMALLM, "prefill", 32)] * 3 + [(NUMALLM, "decode", bench.TG_PROMPT, 8)] * 3 + \
         [(NUMALLM, "non_kernel", bench.TG_PROMPT, 8)]
     pp, tg = rows
@@ -217,13 +217,18 @@ def test_run_tests_warms_up_then_repeats_each_test():
     only_tg = bench.run_tests([FakeRunner(NUMALLM, [])], BenchPlan(0, 8, (1,), 1), 1, 10, 1, 1.0,
                               log.append)
     assert [r.test for r in only_tg] == ["tg8"]
+    long_pp = []                    # the pp test's warm-up stops at WARMUP_PREFILL tokens
+    bench.run_tests([FakeRunner(NUMALLM, long_pp)], BenchPlan(300, 0, (1,), 1), 1, 1000, 1, 1.0,
+                    log.append)
+    assert long_pp[1:] == [(NUMALLM, "prefill", bench.WARMUP_PREFILL), (NUMALLM, "prefill", 300)]
 
 
 def test_run_tests_interleaves_engines_repetition_by_repetition():
     calls = []
     runners = [FakeRunner(NUMALLM, calls, pp_s=2.0), FakeRunner(LLAMA_CPP, calls, pp_s=1.0)]
     rows = bench.run_tests(runners, BenchPlan(16, 0, (1,), 2), 1, 100, 10**9, 1.0, lambda s: None)
-    assert [c[:2] for c in calls] == [(NUMALLM, "decode"), (LLAMA_CPP, "decode")] + \
+    assert [c[:2] for c in calls] == [(NUMALLM, "decode"), (NUMALLM, "prefill"),
+                                      (LLAMA_CPP, "decode"), (LLAMA_CPP, "prefill")] + \
         [(NUMALLM, "prefill"), (LLAMA_CPP, "prefill")] * 2
     assert [(r.engine, r.tokens_per_s) for r in rows] == [(NUMALLM, 8.0), (LLAMA_CPP, 16.0)]
     assert bench.ratios(rows) == {("pp16", 1, "off"): 0.5}
@@ -255,7 +260,8 @@ def test_depth_fills_once_then_runs_the_tests_there():
     plan = BenchPlan(16, 8, (1,), 2, depth=40)
     assert plan.n_ctx == 56 and len(bench.plan_tokens(plan, 100)[1]) == 40
     rows = bench.run_tests([DepthRunner(NUMALLM, calls)], plan, 1, 100, 10**9, 1.0, lambda s: None)
-    assert calls == [(NUMALLM, "decode", bench.WARMUP_TOKENS, 2), (NUMALLM, "prime", 40)] + \
+    assert calls == [(NUMALLM, "decode", bench.WARMUP_TOKENS, 2), (NUMALLM, "prefill", 16, 0),
+                     (NUMALLM, "prime", 40)] + \
         [(NUMALLM, "prefill", 16, 40)] * 2 + [(NUMALLM, "decode_at", 40, 8)] * 2 + \
         [(NUMALLM, "non_kernel", None, 40, 8)]
     assert [r.test for r in rows] == ["pp16 @ d40", "tg8 @ d40"]
