@@ -34,7 +34,7 @@ from ._iq_simd import _half, _psign, i8x32, store_w
 from ._kx16_simd import (_V16D, _V16F, _bcast, _dpbusd, _fma, _splat_f, _step_fence, f32x16,
                          vzero16)
 from ._simd import _I32, _fn, _ptr
-from ._x8_simd import _need
+from ._x8_simd import _need, vector_store
 from .base import specialize
 
 FEATURES = ("avx512f", "avx512bw", "avx512vl", "avx512vnni")
@@ -175,24 +175,7 @@ def _four_rows_t(wb, sc, cr, fr, xt, dxt, k, n_t, ri, out, r, a0, e0, lanes):
             put16(a[i], lanes, out, u, r + i, a0, e0)
 
 
-def vector_store(vtype, dtype, lty):
-    """An intrinsic f(v, out, off): out[off:off + n] = the n lanes of v (a register type
-    `vtype` of LLVM type `lty`; out: C-contiguous 1-D `dtype`)."""
-    def impl(typingctx, v, out, off):
-        _need("out", out, dtype)
-        sig = types.none(vtype, out, off)
-
-        def codegen(context, builder, sig, args):
-            p = _ptr(context, builder, sig.args[1], args[1], args[2])
-            builder.store(args[0], builder.bitcast(p, lty.as_pointer()), align=4)
-            return context.get_dummy_value()
-
-        return sig, codegen
-
-    return intrinsic(impl)
-
-
-store16 = vector_store(f32x16, types.float32, _V16F)
+store16 = vector_store(f32x16, types.float32, _V16F, align=4)
 
 
 @njit(nogil=True, cache=True, inline="always")

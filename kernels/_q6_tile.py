@@ -18,10 +18,10 @@ from numba import njit, types
 from numba.extending import intrinsic
 
 from ._iq_simd import i32x8, izero
-from ._iq_tile import LANES, four_rows_rec, tokens_in_lanes, vector_store
+from ._iq_tile import LANES, four_rows_rec, tokens_in_lanes
 from ._kx8_simd import q6_codes
 from ._simd import _I32, _V8D, _V32B, _ptr, dpbusd
-from ._x8_simd import _at, _need
+from ._x8_simd import _at, _need, vector_store
 from .interleaved import GROUP, f16_at
 
 FEATURES = ("avx512f", "avx512bw", "avx512vl", "avx512vnni")

@@ -361,16 +361,22 @@ x8v_q4_0, x8v_q4_1, x8v_q5_0, x8v_q5_1, x8v_q8_0, x8v_iq4_nl = _steps(
     _nibble_rows_vnni, _rows_q8_0_vnni, _rows_iq4_nl_vnni)
 
 
-@intrinsic
-def store8(typingctx, acc, out, off):
-    """out[off:off + 8] = the 8 lanes of acc (out: C-contiguous 1-D float32)."""
-    _need("out", out, types.float32)
-    sig = types.none(f32x8, out, off)
+def vector_store(vtype, dtype, lty, align: int = 1):
+    """An intrinsic f(v, out, off): out[off:off + n] = the n lanes of v (a register type
+    `vtype` of LLVM type `lty`; out: C-contiguous 1-D `dtype`)."""
+    def impl(typingctx, v, out, off):
+        _need("out", out, dtype)
+        sig = types.none(vtype, out, off)
 
-    def codegen(context, builder, sig, args):
-        p = _ptr(context, builder, sig.args[1], args[1], args[2])
-        builder.store(args[0], builder.bitcast(p, _V8F.as_pointer()), align=1)
-        return context.get_dummy_value()
+        def codegen(context, builder, sig, args):
+            p = _ptr(context, builder, sig.args[1], args[1], args[2])
+            builder.store(args[0], builder.bitcast(p, lty.as_pointer()), align=align)
+            return context.get_dummy_value()
 
-    return sig, codegen
+        return sig, codegen
+
+    return intrinsic(impl)
+
+
+store8 = vector_store(f32x8, types.float32, _V8F)     # out[off:off + 8] = acc's 8 lanes
 
